@@ -1,0 +1,139 @@
+"""``nn.Module`` layer of CASA with the official state_dict layout (DESIGN §3).
+
+An official checkpoint of ``MLP_attention`` loads into :class:`CASABlock`, one of
+``Model`` into :class:`CASAModel`, with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import casa_attention
+from .validation import check_config, check_dim, check_floating_tensor, check_positive_int
+from .weights import ScoreAttentionWeights
+
+
+class ScoreNetwork(nn.Module):
+    """1D CNN autoencoder over the feature axis with variates as channels (official ``ScoreNetwork``).
+
+    ``forward(x: [B, N, D]) -> [B, N, D]``: ``decoder(encoder(x)) + x``.
+    """
+
+    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3):
+        super().__init__()
+        check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
+        c1, c2, p = d_model // 4, d_model // 2, kernel // 2
+        self.n_vars, self.d_model, self.kernel = n_vars, d_model, kernel
+        self.encoder = nn.Sequential(
+            nn.Conv1d(n_vars, c1, kernel, stride=2, padding=p), nn.ReLU(),
+            nn.Conv1d(c1, c2, kernel, stride=2, padding=p), nn.ReLU(),
+            nn.Conv1d(c2, d_model, kernel, stride=2, padding=p), nn.ReLU(),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose1d(d_model, c2, kernel, stride=2, padding=p, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose1d(c2, c1, kernel, stride=2, padding=p, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose1d(c1, n_vars, kernel, stride=2, padding=p, output_padding=1), nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(x, self.n_vars, self.d_model)
+        return self.decoder(self.encoder(x)) + x
+
+
+class CASAAttention(nn.Module):
+    """CASA attention over variates: ``softmax_N(score(x)) * value(x) + x``.
+
+    ``forward(x: [B, N, D]) -> [B, N, D]``, N = ``n_vars``, D = ``d_model``.
+    ``backend`` is passed to :func:`casa_kernels.casa_attention` on every call.
+    """
+
+    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
+        super().__init__()
+        check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
+        self.n_vars, self.d_model, self.kernel, self.backend = n_vars, d_model, kernel, backend
+        self.value = nn.Linear(d_model, d_model)
+        self.score = ScoreNetwork(n_vars=n_vars, d_model=d_model, kernel=kernel)
+
+    def weights(self) -> ScoreAttentionWeights:
+        """The parameters (live, not copies) in op order."""
+        return _attention_weights(self.value, self.score.encoder, self.score.decoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return casa_attention(x, self.weights(), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"n_vars={self.n_vars}, d_model={self.d_model}, kernel={self.kernel}, backend={self.backend!r}"
+
+
+class CASABlock(CASAAttention):
+    """The official ``MLP_attention`` block: ``z = LN(attn(x))``, ``out = LN(MLP(z) + z)``.
+
+    One LayerNorm instance is used twice, as in the official code.
+    ``forward(x: [B, N, D]) -> [B, N, D]``.
+    """
+
+    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
+        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(super().forward(x))
+        return self.norm(self.mlp(z) + z)
+
+
+class CASAModel(nn.Module):
+    """The official CASA forecaster (``Model``).
+
+    ``forward(x: [B, seq_len, n_vars]) -> [B, pred_len, n_vars]``: instance
+    normalisation over time (mean, unbiased variance + 1e-5), ``Linear(L→D) → ReLU →
+    [CASABlock → ReLU] × e_layers → Linear(D→H)`` on ``[B, N, L]``, de-normalisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_vars: int,
+        d_model: int,
+        kernel: int = 3,
+        seq_len: int,
+        pred_len: int,
+        e_layers: int,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
+        for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("e_layers", e_layers)):
+            check_positive_int(name, value)
+        self.n_vars, self.seq_len, self.pred_len = n_vars, seq_len, pred_len
+        blocks = [
+            nn.Sequential(CASABlock(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend), nn.ReLU())
+            for _ in range(e_layers)
+        ]
+        self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]")
+        check_dim("x", x, 1, "seq_len", self.seq_len)
+        check_dim("x", x, 2, "n_vars", self.n_vars)
+        mean = x.mean(dim=1, keepdim=True)
+        std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
+        y = self.model(((x - mean) / std).permute(0, 2, 1)).permute(0, 2, 1)
+        return y * std + mean
+
+
+def _attention_weights(value: nn.Linear, encoder: nn.Sequential, decoder: nn.Sequential) -> ScoreAttentionWeights:
+    return ScoreAttentionWeights(
+        value.weight, value.bias,
+        encoder[0].weight, encoder[0].bias, encoder[2].weight, encoder[2].bias,
+        encoder[4].weight, encoder[4].bias,
+        decoder[0].weight, decoder[0].bias, decoder[2].weight, decoder[2].bias,
+        decoder[4].weight, decoder[4].bias,
+    )
+
+
+def _check_tokens(x: torch.Tensor, n_vars: int, d_model: int) -> None:
+    check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]")
+    check_dim("x", x, 1, "n_vars", n_vars)
+    check_dim("x", x, 2, "d_model", d_model)

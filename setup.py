@@ -1,0 +1,63 @@
+"""Builds casa_kernels._C: the fused CPU kernel and, where CUDA is available, the CUDA one.
+
+* CPU sources always build; CUDA sources (csrc/cuda) build when torch has CUDA and
+  nvcc is found, or when FORCE_CUDA=1. Otherwise the build says it skips them.
+* MAX_JOBS bounds ninja's parallel jobs; TORCH_CUDA_ARCH_LIST picks the GPU
+  architectures (default "8.0;9.0+PTX").
+* Build without isolation so the extension matches the installed torch:
+  ``pip install --no-build-isolation -e .``
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _relative(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    sources = _relative("csrc/*.cpp") + _relative("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17", "-DCASA_PYTHON_MODULE"]
+    with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
+        torch.version.cuda is not None and CUDA_HOME is not None
+    )
+    cuda_sources = _relative("csrc/cuda/*.cpp") + _relative("csrc/cuda/*.cu")
+    if with_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        return [
+            CUDAExtension(
+                "casa_kernels._C",
+                sources + cuda_sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            )
+        ]
+    print(
+        "casa_kernels: building the CPU kernel only "
+        f"(torch CUDA: {torch.version.cuda}, CUDA_HOME: {CUDA_HOME}; set FORCE_CUDA=1 to force)"
+    )
+    return [
+        CppExtension(
+            "casa_kernels._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
