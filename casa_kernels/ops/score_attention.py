@@ -7,7 +7,7 @@ Schema (defined once, here, so that it exists without a compiled extension)::
 
 The weights come in the order of :class:`~casa_kernels.weights.ScoreAttentionWeights`.
 One kernel, registered for every device, hands the call to the named backend of the
-registry; the fake kernel gives ``empty_like(x)``; the backward recomputes the
+registry (raising, with every backend's reason, if it cannot serve the input); the fake kernel gives ``empty_like(x)``; the backward recomputes the
 reference from the saved inputs (only the inputs are saved), so every backend's
 gradients are the reference's.
 """
@@ -19,7 +19,7 @@ import torch
 from .. import reference
 from ..validation import check_attention_input, check_weights
 from ..weights import ScoreAttentionWeights
-from .registry import get_backend, resolve_backend
+from .registry import resolve_backend
 
 OP_NAME = "casa::score_attention"
 _FIELDS = ScoreAttentionWeights._fields
@@ -33,7 +33,7 @@ torch.library.define(
 @torch.library.register_kernel(OP_NAME, None)
 def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
     *weights, backend = weights_and_backend
-    return get_backend(backend).forward(x, ScoreAttentionWeights(*weights))
+    return resolve_backend(backend, x.device, x.dtype).forward(x, ScoreAttentionWeights(*weights))
 
 
 @torch.library.register_fake(OP_NAME)
@@ -75,8 +75,14 @@ def casa_attention(
     """
     weights = check_weights(weights)
     x = check_attention_input(x, weights)
-    chosen = resolve_backend(backend, x.device, x.dtype)
-    if chosen.name == "reference":
+    chosen = _resolved_name(backend, x.device, x.dtype)
+    if chosen == "reference":
         # Plain PyTorch: autograd and torch.compile see straight through it.
         return reference.score_attention(x, weights)
-    return torch.ops.casa.score_attention(x, *weights, chosen.name)
+    return torch.ops.casa.score_attention(x, *weights, chosen)
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # A constant for torch.compile: availability and CASA_BACKEND are fixed per process.
+    return resolve_backend(backend, device, dtype).name

@@ -1,0 +1,74 @@
+"""The accuracy contract every backend is held to (DESIGN §7), shared by tests and ``verify``.
+
+* fp32 and fp64 outputs are compared with the float64 reference under a fixed
+  tolerance: ``|ours - ref64| <= atol + rtol * |ref64|`` elementwise.
+* fp16/bf16 outputs are compared relative to what PyTorch itself achieves in that
+  dtype: ``|ours - ref64| <= 2 * |ref_dtype - ref64| + eps`` elementwise, where
+  ``ref_dtype`` is the reference run in the same low precision; eps absorbs the
+  elements where PyTorch happens to round exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .weights import ScoreAttentionWeights
+
+# Fixed tolerances for the full-precision dtypes.
+FIXED_TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
+# eps of the relative rule, per low-precision dtype (a few units in the last place at 1.0).
+LOW_PRECISION_EPS = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+    rule: str
+
+
+def reference_float64(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    """The reference output in float64 on the CPU, from inputs of any dtype/device."""
+    return reference.score_attention(
+        x.detach().to("cpu", torch.float64), weights.to("cpu", torch.float64)
+    )
+
+
+def compare(
+    out: torch.Tensor, x: torch.Tensor, weights: ScoreAttentionWeights, ref64: torch.Tensor | None = None
+) -> Comparison:
+    """Checks ``out`` (a backend's output for ``x``/``weights``) against the reference."""
+    if ref64 is None:
+        ref64 = reference_float64(x, weights)
+    got = out.detach().to("cpu", torch.float64)
+    error = (got - ref64).abs()
+    max_abs = error.max().item()
+    max_rel = (error / ref64.abs().clamp_min(1e-6)).max().item()
+    if out.dtype in FIXED_TOLERANCE:
+        atol, rtol = FIXED_TOLERANCE[out.dtype]
+        bound = atol + rtol * ref64.abs()
+        rule = f"|err| <= {atol:g} + {rtol:g}*|ref64|"
+    else:
+        with torch.no_grad():
+            same_dtype = reference.score_attention(x.detach(), weights)
+        torch_error = (same_dtype.to("cpu", torch.float64) - ref64).abs()
+        eps = LOW_PRECISION_EPS[out.dtype]
+        bound = 2 * torch_error + eps
+        rule = f"|err| <= 2*|torch_{str(out.dtype).removeprefix('torch.')} err| + {eps:g}"
+    passed = bool((error <= bound).all()) and bool(torch.isfinite(got).all())
+    return Comparison(max_abs, max_rel, passed, rule)
+
+
+def assert_close_to_reference(
+    out: torch.Tensor, x: torch.Tensor, weights: ScoreAttentionWeights
+) -> None:
+    """Raises AssertionError with the errors when ``compare`` fails."""
+    result = compare(out, x, weights)
+    assert result.passed, (
+        f"{out.dtype} output off the float64 reference: max abs {result.max_abs_error:.3g}, "
+        f"max rel {result.max_rel_error:.3g}, rule {result.rule}"
+    )
