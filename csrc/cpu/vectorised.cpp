@@ -1,0 +1,178 @@
+// The elementwise loops of the CPU kernel, vectorised by the compiler: every inner
+// loop runs over contiguous (or stride-2) columns through restrict pointers, and the
+// float versions are built for AVX-512, AVX2 and baseline x86-64 with the best chosen
+// at load time (GCC target_clones).
+
+#include "vectorised.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CASA_TARGET_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define CASA_TARGET_CLONES
+#endif
+
+#define CASA_INLINE __attribute__((always_inline)) inline
+
+namespace casa {
+namespace cpu {
+namespace {
+
+// exp for float in a form the compiler vectorises: 2^n · p(r) with x = n·ln2 + r,
+// |r| <= ln2/2 and p a degree-7 polynomial (Cephes' expf coefficients; relative
+// error ~2e-7). Inputs are clamped to [-87, 88], so exp underflows to ~1e-38, not 0.
+CASA_INLINE float exp_vectorisable(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Round to nearest by adding and subtracting 1.5·2^23 (exact without -ffast-math).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+CASA_INLINE double exp_vectorisable(double x) { return std::exp(x); }
+
+// Element loads and stores by bit manipulation, which the vectoriser understands
+// (c10::BFloat16's constructors are opaque to it). Stores round to nearest even.
+CASA_INLINE float load(const float* p, int64_t i) { return p[i]; }
+CASA_INLINE double load(const double* p, int64_t i) { return p[i]; }
+CASA_INLINE float load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+CASA_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+CASA_INLINE void store(double* p, int64_t i, double v) { p[i] = v; }
+CASA_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+// The first t with 2t + shift >= 0, and one past the last with 2t + shift < L.
+CASA_INLINE int64_t first_inside(int64_t shift) { return shift >= 0 ? 0 : (1 - shift) / 2; }
+CASA_INLINE int64_t end_inside(int64_t shift, int64_t L) { return (L - shift + 1) / 2; }
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t L,
+                             int64_t k, acc_t* __restrict dst) {
+  const int64_t half = L / 2, p = k / 2;
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* __restrict row = src + i * ld;
+    for (int64_t j = 0; j < k; ++j) {
+      acc_t* __restrict out = dst + (i * k + j) * half;
+      const int64_t shift = j - p;
+      const int64_t t0 = std::min(first_inside(shift), half);
+      const int64_t t1 = std::max(std::min(end_inside(shift, L), half), t0);
+      for (int64_t t = 0; t < t0; ++t) out[t] = acc_t(0);
+      for (int64_t t = t0; t < t1; ++t) out[t] = load(row, 2 * t + shift);
+      for (int64_t t = t1; t < half; ++t) out[t] = acc_t(0);
+    }
+  }
+}
+
+template <typename acc_t>
+CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t rows, int64_t k,
+                             int64_t i0, int64_t ni, int64_t o0, int64_t T,
+                             const acc_t* __restrict bias, acc_t* __restrict out, int64_t ldo) {
+  const int64_t p = k / 2;
+  for (int64_t n = 0; n < rows; ++n) {
+    acc_t* __restrict o = out + n * ldo;
+    for (int64_t c = 0; c < T; ++c) o[c] = bias[n];
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t* __restrict in = cols + (n * k + j) * ldc;
+      // Column c of the tile is output o0 + c = 2i - p + j, i.e. c = 2(i - i0) + shift.
+      const int64_t shift = 2 * i0 - p + j - o0;
+      const int64_t a0 = std::min(first_inside(shift), ni);
+      const int64_t a1 = std::max(std::min(end_inside(shift, T), ni), a0);
+      for (int64_t a = a0; a < a1; ++a) o[2 * a + shift] += in[a];
+    }
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void epilogue_impl(acc_t* __restrict scores, const acc_t* __restrict values,
+                               int64_t ld, int64_t N, int64_t T, const scalar_t* __restrict x,
+                               scalar_t* __restrict y, int64_t D) {
+  std::vector<acc_t> max_buf(T, -std::numeric_limits<acc_t>::infinity()), sum_buf(T, acc_t(0));
+  acc_t* __restrict col_max = max_buf.data();
+  acc_t* __restrict col_sum = sum_buf.data();
+  // Pass 1: score = sigmoid(conv) + x, column max.
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* __restrict s = scores + n * ld;
+    const scalar_t* __restrict xr = x + n * D;
+    for (int64_t c = 0; c < T; ++c) {
+      const acc_t v = acc_t(1) / (acc_t(1) + exp_vectorisable(-s[c])) + load(xr, c);
+      s[c] = v;
+      col_max[c] = v > col_max[c] ? v : col_max[c];
+    }
+  }
+  // Pass 2: exp(score - max), column sum.
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* __restrict s = scores + n * ld;
+    for (int64_t c = 0; c < T; ++c) {
+      const acc_t e = exp_vectorisable(s[c] - col_max[c]);
+      s[c] = e;
+      col_sum[c] += e;
+    }
+  }
+  for (int64_t c = 0; c < T; ++c) col_sum[c] = acc_t(1) / col_sum[c];
+  // Pass 3: y = softmax * v + x.
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* __restrict e = scores + n * ld;
+    const acc_t* __restrict v = values + n * ld;
+    const scalar_t* __restrict xr = x + n * D;
+    scalar_t* __restrict yr = y + n * D;
+    for (int64_t c = 0; c < T; ++c) store(yr, c, e[c] * col_sum[c] * v[c] + load(xr, c));
+  }
+}
+
+}  // namespace
+
+// Each public overload forwards to the template above; CASA_TARGET_CLONES builds the
+// float ones once per instruction set.
+#define CASA_IM2COL(attr, acc_t, scalar_t)                                                    \
+  attr void im2col_s2(const scalar_t* src, int64_t ld, int64_t rows, int64_t L, int64_t k, \
+                      acc_t* dst) {                                                         \
+    im2col_impl(src, ld, rows, L, k, dst);                                                  \
+  }
+CASA_IM2COL(CASA_TARGET_CLONES, float, float)
+CASA_IM2COL(CASA_TARGET_CLONES, float, c10::BFloat16)
+CASA_IM2COL(, double, double)
+
+#define CASA_COL2IM(attr, acc_t)                                                                \
+  attr void col2im_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0,    \
+                      int64_t ni, int64_t o0, int64_t T, const acc_t* bias, acc_t* out,       \
+                      int64_t ldo) {                                                          \
+    col2im_impl(cols, ldc, rows, k, i0, ni, o0, T, bias, out, ldo);                           \
+  }
+CASA_COL2IM(CASA_TARGET_CLONES, float)
+CASA_COL2IM(, double)
+
+#define CASA_EPILOGUE(attr, acc_t, scalar_t)                                                    \
+  attr void softmax_epilogue(acc_t* scores, const acc_t* values, int64_t ld, int64_t N,        \
+                             int64_t T, const scalar_t* x, scalar_t* y, int64_t D) {          \
+    epilogue_impl(scores, values, ld, N, T, x, y, D);                                         \
+  }
+CASA_EPILOGUE(CASA_TARGET_CLONES, float, float)
+CASA_EPILOGUE(CASA_TARGET_CLONES, float, c10::BFloat16)
+CASA_EPILOGUE(, double, double)
+
+}  // namespace cpu
+}  // namespace casa
