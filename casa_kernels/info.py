@@ -1,0 +1,70 @@
+"""``python -m casa_kernels.info``: versions, what was built, each backend's availability.
+
+Prints, one ``key: value`` per line, the versions of casa_kernels, torch, triton,
+CUDA and the compiler torch was built with, whether the C++ extension loaded and for
+which devices it registered kernels, then every backend with ``available`` or the
+reason it is not.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from .ops import availability
+from .ops.extension import extension_error, has_kernel_for
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    return triton.__version__
+
+
+def _compiler() -> str:
+    for line in torch.__config__.show().splitlines():
+        line = line.strip()
+        if line.startswith("- GCC") or line.startswith("- clang") or line.startswith("- MSVC"):
+            return line.removeprefix("- ")
+    return "unknown"
+
+
+def report() -> list[tuple[str, str]]:
+    """The (key, value) rows that ``main`` prints."""
+    rows = [
+        ("casa_kernels", __version__),
+        ("python", sys.version.split()[0]),
+        ("platform", platform.platform()),
+        ("torch", torch.__version__),
+        ("torch compiler", _compiler()),
+        ("torch CUDA", str(torch.version.cuda)),
+        ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("triton", _triton_version()),
+        ("threads", str(torch.get_num_threads())),
+    ]
+    error = extension_error()
+    if error is None:
+        devices = [key for key in ("CPU", "CUDA") if has_kernel_for(key)]
+        rows.append(("extension casa_kernels._C", f"loaded, kernels for {', '.join(devices) or 'none'}"))
+    else:
+        rows.append(("extension casa_kernels._C", error))
+    for name, reason in availability().items():
+        rows.append((f"backend {name}", "available" if reason is None else f"unavailable: {reason}"))
+    return rows
+
+
+def main() -> int:
+    rows = report()
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
