@@ -71,12 +71,12 @@ CASA_INLINE int64_t end_inside(int64_t shift, int64_t L) { return (L - shift + 1
 
 template <typename acc_t, typename scalar_t>
 CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t L,
-                             int64_t k, acc_t* __restrict dst) {
+                             int64_t k, acc_t* __restrict dst, int64_t dst_ld) {
   const int64_t half = L / 2, p = k / 2;
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* __restrict row = src + i * ld;
     for (int64_t j = 0; j < k; ++j) {
-      acc_t* __restrict out = dst + (i * k + j) * half;
+      acc_t* __restrict out = dst + (i * k + j) * dst_ld;
       const int64_t shift = j - p;
       const int64_t t0 = std::min(first_inside(shift), half);
       const int64_t t1 = std::max(std::min(end_inside(shift, L), half), t0);
@@ -149,8 +149,8 @@ CASA_INLINE void epilogue_impl(acc_t* __restrict scores, const acc_t* __restrict
 // float ones once per instruction set.
 #define CASA_IM2COL(attr, acc_t, scalar_t)                                                    \
   attr void im2col_s2(const scalar_t* src, int64_t ld, int64_t rows, int64_t L, int64_t k, \
-                      acc_t* dst) {                                                         \
-    im2col_impl(src, ld, rows, L, k, dst);                                                  \
+                      acc_t* dst, int64_t dst_ld) {                                         \
+    im2col_impl(src, ld, rows, L, k, dst, dst_ld);                                          \
   }
 CASA_IM2COL(CASA_TARGET_CLONES, float, float)
 CASA_IM2COL(CASA_TARGET_CLONES, float, c10::BFloat16)

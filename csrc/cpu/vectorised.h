@@ -10,11 +10,15 @@ namespace casa {
 namespace cpu {
 
 // Columns of a stride-2 conv as a GEMM operand: for `rows` input rows of length L at
-// src + i·ld, dst[(i·k + j)·(L/2) + t] = src[i·ld + 2t + j - p], zero outside [0, L).
-// The conv's weight [Cout, Cin, k], viewed as [Cout, Cin·k], multiplies it from the left.
-void im2col_s2(const float* src, int64_t ld, int64_t rows, int64_t L, int64_t k, float* dst);
-void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k, float* dst);
-void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k, double* dst);
+// src + i·ld, dst[(i·k + j)·dst_ld + t] = src[i·ld + 2t + j - p] for t < L/2, zero
+// outside [0, L). The conv's weight [Cout, Cin, k], viewed as [Cout, Cin·k], multiplies
+// it from the left.
+void im2col_s2(const float* src, int64_t ld, int64_t rows, int64_t L, int64_t k, float* dst,
+               int64_t dst_ld);
+void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
+               float* dst, int64_t dst_ld);
+void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k, double* dst,
+               int64_t dst_ld);
 
 // The scatter of a stride-2 transposed conv (output_padding 1) after its GEMM:
 // cols[(n·k + j)·ldc + a] holds Σ_ci W[ci, n, j]·in[ci, i0 + a] for a < ni; output
