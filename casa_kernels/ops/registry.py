@@ -100,7 +100,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
         )
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS[candidate]
+        backend = _BACKENDS.get(candidate)
+        if backend is None:  # not registered in this build
+            continue
         reason = backend.reason_not_serving(device, dtype)
         if reason is None:
             if candidate == "reference" and skipped:
