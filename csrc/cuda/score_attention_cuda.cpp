@@ -2,8 +2,8 @@
 // in score_attention_kernels.cu (DESIGN §5, §6).
 //
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
-// y [B, N, D] (dtype of x) and one fp32 workspace of (head_splits + 5) · B · D²/8
-// elements — O(B·D²), nothing of size [B, N, D] — and enqueues every stage on the
+// y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
+// nothing of size [B, N, D]) and enqueues every stage on the
 // current CUDA stream. Supports float32, float16 and bfloat16.
 //
 // Only c10/cuda headers (c10::cuda::getCurrentCUDAStream is what at::cuda's alias
@@ -55,19 +55,19 @@ at::Tensor fused_score_attention_cuda(
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
                                         static_cast<int>(x.get_device())));
-  const int splits = gpu::head_splits(problem, sm_count);
+  const gpu::Plan plan = gpu::make_plan(problem, sm_count);
   at::Tensor y = at::empty_like(x);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, splits))},
+  at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, plan))},
                                    x.options().dtype(at::kFloat));
 
   gpu::Params params{};
   params.dtype = dtype;
   params.problem = problem;
+  params.plan = plan;
   params.x = x.data_ptr();
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
   params.y = y.data_ptr();
   params.workspace = workspace.data_ptr<float>();
-  params.head_splits = splits;
   C10_CUDA_CHECK(gpu::launch_fused_score_attention(params, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

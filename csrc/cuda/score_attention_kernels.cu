@@ -349,19 +349,28 @@ __global__ void __launch_bounds__(kThreads)
 // Stage 3: fused tail
 // ---------------------------------------------------------------------------------
 
-// One block per (u tile, parity r, batch b) owns the output columns o = 2u + r,
-// u in [u0, u0 + kBN) ∩ [0, D/2), for all N rows. With
+// What one launch of tail_kernel does for its rows [n_begin, n_end):
+//   kFused:  both passes (the rows are all of N: one split);
+//   kStats:  pass 1 only, writing the rows' column (max, sum of exp) to `stats`;
+//   kOutput: combines every split's stats, then pass 2.
+enum class TailPhase { kFused, kStats, kOutput };
+
+// One block per (u tile, parity r, split s, batch b) owns the output columns
+// o = 2u + r, u in [u0, u0 + kBN) ∩ [0, D/2), for the rows n of split s. With
 //   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ r+p} w2[c, n, j] · h5[b, c, u + (r+p-j)/2]) + x[b, n, o]
 //   V[n, o] = bv[o] + Σ_d x[b, n, d] · wv[o, d]
-// pass 1 walks N in tiles of kBM rows keeping each column's running max and sum of
-// exp (online softmax); pass 2 recomputes S, computes V and writes
+// pass 1 walks the rows in tiles of kBM keeping each column's running max and sum of
+// exp (online softmax); pass 2 recomputes S (bit-identically), computes V and writes
 //   y[b, n, o] = exp(S - max) / sum · V + x[b, n, o].
-// h5: [B, D/4, D/2] fp32 (relu(dec1) output); w2: [D/4, N, k]; b2: [N]; wv: [D, D]; bv: [D].
-template <typename T>
+// h5: [B, D/4, D/2] fp32 (relu(dec1) output); w2: [D/4, N, k]; b2: [N]; wv: [D, D];
+// bv: [D]; stats: [B, splits, D] of (max, sum), used by kStats/kOutput only.
+// Split s covers rows [s · n_chunk, min(N, (s + 1) · n_chunk)).
+template <typename T, TailPhase kPhase>
 __global__ void __launch_bounds__(kThreads)
     tail_kernel(const T* __restrict__ x, const float* __restrict__ h5, const T* __restrict__ w2,
                 const T* __restrict__ b2, const T* __restrict__ wv, const T* __restrict__ bv,
-                T* __restrict__ y, int N, int D, int k) {
+                T* __restrict__ y, float2* __restrict__ stats, int N, int D, int k, int splits,
+                int n_chunk) {
   __shared__ GemmSmem<T> sm;
   __shared__ alignas(128) float s_tile[kBM * kLdC];  // scores, then probabilities
   __shared__ alignas(128) float v_tile[kBM * kLdC];  // value projection (no bias)
@@ -370,19 +379,22 @@ __global__ void __launch_bounds__(kThreads)
   const int tiles_u = ceil_div(U, kBN);
   int idx = blockIdx.x;
   const int tu = idx % tiles_u; idx /= tiles_u;
-  const int r = idx % 2;
-  const int b = idx / 2;
+  const int r = idx % 2; idx /= 2;
+  const int s = idx % splits;
+  const int b = idx / splits;
   const int u0 = tu * kBN;
+  const int n_begin = min(N, s * n_chunk), n_end = min(N, n_begin + n_chunk);
   const ParityTaps taps(k, r, k / 2);
   const int K_s = C1 * taps.count;
   const T* x_b = x + static_cast<int64_t>(b) * N * D;
   T* y_b = y + static_cast<int64_t>(b) * N * D;
   const float* h5_b = h5 + static_cast<int64_t>(b) * C1 * U;
+  float2* stats_b = stats + static_cast<int64_t>(b) * splits * D;  // unused for kFused
 
-  int n0 = 0;  // first row of the current N tile
+  int n0 = n_begin;  // first row of the current row tile
   auto load_s_a = [&](int m, int g) -> float {
     const int n = n0 + m, c = g / taps.count, j = taps.tap(g % taps.count);
-    return n < N ? to_float(w2[(static_cast<int64_t>(c) * N + n) * k + j]) : 0.f;
+    return n < n_end ? to_float(w2[(static_cast<int64_t>(c) * N + n) * k + j]) : 0.f;
   };
   auto load_s_b = [&](int g, int col) -> float {
     const int u = u0 + col, c = g / taps.count, pos = u + taps.shift(g % taps.count);
@@ -390,18 +402,18 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto load_v_a = [&](int m, int d) -> float {
     const int n = n0 + m;
-    return n < N ? to_float(x_b[static_cast<int64_t>(n) * D + d]) : 0.f;
+    return n < n_end ? to_float(x_b[static_cast<int64_t>(n) * D + d]) : 0.f;
   };
   auto load_v_b = [&](int d, int col) -> float {
     const int u = u0 + col;
     return u < U ? to_float(wv[static_cast<int64_t>(2 * u + r) * D + d]) : 0.f;
   };
-  // s_tile[m][col] <- the score S[n0 + m, 2(u0 + col) + r] (garbage outside the problem).
+  // s_tile[m][col] <- S[n0 + m, 2(u0 + col) + r] where n0 + m < n_end and u0 + col < U.
   auto scores = [&]() {
     block_gemm<false>(K_s, load_s_a, load_s_b, sm, s_tile);
     for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
       const int m = e / kBN, col = e % kBN, n = n0 + m, u = u0 + col;
-      if (n < N && u < U) {
+      if (n < n_end && u < U) {
         const float z = s_tile[m * kLdC + col] + to_float(b2[n]);
         s_tile[m * kLdC + col] =
             1.f / (1.f + expf(-z)) + to_float(x_b[static_cast<int64_t>(n) * D + 2 * u + r]);
@@ -409,44 +421,69 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   };
+  // Column `col` is valid, and owned by thread `col`, when threadIdx.x < kBN and u < U.
+  const int col = threadIdx.x;
+  const bool owns_column = col < kBN && u0 + col < U;
 
-  if (threadIdx.x < kBN) {
-    col_max[threadIdx.x] = -INFINITY;
-    col_sum[threadIdx.x] = 0.f;
+  if constexpr (kPhase != TailPhase::kOutput) {
+    // Pass 1: column max and sum of exp over the rows of this split.
+    if (col < kBN) {
+      col_max[col] = -INFINITY;
+      col_sum[col] = 0.f;
+    }
+    for (n0 = n_begin; n0 < n_end; n0 += kBM) {
+      scores();
+      if (owns_column) {
+        const int rows = min(kBM, n_end - n0);
+        float tile_max = -INFINITY;
+        for (int m = 0; m < rows; ++m) tile_max = fmaxf(tile_max, s_tile[m * kLdC + col]);
+        const float new_max = fmaxf(col_max[col], tile_max);
+        float sum = col_sum[col] * expf(col_max[col] - new_max);  // 0 while col_max is -inf
+        for (int m = 0; m < rows; ++m) sum += expf(s_tile[m * kLdC + col] - new_max);
+        col_max[col] = new_max;
+        col_sum[col] = sum;
+      }
+    }
   }
-  // Pass 1: column max and sum of exp over all N (the column's own thread updates it).
-  for (n0 = 0; n0 < N; n0 += kBM) {
-    scores();
-    const int col = threadIdx.x, rows = min(kBM, N - n0);
-    if (col < kBN && u0 + col < U) {
-      float tile_max = -INFINITY;
-      for (int m = 0; m < rows; ++m) tile_max = fmaxf(tile_max, s_tile[m * kLdC + col]);
-      const float new_max = fmaxf(col_max[col], tile_max);
-      float sum = col_sum[col] * expf(col_max[col] - new_max);  // 0 while col_max is -inf
-      for (int m = 0; m < rows; ++m) sum += expf(s_tile[m * kLdC + col] - new_max);
-      col_max[col] = new_max;
+  if constexpr (kPhase == TailPhase::kStats) {
+    if (owns_column) {
+      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] = make_float2(col_max[col], col_sum[col]);
+    }
+    return;
+  }
+  if constexpr (kPhase == TailPhase::kOutput) {
+    // Combine the splits: max over splits, sums rescaled to it. An empty split has
+    // (-inf, 0) and contributes exp(-inf) · 0 = 0.
+    if (owns_column) {
+      const int o = 2 * (u0 + col) + r;
+      float m_all = -INFINITY;
+      for (int t = 0; t < splits; ++t) m_all = fmaxf(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
+      float sum = 0.f;
+      for (int t = 0; t < splits; ++t) {
+        const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
+        if (st.y > 0.f) sum += st.y * expf(st.x - m_all);
+      }
+      col_max[col] = m_all;
       col_sum[col] = sum;
     }
   }
-  __syncthreads();
-  if (threadIdx.x < kBN && u0 + static_cast<int>(threadIdx.x) < U)
-    col_sum[threadIdx.x] = 1.f / col_sum[threadIdx.x];  // >= 1: the max term is exp(0)
   // Pass 2: probabilities, value projection, output.
-  for (n0 = 0; n0 < N; n0 += kBM) {
-    scores();
+  if (owns_column) col_sum[col] = 1.f / col_sum[col];  // >= 1: the max term is exp(0)
+  for (n0 = n_begin; n0 < n_end; n0 += kBM) {
+    scores();  // starts with __syncthreads: col_max / col_sum are visible
     for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
-      const int m = e / kBN, col = e % kBN;
-      if (n0 + m < N && u0 + col < U)
-        s_tile[m * kLdC + col] = expf(s_tile[m * kLdC + col] - col_max[col]) * col_sum[col];
+      const int m = e / kBN, c = e % kBN;
+      if (n0 + m < n_end && u0 + c < U)
+        s_tile[m * kLdC + c] = expf(s_tile[m * kLdC + c] - col_max[c]) * col_sum[c];
     }
     block_gemm<true>(D, load_v_a, load_v_b, sm, v_tile);
     for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
-      const int m = e / kBN, col = e % kBN, n = n0 + m, u = u0 + col;
-      if (n < N && u < U) {
+      const int m = e / kBN, c = e % kBN, n = n0 + m, u = u0 + c;
+      if (n < n_end && u < U) {
         const int o = 2 * u + r;
         const int64_t at = static_cast<int64_t>(n) * D + o;
-        const float v = v_tile[m * kLdC + col] + to_float(bv[o]);
-        y_b[at] = from_float<T>(s_tile[m * kLdC + col] * v + to_float(x_b[at]));
+        const float v = v_tile[m * kLdC + c] + to_float(bv[o]);
+        y_b[at] = from_float<T>(s_tile[m * kLdC + c] * v + to_float(x_b[at]));
       }
     }
   }
@@ -456,29 +493,36 @@ __global__ void __launch_bounds__(kThreads)
 // Launch
 // ---------------------------------------------------------------------------------
 
+// Rows per split of N for `splits` splits: equal chunks, a multiple of kBM for the tail.
+int chunk_rows(int64_t N, int64_t splits, int64_t multiple) {
+  const int64_t chunk = (N + splits - 1) / splits;
+  return static_cast<int>((chunk + multiple - 1) / multiple * multiple);
+}
+
 template <typename T>
 cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   const int B = static_cast<int>(prm.problem.batch), N = static_cast<int>(prm.problem.n_vars);
   const int D = static_cast<int>(prm.problem.d_model), k = static_cast<int>(prm.problem.kernel);
-  const int C1 = D / 4, C2 = D / 2, splits = prm.head_splits;
+  const int C1 = D / 4, C2 = D / 2;
+  const int head_splits = prm.plan.head_splits, tail_splits = prm.plan.tail_splits;
   auto w = [&](int i) { return static_cast<const T*>(prm.weights[i]); };
   const T* x = static_cast<const T*>(prm.x);
   T* y = static_cast<T*>(prm.y);
 
   const size_t act = static_cast<size_t>(B) * D * D / 8;  // every activation is [B, D²/8]
   float* partial = prm.workspace;
-  float* h1 = partial + static_cast<size_t>(splits) * act;  // [B, C1, D/2]
-  float* h2 = h1 + act;                                     // [B, C2, D/4]
-  float* h3 = h2 + act;                                     // [B, D, D/8]
-  float* h4 = h3 + act;                                     // [B, C2, D/4]
-  float* h5 = h4 + act;                                     // [B, C1, D/2]
+  float* h1 = partial + static_cast<size_t>(head_splits) * act;  // [B, C1, D/2]
+  float* h2 = h1 + act;                                          // [B, C2, D/4]
+  float* h3 = h2 + act;                                          // [B, D, D/8]
+  float* h4 = h3 + act;                                          // [B, C2, D/4]
+  float* h5 = h4 + act;                                          // [B, C1, D/2]
+  float2* stats = reinterpret_cast<float2*>(h5 + act);           // [B, tail_splits, D]
 
   // 1. head
-  const int n_chunk = ceil_div(N, splits);
-  head_kernel<T><<<ceil_div(D / 2, kBN) * ceil_div(C1, kBM) * splits * B, kThreads, 0, stream>>>(
-      x, w(2), partial, B, N, D, k, splits, n_chunk);
+  head_kernel<T><<<ceil_div(D / 2, kBN) * ceil_div(C1, kBM) * head_splits * B, kThreads, 0, stream>>>(
+      x, w(2), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
   const int reduce_blocks = static_cast<int>(std::min<size_t>((act + 255) / 256, 65536));
-  head_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partial, w(3), h1, B, C1, D / 2, splits);
+  head_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partial, w(3), h1, B, C1, D / 2, head_splits);
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
   conv_s2_relu_kernel<T><<<ceil_div(D / 4, kBN) * ceil_div(C2, kBM) * B, kThreads, 0, stream>>>(
@@ -492,33 +536,59 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
       <<<ceil_div(D / 4, kBN) * ceil_div(C1, kBM) * 2 * B, kThreads, 0, stream>>>(
           h4, w(10), w(11), h5, C2, D / 4, C1, k);
   // 3. tail
-  tail_kernel<T><<<ceil_div(D / 2, kBN) * 2 * B, kThreads, 0, stream>>>(
-      x, h5, w(12), w(13), w(0), w(1), y, N, D, k);
+  const int tail_blocks = ceil_div(D / 2, kBN) * 2 * tail_splits * B;
+  const int tail_chunk = chunk_rows(N, tail_splits, kBM);
+  if (tail_splits == 1) {
+    tail_kernel<T, TailPhase::kFused><<<tail_blocks, kThreads, 0, stream>>>(
+        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, 1, tail_chunk);
+  } else {
+    tail_kernel<T, TailPhase::kStats><<<tail_blocks, kThreads, 0, stream>>>(
+        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, tail_splits, tail_chunk);
+    tail_kernel<T, TailPhase::kOutput><<<tail_blocks, kThreads, 0, stream>>>(
+        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, tail_splits, tail_chunk);
+  }
   return cudaGetLastError();
 }
 
-// Blocks of the largest grid (the head's) for `splits`.
+// Blocks of the head's grid for `splits`.
 int64_t head_blocks(const Problem& p, int64_t splits) {
   const int64_t D = p.d_model;
   return ((D / 2 + kBN - 1) / kBN) * ((D / 4 + kBM - 1) / kBM) * splits * p.batch;
 }
 
-}  // namespace
-
-int head_splits(const Problem& p, int sm_count) {
-  const int64_t per_split = head_blocks(p, 1);
-  const int64_t wanted = (2 * static_cast<int64_t>(std::max(sm_count, 1)) + per_split - 1) / per_split;
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(32, p.n_vars / 32));
-  int64_t splits = std::max<int64_t>(1, std::min(wanted, most));
-  // Equal chunks of ceil(N / splits) rows; drop splits that would be empty.
-  const int64_t chunk = (p.n_vars + splits - 1) / splits;
-  splits = (p.n_vars + chunk - 1) / chunk;
-  return static_cast<int>(splits);
+// Blocks of a tail launch for `splits`.
+int64_t tail_blocks(const Problem& p, int64_t splits) {
+  return ((p.d_model / 2 + kBN - 1) / kBN) * 2 * splits * p.batch;
 }
 
-size_t workspace_floats(const Problem& p, int splits) {
-  return static_cast<size_t>(splits + 5) * static_cast<size_t>(p.batch) *
-         static_cast<size_t>(p.d_model) * static_cast<size_t>(p.d_model) / 8;
+// Splits of N giving about `target` blocks (per_split blocks each), at least
+// `min_rows` rows per split, at most `most` splits, and no empty split.
+int64_t choose_splits(int64_t N, int64_t per_split, int64_t target, int64_t min_rows,
+                      int64_t most, int64_t multiple) {
+  const int64_t wanted = (target + per_split - 1) / per_split;
+  int64_t splits = std::max<int64_t>(1, std::min({wanted, most, N / min_rows}));
+  const int64_t chunk = chunk_rows(N, splits, multiple);
+  return (N + chunk - 1) / chunk;
+}
+
+constexpr int64_t kMaxHeadSplits = 32, kMaxTailSplits = 64;
+
+}  // namespace
+
+Plan make_plan(const Problem& p, int sm_count) {
+  const int64_t target = 2 * static_cast<int64_t>(std::max(sm_count, 1));
+  Plan plan;
+  plan.head_splits = static_cast<int>(
+      choose_splits(p.n_vars, head_blocks(p, 1), target, 32, kMaxHeadSplits, 1));
+  plan.tail_splits = static_cast<int>(
+      choose_splits(p.n_vars, tail_blocks(p, 1), target, 2 * kBM, kMaxTailSplits, kBM));
+  return plan;
+}
+
+size_t workspace_floats(const Problem& p, const Plan& plan) {
+  const size_t B = static_cast<size_t>(p.batch), D = static_cast<size_t>(p.d_model);
+  const size_t stats = plan.tail_splits > 1 ? 2 * B * static_cast<size_t>(plan.tail_splits) * D : 0;
+  return static_cast<size_t>(plan.head_splits + 5) * B * D * D / 8 + stats;
 }
 
 bool problem_supported(const Problem& p, const char** why) {
@@ -527,9 +597,9 @@ bool problem_supported(const Problem& p, const char** why) {
   if (p.batch < 1 || p.n_vars < 1 || p.d_model < 8 || p.d_model % 8 != 0 || p.kernel < 1 ||
       p.kernel % 2 == 0) {
     reason = "expected batch >= 1, n_vars >= 1, d_model a positive multiple of 8, odd kernel";
-  } else if (p.n_vars * p.kernel > int_max || p.d_model > int_max / 4) {
+  } else if (p.n_vars * p.kernel > int_max / 2 || p.d_model > int_max / 4) {
     reason = "n_vars * kernel and d_model must fit 32-bit indices";
-  } else if (head_blocks(p, 32) > int_max || p.batch * 2 * ((p.d_model / 2 + kBN - 1) / kBN) > int_max) {
+  } else if (head_blocks(p, kMaxHeadSplits) > int_max || tail_blocks(p, kMaxTailSplits) > int_max) {
     reason = "batch too large for a one-dimensional grid";
   }
   if (why != nullptr) *why = reason;
@@ -537,7 +607,9 @@ bool problem_supported(const Problem& p, const char** why) {
 }
 
 cudaError_t launch_fused_score_attention(const Params& params, cudaStream_t stream) {
-  if (!problem_supported(params.problem, nullptr) || params.head_splits < 1) {
+  if (!problem_supported(params.problem, nullptr) || params.plan.head_splits < 1 ||
+      params.plan.head_splits > kMaxHeadSplits || params.plan.tail_splits < 1 ||
+      params.plan.tail_splits > kMaxTailSplits) {
     return cudaErrorInvalidValue;
   }
   switch (params.dtype) {

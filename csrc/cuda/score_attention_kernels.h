@@ -14,8 +14,11 @@
 //   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1), fp32 [B, *, *], O(B·D²);
 //   3. tail:        one block per (batch, output parity, column tile) — last transposed
 //                   conv + bias + sigmoid + skip + softmax over N + value projection +
-//                   product + residual, walking N twice; nothing of size [B, N, D] is
-//                   written except y.
+//                   product + residual, walking N twice (column max/sum, then output);
+//                   nothing of size [B, N, D] is written except y. When B·D alone gives
+//                   too few blocks, N is also split over `tail_splits` blocks: a stats
+//                   launch writes each split's column (max, sum) [B, splits, D], and an
+//                   output launch combines them and writes its rows (same kernel code).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -37,22 +40,29 @@ struct Problem {
 // value_weight, value_bias, enc0_weight, enc0_bias, ..., dec2_weight, dec2_bias.
 constexpr int kNumParams = 14;
 
+// How N is split across blocks. head_splits: blocks sharing the N reduction of the
+// encoder head (each at least 32 variates); tail_splits: row ranges of the tail (each
+// at least 128 variates). Both aim at about two blocks per SM when B is small.
+struct Plan {
+  int head_splits, tail_splits;
+};
+
+Plan make_plan(const Problem& problem, int sm_count);
+
+// fp32 elements of the workspace: (head_splits + 5) · B · D²/8 for the head partials
+// and the five bottleneck activations, plus 2 · B · tail_splits · D for the tail's
+// column (max, sum) when tail_splits > 1.
+size_t workspace_floats(const Problem& problem, const Plan& plan);
+
 struct Params {
   DType dtype;
   Problem problem;
+  Plan plan;                        // from make_plan(); splits >= 1
   const void* x;                    // [B, N, D], dtype
   const void* weights[kNumParams];  // schema order, dtype, contiguous
   void* y;                          // [B, N, D], dtype, written
-  float* workspace;                 // workspace_floats(problem, head_splits) floats
-  int head_splits;                  // from head_splits(); >= 1
+  float* workspace;                 // workspace_floats(problem, plan) floats
 };
-
-// How many blocks share the N reduction of the encoder head: enough to give about
-// two blocks per SM when B is small, each split covering at least 32 variates.
-int head_splits(const Problem& problem, int sm_count);
-
-// fp32 elements of the workspace: (head_splits + 5) · B · D²/8.
-size_t workspace_floats(const Problem& problem, int head_splits);
 
 // Whether the sizes fit the kernels' 32-bit grid and index arithmetic; on false,
 // `why` (if non-null) names the first violated limit.

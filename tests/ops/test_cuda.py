@@ -128,7 +128,9 @@ def test_no_bnd_intermediate(cuda_backend):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     output_bytes = out.numel() * out.element_size()
-    workspace_bound = (32 + 5) * batch * d_model * d_model // 8 * 4
+    # gpu::workspace_floats with the most splits: head partials and activations, plus
+    # the tail's column (max, sum) per split.
+    workspace_bound = ((32 + 5) * batch * d_model * d_model // 8 + 2 * batch * 64 * d_model) * 4
     assert extra <= output_bytes + workspace_bound + (1 << 20), (extra, output_bytes)
 
 
