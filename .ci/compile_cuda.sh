@@ -33,15 +33,25 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
+# Two variants: plain (the CMake build) and with the half/bfloat16 macros that torch's
+# CUDAExtension passes to nvcc (the setup.py build), which disable implicit conversions.
+torch_macros=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+              -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
+
 echo "compile_cuda: $("$nvcc" --version | tail -n 2 | head -n 1)"
 for src in "${sources[@]}"; do
   rel="${src#"$root"/}"
-  echo "compile_cuda: $rel  [sm_80, sm_90a]"
-  "$nvcc" -c "$src" -o "$out/$(basename "$src").o" \
-    -std=c++17 -O3 -lineinfo \
-    -I "$root/csrc" \
-    -gencode arch=compute_80,code=sm_80 \
-    -gencode arch=compute_90a,code=sm_90a \
-    -Werror all-warnings -Xcompiler -Wall,-Werror
+  for variant in plain torch-extension; do
+    extra=()
+    if [[ "$variant" == torch-extension ]]; then extra=("${torch_macros[@]}"); fi
+    echo "compile_cuda: $rel  [sm_80, sm_90a; $variant]"
+    "$nvcc" -c "$src" -o "$out/$(basename "$src").$variant.o" \
+      -std=c++17 -O3 -lineinfo \
+      -I "$root/csrc" \
+      -gencode arch=compute_80,code=sm_80 \
+      -gencode arch=compute_90a,code=sm_90a \
+      -Werror all-warnings -Xcompiler -Wall,-Werror \
+      "${extra[@]}"
+  done
 done
 echo "compile_cuda: OK, ${#sources[@]} file(s) compiled"
