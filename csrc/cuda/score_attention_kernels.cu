@@ -15,6 +15,12 @@
 // Tensor cores (nvcuda::wmma m16n16k16, fp32 accumulation) serve fp16 (sm_70+) and
 // bf16 (sm_80+) operands; fp32 operands use an fp32 SIMT path, so fp32 results keep
 // fp32 accuracy (no TF32). The bottleneck always runs in fp32.
+//
+// tests/ops/test_cuda_emulation.py runs this file on the host (a source transform plus
+// cuda_emulation/shim.h). It relies on: launches written `kernel<targs><<<grid, block,
+// 0, stream>>>(...)`, shared arrays declared `__shared__` or `__shared__ alignas(N)`,
+// one-dimensional grids and blocks, and device code that uses only __syncthreads,
+// threadIdx/blockIdx/blockDim/gridDim .x, and the fp16/bf16 conversion intrinsics.
 
 #include "score_attention_kernels.h"
 
