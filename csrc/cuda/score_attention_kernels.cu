@@ -17,8 +17,9 @@
 // fp32 accuracy (no TF32). The bottleneck always runs in fp32.
 //
 // tests/ops/test_cuda_emulation.py runs this file on the host (a source transform plus
-// cuda_emulation/shim.h). It relies on: launches written `kernel<targs><<<grid, block,
-// 0, stream>>>(...)`, shared arrays declared `__shared__` or `__shared__ alignas(N)`,
+// cuda_emulation/shim.h). It relies on: launches of a templated kernel with the
+// configuration (grid, block, 0, stream) on one statement, shared arrays declared
+// `__shared__` or `__shared__ alignas(N)`,
 // one-dimensional grids and blocks, and device code that uses only __syncthreads,
 // threadIdx/blockIdx/blockDim/gridDim .x, and the fp16/bf16 conversion intrinsics.
 
