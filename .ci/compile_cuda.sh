@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Compile-checks every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a, warnings as
+# errors (DESIGN §7). Needs no GPU and no torch: the .cu files are torch-free.
+# Objects go to a temporary directory that is removed on exit. Exits non-zero on the
+# first failure, or when nvcc or the sources are missing.
+#   NVCC=/path/to/nvcc bash .ci/compile_cuda.sh
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+nvcc="${NVCC:-}"
+if [[ -z "$nvcc" ]]; then
+  if command -v nvcc >/dev/null 2>&1; then
+    nvcc="$(command -v nvcc)"
+  else
+    for candidate in "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
+      if [[ -x "$candidate" ]]; then nvcc="$candidate"; break; fi
+    done
+  fi
+fi
+if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
+  echo "compile_cuda: nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH)" >&2
+  exit 2
+fi
+
+shopt -s nullglob
+sources=("$root"/csrc/cuda/*.cu)
+if (( ${#sources[@]} == 0 )); then
+  echo "compile_cuda: no csrc/cuda/*.cu sources found" >&2
+  exit 2
+fi
+
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+
+# Two variants: plain (the CMake build) and with the half/bfloat16 macros that torch's
+# CUDAExtension passes to nvcc (the setup.py build), which disable implicit conversions.
+torch_macros=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+              -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
+
+echo "compile_cuda: $("$nvcc" --version | tail -n 2 | head -n 1)"
+for src in "${sources[@]}"; do
+  rel="${src#"$root"/}"
+  for variant in plain torch-extension; do
+    extra=()
+    if [[ "$variant" == torch-extension ]]; then extra=("${torch_macros[@]}"); fi
+    echo "compile_cuda: $rel  [sm_80, sm_90a; $variant]"
+    "$nvcc" -c "$src" -o "$out/$(basename "$src").$variant.o" \
+      -std=c++17 -O3 -lineinfo \
+      -I "$root/csrc" \
+      -gencode arch=compute_80,code=sm_80 \
+      -gencode arch=compute_90a,code=sm_90a \
+      -Werror all-warnings -Xcompiler -Wall,-Werror \
+      "${extra[@]}"
+  done
+done
+echo "compile_cuda: OK, ${#sources[@]} file(s) compiled"

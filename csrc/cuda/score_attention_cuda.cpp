@@ -1,0 +1,82 @@
+// CUDA implementation of casa::fused_score_attention: the torch side of the kernels
+// in score_attention_kernels.cu (DESIGN §5, §6).
+//
+// Validates the arguments (check_args, shared with the CPU implementation), allocates
+// y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
+// nothing of size [B, N, D]) and enqueues every stage on the
+// current CUDA stream. Supports float32, float16 and bfloat16.
+//
+// Only c10/cuda headers (c10::cuda::getCurrentCUDAStream is what at::cuda's alias
+// names): ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which the
+// compile-only CI toolkit lacks.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "../score_attention_args.h"
+#include "score_attention_kernels.h"
+
+namespace casa {
+namespace {
+
+gpu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return gpu::DType::kFloat32;
+    case at::kHalf: return gpu::DType::kFloat16;
+    case at::kBFloat16: return gpu::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "x: expected dtype float32, float16 or bfloat16 on CUDA, received ", t);
+  }
+}
+
+at::Tensor fused_score_attention_cuda(
+    const at::Tensor& x, const at::Tensor& value_weight, const at::Tensor& value_bias,
+    const at::Tensor& enc0_weight, const at::Tensor& enc0_bias, const at::Tensor& enc1_weight,
+    const at::Tensor& enc1_bias, const at::Tensor& enc2_weight, const at::Tensor& enc2_bias,
+    const at::Tensor& dec0_weight, const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
+    const at::Tensor& dec1_bias, const at::Tensor& dec2_weight, const at::Tensor& dec2_bias) {
+  const Weights w = {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight,
+                     enc1_bias,    enc2_weight, enc2_bias, dec0_weight, dec0_bias,
+                     dec1_weight,  dec1_bias,  dec2_weight, dec2_bias};
+  const Sizes s = check_args(x, w);
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
+  const gpu::DType dtype = kernel_dtype(x.scalar_type());
+
+  const gpu::Problem problem{s.batch, s.n_vars, s.d_model, s.kernel};
+  const char* why = nullptr;
+  TORCH_CHECK(gpu::problem_supported(problem, &why), "x: shape ", x.sizes(),
+              " (kernel ", s.kernel, ") is not supported by the CUDA kernels: ", why);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
+                                        static_cast<int>(x.get_device())));
+  const gpu::Plan plan = gpu::make_plan(problem, sm_count);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, plan))},
+                                   x.options().dtype(at::kFloat));
+
+  gpu::Params params{};
+  params.dtype = dtype;
+  params.problem = problem;
+  params.plan = plan;
+  params.x = x.data_ptr();
+  for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
+  params.y = y.data_ptr();
+  params.workspace = workspace.data_ptr<float>();
+  C10_CUDA_CHECK(gpu::launch_fused_score_attention(params, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+static_assert(static_cast<int>(kNumWeights) == gpu::kNumParams,
+              "the kernels take the op's parameters in schema order");
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(casa, CUDA, m) { m.impl("fused_score_attention", &fused_score_attention_cuda); }
+
+}  // namespace casa

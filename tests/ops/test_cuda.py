@@ -1,0 +1,237 @@
+"""The ``cuda`` backend (csrc/cuda) against the reference, DESIGN §7.
+
+GPU tests need a CUDA device and an extension built with CUDA; elsewhere they are
+skipped with the reason. The compile check of the CUDA sources and the backend's
+reporting run everywhere nvcc / the package are present.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import casa_kernels
+from casa_kernels import CASABlock, ScoreAttentionWeights, casa_attention
+from casa_kernels.ops.registry import get_backend
+from casa_kernels.tolerance import assert_close_to_reference
+from tests.conftest import make_problem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (batch, n_vars, d_model, kernel): N = 1, N ragged against the 64-row tiles and the
+# head splits, D = 8 (a single, mostly masked tile), D/2 not a multiple of 64 (two
+# ragged column tiles), every k in {1, 3, 5, 7}, B = 1.
+SHAPES = [
+    (2, 1, 16, 3),
+    (1, 7, 8, 1),
+    (3, 5, 8, 7),
+    (2, 37, 24, 5),
+    (1, 65, 32, 3),
+    (2, 70, 64, 7),
+    (1, 130, 136, 3),
+    (2, 333, 128, 5),
+    (1, 1100, 96, 1),
+    (2, 862, 512, 3),
+]
+
+
+def _cuda_unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return get_backend("cuda").unavailable_reason()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_backend():
+    """Skips (with the backend's own reason) when the cuda backend cannot run here."""
+    reason = _cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+
+
+def _shape_id(shape):
+    return "B{}-N{}-D{}-k{}".format(*shape)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_matches_reference(cuda_backend, shape, dtype):
+    x, w = make_problem(*shape, dtype=dtype, device="cuda", seed=sum(shape))
+    out = casa_attention(x, w, backend="cuda")
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    assert out.is_contiguous()
+    assert_close_to_reference(out, x, w)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_non_contiguous_input(cuda_backend, dtype):
+    batch, n_vars, d_model, kernel = 2, 19, 40, 3
+    _, w = make_problem(batch, n_vars, d_model, kernel, dtype=dtype, device="cuda", seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, d_model, n_vars, generator=g).to(dtype=dtype, device="cuda").transpose(1, 2)
+    assert not x.is_contiguous()
+    out = casa_attention(x, w, backend="cuda")
+    assert_close_to_reference(out, x, w)
+
+
+@needs_cuda
+def test_direct_op_call_matches_backend(cuda_backend):
+    x, w = make_problem(2, 50, 32, 3, device="cuda", seed=5)
+    direct = torch.ops.casa.fused_score_attention(x, *w)
+    assert torch.equal(direct, casa_attention(x, w, backend="cuda"))
+    assert_close_to_reference(direct, x, w)
+
+
+@needs_cuda
+def test_batch_elements_independent(cuda_backend):
+    # Each batch element's output depends on that element only (no cross-talk
+    # through the shared workspace or the split head reduction).
+    x, w = make_problem(3, 300, 64, 5, device="cuda", seed=6)
+    full = casa_attention(x, w, backend="cuda")
+    for b in range(x.shape[0]):
+        alone = casa_attention(x[b : b + 1], w, backend="cuda")
+        torch.testing.assert_close(full[b : b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_rejects_bad_inputs(cuda_backend):
+    x, w = make_problem(1, 4, 16, 3, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.casa.fused_score_attention(x, *w)
+    x, w = make_problem(1, 4, 16, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="expected dtype"):
+        torch.ops.casa.fused_score_attention(x.half(), *w)
+    with pytest.raises(RuntimeError, match="expected device"):
+        torch.ops.casa.fused_score_attention(x, *w[:-1], w[-1].cpu())
+
+
+@needs_cuda
+def test_no_bnd_intermediate(cuda_backend):
+    # DESIGN §5: apart from the output, temporary memory is O(B·D²). With N ≫ D, a
+    # single [B, N, D] fp32 intermediate would double the peak.
+    batch, n_vars, d_model = 2, 40000, 64
+    x, w = make_problem(batch, n_vars, d_model, 3, device="cuda", seed=7)
+    casa_attention(x, w, backend="cuda")  # warm-up: caching allocator, module load
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = casa_attention(x, w, backend="cuda")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    output_bytes = out.numel() * out.element_size()
+    # gpu::workspace_floats with the most splits: head partials and activations, plus
+    # the tail's column (max, sum) per split.
+    workspace_bound = ((32 + 5) * batch * d_model * d_model // 8 + 2 * batch * 64 * d_model) * 4
+    assert extra <= output_bytes + workspace_bound + (1 << 20), (extra, output_bytes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_opcheck(cuda_backend, dtype):
+    x, w = make_problem(2, 9, 16, 3, dtype=dtype, device="cuda", seed=8)
+    x.requires_grad_(dtype == torch.float32)
+    torch.library.opcheck(torch.ops.casa.score_attention.default, (x, *w, "cuda"))
+
+
+@needs_cuda
+def test_opcheck_fused_op(cuda_backend):
+    x, w = make_problem(2, 9, 16, 3, device="cuda", seed=9)
+    # The extension op has no fake kernel of its own: check schema and dispatch only.
+    torch.library.opcheck(
+        torch.ops.casa.fused_score_attention.default, (x, *w), test_utils=("test_schema",)
+    )
+
+
+@needs_cuda
+def test_torch_compile_fullgraph(cuda_backend):
+    torch.manual_seed(0)
+    block = CASABlock(n_vars=11, d_model=32, kernel=3, backend="cuda").cuda()
+    x = torch.randn(3, 11, 32, device="cuda")
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_gradients_are_the_references(cuda_backend):
+    x, w = make_problem(2, 13, 16, 3, device="cuda", seed=10)
+    x.requires_grad_()
+    casa_attention(x, w, backend="cuda").square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    casa_attention(x_ref, w, backend="reference").square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_fuzz_against_reference(cuda_backend):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+    @hypothesis.given(
+        batch=st.integers(1, 3),
+        n_vars=st.integers(1, 200),
+        d_model=st.sampled_from([8, 16, 24, 40, 64, 136, 200]),
+        kernel=st.sampled_from([1, 3, 5, 7]),
+        dtype=st.sampled_from(DTYPES),
+        seed=st.integers(0, 2**16),
+    )
+    def check(batch, n_vars, d_model, kernel, dtype, seed):
+        x, w = make_problem(batch, n_vars, d_model, kernel, dtype=dtype, device="cuda", seed=seed)
+        assert_close_to_reference(casa_attention(x, w, backend="cuda"), x, w)
+
+    check()
+
+
+# --- run everywhere ---------------------------------------------------------------
+
+
+def test_backend_registered_with_reason():
+    backend = get_backend("cuda")
+    assert backend.device_types == frozenset({"cuda"})
+    assert backend.dtypes == frozenset(DTYPES)
+    reason = casa_kernels.availability()["cuda"]
+    if not torch.cuda.is_available():
+        assert isinstance(reason, str) and reason
+        x, w = make_problem(1, 3, 8, 3)
+        with pytest.raises(RuntimeError, match="cuda"):
+            casa_attention(x, w, backend="cuda")
+
+
+def test_cpu_tensor_not_served():
+    reason = get_backend("cuda").reason_not_serving(torch.device("cpu"), torch.float32)
+    assert reason is not None
+
+
+def _find_nvcc() -> str | None:
+    found = os.environ.get("NVCC") or shutil.which("nvcc")
+    if found:
+        return found
+    for candidate in sorted(glob.glob("/usr/local/cuda*/bin/nvcc")):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def test_cuda_sources_compile():
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, NVCC, /usr/local/cuda*/bin)")
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh")],
+        env={**os.environ, "NVCC": nvcc},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "score_attention_kernels.cu" in result.stdout
