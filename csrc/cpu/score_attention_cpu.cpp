@@ -32,6 +32,7 @@
 #include <algorithm>
 
 #include "../score_attention_args.h"
+#include "sequential_blas.h"
 #include "vectorised.h"
 
 namespace casa {
@@ -93,6 +94,7 @@ struct Plan {
     const int64_t groups = std::min(chunks, std::max<int64_t>(1, (threads + B - 1) / B));
     const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
     at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+      const cpu::SequentialBlasGuard sequential_blas;
       at::Tensor cols = at::empty({kHeadChunk * k, D / 2}, at::TensorOptions(acc));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / groups, g = item % groups;
@@ -164,6 +166,7 @@ struct Plan {
     const at::Tensor h5 = bottleneck(head(x));
     const int64_t tiles = (s.d_model + kTailTile - 1) / kTailTile;
     at::parallel_for(0, s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
+      const cpu::SequentialBlasGuard sequential_blas;
       TailScratch scratch = tail_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
