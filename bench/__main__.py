@@ -29,7 +29,7 @@ def _total_memory_bytes(device: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
-    from .suites import SUITES
+    from .suites import DATASETS, SUITES
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", default=None,
                         help="comma list of batch sizes (default: 16,1 for attention/model; 1 for scaling; "
                              "the scaling suite's B sweep ignores it)")
+    parser.add_argument("--datasets", default=None,
+                        help="comma list of dataset shapes for attention/model (default: all of "
+                             + ", ".join(DATASETS) + ")")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; --quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
     parser.add_argument("--time-cap", type=float, default=None,
@@ -85,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or results.default_out_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = providers.select(args.providers)
+    datasets = tuple(d.strip() for d in (args.datasets or ",".join(suites.DATASETS)).split(",") if d.strip())
+    unknown = [d for d in datasets if d not in suites.DATASETS]
+    if unknown:
+        print(f"--datasets: unknown {unknown}; expected some of {list(suites.DATASETS)}", file=sys.stderr)
+        return 2
     mem_cap = args.mem_cap * 2**30 if args.mem_cap else (0.9 if device != "cpu" else 0.4) * _total_memory_bytes(device)
 
     for suite in args.suites:
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=out_dir,
             quick=args.quick,
             batches=[int(b) for b in batch.split(",") if b.strip()],
+            datasets=datasets,
         )
         started = time.perf_counter()
         rows = suites.run_suite(suite, chosen, opts, progress=not args.no_progress)

@@ -3,13 +3,12 @@
 For every (dtype, batch, D) group of the CSV measured on one device: p50 latency
 (with a p20–p80 band) and peak extra memory against N, one line per provider, the fitted
 slope (N >= 256) in the legend, and the N where a provider stopped (oom/timeout) marked
-with an ×. Files: ``scaling_{latency,memory}_<dtype>_b<B>_d<D>.png`` per group, and
-``scaling_latency.png`` / ``scaling_memory.png`` for the group of the current run.
+with an ×. Files: ``scaling_latency.png`` / ``scaling_memory.png`` for the group of the current run,
+``scaling_{latency,memory}_<dtype>_b<B>_d<D>_t<threads>.png`` for any other group in the CSV.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .results import read_rows
@@ -61,20 +60,24 @@ def _plot_group(path: Path, title: str, by_provider: dict[str, list[dict]], metr
 
 
 def plot_scaling(out_dir: Path, dtype: str | None = None, batch: int | None = None) -> list[Path]:
-    """Writes the figures; the group matching ``dtype``/``batch`` also gets the plain names."""
+    """Writes the figures: ``scaling_<metric>.png`` for the newest group matching ``dtype`` and
+    ``batch``, ``scaling_<metric>_<dtype>_b<B>_d<D>_t<threads>.png`` for every other group."""
     rows = read_rows(out_dir / "scaling.csv")
+    groups = n_sweep_groups(rows)
+    newest = max(
+        (key for key in groups if key[1] == dtype and key[2] == batch),
+        key=lambda key: max(r["timestamp"] for rs in groups[key].values() for r in rs),
+        default=None,
+    )
     written = []
-    for (dev, dt, b, d), by_provider in sorted(n_sweep_groups(rows).items()):
+    for key, by_provider in sorted(groups.items()):
+        dev, dt, b, d, threads, torch_version = key
         mem_method = next((r["mem_method"] for rs in by_provider.values() for r in rs if r["mem_method"]), "")
         for metric in METRICS:
-            title = f"CASA vs full attention, forward: {dev}, {dt}, B={b}, D={d}"
+            title = f"CASA vs full attention, forward: {dev}, {dt}, B={b}, D={d}, {threads} threads, torch {torch_version}"
             if metric == "memory" and mem_method:
                 title += f"\nmemory: {mem_method}"
-            path = out_dir / f"scaling_{metric}_{dt}_b{b}_d{d}.png"
-            _plot_group(path, title, by_provider, metric)
-            written.append(path)
-            if dt == dtype and b == batch:
-                plain = out_dir / f"scaling_{metric}.png"
-                shutil.copyfile(path, plain)
-                written.append(plain)
+            name = f"scaling_{metric}.png" if key == newest else f"scaling_{metric}_{dt}_b{b}_d{d}_t{threads}.png"
+            _plot_group(out_dir / name, title, by_provider, metric)
+            written.append(out_dir / name)
     return written

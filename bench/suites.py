@@ -52,21 +52,23 @@ class RunOptions:
     out_dir: Path
     quick: bool
     batches: list[int]
+    datasets: tuple[str, ...] = tuple(DATASETS)
 
 
 def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return [
-        (name, Point("attention", "dataset", b, n, d))
+        (name, Point("attention", "dataset", b, *DATASETS[name][:2]))
         for b in opts.batches
-        for name, (n, d, _) in DATASETS.items()
+        for name in opts.datasets
     ]
 
 
 def model_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return [
-        (name, Point("model", "dataset", b, n, d, seq_len=SEQ_LEN, pred_len=PRED_LEN, e_layers=e))
+        (name, Point("model", "dataset", b, *DATASETS[name][:2], seq_len=SEQ_LEN, pred_len=PRED_LEN,
+                     e_layers=DATASETS[name][2]))
         for b in opts.batches
-        for name, (n, d, e) in DATASETS.items()
+        for name in opts.datasets
     ]
 
 

@@ -52,11 +52,13 @@ def _f(value: str) -> float | None:
 
 
 def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
-    """N-sweep rows by (device_name, dtype, batch, d_model), then provider, ascending N."""
+    """N-sweep rows by (device_name, dtype, batch, d_model, threads, torch_version), then
+    provider, ascending N."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("suite") == "scaling" and r.get("sweep") == "n":
-            key = (r["device_name"], r["dtype"], int(r["batch"]), int(r["d_model"]))
+            key = (r["device_name"], r["dtype"], int(r["batch"]), int(r["d_model"]),
+                   int(r["threads"] or 0), r["torch_version"])
             groups[key][r["provider"]].append(r)
     for by_provider in groups.values():
         for rs in by_provider.values():
@@ -66,7 +68,7 @@ def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 def scaling_summary(rows: list[dict]) -> list[dict]:
     out = []
-    for (dev, dtype, batch, d), by_provider in sorted(n_sweep_groups(rows).items()):
+    for (dev, dtype, batch, d, threads, torch_version), by_provider in sorted(n_sweep_groups(rows).items()):
         providers = {}
         for name, rs in by_provider.items():
             ok = [r for r in rs if r["status"] == "ok"]
@@ -93,7 +95,7 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
                 overtakes[f"{casa} vs {full}"] = _overtake_n(crs, frs)
         out.append({
             "device_name": dev, "dtype": dtype, "batch": batch, "d_model": d,
-            "providers": providers, "overtakes": overtakes,
+            "threads": threads, "torch_version": torch_version, "providers": providers, "overtakes": overtakes,
         })
     return out
 
@@ -122,10 +124,10 @@ def dataset_summary(rows: list[dict], suite: str) -> list[dict]:
     for r in rows:
         if r.get("suite") != suite:
             continue
-        key = (r["device_name"], r["dtype"], r["config"], int(r["batch"]))
+        key = (r["device_name"], r["dtype"], r["config"], int(r["batch"]), int(r["threads"] or 0))
         table[key][r["provider"]] = r
     out = []
-    for (dev, dtype, config, batch), by_provider in sorted(table.items()):
+    for (dev, dtype, config, batch, threads), by_provider in sorted(table.items()):
         p50 = {p: _f(r["latency_ms_p50"]) for p, r in by_provider.items() if r["status"] == "ok"}
         speedups = {
             f"{c} vs {f}": round(p50[f] / p50[c], 3)
@@ -133,7 +135,7 @@ def dataset_summary(rows: list[dict], suite: str) -> list[dict]:
             for f in p50 if _family(f) == "full"
         }
         out.append({
-            "device_name": dev, "dtype": dtype, "config": config, "batch": batch,
+            "device_name": dev, "dtype": dtype, "config": config, "batch": batch, "threads": threads,
             "latency_ms_p50": p50,
             "peak_mem_bytes": {p: int(r["peak_mem_bytes"]) for p, r in by_provider.items() if r["status"] == "ok"},
             "not_ok": {p: f'{r["status"]}: {r["note"]}' for p, r in by_provider.items() if r["status"] != "ok"},
