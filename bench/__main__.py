@@ -33,7 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description=__doc__.split("\n\n")[0].strip("`"),
+        description=(
+            "Benchmarks of CASA against full attention (forward, inference mode).\n"
+            "suites:\n"
+            "  attention  the op [B,N,D]->[B,N,D] at the dataset shapes (ETTh1 N=7 D=128; Weather 21,\n"
+            "             Solar 137, ECL 321, Traffic 862 with D=512), B=16 and B=1\n"
+            "  scaling    the op vs N (8 .. 131072, x2; --quick: .. 4096), vs D, vs B; the forecaster vs L\n"
+            "             (L only enters the embedding Linear(L->D), so it is swept at the model level)\n"
+            "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
+            "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
+            "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "providers: " + ", ".join(PROVIDERS) + "\n"

@@ -7,9 +7,11 @@ replaces it, other rows are kept (re-running one point refreshes only that point
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -17,13 +19,14 @@ import torch
 # Columns identifying a measurement; an upsert replaces the row with the same key.
 KEY_COLUMNS = (
     "suite", "sweep", "provider", "device", "device_name", "dtype", "batch", "n_vars",
-    "d_model", "kernel", "seq_len", "e_layers", "torch_version", "triton_version", "threads",
+    "d_model", "kernel", "seq_len", "e_layers", "torch_version", "triton_version",
+    "casa_kernels_version", "threads",
 )
 # Every column, in CSV order.
 COLUMNS = KEY_COLUMNS + (
     "config", "latency_ms_p20", "latency_ms_p50", "latency_ms_p80", "reps",
     "samples_per_s", "tokens_per_s", "peak_mem_bytes", "mem_method",
-    "status", "note", "casa_kernels_version", "timestamp",
+    "status", "note", "git_commit", "timestamp",
 )
 STATUSES = ("ok", "oom", "timeout", "skipped", "error")
 
@@ -68,6 +71,20 @@ def triton_version() -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """Short hash of the checkout's HEAD (``+dirty`` with local changes), ``''`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def environment_columns(device: str) -> dict[str, object]:
     """Columns describing where a row was measured (part of the key)."""
     import casa_kernels
@@ -79,6 +96,7 @@ def environment_columns(device: str) -> dict[str, object]:
         "triton_version": triton_version(),
         "threads": torch.get_num_threads(),
         "casa_kernels_version": casa_kernels.__version__,
+        "git_commit": git_commit(),
     }
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
+
 import casa_kernels
 from casa_kernels import ScoreAttentionWeights, casa_attention
 from casa_kernels.baselines import FullAttention
