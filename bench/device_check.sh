@@ -7,6 +7,10 @@
 #
 #   bash bench/device_check.sh
 #   OUT_DIR=/tmp/h100 TOTAL_S=900 BENCH_PROVIDERS=casa-triton,casa-cuda,full-sdpa bash bench/device_check.sh
+#
+# casa-compile is left out of BENCH_PROVIDERS by default: it compiles once per point,
+# which does not fit the 10-minute budget; run `python -m bench attention --providers
+# casa-compile` separately.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -74,7 +74,8 @@ def plot_scaling(out_dir: Path, dtype: str | None = None, batch: int | None = No
         dev, dt, b, d, threads, torch_version = key
         mem_method = next((r["mem_method"] for rs in by_provider.values() for r in rs if r["mem_method"]), "")
         for metric in METRICS:
-            title = f"CASA vs full attention, forward: {dev}, {dt}, B={b}, D={d}, {threads} threads, torch {torch_version}"
+            title = (f"CASA vs full attention, forward: {dev}\n"
+                     f"{dt}, B={b}, D={d}, {threads} threads, torch {torch_version}")
             if metric == "memory" and mem_method:
                 title += f"\nmemory: {mem_method}"
             name = f"scaling_{metric}.png" if key == newest else f"scaling_{metric}_{dt}_b{b}_d{d}_t{threads}.png"
