@@ -1,0 +1,14 @@
+"""Benchmarks of casa_kernels: ``python -m bench {attention,scaling,model} --help``.
+
+Modules, one job each:
+
+* :mod:`bench.providers` — what is timed (CASA backends, torch.compile, full attention) and
+  whether it can run here;
+* :mod:`bench.measure` — latency percentiles and peak extra memory of one callable;
+* :mod:`bench.suites` — the points of each suite and the loop that measures them;
+* :mod:`bench.results` — result rows, the upserted CSV, the device name;
+* :mod:`bench.summary` — fitted log–log slopes, crossovers, largest N reached;
+* :mod:`bench.plots` — log–log PNG figures of the scaling suite.
+
+Speed is measured here only; ``tests/`` holds no timed tests.
+"""

@@ -1,0 +1,146 @@
+"""``python -m bench SUITE [SUITE ...] [options]`` — benchmarks of CASA against full attention.
+
+Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; model vs L),
+``model`` (end-to-end forecasters). Results are upserted into ``<out>/<suite>.csv``;
+``summary.json`` and the scaling plots are rebuilt from the CSVs after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _total_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 16 * 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .providers import PROVIDERS
+    from .suites import DATASETS, SUITES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Benchmarks of CASA against full attention (forward, inference mode).\n"
+            "suites:\n"
+            "  attention  the op [B,N,D]->[B,N,D] at the dataset shapes (ETTh1 N=7 D=128; Weather 21,\n"
+            "             Solar 137, ECL 321, Traffic 862 with D=512), B=16 and B=1\n"
+            "  scaling    the op vs N (8 .. 131072, x2; --quick: .. 4096), vs D, vs B; the forecaster vs L\n"
+            "             (L only enters the embedding Linear(L->D), so it is swept at the model level)\n"
+            "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
+            "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
+            "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "providers: " + ", ".join(PROVIDERS) + "\n"
+            "Providers whose backend is unavailable are recorded as 'skipped' with the reason.\n"
+            "Status per row: ok, oom (caught or estimated above --mem-cap), timeout (one call over\n"
+            "--time-cap), skipped (unavailable here), error (any other exception; see note)."
+        ),
+    )
+    parser.add_argument("suites", nargs="+", choices=sorted(SUITES), metavar="SUITE",
+                        help=f"one or more of {', '.join(SUITES)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to measure (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    parser.add_argument("--providers", default=None,
+                        help="comma list of providers (default: all; unavailable ones are recorded as skipped)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result folder (default: bench/results/<device-name>/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer points (N up to 4096, shorter D/L/B sweeps), fewer reps, shorter time cap")
+    parser.add_argument("--batch", default=None,
+                        help="comma list of batch sizes (default: 16,1 for attention/model; 1 for scaling; "
+                             "the scaling suite's B sweep ignores it)")
+    parser.add_argument("--datasets", default=None,
+                        help="comma list of dataset shapes for attention/model (default: all of "
+                             + ", ".join(DATASETS) + ")")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; --quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
+    parser.add_argument("--time-cap", type=float, default=None,
+                        help="seconds one call may take, else 'timeout' and the provider stops growing "
+                             "(default 20; --quick 3)")
+    parser.add_argument("--mem-cap", type=float, default=None,
+                        help="GiB; points whose estimated memory exceeds it are recorded 'oom' without running "
+                             "(default: 40%% of RAM on cpu, 90%% of GPU memory on cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import plots, providers, results, suites, summary
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(0)
+    out_dir = args.out or results.default_out_dir(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = providers.select(args.providers)
+    datasets = tuple(d.strip() for d in (args.datasets or ",".join(suites.DATASETS)).split(",") if d.strip())
+    unknown = [d for d in datasets if d not in suites.DATASETS]
+    if unknown:
+        print(f"--datasets: unknown {unknown}; expected some of {list(suites.DATASETS)}", file=sys.stderr)
+        return 2
+    mem_cap = args.mem_cap * 2**30 if args.mem_cap else (0.9 if device != "cpu" else 0.4) * _total_memory_bytes(device)
+
+    for suite in args.suites:
+        batch = args.batch or ("1" if suite == "scaling" else "16,1")
+        opts = suites.RunOptions(
+            device=device,
+            dtype=DTYPES[args.dtype],
+            warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
+            reps=args.reps if args.reps is not None else (5 if args.quick else 20),
+            time_cap_s=args.time_cap if args.time_cap is not None else (3.0 if args.quick else 20.0),
+            mem_cap_bytes=int(mem_cap),
+            out_dir=out_dir,
+            quick=args.quick,
+            batches=[int(b) for b in batch.split(",") if b.strip()],
+            datasets=datasets,
+        )
+        started = time.perf_counter()
+        rows = suites.run_suite(suite, chosen, opts, progress=not args.no_progress)
+        elapsed = time.perf_counter() - started
+        _print_rows(rows)
+        print(f"{suite}: {len(rows)} rows in {elapsed:.1f} s -> {out_dir / (suite + '.csv')}")
+        if suite == "scaling":
+            for path in plots.plot_scaling(out_dir, dtype=args.dtype, batch=opts.batches[0]):
+                print(f"plot: {path}")
+    print(f"summary: {summary.write_summary(out_dir)}")
+    return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    header = f"{'provider':<15} {'config':<9} {'B':>3} {'N':>6} {'D':>5} {'p50 ms':>10} {'peak MiB':>9}  status"
+    print(header)
+    for r in rows:
+        p50 = r.get("latency_ms_p50") or ""
+        mem = f'{int(r["peak_mem_bytes"]) / 2**20:.1f}' if r.get("peak_mem_bytes") not in (None, "") else ""
+        status = r["status"] + (f' ({r["note"][:60]})' if r["status"] != "ok" else "")
+        print(f'{r["provider"]:<15} {r["config"]:<9} {r["batch"]:>3} {r["n_vars"]:>6} {r["d_model"]:>5} '
+              f'{p50:>10} {mem:>9}  {status}')
+
+
+if __name__ == "__main__":
+    sys.exit(main())

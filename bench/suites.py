@@ -1,0 +1,201 @@
+"""The points of each suite and the loop that measures every provider at every point.
+
+Suites (DESIGN §8):
+
+* ``attention`` — the op alone (``[B, N, D] -> [B, N, D]``) at the dataset shapes.
+* ``scaling`` — the op alone while one size grows: sweep ``n`` (N geometric ×2 from 8),
+  ``d`` (D), ``b`` (B); plus sweep ``l`` (seq_len L) at the model level, since L only
+  enters the forecaster's embedding ``Linear(L→D)`` and its instance normalisation, not
+  the attention op.
+* ``model`` — the whole forecaster ``[B, L, N] -> [B, H, N]``: CASAModel per CASA provider,
+  ITransformerModel (einsum / sdpa attention) per full provider.
+
+Within a sweep the points are in ascending order; a provider that hits ``oom`` or
+``timeout`` stops growing: its larger points of that sweep are recorded with the same
+status and a note, and not run; the other providers go on.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .measure import MeasurementTimeout, measure_latency, measure_peak_memory
+from .providers import Point, Provider
+from .results import environment_columns, upsert_rows
+
+# name: (n_vars, d_model, e_layers); L = H = 96 (DESIGN §8; e_layers as in iTransformer's scripts).
+DATASETS = {
+    "ETTh1": (7, 128, 2),
+    "Weather": (21, 512, 3),
+    "Solar": (137, 512, 3),
+    "ECL": (321, 512, 3),
+    "Traffic": (862, 512, 4),
+}
+SEQ_LEN = PRED_LEN = 96
+N_MAX, N_MAX_QUICK = 131072, 4096
+SWEEP_AT = DATASETS["Traffic"]  # the fixed sizes of the d, b and l sweeps
+
+
+@dataclass
+class RunOptions:
+    device: str
+    dtype: torch.dtype
+    warmup: int
+    reps: int
+    time_cap_s: float
+    mem_cap_bytes: int
+    out_dir: Path
+    quick: bool
+    batches: list[int]
+    datasets: tuple[str, ...] = tuple(DATASETS)
+
+
+def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
+    return [
+        (name, Point("attention", "dataset", b, *DATASETS[name][:2]))
+        for b in opts.batches
+        for name in opts.datasets
+    ]
+
+
+def model_points(opts: RunOptions) -> list[tuple[str, Point]]:
+    return [
+        (name, Point("model", "dataset", b, *DATASETS[name][:2], seq_len=SEQ_LEN, pred_len=PRED_LEN,
+                     e_layers=DATASETS[name][2]))
+        for b in opts.batches
+        for name in opts.datasets
+    ]
+
+
+def scaling_points(opts: RunOptions) -> list[tuple[str, Point]]:
+    n_top = N_MAX_QUICK if opts.quick else N_MAX
+    n_fix, d_fix, e_fix = SWEEP_AT
+    points = []
+    for b in opts.batches:
+        n = 8
+        while n <= n_top:
+            points.append((f"N={n}", Point("scaling", "n", b, n, 512)))
+            n *= 2
+        for d in ((64, 128, 256, 512) if opts.quick else (64, 128, 256, 512, 1024, 2048)):
+            points.append((f"D={d}", Point("scaling", "d", b, n_fix, d)))
+        for seq_len in ((96, 336) if opts.quick else (96, 192, 336, 720, 1440)):
+            points.append((f"L={seq_len}", Point(
+                "scaling", "l", b, n_fix, d_fix, seq_len=seq_len, pred_len=PRED_LEN, e_layers=e_fix
+            )))
+    for b in ((1, 4, 16) if opts.quick else (1, 2, 4, 8, 16, 32, 64)):
+        points.append((f"B={b}", Point("scaling", "b", b, n_fix, d_fix)))
+    return points
+
+
+SUITES = {"attention": attention_points, "scaling": scaling_points, "model": model_points}
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate", "failed to allocate")
+    )
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _base_row(provider: Provider, config: str, point: Point, opts: RunOptions) -> dict:
+    return {
+        **environment_columns(opts.device),
+        **{k: ("" if v is None else v) for k, v in asdict(point).items() if k != "pred_len"},
+        "provider": provider.name,
+        "dtype": str(opts.dtype).removeprefix("torch."),
+        "config": config,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def measure_point(provider: Provider, config: str, point: Point, opts: RunOptions) -> dict:
+    """One CSV row: the provider measured at the point, or why it was not."""
+    row = _base_row(provider, config, point, opts)
+    reason = provider.unavailable(opts.device, opts.dtype)
+    if reason is not None:
+        return {**row, "status": "skipped", "note": reason}
+    estimate = provider.estimate_bytes(point, opts.dtype)
+    if estimate > opts.mem_cap_bytes:
+        return {**row, "status": "oom", "note": (
+            f"not run: estimated {estimate / 2**30:.3g} GiB > --mem-cap {opts.mem_cap_bytes / 2**30:.3g} GiB"
+        )}
+    fn = None
+    try:
+        with torch.inference_mode():
+            fn = provider.build(point, opts.device, opts.dtype)
+            if provider.name == "casa-compile":
+                fn()  # compilation is not part of the time cap
+            latency = measure_latency(
+                fn, opts.device, warmup=opts.warmup, reps=opts.reps, time_cap_s=opts.time_cap_s
+            )
+            peak, method = measure_peak_memory(fn, opts.device)
+    except MeasurementTimeout as error:
+        return {**row, "status": "timeout", "note": str(error)}
+    except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+        status = "oom" if _is_oom(error) else "error"
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return {**row, "status": status, "note": f"{type(error).__name__}: {first_line}"}
+    finally:
+        del fn
+        _free(opts.device)
+    seconds = latency.p50_ms / 1e3
+    return {
+        **row,
+        "latency_ms_p20": f"{latency.p20_ms:.6g}",
+        "latency_ms_p50": f"{latency.p50_ms:.6g}",
+        "latency_ms_p80": f"{latency.p80_ms:.6g}",
+        "reps": latency.reps,
+        "samples_per_s": f"{point.batch / seconds:.6g}",
+        "tokens_per_s": f"{point.batch * point.n_vars / seconds:.6g}",
+        "peak_mem_bytes": peak,
+        "mem_method": method,
+        "status": "ok",
+        "note": "",
+    }
+
+
+def run_suite(suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True) -> list[dict]:
+    """Measures every provider at every point of ``suite``; upserts ``<suite>.csv`` after each row."""
+    from tqdm import tqdm
+
+    points = SUITES[suite](opts)
+    csv_path = opts.out_dir / f"{suite}.csv"
+    stopped: dict[tuple, str] = {}  # (provider, sweep, batch) -> why it stopped growing
+    rows = []
+    bar = tqdm(total=len(points) * len(providers), desc=suite, unit="pt", disable=not progress)
+    for config, point in points:
+        for provider in providers:
+            bar.set_postfix_str(f"{provider.name} {config} B={point.batch}")
+            lane = (provider.name, point.sweep, point.batch if point.sweep != "b" else None)
+            if lane in stopped and point.sweep != "dataset":
+                status, where = stopped[lane]
+                row = measure_point_stub(provider, config, point, opts, status, where)
+            else:
+                row = measure_point(provider, config, point, opts)
+                if row["status"] in ("oom", "timeout") and point.sweep != "dataset":
+                    stopped[lane] = (row["status"], config)
+            upsert_rows(csv_path, [row])
+            rows.append(row)
+            bar.update()
+    bar.close()
+    return rows
+
+
+def measure_point_stub(
+    provider: Provider, config: str, point: Point, opts: RunOptions, status: str, where: str
+) -> dict:
+    """The row of a point not run because the provider stopped growing at ``where``."""
+    return {**_base_row(provider, config, point, opts), "status": status, "note": f"not run: stopped growing after {status} at {where}"}
