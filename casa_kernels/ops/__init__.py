@@ -1,6 +1,6 @@
 """The op ``casa::score_attention``, its backends and the dispatch between them."""
 
-from . import reference_backend, cpu  # noqa: F401  (register backends, in AUTO_ORDER's spirit)
+from . import reference_backend, cpu, triton_backend  # noqa: F401  (register backends, in AUTO_ORDER's spirit)
 from .registry import availability, backend_names, resolve_backend
 from .score_attention import casa_attention
 

@@ -1,0 +1,393 @@
+"""Triton kernels of ``casa::score_attention`` (DESIGN §5) and their launcher.
+
+Shapes: ``x: [B, N, D]``, ``C1 = D/4``, ``C2 = D/2``, k odd, ``p = k // 2``.
+
+Stages:
+
+1. **Encoder head** (``_head_kernel``): ``h1 = relu(conv1d(x, enc0, stride 2, pad p))``,
+   ``[B, C1, D/2]``, as an implicit GEMM — for every tap j one ``tl.dot`` of
+   ``enc0[:, n-chunk, j]`` (``[BLOCK_C, BLOCK_N]``) with the stride-2 gather
+   ``x[b, n-chunk, 2t + j - p]`` (``[BLOCK_N, BLOCK_T]``, zero outside ``[0, D)``).
+   Tiled over (batch, C1 tile, D/2 tile, N split): when the batch is small the N
+   reduction is split over ``splits`` programs writing fp32 partials
+   ``[splits, B, C1, D/2]`` that the launcher sums before bias and ReLU;
+   with one split, bias and ReLU are fused in the kernel.
+2. **Bottleneck**: the four N-independent convs on ``[B, C, L]`` tensors of O(D²)
+   elements, by ``F.conv1d`` / ``F.conv_transpose1d`` in fp32; yields
+   ``h5 = relu(dec1(...))``, ``[B, C1, D/2]``.
+3. **Tail** (``_tail_kernel``): one program per (batch, tile of BLOCK_D output
+   columns). The last transposed conv is done by output parity: column
+   ``o0 + 2u + r`` of the tile takes the taps j with ``r + p - j`` even from
+   ``h5[:, o0/2 + u + (r + p - j)/2]`` — one ``tl.dot`` ``[BLOCK_N, BLOCK_C] x
+   [BLOCK_C, BLOCK_D/2]`` per tap and C1 chunk, no structural zeros; the two
+   parity halves are interleaved back with ``tl.join``. Then bias, sigmoid and the
+   ``x`` skip give the scores. The program walks N twice: pass 1 keeps an online
+   column max and sum of ``exp(score)``; pass 2 recomputes the scores, computes
+   the value tile ``x Wvᵀ + bv`` by ``tl.dot`` over D chunks and writes
+   ``y = softmax * V + x``.
+
+Memory contract: apart from x, y and the weights, temporaries are the fp32
+``h1`` partials ``[splits, B, C1, D/2]`` and the bottleneck activations, all
+O(B·D²); no ``[B, N, D]`` intermediate is written — scores live in registers.
+Accumulation is fp32; fp32 dots use TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is True (``"ieee"`` otherwise); fp16/bf16
+dots take operands in the input dtype.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one config each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..weights import ScoreAttentionWeights
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Rows of N reduced per step by the head; fixed (not tuned) so the split count,
+# hence the partial buffer, does not depend on the tuned config.
+HEAD_BLOCK_N = 16 if _INTERPRET else 32
+
+
+def _head_configs() -> list:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_C": 16, "BLOCK_T": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+        for bc, bt, w, s in [
+            (32, 32, 4, 3),
+            (32, 64, 4, 3),
+            (64, 64, 4, 3),
+            (64, 128, 8, 3),
+            (128, 64, 8, 3),
+            (16, 64, 4, 4),
+        ]
+    ]
+
+
+def _tail_configs() -> list:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_C": 16, "BLOCK_E": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": bc, "BLOCK_E": be}, num_warps=w, num_stages=s)
+        for bn, bd, bc, be, w, s in [
+            (32, 64, 32, 32, 4, 2),
+            (64, 64, 32, 32, 4, 2),
+            (32, 128, 32, 32, 8, 2),
+            (64, 128, 32, 32, 8, 2),
+            (16, 64, 32, 64, 4, 3),
+            (128, 32, 32, 32, 8, 2),
+        ]
+    ]
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32; UPCAST takes the operands to fp32 first (see ``_upcast_dots``)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.autotune(configs=_head_configs(), key=["N", "D", "KERNEL"])
+@triton.jit
+def _head_kernel(
+    x_ptr,  # [B, N, D], contiguous
+    w_ptr,  # enc0 weight [C1, N, k], contiguous
+    b_ptr,  # enc0 bias [C1]
+    out_ptr,  # [splits, B, C1, D/2] fp32 (one split: bias + ReLU applied)
+    B, N, D, C1, ROWS_PER_SPLIT,
+    KERNEL: tl.constexpr,
+    FUSE_EPILOGUE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)  # batch × C1 tiles
+    pid_t = tl.program_id(1)  # D/2 tiles
+    split = tl.program_id(2)
+    n_ctiles = tl.cdiv(C1, BLOCK_C)
+    b = pid_bc // n_ctiles
+    c_offs = (pid_bc % n_ctiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    half = D // 2
+    c_mask = c_offs < C1
+    t_mask = t_offs < half
+    P: tl.constexpr = KERNEL // 2
+
+    x_base = x_ptr + b.to(tl.int64) * N * D
+    n_start = split * ROWS_PER_SPLIT
+    n_stop = tl.minimum(n_start + ROWS_PER_SPLIT, N)
+    acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < n_stop
+        for j in tl.static_range(KERNEL):
+            w = tl.load(
+                w_ptr + (c_offs[:, None] * N + n_offs[None, :]) * KERNEL + j,
+                mask=c_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            cols = 2 * t_offs + (j - P)
+            col_ok = t_mask & (cols >= 0) & (cols < D)
+            xv = tl.load(
+                x_base + n_offs[:, None].to(tl.int64) * D + cols[None, :],
+                mask=n_mask[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = _mma(w, xv, acc, PRECISION, UPCAST)
+
+    if FUSE_EPILOGUE:
+        bias = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc + bias[:, None], 0.0)
+    out = out_ptr + ((split * B + b).to(tl.int64) * C1 + c_offs[:, None]) * half + t_offs[None, :]
+    tl.store(out, acc, mask=c_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _parity_scores(
+    h_base,  # h5[b]: [C1, D/2] fp32
+    w_ptr,  # dec2 weight [C1, N, k]
+    n_offs, n_mask, u_offs, C1, N, HALF,
+    R: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+):
+    """Transposed-conv outputs at columns 2u + R (no bias): [BLOCK_N, BLOCK_U] fp32."""
+    P: tl.constexpr = KERNEL // 2
+    acc = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
+    for c0 in range(0, C1, BLOCK_C):
+        c_offs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c_offs < C1
+        for j in tl.static_range(KERNEL):
+            if (R + P - j) % 2 == 0:
+                cols = u_offs + (R + P - j) // 2
+                col_ok = (cols >= 0) & (cols < HALF)
+                hv = tl.load(
+                    h_base + c_offs[:, None] * HALF + cols[None, :],
+                    mask=c_mask[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                wv = tl.load(
+                    w_ptr + (c_offs[None, :] * N + n_offs[:, None]) * KERNEL + j,
+                    mask=n_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                acc = _mma(wv, hv.to(wv.dtype), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _scores(
+    x_base, h_base, w_ptr, bias_ptr,
+    n_offs, n_mask, o_offs, o_mask, u_offs, C1, N, D,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """score = sigmoid(convT(h5) + bias) + x for rows n_offs, columns o_offs: [BLOCK_N, BLOCK_D] fp32.
+
+    Also returns the x tile (fp32) for the residual.
+    """
+    BLOCK_U: tl.constexpr = BLOCK_D // 2
+    HALF = D // 2
+    even = _parity_scores(h_base, w_ptr, n_offs, n_mask, u_offs, C1, N, HALF,
+                          0, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_U)
+    odd = _parity_scores(h_base, w_ptr, n_offs, n_mask, u_offs, C1, N, HALF,
+                         1, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_U)
+    # join -> [BLOCK_N, BLOCK_U, 2]; flattening puts column 2u + r at index 2u + r.
+    z = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_D))
+    bias = tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    z = z + bias[:, None]
+    mask = n_mask[:, None] & o_mask[None, :]
+    xv = tl.load(x_base + n_offs[:, None].to(tl.int64) * D + o_offs[None, :], mask=mask, other=0.0)
+    xv = xv.to(tl.float32)
+    score = 1.0 / (1.0 + tl.exp(-z)) + xv
+    return score, xv
+
+
+@triton.autotune(configs=_tail_configs(), key=["N", "D", "KERNEL"])
+@triton.jit
+def _tail_kernel(
+    x_ptr,  # [B, N, D], contiguous
+    h_ptr,  # h5 [B, C1, D/2] fp32
+    w_ptr,  # dec2 weight [C1, N, k]
+    bias_ptr,  # dec2 bias [N]
+    wv_ptr,  # value weight [D, D]
+    bv_ptr,  # value bias [D]
+    y_ptr,  # [B, N, D]
+    N, D, C1,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0)
+    o0 = tl.program_id(1) * BLOCK_D
+    BLOCK_U: tl.constexpr = BLOCK_D // 2
+    o_offs = o0 + tl.arange(0, BLOCK_D)
+    o_mask = o_offs < D
+    u_offs = o0 // 2 + tl.arange(0, BLOCK_U)
+    x_base = x_ptr + b.to(tl.int64) * N * D
+    y_base = y_ptr + b.to(tl.int64) * N * D
+    h_base = h_ptr + b.to(tl.int64) * C1 * (D // 2)
+
+    # Pass 1: online column max and sum of exp(score) over N.
+    col_max = tl.full((BLOCK_D,), float("-inf"), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        score, _ = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o_offs, o_mask, u_offs,
+                           C1, N, D, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_D)
+        score = tl.where(n_mask[:, None], score, float("-inf"))
+        new_max = tl.maximum(col_max, tl.max(score, axis=0))
+        col_sum = col_sum * tl.exp(col_max - new_max) + tl.sum(tl.exp(score - new_max[None, :]), axis=0)
+        col_max = new_max
+    inv_sum = 1.0 / col_sum
+
+    # Pass 2: recompute the scores, value tile, write y = softmax * V + x.
+    bv = tl.load(bv_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        score, xv = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o_offs, o_mask, u_offs,
+                            C1, N, D, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_D)
+        prob = tl.exp(score - col_max[None, :]) * inv_sum[None, :]
+        value = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for e0 in range(0, D, BLOCK_E):
+            e_offs = e0 + tl.arange(0, BLOCK_E)
+            e_mask = e_offs < D
+            xe = tl.load(
+                x_base + n_offs[:, None].to(tl.int64) * D + e_offs[None, :],
+                mask=n_mask[:, None] & e_mask[None, :],
+                other=0.0,
+            )
+            wt = tl.load(  # Wvᵀ tile: [BLOCK_E, BLOCK_D], element (e, o) = Wv[o, e]
+                wv_ptr + o_offs[None, :] * D + e_offs[:, None],
+                mask=e_mask[:, None] & o_mask[None, :],
+                other=0.0,
+            )
+            value = _mma(xe, wt, value, PRECISION, UPCAST)
+        out = prob * (value + bv[None, :]) + xv
+        mask = n_mask[:, None] & o_mask[None, :]
+        tl.store(
+            y_base + n_offs[:, None].to(tl.int64) * D + o_offs[None, :],
+            out.to(y_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    """The interpreter multiplies bfloat16 dot operands as their raw 16-bit patterns
+    (numpy has no bfloat16), so under it bf16 dots run on fp32 copies of the operands —
+    exact products, fp32 sums. Natively, bf16 dots take bf16 operands."""
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _program_target(device: torch.device) -> int:
+    """How many programs fill the device: two waves of SMs, or a few under the interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> int:
+    """How many programs share the head's N reduction: enough to fill the device."""
+    chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
+    c1, half = d_model // 4, d_model // 2
+    # Tiles at the smallest config, so the estimate never under-splits.
+    tiles = batch * triton.cdiv(c1, 16) * triton.cdiv(half, 16)
+    return max(1, min(chunks, triton.cdiv(_program_target(device), tiles)))
+
+
+def encoder_head(x: torch.Tensor, w: ScoreAttentionWeights, splits: int | None = None) -> torch.Tensor:
+    """Stage 1: ``relu(conv1d(x, enc0))`` for contiguous ``x: [B, N, D]``; returns fp32 ``[B, D/4, D/2]``."""
+    B, N, D = x.shape
+    C1, half = D // 4, D // 2
+    if splits is None:
+        splits = head_splits(B, N, D, x.device)
+    splits = max(1, min(splits, triton.cdiv(N, HEAD_BLOCK_N)))
+    rows = triton.cdiv(triton.cdiv(N, HEAD_BLOCK_N), splits) * HEAD_BLOCK_N
+    splits = triton.cdiv(N, rows)  # no empty split
+    out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)  # noqa: E731
+    _head_kernel[grid](
+        x, w.enc0_weight, w.enc0_bias, out, B, N, D, C1, rows,
+        KERNEL=w.kernel, FUSE_EPILOGUE=splits == 1, PRECISION=_dot_precision(x.dtype), UPCAST=_upcast_dots(x.dtype),
+        BLOCK_N=HEAD_BLOCK_N,
+    )
+    if splits == 1:
+        return out[0]
+    return out.sum(0).add_(w.enc0_bias.float()[:, None]).relu_()
+
+
+def bottleneck(h1: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    """Stage 2: the four N-independent convs on fp32 ``h1: [B, D/4, D/2]``; returns fp32 ``[B, D/4, D/2]``."""
+    p = w.kernel // 2
+    f = lambda t: t.float()  # noqa: E731
+    cudnn = torch.backends.cudnn
+    # Library convs follow the same TF32 switch as the Triton dots (cuDNN's own default is on).
+    with cudnn.flags(
+        enabled=cudnn.enabled,
+        benchmark=cudnn.benchmark,
+        deterministic=cudnn.deterministic,
+        allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+    ):
+        h = F.relu(F.conv1d(h1, f(w.enc1_weight), f(w.enc1_bias), stride=2, padding=p))
+        h = F.relu(F.conv1d(h, f(w.enc2_weight), f(w.enc2_bias), stride=2, padding=p))
+        h = F.relu(F.conv_transpose1d(h, f(w.dec0_weight), f(w.dec0_bias), stride=2, padding=p, output_padding=1))
+        h = F.relu(F.conv_transpose1d(h, f(w.dec1_weight), f(w.dec1_bias), stride=2, padding=p, output_padding=1))
+    return h.contiguous()
+
+
+def tail(x: torch.Tensor, h5: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    """Stage 3: ``y = softmax_N(sigmoid(convT(h5)) + x) * (x Wvᵀ + bv) + x``; ``y: [B, N, D]`` of x's dtype."""
+    B, N, D = x.shape
+    y = torch.empty_like(x)
+    grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+    _tail_kernel[grid](
+        x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, y, N, D, D // 4,
+        KERNEL=w.kernel, PRECISION=_dot_precision(x.dtype), UPCAST=_upcast_dots(x.dtype),
+    )
+    return y
+
+
+def triton_score_attention(
+    x: torch.Tensor, weights: ScoreAttentionWeights, *, splits: int | None = None
+) -> torch.Tensor:
+    """``softmax_over_N(score(x)) * (x Wvᵀ + bv) + x`` for ``x: [B, N, D]``; returns ``[B, N, D]``, contiguous.
+
+    ``splits`` overrides how many programs share the head's N reduction (tests).
+    """
+    x = x.contiguous()
+    w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        h1 = encoder_head(x, w, splits)
+        h5 = bottleneck(h1, w)
+        return tail(x, h5, w)
+
