@@ -12,9 +12,13 @@ Stages:
    reduction is split over ``splits`` programs writing fp32 partials
    ``[splits, B, C1, D/2]`` that the launcher sums before bias and ReLU;
    with one split, bias and ReLU are fused in the kernel.
-2. **Bottleneck**: the four N-independent convs on ``[B, C, L]`` tensors of O(D²)
-   elements, by ``F.conv1d`` / ``F.conv_transpose1d`` in fp32; yields
-   ``h5 = relu(dec1(...))``, ``[B, C1, D/2]``.
+2. **Bottleneck**: the four N-independent convs on ``[B, C, L]`` tensors of D²/8
+   elements per batch element; yields ``h5 = relu(dec1(...))``, ``[B, C1, D/2]``.
+   For ``D <= FUSED_BOTTLENECK_MAX_D`` one Triton program per batch element runs
+   all four (``_bottleneck_kernel``: the same tap GEMMs as stages 1 and 3, bias and
+   ReLU fused, activations in an fp32 scratch ``[3, B, D²/8]``, a block barrier
+   between convs); wider, ``F.conv1d`` / ``F.conv_transpose1d`` in fp32 spread the
+   work over the device.
 3. **Tail** (``_tail_kernel``): one program per (batch, tile of BLOCK_D output
    columns). The last transposed conv is done by output parity: column
    ``o0 + 2u + r`` of the tile takes the taps j with ``r + p - j`` even from
@@ -27,8 +31,8 @@ Stages:
    ``y = softmax * V + x``.
 
 Memory contract: apart from x, y and the weights, temporaries are the fp32
-``h1`` partials ``[splits, B, C1, D/2]`` and the bottleneck activations, all
-O(B·D²); no ``[B, N, D]`` intermediate is written — scores live in registers.
+``h1`` partials ``[splits, B, C1, D/2]`` (splits <= a few programs per SM) and the
+bottleneck activations, all O(B·D²); no ``[B, N, D]`` intermediate is written — scores live in registers.
 Accumulation is fp32; fp32 dots use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is True (``"ieee"`` otherwise); fp16/bf16
 dots take operands in the input dtype.
@@ -95,6 +99,104 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _conv_s2_tile(
+    in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
+    w_ptr,  # Conv1d weight [COUT, CIN, k]
+    o_offs, o_mask, t_offs, t_mask, cin_start, cin_stop, CIN, LIN, acc,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc + stride-2 conv (pad k//2, no bias) over input rows [cin_start, cin_stop):
+    output rows o_offs, columns t_offs; acc: [BLOCK_O, BLOCK_T] fp32.
+
+    Implicit GEMM: per tap j, weights [BLOCK_O, BLOCK_K] times the gather
+    in[c, 2t + j - p] ([BLOCK_K, BLOCK_T], zero outside [0, LIN))."""
+    P: tl.constexpr = KERNEL // 2
+    for c0 in range(cin_start, cin_stop, BLOCK_K):
+        c_offs = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c_offs < cin_stop
+        for j in tl.static_range(KERNEL):
+            w = tl.load(
+                w_ptr + (o_offs[:, None] * CIN + c_offs[None, :]) * KERNEL + j,
+                mask=o_mask[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            cols = 2 * t_offs + (j - P)
+            col_ok = t_mask & (cols >= 0) & (cols < LIN)
+            xv = tl.load(
+                in_base + c_offs[:, None].to(tl.int64) * LIN + cols[None, :],
+                mask=c_mask[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = _mma(w, xv.to(w.dtype), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _conv_transpose_parity(
+    in_base,  # input [CIN, LIN] of one batch element, fp32
+    w_ptr,  # ConvTranspose1d weight [CIN, COUT, k]
+    o_offs, o_mask, u_offs, CIN, COUT, LIN,
+    R: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+):
+    """Stride-2 transposed conv (pad k//2, output_padding 1, no bias) at output
+    columns 2u + R for u in u_offs, rows o_offs: [BLOCK_O, BLOCK_U] fp32.
+
+    Only the taps j with R + p - j even reach these columns, reading input column
+    u + (R + p - j) / 2 — no structural zeros."""
+    P: tl.constexpr = KERNEL // 2
+    acc = tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_K):
+        c_offs = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c_offs < CIN
+        for j in tl.static_range(KERNEL):
+            if (R + P - j) % 2 == 0:
+                cols = u_offs + (R + P - j) // 2
+                col_ok = (cols >= 0) & (cols < LIN)
+                hv = tl.load(
+                    in_base + c_offs[:, None] * LIN + cols[None, :],
+                    mask=c_mask[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                wv = tl.load(
+                    w_ptr + (c_offs[None, :] * COUT + o_offs[:, None]) * KERNEL + j,
+                    mask=o_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                acc = _mma(wv, hv.to(wv.dtype), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _conv_transpose_tile(
+    in_base, w_ptr, o_offs, o_mask, u0, CIN, COUT, LIN,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Transposed conv (no bias) at output columns 2·u0 + [0, BLOCK_L): [BLOCK_O, BLOCK_L] fp32."""
+    BLOCK_U: tl.constexpr = BLOCK_L // 2
+    u_offs = u0 + tl.arange(0, BLOCK_U)
+    even = _conv_transpose_parity(in_base, w_ptr, o_offs, o_mask, u_offs, CIN, COUT, LIN,
+                                  0, KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_U)
+    odd = _conv_transpose_parity(in_base, w_ptr, o_offs, o_mask, u_offs, CIN, COUT, LIN,
+                                 1, KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_U)
+    # join -> [BLOCK_O, BLOCK_U, 2]; flattening puts column 2u + r at index 2u + r.
+    return tl.reshape(tl.join(even, odd), (BLOCK_O, BLOCK_L))
+
+
 @triton.autotune(configs=_head_configs(), key=["N", "D", "KERNEL"])
 @triton.jit
 def _head_kernel(
@@ -121,30 +223,12 @@ def _head_kernel(
     half = D // 2
     c_mask = c_offs < C1
     t_mask = t_offs < half
-    P: tl.constexpr = KERNEL // 2
 
-    x_base = x_ptr + b.to(tl.int64) * N * D
     n_start = split * ROWS_PER_SPLIT
     n_stop = tl.minimum(n_start + ROWS_PER_SPLIT, N)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
-    for n0 in range(n_start, n_stop, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n_offs < n_stop
-        for j in tl.static_range(KERNEL):
-            w = tl.load(
-                w_ptr + (c_offs[:, None] * N + n_offs[None, :]) * KERNEL + j,
-                mask=c_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            cols = 2 * t_offs + (j - P)
-            col_ok = t_mask & (cols >= 0) & (cols < D)
-            xv = tl.load(
-                x_base + n_offs[:, None].to(tl.int64) * D + cols[None, :],
-                mask=n_mask[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            acc = _mma(w, xv, acc, PRECISION, UPCAST)
-
+    acc = _conv_s2_tile(x_ptr + b.to(tl.int64) * N * D, w_ptr, c_offs, c_mask, t_offs, t_mask,
+                        n_start, n_stop, N, D, acc, KERNEL, PRECISION, UPCAST, BLOCK_N)
     if FUSE_EPILOGUE:
         bias = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
         acc = tl.maximum(acc + bias[:, None], 0.0)
@@ -153,46 +237,96 @@ def _head_kernel(
 
 
 @triton.jit
-def _parity_scores(
-    h_base,  # h5[b]: [C1, D/2] fp32
-    w_ptr,  # dec2 weight [C1, N, k]
-    n_offs, n_mask, u_offs, C1, N, HALF,
-    R: tl.constexpr,
+def _conv_s2_relu_stage(
+    in_base, w_ptr, b_ptr, out_base, CIN, COUT, LIN,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_U: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
-    """Transposed-conv outputs at columns 2u + R (no bias): [BLOCK_N, BLOCK_U] fp32."""
-    P: tl.constexpr = KERNEL // 2
-    acc = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
-    for c0 in range(0, C1, BLOCK_C):
-        c_offs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c_offs < C1
-        for j in tl.static_range(KERNEL):
-            if (R + P - j) % 2 == 0:
-                cols = u_offs + (R + P - j) // 2
-                col_ok = (cols >= 0) & (cols < HALF)
-                hv = tl.load(
-                    h_base + c_offs[:, None] * HALF + cols[None, :],
-                    mask=c_mask[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
-                wv = tl.load(
-                    w_ptr + (c_offs[None, :] * N + n_offs[:, None]) * KERNEL + j,
-                    mask=n_mask[:, None] & c_mask[None, :],
-                    other=0.0,
-                )
-                acc = _mma(wv, hv.to(wv.dtype), acc, PRECISION, UPCAST)
-    return acc
+    """out [COUT, LIN/2] = relu(conv_s2(in [CIN, LIN]) + bias), fp32, by one program."""
+    LOUT = LIN // 2
+    for o0 in range(0, COUT, BLOCK_O):
+        o_offs = o0 + tl.arange(0, BLOCK_O)
+        o_mask = o_offs < COUT
+        bias = tl.load(b_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
+        for t0 in range(0, LOUT, BLOCK_L):
+            t_offs = t0 + tl.arange(0, BLOCK_L)
+            t_mask = t_offs < LOUT
+            acc = tl.zeros((BLOCK_O, BLOCK_L), dtype=tl.float32)
+            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, CIN, CIN, LIN, acc,
+                                KERNEL, PRECISION, UPCAST, BLOCK_K)
+            acc = tl.maximum(acc + bias[:, None], 0.0)
+            tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], acc,
+                     mask=o_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _conv_transpose_relu_stage(
+    in_base, w_ptr, b_ptr, out_base, CIN, COUT, LIN,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """out [COUT, 2·LIN] = relu(conv_transpose_s2(in [CIN, LIN]) + bias), fp32, by one program."""
+    LOUT = 2 * LIN
+    for o0 in range(0, COUT, BLOCK_O):
+        o_offs = o0 + tl.arange(0, BLOCK_O)
+        o_mask = o_offs < COUT
+        bias = tl.load(b_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
+        for t0 in range(0, LOUT, BLOCK_L):
+            t_offs = t0 + tl.arange(0, BLOCK_L)
+            acc = _conv_transpose_tile(in_base, w_ptr, o_offs, o_mask, t0 // 2, CIN, COUT, LIN,
+                                       KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_L)
+            acc = tl.maximum(acc + bias[:, None], 0.0)
+            tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], acc,
+                     mask=o_mask[:, None] & (t_offs < LOUT)[None, :])
+
+
+@triton.jit
+def _bottleneck_kernel(
+    h1_ptr,  # [B, C1, D/2] fp32
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,  # enc1, enc2, dec0, dec1
+    s2_ptr,  # scratch [B, C2, D/4] fp32
+    s3_ptr,  # scratch [B, D, D/8] fp32
+    s4_ptr,  # scratch [B, C2, D/4] fp32
+    out_ptr,  # [B, C1, D/2] fp32
+    D,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One program per batch element runs the four middle convs in turn; a block-wide
+    barrier separates a stage's stores from the next stage's loads."""
+    b = tl.program_id(0).to(tl.int64)
+    C1 = D // 4
+    C2 = D // 2
+    size = C1 * (D // 2)  # every activation here holds D²/8 elements per batch element
+    _conv_s2_relu_stage(h1_ptr + b * size, w1_ptr, b1_ptr, s2_ptr + b * size, C1, C2, D // 2,
+                        KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_L)
+    tl.debug_barrier()
+    _conv_s2_relu_stage(s2_ptr + b * size, w2_ptr, b2_ptr, s3_ptr + b * size, C2, D, D // 4,
+                        KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_L)
+    tl.debug_barrier()
+    _conv_transpose_relu_stage(s3_ptr + b * size, w3_ptr, b3_ptr, s4_ptr + b * size, D, C2, D // 8,
+                               KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_L)
+    tl.debug_barrier()
+    _conv_transpose_relu_stage(s4_ptr + b * size, w4_ptr, b4_ptr, out_ptr + b * size, C2, C1, D // 4,
+                               KERNEL, PRECISION, UPCAST, BLOCK_K, BLOCK_O, BLOCK_L)
 
 
 @triton.jit
 def _scores(
     x_base, h_base, w_ptr, bias_ptr,
-    n_offs, n_mask, o_offs, o_mask, u_offs, C1, N, D,
+    n_offs, n_mask, o0, o_offs, o_mask, C1, N, D,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -204,14 +338,8 @@ def _scores(
 
     Also returns the x tile (fp32) for the residual.
     """
-    BLOCK_U: tl.constexpr = BLOCK_D // 2
-    HALF = D // 2
-    even = _parity_scores(h_base, w_ptr, n_offs, n_mask, u_offs, C1, N, HALF,
-                          0, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_U)
-    odd = _parity_scores(h_base, w_ptr, n_offs, n_mask, u_offs, C1, N, HALF,
-                         1, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_U)
-    # join -> [BLOCK_N, BLOCK_U, 2]; flattening puts column 2u + r at index 2u + r.
-    z = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_D))
+    z = _conv_transpose_tile(h_base, w_ptr, n_offs, n_mask, o0 // 2, C1, N, D // 2,
+                             KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_D)
     bias = tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)
     z = z + bias[:, None]
     mask = n_mask[:, None] & o_mask[None, :]
@@ -242,10 +370,8 @@ def _tail_kernel(
 ):
     b = tl.program_id(0)
     o0 = tl.program_id(1) * BLOCK_D
-    BLOCK_U: tl.constexpr = BLOCK_D // 2
     o_offs = o0 + tl.arange(0, BLOCK_D)
     o_mask = o_offs < D
-    u_offs = o0 // 2 + tl.arange(0, BLOCK_U)
     x_base = x_ptr + b.to(tl.int64) * N * D
     y_base = y_ptr + b.to(tl.int64) * N * D
     h_base = h_ptr + b.to(tl.int64) * C1 * (D // 2)
@@ -256,7 +382,7 @@ def _tail_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < N
-        score, _ = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o_offs, o_mask, u_offs,
+        score, _ = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o0, o_offs, o_mask,
                            C1, N, D, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_D)
         score = tl.where(n_mask[:, None], score, float("-inf"))
         new_max = tl.maximum(col_max, tl.max(score, axis=0))
@@ -269,7 +395,7 @@ def _tail_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < N
-        score, xv = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o_offs, o_mask, u_offs,
+        score, xv = _scores(x_base, h_base, w_ptr, bias_ptr, n_offs, n_mask, o0, o_offs, o_mask,
                             C1, N, D, KERNEL, PRECISION, UPCAST, BLOCK_C, BLOCK_N, BLOCK_D)
         prob = tl.exp(score - col_max[None, :]) * inv_sum[None, :]
         value = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -346,8 +472,44 @@ def encoder_head(x: torch.Tensor, w: ScoreAttentionWeights, splits: int | None =
     return out.sum(0).add_(w.enc0_bias.float()[:, None]).relu_()
 
 
-def bottleneck(h1: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
-    """Stage 2: the four N-independent convs on fp32 ``h1: [B, D/4, D/2]``; returns fp32 ``[B, D/4, D/2]``."""
+# Widest d_model whose bottleneck runs as one fused Triton program per batch element:
+# 3·k·D³/16 MACs on one SM stays small next to the launches it saves up to here;
+# wider, the library convs spread that work over the whole device. A design
+# estimate, not a measurement: the benchmarks on a GPU should settle it.
+FUSED_BOTTLENECK_MAX_D = 128
+_BOTTLENECK_BLOCKS = {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16} if _INTERPRET else {
+    "BLOCK_K": 32, "BLOCK_O": 32, "BLOCK_L": 32}
+
+
+def bottleneck(h1: torch.Tensor, w: ScoreAttentionWeights, fused: bool | None = None) -> torch.Tensor:
+    """Stage 2: the four N-independent convs on fp32 ``h1: [B, D/4, D/2]``; returns fp32 ``[B, D/4, D/2]``.
+
+    ``fused`` picks the single Triton kernel (True) or library convs (False);
+    None chooses by ``FUSED_BOTTLENECK_MAX_D``.
+    """
+    D = w.d_model
+    if fused is None:
+        fused = D <= FUSED_BOTTLENECK_MAX_D
+    if fused:
+        return _fused_bottleneck(h1, w)
+    return _library_bottleneck(h1, w)
+
+
+def _fused_bottleneck(h1: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    B, D = h1.shape[0], w.d_model
+    scratch = torch.empty((3, B, D * D // 8), device=h1.device, dtype=torch.float32)
+    out = torch.empty_like(h1)
+    _bottleneck_kernel[(B,)](
+        h1, w.enc1_weight, w.enc1_bias, w.enc2_weight, w.enc2_bias,
+        w.dec0_weight, w.dec0_bias, w.dec1_weight, w.dec1_bias,
+        scratch[0], scratch[1], scratch[2], out, D,
+        KERNEL=w.kernel, PRECISION=_dot_precision(w.value_weight.dtype),
+        UPCAST=_upcast_dots(w.value_weight.dtype), num_warps=4, **_BOTTLENECK_BLOCKS,
+    )
+    return out
+
+
+def _library_bottleneck(h1: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     p = w.kernel // 2
     f = lambda t: t.float()  # noqa: E731
     cudnn = torch.backends.cudnn
@@ -378,16 +540,21 @@ def tail(x: torch.Tensor, h5: torch.Tensor, w: ScoreAttentionWeights) -> torch.T
 
 
 def triton_score_attention(
-    x: torch.Tensor, weights: ScoreAttentionWeights, *, splits: int | None = None
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    *,
+    splits: int | None = None,
+    fused_bottleneck: bool | None = None,
 ) -> torch.Tensor:
     """``softmax_over_N(score(x)) * (x Wvᵀ + bv) + x`` for ``x: [B, N, D]``; returns ``[B, N, D]``, contiguous.
 
-    ``splits`` overrides how many programs share the head's N reduction (tests).
+    ``splits`` overrides how many programs share the head's N reduction and
+    ``fused_bottleneck`` the choice of bottleneck (see ``bottleneck``).
     """
     x = x.contiguous()
     w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         h1 = encoder_head(x, w, splits)
-        h5 = bottleneck(h1, w)
+        h5 = bottleneck(h1, w, fused_bottleneck)
         return tail(x, h5, w)
 

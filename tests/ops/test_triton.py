@@ -78,6 +78,13 @@ def test_head_split_over_n(splits):
     assert_close_to_reference(triton_score_attention(x, w, splits=splits), x, w)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-bottleneck", "library-bottleneck"])
+@pytest.mark.parametrize("shape", [(2, 6, 16, 1), (1, 9, 32, 3), (2, 4, 24, 5), (1, 3, 64, 7)], ids=str)
+def test_both_bottlenecks(shape, fused):
+    x, w = _problem(shape, seed=9)
+    assert_close_to_reference(triton_score_attention(x, w, fused_bottleneck=fused), x, w)
+
+
 def test_non_contiguous_input():
     x, w = _problem((2, 9, 16, 3), seed=3)
     x_t = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (N·D, 1, N)
