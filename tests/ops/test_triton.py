@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import casa_kernels
 from casa_kernels import reference
-from casa_kernels.ops.registry import get_backend
+from casa_kernels.ops.registry import get_backend, resolve_backend
 from casa_kernels.tolerance import assert_close_to_reference
 
 from ..conftest import make_problem
@@ -54,6 +54,21 @@ def test_backend_registered_for_this_machine():
     assert backend.reason_not_serving(torch.device(DEVICE), torch.float32) is None
     assert backend.reason_not_serving(torch.device(DEVICE), torch.float64) is not None
     assert ("cpu" in backend.device_types) == INTERPRET
+
+
+def test_reason_without_cuda_or_interpreter(monkeypatch):
+    from casa_kernels.ops import triton_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = triton_backend._unavailable_reason()
+    assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+@pytest.mark.skipif(not CUDA, reason="auto picks triton only for CUDA tensors")
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv("CASA_BACKEND", raising=False)
+    assert resolve_backend("auto", torch.device("cuda"), torch.float16).name == "triton"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-D{}-k{}".format(*s))
@@ -114,7 +129,7 @@ def test_fp32_with_tf32_allowed_stays_close():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     torch.testing.assert_close(y.double().cpu(), reference.score_attention(x.double(), w.to(torch.float64)).cpu(),
-                               atol=5e-3, rtol=5e-3)
+                               atol=1e-2, rtol=1e-2)
 
 
 def test_gradients_match_reference():
