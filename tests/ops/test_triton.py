@@ -7,6 +7,9 @@ neither CUDA nor the interpreter is available.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,6 +166,21 @@ def test_opcheck():
 def test_fuzz_against_reference(batch, n_vars, d_eighths, kernel, seed):
     x, w = _problem((batch, n_vars, 8 * d_eighths, kernel), seed=seed)
     assert_close_to_reference(casa_kernels.casa_attention(x, w, backend="triton"), x, w)
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the native tests compile the kernels for it")
+def test_kernels_compile_for_sm90_without_gpu(tmp_path):
+    # The interpreter never lowers the kernels; compile them down to cubin (one config
+    # each), in a fresh cache so nothing is skipped.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.ops.triton_compile_check", "--arch", "90", "--dtype", "fp32", "bf16",
+         "--kernel", "3"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.skipif(not CUDA, reason="measuring peak GPU memory needs a CUDA device")
