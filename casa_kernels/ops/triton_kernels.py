@@ -31,8 +31,10 @@ Stages:
    ``y = softmax * V + x``.
 
 Memory contract: apart from x, y and the weights, temporaries are the fp32
-``h1`` partials ``[splits, B, C1, D/2]`` (splits <= a few programs per SM) and the
-bottleneck activations, all O(B·D²); no ``[B, N, D]`` intermediate is written — scores live in registers.
+``h1`` partials ``[splits, B, C1, D/2]`` (splits × output tiles ≈ two programs per
+SM, so splits > 1 only when B·D² is small) and the bottleneck activations, all
+O(B·D²). No ``[B, N, D]`` intermediate is written: the scores of a tile stay in
+registers and are recomputed in pass 2.
 Accumulation is fp32; fp32 dots use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is True (``"ieee"`` otherwise); fp16/bf16
 dots take operands in the input dtype.
@@ -446,8 +448,9 @@ def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> 
     """How many programs share the head's N reduction: enough to fill the device."""
     chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
     c1, half = d_model // 4, d_model // 2
-    # Tiles at the smallest config, so the estimate never under-splits.
-    tiles = batch * triton.cdiv(c1, 16) * triton.cdiv(half, 16)
+    # Output tiles at the first config's size: an estimate, the tuned config may differ.
+    block = _head_configs()[0].kwargs
+    tiles = batch * triton.cdiv(c1, block["BLOCK_C"]) * triton.cdiv(half, block["BLOCK_T"])
     return max(1, min(chunks, triton.cdiv(_program_target(device), tiles)))
 
 
