@@ -105,21 +105,24 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _conv_s2_tile(
     in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
     w_ptr,  # Conv1d weight [COUT, CIN, k]
-    o_offs, o_mask, t_offs, t_mask, cin_start, cin_stop, CIN, LIN, acc,
+    o_offs, o_mask, t_offs, t_mask, cin_start, n_chunks, CIN, LIN, acc,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc + stride-2 conv (pad k//2, no bias) over input rows [cin_start, cin_stop):
-    output rows o_offs, columns t_offs; acc: [BLOCK_O, BLOCK_T] fp32.
+    """acc + stride-2 conv (pad k//2, no bias) over the input rows
+    [cin_start, cin_start + n_chunks·BLOCK_K) ∩ [0, CIN): output rows o_offs,
+    columns t_offs; acc: [BLOCK_O, BLOCK_T] fp32.
 
     Implicit GEMM: per tap j, weights [BLOCK_O, BLOCK_K] times the gather
-    in[c, 2t + j - p] ([BLOCK_K, BLOCK_T], zero outside [0, LIN))."""
+    in[c, 2t + j - p] ([BLOCK_K, BLOCK_T], zero outside [0, LIN)).
+    (A chunk count rather than a program-dependent stop keeps the loop bound a
+    plain integer, which older interpreters need.)"""
     P: tl.constexpr = KERNEL // 2
-    for c0 in range(cin_start, cin_stop, BLOCK_K):
-        c_offs = c0 + tl.arange(0, BLOCK_K)
-        c_mask = c_offs < cin_stop
+    for i in range(0, n_chunks):
+        c_offs = cin_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_mask = c_offs < CIN
         for j in tl.static_range(KERNEL):
             w = tl.load(
                 w_ptr + (o_offs[:, None] * CIN + c_offs[None, :]) * KERNEL + j,
@@ -206,7 +209,7 @@ def _head_kernel(
     w_ptr,  # enc0 weight [C1, N, k], contiguous
     b_ptr,  # enc0 bias [C1]
     out_ptr,  # [splits, B, C1, D/2] fp32 (one split: bias + ReLU applied)
-    B, N, D, C1, ROWS_PER_SPLIT,
+    B, N, D, C1, CHUNKS_PER_SPLIT,
     KERNEL: tl.constexpr,
     FUSE_EPILOGUE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -226,11 +229,11 @@ def _head_kernel(
     c_mask = c_offs < C1
     t_mask = t_offs < half
 
-    n_start = split * ROWS_PER_SPLIT
-    n_stop = tl.minimum(n_start + ROWS_PER_SPLIT, N)
+    # Split `split` reduces rows [split·CHUNKS_PER_SPLIT·BLOCK_N, ...) ∩ [0, N).
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
     acc = _conv_s2_tile(x_ptr + b.to(tl.int64) * N * D, w_ptr, c_offs, c_mask, t_offs, t_mask,
-                        n_start, n_stop, N, D, acc, KERNEL, PRECISION, UPCAST, BLOCK_N)
+                        split * CHUNKS_PER_SPLIT * BLOCK_N, CHUNKS_PER_SPLIT, N, D, acc,
+                        KERNEL, PRECISION, UPCAST, BLOCK_N)
     if FUSE_EPILOGUE:
         bias = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
         acc = tl.maximum(acc + bias[:, None], 0.0)
@@ -258,7 +261,7 @@ def _conv_s2_relu_stage(
             t_offs = t0 + tl.arange(0, BLOCK_L)
             t_mask = t_offs < LOUT
             acc = tl.zeros((BLOCK_O, BLOCK_L), dtype=tl.float32)
-            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, CIN, CIN, LIN, acc,
+            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, tl.cdiv(CIN, BLOCK_K), CIN, LIN, acc,
                                 KERNEL, PRECISION, UPCAST, BLOCK_K)
             acc = tl.maximum(acc + bias[:, None], 0.0)
             tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], acc,
@@ -461,12 +464,12 @@ def encoder_head(x: torch.Tensor, w: ScoreAttentionWeights, splits: int | None =
     if splits is None:
         splits = head_splits(B, N, D, x.device)
     splits = max(1, min(splits, triton.cdiv(N, HEAD_BLOCK_N)))
-    rows = triton.cdiv(triton.cdiv(N, HEAD_BLOCK_N), splits) * HEAD_BLOCK_N
-    splits = triton.cdiv(N, rows)  # no empty split
+    chunks_per_split = triton.cdiv(triton.cdiv(N, HEAD_BLOCK_N), splits)
+    splits = triton.cdiv(N, chunks_per_split * HEAD_BLOCK_N)  # no empty split
     out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
     grid = lambda meta: (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)  # noqa: E731
     _head_kernel[grid](
-        x, w.enc0_weight, w.enc0_bias, out, B, N, D, C1, rows,
+        x, w.enc0_weight, w.enc0_bias, out, B, N, D, C1, chunks_per_split,
         KERNEL=w.kernel, FUSE_EPILOGUE=splits == 1, PRECISION=_dot_precision(x.dtype), UPCAST=_upcast_dots(x.dtype),
         BLOCK_N=HEAD_BLOCK_N,
     )

@@ -47,7 +47,7 @@ def compile_all(target, dtype: str, precision: str, k: int, all_configs: bool) -
     head_configs = tk._head_configs() if all_configs else tk._head_configs()[:1]
     for cfg, fuse in itertools.product(head_configs, (True, False)):
         sig = {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": "*fp32",
-               "B": "i32", "N": "i32", "D": "i32", "C1": "i32", "ROWS_PER_SPLIT": "i32"}
+               "B": "i32", "N": "i32", "D": "i32", "C1": "i32", "CHUNKS_PER_SPLIT": "i32"}
         consts = {**common, "FUSE_EPILOGUE": fuse, "BLOCK_N": tk.HEAD_BLOCK_N, **cfg.kwargs}
         _compile(tk._head_kernel, sig, consts, target, cfg.num_warps)
     sig = {"h1_ptr": "*fp32"}
