@@ -15,7 +15,10 @@
 //      kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
-//      whole batch (multi-threaded by the BLAS).
+//      whole batch, its columns split across threads.
+//
+// All GEMMs run inside torch's parallel workers with the BLAS single-threaded
+// (sequential_blas.h), so only one pool of threads ever runs.
 //   3. tail, per (batch element, tile of T output columns): last transposed conv
 //      (GEMM + col2im into S[N, T]), value projection (GEMM into V[N, T]), then the
 //      vectorised softmax epilogue of vectorised.cpp.
@@ -43,6 +46,24 @@ constexpr int64_t kTailTile = 128;   // output columns per tail tile
 
 int64_t floor_div2(int64_t v) { return v >= 0 ? v / 2 : -((1 - v) / 2); }
 
+// out = a @ b (+ bias[:, None]) with the columns split across threads, BLAS
+// single-threaded in each: the kernel keeps to one threading model (torch's workers)
+// instead of handing the BLAS its own threads between parallel regions.
+void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                 const at::Tensor* bias) {
+  const int64_t n = out.size(1);
+  const int64_t grain = std::max<int64_t>(32, (n + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
+    const cpu::SequentialBlasGuard sequential_blas;
+    at::Tensor block = out.narrow(1, c0, c1 - c0);
+    if (bias != nullptr) {
+      at::addmm_out(block, *bias, a, b.narrow(1, c0, c1 - c0));
+    } else {
+      at::mm_out(block, a, b.narrow(1, c0, c1 - c0));
+    }
+  });
+}
+
 // relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
 // in [Cin, B, L] -> [Cout, B, L/2].
 template <typename acc_t>
@@ -54,9 +75,11 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
     cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k,
                    cols.data_ptr<acc_t>() + b * (L / 2), B * (L / 2));
   }
-  return at::addmm(bias.unsqueeze(1), weight.reshape({Cout, Cin * k}), cols.view({Cin * k, B * L / 2}))
-      .relu_()
-      .view({Cout, B, L / 2});
+  at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
+  const at::Tensor column_bias = bias.unsqueeze(1);
+  parallel_mm(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
+              cols.view({Cin * k, B * L / 2}), &column_bias);
+  return out.relu_();
 }
 
 // relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch element
@@ -65,7 +88,8 @@ template <typename acc_t>
 at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& in, int64_t k) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
-  const at::Tensor cols = at::mm(weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}));
+  const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
+  parallel_mm(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   for (int64_t b = 0; b < B; ++b) {
     cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, 0, L, 0, 2 * L,
