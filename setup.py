@@ -25,7 +25,10 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     sources = _relative("csrc/*.cpp") + _relative("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-DCASA_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without the flag
+    # it compiles to a serial loop.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DCASA_PYTHON_MODULE"]
+    link_flags = ["-fopenmp"]
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
@@ -38,6 +41,7 @@ def _extensions():
                 sources + cuda_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                extra_link_args=link_flags,
             )
         ]
     print(
@@ -50,6 +54,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 
