@@ -106,7 +106,9 @@ struct Plan {
 
   Plan(const Sizes& sizes, const Weights& weights)
       : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value) {
-    for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
+    // Detached: the OpenMP workers do not inherit the caller's below-autograd dispatch
+    // state, and ATen's out= ops refuse inputs that require grad.
+    for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].detach().to(acc);
   }
 
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
@@ -213,9 +215,9 @@ at::Tensor fused_score_attention_cpu(
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
   at::Tensor y = at::empty_like(x);
   switch (x.scalar_type()) {
-    case at::kFloat: Plan<float, float>(s, w).run(x, y); break;
-    case at::kDouble: Plan<double, double>(s, w).run(x, y); break;
-    case at::kBFloat16: Plan<c10::BFloat16, float>(s, w).run(x, y); break;
+    case at::kFloat: Plan<float, float>(s, w).run(x.detach(), y); break;
+    case at::kDouble: Plan<double, double>(s, w).run(x.detach(), y); break;
+    case at::kBFloat16: Plan<c10::BFloat16, float>(s, w).run(x.detach(), y); break;
     default:
       TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
                   x.scalar_type());
