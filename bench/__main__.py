@@ -29,7 +29,7 @@ def _total_memory_bytes(device: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
-    from .suites import DATASETS, SUITES
+    from .suites import DATASETS, EXTRA_SHAPES, SUITES
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the scaling suite's B sweep ignores it)")
     parser.add_argument("--datasets", default=None,
                         help="comma list of dataset shapes for attention/model (default: all of "
-                             + ", ".join(DATASETS) + ")")
+                             + ", ".join(DATASETS) + "; also " + ", ".join(EXTRA_SHAPES) + ")")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; --quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
     parser.add_argument("--time-cap", type=float, default=None,
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = providers.select(args.providers)
     datasets = tuple(d.strip() for d in (args.datasets or ",".join(suites.DATASETS)).split(",") if d.strip())
-    unknown = [d for d in datasets if d not in suites.DATASETS]
+    unknown = [d for d in datasets if d not in suites.SHAPES]
     if unknown:
-        print(f"--datasets: unknown {unknown}; expected some of {list(suites.DATASETS)}", file=sys.stderr)
+        print(f"--datasets: unknown {unknown}; expected some of {list(suites.SHAPES)}", file=sys.stderr)
         return 2
     mem_cap = args.mem_cap * 2**30 if args.mem_cap else (0.9 if device != "cpu" else 0.4) * _total_memory_bytes(device)
 

@@ -36,6 +36,9 @@ DATASETS = {
     "ECL": (321, 512, 3),
     "Traffic": (862, 512, 4),
 }
+# Shapes run only when --datasets names them: many variates at the Traffic width.
+EXTRA_SHAPES = {"Wide20k": (20000, 512, 4)}
+SHAPES = {**DATASETS, **EXTRA_SHAPES}
 SEQ_LEN = PRED_LEN = 96
 N_MAX, N_MAX_QUICK = 131072, 4096
 SWEEP_AT = DATASETS["Traffic"]  # the fixed sizes of the d, b and l sweeps
@@ -57,7 +60,7 @@ class RunOptions:
 
 def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return [
-        (name, Point("attention", "dataset", b, *DATASETS[name][:2]))
+        (name, Point("attention", "dataset", b, *SHAPES[name][:2]))
         for b in opts.batches
         for name in opts.datasets
     ]
@@ -65,8 +68,8 @@ def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
 
 def model_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return [
-        (name, Point("model", "dataset", b, *DATASETS[name][:2], seq_len=SEQ_LEN, pred_len=PRED_LEN,
-                     e_layers=DATASETS[name][2]))
+        (name, Point("model", "dataset", b, *SHAPES[name][:2], seq_len=SEQ_LEN, pred_len=PRED_LEN,
+                     e_layers=SHAPES[name][2]))
         for b in opts.batches
         for name in opts.datasets
     ]
