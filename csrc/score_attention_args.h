@@ -56,4 +56,20 @@ inline Sizes check_args(const at::Tensor& x, const Weights& w) {
   return {B, N, D, k, k / 2};
 }
 
+// Adapts an implementation taking (x, Weights) to the schema's 15 tensor arguments,
+// for registration: m.impl("fused_score_attention", &with_weights<&impl>).
+template <at::Tensor (*Impl)(const at::Tensor&, const Weights&)>
+at::Tensor with_weights(const at::Tensor& x, const at::Tensor& value_weight,
+                        const at::Tensor& value_bias, const at::Tensor& enc0_weight,
+                        const at::Tensor& enc0_bias, const at::Tensor& enc1_weight,
+                        const at::Tensor& enc1_bias, const at::Tensor& enc2_weight,
+                        const at::Tensor& enc2_bias, const at::Tensor& dec0_weight,
+                        const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
+                        const at::Tensor& dec1_bias, const at::Tensor& dec2_weight,
+                        const at::Tensor& dec2_bias) {
+  return Impl(x, {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight, enc1_bias,
+                  enc2_weight, enc2_bias, dec0_weight, dec0_bias, dec1_weight, dec1_bias,
+                  dec2_weight, dec2_bias});
+}
+
 }  // namespace casa

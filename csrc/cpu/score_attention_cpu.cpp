@@ -202,15 +202,7 @@ struct Plan {
   }
 };
 
-at::Tensor fused_score_attention_cpu(
-    const at::Tensor& x, const at::Tensor& value_weight, const at::Tensor& value_bias,
-    const at::Tensor& enc0_weight, const at::Tensor& enc0_bias, const at::Tensor& enc1_weight,
-    const at::Tensor& enc1_bias, const at::Tensor& enc2_weight, const at::Tensor& enc2_bias,
-    const at::Tensor& dec0_weight, const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
-    const at::Tensor& dec1_bias, const at::Tensor& dec2_weight, const at::Tensor& dec2_bias) {
-  const Weights w = {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight,
-                     enc1_bias,    enc2_weight, enc2_bias, dec0_weight, dec0_bias,
-                     dec1_weight,  dec1_bias,  dec2_weight, dec2_bias};
+at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
   const Sizes s = check_args(x, w);
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
   at::Tensor y = at::empty_like(x);
@@ -227,6 +219,8 @@ at::Tensor fused_score_attention_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(casa, CPU, m) { m.impl("fused_score_attention", &fused_score_attention_cpu); }
+TORCH_LIBRARY_IMPL(casa, CPU, m) {
+  m.impl("fused_score_attention", &with_weights<&fused_score_attention_cpu>);
+}
 
 }  // namespace casa

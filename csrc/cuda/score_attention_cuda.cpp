@@ -33,15 +33,7 @@ gpu::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-at::Tensor fused_score_attention_cuda(
-    const at::Tensor& x, const at::Tensor& value_weight, const at::Tensor& value_bias,
-    const at::Tensor& enc0_weight, const at::Tensor& enc0_bias, const at::Tensor& enc1_weight,
-    const at::Tensor& enc1_bias, const at::Tensor& enc2_weight, const at::Tensor& enc2_bias,
-    const at::Tensor& dec0_weight, const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
-    const at::Tensor& dec1_bias, const at::Tensor& dec2_weight, const at::Tensor& dec2_bias) {
-  const Weights w = {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight,
-                     enc1_bias,    enc2_weight, enc2_bias, dec0_weight, dec0_bias,
-                     dec1_weight,  dec1_bias,  dec2_weight, dec2_bias};
+at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   const Sizes s = check_args(x, w);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
   const gpu::DType dtype = kernel_dtype(x.scalar_type());
@@ -77,6 +69,8 @@ static_assert(static_cast<int>(kNumWeights) == gpu::kNumParams,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(casa, CUDA, m) { m.impl("fused_score_attention", &fused_score_attention_cuda); }
+TORCH_LIBRARY_IMPL(casa, CUDA, m) {
+  m.impl("fused_score_attention", &with_weights<&fused_score_attention_cuda>);
+}
 
 }  // namespace casa
