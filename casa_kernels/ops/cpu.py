@@ -2,15 +2,8 @@
 
 import torch
 
-from .extension import extension_error, fused_score_attention, has_kernel_for
+from .extension import fused_score_attention, kernel_missing_reason
 from .registry import Backend, register_backend
-
-
-def _unavailable_reason() -> str | None:
-    error = extension_error()
-    if error is None and not has_kernel_for("CPU"):
-        return "the C++ extension was built without its CPU kernel"
-    return error
 
 
 register_backend(
@@ -19,6 +12,6 @@ register_backend(
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16}),
         forward=fused_score_attention,
-        unavailable_reason=_unavailable_reason,
+        unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
     )
 )

@@ -7,19 +7,15 @@ torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``).
 
 import torch
 
-from .extension import extension_error, fused_score_attention, has_kernel_for
+from .extension import fused_score_attention, kernel_missing_reason
 from .registry import Backend, register_backend
 
 
 def _unavailable_reason() -> str | None:
-    error = extension_error()
-    if error is not None:
-        return error
-    if not has_kernel_for("CUDA"):
-        return "the extension was built without CUDA (torch.version.cuda / nvcc missing at build time)"
-    if not torch.cuda.is_available():
+    missing = kernel_missing_reason("CUDA", "torch.version.cuda or nvcc missing at build time")
+    if missing is None and not torch.cuda.is_available():
         return "no CUDA device"
-    return None
+    return missing
 
 
 register_backend(

@@ -34,6 +34,14 @@ def has_kernel_for(dispatch_key: str) -> bool:
     )
 
 
+def kernel_missing_reason(dispatch_key: str, hint: str) -> str | None:
+    """None when the extension registered its ``dispatch_key`` kernel, else why not."""
+    error = extension_error()
+    if error is None and not has_kernel_for(dispatch_key):
+        return f"the extension was built without its {dispatch_key} kernel ({hint})"
+    return error
+
+
 def fused_score_attention(x: torch.Tensor, weights) -> torch.Tensor:
     """Calls the extension's fused op on validated inputs (any device it was built for)."""
     return torch.ops.casa.fused_score_attention(x.contiguous(), *(w.contiguous() for w in weights))
