@@ -30,6 +30,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,15 +47,26 @@ constexpr int64_t kTailTile = 128;   // output columns per tail tile
 
 int64_t floor_div2(int64_t v) { return v >= 0 ? v / 2 : -((1 - v) / 2); }
 
-// out = a @ b (+ bias[:, None]) with the columns split across threads, BLAS
-// single-threaded in each: the kernel keeps to one threading model (torch's workers)
-// instead of handing the BLAS its own threads between parallel regions.
+// at::parallel_for for bodies that call ATen ops: each worker takes the caller's
+// thread-local state (below-autograd dispatch, inference mode — OpenMP workers do not
+// inherit it) and keeps the BLAS single-threaded (sequential_blas.h).
+template <typename F>
+void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, end, grain, [&](int64_t begin, int64_t stop) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const cpu::SequentialBlasGuard sequential_blas;
+    body(begin, stop);
+  });
+}
+
+// out = a @ b (+ bias[:, None]) with the columns split across threads: the kernel keeps
+// to one pool of threads (torch's workers) instead of handing the BLAS its own.
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias) {
   const int64_t n = out.size(1);
   const int64_t grain = std::max<int64_t>(32, (n + at::get_num_threads() - 1) / at::get_num_threads());
-  at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
-    const cpu::SequentialBlasGuard sequential_blas;
+  parallel_for_aten(n, grain, [&](int64_t c0, int64_t c1) {
     at::Tensor block = out.narrow(1, c0, c1 - c0);
     if (bias != nullptr) {
       at::addmm_out(block, *bias, a, b.narrow(1, c0, c1 - c0));
@@ -106,9 +118,7 @@ struct Plan {
 
   Plan(const Sizes& sizes, const Weights& weights)
       : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value) {
-    // Detached: the OpenMP workers do not inherit the caller's below-autograd dispatch
-    // state, and ATen's out= ops refuse inputs that require grad.
-    for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].detach().to(acc);
+    for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
   }
 
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
@@ -119,8 +129,7 @@ struct Plan {
     const int64_t threads = at::get_num_threads();
     const int64_t groups = std::min(chunks, std::max<int64_t>(1, (threads + B - 1) / B));
     const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
-    at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
-      const cpu::SequentialBlasGuard sequential_blas;
+    parallel_for_aten(B * groups, 1, [&](int64_t begin, int64_t end) {
       at::Tensor cols = at::empty({kHeadChunk * k, D / 2}, at::TensorOptions(acc));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / groups, g = item % groups;
@@ -191,8 +200,7 @@ struct Plan {
   void run(const at::Tensor& x, at::Tensor& y) const {
     const at::Tensor h5 = bottleneck(head(x));
     const int64_t tiles = (s.d_model + kTailTile - 1) / kTailTile;
-    at::parallel_for(0, s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
-      const cpu::SequentialBlasGuard sequential_blas;
+    parallel_for_aten(s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
       TailScratch scratch = tail_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
@@ -207,9 +215,9 @@ at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
   at::Tensor y = at::empty_like(x);
   switch (x.scalar_type()) {
-    case at::kFloat: Plan<float, float>(s, w).run(x.detach(), y); break;
-    case at::kDouble: Plan<double, double>(s, w).run(x.detach(), y); break;
-    case at::kBFloat16: Plan<c10::BFloat16, float>(s, w).run(x.detach(), y); break;
+    case at::kFloat: Plan<float, float>(s, w).run(x, y); break;
+    case at::kDouble: Plan<double, double>(s, w).run(x, y); break;
+    case at::kBFloat16: Plan<c10::BFloat16, float>(s, w).run(x, y); break;
     default:
       TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
                   x.scalar_type());

@@ -120,3 +120,17 @@ def test_no_batch_sized_temporary_is_allocated(problem):
     others = sorted(sizes)
     others.remove(output_bytes)
     assert max(others) < N * D * 4, f"largest temporary {max(others)} bytes vs [N, D] = {N * D * 4}"
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "requires_grad"])
+def test_runs_under_every_grad_mode_with_parallel_workers(problem, mode):
+    # B >= threads: the work items run on torch's OpenMP workers, which must take the
+    # caller's thread-local state (inference mode, below-autograd dispatch).
+    x, w = problem(4, 30, 64, 3)
+    if mode == "requires_grad":
+        w = ck.ScoreAttentionWeights(*(t.requires_grad_() for t in w))
+        out = ck.casa_attention(x, w, backend="cpu")
+    else:
+        with getattr(torch, mode)():
+            out = ck.casa_attention(x, w, backend="cpu")
+    assert_close_to_reference(out, x, ck.ScoreAttentionWeights(*(t.detach() for t in w)))
