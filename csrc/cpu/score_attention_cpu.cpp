@@ -24,9 +24,9 @@
 //      vectorised softmax epilogue of vectorised.cpp.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
-// and N·(2T + k(T/2 + k)) values per tail worker (T = 128: 457·N for k = 3, under one
-// [N, D] buffer at D = 512); for bfloat16 input also one fp32 copy of x[b] ([N, D]) per
-// tail worker. Accumulation is fp32 for fp32/bf16 input, fp64 for fp64.
+// and N·(2T + k(T/2 + k)) values per tail worker, T chosen to keep that within one
+// [N, D] buffer (tail_tile_width; T = 128 at D = 512); for bfloat16 input also one fp32
+// copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for fp32/bf16 input, fp64 for fp64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,7 +43,14 @@ namespace casa {
 namespace {
 
 constexpr int64_t kHeadChunk = 256;  // rows of x turned into GEMM columns at a time
-constexpr int64_t kTailTile = 128;   // output columns per tail tile
+constexpr int64_t kMaxTailTile = 128;  // output columns per tail tile, at most
+
+// The widest tail tile T (a multiple of 8, at most kMaxTailTile) whose scratch,
+// N·(2T + k(T/2 + k)) values, stays within one [N, D] buffer; 8 at the least.
+int64_t tail_tile_width(int64_t D, int64_t k) {
+  const int64_t widest = 2 * (D - k * k) / (4 + k);
+  return std::max<int64_t>(8, std::min(kMaxTailTile, widest / 8 * 8));
+}
 
 int64_t floor_div2(int64_t v) { return v >= 0 ? v / 2 : -((1 - v) / 2); }
 
@@ -114,10 +121,13 @@ template <typename scalar_t, typename acc_t>
 struct Plan {
   Sizes s;
   at::ScalarType acc;
-  Weights w;  // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
+  Weights w;    // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
+  int64_t tile;  // tail tile width T
 
   Plan(const Sizes& sizes, const Weights& weights)
-      : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value) {
+      : s(sizes),
+        acc(c10::CppTypeToScalarType<acc_t>::value),
+        tile(tail_tile_width(sizes.d_model, sizes.kernel)) {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
   }
 
@@ -169,8 +179,8 @@ struct Plan {
 
   TailScratch tail_scratch() const {
     const at::TensorOptions options(acc);
-    return {at::empty({s.n_vars * s.kernel, kTailTile / 2 + s.kernel}, options),
-            at::empty({s.n_vars, kTailTile}, options), at::empty({s.n_vars, kTailTile}, options)};
+    return {at::empty({s.n_vars * s.kernel, tile / 2 + s.kernel}, options),
+            at::empty({s.n_vars, tile}, options), at::empty({s.n_vars, tile}, options)};
   }
 
   // Stage 3 for batch element b, output columns [o0, o0 + T): writes y[b, :, o0 : o0 + T].
@@ -178,7 +188,7 @@ struct Plan {
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
                  TailScratch& scratch, at::Tensor& y) const {
     const int64_t N = s.n_vars, D = s.d_model, k = s.kernel, p = s.padding;
-    const int64_t T = std::min(kTailTile, D - o0);
+    const int64_t T = std::min(tile, D - o0);
     // Input columns i reaching the tile: o0 <= 2i - p + j < o0 + T for some tap j < k.
     const int64_t i0 = std::max<int64_t>(0, -floor_div2(p - o0));
     const int64_t i1 = std::min(D / 2, floor_div2(o0 + T - 1 + p) + 1);
@@ -199,12 +209,12 @@ struct Plan {
 
   void run(const at::Tensor& x, at::Tensor& y) const {
     const at::Tensor h5 = bottleneck(head(x));
-    const int64_t tiles = (s.d_model + kTailTile - 1) / kTailTile;
+    const int64_t tiles = (s.d_model + tile - 1) / tile;
     parallel_for_aten(s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
       TailScratch scratch = tail_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
-        tail_tile(x, h5.select(1, b), b, (item % tiles) * kTailTile, scratch, y);
+        tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, y);
       }
     });
   }
