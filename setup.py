@@ -27,7 +27,8 @@ def _extensions():
     sources = _relative("csrc/*.cpp") + _relative("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without the flag
     # it compiles to a serial loop.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DCASA_PYTHON_MODULE"]
+    # The C++ standard is left to torch's BuildExtension (C++17 or C++20 by release).
+    cxx_flags = ["-O3", "-fopenmp", "-DCASA_PYTHON_MODULE"]
     link_flags = ["-fopenmp"]
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
@@ -40,7 +41,7 @@ def _extensions():
                 "casa_kernels._C",
                 sources + cuda_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
                 extra_link_args=link_flags,
             )
         ]
