@@ -16,17 +16,18 @@
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
 //      whole batch, its columns split across threads.
-//
-// All GEMMs run inside torch's parallel workers with the BLAS single-threaded
-// (sequential_blas.h), so only one pool of threads ever runs.
 //   3. tail, per (batch element, tile of T output columns): last transposed conv
 //      (GEMM + col2im into S[N, T]), value projection (GEMM into V[N, T]), then the
 //      vectorised softmax epilogue of vectorised.cpp.
 //
+// All GEMMs run inside torch's parallel workers with the BLAS single-threaded
+// (sequential_blas.h), so only one pool of threads ever runs.
+//
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
 // and N·(2T + k(T/2 + k)) values per tail worker, T chosen to keep that within one
 // [N, D] buffer (tail_tile_width; T = 128 at D = 512); for bfloat16 input also one fp32
-// copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for fp32/bf16 input, fp64 for fp64.
+// copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for fp32/bf16 input,
+// fp64 for fp64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,7 +43,7 @@
 namespace casa {
 namespace {
 
-constexpr int64_t kHeadChunk = 256;  // rows of x turned into GEMM columns at a time
+constexpr int64_t kHeadChunk = 256;    // rows of x turned into GEMM columns at a time
 constexpr int64_t kMaxTailTile = 128;  // output columns per tail tile, at most
 
 // The widest tail tile T (a multiple of 8, at most kMaxTailTile) whose scratch,
@@ -72,7 +73,8 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias) {
   const int64_t n = out.size(1);
-  const int64_t grain = std::max<int64_t>(32, (n + at::get_num_threads() - 1) / at::get_num_threads());
+  const int64_t threads = at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(32, (n + threads - 1) / threads);
   parallel_for_aten(n, grain, [&](int64_t c0, int64_t c1) {
     at::Tensor block = out.narrow(1, c0, c1 - c0);
     if (bias != nullptr) {
