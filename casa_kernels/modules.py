@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .ops import casa_attention
-from .validation import check_config, check_dim, check_floating_tensor, check_positive_int
+from .validation import check_config, check_positive_int, check_series, check_tokens
 from .weights import ScoreAttentionWeights
 
 
@@ -37,7 +37,7 @@ class ScoreNetwork(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tokens(x, self.n_vars, self.d_model)
+        check_tokens(x, self.n_vars, self.d_model)
         return self.decoder(self.encoder(x)) + x
 
 
@@ -114,9 +114,7 @@ class CASAModel(nn.Module):
         self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]")
-        check_dim("x", x, 1, "seq_len", self.seq_len)
-        check_dim("x", x, 2, "n_vars", self.n_vars)
+        check_series(x, self.seq_len, self.n_vars)
         mean = x.mean(dim=1, keepdim=True)
         std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
         y = self.model(((x - mean) / std).permute(0, 2, 1)).permute(0, 2, 1)
@@ -132,8 +130,3 @@ def _attention_weights(value: nn.Linear, encoder: nn.Sequential, decoder: nn.Seq
         decoder[4].weight, decoder[4].bias,
     )
 
-
-def _check_tokens(x: torch.Tensor, n_vars: int, d_model: int) -> None:
-    check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]")
-    check_dim("x", x, 1, "n_vars", n_vars)
-    check_dim("x", x, 2, "d_model", d_model)

@@ -54,6 +54,22 @@ def check_dim(name: str, t: torch.Tensor, dim: int, dim_name: str, expected: int
         )
 
 
+def check_tokens(x: object, n_vars: int, d_model: int) -> torch.Tensor:
+    """Checks ``x`` is a non-empty floating ``[batch, n_vars, d_model]`` tensor."""
+    x = check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]")
+    check_dim("x", x, 1, "n_vars", n_vars)
+    check_dim("x", x, 2, "d_model", d_model)
+    return x
+
+
+def check_series(x: object, seq_len: int, n_vars: int) -> torch.Tensor:
+    """Checks ``x`` is a non-empty floating ``[batch, seq_len, n_vars]`` tensor."""
+    x = check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]")
+    check_dim("x", x, 1, "seq_len", seq_len)
+    check_dim("x", x, 2, "n_vars", n_vars)
+    return x
+
+
 def check_weights(weights: object) -> ScoreAttentionWeights:
     """Checks every field's type, shape, dtype and device against ``enc0_weight``/``value_weight``."""
     if not isinstance(weights, ScoreAttentionWeights):
@@ -95,9 +111,7 @@ def check_weights(weights: object) -> ScoreAttentionWeights:
 
 def check_attention_input(x: object, weights: ScoreAttentionWeights) -> torch.Tensor:
     """Checks ``x: [B, N, D]`` against already-checked weights: sizes, dtype, device."""
-    x = check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]")
-    check_dim("x", x, 1, "n_vars", weights.n_vars)
-    check_dim("x", x, 2, "d_model", weights.d_model)
+    x = check_tokens(x, weights.n_vars, weights.d_model)
     if x.dtype != weights.value_weight.dtype:
         raise TypeError(
             f"x: expected dtype {weights.value_weight.dtype} (that of the weights), received {x.dtype}"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_dim, check_floating_tensor, check_positive_int
+from ..validation import check_positive_int, check_series
 from .full_attention import FullAttention
 
 
@@ -58,9 +58,7 @@ class ITransformerModel(nn.Module):
         self.projector = nn.Linear(d_model, pred_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]")
-        check_dim("x", x, 1, "seq_len", self.seq_len)
-        check_dim("x", x, 2, "n_vars", self.n_vars)
+        check_series(x, self.seq_len, self.n_vars)
         mean = x.mean(dim=1, keepdim=True)
         std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + 1e-5)
         tokens = self.embedding(((x - mean) / std).permute(0, 2, 1))
