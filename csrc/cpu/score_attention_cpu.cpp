@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../score_attention_args.h"
 #include "sequential_blas.h"
@@ -46,14 +47,34 @@ namespace {
 constexpr int64_t kHeadChunk = 256;    // rows of x turned into GEMM columns at a time
 constexpr int64_t kMaxTailTile = 128;  // output columns per tail tile, at most
 
-// The widest tail tile T (a multiple of 8, at most kMaxTailTile) whose scratch,
-// N·(2T + k(T/2 + k)) values, stays within one [N, D] buffer; 8 at the least.
-int64_t tail_tile_width(int64_t D, int64_t k) {
-  const int64_t widest = 2 * (D - k * k) / (4 + k);
-  return std::max<int64_t>(8, std::min(kMaxTailTile, widest / 8 * 8));
+// Tail tile width T: even, and at most D/2 so that a worker's scores and values,
+// 2·N·T values, fit in one [N, D] buffer.
+int64_t tail_tile_width(int64_t D) { return std::min(kMaxTailTile, D / 2); }
+
+// The taps j of the last transposed conv that reach outputs of parity q: output
+// 2u + q takes tap j from input u + (q + p - j) / 2 when q + p - j is even.
+std::vector<int64_t> parity_taps(int64_t k, int64_t q) {
+  std::vector<int64_t> taps;
+  for (int64_t j = 0; j < k; ++j) {
+    if ((q + k / 2 - j) % 2 == 0) taps.push_back(j);
+  }
+  return taps;
 }
 
-int64_t floor_div2(int64_t v) { return v >= 0 ? v / 2 : -((1 - v) / 2); }
+// For each tail tile [o0, o0 + T) of the D output columns: o0 + 2c at position o0 + c
+// and o0 + 2c + 1 at position o0 + T/2 + c (c < T/2), the order of the tail's GEMMs.
+at::Tensor tile_parity_order(int64_t D, int64_t tile) {
+  at::Tensor order = at::empty({D}, at::kLong);
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t o0 = 0; o0 < D; o0 += tile) {
+    const int64_t half = std::min(tile, D - o0) / 2;
+    for (int64_t c = 0; c < half; ++c) {
+      o[o0 + c] = o0 + 2 * c;
+      o[o0 + half + c] = o0 + 2 * c + 1;
+    }
+  }
+  return order;
+}
 
 // at::parallel_for for bodies that call ATen ops: each worker takes the caller's
 // thread-local state (below-autograd dispatch, inference mode — OpenMP workers do not
@@ -125,12 +146,24 @@ struct Plan {
   at::ScalarType acc;
   Weights w;    // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
   int64_t tile;  // tail tile width T
+  // The tail's weights in the order of its GEMMs:
+  std::vector<int64_t> taps[2];  // parity_taps(k, q)
+  at::Tensor dec2_by_parity[2];  // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
+  at::Tensor value_weight_t;     // [D, D]: Wv^T, columns in tile_parity_order
+  at::Tensor value_bias;         // [D]: bv in tile_parity_order
 
   Plan(const Sizes& sizes, const Weights& weights)
-      : s(sizes),
-        acc(c10::CppTypeToScalarType<acc_t>::value),
-        tile(tail_tile_width(sizes.d_model, sizes.kernel)) {
+      : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value), tile(tail_tile_width(sizes.d_model)) {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
+    for (int64_t q = 0; q < 2; ++q) {
+      taps[q] = parity_taps(s.kernel, q);
+      const at::Tensor index = at::tensor(taps[q], at::kLong);
+      dec2_by_parity[q] =
+          w[kDec2Weight].index_select(2, index).permute({1, 2, 0}).reshape({s.n_vars, -1});
+    }
+    const at::Tensor order = tile_parity_order(s.d_model, tile);
+    value_weight_t = w[kValueWeight].index_select(0, order).t().contiguous();
+    value_bias = w[kValueBias].index_select(0, order);
   }
 
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
@@ -175,38 +208,59 @@ struct Plan {
 
   // Scratch of one tail worker; x_acc caches x[b] in acc_t for bfloat16 input.
   struct TailScratch {
-    at::Tensor cols, scores, values, x_acc;
+    at::Tensor rhs, scores, values, x_acc;
     int64_t x_acc_batch = -1;
   };
 
   TailScratch tail_scratch() const {
     const at::TensorOptions options(acc);
-    return {at::empty({s.n_vars * s.kernel, tile / 2 + s.kernel}, options),
+    const int64_t max_taps = (s.kernel + 1) / 2;
+    return {at::empty({max_taps * (s.d_model / 4), tile / 2}, options),
             at::empty({s.n_vars, tile}, options), at::empty({s.n_vars, tile}, options)};
   }
 
+  // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half:
+  // row block jj holds h5_b[:, o0/2 + c + (q + p - taps[q][jj]) / 2], zero outside [0, D/2).
+  at::Tensor parity_rhs(const at::Tensor& h5_b, int64_t q, int64_t o0, int64_t half,
+                        const at::Tensor& rhs) const {
+    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
+    at::Tensor out = rhs.narrow(0, 0, static_cast<int64_t>(taps[q].size()) * C1).narrow(1, 0, half);
+    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
+      const int64_t first = o0 / 2 + (q + s.padding - taps[q][jj]) / 2;  // input of c = 0
+      const int64_t c0 = std::clamp<int64_t>(-first, 0, half);
+      const int64_t c1 = std::clamp<int64_t>(L - first, c0, half);
+      at::Tensor block = out.narrow(0, jj * C1, C1);
+      block.narrow(1, 0, c0).zero_();
+      block.narrow(1, c0, c1 - c0).copy_(h5_b.narrow(1, first + c0, c1 - c0));
+      block.narrow(1, c1, half - c1).zero_();
+    }
+    return out;
+  }
+
   // Stage 3 for batch element b, output columns [o0, o0 + T): writes y[b, :, o0 : o0 + T].
-  // h5_b: [D/4, D/2], the bottleneck's output for b.
+  // h5_b: [D/4, D/2], the bottleneck's output for b. Scores and values are computed in
+  // parity order (even output columns, then odd), as softmax_epilogue takes them.
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
                  TailScratch& scratch, at::Tensor& y) const {
-    const int64_t N = s.n_vars, D = s.d_model, k = s.kernel, p = s.padding;
-    const int64_t T = std::min(tile, D - o0);
-    // Input columns i reaching the tile: o0 <= 2i - p + j < o0 + T for some tap j < k.
-    const int64_t i0 = std::max<int64_t>(0, -floor_div2(p - o0));
-    const int64_t i1 = std::min(D / 2, floor_div2(o0 + T - 1 + p) + 1);
-    at::Tensor cols = scratch.cols.narrow(1, 0, i1 - i0);
-    at::mm_out(cols, w[kDec2Weight].reshape({D / 4, N * k}).t(), h5_b.narrow(1, i0, i1 - i0));
+    const int64_t D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
     at::Tensor S = scratch.scores.narrow(1, 0, T), V = scratch.values.narrow(1, 0, T);
-    cpu::col2im_s2(cols.data_ptr<acc_t>(), cols.stride(0), N, k, i0, i1 - i0, o0, T,
-                   w[kDec2Bias].data_ptr<acc_t>(), S.data_ptr<acc_t>(), S.stride(0));
+    for (int64_t q = 0; q < 2; ++q) {
+      at::Tensor S_q = S.narrow(1, q * half, half);
+      if (taps[q].empty()) {
+        S_q.zero_();  // k = 1: odd outputs take the bias alone
+      } else {
+        at::mm_out(S_q, dec2_by_parity[q], parity_rhs(h5_b, q, o0, half, scratch.rhs));
+      }
+    }
     if (scratch.x_acc_batch != b) {
       scratch.x_acc = x[b].to(acc);  // a view unless x is bfloat16
       scratch.x_acc_batch = b;
     }
-    at::addmm_out(V, w[kValueBias].narrow(0, o0, T), scratch.x_acc,
-                  w[kValueWeight].narrow(0, o0, T).t());
-    cpu::softmax_epilogue(S.data_ptr<acc_t>(), V.data_ptr<acc_t>(), S.stride(0), N, T,
-                          x[b].data_ptr<scalar_t>() + o0, y[b].data_ptr<scalar_t>() + o0, D);
+    at::mm_out(V, scratch.x_acc, value_weight_t.narrow(1, o0, T));
+    cpu::softmax_epilogue(S.data_ptr<acc_t>(), V.data_ptr<acc_t>(), S.stride(0),
+                          w[kDec2Bias].data_ptr<acc_t>(), value_bias.data_ptr<acc_t>() + o0,
+                          s.n_vars, T, x[b].data_ptr<scalar_t>() + o0,
+                          y[b].data_ptr<scalar_t>() + o0, D);
   }
 
   void run(const at::Tensor& x, at::Tensor& y) const {

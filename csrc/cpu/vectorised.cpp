@@ -108,38 +108,52 @@ CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t 
 
 template <typename acc_t, typename scalar_t>
 CASA_INLINE void epilogue_impl(acc_t* __restrict scores, const acc_t* __restrict values,
-                               int64_t ld, int64_t N, int64_t T, const scalar_t* __restrict x,
-                               scalar_t* __restrict y, int64_t D) {
-  std::vector<acc_t> max_buf(T, -std::numeric_limits<acc_t>::infinity()), sum_buf(T, acc_t(0));
-  acc_t* __restrict col_max = max_buf.data();
+                               int64_t ld, const acc_t* __restrict score_bias,
+                               const acc_t* __restrict value_bias, int64_t N, int64_t T,
+                               const scalar_t* __restrict x, scalar_t* __restrict y, int64_t D) {
+  const int64_t half = T / 2;
+  std::vector<acc_t> shift_buf(T, -std::numeric_limits<acc_t>::infinity()), sum_buf(T, acc_t(0));
+  acc_t* __restrict shift = shift_buf.data();
   acc_t* __restrict col_sum = sum_buf.data();
-  // Pass 1: score = sigmoid(conv) + x, column max.
+  // Pass 1: shift = max_N(x) + 1, per column.
   for (int64_t n = 0; n < N; ++n) {
-    acc_t* __restrict s = scores + n * ld;
     const scalar_t* __restrict xr = x + n * D;
-    for (int64_t c = 0; c < T; ++c) {
-      const acc_t v = acc_t(1) / (acc_t(1) + exp_vectorisable(-s[c])) + load(xr, c);
-      s[c] = v;
-      col_max[c] = v > col_max[c] ? v : col_max[c];
+    for (int64_t c = 0; c < half; ++c) {
+      const acc_t even = load(xr, 2 * c), odd = load(xr, 2 * c + 1);
+      shift[c] = even > shift[c] ? even : shift[c];
+      shift[half + c] = odd > shift[half + c] ? odd : shift[half + c];
     }
   }
-  // Pass 2: exp(score - max), column sum.
+  for (int64_t c = 0; c < T; ++c) shift[c] += acc_t(1);
+  // Pass 2: e = exp(sigmoid(conv + bias) + x - shift), column sum.
   for (int64_t n = 0; n < N; ++n) {
     acc_t* __restrict s = scores + n * ld;
-    for (int64_t c = 0; c < T; ++c) {
-      const acc_t e = exp_vectorisable(s[c] - col_max[c]);
-      s[c] = e;
-      col_sum[c] += e;
+    const acc_t b = score_bias[n];
+    const scalar_t* __restrict xr = x + n * D;
+    for (int64_t c = 0; c < half; ++c) {
+      const acc_t even = exp_vectorisable(
+          acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) + load(xr, 2 * c) - shift[c]);
+      const acc_t odd = exp_vectorisable(acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) +
+                                         load(xr, 2 * c + 1) - shift[half + c]);
+      s[c] = even;
+      s[half + c] = odd;
+      col_sum[c] += even;
+      col_sum[half + c] += odd;
     }
   }
   for (int64_t c = 0; c < T; ++c) col_sum[c] = acc_t(1) / col_sum[c];
-  // Pass 3: y = softmax * v + x.
+  // Pass 3: y = softmax * (v + bias) + x.
   for (int64_t n = 0; n < N; ++n) {
     const acc_t* __restrict e = scores + n * ld;
     const acc_t* __restrict v = values + n * ld;
     const scalar_t* __restrict xr = x + n * D;
     scalar_t* __restrict yr = y + n * D;
-    for (int64_t c = 0; c < T; ++c) store(yr, c, e[c] * col_sum[c] * v[c] + load(xr, c));
+    for (int64_t c = 0; c < half; ++c) {
+      store(yr, 2 * c, e[c] * col_sum[c] * (v[c] + value_bias[c]) + load(xr, 2 * c));
+      store(yr, 2 * c + 1,
+            e[half + c] * col_sum[half + c] * (v[half + c] + value_bias[half + c]) +
+                load(xr, 2 * c + 1));
+    }
   }
 }
 
@@ -165,10 +179,11 @@ CASA_IM2COL(, double, double)
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)
 
-#define CASA_EPILOGUE(attr, acc_t, scalar_t)                                                    \
-  attr void softmax_epilogue(acc_t* scores, const acc_t* values, int64_t ld, int64_t N,        \
-                             int64_t T, const scalar_t* x, scalar_t* y, int64_t D) {          \
-    epilogue_impl(scores, values, ld, N, T, x, y, D);                                         \
+#define CASA_EPILOGUE(attr, acc_t, scalar_t)                                                  \
+  attr void softmax_epilogue(acc_t* scores, const acc_t* values, int64_t ld,                 \
+                             const acc_t* score_bias, const acc_t* value_bias, int64_t N,    \
+                             int64_t T, const scalar_t* x, scalar_t* y, int64_t D) {         \
+    epilogue_impl(scores, values, ld, score_bias, value_bias, N, T, x, y, D);                 \
   }
 CASA_EPILOGUE(CASA_TARGET_CLONES, float, float)
 CASA_EPILOGUE(CASA_TARGET_CLONES, float, c10::BFloat16)

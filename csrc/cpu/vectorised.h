@@ -31,15 +31,25 @@ void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t
                int64_t o0, int64_t T, const double* bias, double* out, int64_t ldo);
 
 // The elementwise end of the tail (DESIGN §5, stage 3) for one tile of T output
-// columns: scores [N, ld] hold the last transposed conv (bias included) and are
-// overwritten; values [N, ld] hold x Wv^T + bv; x and y point at the tile's first
-// column, rows D apart. Computes y = softmax_N(sigmoid(scores) + x) * values + x.
-void softmax_epilogue(float* scores, const float* values, int64_t ld, int64_t N, int64_t T,
-                      const float* x, float* y, int64_t D);
-void softmax_epilogue(float* scores, const float* values, int64_t ld, int64_t N, int64_t T,
-                      const c10::BFloat16* x, c10::BFloat16* y, int64_t D);
-void softmax_epilogue(double* scores, const double* values, int64_t ld, int64_t N, int64_t T,
-                      const double* x, double* y, int64_t D);
+// columns (T even), held in parity order: column c < T/2 of scores and values is the
+// tile's output column 2c, column T/2 + c its output column 2c + 1.
+//   scores [N, ld]: the last transposed conv without its bias; overwritten.
+//   values [N, ld]: x Wv^T without its bias.
+//   score_bias [N]: the conv's bias, one per row; value_bias [T]: Wv's bias, parity order.
+//   x, y: the tile's first column, rows D apart, natural column order.
+// Computes y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x.
+// The softmax is shifted by max_N(x) + 1 per column rather than by the scores' own
+// maximum: sigmoid lies in (0, 1), so the shift is within 1 of that maximum and
+// exp never overflows nor underflows for the largest term — one pass fewer.
+void softmax_epilogue(float* scores, const float* values, int64_t ld, const float* score_bias,
+                      const float* value_bias, int64_t N, int64_t T, const float* x, float* y,
+                      int64_t D);
+void softmax_epilogue(float* scores, const float* values, int64_t ld, const float* score_bias,
+                      const float* value_bias, int64_t N, int64_t T, const c10::BFloat16* x,
+                      c10::BFloat16* y, int64_t D);
+void softmax_epilogue(double* scores, const double* values, int64_t ld, const double* score_bias,
+                      const double* value_bias, int64_t N, int64_t T, const double* x, double* y,
+                      int64_t D);
 
 }  // namespace cpu
 }  // namespace casa
