@@ -1,14 +1,15 @@
 // Fused CPU implementation of casa::fused_score_attention (DESIGN §5).
 //
-// Every convolution is a GEMM on the weight exactly as stored, so nothing is
-// re-laid out per call:
+// Every convolution is a GEMM on the weight as stored or re-laid out once per call:
 //
 // * stride-2 conv: weight [Cout, Cin, k] viewed as [Cout, Cin·k] times the columns
 //   of the input (im2col_s2, K = Cin·k, zeros only at the two borders);
-// * stride-2 transposed conv (output_padding 1): weight [Cin, Cout, k] viewed as
-//   [Cin, Cout·k], transposed, times the input gives one row per (output channel,
-//   tap); col2im_s2 adds each tap into output column 2i - p + j. No structural zeros
-//   are multiplied.
+// * stride-2 transposed conv (output_padding 1), in the bottleneck: weight [Cin, Cout, k]
+//   viewed as [Cin, Cout·k], transposed, times the input gives one row per (output
+//   channel, tap); col2im_s2 adds each tap into output column 2i - p + j;
+// * the last transposed conv, in the tail: one GEMM per output parity q, on the taps
+//   that reach it (parity_taps): output 2u + q takes tap j from input u + (q + p - j)/2.
+// No structural zeros are multiplied.
 //
 // Stages (activations of the bottleneck are laid out [channels, batch, length]):
 //   1. head: conv N -> D/4 per batch element, reducing over N in chunks of
@@ -16,18 +17,17 @@
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
 //      whole batch, its columns split across threads.
-//   3. tail, per (batch element, tile of T output columns): last transposed conv
-//      (GEMM + col2im into S[N, T]), value projection (GEMM into V[N, T]), then the
-//      vectorised softmax epilogue of vectorised.cpp.
+//   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
+//      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
+//      numerators (vectorised.h), pass 2 runs the value GEMM on the block and writes y.
 //
-// All GEMMs run inside torch's parallel workers with the BLAS single-threaded
+// The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
 // (sequential_blas.h), so only one pool of threads ever runs.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
-// and N·(2T + k(T/2 + k)) values per tail worker, T chosen to keep that within one
-// [N, D] buffer (tail_tile_width; T = 128 at D = 512); for bfloat16 input also one fp32
-// copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for fp32/bf16 input,
-// fp64 for fp64.
+// and per tail worker S[N, T] (T <= D, tail_tile_width) plus O(D^2) more; for bfloat16
+// input also one fp32 copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for
+// fp32/bf16 input, fp64 for fp64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../score_attention_args.h"
+#include "gemm.h"
 #include "sequential_blas.h"
 #include "vectorised.h"
 
@@ -45,11 +46,20 @@ namespace casa {
 namespace {
 
 constexpr int64_t kHeadChunk = 256;    // rows of x turned into GEMM columns at a time
-constexpr int64_t kMaxTailTile = 128;  // output columns per tail tile, at most
+constexpr int64_t kTailRows = 64;  // rows of a tail tile per GEMM + softmax step
 
-// Tail tile width T: even, and at most D/2 so that a worker's scores and values,
-// 2·N·T values, fit in one [N, D] buffer.
-int64_t tail_tile_width(int64_t D) { return std::min(kMaxTailTile, D / 2); }
+// Tail tile width T (even, at most D): the whole width when the batch alone keeps the
+// threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
+// the widest that splits the D columns into enough tiles, with at most 1/8 of the
+// threads' time idle. A worker's scores, N·T values, stay within one [N, D] buffer.
+int64_t tail_tile_width(int64_t B, int64_t D, int64_t threads) {
+  for (int64_t tiles = 1;; ++tiles) {
+    const int64_t T = ((D + tiles - 1) / tiles + 1) / 2 * 2;
+    const int64_t items = B * ((D + T - 1) / T);
+    const int64_t slots = (items + threads - 1) / threads * threads;
+    if (T == 2 || 8 * (slots - items) <= slots) return T;
+  }
+}
 
 // The taps j of the last transposed conv that reach outputs of parity q: output
 // 2u + q takes tap j from input u + (q + p - j) / 2 when q + p - j is even.
@@ -113,10 +123,12 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
                      int64_t k) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = weight.size(0);
   at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
-  for (int64_t b = 0; b < B; ++b) {
-    cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k,
-                   cols.data_ptr<acc_t>() + b * (L / 2), B * (L / 2));
-  }
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k,
+                     cols.data_ptr<acc_t>() + b * (L / 2), B * (L / 2));
+    }
+  });
   at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
   const at::Tensor column_bias = bias.unsqueeze(1);
   parallel_mm(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
@@ -133,12 +145,25 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
   parallel_mm(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
-  for (int64_t b = 0; b < B; ++b) {
-    cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, 0, L, 0, 2 * L,
-                   bias.data_ptr<acc_t>(), out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
-  }
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, 0, L, 0, 2 * L,
+                     bias.data_ptr<acc_t>(), out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
+    }
+  });
   return out.relu_();
 }
+
+// Scratch of one tail worker (Plan::tail_scratch); x_acc caches x[b] in the accumulation
+// type for bfloat16 input.
+struct TailScratch {
+  at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
+  at::Tensor scores;  // [N, T]
+  at::Tensor values;  // [kTailRows, T]
+  at::Tensor stats;   // [2, T]: softmax shift, then column sums
+  at::Tensor x_acc;
+  int64_t x_acc_batch = -1;
+};
 
 template <typename scalar_t, typename acc_t>
 struct Plan {
@@ -153,13 +178,13 @@ struct Plan {
   at::Tensor value_bias;         // [D]: bv in tile_parity_order
 
   Plan(const Sizes& sizes, const Weights& weights)
-      : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value), tile(tail_tile_width(sizes.d_model)) {
+      : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value), tile(tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())) {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
     for (int64_t q = 0; q < 2; ++q) {
       taps[q] = parity_taps(s.kernel, q);
       const at::Tensor index = at::tensor(taps[q], at::kLong);
       dec2_by_parity[q] =
-          w[kDec2Weight].index_select(2, index).permute({1, 2, 0}).reshape({s.n_vars, -1});
+          w[kDec2Weight].index_select(2, index).permute({1, 2, 0}).contiguous().view({s.n_vars, -1});
     }
     const at::Tensor order = tile_parity_order(s.d_model, tile);
     value_weight_t = w[kValueWeight].index_select(0, order).t().contiguous();
@@ -184,12 +209,9 @@ struct Plan {
           const at::Tensor chunk_cols = cols.narrow(0, 0, rows * k);
           cpu::im2col_s2(x[b].data_ptr<scalar_t>() + n0 * D, D, rows, D, k,
                          chunk_cols.data_ptr<acc_t>(), D / 2);
-          const at::Tensor a = weight.narrow(1, n0 * k, rows * k);
-          if (c == g) {
-            at::mm_out(out, a, chunk_cols);
-          } else {
-            out.addmm_(a, chunk_cols);
-          }
+          cpu::gemm(C1, D / 2, rows * k, weight.data_ptr<acc_t>() + n0 * k, N * k,
+                    chunk_cols.data_ptr<acc_t>(), D / 2, out.data_ptr<acc_t>(), out.stride(0),
+                    /*accumulate=*/c != g);
         }
       }
     });
@@ -206,17 +228,12 @@ struct Plan {
     return conv_transpose_relu<acc_t>(w[kDec1Weight], w[kDec1Bias], h, k);
   }
 
-  // Scratch of one tail worker; x_acc caches x[b] in acc_t for bfloat16 input.
-  struct TailScratch {
-    at::Tensor rhs, scores, values, x_acc;
-    int64_t x_acc_batch = -1;
-  };
-
   TailScratch tail_scratch() const {
     const at::TensorOptions options(acc);
     const int64_t max_taps = (s.kernel + 1) / 2;
-    return {at::empty({max_taps * (s.d_model / 4), tile / 2}, options),
-            at::empty({s.n_vars, tile}, options), at::empty({s.n_vars, tile}, options)};
+    return {at::empty({2, max_taps * (s.d_model / 4), tile / 2}, options),
+            at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
+            at::empty({2, tile}, options)};
   }
 
   // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half:
@@ -239,28 +256,54 @@ struct Plan {
 
   // Stage 3 for batch element b, output columns [o0, o0 + T): writes y[b, :, o0 : o0 + T].
   // h5_b: [D/4, D/2], the bottleneck's output for b. Scores and values are computed in
-  // parity order (even output columns, then odd), as softmax_epilogue takes them.
+  // parity order (even output columns, then odd), as the softmax functions take them,
+  // kTailRows rows at a time so that each block's GEMM output is used while in cache:
+  // pass 1 turns the scores into softmax numerators and sums them, pass 2 computes the
+  // value block and writes y.
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
                  TailScratch& scratch, at::Tensor& y) const {
-    const int64_t D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
-    at::Tensor S = scratch.scores.narrow(1, 0, T), V = scratch.values.narrow(1, 0, T);
-    for (int64_t q = 0; q < 2; ++q) {
-      at::Tensor S_q = S.narrow(1, q * half, half);
-      if (taps[q].empty()) {
-        S_q.zero_();  // k = 1: odd outputs take the bias alone
-      } else {
-        at::mm_out(S_q, dec2_by_parity[q], parity_rhs(h5_b, q, o0, half, scratch.rhs));
-      }
-    }
+    const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
     if (scratch.x_acc_batch != b) {
       scratch.x_acc = x[b].to(acc);  // a view unless x is bfloat16
       scratch.x_acc_batch = b;
     }
-    at::mm_out(V, scratch.x_acc, value_weight_t.narrow(1, o0, T));
-    cpu::softmax_epilogue(S.data_ptr<acc_t>(), V.data_ptr<acc_t>(), S.stride(0),
-                          w[kDec2Bias].data_ptr<acc_t>(), value_bias.data_ptr<acc_t>() + o0,
-                          s.n_vars, T, x[b].data_ptr<scalar_t>() + o0,
-                          y[b].data_ptr<scalar_t>() + o0, D);
+    const at::Tensor& x_b = scratch.x_acc;
+    const scalar_t* x_tile = x[b].data_ptr<scalar_t>() + o0;
+    scalar_t* y_tile = y[b].data_ptr<scalar_t>() + o0;
+    acc_t* S = scratch.scores.data_ptr<acc_t>();
+    acc_t* V = scratch.values.data_ptr<acc_t>();
+    acc_t* shift = scratch.stats[0].data_ptr<acc_t>();
+    acc_t* col_sum = scratch.stats[1].data_ptr<acc_t>();
+    const int64_t ld = scratch.scores.stride(0);
+    at::Tensor rhs[2];
+    for (int64_t q = 0; q < 2; ++q) rhs[q] = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
+
+    cpu::softmax_shift(x_tile, D, N, T, shift);
+    std::fill(col_sum, col_sum + T, acc_t(0));
+    for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
+      const int64_t rows = std::min(kTailRows, N - r0);
+      for (int64_t q = 0; q < 2; ++q) {
+        acc_t* S_q = S + r0 * ld + q * half;
+        const int64_t K = rhs[q].size(0);
+        if (K == 0) {  // k = 1: odd outputs take the bias alone
+          for (int64_t r = 0; r < rows; ++r) std::fill(S_q + r * ld, S_q + r * ld + half, acc_t(0));
+          continue;
+        }
+        cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K,
+                  rhs[q].data_ptr<acc_t>(), rhs[q].stride(0), S_q, ld, /*accumulate=*/false);
+      }
+      cpu::softmax_numerators(S + r0 * ld, ld, w[kDec2Bias].data_ptr<acc_t>() + r0, rows, T,
+                              x_tile + r0 * D, D, shift, col_sum);
+    }
+    acc_t* inv_sum = col_sum;
+    for (int64_t c = 0; c < T; ++c) inv_sum[c] = acc_t(1) / col_sum[c];
+    for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
+      const int64_t rows = std::min(kTailRows, N - r0);
+      cpu::gemm(rows, T, D, x_b.data_ptr<acc_t>() + r0 * x_b.stride(0), x_b.stride(0),
+                value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
+      cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0, inv_sum,
+                          rows, T, x_tile + r0 * D, y_tile + r0 * D, D);
+    }
   }
 
   void run(const at::Tensor& x, at::Tensor& y) const {

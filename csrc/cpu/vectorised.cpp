@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CASA_TARGET_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
@@ -107,15 +106,10 @@ CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t 
 }
 
 template <typename acc_t, typename scalar_t>
-CASA_INLINE void epilogue_impl(acc_t* __restrict scores, const acc_t* __restrict values,
-                               int64_t ld, const acc_t* __restrict score_bias,
-                               const acc_t* __restrict value_bias, int64_t N, int64_t T,
-                               const scalar_t* __restrict x, scalar_t* __restrict y, int64_t D) {
+CASA_INLINE void softmax_shift_impl(const scalar_t* __restrict x, int64_t D, int64_t N, int64_t T,
+                                    acc_t* __restrict shift) {
   const int64_t half = T / 2;
-  std::vector<acc_t> shift_buf(T, -std::numeric_limits<acc_t>::infinity()), sum_buf(T, acc_t(0));
-  acc_t* __restrict shift = shift_buf.data();
-  acc_t* __restrict col_sum = sum_buf.data();
-  // Pass 1: shift = max_N(x) + 1, per column.
+  for (int64_t c = 0; c < T; ++c) shift[c] = -std::numeric_limits<acc_t>::infinity();
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* __restrict xr = x + n * D;
     for (int64_t c = 0; c < half; ++c) {
@@ -125,33 +119,50 @@ CASA_INLINE void epilogue_impl(acc_t* __restrict scores, const acc_t* __restrict
     }
   }
   for (int64_t c = 0; c < T; ++c) shift[c] += acc_t(1);
-  // Pass 2: e = exp(sigmoid(conv + bias) + x - shift), column sum.
-  for (int64_t n = 0; n < N; ++n) {
+}
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
+                                         const acc_t* __restrict score_bias, int64_t rows,
+                                         int64_t T, const scalar_t* __restrict x, int64_t D,
+                                         const acc_t* __restrict shift,
+                                         acc_t* __restrict col_sum) {
+  const int64_t half = T / 2;
+  for (int64_t n = 0; n < rows; ++n) {
     acc_t* __restrict s = scores + n * ld;
     const acc_t b = score_bias[n];
     const scalar_t* __restrict xr = x + n * D;
     for (int64_t c = 0; c < half; ++c) {
       const acc_t even = exp_vectorisable(
           acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) + load(xr, 2 * c) - shift[c]);
-      const acc_t odd = exp_vectorisable(acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) +
-                                         load(xr, 2 * c + 1) - shift[half + c]);
+      const acc_t odd =
+          exp_vectorisable(acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) +
+                           load(xr, 2 * c + 1) - shift[half + c]);
       s[c] = even;
       s[half + c] = odd;
       col_sum[c] += even;
       col_sum[half + c] += odd;
     }
   }
-  for (int64_t c = 0; c < T; ++c) col_sum[c] = acc_t(1) / col_sum[c];
-  // Pass 3: y = softmax * (v + bias) + x.
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t* __restrict e = scores + n * ld;
-    const acc_t* __restrict v = values + n * ld;
+}
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t ld,
+                                     const acc_t* __restrict values, int64_t ldv,
+                                     const acc_t* __restrict value_bias,
+                                     const acc_t* __restrict inv_sum, int64_t rows, int64_t T,
+                                     const scalar_t* __restrict x, scalar_t* __restrict y,
+                                     int64_t D) {
+  const int64_t half = T / 2;
+  for (int64_t n = 0; n < rows; ++n) {
+    const acc_t* __restrict e = numerators + n * ld;
+    const acc_t* __restrict v = values + n * ldv;
     const scalar_t* __restrict xr = x + n * D;
     scalar_t* __restrict yr = y + n * D;
     for (int64_t c = 0; c < half; ++c) {
-      store(yr, 2 * c, e[c] * col_sum[c] * (v[c] + value_bias[c]) + load(xr, 2 * c));
+      store(yr, 2 * c, e[c] * inv_sum[c] * (v[c] + value_bias[c]) + load(xr, 2 * c));
       store(yr, 2 * c + 1,
-            e[half + c] * col_sum[half + c] * (v[half + c] + value_bias[half + c]) +
+            e[half + c] * inv_sum[half + c] * (v[half + c] + value_bias[half + c]) +
                 load(xr, 2 * c + 1));
     }
   }
@@ -179,15 +190,24 @@ CASA_IM2COL(, double, double)
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)
 
-#define CASA_EPILOGUE(attr, acc_t, scalar_t)                                                  \
-  attr void softmax_epilogue(acc_t* scores, const acc_t* values, int64_t ld,                 \
-                             const acc_t* score_bias, const acc_t* value_bias, int64_t N,    \
-                             int64_t T, const scalar_t* x, scalar_t* y, int64_t D) {         \
-    epilogue_impl(scores, values, ld, score_bias, value_bias, N, T, x, y, D);                 \
+#define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                    \
+  attr void softmax_shift(const scalar_t* x, int64_t D, int64_t N, int64_t T, acc_t* shift) {  \
+    softmax_shift_impl(x, D, N, T, shift);                                                     \
+  }                                                                                            \
+  attr void softmax_numerators(acc_t* scores, int64_t ld, const acc_t* score_bias,            \
+                               int64_t rows, int64_t T, const scalar_t* x, int64_t D,         \
+                               const acc_t* shift, acc_t* col_sum) {                          \
+    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, col_sum);            \
+  }                                                                                            \
+  attr void softmax_output(const acc_t* numerators, int64_t ld, const acc_t* values,          \
+                           int64_t ldv, const acc_t* value_bias, const acc_t* inv_sum,        \
+                           int64_t rows, int64_t T, const scalar_t* x, scalar_t* y,           \
+                           int64_t D) {                                                        \
+    softmax_output_impl(numerators, ld, values, ldv, value_bias, inv_sum, rows, T, x, y, D);   \
   }
-CASA_EPILOGUE(CASA_TARGET_CLONES, float, float)
-CASA_EPILOGUE(CASA_TARGET_CLONES, float, c10::BFloat16)
-CASA_EPILOGUE(, double, double)
+CASA_SOFTMAX(CASA_TARGET_CLONES, float, float)
+CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
+CASA_SOFTMAX(, double, double)
 
 }  // namespace cpu
 }  // namespace casa

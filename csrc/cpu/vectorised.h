@@ -30,26 +30,47 @@ void col2im_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t 
 void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0, int64_t ni,
                int64_t o0, int64_t T, const double* bias, double* out, int64_t ldo);
 
-// The elementwise end of the tail (DESIGN §5, stage 3) for one tile of T output
-// columns (T even), held in parity order: column c < T/2 of scores and values is the
-// tile's output column 2c, column T/2 + c its output column 2c + 1.
-//   scores [N, ld]: the last transposed conv without its bias; overwritten.
-//   values [N, ld]: x Wv^T without its bias.
-//   score_bias [N]: the conv's bias, one per row; value_bias [T]: Wv's bias, parity order.
-//   x, y: the tile's first column, rows D apart, natural column order.
-// Computes y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x.
+// The softmax end of the tail (DESIGN §5, stage 3) for one tile of T output columns
+// (T even), computed as
+//   y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x.
+// Per-column arrays (scores, values, value_bias, shift, col_sum, inv_sum) are in parity
+// order: entry c < T/2 is the tile's output column 2c, entry T/2 + c its column 2c + 1.
+// x and y point at the tile's first column of the first row given, rows D apart, in
+// natural column order. The functions take any block of rows, so the caller can keep
+// a block's GEMM output in cache while it is used.
+//
 // The softmax is shifted by max_N(x) + 1 per column rather than by the scores' own
-// maximum: sigmoid lies in (0, 1), so the shift is within 1 of that maximum and
-// exp never overflows nor underflows for the largest term — one pass fewer.
-void softmax_epilogue(float* scores, const float* values, int64_t ld, const float* score_bias,
-                      const float* value_bias, int64_t N, int64_t T, const float* x, float* y,
-                      int64_t D);
-void softmax_epilogue(float* scores, const float* values, int64_t ld, const float* score_bias,
-                      const float* value_bias, int64_t N, int64_t T, const c10::BFloat16* x,
-                      c10::BFloat16* y, int64_t D);
-void softmax_epilogue(double* scores, const double* values, int64_t ld, const double* score_bias,
-                      const double* value_bias, int64_t N, int64_t T, const double* x, double* y,
-                      int64_t D);
+// maximum: sigmoid lies in (0, 1), so the shift is within 1 of that maximum and exp
+// neither overflows nor underflows for the largest term.
+
+// shift[c] = 1 + max over the N rows of x in column c.
+void softmax_shift(const float* x, int64_t D, int64_t N, int64_t T, float* shift);
+void softmax_shift(const c10::BFloat16* x, int64_t D, int64_t N, int64_t T, float* shift);
+void softmax_shift(const double* x, int64_t D, int64_t N, int64_t T, double* shift);
+
+// For `rows` rows: scores (the last transposed conv without its bias, [rows, ld]) become
+// e = exp(sigmoid(scores + score_bias[n]) + x - shift), and col_sum += e.
+void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
+                        int64_t T, const float* x, int64_t D, const float* shift,
+                        float* col_sum);
+void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
+                        int64_t T, const c10::BFloat16* x, int64_t D, const float* shift,
+                        float* col_sum);
+void softmax_numerators(double* scores, int64_t ld, const double* score_bias, int64_t rows,
+                        int64_t T, const double* x, int64_t D, const double* shift,
+                        double* col_sum);
+
+// For `rows` rows: y = numerators * inv_sum * (values + value_bias) + x, with values
+// ([rows, ldv]) = x Wv^T without its bias and inv_sum = 1 / col_sum.
+void softmax_output(const float* numerators, int64_t ld, const float* values, int64_t ldv,
+                    const float* value_bias, const float* inv_sum, int64_t rows, int64_t T,
+                    const float* x, float* y, int64_t D);
+void softmax_output(const float* numerators, int64_t ld, const float* values, int64_t ldv,
+                    const float* value_bias, const float* inv_sum, int64_t rows, int64_t T,
+                    const c10::BFloat16* x, c10::BFloat16* y, int64_t D);
+void softmax_output(const double* numerators, int64_t ld, const double* values, int64_t ldv,
+                    const double* value_bias, const double* inv_sum, int64_t rows, int64_t T,
+                    const double* x, double* y, int64_t D);
 
 }  // namespace cpu
 }  // namespace casa

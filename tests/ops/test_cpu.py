@@ -46,16 +46,20 @@ def test_non_contiguous_input(problem):
     assert_close_to_reference(ck.casa_attention(x_t, w, backend="cpu"), x, w)
 
 
-def test_result_does_not_depend_on_thread_count(problem):
-    x, w = problem(1, 600, 64, 3)  # B < threads: the head's N split and the tail tiles
-    threads = torch.get_num_threads()
+@pytest.mark.parametrize("threads", [2, 3])
+def test_result_does_not_depend_on_thread_count(problem, threads):
+    # B < threads: the head splits N and the tail splits the D = 40 columns into tiles
+    # (20 + 20 with 2 threads; 14 + 14 + 12, a narrower last tile, with 3).
+    x, w = problem(1, 600, 40, 3)
+    caller_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = ck.casa_attention(x, w, backend="cpu")
-        torch.set_num_threads(max(2, threads))
+        torch.set_num_threads(threads)
         many = ck.casa_attention(x, w, backend="cpu")
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller_threads)
+    assert_close_to_reference(many, x, w)
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)
 
 
