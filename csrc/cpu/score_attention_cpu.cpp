@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../score_attention_args.h"
@@ -154,15 +155,13 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
   return out.relu_();
 }
 
-// Scratch of one tail worker (Plan::tail_scratch); x_acc caches x[b] in the accumulation
-// type for bfloat16 input.
+// Scratch of one tail worker (Plan::tail_scratch).
 struct TailScratch {
   at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
   at::Tensor scores;  // [N, T]
   at::Tensor values;  // [kTailRows, T]
   at::Tensor stats;   // [2, T]: softmax shift, then column sums
-  at::Tensor x_acc;
-  int64_t x_acc_batch = -1;
+  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, for bfloat16 input
 };
 
 template <typename scalar_t, typename acc_t>
@@ -233,7 +232,8 @@ struct Plan {
     const int64_t max_taps = (s.kernel + 1) / 2;
     return {at::empty({2, max_taps * (s.d_model / 4), tile / 2}, options),
             at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
-            at::empty({2, tile}, options)};
+            at::empty({2, tile}, options),
+            std::is_same_v<scalar_t, acc_t> ? at::Tensor() : at::empty({kTailRows, s.d_model}, options)};
   }
 
   // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half:
@@ -254,6 +254,17 @@ struct Plan {
     return out;
   }
 
+  // x[b, r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
+  static const acc_t* x_rows_acc(const at::Tensor& x, int64_t b, int64_t r0, int64_t rows,
+                                 const at::Tensor& buffer) {
+    const at::Tensor block = x[b].narrow(0, r0, rows);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return block.data_ptr<acc_t>();
+    } else {
+      return buffer.narrow(0, 0, rows).copy_(block).data_ptr<acc_t>();
+    }
+  }
+
   // Stage 3 for batch element b, output columns [o0, o0 + T): writes y[b, :, o0 : o0 + T].
   // h5_b: [D/4, D/2], the bottleneck's output for b. Scores and values are computed in
   // parity order (even output columns, then odd), as the softmax functions take them,
@@ -263,11 +274,6 @@ struct Plan {
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
                  TailScratch& scratch, at::Tensor& y) const {
     const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
-    if (scratch.x_acc_batch != b) {
-      scratch.x_acc = x[b].to(acc);  // a view unless x is bfloat16
-      scratch.x_acc_batch = b;
-    }
-    const at::Tensor& x_b = scratch.x_acc;
     const scalar_t* x_tile = x[b].data_ptr<scalar_t>() + o0;
     scalar_t* y_tile = y[b].data_ptr<scalar_t>() + o0;
     acc_t* S = scratch.scores.data_ptr<acc_t>();
@@ -299,7 +305,7 @@ struct Plan {
     for (int64_t c = 0; c < T; ++c) inv_sum[c] = acc_t(1) / col_sum[c];
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
-      cpu::gemm(rows, T, D, x_b.data_ptr<acc_t>() + r0 * x_b.stride(0), x_b.stride(0),
+      cpu::gemm(rows, T, D, x_rows_acc(x, b, r0, rows, scratch.x_rows), D,
                 value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
       cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0, inv_sum,
                           rows, T, x_tile + r0 * D, y_tile + r0 * D, D);

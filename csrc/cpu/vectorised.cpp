@@ -55,13 +55,33 @@ CASA_INLINE float load(const c10::BFloat16* p, int64_t i) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-CASA_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
-CASA_INLINE void store(double* p, int64_t i, double v) { p[i] = v; }
-CASA_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+// Elements 2c and 2c + 1 at once. For bfloat16 the pair is one 32-bit word, which the
+// vectoriser turns into contiguous loads (two interleaved 16-bit streams defeat it).
+template <typename T>
+CASA_INLINE void load_pair(const T* p, int64_t c, T& even, T& odd) {
+  even = p[2 * c];
+  odd = p[2 * c + 1];
+}
+CASA_INLINE void load_pair(const c10::BFloat16* p, int64_t c, float& even, float& odd) {
+  uint32_t word;
+  std::memcpy(&word, reinterpret_cast<const char*>(p) + 4 * c, sizeof(word));
+  const uint32_t even_bits = word << 16, odd_bits = word & 0xFFFF0000u;
+  std::memcpy(&even, &even_bits, sizeof(even));
+  std::memcpy(&odd, &odd_bits, sizeof(odd));
+}
+template <typename T>
+CASA_INLINE void store_pair(T* p, int64_t c, T even, T odd) {
+  p[2 * c] = even;
+  p[2 * c + 1] = odd;
+}
+CASA_INLINE uint32_t rounded_bf16_bits(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(bits >> 16);
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+CASA_INLINE void store_pair(c10::BFloat16* p, int64_t c, float even, float odd) {
+  const uint32_t word = rounded_bf16_bits(even) | (rounded_bf16_bits(odd) << 16);
+  std::memcpy(reinterpret_cast<char*>(p) + 4 * c, &word, sizeof(word));
 }
 
 // The first t with 2t + shift >= 0, and one past the last with 2t + shift < L.
@@ -113,7 +133,8 @@ CASA_INLINE void softmax_shift_impl(const scalar_t* __restrict x, int64_t D, int
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* __restrict xr = x + n * D;
     for (int64_t c = 0; c < half; ++c) {
-      const acc_t even = load(xr, 2 * c), odd = load(xr, 2 * c + 1);
+      acc_t even, odd;
+      load_pair(xr, c, even, odd);
       shift[c] = even > shift[c] ? even : shift[c];
       shift[half + c] = odd > shift[half + c] ? odd : shift[half + c];
     }
@@ -133,11 +154,12 @@ CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
     const acc_t b = score_bias[n];
     const scalar_t* __restrict xr = x + n * D;
     for (int64_t c = 0; c < half; ++c) {
+      acc_t x_even, x_odd;
+      load_pair(xr, c, x_even, x_odd);
       const acc_t even = exp_vectorisable(
-          acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) + load(xr, 2 * c) - shift[c]);
-      const acc_t odd =
-          exp_vectorisable(acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) +
-                           load(xr, 2 * c + 1) - shift[half + c]);
+          acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) + x_even - shift[c]);
+      const acc_t odd = exp_vectorisable(
+          acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) + x_odd - shift[half + c]);
       s[c] = even;
       s[half + c] = odd;
       col_sum[c] += even;
@@ -160,10 +182,10 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
     const scalar_t* __restrict xr = x + n * D;
     scalar_t* __restrict yr = y + n * D;
     for (int64_t c = 0; c < half; ++c) {
-      store(yr, 2 * c, e[c] * inv_sum[c] * (v[c] + value_bias[c]) + load(xr, 2 * c));
-      store(yr, 2 * c + 1,
-            e[half + c] * inv_sum[half + c] * (v[half + c] + value_bias[half + c]) +
-                load(xr, 2 * c + 1));
+      acc_t x_even, x_odd;
+      load_pair(xr, c, x_even, x_odd);
+      store_pair(yr, c, e[c] * inv_sum[c] * (v[c] + value_bias[c]) + x_even,
+                 e[half + c] * inv_sum[half + c] * (v[half + c] + value_bias[half + c]) + x_odd);
     }
   }
 }
