@@ -2,6 +2,8 @@
 // workers (single-threaded each).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace casa {
@@ -14,6 +16,27 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
           int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
           int64_t ldb, double* C, int64_t ldc, bool accumulate);
+
+// bfloat16 × bfloat16 -> fp32 GEMMs on the CPU's matrix unit (AMX) through oneDNN's
+// brgemm: B is packed once (pack_bf16) into blocks of kPackedColumns columns, each
+// [K, kPackedColumns] in the unit's pair-interleaved layout; K must be even.
+constexpr int64_t kPackedColumns = 64;
+
+// Whether this CPU and this torch build run bfloat16 GEMMs on a matrix unit.
+bool has_bf16_matrix_unit();
+
+// Elements of B [K, N] once packed.
+int64_t packed_bf16_size(int64_t K, int64_t N);
+
+// Packs B [K, N] (row stride ldb) into `packed` (packed_bf16_size(K, N) elements).
+void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed);
+
+// C[M, N] = A[M, K] · B (+ C when accumulate), B packed by pack_bf16, fp32 accumulation.
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+               const c10::BFloat16* packed, float* C, int64_t ldc, bool accumulate);
+
+// Releases the matrix unit held by this thread's gemm_bf16 calls.
+void release_bf16_matrix_unit();
 
 }  // namespace cpu
 }  // namespace casa

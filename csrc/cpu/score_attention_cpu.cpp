@@ -25,8 +25,8 @@
 // (sequential_blas.h), so only one pool of threads ever runs.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
-// and per tail worker S[N, T] (T <= D, tail_tile_width) plus O(D^2) more; for bfloat16
-// input also one fp32 copy of x[b] ([N, D]) per tail worker. Accumulation is fp32 for
+// and per tail worker S[N, T] (T <= D, tail_tile_width) plus O(D^2) more (for bfloat16
+// input this includes a [kTailRows, D] fp32 block of x rows). Accumulation is fp32 for
 // fp32/bf16 input, fp64 for fp64.
 
 #include <ATen/ATen.h>
@@ -46,7 +46,7 @@
 namespace casa {
 namespace {
 
-constexpr int64_t kHeadChunk = 256;    // rows of x turned into GEMM columns at a time
+constexpr int64_t kHeadChunk = 256;  // rows of x turned into GEMM columns at a time
 constexpr int64_t kTailRows = 64;  // rows of a tail tile per GEMM + softmax step
 
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
@@ -158,10 +158,11 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
 // Scratch of one tail worker (Plan::tail_scratch).
 struct TailScratch {
   at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
+  at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, on the matrix unit
   at::Tensor scores;  // [N, T]
   at::Tensor values;  // [kTailRows, T]
   at::Tensor stats;   // [2, T]: softmax shift, then column sums
-  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, for bfloat16 input
+  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input off the matrix unit
 };
 
 template <typename scalar_t, typename acc_t>
@@ -170,24 +171,48 @@ struct Plan {
   at::ScalarType acc;
   Weights w;    // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
   int64_t tile;  // tail tile width T
+  // bfloat16 input on a CPU with a bfloat16 matrix unit (AMX): the tail's GEMMs take
+  // bfloat16 operands there (as PyTorch's own bfloat16 GEMMs do) with fp32 accumulation.
+  bool matrix_unit;
   // The tail's weights in the order of its GEMMs:
   std::vector<int64_t> taps[2];  // parity_taps(k, q)
   at::Tensor dec2_by_parity[2];  // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
-  at::Tensor value_weight_t;     // [D, D]: Wv^T, columns in tile_parity_order
+                                 // (bfloat16 on the matrix unit, else acc_t)
+  at::Tensor value_weight_t;     // [D, D]: Wv^T, columns in tile_parity_order; on the matrix
+                                 // unit, packed (cpu::pack_bf16) tile by tile, packed_tile apart
+  int64_t packed_tile = 0;
   at::Tensor value_bias;         // [D]: bv in tile_parity_order
 
   Plan(const Sizes& sizes, const Weights& weights)
-      : s(sizes), acc(c10::CppTypeToScalarType<acc_t>::value), tile(tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())) {
+      : s(sizes),
+        acc(c10::CppTypeToScalarType<acc_t>::value),
+        tile(tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
+        matrix_unit(std::is_same_v<scalar_t, c10::BFloat16> && cpu::has_bf16_matrix_unit()) {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
+    const Weights& tail_weights = matrix_unit ? weights : w;
     for (int64_t q = 0; q < 2; ++q) {
       taps[q] = parity_taps(s.kernel, q);
       const at::Tensor index = at::tensor(taps[q], at::kLong);
-      dec2_by_parity[q] =
-          w[kDec2Weight].index_select(2, index).permute({1, 2, 0}).contiguous().view({s.n_vars, -1});
+      dec2_by_parity[q] = tail_weights[kDec2Weight].index_select(2, index).permute({1, 2, 0})
+                              .contiguous().view({s.n_vars, -1});
     }
     const at::Tensor order = tile_parity_order(s.d_model, tile);
-    value_weight_t = w[kValueWeight].index_select(0, order).t().contiguous();
+    value_weight_t = tail_weights[kValueWeight].index_select(0, order).t().contiguous();
     value_bias = w[kValueBias].index_select(0, order);
+    if (matrix_unit) value_weight_t = packed_by_tile(value_weight_t);
+  }
+
+  // wv_t [D, D] in bfloat16 packed for the matrix unit, one tail tile of columns at a time.
+  at::Tensor packed_by_tile(const at::Tensor& wv_t) {
+    const int64_t D = s.d_model, tiles = (D + tile - 1) / tile;
+    packed_tile = cpu::packed_bf16_size(D, tile);
+    at::Tensor packed = at::empty({tiles * packed_tile}, wv_t.options());
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t o0 = t * tile;
+      cpu::pack_bf16(D, std::min(tile, D - o0), wv_t.data_ptr<c10::BFloat16>() + o0, D,
+                     packed.data_ptr<c10::BFloat16>() + t * packed_tile);
+    }
+    return packed;
   }
 
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
@@ -229,11 +254,14 @@ struct Plan {
 
   TailScratch tail_scratch() const {
     const at::TensorOptions options(acc);
-    const int64_t max_taps = (s.kernel + 1) / 2;
-    return {at::empty({2, max_taps * (s.d_model / 4), tile / 2}, options),
+    const int64_t max_taps = (s.kernel + 1) / 2, max_rhs = max_taps * (s.d_model / 4);
+    return {at::empty({2, max_rhs, tile / 2}, options),
+            matrix_unit ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
+                        : at::Tensor(),
             at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
             at::empty({2, tile}, options),
-            std::is_same_v<scalar_t, acc_t> ? at::Tensor() : at::empty({kTailRows, s.d_model}, options)};
+            std::is_same_v<scalar_t, acc_t> || matrix_unit ? at::Tensor()
+                                                           : at::empty({kTailRows, s.d_model}, options)};
   }
 
   // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half:
@@ -252,6 +280,39 @@ struct Plan {
       block.narrow(1, c1, half - c1).zero_();
     }
     return out;
+  }
+
+  // S_q[rows, half] (row stride ld) = dec2_by_parity[q][r0 : r0 + rows] · rhs, the last
+  // transposed conv for outputs of parity q. rhs: parity_rhs in acc_t; on the matrix
+  // unit, `packed` holds it packed.
+  void scores_gemm(int64_t q, int64_t r0, int64_t rows, const at::Tensor& rhs,
+                   const at::Tensor& packed, acc_t* S_q, int64_t ld) const {
+    const int64_t K = rhs.size(0), half = rhs.size(1);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (matrix_unit) {
+        cpu::gemm_bf16(rows, half, K, dec2_by_parity[q].data_ptr<scalar_t>() + r0 * K, K,
+                       packed.data_ptr<scalar_t>(), S_q, ld, /*accumulate=*/false);
+        return;
+      }
+    }
+    cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K,
+              rhs.data_ptr<acc_t>(), rhs.stride(0), S_q, ld, /*accumulate=*/false);
+  }
+
+  // V[rows, T] = x[b, r0 : r0 + rows] · Wv^T for the tile starting at o0 (no bias).
+  void values_gemm(const at::Tensor& x, int64_t b, int64_t r0, int64_t rows, int64_t o0,
+                   int64_t T, TailScratch& scratch, acc_t* V) const {
+    const int64_t D = s.d_model;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (matrix_unit) {
+        cpu::gemm_bf16(rows, T, D, x[b].data_ptr<scalar_t>() + r0 * D, D,
+                       value_weight_t.data_ptr<scalar_t>() + o0 / tile * packed_tile, V, T,
+                       /*accumulate=*/false);
+        return;
+      }
+    }
+    cpu::gemm(rows, T, D, x_rows_acc(x, b, r0, rows, scratch.x_rows), D,
+              value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
   }
 
   // x[b, r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
@@ -282,7 +343,14 @@ struct Plan {
     acc_t* col_sum = scratch.stats[1].data_ptr<acc_t>();
     const int64_t ld = scratch.scores.stride(0);
     at::Tensor rhs[2];
-    for (int64_t q = 0; q < 2; ++q) rhs[q] = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
+    for (int64_t q = 0; q < 2; ++q) {
+      rhs[q] = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
+      if (matrix_unit && rhs[q].size(0) > 0) {
+        const at::Tensor rhs_bf16 = rhs[q].to(at::kBFloat16);
+        cpu::pack_bf16(rhs_bf16.size(0), half, rhs_bf16.data_ptr<c10::BFloat16>(), half,
+                       scratch.rhs_packed[q].data_ptr<c10::BFloat16>());
+      }
+    }
 
     cpu::softmax_shift(x_tile, D, N, T, shift);
     std::fill(col_sum, col_sum + T, acc_t(0));
@@ -295,8 +363,7 @@ struct Plan {
           for (int64_t r = 0; r < rows; ++r) std::fill(S_q + r * ld, S_q + r * ld + half, acc_t(0));
           continue;
         }
-        cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K,
-                  rhs[q].data_ptr<acc_t>(), rhs[q].stride(0), S_q, ld, /*accumulate=*/false);
+        scores_gemm(q, r0, rows, rhs[q], scratch.rhs_packed.defined() ? scratch.rhs_packed[q] : at::Tensor(), S_q, ld);
       }
       cpu::softmax_numerators(S + r0 * ld, ld, w[kDec2Bias].data_ptr<acc_t>() + r0, rows, T,
                               x_tile + r0 * D, D, shift, col_sum);
@@ -305,8 +372,7 @@ struct Plan {
     for (int64_t c = 0; c < T; ++c) inv_sum[c] = acc_t(1) / col_sum[c];
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
-      cpu::gemm(rows, T, D, x_rows_acc(x, b, r0, rows, scratch.x_rows), D,
-                value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
+      values_gemm(x, b, r0, rows, o0, T, scratch, V);
       cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0, inv_sum,
                           rows, T, x_tile + r0 * D, y_tile + r0 * D, D);
     }
@@ -321,6 +387,7 @@ struct Plan {
         const int64_t b = item / tiles;
         tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, y);
       }
+      if (matrix_unit) cpu::release_bf16_matrix_unit();
     });
   }
 };

@@ -24,6 +24,16 @@ def test_fused_matches_reference(problem, shape, dtype):
     assert_close_to_reference(out, x, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_reference_without_onednn(problem, dtype):
+    # With oneDNN disabled the kernel's GEMMs take ATen's BLAS path instead of oneDNN's
+    # micro-kernels (fp32) and the matrix unit (bf16): the path of CPUs without them.
+    x, w = problem(3, 130, 264, 5, dtype=dtype)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = ck.casa_attention(x, w, backend="cpu")
+    assert_close_to_reference(out, x, w)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(1, 4),
