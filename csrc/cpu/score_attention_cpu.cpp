@@ -155,6 +155,12 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
   return out.relu_();
 }
 
+// Scratch of one head worker (Plan::head_scratch): the columns of a chunk of x in the
+// accumulation type, and on the matrix unit also in bfloat16 and packed.
+struct HeadScratch {
+  at::Tensor cols, cols_bf16, packed;
+};
+
 // Scratch of one tail worker (Plan::tail_scratch).
 struct TailScratch {
   at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
@@ -182,6 +188,7 @@ struct Plan {
                                  // unit, packed (cpu::pack_bf16) tile by tile, packed_tile apart
   int64_t packed_tile = 0;
   at::Tensor value_bias;         // [D]: bv in tile_parity_order
+  at::Tensor enc0_weight;        // on the matrix unit: the first conv's weight in bfloat16
 
   Plan(const Sizes& sizes, const Weights& weights)
       : s(sizes),
@@ -189,17 +196,21 @@ struct Plan {
         tile(tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
         matrix_unit(std::is_same_v<scalar_t, c10::BFloat16> && cpu::has_bf16_matrix_unit()) {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
-    const Weights& tail_weights = matrix_unit ? weights : w;
+    // The weights of the GEMMs that run on the matrix unit there: the caller's bfloat16.
+    const Weights& unit_weights = matrix_unit ? weights : w;
     for (int64_t q = 0; q < 2; ++q) {
       taps[q] = parity_taps(s.kernel, q);
       const at::Tensor index = at::tensor(taps[q], at::kLong);
-      dec2_by_parity[q] = tail_weights[kDec2Weight].index_select(2, index).permute({1, 2, 0})
+      dec2_by_parity[q] = unit_weights[kDec2Weight].index_select(2, index).permute({1, 2, 0})
                               .contiguous().view({s.n_vars, -1});
     }
     const at::Tensor order = tile_parity_order(s.d_model, tile);
-    value_weight_t = tail_weights[kValueWeight].index_select(0, order).t().contiguous();
+    value_weight_t = unit_weights[kValueWeight].index_select(0, order).t().contiguous();
     value_bias = w[kValueBias].index_select(0, order);
-    if (matrix_unit) value_weight_t = packed_by_tile(value_weight_t);
+    if (matrix_unit) {
+      value_weight_t = packed_by_tile(value_weight_t);
+      enc0_weight = weights[kEnc0Weight];
+    }
   }
 
   // wv_t [D, D] in bfloat16 packed for the matrix unit, one tail tile of columns at a time.
@@ -218,29 +229,56 @@ struct Plan {
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
   at::Tensor head(const at::Tensor& x) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel;
-    const at::Tensor weight = w[kEnc0Weight].reshape({C1, N * k});
     const int64_t chunks = (N + kHeadChunk - 1) / kHeadChunk;
     const int64_t threads = at::get_num_threads();
     const int64_t groups = std::min(chunks, std::max<int64_t>(1, (threads + B - 1) / B));
     const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
     parallel_for_aten(B * groups, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor cols = at::empty({kHeadChunk * k, D / 2}, at::TensorOptions(acc));
+      HeadScratch scratch = head_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / groups, g = item % groups;
         at::Tensor out = partial[g].select(1, b);
         for (int64_t c = g; c < chunks; c += groups) {
           const int64_t n0 = c * kHeadChunk, rows = std::min(kHeadChunk, N - n0);
-          const at::Tensor chunk_cols = cols.narrow(0, 0, rows * k);
-          cpu::im2col_s2(x[b].data_ptr<scalar_t>() + n0 * D, D, rows, D, k,
-                         chunk_cols.data_ptr<acc_t>(), D / 2);
-          cpu::gemm(C1, D / 2, rows * k, weight.data_ptr<acc_t>() + n0 * k, N * k,
-                    chunk_cols.data_ptr<acc_t>(), D / 2, out.data_ptr<acc_t>(), out.stride(0),
-                    /*accumulate=*/c != g);
+          head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch,
+                     out.data_ptr<acc_t>(), out.stride(0), /*accumulate=*/c != g);
         }
       }
+      if (matrix_unit) cpu::release_bf16_matrix_unit();
     });
     at::Tensor h1 = groups > 1 ? partial.sum(0) : partial[0];
     return h1.add_(w[kEnc0Bias].view({C1, 1, 1})).relu_();
+  }
+
+  HeadScratch head_scratch() const {
+    const int64_t K = kHeadChunk * s.kernel, L = s.d_model / 2;
+    HeadScratch scratch{at::empty({K, L}, at::TensorOptions(acc))};
+    if (matrix_unit) {
+      scratch.cols_bf16 = at::empty({K, L}, at::kBFloat16);
+      scratch.packed = at::empty({cpu::packed_bf16_size(K, L)}, at::kBFloat16);
+    }
+    return scratch;
+  }
+
+  // out[D/4, D/2] (row stride ldo) (+)= the first conv over rows [n0, n0 + rows) of x[b]
+  // (x_rows points at row n0): enc0_weight[:, n0·k : (n0 + rows)·k] · im2col(x rows).
+  void head_chunk(const scalar_t* x_rows, int64_t n0, int64_t rows, HeadScratch& scratch,
+                  acc_t* out, int64_t ldo, bool accumulate) const {
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel, K = rows * k;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (matrix_unit && K % 2 == 0) {  // the matrix unit takes pairs of K
+        c10::BFloat16* cols = scratch.cols_bf16.data_ptr<c10::BFloat16>();
+        cpu::im2col_s2(x_rows, D, rows, D, k, cols, D / 2);
+        cpu::pack_bf16(K, D / 2, cols, D / 2, scratch.packed.data_ptr<c10::BFloat16>());
+        cpu::gemm_bf16(C1, D / 2, K, enc0_weight.data_ptr<c10::BFloat16>() + n0 * k, N * k,
+                       scratch.packed.data_ptr<c10::BFloat16>(), out, ldo, accumulate);
+        return;
+      }
+    }
+    acc_t* cols = scratch.cols.data_ptr<acc_t>();
+    cpu::im2col_s2(x_rows, D, rows, D, k, cols, D / 2);
+    cpu::gemm(C1, D / 2, K, w[kEnc0Weight].data_ptr<acc_t>() + n0 * k, N * k, cols, D / 2, out,
+              ldo, accumulate);
   }
 
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CASA_TARGET_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
@@ -100,7 +101,11 @@ CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t
       const int64_t t0 = std::min(first_inside(shift), half);
       const int64_t t1 = std::max(std::min(end_inside(shift, L), half), t0);
       for (int64_t t = 0; t < t0; ++t) out[t] = acc_t(0);
-      for (int64_t t = t0; t < t1; ++t) out[t] = load(row, 2 * t + shift);
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        for (int64_t t = t0; t < t1; ++t) out[t] = row[2 * t + shift];
+      } else {
+        for (int64_t t = t0; t < t1; ++t) out[t] = load(row, 2 * t + shift);
+      }
       for (int64_t t = t1; t < half; ++t) out[t] = acc_t(0);
     }
   }
@@ -201,6 +206,7 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
   }
 CASA_IM2COL(CASA_TARGET_CLONES, float, float)
 CASA_IM2COL(CASA_TARGET_CLONES, float, c10::BFloat16)
+CASA_IM2COL(, c10::BFloat16, c10::BFloat16)
 CASA_IM2COL(, double, double)
 
 #define CASA_COL2IM(attr, acc_t)                                                                \

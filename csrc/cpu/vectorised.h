@@ -17,6 +17,8 @@ void im2col_s2(const float* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
                int64_t dst_ld);
 void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
                float* dst, int64_t dst_ld);
+void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
+               c10::BFloat16* dst, int64_t dst_ld);
 void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k, double* dst,
                int64_t dst_ld);
 
