@@ -101,18 +101,31 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
 }
 
 // out = a @ b (+ bias[:, None]) with the columns split across threads: the kernel keeps
-// to one pool of threads (torch's workers) instead of handing the BLAS its own.
+// to one pool of threads (torch's workers) instead of handing the BLAS its own. With
+// matrix_unit the GEMM takes a and b rounded to bfloat16 (out stays fp32).
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                 const at::Tensor* bias) {
-  const int64_t n = out.size(1);
+                 const at::Tensor* bias, bool matrix_unit) {
+  const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
   const int64_t threads = at::get_num_threads();
   const int64_t grain = std::max<int64_t>(32, (n + threads - 1) / threads);
+  const at::Tensor a_bf16 = matrix_unit ? a.to(at::kBFloat16).contiguous() : at::Tensor();
   parallel_for_aten(n, grain, [&](int64_t c0, int64_t c1) {
     at::Tensor block = out.narrow(1, c0, c1 - c0);
-    if (bias != nullptr) {
-      at::addmm_out(block, *bias, a, b.narrow(1, c0, c1 - c0));
+    const at::Tensor b_block = b.narrow(1, c0, c1 - c0);
+    if (matrix_unit) {
+      const at::Tensor b_bf16 = b_block.to(at::kBFloat16).contiguous();
+      at::Tensor packed = at::empty({cpu::packed_bf16_size(K, c1 - c0)}, at::kBFloat16);
+      cpu::pack_bf16(K, c1 - c0, b_bf16.data_ptr<c10::BFloat16>(), c1 - c0,
+                     packed.data_ptr<c10::BFloat16>());
+      cpu::gemm_bf16(M, c1 - c0, K, a_bf16.data_ptr<c10::BFloat16>(), K,
+                     packed.data_ptr<c10::BFloat16>(), block.data_ptr<float>(), n,
+                     /*accumulate=*/false);
+      cpu::release_bf16_matrix_unit();
+      if (bias != nullptr) block.add_(*bias);
+    } else if (bias != nullptr) {
+      at::addmm_out(block, *bias, a, b_block);
     } else {
-      at::mm_out(block, a, b.narrow(1, c0, c1 - c0));
+      at::mm_out(block, a, b_block);
     }
   });
 }
@@ -121,7 +134,7 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 // in [Cin, B, L] -> [Cout, B, L/2].
 template <typename acc_t>
 at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& in,
-                     int64_t k) {
+                     int64_t k, bool matrix_unit) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = weight.size(0);
   at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -133,7 +146,7 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
   at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
   const at::Tensor column_bias = bias.unsqueeze(1);
   parallel_mm(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
-              cols.view({Cin * k, B * L / 2}), &column_bias);
+              cols.view({Cin * k, B * L / 2}), &column_bias, matrix_unit);
   return out.relu_();
 }
 
@@ -141,10 +154,11 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
 // in one GEMM: in [Cin, B, L] -> [Cout, B, 2L].
 template <typename acc_t>
 at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
-                               const at::Tensor& in, int64_t k) {
+                               const at::Tensor& in, int64_t k, bool matrix_unit) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
-  parallel_mm(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr);
+  parallel_mm(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr,
+              matrix_unit);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -284,10 +298,10 @@ struct Plan {
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
   at::Tensor bottleneck(const at::Tensor& h1) const {
     const int64_t k = s.kernel;
-    at::Tensor h = conv_relu<acc_t>(w[kEnc1Weight], w[kEnc1Bias], h1, k);
-    h = conv_relu<acc_t>(w[kEnc2Weight], w[kEnc2Bias], h, k);
-    h = conv_transpose_relu<acc_t>(w[kDec0Weight], w[kDec0Bias], h, k);
-    return conv_transpose_relu<acc_t>(w[kDec1Weight], w[kDec1Bias], h, k);
+    at::Tensor h = conv_relu<acc_t>(w[kEnc1Weight], w[kEnc1Bias], h1, k, matrix_unit);
+    h = conv_relu<acc_t>(w[kEnc2Weight], w[kEnc2Bias], h, k, matrix_unit);
+    h = conv_transpose_relu<acc_t>(w[kDec0Weight], w[kDec0Bias], h, k, matrix_unit);
+    return conv_transpose_relu<acc_t>(w[kDec1Weight], w[kDec1Bias], h, k, matrix_unit);
   }
 
   TailScratch tail_scratch() const {
