@@ -22,7 +22,10 @@
 //      numerators (vectorised.h), pass 2 runs the value GEMM on the block and writes y.
 //
 // The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
-// (sequential_blas.h), so only one pool of threads ever runs.
+// (sequential_blas.h), so only one pool of threads ever runs. For bfloat16 input on a CPU
+// with a bfloat16 matrix unit (AMX) they take bfloat16 operands (activations rounded to
+// bfloat16 between layers, as in PyTorch's own bfloat16 convolutions) and accumulate in
+// fp32; elsewhere bfloat16 input is computed in fp32.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
 // and per tail worker S[N, T] (T <= D, tail_tile_width) plus O(D^2) more (for bfloat16
