@@ -103,9 +103,11 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
   });
 }
 
-// out = a @ b (+ bias[:, None]) with the columns split across threads: the kernel keeps
-// to one pool of threads (torch's workers) instead of handing the BLAS its own. With
-// matrix_unit the GEMM takes a and b rounded to bfloat16 (out stays fp32).
+// out = a @ b, then relu(out + bias[:, None]) when bias is given, with the columns split
+// across threads: the kernel keeps to one pool of threads (torch's workers) instead of
+// handing the BLAS its own. With matrix_unit the GEMM takes a and b rounded to bfloat16
+// (out stays fp32). out: contiguous.
+template <typename acc_t>
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias, bool matrix_unit) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
@@ -124,11 +126,11 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
                      packed.data_ptr<c10::BFloat16>(), block.data_ptr<float>(), n,
                      /*accumulate=*/false);
       cpu::release_bf16_matrix_unit();
-      if (bias != nullptr) block.add_(*bias);
-    } else if (bias != nullptr) {
-      at::addmm_out(block, *bias, a, b_block);
     } else {
       at::mm_out(block, a, b_block);
+    }
+    if (bias != nullptr) {
+      cpu::add_bias_relu(block.data_ptr<acc_t>(), n, M, c1 - c0, bias->data_ptr<acc_t>());
     }
   });
 }
@@ -147,10 +149,9 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
     }
   });
   at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
-  const at::Tensor column_bias = bias.unsqueeze(1);
-  parallel_mm(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
-              cols.view({Cin * k, B * L / 2}), &column_bias, matrix_unit);
-  return out.relu_();
+  parallel_mm<acc_t>(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
+                     cols.view({Cin * k, B * L / 2}), &bias, matrix_unit);
+  return out;
 }
 
 // relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch element
@@ -160,8 +161,8 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
                                const at::Tensor& in, int64_t k, bool matrix_unit) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
-  parallel_mm(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr,
-              matrix_unit);
+  parallel_mm<acc_t>(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr,
+                     matrix_unit);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -130,6 +130,19 @@ CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t 
   }
 }
 
+template <typename acc_t>
+CASA_INLINE void add_bias_relu_impl(acc_t* __restrict out, int64_t ld, int64_t rows,
+                                    int64_t cols, const acc_t* __restrict bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* __restrict o = out + r * ld;
+    const acc_t b = bias[r];
+    for (int64_t c = 0; c < cols; ++c) {
+      const acc_t v = o[c] + b;
+      o[c] = v > acc_t(0) ? v : acc_t(0);
+    }
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 CASA_INLINE void softmax_shift_impl(const scalar_t* __restrict x, int64_t D, int64_t N, int64_t T,
                                     acc_t* __restrict shift) {
@@ -217,6 +230,14 @@ CASA_IM2COL(, double, double)
   }
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)
+
+#define CASA_ADD_BIAS_RELU(attr, acc_t)                                                        \
+  attr void add_bias_relu(acc_t* out, int64_t ld, int64_t rows, int64_t cols,                  \
+                          const acc_t* bias) {                                                 \
+    add_bias_relu_impl(out, ld, rows, cols, bias);                                             \
+  }
+CASA_ADD_BIAS_RELU(CASA_TARGET_CLONES, float)
+CASA_ADD_BIAS_RELU(, double)
 
 #define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                    \
   attr void softmax_shift(const scalar_t* x, int64_t D, int64_t N, int64_t T, acc_t* shift) {  \

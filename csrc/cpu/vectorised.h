@@ -32,6 +32,11 @@ void col2im_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t 
 void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0, int64_t ni,
                int64_t o0, int64_t T, const double* bias, double* out, int64_t ldo);
 
+// out[r·ld + c] = max(out[r·ld + c] + bias[r], 0) for r < rows, c < cols: a conv's bias
+// and ReLU on its GEMM output, one block of columns at a time.
+void add_bias_relu(float* out, int64_t ld, int64_t rows, int64_t cols, const float* bias);
+void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const double* bias);
+
 // The softmax end of the tail (DESIGN §5, stage 3) for one tile of T output columns
 // (T even), computed as
 //   y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x.
