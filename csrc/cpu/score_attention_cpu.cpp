@@ -166,8 +166,8 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, 0, L, 0, 2 * L,
-                     bias.data_ptr<acc_t>(), out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
+      cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
+                     out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
     }
   });
   return out.relu_();

@@ -113,19 +113,19 @@ CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t
 
 template <typename acc_t>
 CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t rows, int64_t k,
-                             int64_t i0, int64_t ni, int64_t o0, int64_t T,
-                             const acc_t* __restrict bias, acc_t* __restrict out, int64_t ldo) {
+                             int64_t L, const acc_t* __restrict bias, acc_t* __restrict out,
+                             int64_t ldo) {
   const int64_t p = k / 2;
   for (int64_t n = 0; n < rows; ++n) {
     acc_t* __restrict o = out + n * ldo;
-    for (int64_t c = 0; c < T; ++c) o[c] = bias[n];
+    for (int64_t c = 0; c < 2 * L; ++c) o[c] = bias[n];
     for (int64_t j = 0; j < k; ++j) {
       const acc_t* __restrict in = cols + (n * k + j) * ldc;
-      // Column c of the tile is output o0 + c = 2i - p + j, i.e. c = 2(i - i0) + shift.
-      const int64_t shift = 2 * i0 - p + j - o0;
-      const int64_t a0 = std::min(first_inside(shift), ni);
-      const int64_t a1 = std::max(std::min(end_inside(shift, T), ni), a0);
-      for (int64_t a = a0; a < a1; ++a) o[2 * a + shift] += in[a];
+      // Input column i lands on output 2i + shift.
+      const int64_t shift = j - p;
+      const int64_t i0 = std::min(first_inside(shift), L);
+      const int64_t i1 = std::max(std::min(end_inside(shift, 2 * L), L), i0);
+      for (int64_t i = i0; i < i1; ++i) o[2 * i + shift] += in[i];
     }
   }
 }
@@ -223,10 +223,9 @@ CASA_IM2COL(, c10::BFloat16, c10::BFloat16)
 CASA_IM2COL(, double, double)
 
 #define CASA_COL2IM(attr, acc_t)                                                                \
-  attr void col2im_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0,    \
-                      int64_t ni, int64_t o0, int64_t T, const acc_t* bias, acc_t* out,       \
-                      int64_t ldo) {                                                          \
-    col2im_impl(cols, ldc, rows, k, i0, ni, o0, T, bias, out, ldo);                           \
+  attr void col2im_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,    \
+                      const acc_t* bias, acc_t* out, int64_t ldo) {                           \
+    col2im_impl(cols, ldc, rows, k, L, bias, out, ldo);                                       \
   }
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)

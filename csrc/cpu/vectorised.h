@@ -23,14 +23,13 @@ void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k
                int64_t dst_ld);
 
 // The scatter of a stride-2 transposed conv (output_padding 1) after its GEMM:
-// cols[(n·k + j)·ldc + a] holds Σ_ci W[ci, n, j]·in[ci, i0 + a] for a < ni; output
-// column o = 2i - p + j. Writes, for the tile of output columns [o0, o0 + T),
-// out[n·ldo + c] = bias[n] + Σ_{i, j : 2i - p + j = o0 + c} cols[(n·k + j)·ldc + i - i0],
-// for n < rows. The caller passes every input column i that reaches the tile.
-void col2im_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0, int64_t ni,
-               int64_t o0, int64_t T, const float* bias, float* out, int64_t ldo);
-void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t i0, int64_t ni,
-               int64_t o0, int64_t T, const double* bias, double* out, int64_t ldo);
+// cols[(n·k + j)·ldc + i] holds Σ_ci W[ci, n, j]·in[ci, i] for i < L; output column
+// o = 2i - p + j. Writes out[n·ldo + o] = bias[n] + Σ_{i, j : 2i - p + j = o}
+// cols[(n·k + j)·ldc + i] for o < 2L, n < rows.
+void col2im_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
+               const float* bias, float* out, int64_t ldo);
+void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
+               const double* bias, double* out, int64_t ldo);
 
 // out[r·ld + c] = max(out[r·ld + c] + bias[r], 0) for r < rows, c < cols: a conv's bias
 // and ReLU on its GEMM output, one block of columns at a time.
