@@ -185,7 +185,8 @@ struct TailScratch {
   at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, on the matrix unit
   at::Tensor scores;  // [N, T]
   at::Tensor values;  // [kTailRows, T]
-  at::Tensor stats;   // [2, T]: softmax shift, then column sums
+  at::Tensor shift;   // [row blocks, T]: each block's softmax shift, then its scale
+  at::Tensor sum;     // [row blocks + 2, T]: each block's column sums, then two rows of scratch
   at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input off the matrix unit
 };
 
@@ -246,7 +247,7 @@ struct Plan {
 
   // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
   at::Tensor head(const at::Tensor& x) const {
-    const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel;
+    const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
     const int64_t chunks = (N + kHeadChunk - 1) / kHeadChunk;
     const int64_t threads = at::get_num_threads();
     const int64_t groups = std::min(chunks, std::max<int64_t>(1, (threads + B - 1) / B));
@@ -311,11 +312,12 @@ struct Plan {
   TailScratch tail_scratch() const {
     const at::TensorOptions options(acc);
     const int64_t max_taps = (s.kernel + 1) / 2, max_rhs = max_taps * (s.d_model / 4);
+    const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows;
     return {at::empty({2, max_rhs, tile / 2}, options),
             matrix_unit ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
                         : at::Tensor(),
             at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
-            at::empty({2, tile}, options),
+            at::empty({blocks, tile}, options), at::empty({blocks + 2, tile}, options),
             std::is_same_v<scalar_t, acc_t> || matrix_unit ? at::Tensor()
                                                            : at::empty({kTailRows, s.d_model}, options)};
   }
@@ -395,8 +397,8 @@ struct Plan {
     scalar_t* y_tile = y[b].data_ptr<scalar_t>() + o0;
     acc_t* S = scratch.scores.data_ptr<acc_t>();
     acc_t* V = scratch.values.data_ptr<acc_t>();
-    acc_t* shift = scratch.stats[0].data_ptr<acc_t>();
-    acc_t* col_sum = scratch.stats[1].data_ptr<acc_t>();
+    acc_t* shift = scratch.shift.data_ptr<acc_t>();  // [blocks, T] (tile columns)
+    acc_t* sum = scratch.sum.data_ptr<acc_t>();
     const int64_t ld = scratch.scores.stride(0);
     at::Tensor rhs[2];
     for (int64_t q = 0; q < 2; ++q) {
@@ -408,8 +410,6 @@ struct Plan {
       }
     }
 
-    cpu::softmax_shift(x_tile, D, N, T, shift);
-    std::fill(col_sum, col_sum + T, acc_t(0));
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
       for (int64_t q = 0; q < 2; ++q) {
@@ -422,14 +422,16 @@ struct Plan {
         scores_gemm(q, r0, rows, rhs[q], scratch.rhs_packed.defined() ? scratch.rhs_packed[q] : at::Tensor(), S_q, ld);
       }
       cpu::softmax_numerators(S + r0 * ld, ld, w[kDec2Bias].data_ptr<acc_t>() + r0, rows, T,
-                              x_tile + r0 * D, D, shift, col_sum);
+                              x_tile + r0 * D, D, shift + r0 / kTailRows * T,
+                              sum + r0 / kTailRows * T);
     }
-    acc_t* inv_sum = col_sum;
-    for (int64_t c = 0; c < T; ++c) inv_sum[c] = acc_t(1) / col_sum[c];
+    const int64_t blocks = (N + kTailRows - 1) / kTailRows;
+    cpu::softmax_block_scales(shift, sum, blocks, T, sum + blocks * T, sum + (blocks + 1) * T);
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
       values_gemm(x, b, r0, rows, o0, T, scratch, V);
-      cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0, inv_sum,
+      cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0,
+                          shift + r0 / kTailRows * T,
                           rows, T, x_tile + r0 * D, y_tile + r0 * D, D);
     }
   }

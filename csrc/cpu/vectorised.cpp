@@ -24,21 +24,26 @@ namespace cpu {
 namespace {
 
 // exp for float in a form the compiler vectorises: 2^n · p(r) with x = n·ln2 + r,
-// |r| <= ln2/2 and p a degree-7 polynomial (Cephes' expf coefficients; relative
-// error ~2e-7). Inputs are clamped to [-87, 88], so exp underflows to ~1e-38, not 0.
+// |r| <= ln2/2 and p a degree-5 polynomial fitted for relative error (7.5e-8 before
+// rounding, below half an ulp). n is rounded by adding 1.5·2^23 + 127 (the float then
+// holds n + 127 in its low mantissa bits, which shifted into the exponent field give
+// 2^n). Inputs are clamped to [-87, 88], so exp underflows to ~1e-38, not 0.
 CASA_INLINE float exp_vectorisable(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // Round to nearest by adding and subtracting 1.5·2^23 (exact without -ffast-math).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  x = x > -87.0f ? x : -87.0f;
+  x = x < 88.0f ? x : 88.0f;
+  constexpr float kRoundBiased = 12582912.0f + 127.0f;
+  const float biased = x * 1.44269504088896341f + kRoundBiased;
+  const float n = biased - kRoundBiased;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float p = 8.297654800117016e-3f;
+  p = p * r + 4.191538318991661e-2f;
+  p = p * r + 1.6667574644088745e-1f;
+  p = p * r + 4.9998894333839417e-1f;
+  p = p * r + 9.999997019767761e-1f;
+  p = p * r + 1.0000001192092896f;
+  uint32_t bits;
+  std::memcpy(&bits, &biased, sizeof(bits));
+  bits <<= 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -144,11 +149,13 @@ CASA_INLINE void add_bias_relu_impl(acc_t* __restrict out, int64_t ld, int64_t r
 }
 
 template <typename acc_t, typename scalar_t>
-CASA_INLINE void softmax_shift_impl(const scalar_t* __restrict x, int64_t D, int64_t N, int64_t T,
-                                    acc_t* __restrict shift) {
+CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
+                                         const acc_t* __restrict score_bias, int64_t rows,
+                                         int64_t T, const scalar_t* __restrict x, int64_t D,
+                                         acc_t* __restrict shift, acc_t* __restrict sum) {
   const int64_t half = T / 2;
   for (int64_t c = 0; c < T; ++c) shift[c] = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n < rows; ++n) {
     const scalar_t* __restrict xr = x + n * D;
     for (int64_t c = 0; c < half; ++c) {
       acc_t even, odd;
@@ -157,16 +164,10 @@ CASA_INLINE void softmax_shift_impl(const scalar_t* __restrict x, int64_t D, int
       shift[half + c] = odd > shift[half + c] ? odd : shift[half + c];
     }
   }
-  for (int64_t c = 0; c < T; ++c) shift[c] += acc_t(1);
-}
-
-template <typename acc_t, typename scalar_t>
-CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
-                                         const acc_t* __restrict score_bias, int64_t rows,
-                                         int64_t T, const scalar_t* __restrict x, int64_t D,
-                                         const acc_t* __restrict shift,
-                                         acc_t* __restrict col_sum) {
-  const int64_t half = T / 2;
+  for (int64_t c = 0; c < T; ++c) {
+    shift[c] += acc_t(1);
+    sum[c] = acc_t(0);
+  }
   for (int64_t n = 0; n < rows; ++n) {
     acc_t* __restrict s = scores + n * ld;
     const acc_t b = score_bias[n];
@@ -180,9 +181,32 @@ CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
           acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) + x_odd - shift[half + c]);
       s[c] = even;
       s[half + c] = odd;
-      col_sum[c] += even;
-      col_sum[half + c] += odd;
+      sum[c] += even;
+      sum[half + c] += odd;
     }
+  }
+}
+
+template <typename acc_t>
+CASA_INLINE void softmax_block_scales_impl(acc_t* __restrict shift, const acc_t* __restrict sum,
+                                           int64_t blocks, int64_t T, acc_t* __restrict top,
+                                           acc_t* __restrict total) {
+  for (int64_t c = 0; c < T; ++c) {
+    top[c] = shift[c];
+    total[c] = acc_t(0);
+  }
+  for (int64_t i = 1; i < blocks; ++i) {
+    for (int64_t c = 0; c < T; ++c) top[c] = shift[i * T + c] > top[c] ? shift[i * T + c] : top[c];
+  }
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int64_t c = 0; c < T; ++c) {
+      shift[i * T + c] = exp_vectorisable(shift[i * T + c] - top[c]);
+      total[c] += sum[i * T + c] * shift[i * T + c];
+    }
+  }
+  for (int64_t c = 0; c < T; ++c) total[c] = acc_t(1) / total[c];
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int64_t c = 0; c < T; ++c) shift[i * T + c] *= total[c];
   }
 }
 
@@ -190,7 +214,7 @@ template <typename acc_t, typename scalar_t>
 CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t ld,
                                      const acc_t* __restrict values, int64_t ldv,
                                      const acc_t* __restrict value_bias,
-                                     const acc_t* __restrict inv_sum, int64_t rows, int64_t T,
+                                     const acc_t* __restrict scale, int64_t rows, int64_t T,
                                      const scalar_t* __restrict x, scalar_t* __restrict y,
                                      int64_t D) {
   const int64_t half = T / 2;
@@ -202,8 +226,8 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
     for (int64_t c = 0; c < half; ++c) {
       acc_t x_even, x_odd;
       load_pair(xr, c, x_even, x_odd);
-      store_pair(yr, c, e[c] * inv_sum[c] * (v[c] + value_bias[c]) + x_even,
-                 e[half + c] * inv_sum[half + c] * (v[half + c] + value_bias[half + c]) + x_odd);
+      store_pair(yr, c, e[c] * scale[c] * (v[c] + value_bias[c]) + x_even,
+                 e[half + c] * scale[half + c] * (v[half + c] + value_bias[half + c]) + x_odd);
     }
   }
 }
@@ -239,23 +263,28 @@ CASA_ADD_BIAS_RELU(CASA_TARGET_CLONES, float)
 CASA_ADD_BIAS_RELU(, double)
 
 #define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                    \
-  attr void softmax_shift(const scalar_t* x, int64_t D, int64_t N, int64_t T, acc_t* shift) {  \
-    softmax_shift_impl(x, D, N, T, shift);                                                     \
-  }                                                                                            \
   attr void softmax_numerators(acc_t* scores, int64_t ld, const acc_t* score_bias,            \
                                int64_t rows, int64_t T, const scalar_t* x, int64_t D,         \
-                               const acc_t* shift, acc_t* col_sum) {                          \
-    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, col_sum);            \
+                               acc_t* shift, acc_t* sum) {                                    \
+    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, sum);                \
   }                                                                                            \
   attr void softmax_output(const acc_t* numerators, int64_t ld, const acc_t* values,          \
-                           int64_t ldv, const acc_t* value_bias, const acc_t* inv_sum,        \
+                           int64_t ldv, const acc_t* value_bias, const acc_t* scale,          \
                            int64_t rows, int64_t T, const scalar_t* x, scalar_t* y,           \
                            int64_t D) {                                                        \
-    softmax_output_impl(numerators, ld, values, ldv, value_bias, inv_sum, rows, T, x, y, D);   \
+    softmax_output_impl(numerators, ld, values, ldv, value_bias, scale, rows, T, x, y, D);     \
   }
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, float)
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
 CASA_SOFTMAX(, double, double)
+
+#define CASA_BLOCK_SCALES(attr, acc_t)                                                         \
+  attr void softmax_block_scales(acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T,   \
+                                 acc_t* top, acc_t* total) {                                   \
+    softmax_block_scales_impl(shift, sum, blocks, T, top, total);                              \
+  }
+CASA_BLOCK_SCALES(CASA_TARGET_CLONES, float)
+CASA_BLOCK_SCALES(, double)
 
 }  // namespace cpu
 }  // namespace casa

@@ -38,44 +38,49 @@ void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const do
 
 // The softmax end of the tail (DESIGN §5, stage 3) for one tile of T output columns
 // (T even), computed as
-//   y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x.
-// Per-column arrays (scores, values, value_bias, shift, col_sum, inv_sum) are in parity
-// order: entry c < T/2 is the tile's output column 2c, entry T/2 + c its column 2c + 1.
-// x and y point at the tile's first column of the first row given, rows D apart, in
-// natural column order. The functions take any block of rows, so the caller can keep
-// a block's GEMM output in cache while it is used.
+//   y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x
+// one block of rows at a time, so that the caller can use each block's GEMM output
+// while it is in cache. Per-column arrays (scores, values, value_bias, shift, sum,
+// scale) are in parity order: entry c < T/2 is the tile's output column 2c, entry
+// T/2 + c its column 2c + 1. x and y point at the tile's first column of the block's
+// first row, rows D apart, in natural column order.
 //
-// The softmax is shifted by max_N(x) + 1 per column rather than by the scores' own
-// maximum: sigmoid lies in (0, 1), so the shift is within 1 of that maximum and exp
-// neither overflows nor underflows for the largest term.
-
-// shift[c] = 1 + max over the N rows of x in column c.
-void softmax_shift(const float* x, int64_t D, int64_t N, int64_t T, float* shift);
-void softmax_shift(const c10::BFloat16* x, int64_t D, int64_t N, int64_t T, float* shift);
-void softmax_shift(const double* x, int64_t D, int64_t N, int64_t T, double* shift);
+// Each block i is shifted by its own shift_i = 1 + max of x over the block's rows, per
+// column: sigmoid lies in (0, 1), so the shift is within 1 of the block's largest
+// exponent and exp neither overflows nor underflows for it. softmax_block_scales then
+// puts the blocks on a common shift. The block's x rows are read once from memory and
+// again from cache, where one shift over all N would read x once more.
 
 // For `rows` rows: scores (the last transposed conv without its bias, [rows, ld]) become
-// e = exp(sigmoid(scores + score_bias[n]) + x - shift), and col_sum += e.
+// e = exp(sigmoid(scores + score_bias[n]) + x - shift), with shift[c] (written) = 1 +
+// max over the rows of x in column c, and sum[c] (written) = Σ_n e.
 void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
-                        int64_t T, const float* x, int64_t D, const float* shift,
-                        float* col_sum);
+                        int64_t T, const float* x, int64_t D, float* shift, float* sum);
 void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
-                        int64_t T, const c10::BFloat16* x, int64_t D, const float* shift,
-                        float* col_sum);
+                        int64_t T, const c10::BFloat16* x, int64_t D, float* shift, float* sum);
 void softmax_numerators(double* scores, int64_t ld, const double* score_bias, int64_t rows,
-                        int64_t T, const double* x, int64_t D, const double* shift,
-                        double* col_sum);
+                        int64_t T, const double* x, int64_t D, double* shift, double* sum);
 
-// For `rows` rows: y = numerators * inv_sum * (values + value_bias) + x, with values
-// ([rows, ldv]) = x Wv^T without its bias and inv_sum = 1 / col_sum.
+// From the `blocks` blocks' shift and sum ([blocks, T] each), the factor that turns each
+// block's numerators into softmax weights: shift[i, c] becomes
+// exp(shift[i, c] - top[c]) / Σ_j sum[j, c]·exp(shift[j, c] - top[c]), top[c] = max_j
+// shift[j, c]. top and total are scratch of T entries.
+void softmax_block_scales(float* shift, const float* sum, int64_t blocks, int64_t T, float* top,
+                          float* total);
+void softmax_block_scales(double* shift, const double* sum, int64_t blocks, int64_t T,
+                          double* top, double* total);
+
+// For `rows` rows of one block: y = numerators * scale * (values + value_bias) + x, with
+// values ([rows, ldv]) = x Wv^T without its bias and scale the block's row of
+// softmax_block_scales.
 void softmax_output(const float* numerators, int64_t ld, const float* values, int64_t ldv,
-                    const float* value_bias, const float* inv_sum, int64_t rows, int64_t T,
+                    const float* value_bias, const float* scale, int64_t rows, int64_t T,
                     const float* x, float* y, int64_t D);
 void softmax_output(const float* numerators, int64_t ld, const float* values, int64_t ldv,
-                    const float* value_bias, const float* inv_sum, int64_t rows, int64_t T,
+                    const float* value_bias, const float* scale, int64_t rows, int64_t T,
                     const c10::BFloat16* x, c10::BFloat16* y, int64_t D);
 void softmax_output(const double* numerators, int64_t ld, const double* values, int64_t ldv,
-                    const double* value_bias, const double* inv_sum, int64_t rows, int64_t T,
+                    const double* value_bias, const double* scale, int64_t rows, int64_t T,
                     const double* x, double* y, int64_t D);
 
 }  // namespace cpu

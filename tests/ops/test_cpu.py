@@ -49,6 +49,19 @@ def test_fused_matches_reference_fuzzed(batch, n_vars, d_eighths, kernel, seed):
     assert_close_to_reference(ck.casa_attention(x, w, backend="cpu"), x, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_softmax_over_row_blocks_with_distant_maxima(problem, dtype):
+    # The tail shifts each block of 64 rows by its own maximum of x and rescales the
+    # blocks afterwards: here the blocks' maxima lie 40 apart in either direction, column
+    # by column, so a block's weights are ~e^-40 of another's (and some underflow).
+    x, w = problem(2, 200, 48, 3, dtype=dtype)
+    offset = torch.zeros(200, 48, dtype=dtype)
+    offset[64:128, ::2] = 40.0
+    offset[128:, 1::2] = -40.0
+    x = x + offset
+    assert_close_to_reference(ck.casa_attention(x, w, backend="cpu"), x, w)
+
+
 def test_non_contiguous_input(problem):
     x, w = problem(3, 9, 32, 3)
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
