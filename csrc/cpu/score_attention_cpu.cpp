@@ -6,7 +6,7 @@
 //   of the input (im2col_s2, K = Cin·k, zeros only at the two borders);
 // * stride-2 transposed conv (output_padding 1), in the bottleneck: weight [Cin, Cout, k]
 //   viewed as [Cin, Cout·k], transposed, times the input gives one row per (output
-//   channel, tap); col2im_s2 adds each tap into output column 2i - p + j;
+//   channel, tap); col2im_relu_s2 adds each tap into output column 2i - p + j;
 // * the last transposed conv, in the tail: one GEMM per output parity q, on the taps
 //   that reach it (parity_taps): output 2u + q takes tap j from input u + (q + p - j)/2.
 // No structural zeros are multiplied.
@@ -166,11 +166,11 @@ at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      cpu::col2im_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
-                     out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
+      cpu::col2im_relu_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L,
+                          bias.data_ptr<acc_t>(), out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
     }
   });
-  return out.relu_();
+  return out;
 }
 
 // Scratch of one head worker (Plan::head_scratch): the columns of a chunk of x in the

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CASA_TARGET_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
@@ -116,21 +117,29 @@ CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t
   }
 }
 
+// Sums each output parity in its own contiguous buffer (even, odd: L entries each), so
+// every tap is a contiguous vector add, then interleaves them with the ReLU.
 template <typename acc_t>
-CASA_INLINE void col2im_impl(const acc_t* __restrict cols, int64_t ldc, int64_t rows, int64_t k,
-                             int64_t L, const acc_t* __restrict bias, acc_t* __restrict out,
-                             int64_t ldo) {
+CASA_INLINE void col2im_relu_impl(const acc_t* __restrict cols, int64_t ldc, int64_t rows,
+                                  int64_t k, int64_t L, const acc_t* __restrict bias,
+                                  acc_t* __restrict out, int64_t ldo) {
   const int64_t p = k / 2;
+  std::vector<acc_t> sums(2 * L);
+  acc_t* __restrict even = sums.data();
+  acc_t* __restrict odd = even + L;
   for (int64_t n = 0; n < rows; ++n) {
-    acc_t* __restrict o = out + n * ldo;
-    for (int64_t c = 0; c < 2 * L; ++c) o[c] = bias[n];
+    for (int64_t u = 0; u < L; ++u) even[u] = odd[u] = bias[n];
     for (int64_t j = 0; j < k; ++j) {
       const acc_t* __restrict in = cols + (n * k + j) * ldc;
-      // Input column i lands on output 2i + shift.
-      const int64_t shift = j - p;
-      const int64_t i0 = std::min(first_inside(shift), L);
-      const int64_t i1 = std::max(std::min(end_inside(shift, 2 * L), L), i0);
-      for (int64_t i = i0; i < i1; ++i) o[2 * i + shift] += in[i];
+      // Input column i lands on output 2i + j - p = 2(i + d) + q.
+      const int64_t q = (j - p) & 1, d = (j - p - q) / 2;
+      acc_t* __restrict sum = q == 0 ? even : odd;
+      const int64_t i0 = std::max<int64_t>(0, -d), i1 = std::min(L, L - d);
+      for (int64_t i = i0; i < i1; ++i) sum[i + d] += in[i];
+    }
+    acc_t* __restrict o = out + n * ldo;
+    for (int64_t u = 0; u < L; ++u) {
+      store_pair(o, u, even[u] > acc_t(0) ? even[u] : acc_t(0), odd[u] > acc_t(0) ? odd[u] : acc_t(0));
     }
   }
 }
@@ -247,9 +256,9 @@ CASA_IM2COL(, c10::BFloat16, c10::BFloat16)
 CASA_IM2COL(, double, double)
 
 #define CASA_COL2IM(attr, acc_t)                                                                \
-  attr void col2im_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,    \
-                      const acc_t* bias, acc_t* out, int64_t ldo) {                           \
-    col2im_impl(cols, ldc, rows, k, L, bias, out, ldo);                                       \
+  attr void col2im_relu_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L, \
+                           const acc_t* bias, acc_t* out, int64_t ldo) {                      \
+    col2im_relu_impl(cols, ldc, rows, k, L, bias, out, ldo);                                  \
   }
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)

@@ -22,14 +22,14 @@ void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, in
 void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k, double* dst,
                int64_t dst_ld);
 
-// The scatter of a stride-2 transposed conv (output_padding 1) after its GEMM:
-// cols[(n·k + j)·ldc + i] holds Σ_ci W[ci, n, j]·in[ci, i] for i < L; output column
-// o = 2i - p + j. Writes out[n·ldo + o] = bias[n] + Σ_{i, j : 2i - p + j = o}
-// cols[(n·k + j)·ldc + i] for o < 2L, n < rows.
-void col2im_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
-               const float* bias, float* out, int64_t ldo);
-void col2im_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
-               const double* bias, double* out, int64_t ldo);
+// The scatter of a stride-2 transposed conv (output_padding 1) after its GEMM, with its
+// bias and ReLU: cols[(n·k + j)·ldc + i] holds Σ_ci W[ci, n, j]·in[ci, i] for i < L;
+// output column o = 2i - p + j. Writes out[n·ldo + o] = max(0, bias[n] + Σ_{i, j :
+// 2i - p + j = o} cols[(n·k + j)·ldc + i]) for o < 2L, n < rows.
+void col2im_relu_s2(const float* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
+                    const float* bias, float* out, int64_t ldo);
+void col2im_relu_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L,
+                    const double* bias, double* out, int64_t ldo);
 
 // out[r·ld + c] = max(out[r·ld + c] + bias[r], 0) for r < rows, c < cols: a conv's bias
 // and ReLU on its GEMM output, one block of columns at a time.
