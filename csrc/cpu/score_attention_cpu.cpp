@@ -262,11 +262,18 @@ struct Plan {
           head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch,
                      out.data_ptr<acc_t>(), out.stride(0), /*accumulate=*/c != g);
         }
+        if (groups == 1) {  // b's sum is complete
+          cpu::add_bias_relu(out.data_ptr<acc_t>(), out.stride(0), C1, D / 2,
+                             w[kEnc0Bias].data_ptr<acc_t>());
+        }
       }
       if (matrix_unit) cpu::release_bf16_matrix_unit();
     });
-    at::Tensor h1 = groups > 1 ? partial.sum(0) : partial[0];
-    return h1.add_(w[kEnc0Bias].view({C1, 1, 1})).relu_();
+    if (groups == 1) return partial[0];
+    at::Tensor h1 = partial.sum(0);
+    cpu::add_bias_relu(h1.data_ptr<acc_t>(), B * D / 2, C1, B * D / 2,
+                       w[kEnc0Bias].data_ptr<acc_t>());
+    return h1;
   }
 
   HeadScratch head_scratch() const {
