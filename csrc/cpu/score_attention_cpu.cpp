@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -77,17 +78,39 @@ std::vector<int64_t> parity_taps(int64_t k, int64_t q) {
 
 // For each tail tile [o0, o0 + T) of the D output columns: o0 + 2c at position o0 + c
 // and o0 + 2c + 1 at position o0 + T/2 + c (c < T/2), the order of the tail's GEMMs.
-at::Tensor tile_parity_order(int64_t D, int64_t tile) {
-  at::Tensor order = at::empty({D}, at::kLong);
-  int64_t* o = order.data_ptr<int64_t>();
+std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
+  std::vector<int64_t> order(D);
   for (int64_t o0 = 0; o0 < D; o0 += tile) {
     const int64_t half = std::min(tile, D - o0) / 2;
     for (int64_t c = 0; c < half; ++c) {
-      o[o0 + c] = o0 + 2 * c;
-      o[o0 + half + c] = o0 + 2 * c + 1;
+      order[o0 + c] = o0 + 2 * c;
+      order[o0 + half + c] = o0 + 2 * c + 1;
     }
   }
   return order;
+}
+
+// out[r, c] = src[row_of[c]·ld + column_of[r]] for r < column_of.size(), c < row_of.size():
+// selected columns of src become rows of out (a gather and a transpose in one pass),
+// in blocks of out rows whose lines stay in cache while a block is filled.
+template <typename T>
+at::Tensor transpose_gather(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
+                            const std::vector<int64_t>& column_of) {
+  constexpr int64_t kBlock = 16;
+  const int64_t R = static_cast<int64_t>(column_of.size()), C = static_cast<int64_t>(row_of.size());
+  at::Tensor out = at::empty({R, C}, src.options());
+  const T* in = src.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, (R + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = b0 * kBlock; r0 < std::min(R, b1 * kBlock); r0 += kBlock) {
+      const int64_t r1 = std::min(R, r0 + kBlock);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* row = in + row_of[c] * ld;
+        for (int64_t r = r0; r < r1; ++r) o[r * C + c] = row[column_of[r]];
+      }
+    }
+  });
+  return out;
 }
 
 // at::parallel_for for bodies that call ATen ops: each worker takes the caller's
@@ -217,19 +240,32 @@ struct Plan {
     for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
     // The weights of the GEMMs that run on the matrix unit there: the caller's bfloat16.
     const Weights& unit_weights = matrix_unit ? weights : w;
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel;
+    std::vector<int64_t> channels(C1), inputs(D), order = tile_parity_order(D, tile);
+    std::iota(channels.begin(), channels.end(), 0);
+    std::iota(inputs.begin(), inputs.end(), 0);
     for (int64_t q = 0; q < 2; ++q) {
-      taps[q] = parity_taps(s.kernel, q);
-      const at::Tensor index = at::tensor(taps[q], at::kLong);
-      dec2_by_parity[q] = unit_weights[kDec2Weight].index_select(2, index).permute({1, 2, 0})
-                              .contiguous().view({s.n_vars, -1});
+      taps[q] = parity_taps(k, q);
+      std::vector<int64_t> columns;  // of dec2_weight viewed as [C1, N·k], in the order (n, jj)
+      for (int64_t n = 0; n < N; ++n) {
+        for (const int64_t j : taps[q]) columns.push_back(n * k + j);
+      }
+      dec2_by_parity[q] = relayout(unit_weights[kDec2Weight], N * k, channels, columns)
+                              .view({N, -1});
     }
-    const at::Tensor order = tile_parity_order(s.d_model, tile);
-    value_weight_t = unit_weights[kValueWeight].index_select(0, order).t().contiguous();
-    value_bias = w[kValueBias].index_select(0, order);
+    value_weight_t = relayout(unit_weights[kValueWeight], D, order, inputs);
+    value_bias = w[kValueBias].index_select(0, at::tensor(order, at::kLong));
     if (matrix_unit) {
       value_weight_t = packed_by_tile(value_weight_t);
       enc0_weight = weights[kEnc0Weight];
     }
+  }
+
+  // transpose_gather in the type of the GEMMs' operands.
+  at::Tensor relayout(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
+                      const std::vector<int64_t>& column_of) const {
+    if (matrix_unit) return transpose_gather<c10::BFloat16>(src, ld, row_of, column_of);
+    return transpose_gather<acc_t>(src, ld, row_of, column_of);
   }
 
   // wv_t [D, D] in bfloat16 packed for the matrix unit, one tail tile of columns at a time.
