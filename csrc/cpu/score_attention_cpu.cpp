@@ -383,47 +383,55 @@ struct Plan {
     return out;
   }
 
+  // The right operand of one parity's GEMM in a tail tile: K rows of parity_rhs (acc_t,
+  // row stride ldb) and, on the matrix unit, the same packed in bfloat16.
+  struct ScoresRhs {
+    int64_t K;
+    const acc_t* rhs;
+    int64_t ldb;
+    const c10::BFloat16* packed;
+  };
+
   // S_q[rows, half] (row stride ld) = dec2_by_parity[q][r0 : r0 + rows] · rhs, the last
-  // transposed conv for outputs of parity q. rhs: parity_rhs in acc_t; on the matrix
-  // unit, `packed` holds it packed.
-  void scores_gemm(int64_t q, int64_t r0, int64_t rows, const at::Tensor& rhs,
-                   const at::Tensor& packed, acc_t* S_q, int64_t ld) const {
-    const int64_t K = rhs.size(0), half = rhs.size(1);
+  // transposed conv for outputs of parity q.
+  void scores_gemm(int64_t q, int64_t r0, int64_t rows, int64_t half, const ScoresRhs& rhs,
+                   acc_t* S_q, int64_t ld) const {
+    const int64_t K = rhs.K;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (matrix_unit) {
         cpu::gemm_bf16(rows, half, K, dec2_by_parity[q].data_ptr<scalar_t>() + r0 * K, K,
-                       packed.data_ptr<scalar_t>(), S_q, ld, /*accumulate=*/false);
+                       rhs.packed, S_q, ld, /*accumulate=*/false);
         return;
       }
     }
-    cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K,
-              rhs.data_ptr<acc_t>(), rhs.stride(0), S_q, ld, /*accumulate=*/false);
+    cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K, rhs.rhs, rhs.ldb,
+              S_q, ld, /*accumulate=*/false);
   }
 
-  // V[rows, T] = x[b, r0 : r0 + rows] · Wv^T for the tile starting at o0 (no bias).
-  void values_gemm(const at::Tensor& x, int64_t b, int64_t r0, int64_t rows, int64_t o0,
-                   int64_t T, TailScratch& scratch, acc_t* V) const {
+  // V[rows, T] = x_b[r0 : r0 + rows] · Wv^T for the tile starting at o0 (no bias).
+  // x_b: x[b], [N, D] contiguous.
+  void values_gemm(const at::Tensor& x_b, int64_t r0, int64_t rows, int64_t o0, int64_t T,
+                   TailScratch& scratch, acc_t* V) const {
     const int64_t D = s.d_model;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (matrix_unit) {
-        cpu::gemm_bf16(rows, T, D, x[b].data_ptr<scalar_t>() + r0 * D, D,
+        cpu::gemm_bf16(rows, T, D, x_b.data_ptr<scalar_t>() + r0 * D, D,
                        value_weight_t.data_ptr<scalar_t>() + o0 / tile * packed_tile, V, T,
                        /*accumulate=*/false);
         return;
       }
     }
-    cpu::gemm(rows, T, D, x_rows_acc(x, b, r0, rows, scratch.x_rows), D,
+    cpu::gemm(rows, T, D, x_rows_acc(x_b, r0, rows, scratch.x_rows), D,
               value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
   }
 
-  // x[b, r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
-  static const acc_t* x_rows_acc(const at::Tensor& x, int64_t b, int64_t r0, int64_t rows,
+  // x_b[r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
+  static const acc_t* x_rows_acc(const at::Tensor& x_b, int64_t r0, int64_t rows,
                                  const at::Tensor& buffer) {
-    const at::Tensor block = x[b].narrow(0, r0, rows);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return block.data_ptr<acc_t>();
+      return x_b.data_ptr<acc_t>() + r0 * x_b.size(1);
     } else {
-      return buffer.narrow(0, 0, rows).copy_(block).data_ptr<acc_t>();
+      return buffer.narrow(0, 0, rows).copy_(x_b.narrow(0, r0, rows)).data_ptr<acc_t>();
     }
   }
 
@@ -436,20 +444,25 @@ struct Plan {
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
                  TailScratch& scratch, at::Tensor& y) const {
     const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
-    const scalar_t* x_tile = x[b].data_ptr<scalar_t>() + o0;
+    const at::Tensor x_b = x[b];
+    const scalar_t* x_tile = x_b.data_ptr<scalar_t>() + o0;
     scalar_t* y_tile = y[b].data_ptr<scalar_t>() + o0;
     acc_t* S = scratch.scores.data_ptr<acc_t>();
     acc_t* V = scratch.values.data_ptr<acc_t>();
     acc_t* shift = scratch.shift.data_ptr<acc_t>();  // [blocks, T] (tile columns)
     acc_t* sum = scratch.sum.data_ptr<acc_t>();
     const int64_t ld = scratch.scores.stride(0);
-    at::Tensor rhs[2];
+    const acc_t* score_bias = w[kDec2Bias].data_ptr<acc_t>();
+    const acc_t* tile_value_bias = value_bias.data_ptr<acc_t>() + o0;
+    ScoresRhs rhs[2];
     for (int64_t q = 0; q < 2; ++q) {
-      rhs[q] = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
-      if (matrix_unit && rhs[q].size(0) > 0) {
-        const at::Tensor rhs_bf16 = rhs[q].to(at::kBFloat16);
-        cpu::pack_bf16(rhs_bf16.size(0), half, rhs_bf16.data_ptr<c10::BFloat16>(), half,
-                       scratch.rhs_packed[q].data_ptr<c10::BFloat16>());
+      const at::Tensor rhs_q = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
+      rhs[q] = {rhs_q.size(0), rhs_q.data_ptr<acc_t>(), rhs_q.stride(0), nullptr};
+      if (matrix_unit && rhs[q].K > 0) {
+        const at::Tensor rhs_bf16 = rhs_q.to(at::kBFloat16);
+        c10::BFloat16* packed = scratch.rhs_packed[q].data_ptr<c10::BFloat16>();
+        cpu::pack_bf16(rhs[q].K, half, rhs_bf16.data_ptr<c10::BFloat16>(), half, packed);
+        rhs[q].packed = packed;
       }
     }
 
@@ -457,14 +470,13 @@ struct Plan {
       const int64_t rows = std::min(kTailRows, N - r0);
       for (int64_t q = 0; q < 2; ++q) {
         acc_t* S_q = S + r0 * ld + q * half;
-        const int64_t K = rhs[q].size(0);
-        if (K == 0) {  // k = 1: odd outputs take the bias alone
+        if (rhs[q].K == 0) {  // k = 1: odd outputs take the bias alone
           for (int64_t r = 0; r < rows; ++r) std::fill(S_q + r * ld, S_q + r * ld + half, acc_t(0));
           continue;
         }
-        scores_gemm(q, r0, rows, rhs[q], scratch.rhs_packed.defined() ? scratch.rhs_packed[q] : at::Tensor(), S_q, ld);
+        scores_gemm(q, r0, rows, half, rhs[q], S_q, ld);
       }
-      cpu::softmax_numerators(S + r0 * ld, ld, w[kDec2Bias].data_ptr<acc_t>() + r0, rows, T,
+      cpu::softmax_numerators(S + r0 * ld, ld, score_bias + r0, rows, T,
                               x_tile + r0 * D, D, shift + r0 / kTailRows * T,
                               sum + r0 / kTailRows * T);
     }
@@ -472,9 +484,8 @@ struct Plan {
     cpu::softmax_block_scales(shift, sum, blocks, T, sum + blocks * T, sum + (blocks + 1) * T);
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
-      values_gemm(x, b, r0, rows, o0, T, scratch, V);
-      cpu::softmax_output(S + r0 * ld, ld, V, T, value_bias.data_ptr<acc_t>() + o0,
-                          shift + r0 / kTailRows * T,
+      values_gemm(x_b, r0, rows, o0, T, scratch, V);
+      cpu::softmax_output(S + r0 * ld, ld, V, T, tile_value_bias, shift + r0 / kTailRows * T,
                           rows, T, x_tile + r0 * D, y_tile + r0 * D, D);
     }
   }
