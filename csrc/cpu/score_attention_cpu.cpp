@@ -19,7 +19,8 @@
 //      whole batch, its columns split across threads.
 //   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
 //      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
-//      numerators (vectorised.h), pass 2 runs the value GEMM on the block and writes y.
+//      numerators, each block on its own shift (vectorised.h); pass 2 runs the value
+//      GEMM on the block and writes y, each block rescaled to the common shift.
 //
 // The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
 // (sequential_blas.h), so only one pool of threads ever runs. For bfloat16 input on a CPU
@@ -28,8 +29,9 @@
 // fp32; elsewhere bfloat16 input is computed in fp32.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
-// and per tail worker S[N, T] (T <= D, tail_tile_width) plus O(D^2) more (for bfloat16
-// input this includes a [kTailRows, D] fp32 block of x rows). Accumulation is fp32 for
+// and per tail worker S[N, T] (T <= D, tail_tile_width), the blocks' softmax statistics
+// (2·T per kTailRows rows) and O(D^2) more (for bfloat16 input this includes a
+// [kTailRows, D] fp32 block of x rows). Accumulation is fp32 for
 // fp32/bf16 input, fp64 for fp64.
 
 #include <ATen/ATen.h>
@@ -209,7 +211,8 @@ struct TailScratch {
   at::Tensor scores;  // [N, T]
   at::Tensor values;  // [kTailRows, T]
   at::Tensor shift;   // [row blocks, T]: each block's softmax shift, then its scale
-  at::Tensor sum;     // [row blocks + 2, T]: each block's column sums, then two rows of scratch
+  at::Tensor sum;     // [row blocks, T]: each block's column sums
+  at::Tensor common;  // [2, T]: the common shift and the column totals (softmax_block_scales)
   at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input off the matrix unit
 };
 
@@ -360,7 +363,8 @@ struct Plan {
             matrix_unit ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
                         : at::Tensor(),
             at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
-            at::empty({blocks, tile}, options), at::empty({blocks + 2, tile}, options),
+            at::empty({blocks, tile}, options), at::empty({blocks, tile}, options),
+            at::empty({2, tile}, options),
             std::is_same_v<scalar_t, acc_t> || matrix_unit ? at::Tensor()
                                                            : at::empty({kTailRows, s.d_model}, options)};
   }
@@ -481,7 +485,8 @@ struct Plan {
                               sum + r0 / kTailRows * T);
     }
     const int64_t blocks = (N + kTailRows - 1) / kTailRows;
-    cpu::softmax_block_scales(shift, sum, blocks, T, sum + blocks * T, sum + (blocks + 1) * T);
+    cpu::softmax_block_scales(shift, sum, blocks, T, scratch.common[0].data_ptr<acc_t>(),
+                              scratch.common[1].data_ptr<acc_t>());
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
       values_gemm(x_b, r0, rows, o0, T, scratch, V);
