@@ -1,0 +1,105 @@
+"""Weights prepared once per weight version (packed, re-laid out or cast), per backend.
+
+A backend that needs its weights in another layout or dtype asks
+:func:`cached` for them instead of preparing them on every call::
+
+    packed = cached("cpu.tail", (w.dec2_weight, w.value_weight), lambda: pack(w))
+
+An entry is keyed on the tag and the identity of the source tensors, and remembers
+each source's *version*: its storage address and its autograd version counter. Any
+in-place update (``optimizer.step()``, ``load_state_dict``, ``param.data = …``)
+changes one of them, so the next call prepares the weights again and replaces the
+entry; an entry is dropped as soon as one of its source tensors is freed, so the
+cache never outlives the weights. Inference tensors (created under
+``torch.inference_mode``) carry no version counter and are prepared on every call.
+
+:func:`cache_bytes` is the memory the prepared tensors hold (``python -m
+casa_kernels.info`` reports it).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+Prepared = TypeVar("Prepared")
+
+_Key = tuple  # (tag, id(source) for each source)
+_entries: dict[_Key, tuple[tuple, object]] = {}
+_lock = threading.Lock()
+
+
+def _version(t: torch.Tensor) -> tuple[int, int]:
+    return (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t._version)
+
+
+def cacheable(sources: Sequence[torch.Tensor]) -> bool:
+    """Whether versions of ``sources`` can be tracked (no inference tensors, not traced)."""
+    return not torch.compiler.is_compiling() and not any(t.is_inference() for t in sources)
+
+
+def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prepared]) -> Prepared:
+    """``prepare()``, computed once per version of ``sources`` and tag.
+
+    ``prepare`` must depend only on ``sources`` (and on constants named by ``tag``).
+    Its result is computed without autograd history: use it for inference-time
+    packing, not where gradients must flow back to the sources. A result that shares
+    storage with a source (``w.contiguous()`` of a contiguous ``w``) is not cached.
+    """
+    if not cacheable(sources):
+        with torch.no_grad():
+            return prepare()
+    key = (tag, *(id(t) for t in sources))
+    versions = tuple(_version(t) for t in sources)
+    with _lock:
+        entry = _entries.get(key)
+    if entry is not None and entry[0] == versions:
+        return entry[1]  # type: ignore[return-value]
+    with torch.no_grad():
+        value = prepare()
+    source_storages = {t.untyped_storage().data_ptr() for t in sources}
+    if any(t.untyped_storage().data_ptr() in source_storages for t in _tensors(value)):
+        return value  # a view of a source would keep it alive: nothing to cache
+    with _lock:
+        if key not in _entries:
+            # Drop the entry with the first of its sources to be freed.
+            for t in sources:
+                weakref.finalize(t, _entries.pop, key, None)
+        _entries[key] = (versions, value)
+    return value
+
+
+def _tensors(value: object):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def cache_bytes() -> dict[str, int]:
+    """Bytes held by prepared weights, per device type (``{"cpu": …, "cuda": …}``)."""
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    with _lock:
+        values = [value for _, value in _entries.values()]
+    for value in values:
+        for t in _tensors(value):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            totals[t.device.type] = totals.get(t.device.type, 0) + storage.nbytes()
+    return totals
+
+
+def clear() -> None:
+    """Drops every entry (tests; freeing memory by hand)."""
+    with _lock:
+        _entries.clear()
