@@ -3,7 +3,8 @@
 import torch
 
 from .. import reference
-from .registry import Backend, register_backend
+from ..reference import stages
+from .registry import Backend, Stages, register_backend
 
 register_backend(
     Backend(
@@ -12,5 +13,6 @@ register_backend(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         forward=reference.score_attention,
         unavailable_reason=lambda: None,
+        stages=Stages(stages.head_partial, stages.bottleneck, stages.tail_stats, stages.tail_output),
     )
 )

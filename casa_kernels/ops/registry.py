@@ -15,13 +15,23 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..weights import ScoreAttentionWeights
 
 ForwardFn = Callable[[torch.Tensor, ScoreAttentionWeights], torch.Tensor]
+
+
+class Stages(NamedTuple):
+    """A backend's implementation of the four stages of the op (contract and reference:
+    :mod:`casa_kernels.reference.stages`), used where the variates are split over processes."""
+
+    head_partial: Callable[..., torch.Tensor]
+    bottleneck: Callable[..., torch.Tensor]
+    tail_stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    tail_output: Callable[..., torch.Tensor]
 
 ENV_VAR = "CASA_BACKEND"
 
@@ -40,6 +50,8 @@ class Backend:
     forward: ForwardFn
     unavailable_reason: Callable[[], str | None]
     """Returns None when the backend can run here, else why not (checked lazily)."""
+    stages: Stages | None = None
+    """The op split into stages, for variate parallelism; None where the backend has none."""
 
     def reason_not_serving(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this backend can run on ``device``/``dtype``, else the reason."""
