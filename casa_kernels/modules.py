@@ -89,6 +89,11 @@ class CASAModel(nn.Module):
     ``forward(x: [B, seq_len, n_vars]) -> [B, pred_len, n_vars]``: instance
     normalisation over time (mean, unbiased variance + 1e-5), ``Linear(L→D) → ReLU →
     [CASABlock → ReLU] × e_layers → Linear(D→H)`` on ``[B, N, L]``, de-normalisation.
+    B may be 0 (an empty forecast).
+
+    The official call ``model(x_enc, x_mark_enc, x_dec, x_mark_dec, mask=None)`` of the
+    paper's and the Time-Series-Library's training and evaluation loops works as it is:
+    CASA uses ``x_enc`` alone and ignores the time marks, the decoder input and the mask.
     """
 
     def __init__(
@@ -113,8 +118,17 @@ class CASAModel(nn.Module):
         ]
         self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mark_enc: object = None,
+        x_dec: object = None,
+        x_mark_dec: object = None,
+        mask: object = None,
+    ) -> torch.Tensor:
         check_series(x, self.seq_len, self.n_vars)
+        if x.shape[0] == 0:  # no statistics of an empty batch to normalise with
+            return x.new_empty(0, self.pred_len, self.n_vars)
         mean = x.mean(dim=1, keepdim=True)
         std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
         y = self.model(((x - mean) / std).permute(0, 2, 1)).permute(0, 2, 1)

@@ -32,8 +32,14 @@ def check_config(*, n_vars: int, d_model: int, kernel: int) -> None:
         raise ValueError(f"kernel: expected an odd size, received {kernel}")
 
 
-def check_floating_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
-    """Checks ``t`` is a non-empty floating tensor of rank ``ndim`` (layout names the dims)."""
+def check_floating_tensor(
+    name: str, t: object, ndim: int, layout: str, *, empty_batch: bool = False
+) -> torch.Tensor:
+    """Checks ``t`` is a non-empty floating tensor of rank ``ndim`` (layout names the dims).
+
+    With ``empty_batch``, a size of 0 in dim 0 alone is accepted (every other dim must be
+    non-zero), as PyTorch's own layers accept an empty batch.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor {layout}, received {type(t).__name__}")
     if not t.is_floating_point():
@@ -42,8 +48,9 @@ def check_floating_tensor(name: str, t: object, ndim: int, layout: str) -> torch
         raise ValueError(
             f"{name}: expected a {ndim}-D tensor {layout}, received shape {tuple(t.shape)}"
         )
-    if t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor {layout}, received shape {tuple(t.shape)}")
+    if 0 in (t.shape[1:] if empty_batch else t.shape):
+        what = "non-zero sizes after the batch dim" if empty_batch else "a non-empty tensor"
+        raise ValueError(f"{name}: expected {what} {layout}, received shape {tuple(t.shape)}")
     return t
 
 
@@ -55,16 +62,16 @@ def check_dim(name: str, t: torch.Tensor, dim: int, dim_name: str, expected: int
 
 
 def check_tokens(x: object, n_vars: int, d_model: int) -> torch.Tensor:
-    """Checks ``x`` is a non-empty floating ``[batch, n_vars, d_model]`` tensor."""
-    x = check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]")
+    """Checks ``x`` is a floating ``[batch, n_vars, d_model]`` tensor (batch may be 0)."""
+    x = check_floating_tensor("x", x, 3, "[batch, n_vars, d_model]", empty_batch=True)
     check_dim("x", x, 1, "n_vars", n_vars)
     check_dim("x", x, 2, "d_model", d_model)
     return x
 
 
 def check_series(x: object, seq_len: int, n_vars: int) -> torch.Tensor:
-    """Checks ``x`` is a non-empty floating ``[batch, seq_len, n_vars]`` tensor."""
-    x = check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]")
+    """Checks ``x`` is a floating ``[batch, seq_len, n_vars]`` tensor (batch may be 0)."""
+    x = check_floating_tensor("x", x, 3, "[batch, seq_len, n_vars]", empty_batch=True)
     check_dim("x", x, 1, "seq_len", seq_len)
     check_dim("x", x, 2, "n_vars", n_vars)
     return x

@@ -29,11 +29,13 @@ inline const char* weight_name(int i) {
   return names[i];
 }
 
-// Checks ranks, sizes, dtypes, devices and contiguity; returns the problem sizes.
+// Checks ranks, sizes, dtypes, devices and contiguity; returns the problem sizes. An
+// empty batch (B = 0) passes: the implementations return an empty result for it.
 inline Sizes check_args(const at::Tensor& x, const Weights& w) {
   TORCH_CHECK(x.dim() == 3, "x: expected a 3-D tensor [batch, n_vars, d_model], received shape ",
               x.sizes());
-  TORCH_CHECK(x.numel() > 0, "x: expected a non-empty tensor, received shape ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0,
+              "x: expected non-zero n_vars and d_model (dims 1, 2), received shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor");
   TORCH_CHECK(w[kEnc0Weight].dim() == 3, "enc0_weight: expected a 3-D tensor, received shape ",
               w[kEnc0Weight].sizes());

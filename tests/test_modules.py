@@ -71,6 +71,17 @@ def test_model_normalises_with_unbiased_variance_and_denormalises():
     torch.testing.assert_close(out, expected)
 
 
+def test_model_accepts_the_official_four_argument_call():
+    # exp_long_term_forecasting calls model(batch_x, batch_x_mark, dec_inp, batch_y_mark).
+    model = CASAModel(n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=1, backend="reference")
+    x, x_mark = torch.randn(2, 12, 3), torch.randn(2, 12, 4)
+    dec_inp, y_mark = torch.randn(2, 10, 3), torch.randn(2, 10, 4)
+    expected = model(x)
+    assert torch.equal(model(x, x_mark, dec_inp, y_mark), expected)
+    assert torch.equal(model(x, x_mark, dec_inp, y_mark, None), expected)
+    assert torch.equal(model(x, None, None, None), expected)
+
+
 def test_state_dict_round_trip_gives_identical_outputs():
     kwargs = dict(n_vars=4, d_model=16, kernel=3, seq_len=24, pred_len=8, e_layers=2)
     src = CASAModel(**kwargs)

@@ -44,7 +44,7 @@ def attn():
         (torch.randn(2, 5, 16), ValueError, r"x: expected n_vars = 4 \(dim 1\), received shape \(2, 5, 16\)"),
         (torch.randn(2, 4, 8), ValueError, r"x: expected d_model = 16 \(dim 2\), received shape \(2, 4, 8\)"),
         (torch.ones(2, 4, 16, dtype=torch.int64), TypeError, r"x: expected a floating-point tensor, received dtype torch.int64"),
-        (torch.randn(0, 4, 16), ValueError, r"x: expected a non-empty tensor"),
+        (torch.randn(2, 0, 16), ValueError, r"x: expected non-zero sizes after the batch dim"),
         (torch.randn(2, 4, 16, dtype=torch.float64), TypeError, r"x: expected dtype torch.float32 \(that of the weights\), received torch.float64"),
         (torch.randn(2, 4, 16, device="meta"), ValueError, r"x: expected device cpu \(that of the weights\), received meta"),
         ([[1.0]], TypeError, r"x: expected a torch.Tensor"),

@@ -7,9 +7,16 @@ Schema (defined once, here, so that it exists without a compiled extension)::
 
 The weights come in the order of :class:`~casa_kernels.weights.ScoreAttentionWeights`.
 One kernel, registered for every device, hands the call to the named backend of the
-registry (raising, with every backend's reason, if it cannot serve the input); the fake kernel gives ``empty_like(x)``; the backward recomputes the
-reference from the saved inputs (only the inputs are saved), so every backend's
-gradients are the reference's.
+registry (raising, with every backend's reason, if it cannot serve the input); an
+empty batch returns an empty result without calling a backend. The fake kernel gives
+``empty_like(x)``; the backward recomputes the reference from the saved inputs (only
+the inputs are saved), so every backend's gradients are the reference's.
+
+Autocast: under ``torch.autocast(device, dtype)`` the op runs in the autocast dtype —
+x and every weight of float16/bfloat16/float32 are cast to it (float64 is left alone,
+as autocast does) and the fused backends accumulate in fp32. ``casa_attention`` casts
+weights that need no gradient once per weight version (``weight_cache``); the op's own
+autocast kernels cast whatever reaches the op directly.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..validation import check_attention_input, check_weights
+from ..validation import check_attention_input, check_tokens, check_weights
 from ..weights import ScoreAttentionWeights
 from .registry import resolve_backend
+from .weight_cache import cached
 
 OP_NAME = "casa::score_attention"
 _FIELDS = ScoreAttentionWeights._fields
@@ -33,7 +41,10 @@ torch.library.define(
 @torch.library.register_kernel(OP_NAME, None)
 def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
     *weights, backend = weights_and_backend
-    return resolve_backend(backend, x.device, x.dtype).forward(x, ScoreAttentionWeights(*weights))
+    chosen = resolve_backend(backend, x.device, x.dtype)
+    if x.shape[0] == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return chosen.forward(x, ScoreAttentionWeights(*weights))
 
 
 @torch.library.register_fake(OP_NAME)
@@ -59,6 +70,41 @@ def _backward(ctx, grad_output: torch.Tensor):
 torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
 
+def _autocasts(t: torch.Tensor) -> bool:
+    """Whether autocast casts ``t`` (floating, not float64: autocast's own rule)."""
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``x`` in on its device, None where it does not apply."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if _autocasts(x) else None
+
+
+def _autocast_kernel(device_type: str, x: torch.Tensor, *weights_and_backend):
+    *weights, backend = weights_and_backend
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if _autocasts(t) else t for t in (x, *weights)]
+    with torch.autocast(device_type, enabled=False):
+        return torch.ops.casa.score_attention(*cast, backend)
+
+
+_autocast_lib = torch.library.Library("casa", "IMPL")
+_autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cpu", *a), "AutocastCPU")
+_autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cuda", *a), "AutocastCUDA")
+
+
+def _weight_in(dtype: torch.dtype, w: torch.Tensor) -> torch.Tensor:
+    """``w`` cast to ``dtype`` for autocast: once per weight version where no gradient is due."""
+    if not _autocasts(w) or w.dtype == dtype:
+        return w
+    if w.requires_grad and torch.is_grad_enabled():
+        return w.to(dtype)  # autograd carries the gradient back to the fp32 weight
+    return cached(f"autocast.{dtype}", (w,), lambda: w.to(dtype))
+
+
 def casa_attention(
     x: torch.Tensor, weights: ScoreAttentionWeights, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -71,14 +117,21 @@ def casa_attention(
             ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``[B, N, D]`` tensor of ``x``'s dtype, contiguous.
+        ``[B, N, D]`` tensor of ``x``'s dtype (under autocast: the autocast dtype, or
+        whatever the reference's own ops give when the reference runs), contiguous.
+        B may be 0.
     """
     weights = check_weights(weights)
-    x = check_attention_input(x, weights)
-    chosen = _resolved_name(backend, x.device, x.dtype)
+    autocast_dtype = _autocast_dtype(check_tokens(x, weights.n_vars, weights.d_model))
+    if autocast_dtype is None:
+        x = check_attention_input(x, weights)
+    chosen = _resolved_name(backend, x.device, autocast_dtype or x.dtype)
     if chosen == "reference":
-        # Plain PyTorch: autograd and torch.compile see straight through it.
+        # Plain PyTorch: autograd, autocast and torch.compile see straight through it.
         return reference.score_attention(x, weights)
+    if autocast_dtype is not None:
+        weights = ScoreAttentionWeights(*(_weight_in(autocast_dtype, w) for w in weights))
+        x = check_attention_input(x.to(autocast_dtype), weights)
     return torch.ops.casa.score_attention(x, *weights, chosen)
 
 

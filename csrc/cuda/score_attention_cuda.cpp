@@ -36,6 +36,7 @@ gpu::DType kernel_dtype(at::ScalarType t) {
 at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   const Sizes s = check_args(x, w);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
+  if (s.batch == 0) return at::empty_like(x);
   const gpu::DType dtype = kernel_dtype(x.scalar_type());
 
   const gpu::Problem problem{s.batch, s.n_vars, s.d_model, s.kernel};
