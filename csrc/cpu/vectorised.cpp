@@ -28,14 +28,15 @@ namespace {
 // |r| <= ln2/2 and p a degree-5 polynomial fitted for relative error (7.5e-8 before
 // rounding, below half an ulp). n is rounded by adding 1.5·2^23 + 127 (the float then
 // holds n + 127 in its low mantissa bits, which shifted into the exponent field give
-// 2^n). Inputs are clamped to [-87, 88], so exp underflows to ~1e-38, not 0.
+// 2^n). Below -87 the result is 0 and above 88 it is inf (so exp(-inf) = 0 and
+// exp(inf) = inf exactly, as the reference's softmax and sigmoid need); NaN stays NaN:
+// every comparison is written so that a NaN takes the arithmetic path.
 CASA_INLINE float exp_vectorisable(float x) {
-  x = x > -87.0f ? x : -87.0f;
-  x = x < 88.0f ? x : 88.0f;
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   constexpr float kRoundBiased = 12582912.0f + 127.0f;
-  const float biased = x * 1.44269504088896341f + kRoundBiased;
+  const float biased = clamped * 1.44269504088896341f + kRoundBiased;
   const float n = biased - kRoundBiased;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 8.297654800117016e-3f;
   p = p * r + 4.191538318991661e-2f;
   p = p * r + 1.6667574644088745e-1f;
@@ -47,7 +48,13 @@ CASA_INLINE float exp_vectorisable(float x) {
   bits <<= 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : p * scale);
+}
+
+// max(v, 0) that keeps NaN, as torch.relu does (v > 0 ? v : 0 would turn NaN into 0).
+template <typename acc_t>
+CASA_INLINE acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
 }
 
 CASA_INLINE double exp_vectorisable(double x) { return std::exp(x); }
@@ -139,7 +146,7 @@ CASA_INLINE void col2im_relu_impl(const acc_t* __restrict cols, int64_t ldc, int
     }
     acc_t* __restrict o = out + n * ldo;
     for (int64_t u = 0; u < L; ++u) {
-      store_pair(o, u, even[u] > acc_t(0) ? even[u] : acc_t(0), odd[u] > acc_t(0) ? odd[u] : acc_t(0));
+      store_pair(o, u, relu(even[u]), relu(odd[u]));
     }
   }
 }
@@ -151,8 +158,7 @@ CASA_INLINE void add_bias_relu_impl(acc_t* __restrict out, int64_t ld, int64_t r
     acc_t* __restrict o = out + r * ld;
     const acc_t b = bias[r];
     for (int64_t c = 0; c < cols; ++c) {
-      const acc_t v = o[c] + b;
-      o[c] = v > acc_t(0) ? v : acc_t(0);
+      o[c] = relu(o[c] + b);
     }
   }
 }
@@ -174,7 +180,8 @@ CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
     }
   }
   for (int64_t c = 0; c < T; ++c) {
-    shift[c] += acc_t(1);
+    // A column of -inf (every score -inf, every numerator 0) takes any finite shift.
+    shift[c] = shift[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : shift[c] + acc_t(1);
     sum[c] = acc_t(0);
   }
   for (int64_t n = 0; n < rows; ++n) {

@@ -45,7 +45,8 @@ void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const do
 // T/2 + c its column 2c + 1. x and y point at the tile's first column of the block's
 // first row, rows D apart, in natural column order.
 //
-// Each block i is shifted by its own shift_i = 1 + max of x over the block's rows, per
+// Each block i is shifted by its own shift_i = 1 + max of x over the block's rows (0 where
+// that maximum is -inf, as every numerator is then 0), per
 // column: sigmoid lies in (0, 1), so the shift is within 1 of the block's largest
 // exponent and exp neither overflows nor underflows for it. softmax_block_scales then
 // puts the blocks on a common shift. The block's x rows are read once from memory and
