@@ -1,9 +1,56 @@
-"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (DESIGN §5), via the extension."""
+"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (DESIGN §5), via the extension.
+
+The kernel's weights are re-laid out for its GEMMs (the last transposed conv by output
+parity, Wvᵀ by tail tile, bfloat16 packing) once per weight version, tail tile width
+and bfloat16 GEMM tier (``casa::cpu_prepare_weights``, cached by ``weight_cache``), then
+``casa::cpu_score_attention`` runs on them.
+
+bfloat16 GEMMs run on the best unit the CPU has (``casa::cpu_bf16_gemm``: ``"amx"``,
+``"avx512_bf16"``, or ``"none"``: fp32 GEMMs on bfloat16 data), capped like PyTorch's
+own by ``ONEDNN_MAX_CPU_ISA`` and switched off with ``torch.backends.mkldnn``.
+
+Non-finite weights: PyTorch's convolutions skip the taps that fall on the zero padding,
+where the kernel's GEMMs multiply them by zero, and ``0 · NaN`` is NaN. So that a NaN or
+inf weight gives the reference's NaN/inf pattern exactly, weights that are not all finite
+(checked once per weight version) run on the reference instead. Non-finite *inputs* need
+no such care and run on the kernel.
+"""
+
+from __future__ import annotations
 
 import torch
 
-from .extension import fused_score_attention, kernel_missing_reason
+from .. import reference
+from ..weights import ScoreAttentionWeights
+from .extension import extension_error, kernel_missing_reason
 from .registry import Backend, register_backend
+from .weight_cache import cached
+
+
+def bf16_gemm_tier() -> str:
+    """The bfloat16 GEMM tier of this CPU now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``."""
+    if extension_error() is not None:
+        return "none"
+    return torch.ops.casa.cpu_bf16_gemm()
+
+
+def _weights_finite(weights: ScoreAttentionWeights) -> bool:
+    return cached("cpu.finite", weights, lambda: all(bool(torch.isfinite(w).all()) for w in weights))
+
+
+def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    if not _weights_finite(weights):
+        return reference.score_attention(x, weights)
+    x = x.contiguous()
+    weights = [w.contiguous() for w in weights]
+    tile = torch.ops.casa.cpu_tail_tile(x.shape[0], x.shape[2])
+    tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
+    prepared = cached(
+        f"cpu.{x.dtype}.tile{tile}.{tier}",
+        weights,
+        lambda: torch.ops.casa.cpu_prepare_weights(weights, tile, tier),
+    )
+    return torch.ops.casa.cpu_score_attention(x, weights, prepared, tile, tier)
 
 
 register_backend(
@@ -11,7 +58,7 @@ register_backend(
         name="cpu",
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16}),
-        forward=fused_score_attention,
+        forward=_forward,
         unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
     )
 )

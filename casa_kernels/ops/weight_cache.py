@@ -15,10 +15,15 @@ cache never outlives the weights. Inference tensors (created under
 
 :func:`cache_bytes` is the memory the prepared tensors hold (``python -m
 casa_kernels.info`` reports it).
+
+Writes through an alias that has its own version counter (``p.data[...] = …``,
+``p.detach().copy_(…)``) are invisible to the version check: call :func:`clear` after
+them, or run such code inside :func:`disabled`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import Callable, Sequence, TypeVar
@@ -30,6 +35,7 @@ Prepared = TypeVar("Prepared")
 _Key = tuple  # (tag, id(source) for each source)
 _entries: dict[_Key, tuple[tuple, object]] = {}
 _lock = threading.Lock()
+_disabled_depth = 0
 
 
 def _version(t: torch.Tensor) -> tuple[int, int]:
@@ -37,8 +43,23 @@ def _version(t: torch.Tensor) -> tuple[int, int]:
 
 
 def cacheable(sources: Sequence[torch.Tensor]) -> bool:
-    """Whether versions of ``sources`` can be tracked (no inference tensors, not traced)."""
-    return not torch.compiler.is_compiling() and not any(t.is_inference() for t in sources)
+    """Whether to cache for ``sources``: not while tracing, not inside :func:`disabled`,
+    not for inference tensors (they have no version counter)."""
+    if _disabled_depth or torch.compiler.is_compiling():
+        return False
+    return not any(t.is_inference() for t in sources)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Prepares on every call while active: for code that writes weights through aliases
+    the version counter does not see (``torch.autograd.gradcheck`` perturbs ``.data``)."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
 
 
 def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prepared]) -> Prepared:
@@ -46,8 +67,9 @@ def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prep
 
     ``prepare`` must depend only on ``sources`` (and on constants named by ``tag``).
     Its result is computed without autograd history: use it for inference-time
-    packing, not where gradients must flow back to the sources. A result that shares
-    storage with a source (``w.contiguous()`` of a contiguous ``w``) is not cached.
+    packing, not where gradients must flow back to the sources. A result may hold views
+    of the sources, but a result holding a source tensor itself (``w.contiguous()`` of a
+    contiguous ``w``) is not cached: the entry would keep its own source alive.
     """
     if not cacheable(sources):
         with torch.no_grad():
@@ -60,9 +82,8 @@ def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prep
         return entry[1]  # type: ignore[return-value]
     with torch.no_grad():
         value = prepare()
-    source_storages = {t.untyped_storage().data_ptr() for t in sources}
-    if any(t.untyped_storage().data_ptr() in source_storages for t in _tensors(value)):
-        return value  # a view of a source would keep it alive: nothing to cache
+    if any(t is source for t in _tensors(value) for source in sources):
+        return value  # holding a source itself would keep it alive: nothing to cache
     with _lock:
         if key not in _entries:
             # Drop the entry with the first of its sources to be freed.

@@ -4,6 +4,8 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <exception>
+#include <vector>
 
 namespace casa {
 namespace cpu {
@@ -41,25 +43,57 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
   aten_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-bool has_bf16_matrix_unit() {
-#ifdef CPUBLAS_BRGEMM_BF16BF16F32
-  return at::native::cpublas::could_pack(at::kBFloat16);
-#else
-  return false;
-#endif
-}
-
 int64_t packed_bf16_size(int64_t K, int64_t N) {
   return K * ((N + kPackedColumns - 1) / kPackedColumns) * kPackedColumns;
 }
 
-#ifdef CPUBLAS_BRGEMM_BF16BF16F32
 void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed) {
   TORCH_CHECK(K % 2 == 0, "pack_bf16: K must be even, received ", K);
+  // Block n0: element (k, c) at ((k / 2)·kPackedColumns + c)·2 + k % 2; columns past N are zero.
   for (int64_t n0 = 0; n0 < N; n0 += kPackedColumns) {
-    at::native::cpublas::pack(K, std::min(kPackedColumns, N - n0), ldb, kPackedColumns,
-                              at::kBFloat16, at::kBFloat16, B + n0, packed + n0 * K);
+    const int64_t width = std::min(kPackedColumns, N - n0);
+    c10::BFloat16* block = packed + n0 * K;
+    for (int64_t k = 0; k < K; k += 2) {
+      const c10::BFloat16* row0 = B + k * ldb + n0;
+      const c10::BFloat16* row1 = row0 + ldb;
+      c10::BFloat16* out = block + k * kPackedColumns;
+      for (int64_t c = 0; c < width; ++c) {
+        out[2 * c] = row0[c];
+        out[2 * c + 1] = row1[c];
+      }
+      std::fill(out + 2 * width, out + 2 * kPackedColumns, c10::BFloat16(0.0f));
+    }
   }
+}
+
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+namespace {
+
+// Whether brgemm runs a bfloat16 GEMM here without the matrix unit: it needs the CPU's
+// bfloat16 dot products and oneDNN allowed to use them (ONEDNN_MAX_CPU_ISA). Tried once
+// on a 2 x 16 x 2 product; oneDNN or ATen raise where it cannot.
+bool brgemm_bf16_runs() {
+  try {
+    std::vector<c10::BFloat16> a = {1.0f, 2.0f, 3.0f, 4.0f}, b(2 * 16, c10::BFloat16(1.0f));
+    std::vector<c10::BFloat16> packed(packed_bf16_size(2, 16));
+    std::vector<float> c(2 * 16);
+    pack_bf16(2, 16, b.data(), 16, packed.data());
+    at::native::cpublas::brgemm(2, 16, 2, 2, kPackedColumns, 16, false, a.data(), packed.data(),
+                                c.data(), /*is_vnni=*/true);
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+    return c[0] == 3.0f && c[31] == 7.0f;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+Bf16Gemm bf16_gemm() {
+  if (!at::globalContext().userEnabledMkldnn()) return Bf16Gemm::kNone;
+  if (at::native::cpublas::could_pack(at::kBFloat16)) return Bf16Gemm::kAmx;
+  static const bool avx512_bf16 = brgemm_bf16_runs();
+  return avx512_bf16 ? Bf16Gemm::kAvx512Bf16 : Bf16Gemm::kNone;
 }
 
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
@@ -70,17 +104,32 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t 
   }
 }
 
-void release_bf16_matrix_unit() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+void release_bf16_gemm() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 #else
-void pack_bf16(int64_t, int64_t, const c10::BFloat16*, int64_t, c10::BFloat16*) {
-  TORCH_CHECK(false, "pack_bf16: this torch build has no bfloat16 brgemm");
-}
+Bf16Gemm bf16_gemm() { return Bf16Gemm::kNone; }
 void gemm_bf16(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const c10::BFloat16*,
                float*, int64_t, bool) {
   TORCH_CHECK(false, "gemm_bf16: this torch build has no bfloat16 brgemm");
 }
-void release_bf16_matrix_unit() {}
+void release_bf16_gemm() {}
 #endif
+
+const char* bf16_gemm_name(Bf16Gemm tier) {
+  switch (tier) {
+    case Bf16Gemm::kAmx: return "amx";
+    case Bf16Gemm::kAvx512Bf16: return "avx512_bf16";
+    case Bf16Gemm::kNone: break;
+  }
+  return "none";
+}
+
+Bf16Gemm bf16_gemm_from_name(const std::string& name) {
+  for (const Bf16Gemm tier : {Bf16Gemm::kNone, Bf16Gemm::kAmx, Bf16Gemm::kAvx512Bf16}) {
+    if (name == bf16_gemm_name(tier)) return tier;
+  }
+  TORCH_CHECK(false, "bf16_gemm: expected \"none\", \"amx\" or \"avx512_bf16\", received \"",
+              name, "\"");
+}
 
 }  // namespace cpu
 }  // namespace casa

@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <string>
 
 namespace casa {
 namespace cpu {
@@ -17,13 +18,21 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
           int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
-// bfloat16 × bfloat16 -> fp32 GEMMs on the CPU's matrix unit (AMX) through oneDNN's
-// brgemm: B is packed once (pack_bf16) into blocks of kPackedColumns columns, each
-// [K, kPackedColumns] in the unit's pair-interleaved layout; K must be even.
+// bfloat16 × bfloat16 -> fp32 GEMMs through oneDNN's brgemm (via ATen), on the best
+// bfloat16 GEMM the CPU has: the AMX matrix unit, else the AVX-512 bfloat16 dot
+// products (avx512_bf16, e.g. AMD Zen 4). ONEDNN_MAX_CPU_ISA caps the choice, as it
+// does for PyTorch's own bfloat16 GEMMs. B is packed once (pack_bf16) into blocks of
+// kPackedColumns columns, each [K, kPackedColumns] in the pair-interleaved (VNNI)
+// layout both take; K must be even.
 constexpr int64_t kPackedColumns = 64;
 
-// Whether this CPU and this torch build run bfloat16 GEMMs on a matrix unit.
-bool has_bf16_matrix_unit();
+enum class Bf16Gemm { kNone, kAmx, kAvx512Bf16 };
+
+// The bfloat16 GEMM this CPU, this torch build and the current settings allow (kNone
+// when oneDNN is disabled, torch.backends.mkldnn, or the CPU has neither unit).
+Bf16Gemm bf16_gemm();
+const char* bf16_gemm_name(Bf16Gemm tier);
+Bf16Gemm bf16_gemm_from_name(const std::string& name);
 
 // Elements of B [K, N] once packed.
 int64_t packed_bf16_size(int64_t K, int64_t N);
@@ -32,11 +41,12 @@ int64_t packed_bf16_size(int64_t K, int64_t N);
 void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed);
 
 // C[M, N] = A[M, K] · B (+ C when accumulate), B packed by pack_bf16, fp32 accumulation.
+// Needs bf16_gemm() != kNone.
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                const c10::BFloat16* packed, float* C, int64_t ldc, bool accumulate);
 
-// Releases the matrix unit held by this thread's gemm_bf16 calls.
-void release_bf16_matrix_unit();
+// Releases what this thread's gemm_bf16 calls hold (the AMX tile state).
+void release_bf16_gemm();
 
 }  // namespace cpu
 }  // namespace casa

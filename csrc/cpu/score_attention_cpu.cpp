@@ -130,27 +130,26 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
 
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, with the columns split
 // across threads: the kernel keeps to one pool of threads (torch's workers) instead of
-// handing the BLAS its own. With matrix_unit the GEMM takes a and b rounded to bfloat16
-// (out stays fp32). out: contiguous.
+// handing the BLAS its own. With bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes
+// b rounded to bfloat16 (out stays fp32). out: contiguous.
 template <typename acc_t>
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                 const at::Tensor* bias, bool matrix_unit) {
+                 const at::Tensor* bias, bool bf16_gemm) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
   const int64_t threads = at::get_num_threads();
   const int64_t grain = std::max<int64_t>(32, (n + threads - 1) / threads);
-  const at::Tensor a_bf16 = matrix_unit ? a.to(at::kBFloat16).contiguous() : at::Tensor();
   parallel_for_aten(n, grain, [&](int64_t c0, int64_t c1) {
     at::Tensor block = out.narrow(1, c0, c1 - c0);
     const at::Tensor b_block = b.narrow(1, c0, c1 - c0);
-    if (matrix_unit) {
+    if (bf16_gemm) {
       const at::Tensor b_bf16 = b_block.to(at::kBFloat16).contiguous();
       at::Tensor packed = at::empty({cpu::packed_bf16_size(K, c1 - c0)}, at::kBFloat16);
       cpu::pack_bf16(K, c1 - c0, b_bf16.data_ptr<c10::BFloat16>(), c1 - c0,
                      packed.data_ptr<c10::BFloat16>());
-      cpu::gemm_bf16(M, c1 - c0, K, a_bf16.data_ptr<c10::BFloat16>(), K,
+      cpu::gemm_bf16(M, c1 - c0, K, a.data_ptr<c10::BFloat16>(), K,
                      packed.data_ptr<c10::BFloat16>(), block.data_ptr<float>(), n,
                      /*accumulate=*/false);
-      cpu::release_bf16_matrix_unit();
+      cpu::release_bf16_gemm();
     } else {
       at::mm_out(block, a, b_block);
     }
@@ -161,11 +160,11 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 }
 
 // relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
-// in [Cin, B, L] -> [Cout, B, L/2].
+// in [Cin, B, L] -> [Cout, B, L/2]. a: the weight as the GEMM's left operand, [Cout, Cin·k].
 template <typename acc_t>
-at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& in,
-                     int64_t k, bool matrix_unit) {
-  const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = weight.size(0);
+at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
+                     int64_t k, bool bf16_gemm) {
+  const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = a.size(0);
   at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -174,20 +173,20 @@ at::Tensor conv_relu(const at::Tensor& weight, const at::Tensor& bias, const at:
     }
   });
   at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
-  parallel_mm<acc_t>(out.view({Cout, B * L / 2}), weight.reshape({Cout, Cin * k}),
-                     cols.view({Cin * k, B * L / 2}), &bias, matrix_unit);
+  parallel_mm<acc_t>(out.view({Cout, B * L / 2}), a, cols.view({Cin * k, B * L / 2}), &bias,
+                     bf16_gemm);
   return out;
 }
 
 // relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch element
-// in one GEMM: in [Cin, B, L] -> [Cout, B, 2L].
+// in one GEMM: in [Cin, B, L] -> [Cout, B, 2L]. a: the weight [Cin, Cout, k] as the GEMM's
+// left operand, [Cout·k, Cin].
 template <typename acc_t>
-at::Tensor conv_transpose_relu(const at::Tensor& weight, const at::Tensor& bias,
-                               const at::Tensor& in, int64_t k, bool matrix_unit) {
+at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias,
+                               const at::Tensor& in, int64_t k, bool bf16_gemm) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
-  parallel_mm<acc_t>(cols, weight.reshape({Cin, Cout * k}).t(), in.view({Cin, B * L}), nullptr,
-                     matrix_unit);
+  parallel_mm<acc_t>(cols, a, in.view({Cin, B * L}), nullptr, bf16_gemm);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -216,65 +215,100 @@ struct TailScratch {
   at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input off the matrix unit
 };
 
+// The weights re-laid out for the kernel's GEMMs, prepared once per weight version
+// (the Python backend caches them, casa_kernels/ops/weight_cache.py), as a list of
+// tensors in this order:
+enum PreparedIndex : int {
+  kDec2Even, kDec2Odd,  // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
+  kValueWeightT,        // [D, D]: Wv^T, columns in tile_parity_order; with bf16_gemm,
+                        // packed (cpu::pack_bf16) tile by tile
+  kValueBiasOrdered,    // [D]: bv in tile_parity_order (acc_t)
+  kEnc1Gemm, kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands
+  kDec0Gemm, kDec1Gemm,  // [Cout·k, Cin]: the transposed convs' weights, transposed
+  kNumPrepared,         // then, for bfloat16 input, the 14 weights in fp32
+};
+// The GEMM operands (dec2 by parity, Wv^T, the bottleneck's) are bfloat16 with bf16_gemm,
+// acc_t otherwise; the last three of them views of the caller's weights where no copy is due.
+
 template <typename scalar_t, typename acc_t>
 struct Plan {
   Sizes s;
   at::ScalarType acc;
   Weights w;    // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
   int64_t tile;  // tail tile width T
-  // bfloat16 input on a CPU with a bfloat16 matrix unit (AMX): the tail's GEMMs take
-  // bfloat16 operands there (as PyTorch's own bfloat16 GEMMs do) with fp32 accumulation.
-  bool matrix_unit;
-  // The tail's weights in the order of its GEMMs:
+  // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
+  // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
+  bool bf16_gemm;
   std::vector<int64_t> taps[2];  // parity_taps(k, q)
-  at::Tensor dec2_by_parity[2];  // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
-                                 // (bfloat16 on the matrix unit, else acc_t)
-  at::Tensor value_weight_t;     // [D, D]: Wv^T, columns in tile_parity_order; on the matrix
-                                 // unit, packed (cpu::pack_bf16) tile by tile, packed_tile apart
-  int64_t packed_tile = 0;
-  at::Tensor value_bias;         // [D]: bv in tile_parity_order
-  at::Tensor enc0_weight;        // on the matrix unit: the first conv's weight in bfloat16
+  std::vector<at::Tensor> prepared;  // PreparedIndex
+  int64_t packed_tile;  // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
+  at::Tensor enc0_weight;  // with bf16_gemm: the caller's bfloat16 first-conv weight
 
-  Plan(const Sizes& sizes, const Weights& weights)
+  Plan(const Sizes& sizes, const Weights& weights, std::vector<at::Tensor> prepared_weights,
+       int64_t tile_width, bool bf16)
       : s(sizes),
         acc(c10::CppTypeToScalarType<acc_t>::value),
-        tile(tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
-        matrix_unit(std::is_same_v<scalar_t, c10::BFloat16> && cpu::has_bf16_matrix_unit()) {
-    for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].to(acc);
-    // The weights of the GEMMs that run on the matrix unit there: the caller's bfloat16.
-    const Weights& unit_weights = matrix_unit ? weights : w;
-    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel;
+        tile(tile_width),
+        bf16_gemm(bf16),
+        prepared(std::move(prepared_weights)),
+        packed_tile(cpu::packed_bf16_size(sizes.d_model, tile_width)) {
+    const bool copies = !std::is_same_v<scalar_t, acc_t>;
+    TORCH_CHECK(prepared.size() == kNumPrepared + (copies ? kNumWeights : 0),
+                "prepared: expected the tensors of cpu_prepare_weights, received ",
+                prepared.size());
+    for (int i = 0; i < kNumWeights; ++i) w[i] = copies ? prepared[kNumPrepared + i] : weights[i];
+    for (int64_t q = 0; q < 2; ++q) taps[q] = parity_taps(s.kernel, q);
+    if (bf16_gemm) enc0_weight = weights[kEnc0Weight];
+  }
+
+  // The prepared list for `weights` (the caller's, in scalar_t).
+  static std::vector<at::Tensor> prepare(const Sizes& s, const Weights& weights, int64_t tile,
+                                         bool bf16_gemm) {
+    const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::ScalarType gemm_type = bf16_gemm ? at::kBFloat16 : acc;
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, C2 = D / 2, k = s.kernel;
+    std::vector<at::Tensor> out(kNumPrepared);
+    // The GEMMs' operands from the weights in their dtype (a no-op cast where it matches).
+    const auto gemm_weight = [&](int i) { return weights[i].to(gemm_type); };
     std::vector<int64_t> channels(C1), inputs(D), order = tile_parity_order(D, tile);
     std::iota(channels.begin(), channels.end(), 0);
     std::iota(inputs.begin(), inputs.end(), 0);
     for (int64_t q = 0; q < 2; ++q) {
-      taps[q] = parity_taps(k, q);
       std::vector<int64_t> columns;  // of dec2_weight viewed as [C1, N·k], in the order (n, jj)
       for (int64_t n = 0; n < N; ++n) {
-        for (const int64_t j : taps[q]) columns.push_back(n * k + j);
+        for (const int64_t j : parity_taps(k, q)) columns.push_back(n * k + j);
       }
-      dec2_by_parity[q] = relayout(unit_weights[kDec2Weight], N * k, channels, columns)
-                              .view({N, -1});
+      out[kDec2Even + q] = relayout(gemm_weight(kDec2Weight), N * k, channels, columns).view({N, -1});
     }
-    value_weight_t = relayout(unit_weights[kValueWeight], D, order, inputs);
-    value_bias = w[kValueBias].index_select(0, at::tensor(order, at::kLong));
-    if (matrix_unit) {
-      value_weight_t = packed_by_tile(value_weight_t);
-      enc0_weight = weights[kEnc0Weight];
+    const at::Tensor wv_t = relayout(gemm_weight(kValueWeight), D, order, inputs);
+    out[kValueWeightT] = bf16_gemm ? packed_by_tile(wv_t, D, tile) : wv_t;
+    out[kValueBiasOrdered] =
+        weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
+    out[kEnc1Gemm] = gemm_weight(kEnc1Weight).reshape({C2, C1 * k});
+    out[kEnc2Gemm] = gemm_weight(kEnc2Weight).reshape({D, C2 * k});
+    out[kDec0Gemm] = gemm_weight(kDec0Weight).reshape({D, C2 * k}).t();
+    out[kDec1Gemm] = gemm_weight(kDec1Weight).reshape({C2, C1 * k}).t();
+    if (bf16_gemm) {  // the matrix kernels take contiguous left operands
+      for (int i : {kDec0Gemm, kDec1Gemm}) out[i] = out[i].contiguous();
     }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      for (int i = 0; i < kNumWeights; ++i) out.push_back(weights[i].to(acc));
+    }
+    return out;
   }
 
-  // transpose_gather in the type of the GEMMs' operands.
-  at::Tensor relayout(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
-                      const std::vector<int64_t>& column_of) const {
-    if (matrix_unit) return transpose_gather<c10::BFloat16>(src, ld, row_of, column_of);
+  // transpose_gather in the type of src (the GEMMs' operand type).
+  static at::Tensor relayout(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
+                             const std::vector<int64_t>& column_of) {
+    if (src.scalar_type() == at::kBFloat16) {
+      return transpose_gather<c10::BFloat16>(src, ld, row_of, column_of);
+    }
     return transpose_gather<acc_t>(src, ld, row_of, column_of);
   }
 
-  // wv_t [D, D] in bfloat16 packed for the matrix unit, one tail tile of columns at a time.
-  at::Tensor packed_by_tile(const at::Tensor& wv_t) {
-    const int64_t D = s.d_model, tiles = (D + tile - 1) / tile;
-    packed_tile = cpu::packed_bf16_size(D, tile);
+  // wv_t [D, D] in bfloat16 packed for the bfloat16 GEMMs, one tail tile of columns at a time.
+  static at::Tensor packed_by_tile(const at::Tensor& wv_t, int64_t D, int64_t tile) {
+    const int64_t tiles = (D + tile - 1) / tile, packed_tile = cpu::packed_bf16_size(D, tile);
     at::Tensor packed = at::empty({tiles * packed_tile}, wv_t.options());
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t o0 = t * tile;
@@ -306,7 +340,7 @@ struct Plan {
                              w[kEnc0Bias].data_ptr<acc_t>());
         }
       }
-      if (matrix_unit) cpu::release_bf16_matrix_unit();
+      if (bf16_gemm) cpu::release_bf16_gemm();
     });
     if (groups == 1) return partial[0];
     at::Tensor h1 = partial.sum(0);
@@ -318,7 +352,7 @@ struct Plan {
   HeadScratch head_scratch() const {
     const int64_t K = kHeadChunk * s.kernel, L = s.d_model / 2;
     HeadScratch scratch{at::empty({K, L}, at::TensorOptions(acc))};
-    if (matrix_unit) {
+    if (bf16_gemm) {
       scratch.cols_bf16 = at::empty({K, L}, at::kBFloat16);
       scratch.packed = at::empty({cpu::packed_bf16_size(K, L)}, at::kBFloat16);
     }
@@ -331,7 +365,7 @@ struct Plan {
                   acc_t* out, int64_t ldo, bool accumulate) const {
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel, K = rows * k;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (matrix_unit && K % 2 == 0) {  // the matrix unit takes pairs of K
+      if (bf16_gemm && K % 2 == 0) {  // the bfloat16 GEMMs take pairs of K
         c10::BFloat16* cols = scratch.cols_bf16.data_ptr<c10::BFloat16>();
         cpu::im2col_s2(x_rows, D, rows, D, k, cols, D / 2);
         cpu::pack_bf16(K, D / 2, cols, D / 2, scratch.packed.data_ptr<c10::BFloat16>());
@@ -349,10 +383,10 @@ struct Plan {
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
   at::Tensor bottleneck(const at::Tensor& h1) const {
     const int64_t k = s.kernel;
-    at::Tensor h = conv_relu<acc_t>(w[kEnc1Weight], w[kEnc1Bias], h1, k, matrix_unit);
-    h = conv_relu<acc_t>(w[kEnc2Weight], w[kEnc2Bias], h, k, matrix_unit);
-    h = conv_transpose_relu<acc_t>(w[kDec0Weight], w[kDec0Bias], h, k, matrix_unit);
-    return conv_transpose_relu<acc_t>(w[kDec1Weight], w[kDec1Bias], h, k, matrix_unit);
+    at::Tensor h = conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], h1, k, bf16_gemm);
+    h = conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], h, k, bf16_gemm);
+    h = conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], h, k, bf16_gemm);
+    return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_gemm);
   }
 
   TailScratch tail_scratch() const {
@@ -360,12 +394,12 @@ struct Plan {
     const int64_t max_taps = (s.kernel + 1) / 2, max_rhs = max_taps * (s.d_model / 4);
     const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows;
     return {at::empty({2, max_rhs, tile / 2}, options),
-            matrix_unit ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
+            bf16_gemm ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
                         : at::Tensor(),
             at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
             at::empty({blocks, tile}, options), at::empty({blocks, tile}, options),
             at::empty({2, tile}, options),
-            std::is_same_v<scalar_t, acc_t> || matrix_unit ? at::Tensor()
+            std::is_same_v<scalar_t, acc_t> || bf16_gemm ? at::Tensor()
                                                            : at::empty({kTailRows, s.d_model}, options)};
   }
 
@@ -396,19 +430,19 @@ struct Plan {
     const c10::BFloat16* packed;
   };
 
-  // S_q[rows, half] (row stride ld) = dec2_by_parity[q][r0 : r0 + rows] · rhs, the last
+  // S_q[rows, half] (row stride ld) = dec2 by parity q, rows [r0, r0 + rows) · rhs, the last
   // transposed conv for outputs of parity q.
   void scores_gemm(int64_t q, int64_t r0, int64_t rows, int64_t half, const ScoresRhs& rhs,
                    acc_t* S_q, int64_t ld) const {
     const int64_t K = rhs.K;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (matrix_unit) {
-        cpu::gemm_bf16(rows, half, K, dec2_by_parity[q].data_ptr<scalar_t>() + r0 * K, K,
+      if (bf16_gemm) {
+        cpu::gemm_bf16(rows, half, K, prepared[kDec2Even + q].data_ptr<scalar_t>() + r0 * K, K,
                        rhs.packed, S_q, ld, /*accumulate=*/false);
         return;
       }
     }
-    cpu::gemm(rows, half, K, dec2_by_parity[q].data_ptr<acc_t>() + r0 * K, K, rhs.rhs, rhs.ldb,
+    cpu::gemm(rows, half, K, prepared[kDec2Even + q].data_ptr<acc_t>() + r0 * K, K, rhs.rhs, rhs.ldb,
               S_q, ld, /*accumulate=*/false);
   }
 
@@ -418,15 +452,15 @@ struct Plan {
                    TailScratch& scratch, acc_t* V) const {
     const int64_t D = s.d_model;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (matrix_unit) {
+      if (bf16_gemm) {
         cpu::gemm_bf16(rows, T, D, x_b.data_ptr<scalar_t>() + r0 * D, D,
-                       value_weight_t.data_ptr<scalar_t>() + o0 / tile * packed_tile, V, T,
+                       prepared[kValueWeightT].data_ptr<scalar_t>() + o0 / tile * packed_tile, V, T,
                        /*accumulate=*/false);
         return;
       }
     }
     cpu::gemm(rows, T, D, x_rows_acc(x_b, r0, rows, scratch.x_rows), D,
-              value_weight_t.data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
+              prepared[kValueWeightT].data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
   }
 
   // x_b[r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
@@ -457,12 +491,12 @@ struct Plan {
     acc_t* sum = scratch.sum.data_ptr<acc_t>();
     const int64_t ld = scratch.scores.stride(0);
     const acc_t* score_bias = w[kDec2Bias].data_ptr<acc_t>();
-    const acc_t* tile_value_bias = value_bias.data_ptr<acc_t>() + o0;
+    const acc_t* tile_value_bias = prepared[kValueBiasOrdered].data_ptr<acc_t>() + o0;
     ScoresRhs rhs[2];
     for (int64_t q = 0; q < 2; ++q) {
       const at::Tensor rhs_q = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
       rhs[q] = {rhs_q.size(0), rhs_q.data_ptr<acc_t>(), rhs_q.stride(0), nullptr};
-      if (matrix_unit && rhs[q].K > 0) {
+      if (bf16_gemm && rhs[q].K > 0) {
         const at::Tensor rhs_bf16 = rhs_q.to(at::kBFloat16);
         c10::BFloat16* packed = scratch.rhs_packed[q].data_ptr<c10::BFloat16>();
         cpu::pack_bf16(rhs[q].K, half, rhs_bf16.data_ptr<c10::BFloat16>(), half, packed);
@@ -504,30 +538,107 @@ struct Plan {
         const int64_t b = item / tiles;
         tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, y);
       }
-      if (matrix_unit) cpu::release_bf16_matrix_unit();
+      if (bf16_gemm) cpu::release_bf16_gemm();
     });
   }
 };
 
-at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
+// The input and accumulation types of a call, for dispatch_dtype's body.
+template <typename Scalar, typename Acc>
+struct Types {
+  using scalar_t = Scalar;
+  using acc_t = Acc;
+};
+
+// Runs body(Types<scalar_t, acc_t>{}) for the dtype.
+template <typename Body>
+auto dispatch_dtype(at::ScalarType dtype, const Body& body) {
+  switch (dtype) {
+    case at::kFloat: return body(Types<float, float>{});
+    case at::kDouble: return body(Types<double, double>{});
+    case at::kBFloat16: return body(Types<c10::BFloat16, float>{});
+    default:
+      TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
+                  dtype);
+  }
+}
+
+Weights weights_of(const at::TensorList& list) {
+  TORCH_CHECK(list.size() == kNumWeights, "weights: expected ", kNumWeights,
+              " tensors in schema order, received ", list.size());
+  Weights w;
+  std::copy(list.begin(), list.end(), w.begin());
+  return w;
+}
+
+// Whether the GEMMs of a call in `dtype` run in bfloat16, for the tier the caller names.
+bool bf16_gemm_for(at::ScalarType dtype, const std::string& bf16_gemm) {
+  return dtype == at::kBFloat16 && cpu::bf16_gemm_from_name(bf16_gemm) != cpu::Bf16Gemm::kNone;
+}
+
+// casa::cpu_prepare_weights: the prepared list (PreparedIndex) for `weights` and tile width.
+std::vector<at::Tensor> prepare_weights(at::TensorList weights, int64_t tile,
+                                        const std::string& bf16_gemm) {
+  const Weights w = weights_of(weights);
+  const Sizes s = check_args(at::empty({0, w[kEnc0Weight].size(1), w[kValueWeight].size(0)},
+                                       w[kValueWeight].options()),
+                             w);
+  TORCH_CHECK(tile >= 2 && tile % 2 == 0 && tile <= s.d_model,
+              "tile: expected an even width in [2, d_model], received ", tile);
+  const bool bf16 = bf16_gemm_for(w[kValueWeight].scalar_type(), bf16_gemm);
+  return dispatch_dtype(w[kValueWeight].scalar_type(), [&](auto types) {
+    using T = decltype(types);
+    return Plan<typename T::scalar_t, typename T::acc_t>::prepare(s, w, tile, bf16);
+  });
+}
+
+// casa::cpu_score_attention: the op on weights prepared by prepare_weights (same tile, tier).
+at::Tensor score_attention_prepared(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList prepared, int64_t tile,
+                                    const std::string& bf16_gemm) {
+  const Weights w = weights_of(weights);
   const Sizes s = check_args(x, w);
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
   at::Tensor y = at::empty_like(x);
-  switch (x.scalar_type()) {
-    case at::kFloat: Plan<float, float>(s, w).run(x, y); break;
-    case at::kDouble: Plan<double, double>(s, w).run(x, y); break;
-    case at::kBFloat16: Plan<c10::BFloat16, float>(s, w).run(x, y); break;
-    default:
-      TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
-                  x.scalar_type());
-  }
+  if (s.batch == 0) return y;
+  const bool bf16 = bf16_gemm_for(x.scalar_type(), bf16_gemm);
+  dispatch_dtype(x.scalar_type(), [&](auto types) {
+    using T = decltype(types);
+    Plan<typename T::scalar_t, typename T::acc_t>(s, w, prepared.vec(), tile, bf16).run(x, y);
+  });
   return y;
+}
+
+int64_t tail_tile(int64_t batch, int64_t d_model) {
+  return tail_tile_width(batch, d_model, at::get_num_threads());
+}
+
+std::string bf16_gemm_now() { return cpu::bf16_gemm_name(cpu::bf16_gemm()); }
+
+// casa::fused_score_attention on the CPU: prepares the weights on every call (the Python
+// backend calls the two ops above instead, preparing once per weight version).
+at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
+  const int64_t tile = tail_tile(x.dim() == 3 ? x.size(0) : 0, w[kValueWeight].size(0));
+  const std::string tier = bf16_gemm_now();
+  const std::vector<at::Tensor> weights(w.begin(), w.end());
+  return score_attention_prepared(x, weights, prepare_weights(weights, tile, tier), tile, tier);
 }
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(casa, m) {
+  m.def("cpu_bf16_gemm() -> str", &bf16_gemm_now);
+  m.def("cpu_tail_tile(int batch, int d_model) -> int", &tail_tile);
+  m.def("cpu_prepare_weights(Tensor[] weights, int tile, str bf16_gemm) -> Tensor[]");
+  m.def(
+      "cpu_score_attention(Tensor x, Tensor[] weights, Tensor[] prepared, int tile, "
+      "str bf16_gemm) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(casa, CPU, m) {
   m.impl("fused_score_attention", &with_weights<&fused_score_attention_cpu>);
+  m.impl("cpu_prepare_weights", &prepare_weights);
+  m.impl("cpu_score_attention", &score_attention_prepared);
 }
 
 }  // namespace casa
