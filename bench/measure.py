@@ -2,7 +2,7 @@
 
 * Latency: after warm-up, each call is timed alone. On a GPU with CUDA events around
   the call (the device's own clock; the stream is synchronised after every call); on a
-  CPU with ``time.perf_counter``. Reported as p20/p50/p80 in milliseconds.
+  CPU with ``time.perf_counter``. Reported as p20/p50/p80/p99 in milliseconds.
 * Peak extra memory of one call (inputs, weights and anything allocated before the call
   excluded; the output included):
 
@@ -41,6 +41,7 @@ class Latency:
     p20_ms: float
     p50_ms: float
     p80_ms: float
+    p99_ms: float
     reps: int
 
 
@@ -99,7 +100,7 @@ def measure_latency(
     n = max(1, min(reps, int(cap_ms // max(fastest, 1e-6))))
     times = [run(fn) for _ in range(n)]
     times.sort()
-    return Latency(percentile(times, 0.2), percentile(times, 0.5), percentile(times, 0.8), n)
+    return Latency(*(percentile(times, q) for q in (0.2, 0.5, 0.8, 0.99)), n)
 
 
 def measure_peak_memory(fn: Callable[[], object], device: str) -> tuple[int, str]:

@@ -20,11 +20,11 @@ import torch
 KEY_COLUMNS = (
     "suite", "sweep", "provider", "device", "device_name", "dtype", "batch", "n_vars",
     "d_model", "kernel", "seq_len", "e_layers", "torch_version", "triton_version",
-    "casa_kernels_version", "threads",
+    "casa_kernels_version", "threads", "isa",
 )
 # Every column, in CSV order.
 COLUMNS = KEY_COLUMNS + (
-    "config", "latency_ms_p20", "latency_ms_p50", "latency_ms_p80", "reps",
+    "config", "latency_ms_p20", "latency_ms_p50", "latency_ms_p80", "latency_ms_p99", "reps",
     "samples_per_s", "tokens_per_s", "peak_mem_bytes", "mem_method",
     "status", "note", "git_commit", "timestamp",
 )
@@ -85,6 +85,22 @@ def git_commit() -> str:
         return ""
 
 
+def isa(device: str) -> str:
+    """The instruction-set tier the kernels run on: on a GPU its ``sm_XY``; on a CPU the
+    bfloat16 GEMM unit (``amx``, ``avx512_bf16``) or else ATen's vector tier, with the
+    cap ``ONEDNN_MAX_CPU_ISA`` puts on oneDNN (and so on PyTorch's GEMMs) where set."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        return f"sm_{major}{minor}"
+    from casa_kernels.ops.cpu import bf16_gemm_tier
+
+    tier = bf16_gemm_tier()
+    if tier == "none":
+        tier = torch.backends.cpu.get_cpu_capability().lower()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()
+    return f"{tier} (onednn<={cap})" if cap else tier
+
+
 def environment_columns(device: str) -> dict[str, object]:
     """Columns describing where a row was measured (part of the key)."""
     import casa_kernels
@@ -95,6 +111,7 @@ def environment_columns(device: str) -> dict[str, object]:
         "torch_version": torch.__version__,
         "triton_version": triton_version(),
         "threads": torch.get_num_threads(),
+        "isa": isa(device),
         "casa_kernels_version": casa_kernels.__version__,
         "git_commit": git_commit(),
     }

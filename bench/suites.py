@@ -160,6 +160,7 @@ def measure_point(provider: Provider, config: str, point: Point, opts: RunOption
         "latency_ms_p20": f"{latency.p20_ms:.6g}",
         "latency_ms_p50": f"{latency.p50_ms:.6g}",
         "latency_ms_p80": f"{latency.p80_ms:.6g}",
+        "latency_ms_p99": f"{latency.p99_ms:.6g}",
         "reps": latency.reps,
         "samples_per_s": f"{point.batch / seconds:.6g}",
         "tokens_per_s": f"{point.batch * point.n_vars / seconds:.6g}",

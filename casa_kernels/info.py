@@ -2,8 +2,9 @@
 
 Prints, one ``key: value`` per line, the versions of casa_kernels, torch, triton,
 CUDA and the compiler torch was built with, whether the C++ extension loaded and for
-which devices it registered kernels, then every backend with ``available`` or the
-reason it is not.
+which devices it registered kernels, the CPU's bfloat16 GEMM tier, the memory held by
+weights prepared once per weight version (``ops.weight_cache``), then every backend with
+``available`` or the reason it is not.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import torch
 
 from . import __version__
-from .ops import availability
+from .ops import availability, weight_cache
+from .ops.cpu import bf16_gemm_tier
 from .ops.extension import extension_error, has_kernel_for
 
 
@@ -53,6 +55,9 @@ def report() -> list[tuple[str, str]]:
         rows.append(("extension casa_kernels._C", f"loaded, kernels for {', '.join(devices) or 'none'}"))
     else:
         rows.append(("extension casa_kernels._C", error))
+    rows.append(("cpu bfloat16 GEMMs", bf16_gemm_tier()))
+    cached = weight_cache.cache_bytes()
+    rows.append(("prepared weights (this process)", ", ".join(f"{d}: {n / 2**20:.2f} MiB" for d, n in cached.items()) or "none"))
     for name, reason in availability().items():
         rows.append((f"backend {name}", "available" if reason is None else f"unavailable: {reason}"))
     return rows
