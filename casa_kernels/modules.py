@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import casa_attention
+from .ops import casa_attention, resolve_backend
+from .ops.cpu import block_epilogue
 from .validation import check_config, check_positive_int, check_series, check_tokens
 from .weights import ScoreAttentionWeights
 
@@ -70,7 +71,12 @@ class CASABlock(CASAAttention):
     """The official ``MLP_attention`` block: ``z = LN(attn(x))``, ``out = LN(MLP(z) + z)``.
 
     One LayerNorm instance is used twice, as in the official code.
-    ``forward(x: [B, N, D]) -> [B, N, D]``.
+    ``forward(x: [B, N, D], relu=False) -> [B, N, D]``; ``relu=True`` applies the ReLU that
+    follows the block in the model (fused where the epilogue is).
+
+    Where the attention runs on the ``cpu`` backend for inference (no gradient due, no
+    autocast, not traced), the work after the attention runs as one fused CPU op
+    (:func:`casa_kernels.ops.cpu.block_epilogue`); elsewhere it is eager PyTorch.
     """
 
     def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
@@ -78,9 +84,27 @@ class CASABlock(CASAAttention):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(super().forward(x))
-        return self.norm(self.mlp(z) + z)
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        y = super().forward(x)
+        if self._fused_epilogue(y):
+            return block_epilogue(y, self.norm, self.mlp[0], self.mlp[2], relu)
+        z = self.norm(y)
+        out = self.norm(self.mlp(z) + z)
+        return torch.relu(out) if relu else out
+
+    def _fused_epilogue(self, y: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or y.device.type != "cpu":
+            return False
+        if y.dtype not in (torch.float32, torch.bfloat16) or torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        if self.norm.weight is None or self.norm.bias is None:
+            return False
+        params = (self.norm.weight, self.norm.bias, *self.mlp.parameters())
+        if any(p.dtype != y.dtype for p in params):
+            return False
+        return resolve_backend(self.backend, y.device, y.dtype).name == "cpu"
 
 
 class CASAModel(nn.Module):
@@ -131,8 +155,11 @@ class CASAModel(nn.Module):
             return x.new_empty(0, self.pred_len, self.n_vars)
         mean = x.mean(dim=1, keepdim=True)
         std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
-        y = self.model(((x - mean) / std).permute(0, 2, 1)).permute(0, 2, 1)
-        return y * std + mean
+        embed, relu, *layers, head = self.model
+        h = relu(embed(((x - mean) / std).permute(0, 2, 1)))
+        for block, _ in layers:  # each layer is (CASABlock, ReLU): the block applies the ReLU
+            h = block(h, relu=True)
+        return head(h).permute(0, 2, 1) * std + mean
 
 
 def _attention_weights(value: nn.Linear, encoder: nn.Sequential, decoder: nn.Sequential) -> ScoreAttentionWeights:

@@ -53,6 +53,32 @@ def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     return torch.ops.casa.cpu_score_attention(x, weights, prepared, tile, tier)
 
 
+def block_epilogue(
+    y: torch.Tensor,
+    norm: torch.nn.LayerNorm,
+    mlp0: torch.nn.Linear,
+    mlp2: torch.nn.Linear,
+    relu_out: bool,
+) -> torch.Tensor:
+    """``LN(relu(z W1ᵀ + b1) W2ᵀ + b2 + z)`` with ``z = LN(y)``, then ReLU if ``relu_out``:
+    the official block after its attention, fused (csrc/cpu/block_epilogue.cpp).
+
+    ``y: [..., D]`` float32 or bfloat16 on the CPU, the parameters in y's dtype. No autograd:
+    for inference (the module falls back to eager PyTorch where gradients are due).
+    """
+    tier = bf16_gemm_tier() if y.dtype == torch.bfloat16 else "none"
+    prepared = cached(
+        f"cpu.mlp.{y.dtype}.{tier}",
+        (mlp0.weight, mlp2.weight),
+        lambda: torch.ops.casa.cpu_prepare_mlp(mlp0.weight, mlp2.weight, tier),
+    )
+    out = torch.ops.casa.cpu_block_epilogue(
+        y.reshape(-1, y.shape[-1]).contiguous(), norm.weight, norm.bias, norm.eps, prepared,
+        mlp0.bias, mlp2.bias, tier, relu_out,
+    )
+    return out.view(y.shape)
+
+
 register_backend(
     Backend(
         name="cpu",

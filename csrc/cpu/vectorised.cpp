@@ -248,7 +248,79 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
   }
 }
 
+template <typename scalar_t>
+CASA_INLINE void layer_norm_rows_impl(const scalar_t* __restrict in, int64_t rows, int64_t D,
+                                      const float* __restrict weight, const float* __restrict bias,
+                                      float eps, float* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict x = in + r * D;
+    float* __restrict o = out + r * D;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < D; ++c) {
+      o[c] = load(x, c);
+      sum += o[c];
+    }
+    const float mean = sum / static_cast<float>(D);
+    float squares = 0.0f;
+    for (int64_t c = 0; c < D; ++c) {
+      o[c] -= mean;
+      squares += o[c] * o[c];
+    }
+    const float inv_std = 1.0f / std::sqrt(squares / static_cast<float>(D) + eps);
+    for (int64_t c = 0; c < D; ++c) o[c] = o[c] * inv_std * weight[c] + bias[c];
+  }
+}
+
+CASA_INLINE uint16_t bf16_bits(float v) { return static_cast<uint16_t>(rounded_bf16_bits(v)); }
+
 }  // namespace
+
+#define CASA_LAYER_NORM(attr, scalar_t)                                                        \
+  attr void layer_norm_rows(const scalar_t* in, int64_t rows, int64_t D, const float* weight,  \
+                            const float* bias, float eps, float* out) {                        \
+    layer_norm_rows_impl(in, rows, D, weight, bias, eps, out);                                 \
+  }
+CASA_LAYER_NORM(CASA_TARGET_CLONES, float)
+CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
+
+CASA_TARGET_CLONES void add_bias_relu_rows(float* io, int64_t rows, int64_t D, const float* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict o = io + r * D;
+    for (int64_t c = 0; c < D; ++c) o[c] = relu(o[c] + bias[c]);
+  }
+}
+
+CASA_TARGET_CLONES void add_bias_residual_rows(float* io, int64_t rows, int64_t D,
+                                               const float* bias, const float* residual) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict o = io + r * D;
+    const float* __restrict z = residual + r * D;
+    for (int64_t c = 0; c < D; ++c) o[c] += bias[c] + z[c];
+  }
+}
+
+CASA_TARGET_CLONES void to_bf16(const float* in, int64_t n, c10::BFloat16* out) {
+  uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(in[i]);
+}
+
+CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, float* out) {
+  if (relu_out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = relu(in[i]);
+  } else {
+    std::memcpy(out, in, n * sizeof(float));
+  }
+}
+
+CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out,
+                                   c10::BFloat16* out) {
+  uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
+  if (relu_out) {
+    for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(relu(in[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(in[i]);
+  }
+}
 
 // Each public overload forwards to the template above; CASA_TARGET_CLONES builds the
 // float ones once per instruction set.

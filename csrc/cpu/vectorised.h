@@ -84,5 +84,29 @@ void softmax_output(const double* numerators, int64_t ld, const double* values, 
                     const double* value_bias, const double* scale, int64_t rows, int64_t T,
                     const double* x, double* y, int64_t D);
 
+// The block around the attention (csrc/cpu/block_epilogue.cpp), row-wise on blocks of
+// rows of D features, fp32 arithmetic:
+
+// out[r·D + c] = (in[r·D + c] - mean_r) / sqrt(var_r + eps) · weight[c] + bias[c], the
+// LayerNorm over each row (biased variance, as nn.LayerNorm).
+void layer_norm_rows(const float* in, int64_t rows, int64_t D, const float* weight,
+                     const float* bias, float eps, float* out);
+void layer_norm_rows(const c10::BFloat16* in, int64_t rows, int64_t D, const float* weight,
+                     const float* bias, float eps, float* out);
+
+// io[r·D + c] = relu(io[r·D + c] + bias[c]) (NaN kept).
+void add_bias_relu_rows(float* io, int64_t rows, int64_t D, const float* bias);
+
+// io[r·D + c] += bias[c] + residual[r·D + c].
+void add_bias_residual_rows(float* io, int64_t rows, int64_t D, const float* bias,
+                            const float* residual);
+
+// Rounds n floats to bfloat16 (nearest even): the GEMMs' operands and the output.
+void to_bf16(const float* in, int64_t n, c10::BFloat16* out);
+
+// n floats, with relu (NaN kept) when `relu`, to out (float or rounded to bfloat16).
+void store_rows(const float* in, int64_t n, bool relu, float* out);
+void store_rows(const float* in, int64_t n, bool relu, c10::BFloat16* out);
+
 }  // namespace cpu
 }  // namespace casa
