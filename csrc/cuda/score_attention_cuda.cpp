@@ -64,9 +64,6 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   return y;
 }
 
-static_assert(static_cast<int>(kNumWeights) == gpu::kNumParams,
-              "the kernels take the op's parameters in schema order");
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(casa, CUDA, m) {

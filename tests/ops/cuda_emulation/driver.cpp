@@ -53,7 +53,7 @@ int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const 
   params.problem = p;
   params.plan = casa::gpu::make_plan(p, sm_count);
   params.x = tensors[0].data();
-  for (int i = 0; i < casa::gpu::kNumParams; ++i) params.weights[i] = tensors[i + 1].data();
+  for (int i = 0; i < casa::kNumWeights; ++i) params.weights[i] = tensors[i + 1].data();
   params.y = y.data();
   std::vector<float> workspace(casa::gpu::workspace_floats(p, params.plan), NAN);
   params.workspace = workspace.data();
