@@ -13,5 +13,6 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16}),
         forward=fused_score_attention,
         unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
+        auto_priority={"cpu": 1},
     )
 )

@@ -19,7 +19,7 @@ import torch
 from .. import reference
 from ..validation import check_attention_input, check_weights
 from ..weights import ScoreAttentionWeights
-from .registry import resolve_backend
+from .registry import ProblemShape, resolve_backend
 
 OP_NAME = "casa::score_attention"
 _FIELDS = ScoreAttentionWeights._fields
@@ -33,7 +33,9 @@ torch.library.define(
 @torch.library.register_kernel(OP_NAME, None)
 def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
     *weights, backend = weights_and_backend
-    return resolve_backend(backend, x.device, x.dtype).forward(x, ScoreAttentionWeights(*weights))
+    weights = ScoreAttentionWeights(*weights)
+    shape = ProblemShape.of(x, weights)
+    return resolve_backend(backend, x.device, x.dtype, shape).forward(x, weights)
 
 
 @torch.library.register_fake(OP_NAME)

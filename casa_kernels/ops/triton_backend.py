@@ -52,5 +52,7 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         forward=_forward,
         unavailable_reason=_unavailable_reason,
+        # First on a GPU; never auto-chosen on the CPU (the interpreter is for tests).
+        auto_priority={"cuda": 2},
     )
 )
