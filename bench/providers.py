@@ -137,13 +137,14 @@ def _full_builder(implementation: str):
 
 def _backend_unavailable(backend: str):
     def unavailable(device: str, dtype: torch.dtype) -> str | None:
+        reason = registry.get_backend(backend).reason_not_serving(torch.device(device), dtype)
         device_type = torch.device(device).type
-        if backend not in registry.auto_order(device_type):
-            return (
-                f"the {backend} backend is not among backend='auto''s candidates on {device_type} "
-                "devices, so it is not benchmarked there"
+        if reason is None and backend not in registry.auto_order(device_type):
+            reason = (
+                f"backend='auto' never picks {backend} on {device_type} devices (its auto_priority), "
+                "so it is not benchmarked there"
             )
-        return registry.get_backend(backend).reason_not_serving(torch.device(device), dtype)
+        return reason
     return unavailable
 
 
