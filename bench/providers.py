@@ -21,8 +21,8 @@ full-sdpa          the same layer with ``scaled_dot_product_attention``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

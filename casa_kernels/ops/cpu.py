@@ -5,7 +5,6 @@ import torch
 from .extension import fused_score_attention, kernel_missing_reason
 from .registry import Backend, register_backend
 
-
 register_backend(
     Backend(
         name="cpu",

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 

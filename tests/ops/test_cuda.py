@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import casa_kernels
-from casa_kernels import CASABlock, ScoreAttentionWeights, casa_attention
+from casa_kernels import CASABlock, casa_attention
 from casa_kernels.ops.registry import get_backend
 from casa_kernels.tolerance import assert_close_to_reference
 from tests.conftest import make_problem
