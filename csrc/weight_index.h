@@ -35,7 +35,7 @@ enum WeightIndex : int {
 
 // kWeightNames[i]: the schema (and Python field) name of parameter i.
 inline constexpr const char* kWeightNames[kNumWeights] = {
-    "value_weight", "value_bias",  "enc0_weight", "enc0_bias", "enc1_weight",
+    "value_weight", "value_bias",  "enc0_weight", "enc0_bias",   "enc1_weight",
     "enc1_bias",    "enc2_weight", "enc2_bias",   "dec0_weight", "dec0_bias",
     "dec1_weight",  "dec1_bias",   "dec2_weight", "dec2_bias"};
 

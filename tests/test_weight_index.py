@@ -10,7 +10,9 @@ import re
 
 from casa_kernels.weights import ScoreAttentionWeights, weight_shapes
 
-HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "weight_index.h")
+HEADER = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "weight_index.h"
+)
 
 
 def _header() -> str:
