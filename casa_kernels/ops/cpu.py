@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (DESIGN §5), via the extension."""
+"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (docs/design.md §5), via the extension."""
 
 import torch
 

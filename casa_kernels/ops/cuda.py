@@ -1,4 +1,5 @@
-"""The ``cuda`` backend: the fused CUDA C++ kernels of csrc/cuda (DESIGN §5), via the extension.
+"""The ``cuda`` backend: the fused CUDA C++ kernels of csrc/cuda (docs/design.md §5), via
+the extension.
 
 Serves CUDA tensors of dtype float32, float16 and bfloat16 (fp32 accumulation; fp16
 and bf16 GEMMs on tensor cores). The extension builds its CUDA kernels only when

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the Triton kernels of ``triton_kernels`` (DESIGN §5, §6).
+"""The ``triton`` backend: the Triton kernels of ``triton_kernels`` (docs/design.md §5, §6).
 
 Serves CUDA tensors, and CPU tensors when the Triton interpreter is on
 (``TRITON_INTERPRET=1``, set before triton is imported). triton is imported only

@@ -1,5 +1,5 @@
 // CUDA implementation of casa::fused_score_attention: the torch side of the kernels
-// in score_attention_kernels.cu (DESIGN §5, §6).
+// in score_attention_kernels.cu (docs/design.md §5, §6).
 //
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
 // y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),

@@ -1,4 +1,4 @@
-// CUDA kernels of casa::fused_score_attention (DESIGN §5), free of torch headers.
+// CUDA kernels of casa::fused_score_attention (docs/design.md §5), free of torch headers.
 //
 // The binding (score_attention_cuda.cpp) validates the tensors, allocates the output
 // and one fp32 workspace, and calls launch_fused_score_attention on its stream.
