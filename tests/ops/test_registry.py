@@ -141,13 +141,30 @@ def test_problem_shape_of_a_call(problem):
     assert registry.ProblemShape.of(x[0], w) is None  # rank errors are left to validation
 
 
-def test_cuda_backend_declares_its_shape_limits():
+def test_cuda_backend_reports_the_kernels_shape_limits(monkeypatch):
+    # The limits themselves are the kernels' (tests/ops/test_cuda_emulation.py checks
+    # them on the host); the backend forwards casa::cuda_shape_limits' answer.
     cuda = registry.get_backend("cuda")
-    assert cuda.shape_limits is not None
-    assert cuda.shape_limits(registry.ProblemShape(0, 1 << 40, 8, 3)) is None  # empty batch
+    asked = []
+
+    def limits(*shape):
+        asked.append(shape)
+        return "batch too large for a one-dimensional grid" if shape[0] > 100 else ""
+
+    monkeypatch.setattr(torch.ops.casa, "cuda_shape_limits", limits, raising=False)
+    assert cuda.shape_limits(registry.ProblemShape(16, 862, 512, 3)) is None
+    assert cuda.shape_limits(registry.ProblemShape(101, 862, 512, 3)) == (
+        "exceeds the CUDA kernels' limits (batch too large for a one-dimensional grid)"
+    )
+    assert cuda.shape_limits(registry.ProblemShape(0, 862, 512, 3)) is None  # launches nothing
+    assert asked == [(16, 862, 512, 3), (101, 862, 512, 3)]
+
+
+def test_cuda_shape_limits_op_of_a_cuda_build():
     extension.extension_error()  # loads the extension's ops, if built
     if not hasattr(torch.ops.casa, "cuda_shape_limits"):
         pytest.skip("the extension was built without its CUDA kernels")
+    cuda = registry.get_backend("cuda")
     assert cuda.shape_limits(registry.ProblemShape(16, 862, 512, 3)) is None
     assert "32-bit" in cuda.shape_limits(registry.ProblemShape(1, 1 << 30, 8, 3))
     assert "grid" in cuda.shape_limits(registry.ProblemShape(1 << 30, 8, 512, 3))
