@@ -29,7 +29,10 @@ mapfile -t cxx_sources < <(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csr
                                         'tests/*.h' 'tests/*.cpp')
 
 if (( fix )); then
-  python -m ruff check --fix . ; python -m ruff format . ; clang-format -i "${cxx_sources[@]}"
+  # Format, fix, format again (a fix can unformat); clang-format twice, as aligning
+  # trailing comments can take it two passes to reach its fixed point.
+  python -m ruff format . ; python -m ruff check --fix . ; python -m ruff format .
+  clang-format -i "${cxx_sources[@]}" ; clang-format -i "${cxx_sources[@]}"
   exit 0
 fi
 
