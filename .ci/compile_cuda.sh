@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-checks every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a, warnings as
-# errors (DESIGN §7). Needs no GPU and no torch: the .cu files are torch-free.
+# errors (docs/design.md §7). Needs no GPU and no torch: the .cu files are torch-free.
 # Objects go to a temporary directory that is removed on exit. Exits non-zero on the
 # first failure, or when nvcc or the sources are missing.
 #   NVCC=/path/to/nvcc bash .ci/compile_cuda.sh

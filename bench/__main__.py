@@ -27,6 +27,11 @@ def _total_memory_bytes(device: str) -> int:
         return 16 * 2**30
 
 
+def _shape_list(shapes: dict[str, tuple[int, int, int]]) -> str:
+    """``name N=.. D=..`` for each (n_vars, d_model, e_layers) entry, comma-separated."""
+    return ", ".join(f"{name} N={n} D={d}" for name, (n, d, _) in shapes.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
     from .suites import DATASETS, EXTRA_SHAPES, SUITES
@@ -36,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Benchmarks of CASA against full attention (forward, inference mode).\n"
             "suites:\n"
-            "  attention  the op [B,N,D]->[B,N,D] at the dataset shapes (ETTh1 N=7 D=128; Weather 21,\n"
-            "             Solar 137, ECL 321, Traffic 862 with D=512), B=16 and B=1\n"
+            "  attention  the op [B,N,D]->[B,N,D] at the dataset shapes, B=16 and B=1:\n"
+            "             " + _shape_list(DATASETS) + "\n"
             "  scaling    the op vs N (8 .. 131072, x2; --quick: .. 4096), vs D, vs B; the forecaster vs L\n"
             "             (L only enters the embedding Linear(L->D), so it is swept at the model level)\n"
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"

@@ -9,11 +9,11 @@ crashing.
 =================  ==========================================================================
 provider           what runs
 =================  ==========================================================================
-casa-reference     ``casa_attention(x, w, backend="reference")``, eager PyTorch
+casa-<backend>     ``casa_attention(x, w, backend=<backend>)`` (model: CASAModel with that
+                   backend), one per backend of the registry (``casa_kernels.backend_names()``:
+                   reference, cpu, triton, cuda, ...), on the device types where
+                   ``backend="auto"`` may choose it (so not triton's CPU interpreter)
 casa-compile       ``torch.compile`` of the reference functional (model: of CASAModel, reference)
-casa-cpu           ``casa_attention(..., backend="cpu")`` (fused C++)
-casa-triton        ``casa_attention(..., backend="triton")`` (CUDA device only here)
-casa-cuda          ``casa_attention(..., backend="cuda")``
 full-einsum        iTransformer's attention layer as published (QKVO, 8 heads, einsum scores)
 full-sdpa          the same layer with ``scaled_dot_product_attention``
 =================  ==========================================================================
@@ -21,14 +21,15 @@ full-sdpa          the same layer with ``scaled_dot_product_attention``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import casa_kernels
 from casa_kernels import CASAModel, ScoreAttentionWeights, casa_attention
 from casa_kernels.baselines import FullAttention, ITransformerModel
+from casa_kernels.ops import registry
 
 N_HEADS = 8
 # Copies of the [B, H, N, N] score tensor alive at once in the einsum path
@@ -136,13 +137,14 @@ def _full_builder(implementation: str):
 
 def _backend_unavailable(backend: str):
     def unavailable(device: str, dtype: torch.dtype) -> str | None:
-        from casa_kernels.ops.registry import get_backend
-
-        if backend not in casa_kernels.backend_names():
-            return f"backend {backend!r} is not registered in this build"
-        if backend in ("triton", "cuda") and not device.startswith("cuda"):
-            return f"the {backend} backend is benchmarked on CUDA devices only"
-        return get_backend(backend).reason_not_serving(torch.device(device), dtype)
+        reason = registry.get_backend(backend).reason_not_serving(torch.device(device), dtype)
+        device_type = torch.device(device).type
+        if reason is None and backend not in registry.auto_order(device_type):
+            reason = (
+                f"backend='auto' never picks {backend} on {device_type} devices (its auto_priority), "
+                "so it is not benchmarked there"
+            )
+        return reason
     return unavailable
 
 
@@ -154,6 +156,12 @@ def _compile_unavailable(device: str, dtype: torch.dtype) -> str | None:
 
 def _always(device: str, dtype: torch.dtype) -> str | None:
     return None
+
+
+def _casa_provider(backend: str) -> Provider:
+    return Provider(
+        f"casa-{backend}", "casa", _casa_builder(backend), _backend_unavailable(backend), _casa_estimate
+    )
 
 
 def _activation_bytes(point: Point, dtype: torch.dtype, copies: int) -> int:
@@ -178,11 +186,8 @@ def _sdpa_estimate(point: Point, dtype: torch.dtype) -> int:
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("casa-reference", "casa", _casa_builder("reference"), _always, _casa_estimate),
+        *(_casa_provider(name) for name in casa_kernels.backend_names()),
         Provider("casa-compile", "casa", _compile_builder, _compile_unavailable, _casa_estimate),
-        Provider("casa-cpu", "casa", _casa_builder("cpu"), _backend_unavailable("cpu"), _casa_estimate),
-        Provider("casa-triton", "casa", _casa_builder("triton"), _backend_unavailable("triton"), _casa_estimate),
-        Provider("casa-cuda", "casa", _casa_builder("cuda"), _backend_unavailable("cuda"), _casa_estimate),
         Provider("full-einsum", "full", _full_builder("einsum"), _always, _einsum_estimate),
         Provider("full-sdpa", "full", _full_builder("sdpa"), _always, _sdpa_estimate),
     )

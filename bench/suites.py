@@ -1,6 +1,6 @@
 """The points of each suite and the loop that measures every provider at every point.
 
-Suites (DESIGN §8):
+Suites (docs/design.md §8):
 
 * ``attention`` — the op alone (``[B, N, D] -> [B, N, D]``) at the dataset shapes.
 * ``scaling`` — the op alone while one size grows: sweep ``n`` (N geometric ×2 from 8),
@@ -28,7 +28,7 @@ from .measure import MeasurementTimeout, measure_latency, measure_peak_memory
 from .providers import Point, Provider
 from .results import environment_columns, upsert_rows
 
-# name: (n_vars, d_model, e_layers); L = H = 96 (DESIGN §8; e_layers as in iTransformer's scripts).
+# name: (n_vars, d_model, e_layers); L = H = 96 (docs/design.md §8; e_layers as in iTransformer's scripts).
 DATASETS = {
     "ETTh1": (7, 128, 2),
     "Weather": (21, 512, 3),

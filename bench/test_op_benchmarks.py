@@ -15,13 +15,18 @@ import torch
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark")
 
 import casa_kernels
+from bench.providers import PROVIDERS
+from bench.suites import DATASETS
 from casa_kernels import ScoreAttentionWeights, casa_attention
 from casa_kernels.baselines import FullAttention
-from casa_kernels.ops.registry import get_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (name, B, N, D): the two ends of DESIGN §8's dataset shapes; small enough for a 2-core CPU.
-SHAPES = [("ETTh1-B16", 16, 7, 128), ("ECL-B1", 1, 321, 512), ("Traffic-B1", 1, 862, 512)]
+# (name, B, N, D): the two ends of the dataset shapes (docs/design.md §8); small enough
+# for a 2-core CPU.
+SHAPES = [
+    (f"{name}-B{batch}", batch, *DATASETS[name][:2])
+    for name, batch in (("ETTh1", 16), ("ECL", 1), ("Traffic", 1))
+]
 ROUNDS = 20 if DEVICE == "cuda" else 5
 
 
@@ -47,11 +52,9 @@ def _run(benchmark, fn):
 @pytest.mark.parametrize("backend", casa_kernels.backend_names())
 def test_casa_op(benchmark, backend, shape):
     name, b, n, d = shape
-    reason = get_backend(backend).reason_not_serving(torch.device(DEVICE), torch.float32)
+    reason = PROVIDERS[f"casa-{backend}"].unavailable(DEVICE, torch.float32)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
-    if backend == "triton" and DEVICE != "cuda":
-        pytest.skip("triton: the interpreter on CPU is for correctness, not timing")
     x, weights = _inputs(b, n, d)
     benchmark.group = name
     benchmark.extra_info.update(device=DEVICE, batch=b, n_vars=n, d_model=d, dtype="float32")

@@ -1,4 +1,4 @@
-"""``nn.Module`` layer of CASA with the official state_dict layout (DESIGN §3).
+"""``nn.Module`` layer of CASA with the official state_dict layout (docs/design.md §3).
 
 An official checkpoint of ``MLP_attention`` loads into :class:`CASABlock`, one of
 ``Model`` into :class:`CASAModel`, with ``strict=True``.

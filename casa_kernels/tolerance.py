@@ -1,4 +1,5 @@
-"""The accuracy contract every backend is held to (DESIGN §7), shared by tests and ``verify``.
+"""The accuracy contract every backend is held to (docs/design.md §7), shared by tests and
+``verify``.
 
 * fp32 and fp64 outputs are compared with the float64 reference under a fixed
   tolerance: ``|ours - ref64| <= atol + rtol * |ref64|`` elementwise.

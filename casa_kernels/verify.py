@@ -134,7 +134,7 @@ def print_table(outcomes: list[Outcome], file=None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m casa_kernels.verify",
-        description="Check every available backend against the float64 reference (DESIGN §7).",
+        description="Check every available backend against the float64 reference (docs/design.md §7).",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu",

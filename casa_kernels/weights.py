@@ -80,7 +80,7 @@ class ScoreAttentionWeights(NamedTuple):
     def kernel(self) -> int:
         return self.enc0_weight.shape[2]
 
-    def to(self, *args, **kwargs) -> "ScoreAttentionWeights":
+    def to(self, *args, **kwargs) -> ScoreAttentionWeights:
         return ScoreAttentionWeights(*(w.to(*args, **kwargs) for w in self))
 
     @classmethod
@@ -93,7 +93,7 @@ class ScoreAttentionWeights(NamedTuple):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
-    ) -> "ScoreAttentionWeights":
+    ) -> ScoreAttentionWeights:
         """Weights drawn like PyTorch's default init: uniform in +-1/sqrt(fan_in).
 
         fan_in is ``weight.size(1) * k`` for convolutions (also transposed ones, as

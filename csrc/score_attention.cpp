@@ -5,7 +5,7 @@
 //       enc2_weight [D, D/2, k], enc2_bias, dec0_weight [D, D/2, k], dec0_bias,
 //       dec1_weight [D/2, D/4, k], dec1_bias, dec2_weight [D/4, N, k], dec2_bias) -> [B, N, D]
 //
-// y = softmax_over_N(score(x)) * (x Wv^T + bv) + x, DESIGN §2. Device implementations
+// y = softmax_over_N(score(x)) * (x Wv^T + bv) + x, docs/design.md §2. Device implementations
 // live in csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL). The Python package exposes it
 // through casa::score_attention, which adds the backend choice, fake kernel and autograd.
 

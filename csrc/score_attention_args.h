@@ -5,29 +5,15 @@
 
 #include <array>
 
-namespace casa {
+#include "weight_index.h"
 
-// The 14 parameters in schema order (see csrc/score_attention.cpp).
-enum WeightIndex : int {
-  kValueWeight, kValueBias,
-  kEnc0Weight, kEnc0Bias, kEnc1Weight, kEnc1Bias, kEnc2Weight, kEnc2Bias,
-  kDec0Weight, kDec0Bias, kDec1Weight, kDec1Bias, kDec2Weight, kDec2Bias,
-  kNumWeights
-};
+namespace casa {
 
 using Weights = std::array<at::Tensor, kNumWeights>;
 
 struct Sizes {
   int64_t batch, n_vars, d_model, kernel, padding;
 };
-
-inline const char* weight_name(int i) {
-  static const char* names[kNumWeights] = {
-      "value_weight", "value_bias", "enc0_weight", "enc0_bias", "enc1_weight", "enc1_bias",
-      "enc2_weight", "enc2_bias", "dec0_weight", "dec0_bias", "dec1_weight", "dec1_bias",
-      "dec2_weight", "dec2_bias"};
-  return names[i];
-}
 
 // Checks ranks, sizes, dtypes, devices and contiguity; returns the problem sizes. An
 // empty batch (B = 0) passes: the implementations return an empty result for it.
@@ -43,17 +29,29 @@ inline Sizes check_args(const at::Tensor& x, const Weights& w) {
   TORCH_CHECK(D % 8 == 0, "x: expected d_model (dim 2) a multiple of 8, received ", D);
   TORCH_CHECK(k % 2 == 1, "enc0_weight: expected an odd kernel size (dim 2), received ", k);
   const int64_t C1 = D / 4, C2 = D / 2;
-  const std::array<std::vector<int64_t>, kNumWeights> expected = {{
-      {D, D}, {D}, {C1, N, k}, {C1}, {C2, C1, k}, {C2}, {D, C2, k}, {D},
-      {D, C2, k}, {C2}, {C2, C1, k}, {C1}, {C1, N, k}, {N}}};
+  std::array<std::vector<int64_t>, kNumWeights> expected;
+  expected[kValueWeight] = {D, D};
+  expected[kValueBias] = {D};
+  expected[kEnc0Weight] = {C1, N, k};
+  expected[kEnc0Bias] = {C1};
+  expected[kEnc1Weight] = {C2, C1, k};
+  expected[kEnc1Bias] = {C2};
+  expected[kEnc2Weight] = {D, C2, k};
+  expected[kEnc2Bias] = {D};
+  expected[kDec0Weight] = {D, C2, k};
+  expected[kDec0Bias] = {C2};
+  expected[kDec1Weight] = {C2, C1, k};
+  expected[kDec1Bias] = {C1};
+  expected[kDec2Weight] = {C1, N, k};
+  expected[kDec2Bias] = {N};
   for (int i = 0; i < kNumWeights; ++i) {
-    TORCH_CHECK(w[i].sizes() == at::IntArrayRef(expected[i]), weight_name(i), ": expected shape ",
+    TORCH_CHECK(w[i].sizes() == at::IntArrayRef(expected[i]), kWeightNames[i], ": expected shape ",
                 at::IntArrayRef(expected[i]), ", received ", w[i].sizes());
-    TORCH_CHECK(w[i].scalar_type() == x.scalar_type(), weight_name(i), ": expected dtype ",
+    TORCH_CHECK(w[i].scalar_type() == x.scalar_type(), kWeightNames[i], ": expected dtype ",
                 x.scalar_type(), " (that of x), received ", w[i].scalar_type());
-    TORCH_CHECK(w[i].device() == x.device(), weight_name(i), ": expected device ", x.device(),
+    TORCH_CHECK(w[i].device() == x.device(), kWeightNames[i], ": expected device ", x.device(),
                 " (that of x), received ", w[i].device());
-    TORCH_CHECK(w[i].is_contiguous(), weight_name(i), ": expected a contiguous tensor");
+    TORCH_CHECK(w[i].is_contiguous(), kWeightNames[i], ": expected a contiguous tensor");
   }
   return {B, N, D, k, k / 2};
 }

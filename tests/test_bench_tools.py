@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
+import casa_kernels
 from bench import measure, providers, results, suites, summary
+from casa_kernels.ops import registry
 
 
 def _row(**kw):
@@ -89,10 +91,17 @@ def test_provider_over_mem_cap_is_oom_and_stops_growing(tmp_path):
     assert row["status"] == "oom" and "mem-cap" in row["note"]
 
 
-def test_unavailable_gpu_backends_are_skipped_on_cpu():
-    for name in ("casa-triton", "casa-cuda"):
-        reason = providers.PROVIDERS[name].unavailable("cpu", torch.float32)
-        assert reason  # never crashes, always says why
+def test_every_backend_is_a_provider():
+    # The providers come from the registry: registering a backend adds casa-<name>.
+    casa = [name for name in providers.PROVIDERS if name.startswith("casa-")]
+    assert casa == [f"casa-{b}" for b in casa_kernels.backend_names()] + ["casa-compile"]
+
+
+def test_backends_auto_never_picks_on_cpu_are_skipped_there():
+    for name in casa_kernels.backend_names():
+        reason = providers.PROVIDERS[f"casa-{name}"].unavailable("cpu", torch.float32)
+        if name not in registry.auto_order("cpu"):
+            assert reason  # never crashes, always says why
 
 
 def test_unknown_provider_is_rejected():

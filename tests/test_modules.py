@@ -17,7 +17,7 @@ BLOCK_KEYS = ATTENTION_KEYS + [f"mlp.{i}.{p}" for i in (0, 2) for p in ("weight"
 
 
 def official_model_keys(e_layers):
-    """The state_dict keys of the official ``Model`` (DESIGN §3)."""
+    """The state_dict keys of the official ``Model`` (docs/design.md §3)."""
     keys = ["model.0.weight", "model.0.bias"]
     for i in range(2, e_layers + 2):
         keys += [f"model.{i}.0.{k}" for k in BLOCK_KEYS]

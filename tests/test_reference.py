@@ -37,7 +37,7 @@ def conv_transpose_stride2(x, w, b):
 
 
 def naive_attention(x, w):
-    """DESIGN §2 for one batch element x [N, D], all in float64 numpy."""
+    """docs/design.md §2 for one batch element x [N, D], all in float64 numpy."""
     W = {name: t.detach().double().numpy() for name, t in zip(w._fields, w)}
     relu = lambda a: np.maximum(a, 0)  # noqa: E731
     h = relu(conv_stride2(x, W["enc0_weight"], W["enc0_bias"]))

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (DESIGN §5), via the extension.
+"""The ``cpu`` backend: the fused C++ kernel of csrc/cpu (docs/design.md §5), via the extension.
 
 The kernel's weights are re-laid out for its GEMMs (the last transposed conv by output
 parity, Wvᵀ by tail tile, bfloat16 packing) once per weight version, tail tile width
@@ -78,7 +78,6 @@ def block_epilogue(
     )
     return out.view(y.shape)
 
-
 register_backend(
     Backend(
         name="cpu",
@@ -86,5 +85,6 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16}),
         forward=_forward,
         unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
+        auto_priority={"cpu": 1},
     )
 )

@@ -1,14 +1,16 @@
-"""The ``cuda`` backend: the fused CUDA C++ kernels of csrc/cuda (DESIGN §5), via the extension.
+"""The ``cuda`` backend: the fused CUDA C++ kernels of csrc/cuda (docs/design.md §5), via
+the extension.
 
 Serves CUDA tensors of dtype float32, float16 and bfloat16 (fp32 accumulation; fp16
 and bf16 GEMMs on tensor cores). The extension builds its CUDA kernels only when
-torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``).
+torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``). Shapes beyond the
+kernels' 32-bit grid and index limits are declared before dispatch (``shape_limits``).
 """
 
 import torch
 
 from .extension import fused_score_attention, kernel_missing_reason
-from .registry import Backend, register_backend
+from .registry import Backend, ProblemShape, register_backend
 
 
 def _unavailable_reason() -> str | None:
@@ -18,6 +20,20 @@ def _unavailable_reason() -> str | None:
     return missing
 
 
+def _shape_limits(shape: ProblemShape) -> str | None:
+    """Why the kernels cannot serve ``shape`` (their 32-bit grid and index limits), else None.
+
+    Asks the extension (``casa::cuda_shape_limits``, i.e. ``gpu::problem_supported`` of
+    csrc/cuda), so the limits are stated once, beside the kernels. Only called when the
+    backend is available, hence when the extension has its CUDA part. An empty batch
+    launches nothing and fits any limit.
+    """
+    if shape.batch == 0:
+        return None
+    why = torch.ops.casa.cuda_shape_limits(*shape)
+    return f"exceeds the CUDA kernels' limits ({why})" if why else None
+
+
 register_backend(
     Backend(
         name="cuda",
@@ -25,5 +41,7 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         forward=fused_score_attention,
         unavailable_reason=_unavailable_reason,
+        auto_priority={"cuda": 1},
+        shape_limits=_shape_limits,
     )
 )

@@ -1,8 +1,10 @@
 """Loads the compiled extension ``casa_kernels._C`` once and remembers why it failed.
 
 The extension registers ``casa::fused_score_attention`` (the fused kernels of
-csrc/: a CPU implementation and, when built with CUDA, a CUDA one). Importing the
-package never fails because of it: backends ask ``extension_error()`` instead.
+csrc/: a CPU implementation and, when built with CUDA, a CUDA one); loading it here
+adds the op's fake kernel, so the raw op also works under ``torch.compile``,
+``torch.export`` and ``torch.library.opcheck``. Importing the package never fails
+because of it: backends ask ``extension_error()`` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ def extension_error() -> str | None:
             f"the C++ extension casa_kernels._C is not built or failed to load ({exc}); "
             "build it with `pip install --no-build-isolation -e .`"
         )
+    torch.library.register_fake(FUSED_OP)(_fused_score_attention_fake)
     return None
+
+
+def _fused_score_attention_fake(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    # Like every device kernel: y [B, N, D] of x's dtype and device, contiguous.
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def has_kernel_for(dispatch_key: str) -> bool:

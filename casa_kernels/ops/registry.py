@@ -1,21 +1,26 @@
-"""Backends of ``casa::score_attention`` and how one is chosen (DESIGN §6).
+"""Backends of ``casa::score_attention`` and how one is chosen (docs/design.md §6).
 
-Each backend declares the devices and dtypes it serves, a forward function on
-already-validated inputs, and a reason when it is unavailable. ``resolve_backend``
-turns the user's ``backend=`` argument (or ``CASA_BACKEND``) into one backend:
+The registry is the one list of backends: everything else (the auto order, the bench
+providers, the tests) derives from it. Each backend declares the devices and dtypes it
+serves, its ``auto`` priority per device type, a forward function on already-validated
+inputs, a reason when it is unavailable, and optionally the problem shapes it cannot
+serve. ``resolve_backend`` turns the user's ``backend=`` argument (or ``CASA_BACKEND``)
+into one backend:
 
-* ``"auto"`` takes the first backend in ``AUTO_ORDER`` for the tensor's device that
-  serves it; when that ends on ``"reference"`` while a faster backend exists for the
-  device, it warns once, naming each skipped backend's reason.
-* an explicit name that cannot serve the tensor raises, listing every backend's reason.
+* ``"auto"`` tries the backends with a priority for the tensor's device type, highest
+  first, and takes the first that serves the input; when that is the ``reference``
+  (``FALLBACK``, always tried last) after a faster backend was skipped, it warns once,
+  naming each skipped backend's reason.
+* an explicit name that cannot serve the input raises, listing every backend's reason.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -33,13 +38,27 @@ class Stages(NamedTuple):
     tail_stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     tail_output: Callable[..., torch.Tensor]
 
-ENV_VAR = "CASA_BACKEND"
 
-# Preference of "auto" per device type, fastest first; "reference" serves anything.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
-}
+class ProblemShape(NamedTuple):
+    """The sizes of one call: ``x`` is ``[batch, n_vars, d_model]``, the convs' width ``kernel``."""
+
+    batch: int
+    n_vars: int
+    d_model: int
+    kernel: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weights: ScoreAttentionWeights) -> ProblemShape | None:
+        """The shape of a call on ``x``/``weights``; None when their ranks are wrong (the
+        validation of the inputs reports that)."""
+        if x.dim() != 3 or weights.enc0_weight.dim() != 3:
+            return None
+        return cls(*x.shape, weights.kernel)
+
+
+ENV_VAR = "CASA_BACKEND"
+FALLBACK = "reference"
+"""The backend that serves every device, dtype and shape: ``auto``'s last resort."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +71,17 @@ class Backend:
     """Returns None when the backend can run here, else why not (checked lazily)."""
     stages: Stages | None = None
     """The op split into stages, for variate parallelism; None where the backend has none."""
+    auto_priority: Mapping[str, int] = field(default_factory=dict)
+    """Device type -> rank among ``auto``'s candidates there, higher first (ties: registration
+    order). A device type missing here is never chosen by ``auto``, only by name."""
+    shape_limits: Callable[[ProblemShape], str | None] | None = None
+    """None when the backend serves a problem of this shape, else why not; None: any shape."""
 
-    def reason_not_serving(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """None when this backend can run on ``device``/``dtype``, else the reason."""
+    def reason_not_serving(
+        self, device: torch.device, dtype: torch.dtype, shape: ProblemShape | None = None
+    ) -> str | None:
+        """None when this backend can run on ``device``/``dtype`` (and ``shape``, when
+        given), else the reason."""
         reason = self.unavailable_reason()
         if reason is not None:
             return reason
@@ -63,6 +90,8 @@ class Backend:
         if dtype not in self.dtypes:
             names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"supports dtypes {names}, not {str(dtype).removeprefix('torch.')}"
+        if shape is not None and self.shape_limits is not None:
+            return self.shape_limits(shape)
         return None
 
 
@@ -87,41 +116,57 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
+def auto_order(device_type: str) -> list[str]:
+    """The backends ``auto`` tries for tensors of ``device_type``, in order; the
+    fallback always comes last."""
+    ranked = sorted(
+        (b for b in _BACKENDS.values() if device_type in b.auto_priority and b.name != FALLBACK),
+        key=lambda b: -b.auto_priority[device_type],
+    )
+    return [b.name for b in ranked] + [FALLBACK]
+
+
 def availability() -> dict[str, str | None]:
     """Each backend's name mapped to None (available) or the reason it is not."""
     return {name: b.unavailable_reason() for name, b in _BACKENDS.items()}
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs ``casa_attention`` for a tensor on ``device`` with ``dtype``."""
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype, shape: ProblemShape | None = None
+) -> Backend:
+    """The backend that runs ``casa_attention`` for a tensor on ``device`` with ``dtype``
+    (and of ``shape``, when given: backends declaring shape limits are then checked too)."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, received {type(name).__name__}")
     if name == "auto":
         name = os.environ.get(ENV_VAR, "").strip() or "auto"
     if name != "auto":
         backend = get_backend(name)
-        if backend.reason_not_serving(device, dtype) is None:
+        if backend.reason_not_serving(device, dtype, shape) is None:
             return backend
         reasons = "\n".join(
-            f"  {b.name}: {b.reason_not_serving(device, dtype) or 'available'}"
+            f"  {b.name}: {b.reason_not_serving(device, dtype, shape) or 'available'}"
             for b in _BACKENDS.values()
         )
+        of_shape = "" if shape is None else f" of shape {_describe(shape)}"
         raise RuntimeError(
-            f"backend: {name!r} cannot run a {str(dtype).removeprefix('torch.')} tensor on "
-            f"{device}. Backends:\n{reasons}"
+            f"backend: {name!r} cannot run a {str(dtype).removeprefix('torch.')} tensor"
+            f"{of_shape} on {device}. Backends:\n{reasons}"
         )
     skipped = []
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS.get(candidate)
-        if backend is None:  # not registered in this build
-            continue
-        reason = backend.reason_not_serving(device, dtype)
+    for candidate in auto_order(device.type):
+        backend = _BACKENDS[candidate]
+        reason = backend.reason_not_serving(device, dtype, shape)
         if reason is None:
-            if candidate == "reference" and skipped:
+            if candidate == FALLBACK and skipped:
                 _warn_once(device, dtype, skipped)
             return backend
         skipped.append(f"{candidate}: {reason}")
-    raise AssertionError("the reference backend serves every device and dtype")
+    raise AssertionError(f"the {FALLBACK} backend serves every device, dtype and shape")
+
+
+def _describe(shape: ProblemShape) -> str:
+    return f"[{shape.batch}, {shape.n_vars}, {shape.d_model}] (kernel {shape.kernel})"
 
 
 def _warn_once(device: torch.device, dtype: torch.dtype, skipped: list[str]) -> None:

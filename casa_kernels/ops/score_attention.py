@@ -26,7 +26,7 @@ import torch
 from .. import reference
 from ..validation import check_attention_input, check_tokens, check_weights
 from ..weights import ScoreAttentionWeights
-from .registry import resolve_backend
+from .registry import ProblemShape, resolve_backend
 from .weight_cache import cached
 
 OP_NAME = "casa::score_attention"
@@ -41,10 +41,11 @@ torch.library.define(
 @torch.library.register_kernel(OP_NAME, None)
 def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
     *weights, backend = weights_and_backend
-    chosen = resolve_backend(backend, x.device, x.dtype)
+    weights = ScoreAttentionWeights(*weights)
+    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, weights))
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return chosen.forward(x, ScoreAttentionWeights(*weights))
+    return chosen.forward(x, weights)
 
 
 @torch.library.register_fake(OP_NAME)

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the Triton kernels of ``triton_kernels`` (DESIGN §5, §6).
+"""The ``triton`` backend: the Triton kernels of ``triton_kernels`` (docs/design.md §5, §6).
 
 Serves CUDA tensors, and CPU tensors when the Triton interpreter is on
 (``TRITON_INTERPRET=1``, set before triton is imported). triton is imported only
@@ -21,7 +21,7 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -52,5 +52,7 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         forward=_forward,
         unavailable_reason=_unavailable_reason,
+        # First on a GPU; never auto-chosen on the CPU (the interpreter is for tests).
+        auto_priority={"cuda": 2},
     )
 )

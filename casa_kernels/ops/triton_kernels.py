@@ -1,4 +1,4 @@
-"""Triton kernels of ``casa::score_attention`` (DESIGN §5) and their launcher.
+"""Triton kernels of ``casa::score_attention`` (docs/design.md §5) and their launcher.
 
 Shapes: ``x: [B, N, D]``, ``C1 = D/4``, ``C2 = D/2``, k odd, ``p = k // 2``.
 

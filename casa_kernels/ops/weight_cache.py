@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 

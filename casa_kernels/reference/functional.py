@@ -1,4 +1,4 @@
-"""The reference math of DESIGN §2, as plain PyTorch calls on explicit weights.
+"""The reference math of docs/design.md §2, as plain PyTorch calls on explicit weights.
 
 These functions do no validation: the public entry points check their inputs first.
 """

@@ -1,4 +1,4 @@
-// Fused CPU implementation of casa::fused_score_attention (DESIGN §5).
+// Fused CPU implementation of casa::fused_score_attention (docs/design.md §5).
 //
 // Every convolution is a GEMM on the weight as stored or re-laid out once per call:
 //

@@ -1,5 +1,5 @@
 // The elementwise loops of the CPU kernel, vectorised (see vectorised.cpp). Stride-2
-// convolutions with kernel k and padding p = k / 2 (DESIGN §2).
+// convolutions with kernel k and padding p = k / 2 (docs/design.md §2).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -36,7 +36,7 @@ void col2im_relu_s2(const double* cols, int64_t ldc, int64_t rows, int64_t k, in
 void add_bias_relu(float* out, int64_t ld, int64_t rows, int64_t cols, const float* bias);
 void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const double* bias);
 
-// The softmax end of the tail (DESIGN §5, stage 3) for one tile of T output columns
+// The softmax end of the tail (docs/design.md §5, stage 3) for one tile of T output columns
 // (T even), computed as
 //   y = softmax_N(sigmoid(scores + score_bias) + x) * (values + value_bias) + x
 // one block of rows at a time, so that the caller can use each block's GEMM output

@@ -1,5 +1,5 @@
 // CUDA implementation of casa::fused_score_attention: the torch side of the kernels
-// in score_attention_kernels.cu (DESIGN §5, §6).
+// in score_attention_kernels.cu (docs/design.md §5, §6).
 //
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
 // y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "../score_attention_args.h"
 #include "score_attention_kernels.h"
@@ -65,10 +67,21 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   return y;
 }
 
-static_assert(static_cast<int>(kNumWeights) == gpu::kNumParams,
-              "the kernels take the op's parameters in schema order");
+// Why the kernels cannot serve a problem of these sizes, "" when they can: the limits of
+// gpu::problem_supported, asked by the Python backend before dispatch.
+std::string cuda_shape_limits(int64_t batch, int64_t n_vars, int64_t d_model, int64_t kernel) {
+  const char* why = nullptr;
+  return gpu::problem_supported({batch, n_vars, d_model, kernel}, &why) ? std::string() : why;
+}
 
 }  // namespace
+
+// Defined here, not in csrc/score_attention.cpp: the op exists only where the CUDA
+// kernels were built.
+TORCH_LIBRARY_FRAGMENT(casa, m) {
+  m.def("cuda_shape_limits(int batch, int n_vars, int d_model, int kernel) -> str",
+        &cuda_shape_limits);
+}
 
 TORCH_LIBRARY_IMPL(casa, CUDA, m) {
   m.impl("fused_score_attention", &with_weights<&fused_score_attention_cuda>);

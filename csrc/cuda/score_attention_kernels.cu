@@ -512,7 +512,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   const int D = static_cast<int>(prm.problem.d_model), k = static_cast<int>(prm.problem.kernel);
   const int C1 = D / 4, C2 = D / 2;
   const int head_splits = prm.plan.head_splits, tail_splits = prm.plan.tail_splits;
-  auto w = [&](int i) { return static_cast<const T*>(prm.weights[i]); };
+  auto w = [&](WeightIndex i) { return static_cast<const T*>(prm.weights[i]); };
   const T* x = static_cast<const T*>(prm.x);
   T* y = static_cast<T*>(prm.y);
 
@@ -527,32 +527,36 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
 
   // 1. head
   head_kernel<T><<<ceil_div(D / 2, kBN) * ceil_div(C1, kBM) * head_splits * B, kThreads, 0, stream>>>(
-      x, w(2), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
+      x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
   const int reduce_blocks = static_cast<int>(std::min<size_t>((act + 255) / 256, 65536));
-  head_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partial, w(3), h1, B, C1, D / 2, head_splits);
+  head_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partial, w(kEnc0Bias), h1, B, C1,
+                                                           D / 2, head_splits);
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
   conv_s2_relu_kernel<T><<<ceil_div(D / 4, kBN) * ceil_div(C2, kBM) * B, kThreads, 0, stream>>>(
-      h1, w(4), w(5), h2, C1, D / 2, C2, k);
+      h1, w(kEnc1Weight), w(kEnc1Bias), h2, C1, D / 2, C2, k);
   conv_s2_relu_kernel<T><<<ceil_div(D / 8, kBN) * ceil_div(D, kBM) * B, kThreads, 0, stream>>>(
-      h2, w(6), w(7), h3, C2, D / 4, D, k);
+      h2, w(kEnc2Weight), w(kEnc2Bias), h3, C2, D / 4, D, k);
   conv_transpose_s2_relu_kernel<T>
       <<<ceil_div(D / 8, kBN) * ceil_div(C2, kBM) * 2 * B, kThreads, 0, stream>>>(
-          h3, w(8), w(9), h4, D, D / 8, C2, k);
+          h3, w(kDec0Weight), w(kDec0Bias), h4, D, D / 8, C2, k);
   conv_transpose_s2_relu_kernel<T>
       <<<ceil_div(D / 4, kBN) * ceil_div(C1, kBM) * 2 * B, kThreads, 0, stream>>>(
-          h4, w(10), w(11), h5, C2, D / 4, C1, k);
+          h4, w(kDec1Weight), w(kDec1Bias), h5, C2, D / 4, C1, k);
   // 3. tail
   const int tail_blocks = ceil_div(D / 2, kBN) * 2 * tail_splits * B;
   const int tail_chunk = chunk_rows(N, tail_splits, kBM);
   if (tail_splits == 1) {
     tail_kernel<T, TailPhase::kFused><<<tail_blocks, kThreads, 0, stream>>>(
-        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, 1, tail_chunk);
+        x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, N, D, k,
+        1, tail_chunk);
   } else {
     tail_kernel<T, TailPhase::kStats><<<tail_blocks, kThreads, 0, stream>>>(
-        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, tail_splits, tail_chunk);
+        x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, N, D, k,
+        tail_splits, tail_chunk);
     tail_kernel<T, TailPhase::kOutput><<<tail_blocks, kThreads, 0, stream>>>(
-        x, h5, w(12), w(13), w(0), w(1), y, stats, N, D, k, tail_splits, tail_chunk);
+        x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, N, D, k,
+        tail_splits, tail_chunk);
   }
   return cudaGetLastError();
 }

@@ -1,12 +1,12 @@
-// CUDA kernels of casa::fused_score_attention (DESIGN §5), free of torch headers.
+// CUDA kernels of casa::fused_score_attention (docs/design.md §5), free of torch headers.
 //
 // The binding (score_attention_cuda.cpp) validates the tensors, allocates the output
 // and one fp32 workspace, and calls launch_fused_score_attention on its stream.
 // Everything here works on raw device pointers of contiguous tensors.
 //
 // Shapes (B = batch, N = variates, D = d_model, k = kernel, C1 = D/4, C2 = D/2):
-//   x, y: [B, N, D]; weights in schema order (see csrc/score_attention.cpp), all of
-//   the dtype of x. Accumulation is fp32 for every dtype.
+//   x, y: [B, N, D]; weights indexed by casa::WeightIndex (csrc/weight_index.h), all
+//   of the dtype of x. Accumulation is fp32 for every dtype.
 //
 // Stages, each a kernel launch on `stream`:
 //   1. head:        h1 = relu(conv(x, enc0) + b)        [B, C1, D/2], N reduction split
@@ -26,6 +26,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../weight_index.h"
+
 namespace casa {
 namespace gpu {
 
@@ -35,10 +37,6 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct Problem {
   int64_t batch, n_vars, d_model, kernel;
 };
-
-// Number of parameter tensors of the op, in schema order:
-// value_weight, value_bias, enc0_weight, enc0_bias, ..., dec2_weight, dec2_bias.
-constexpr int kNumParams = 14;
 
 // How N is split across blocks. head_splits: blocks sharing the N reduction of the
 // encoder head (each at least 32 variates); tail_splits: row ranges of the tail (each
@@ -59,7 +57,7 @@ struct Params {
   Problem problem;
   Plan plan;                        // from make_plan(); splits >= 1
   const void* x;                    // [B, N, D], dtype
-  const void* weights[kNumParams];  // schema order, dtype, contiguous
+  const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous
   void* y;                          // [B, N, D], dtype, written
   float* workspace;                 // workspace_floats(problem, plan) floats
 };

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (backend "cpu") against the reference (DESIGN §5–§7)."""
+"""The fused CPU kernel (backend "cpu") against the reference (docs/design.md §5–§7)."""
 
 import pytest
 import torch
@@ -137,7 +137,7 @@ def test_torch_compile_fullgraph_matches_eager(module):
 
 
 def test_no_batch_sized_temporary_is_allocated(problem):
-    # Memory contract (DESIGN §5): besides the output, O(B·D²) plus one [N, D]-sized
+    # Memory contract (docs/design.md §5): besides the output, O(B·D²) plus one [N, D]-sized
     # scratch per worker — never [B, N, D]. Many variates, small D, B = 8 so that a
     # [B, N, D] temporary would exceed the bound below by far.
     from bench.measure import cpu_peak_allocated

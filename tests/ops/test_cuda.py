@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (csrc/cuda) against the reference, DESIGN §7.
+"""The ``cuda`` backend (csrc/cuda) against the reference, docs/design.md §7.
 
 GPU tests need a CUDA device and an extension built with CUDA; elsewhere they are
 skipped with the reason. The compile check of the CUDA sources and the backend's
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import casa_kernels
-from casa_kernels import CASABlock, ScoreAttentionWeights, casa_attention
+from casa_kernels import CASABlock, casa_attention
 from casa_kernels.ops.registry import get_backend
 from casa_kernels.tolerance import assert_close_to_reference
 from tests.conftest import make_problem
@@ -116,7 +116,7 @@ def test_rejects_bad_inputs(cuda_backend):
 
 @needs_cuda
 def test_no_bnd_intermediate(cuda_backend):
-    # DESIGN §5: apart from the output, temporary memory is O(B·D²). With N ≫ D, a
+    # docs/design.md §5: apart from the output, temporary memory is O(B·D²). With N ≫ D, a
     # single [B, N, D] fp32 intermediate would double the peak.
     batch, n_vars, d_model = 2, 40000, 64
     x, w = make_problem(batch, n_vars, d_model, 3, device="cuda", seed=7)

@@ -133,6 +133,23 @@ def test_emulation_splits_n(driver, tmp_path):
     assert head > 1 and tail > 1, log
 
 
+@pytest.mark.parametrize(
+    "shape, verdict",
+    [
+        ((16, 862, 512, 3), "supported"),
+        ((1, 1, 8, 1), "supported"),
+        ((1, 1 << 30, 8, 3), "32-bit indices"),
+        ((1, 8, 1 << 30, 3), "32-bit indices"),
+        ((1 << 30, 8, 512, 3), "one-dimensional grid"),
+    ],
+)
+def test_shape_limits_of_the_kernels(driver, shape, verdict):
+    # gpu::problem_supported, which the cuda backend's shape_limits reports before dispatch.
+    result = subprocess.run([driver, "limits", *map(str, shape)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert verdict in result.stdout, result.stdout
+
+
 def test_emulated_kernels_have_no_block_races(tmp_path):
     # ThreadSanitizer over the block's threads: a missing __syncthreads is a data race.
     try:

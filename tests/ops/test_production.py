@@ -1,4 +1,4 @@
-"""The production inference contract (DESIGN §10) on every backend that runs here.
+"""The production inference contract (docs/design.md §11) on every backend that runs here.
 
 Backends are taken from the registry: every one that serves float32 tensors on this
 machine's devices (the CPU always, with the Triton interpreter when it is on; CUDA

@@ -1,4 +1,4 @@
-"""Dispatch (DESIGN §6): auto choice, CASA_BACKEND, errors listing reasons, one fallback warning."""
+"""Dispatch (docs/design.md §6): auto choice, CASA_BACKEND, errors listing reasons, one fallback warning."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from casa_kernels import casa_attention, reference
-from casa_kernels.ops import registry
+from casa_kernels.ops import extension, registry
 
 CPU = torch.device("cpu")
 
@@ -83,3 +83,88 @@ info.main()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "backend cpu" in result.stdout and "unavailable" in result.stdout
+
+
+def _fake_backend(name, **fields):
+    return registry.Backend(
+        name=name, device_types=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+        forward=reference.score_attention, unavailable_reason=lambda: None, **fields,
+    )
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry with its real backends, restored after the test."""
+    monkeypatch.delenv("CASA_BACKEND", raising=False)
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+def test_auto_order_comes_from_the_backends_priorities():
+    assert registry.auto_order("cuda") == ["triton", "cuda", "reference"]
+    assert registry.auto_order("cpu") == ["cpu", "reference"]
+    assert registry.auto_order("mps") == ["reference"]
+
+
+def test_a_registered_backend_joins_auto_by_its_priority(scratch_registry):
+    registry.register_backend(_fake_backend("fast", auto_priority={"cpu": 5}))
+    assert registry.auto_order("cpu") == ["fast", "cpu", "reference"]
+    assert registry.resolve_backend("auto", CPU, torch.float32).name == "fast"
+    assert "fast" in registry.backend_names()
+
+
+def test_shape_limits_are_checked_before_dispatch(scratch_registry, problem):
+    def limits(shape):
+        return f"at most 100 variates, not {shape.n_vars}" if shape.n_vars > 100 else None
+
+    registry.register_backend(_fake_backend("narrow", auto_priority={"cpu": 5}, shape_limits=limits))
+    backend = registry.get_backend("narrow")
+    small, large = registry.ProblemShape(2, 100, 16, 3), registry.ProblemShape(2, 101, 16, 3)
+    assert backend.reason_not_serving(CPU, torch.float32) is None  # no shape: not checked
+    assert backend.reason_not_serving(CPU, torch.float32, small) is None
+    assert backend.reason_not_serving(CPU, torch.float32, large) == "at most 100 variates, not 101"
+    # auto skips it for the large shape; by name it raises with every reason.
+    assert registry.resolve_backend("auto", CPU, torch.float32, small).name == "narrow"
+    assert registry.resolve_backend("auto", CPU, torch.float32, large).name == "cpu"
+    with pytest.raises(RuntimeError, match=r"of shape \[2, 101, 16\] \(kernel 3\) on cpu") as info:
+        registry.resolve_backend("narrow", CPU, torch.float32, large)
+    assert "  narrow: at most 100 variates, not 101" in str(info.value)
+    # The op's kernel passes the shape of its inputs.
+    x, w = problem(1, 101, 16, 3)
+    with pytest.raises(RuntimeError, match="narrow: at most 100 variates"):
+        torch.ops.casa.score_attention(x, *w, "narrow")
+
+
+def test_problem_shape_of_a_call(problem):
+    x, w = problem(2, 5, 16, 3)
+    assert registry.ProblemShape.of(x, w) == (2, 5, 16, 3)
+    assert registry.ProblemShape.of(x[0], w) is None  # rank errors are left to validation
+
+
+def test_cuda_backend_reports_the_kernels_shape_limits(monkeypatch):
+    # The limits themselves are the kernels' (tests/ops/test_cuda_emulation.py checks
+    # them on the host); the backend forwards casa::cuda_shape_limits' answer.
+    cuda = registry.get_backend("cuda")
+    asked = []
+
+    def limits(*shape):
+        asked.append(shape)
+        return "batch too large for a one-dimensional grid" if shape[0] > 100 else ""
+
+    monkeypatch.setattr(torch.ops.casa, "cuda_shape_limits", limits, raising=False)
+    assert cuda.shape_limits(registry.ProblemShape(16, 862, 512, 3)) is None
+    assert cuda.shape_limits(registry.ProblemShape(101, 862, 512, 3)) == (
+        "exceeds the CUDA kernels' limits (batch too large for a one-dimensional grid)"
+    )
+    assert cuda.shape_limits(registry.ProblemShape(0, 862, 512, 3)) is None  # launches nothing
+    assert asked == [(16, 862, 512, 3), (101, 862, 512, 3)]
+
+
+def test_cuda_shape_limits_op_of_a_cuda_build():
+    extension.extension_error()  # loads the extension's ops, if built
+    if not hasattr(torch.ops.casa, "cuda_shape_limits"):
+        pytest.skip("the extension was built without its CUDA kernels")
+    cuda = registry.get_backend("cuda")
+    assert cuda.shape_limits(registry.ProblemShape(16, 862, 512, 3)) is None
+    assert "32-bit" in cuda.shape_limits(registry.ProblemShape(1, 1 << 30, 8, 3))
+    assert "grid" in cuda.shape_limits(registry.ProblemShape(1 << 30, 8, 512, 3))

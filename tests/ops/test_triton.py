@@ -1,4 +1,4 @@
-"""The ``triton`` backend against the reference (DESIGN §7).
+"""The ``triton`` backend against the reference (docs/design.md §7).
 
 On a CUDA machine the kernels run natively; without one, conftest switches on the
 Triton interpreter and they run on CPU tensors (small shapes only: the interpreter
