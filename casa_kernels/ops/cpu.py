@@ -66,6 +66,9 @@ def block_epilogue(
     ``y: [..., D]`` float32 or bfloat16 on the CPU, the parameters in y's dtype. No autograd:
     for inference (the module falls back to eager PyTorch where gradients are due).
     """
+    error = extension_error()
+    if error is not None:
+        raise RuntimeError(f"block_epilogue: needs the C++ extension: {error}")
     tier = bf16_gemm_tier() if y.dtype == torch.bfloat16 else "none"
     prepared = cached(
         f"cpu.mlp.{y.dtype}.{tier}",

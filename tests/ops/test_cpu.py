@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.ops import weight_cache
-from casa_kernels.tolerance import assert_close_to_reference
+from casa_kernels.ops.cpu import block_epilogue
+from casa_kernels.tolerance import LOW_PRECISION_EPS, assert_close_to_reference
 
 SHAPES = [  # (B, N, D, k): N=1, ragged N around the 256-row head chunk, D=8, B=1, all k
     (1, 1, 8, 1), (2, 1, 16, 3), (1, 7, 8, 3), (3, 13, 24, 5), (2, 37, 64, 7),
@@ -163,3 +164,57 @@ def test_runs_under_every_grad_mode_with_parallel_workers(problem, mode):
         with getattr(torch, mode)():
             out = ck.casa_attention(x, w, backend="cpu")
     assert_close_to_reference(out, x, ck.ScoreAttentionWeights(*(t.detach() for t in w)))
+
+
+def _eager_epilogue(y, norm, mlp, relu):
+    z = norm(y)
+    out = norm(mlp(z) + z)
+    return torch.relu(out) if relu else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("rows", [1, 65, 300])  # within one 64-row block, ragged, several
+def test_block_epilogue_matches_the_eager_block(dtype, relu, rows):
+    torch.manual_seed(rows)
+    block = ck.CASABlock(n_vars=3, d_model=40)
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.uniform_(-0.5, 0.5)
+    y = torch.randn(rows, 40) * 3 + 1
+    with torch.no_grad():
+        exact = _eager_epilogue(y.double(), block.norm.double(), block.mlp.double(), relu)
+        block.to(dtype)
+        eager = _eager_epilogue(y.to(dtype), block.norm, block.mlp, relu)
+        ours = block_epilogue(y.to(dtype), block.norm, block.mlp[0], block.mlp[2], relu)
+    assert ours.dtype == dtype and ours.shape == y.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.double(), exact, rtol=2e-5, atol=2e-5)
+    else:  # tolerance.py's rule, twice PyTorch's own bf16 error plus eps, with eps relative:
+        # LayerNorm outputs reach |6|, where one bfloat16 ulp (0.03) is eps itself.
+        eps = LOW_PRECISION_EPS[dtype] * exact.abs().clamp_min(1.0)
+        bound = 2 * (eager.double() - exact).abs() + eps
+        assert bool(((ours.double() - exact).abs() <= bound).all())
+
+
+def test_block_epilogue_keeps_nan_rows_and_empty_input():
+    block = ck.CASABlock(n_vars=3, d_model=16)
+    y = torch.randn(5, 16)
+    y[2, 7] = float("nan")
+    with torch.no_grad():
+        out = block_epilogue(y, block.norm, block.mlp[0], block.mlp[2], True)
+        assert torch.equal(out.isnan(), _eager_epilogue(y, block.norm, block.mlp, True).isnan())
+        assert block_epilogue(y[:0], block.norm, block.mlp[0], block.mlp[2], True).shape == (0, 16)
+
+
+def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
+    block = ck.CASABlock(n_vars=7, d_model=16, backend="cpu")
+    x = torch.randn(2, 7, 16)
+    calls = []
+    monkeypatch.setattr(ck.modules, "block_epilogue", lambda *a: calls.append(1) or block_epilogue(*a))
+    with torch.no_grad():
+        fused = block(x)
+    assert calls == [1]
+    eager = block(x)  # gradients due: eager PyTorch
+    assert calls == [1] and eager.requires_grad
+    torch.testing.assert_close(fused, eager.detach(), rtol=2e-5, atol=2e-5)
