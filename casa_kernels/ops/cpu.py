@@ -22,16 +22,25 @@ import torch
 
 from .. import reference
 from ..weights import ScoreAttentionWeights
-from .extension import extension_error, kernel_missing_reason
-from .registry import Backend, register_backend
+from .extension import kernel_missing_reason
+from ..reference import stages as reference_stages
+from .registry import Backend, Stages, register_backend
 from .weight_cache import cached
+
+
+def _kernels():
+    """``torch.ops.casa`` with the extension's CPU ops loaded (raises why it cannot be)."""
+    error = kernel_missing_reason("CPU", "csrc/cpu was not compiled")
+    if error is not None:
+        raise RuntimeError(f"the cpu backend's kernels are unavailable: {error}")
+    return torch.ops.casa
 
 
 def bf16_gemm_tier() -> str:
     """The bfloat16 GEMM tier of this CPU now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``."""
-    if extension_error() is not None:
+    if kernel_missing_reason("CPU", "") is not None:
         return "none"
-    return torch.ops.casa.cpu_bf16_gemm()
+    return _kernels().cpu_bf16_gemm()
 
 
 def _weights_finite(weights: ScoreAttentionWeights) -> bool:
@@ -43,14 +52,50 @@ def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
         return reference.score_attention(x, weights)
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
-    tile = torch.ops.casa.cpu_tail_tile(x.shape[0], x.shape[2])
+    tile = _kernels().cpu_tail_tile(x.shape[0], x.shape[2])
     tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
     prepared = cached(
         f"cpu.{x.dtype}.tile{tile}.{tier}",
         weights,
-        lambda: torch.ops.casa.cpu_prepare_weights(weights, tile, tier),
+        lambda: _kernels().cpu_prepare_weights(weights, tile, tier),
     )
-    return torch.ops.casa.cpu_score_attention(x, weights, prepared, tile, tier)
+    return _kernels().cpu_score_attention(x, weights, prepared, tile, tier)
+
+
+def _tail_prepared(x, dec2_weight, dec2_bias, value_weight=None, value_bias=None):
+    """(prepared, tile, tier) for the tail stages on x's batch and dtype."""
+    tile = _kernels().cpu_tail_tile(x.shape[0], x.shape[2])
+    tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
+    sources = tuple(t for t in (dec2_weight, dec2_bias, value_weight, value_bias) if t is not None)
+    prepared = cached(
+        f"cpu.tail{len(sources)}.{x.dtype}.tile{tile}.{tier}",
+        sources,
+        lambda: _kernels().cpu_prepare_tail(dec2_weight, dec2_bias, value_weight, value_bias, tile, tier),
+    )
+    return prepared, tile, tier
+
+
+def _head_partial(x: torch.Tensor, enc0_weight: torch.Tensor) -> torch.Tensor:
+    return _kernels().cpu_head_partial(x, enc0_weight)
+
+
+def _tail_stats(x, h5, dec2_weight, dec2_bias):
+    prepared, tile, tier = _tail_prepared(x, dec2_weight, dec2_bias)
+    return _kernels().cpu_tail_stats(x, h5, dec2_weight, dec2_bias, prepared, tile, tier)
+
+
+def _tail_output(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, col_max, col_sum):
+    prepared, tile, tier = _tail_prepared(x, dec2_weight, dec2_bias, value_weight, value_bias)
+    return _kernels().cpu_tail_output(
+        x, h5, dec2_weight, dec2_bias, value_weight, value_bias, prepared, tile, tier, col_max, col_sum
+    )
+
+
+# The stages for variate parallelism: head partial sums and the tail on the kernel, the
+# N-independent bottleneck (O(B·D²)) in ATen, as the reference computes it. The tail's
+# col_max is the kernel's shift (1 + the max of x over a block of 64 rows), an upper bound
+# of the scores' maximum; col_sum is taken relative to it, so the log-sum-exp merge holds.
+STAGES = Stages(_head_partial, reference_stages.bottleneck, _tail_stats, _tail_output)
 
 
 def block_epilogue(
@@ -66,16 +111,14 @@ def block_epilogue(
     ``y: [..., D]`` float32 or bfloat16 on the CPU, the parameters in y's dtype. No autograd:
     for inference (the module falls back to eager PyTorch where gradients are due).
     """
-    error = extension_error()
-    if error is not None:
-        raise RuntimeError(f"block_epilogue: needs the C++ extension: {error}")
+    kernels = _kernels()
     tier = bf16_gemm_tier() if y.dtype == torch.bfloat16 else "none"
     prepared = cached(
         f"cpu.mlp.{y.dtype}.{tier}",
         (mlp0.weight, mlp2.weight),
-        lambda: torch.ops.casa.cpu_prepare_mlp(mlp0.weight, mlp2.weight, tier),
+        lambda: kernels.cpu_prepare_mlp(mlp0.weight, mlp2.weight, tier),
     )
-    out = torch.ops.casa.cpu_block_epilogue(
+    out = kernels.cpu_block_epilogue(
         y.reshape(-1, y.shape[-1]).contiguous(), norm.weight, norm.bias, norm.eps, prepared,
         mlp0.bias, mlp2.bias, tier, relu_out,
     )
@@ -89,5 +132,6 @@ register_backend(
         forward=_forward,
         unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
         auto_priority={"cpu": 1},
+        stages=STAGES,
     )
 )

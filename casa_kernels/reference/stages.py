@@ -17,7 +17,10 @@ float64 for float64 input, float32 otherwise.
 3. ``tail_stats(x, h5, dec2_weight, dec2_bias) -> (col_max, col_sum)``, each
    ``[B, D]``: over the given variates, the column maximum of the scores
    ``s = sigmoid(convT(h5)) + x`` and ``Σ exp(s - col_max)``. Statistics of
-   disjoint variate sets merge with :func:`merge_stats` (log-sum-exp).
+   disjoint variate sets merge with :func:`merge_stats` (log-sum-exp). A backend may
+   return any shift ``col_max >= max s`` within a few units of it instead of the maximum
+   itself (the cpu kernel uses 1 + the max of x over a block of rows), with ``col_sum``
+   relative to that shift: the merge and the output are the same.
 4. ``tail_output(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, col_max,
    col_sum) -> y [B, N, D]`` in x's dtype: ``exp(s - col_max) / col_sum ·
    (x Wvᵀ + bv) + x`` with the merged (global) statistics.

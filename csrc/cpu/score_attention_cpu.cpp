@@ -41,6 +41,8 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -230,6 +232,8 @@ enum PreparedIndex : int {
 // The GEMM operands (dec2 by parity, Wv^T, the bottleneck's) are bfloat16 with bf16_gemm,
 // acc_t otherwise; the last three of them views of the caller's weights where no copy is due.
 
+enum class TailMode { kFused, kStats, kOutput };
+
 template <typename scalar_t, typename acc_t>
 struct Plan {
   Sizes s;
@@ -267,32 +271,42 @@ struct Plan {
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::ScalarType gemm_type = bf16_gemm ? at::kBFloat16 : acc;
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, C2 = D / 2, k = s.kernel;
-    std::vector<at::Tensor> out(kNumPrepared);
+    // Entries whose weights a stage does not pass (undefined) stay empty placeholders.
+    std::vector<at::Tensor> out(kNumPrepared, at::empty({0}, at::TensorOptions(acc)));
+    const auto has = [&](std::initializer_list<int> indices) {
+      return std::all_of(indices.begin(), indices.end(), [&](int i) { return weights[i].defined(); });
+    };
     // The GEMMs' operands from the weights in their dtype (a no-op cast where it matches).
     const auto gemm_weight = [&](int i) { return weights[i].to(gemm_type); };
     std::vector<int64_t> channels(C1), inputs(D), order = tile_parity_order(D, tile);
     std::iota(channels.begin(), channels.end(), 0);
     std::iota(inputs.begin(), inputs.end(), 0);
-    for (int64_t q = 0; q < 2; ++q) {
+    for (int64_t q = 0; q < 2 && has({kDec2Weight}); ++q) {
       std::vector<int64_t> columns;  // of dec2_weight viewed as [C1, N·k], in the order (n, jj)
       for (int64_t n = 0; n < N; ++n) {
         for (const int64_t j : parity_taps(k, q)) columns.push_back(n * k + j);
       }
       out[kDec2Even + q] = relayout(gemm_weight(kDec2Weight), N * k, channels, columns).view({N, -1});
     }
-    const at::Tensor wv_t = relayout(gemm_weight(kValueWeight), D, order, inputs);
-    out[kValueWeightT] = bf16_gemm ? packed_by_tile(wv_t, D, tile) : wv_t;
-    out[kValueBiasOrdered] =
-        weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
-    out[kEnc1Gemm] = gemm_weight(kEnc1Weight).reshape({C2, C1 * k});
-    out[kEnc2Gemm] = gemm_weight(kEnc2Weight).reshape({D, C2 * k});
-    out[kDec0Gemm] = gemm_weight(kDec0Weight).reshape({D, C2 * k}).t();
-    out[kDec1Gemm] = gemm_weight(kDec1Weight).reshape({C2, C1 * k}).t();
-    if (bf16_gemm) {  // the matrix kernels take contiguous left operands
-      for (int i : {kDec0Gemm, kDec1Gemm}) out[i] = out[i].contiguous();
+    if (has({kValueWeight, kValueBias})) {
+      const at::Tensor wv_t = relayout(gemm_weight(kValueWeight), D, order, inputs);
+      out[kValueWeightT] = bf16_gemm ? packed_by_tile(wv_t, D, tile) : wv_t;
+      out[kValueBiasOrdered] =
+          weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
+    }
+    if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
+      out[kEnc1Gemm] = gemm_weight(kEnc1Weight).reshape({C2, C1 * k});
+      out[kEnc2Gemm] = gemm_weight(kEnc2Weight).reshape({D, C2 * k});
+      out[kDec0Gemm] = gemm_weight(kDec0Weight).reshape({D, C2 * k}).t();
+      out[kDec1Gemm] = gemm_weight(kDec1Weight).reshape({C2, C1 * k}).t();
+      if (bf16_gemm) {  // the matrix kernels take contiguous left operands
+        for (int i : {kDec0Gemm, kDec1Gemm}) out[i] = out[i].contiguous();
+      }
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      for (int i = 0; i < kNumWeights; ++i) out.push_back(weights[i].to(acc));
+      for (int i = 0; i < kNumWeights; ++i) {
+        out.push_back(weights[i].defined() ? weights[i].to(acc) : at::empty({0}, at::TensorOptions(acc)));
+      }
     }
     return out;
   }
@@ -318,8 +332,9 @@ struct Plan {
     return packed;
   }
 
-  // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2].
-  at::Tensor head(const at::Tensor& x) const {
+  // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2];
+  // without bias_relu, the conv's partial sums over these variates alone.
+  at::Tensor head(const at::Tensor& x, bool bias_relu = true) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
     const int64_t chunks = (N + kHeadChunk - 1) / kHeadChunk;
     const int64_t threads = at::get_num_threads();
@@ -335,7 +350,7 @@ struct Plan {
           head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch,
                      out.data_ptr<acc_t>(), out.stride(0), /*accumulate=*/c != g);
         }
-        if (groups == 1) {  // b's sum is complete
+        if (groups == 1 && bias_relu) {  // b's sum is complete
           cpu::add_bias_relu(out.data_ptr<acc_t>(), out.stride(0), C1, D / 2,
                              w[kEnc0Bias].data_ptr<acc_t>());
         }
@@ -344,6 +359,7 @@ struct Plan {
     });
     if (groups == 1) return partial[0];
     at::Tensor h1 = partial.sum(0);
+    if (!bias_relu) return h1;
     cpu::add_bias_relu(h1.data_ptr<acc_t>(), B * D / 2, C1, B * D / 2,
                        w[kEnc0Bias].data_ptr<acc_t>());
     return h1;
@@ -478,13 +494,15 @@ struct Plan {
   // parity order (even output columns, then odd), as the softmax functions take them,
   // kTailRows rows at a time so that each block's GEMM output is used while in cache:
   // pass 1 turns the scores into softmax numerators and sums them, pass 2 computes the
-  // value block and writes y.
+  // value block and writes y. The column statistics are the tile's own (TailMode::kFused),
+  // or pass 1 only writes them to stats (kStats), or pass 2 takes them from stats
+  // (kOutput). stats: col_max and col_sum, each [B, D] in natural column order.
   void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
-                 TailScratch& scratch, at::Tensor& y) const {
+                 TailScratch& scratch, TailMode mode, acc_t* const stats[2], at::Tensor& y) const {
     const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
     const at::Tensor x_b = x[b];
     const scalar_t* x_tile = x_b.data_ptr<scalar_t>() + o0;
-    scalar_t* y_tile = y[b].data_ptr<scalar_t>() + o0;
+    scalar_t* y_tile = mode == TailMode::kStats ? nullptr : y[b].data_ptr<scalar_t>() + o0;
     acc_t* S = scratch.scores.data_ptr<acc_t>();
     acc_t* V = scratch.values.data_ptr<acc_t>();
     acc_t* shift = scratch.shift.data_ptr<acc_t>();  // [blocks, T] (tile columns)
@@ -519,8 +537,19 @@ struct Plan {
                               sum + r0 / kTailRows * T);
     }
     const int64_t blocks = (N + kTailRows - 1) / kTailRows;
-    cpu::softmax_block_scales(shift, sum, blocks, T, scratch.common[0].data_ptr<acc_t>(),
-                              scratch.common[1].data_ptr<acc_t>());
+    acc_t* common[2] = {scratch.common[0].data_ptr<acc_t>(), scratch.common[1].data_ptr<acc_t>()};
+    if (mode != TailMode::kOutput) cpu::softmax_merge_blocks(shift, sum, blocks, T, common[0], common[1]);
+    for (int i = 0; mode != TailMode::kFused && i < 2; ++i) {  // tile parity order <-> natural
+      acc_t* row = stats[i] + b * D + o0;
+      for (int64_t c = 0; c < half; ++c) {
+        for (int64_t q = 0; q < 2; ++q) {
+          if (mode == TailMode::kStats) row[2 * c + q] = common[i][q * half + c];
+          else common[i][q * half + c] = row[2 * c + q];
+        }
+      }
+    }
+    if (mode == TailMode::kStats) return;
+    cpu::softmax_scales(shift, blocks, T, common[0], common[1]);
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
       values_gemm(x_b, r0, rows, o0, T, scratch, V);
@@ -529,17 +558,23 @@ struct Plan {
     }
   }
 
-  void run(const at::Tensor& x, at::Tensor& y) const {
-    const at::Tensor h5 = bottleneck(head(x));
+  // Stage 3 over every (batch element, tile): h5 [D/4, B, D/2] (any strides).
+  void tail(const at::Tensor& x, const at::Tensor& h5, TailMode mode, acc_t* const stats[2],
+            at::Tensor& y) const {
     const int64_t tiles = (s.d_model + tile - 1) / tile;
     parallel_for_aten(s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
       TailScratch scratch = tail_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
-        tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, y);
+        tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, mode, stats, y);
       }
       if (bf16_gemm) cpu::release_bf16_gemm();
     });
+  }
+
+  void run(const at::Tensor& x, at::Tensor& y) const {
+    acc_t* const no_stats[2] = {nullptr, nullptr};
+    tail(x, bottleneck(head(x)), TailMode::kFused, no_stats, y);
   }
 };
 
@@ -609,6 +644,155 @@ at::Tensor score_attention_prepared(const at::Tensor& x, at::TensorList weights,
   return y;
 }
 
+// The stages of the op for variate parallelism (casa_kernels/reference/stages.py: head
+// partial sums, tail statistics, tail output), on the given variates' slice of the
+// per-variate weights; the bottleneck stage stays in ATen (O(B·D^2), independent of N).
+
+// Sizes of a stage call from x [B, N, D] and a per-variate weight [D/4, N, k].
+Sizes stage_sizes(const at::Tensor& x, const at::Tensor& per_variate_weight, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(),
+              "x: expected a 3-D CPU tensor [batch, n_vars, d_model], received shape ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(2) % 8 == 0,
+              "x: expected n_vars > 0 and d_model a positive multiple of 8, received shape ",
+              x.sizes());
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(per_variate_weight.dim() == 3 && per_variate_weight.size(0) == D / 4 &&
+                  per_variate_weight.size(1) == N && per_variate_weight.size(2) % 2 == 1,
+              name, ": expected [d_model/4, n_vars, odd kernel] = [", D / 4, ", ", N,
+              ", k], received shape ", per_variate_weight.sizes());
+  const int64_t k = per_variate_weight.size(2);
+  return {B, N, D, k, k / 2};
+}
+
+void check_stage_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                        at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", received ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", received ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, received ", t.device());
+}
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// casa::cpu_head_partial: the first conv without bias, summed over x's variates,
+// [B, D/4, D/2] in the accumulation dtype.
+at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
+  const Sizes s = stage_sizes(x_in, enc0_weight, "enc0_weight");
+  check_stage_tensor(enc0_weight, "enc0_weight", enc0_weight.sizes(), x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous();
+  Weights w;
+  w[kEnc0Weight] = enc0_weight.contiguous();
+  const std::string tier = cpu::bf16_gemm_name(cpu::bf16_gemm());
+  const bool bf16 = bf16_gemm_for(x.scalar_type(), tier);
+  if (s.batch == 0) {
+    return at::empty({0, s.d_model / 4, s.d_model / 2}, x.options().dtype(accumulation_type(x.scalar_type())));
+  }
+  return dispatch_dtype(x.scalar_type(), [&](auto types) {
+    using T = decltype(types);
+    using P = Plan<typename T::scalar_t, typename T::acc_t>;
+    const P plan(s, w, P::prepare(s, w, 2, bf16), 2, bf16);
+    return plan.head(x, /*bias_relu=*/false).permute({1, 0, 2}).contiguous();
+  });
+}
+
+// The tail weights as a Weights with the rest undefined, checked against the sizes. The
+// value projection is absent for the statistics stage.
+Weights tail_weights(const Sizes& s, at::ScalarType dtype, const at::Tensor& dec2_weight,
+                     const at::Tensor& dec2_bias, const std::optional<at::Tensor>& value_weight,
+                     const std::optional<at::Tensor>& value_bias) {
+  const int64_t N = s.n_vars, D = s.d_model;
+  check_stage_tensor(dec2_weight, "dec2_weight", {D / 4, N, s.kernel}, dtype);
+  check_stage_tensor(dec2_bias, "dec2_bias", {N}, dtype);
+  Weights w;
+  w[kDec2Weight] = dec2_weight.contiguous();
+  w[kDec2Bias] = dec2_bias.contiguous();
+  TORCH_CHECK(value_weight.has_value() == value_bias.has_value(),
+              "value_weight, value_bias: expected both or neither");
+  if (value_weight.has_value()) {
+    check_stage_tensor(*value_weight, "value_weight", {D, D}, dtype);
+    check_stage_tensor(*value_bias, "value_bias", {D}, dtype);
+    w[kValueWeight] = value_weight->contiguous();
+    w[kValueBias] = value_bias->contiguous();
+  }
+  return w;
+}
+
+// casa::cpu_prepare_tail: the prepared list for the tail stages (tile, bf16_gemm as in
+// cpu_prepare_weights).
+std::vector<at::Tensor> prepare_tail(const at::Tensor& dec2_weight, const at::Tensor& dec2_bias,
+                                     const std::optional<at::Tensor>& value_weight,
+                                     const std::optional<at::Tensor>& value_bias, int64_t tile,
+                                     const std::string& bf16_gemm) {
+  TORCH_CHECK(dec2_weight.dim() == 3, "dec2_weight: expected [d_model/4, n_vars, k], received shape ",
+              dec2_weight.sizes());
+  const at::Tensor x_like = at::empty({0, dec2_weight.size(1), 4 * dec2_weight.size(0)},
+                                      dec2_weight.options());
+  const Sizes s = stage_sizes(x_like, dec2_weight, "dec2_weight");
+  const at::ScalarType dtype = dec2_weight.scalar_type();
+  const Weights w = tail_weights(s, dtype, dec2_weight, dec2_bias, value_weight, value_bias);
+  TORCH_CHECK(tile >= 2 && tile % 2 == 0 && tile <= s.d_model,
+              "tile: expected an even width in [2, d_model], received ", tile);
+  const bool bf16 = bf16_gemm_for(dtype, bf16_gemm);
+  return dispatch_dtype(dtype, [&](auto types) {
+    using T = decltype(types);
+    return Plan<typename T::scalar_t, typename T::acc_t>::prepare(s, w, tile, bf16);
+  });
+}
+
+// The tail stage in `mode` on h5 [B, D/4, D/2]; stats [2, B, D] (accumulation dtype) are
+// written (kStats) or read (kOutput); y is written for kOutput.
+void run_tail(const at::Tensor& x_in, const at::Tensor& h5, const at::Tensor& dec2_weight,
+              const at::Tensor& dec2_bias, const std::optional<at::Tensor>& value_weight,
+              const std::optional<at::Tensor>& value_bias, at::TensorList prepared, int64_t tile,
+              const std::string& bf16_gemm, TailMode mode, at::Tensor& stats, at::Tensor& y) {
+  const Sizes s = stage_sizes(x_in, dec2_weight, "dec2_weight");
+  const at::Tensor x = x_in.contiguous();
+  const Weights w = tail_weights(s, x.scalar_type(), dec2_weight, dec2_bias, value_weight,
+                                 value_bias);
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  check_stage_tensor(h5, "h5", {s.batch, s.d_model / 4, s.d_model / 2}, h5.scalar_type());
+  check_stage_tensor(stats, "stats", {2, s.batch, s.d_model}, acc);
+  if (s.batch == 0) return;
+  const bool bf16 = bf16_gemm_for(x.scalar_type(), bf16_gemm);
+  const at::Tensor h5_acc = h5.to(acc).permute({1, 0, 2});
+  dispatch_dtype(x.scalar_type(), [&](auto types) {
+    using T = decltype(types);
+    using acc_t = typename T::acc_t;
+    acc_t* const stat_rows[2] = {stats[0].data_ptr<acc_t>(), stats[1].data_ptr<acc_t>()};
+    Plan<typename T::scalar_t, acc_t>(s, w, prepared.vec(), tile, bf16)
+        .tail(x, h5_acc, mode, stat_rows, y);
+  });
+}
+
+// casa::cpu_tail_stats: (col_max, col_sum), each [B, D] in the accumulation dtype. col_max
+// is the kernel's shift (1 + the max of x over a block of rows, at least the scores' max).
+std::tuple<at::Tensor, at::Tensor> tail_stats(const at::Tensor& x, const at::Tensor& h5,
+                                              const at::Tensor& dec2_weight,
+                                              const at::Tensor& dec2_bias,
+                                              at::TensorList prepared, int64_t tile,
+                                              const std::string& bf16_gemm) {
+  at::Tensor stats = at::empty({2, x.size(0), x.size(2)}, x.options().dtype(accumulation_type(x.scalar_type())));
+  at::Tensor unused;
+  run_tail(x, h5, dec2_weight, dec2_bias, std::nullopt, std::nullopt, prepared, tile,
+           bf16_gemm, TailMode::kStats, stats, unused);
+  return {stats[0], stats[1]};
+}
+
+// casa::cpu_tail_output: y [B, N, D] in x's dtype from the merged statistics.
+at::Tensor tail_output(const at::Tensor& x, const at::Tensor& h5, const at::Tensor& dec2_weight,
+                       const at::Tensor& dec2_bias, const at::Tensor& value_weight,
+                       const at::Tensor& value_bias, at::TensorList prepared, int64_t tile,
+                       const std::string& bf16_gemm, const at::Tensor& col_max,
+                       const at::Tensor& col_sum) {
+  at::Tensor stats = at::stack({col_max, col_sum}).to(accumulation_type(x.scalar_type())).contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  run_tail(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, prepared, tile, bf16_gemm,
+           TailMode::kOutput, stats, y);
+  return y;
+}
+
 int64_t tail_tile(int64_t batch, int64_t d_model) {
   return tail_tile_width(batch, d_model, at::get_num_threads());
 }
@@ -633,12 +817,27 @@ TORCH_LIBRARY_FRAGMENT(casa, m) {
   m.def(
       "cpu_score_attention(Tensor x, Tensor[] weights, Tensor[] prepared, int tile, "
       "str bf16_gemm) -> Tensor");
+  m.def("cpu_head_partial(Tensor x, Tensor enc0_weight) -> Tensor");
+  m.def(
+      "cpu_prepare_tail(Tensor dec2_weight, Tensor dec2_bias, Tensor? value_weight, "
+      "Tensor? value_bias, int tile, str bf16_gemm) -> Tensor[]");
+  m.def(
+      "cpu_tail_stats(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
+      "Tensor[] prepared, int tile, str bf16_gemm) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_tail_output(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
+      "Tensor value_weight, Tensor value_bias, Tensor[] prepared, int tile, str bf16_gemm, "
+      "Tensor col_max, Tensor col_sum) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(casa, CPU, m) {
   m.impl("fused_score_attention", &with_weights<&fused_score_attention_cpu>);
   m.impl("cpu_prepare_weights", &prepare_weights);
   m.impl("cpu_score_attention", &score_attention_prepared);
+  m.impl("cpu_head_partial", &head_partial);
+  m.impl("cpu_prepare_tail", &prepare_tail);
+  m.impl("cpu_tail_stats", &tail_stats);
+  m.impl("cpu_tail_output", &tail_output);
 }
 
 }  // namespace casa

@@ -204,9 +204,9 @@ CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
 }
 
 template <typename acc_t>
-CASA_INLINE void softmax_block_scales_impl(acc_t* __restrict shift, const acc_t* __restrict sum,
-                                           int64_t blocks, int64_t T, acc_t* __restrict top,
-                                           acc_t* __restrict total) {
+CASA_INLINE void softmax_merge_blocks_impl(const acc_t* __restrict shift,
+                                           const acc_t* __restrict sum, int64_t blocks, int64_t T,
+                                           acc_t* __restrict top, acc_t* __restrict total) {
   for (int64_t c = 0; c < T; ++c) {
     top[c] = shift[c];
     total[c] = acc_t(0);
@@ -215,14 +215,15 @@ CASA_INLINE void softmax_block_scales_impl(acc_t* __restrict shift, const acc_t*
     for (int64_t c = 0; c < T; ++c) top[c] = shift[i * T + c] > top[c] ? shift[i * T + c] : top[c];
   }
   for (int64_t i = 0; i < blocks; ++i) {
-    for (int64_t c = 0; c < T; ++c) {
-      shift[i * T + c] = exp_vectorisable(shift[i * T + c] - top[c]);
-      total[c] += sum[i * T + c] * shift[i * T + c];
-    }
+    for (int64_t c = 0; c < T; ++c) total[c] += sum[i * T + c] * exp_vectorisable(shift[i * T + c] - top[c]);
   }
-  for (int64_t c = 0; c < T; ++c) total[c] = acc_t(1) / total[c];
+}
+
+template <typename acc_t>
+CASA_INLINE void softmax_scales_impl(acc_t* __restrict shift, int64_t blocks, int64_t T,
+                                     const acc_t* __restrict top, const acc_t* __restrict total) {
   for (int64_t i = 0; i < blocks; ++i) {
-    for (int64_t c = 0; c < T; ++c) shift[i * T + c] *= total[c];
+    for (int64_t c = 0; c < T; ++c) shift[i * T + c] = exp_vectorisable(shift[i * T + c] - top[c]) / total[c];
   }
 }
 
@@ -367,9 +368,13 @@ CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
 CASA_SOFTMAX(, double, double)
 
 #define CASA_BLOCK_SCALES(attr, acc_t)                                                         \
-  attr void softmax_block_scales(acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T,   \
-                                 acc_t* top, acc_t* total) {                                   \
-    softmax_block_scales_impl(shift, sum, blocks, T, top, total);                              \
+  attr void softmax_merge_blocks(const acc_t* shift, const acc_t* sum, int64_t blocks,        \
+                                 int64_t T, acc_t* top, acc_t* total) {                        \
+    softmax_merge_blocks_impl(shift, sum, blocks, T, top, total);                              \
+  }                                                                                            \
+  attr void softmax_scales(acc_t* shift, int64_t blocks, int64_t T, const acc_t* top,         \
+                           const acc_t* total) {                                               \
+    softmax_scales_impl(shift, blocks, T, top, total);                                         \
   }
 CASA_BLOCK_SCALES(CASA_TARGET_CLONES, float)
 CASA_BLOCK_SCALES(, double)

@@ -48,8 +48,8 @@ void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const do
 // Each block i is shifted by its own shift_i = 1 + max of x over the block's rows (0 where
 // that maximum is -inf, as every numerator is then 0), per
 // column: sigmoid lies in (0, 1), so the shift is within 1 of the block's largest
-// exponent and exp neither overflows nor underflows for it. softmax_block_scales then
-// puts the blocks on a common shift. The block's x rows are read once from memory and
+// exponent and exp neither overflows nor underflows for it. softmax_merge_blocks and
+// softmax_scales then put the blocks on a common shift. The block's x rows are read once from memory and
 // again from cache, where one shift over all N would read x once more.
 
 // For `rows` rows: scores (the last transposed conv without its bias, [rows, ld]) become
@@ -62,18 +62,26 @@ void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int6
 void softmax_numerators(double* scores, int64_t ld, const double* score_bias, int64_t rows,
                         int64_t T, const double* x, int64_t D, double* shift, double* sum);
 
-// From the `blocks` blocks' shift and sum ([blocks, T] each), the factor that turns each
-// block's numerators into softmax weights: shift[i, c] becomes
-// exp(shift[i, c] - top[c]) / Σ_j sum[j, c]·exp(shift[j, c] - top[c]), top[c] = max_j
-// shift[j, c]. top and total are scratch of T entries.
-void softmax_block_scales(float* shift, const float* sum, int64_t blocks, int64_t T, float* top,
-                          float* total);
-void softmax_block_scales(double* shift, const double* sum, int64_t blocks, int64_t T,
+// From the `blocks` blocks' shift and sum ([blocks, T] each), the column statistics of
+// all of them on one shift: top[c] = max_i shift[i, c], total[c] = Σ_i sum[i, c]·
+// exp(shift[i, c] - top[c]) (the log-sum-exp merge; statistics of other variates merge
+// with these the same way).
+void softmax_merge_blocks(const float* shift, const float* sum, int64_t blocks, int64_t T,
+                          float* top, float* total);
+void softmax_merge_blocks(const double* shift, const double* sum, int64_t blocks, int64_t T,
                           double* top, double* total);
+
+// The factor that turns each block's numerators into softmax weights, given the column
+// statistics (top, total) of every variate: shift[i, c] becomes
+// exp(shift[i, c] - top[c]) / total[c].
+void softmax_scales(float* shift, int64_t blocks, int64_t T, const float* top,
+                    const float* total);
+void softmax_scales(double* shift, int64_t blocks, int64_t T, const double* top,
+                    const double* total);
 
 // For `rows` rows of one block: y = numerators * scale * (values + value_bias) + x, with
 // values ([rows, ldv]) = x Wv^T without its bias and scale the block's row of
-// softmax_block_scales.
+// softmax_scales.
 void softmax_output(const float* numerators, int64_t ld, const float* values, int64_t ldv,
                     const float* value_bias, const float* scale, int64_t rows, int64_t T,
                     const float* x, float* y, int64_t D);
