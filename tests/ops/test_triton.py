@@ -13,8 +13,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 import casa_kernels
 from casa_kernels import reference
