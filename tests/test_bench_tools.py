@@ -1,13 +1,20 @@
 """The benchmark machinery's logic (no timings asserted): CSV upsert, slopes, crossover,
-allocator-based memory measurement, time cap, stop-growing after oom."""
+allocator-based memory measurement, time cap, stop-growing after oom; optional packages
+(tqdm, matplotlib, hypothesis) missing; bench/device_check's records, archive and dry run."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import measure, providers, results, suites, summary
+from bench import device_check, measure, providers, results, suites, summary
 
 
 def _row(**kw):
@@ -123,3 +130,145 @@ def test_a_provider_stops_growing_after_oom_while_others_go_on(tmp_path, monkeyp
     assert ("n", 128) not in built
     assert all(n_rows[("casa-fake", n)]["status"] == "ok" for n in (64, 128, 4096))
     assert len(results.read_rows(tmp_path / "scaling.csv")) == len(rows)
+
+
+# --- optional packages ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_python(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_bench_runs_without_tqdm_and_matplotlib(tmp_path):
+    # Block both, then run a suite with and without a progress bar and draw the plots.
+    script = """
+import pathlib, sys
+sys.modules["tqdm"] = None
+sys.modules["matplotlib"] = None
+import torch
+from bench import plots, providers, suites
+suites.measure_peak_memory = lambda fn, device: (0, "not measured (test)")
+fine = providers.Provider("casa-fake", "casa", lambda p, d, t: (lambda: torch.zeros(1)),
+                          lambda d, t: None, lambda p, t: 0)
+out = pathlib.Path(sys.argv[1])
+opts = suites.RunOptions(device="cpu", dtype=torch.float32, warmup=1, reps=1, time_cap_s=60,
+                         mem_cap_bytes=1 << 40, out_dir=out, quick=True, batches=[1], datasets=("ETTh1",))
+for progress in (True, True, False):
+    rows = suites.run_suite("attention", [fine], opts, progress=progress)
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+assert plots.plot_scaling(out) == [] and plots.plot_scaling(out) == []
+"""
+    result = _run_python(script, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("tqdm is not installed: no progress bar") == 1, result.stderr
+    assert result.stderr.count("matplotlib is not installed: no plots") == 1, result.stderr
+    assert (tmp_path / "attention.csv").is_file()
+
+
+def _pytest_without_hypothesis(*args: str) -> subprocess.CompletedProcess:
+    script = """
+import sys
+sys.modules["hypothesis"] = None
+import pytest
+sys.exit(pytest.main(["-p", "no:cacheprovider", "-q", "-rs", *sys.argv[1:]]))
+"""
+    # No plugin autoload: hypothesis' own pytest plugin would import it.
+    return _run_python(script, *args, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)})
+
+
+def test_without_hypothesis_only_the_fuzz_tests_skip(tmp_path):
+    # A module using the stand-ins runs; the op test modules, imported alongside, collect.
+    module = tmp_path / "test_stand_ins.py"
+    module.write_text('''
+import pytest
+from tests.conftest import given, settings, st
+
+@pytest.mark.parametrize("scale", [1, 2])
+@settings(max_examples=5, deadline=None)
+@given(n=st.integers(1, 9), k=st.sampled_from([1, 3]).map(lambda k: k + 1))
+def test_fuzzed(scale, n, k):
+    raise AssertionError("runs only with hypothesis")
+
+def test_plain():
+    assert True
+''')
+    result = _pytest_without_hypothesis(str(module), "tests/ops/test_cpu.py", "tests/ops/test_triton.py",
+                                        "-k", "test_stand_ins")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 2 skipped" in result.stdout and "error" not in result.stdout.lower(), result.stdout
+    assert "hypothesis is not installed" in result.stdout
+
+
+# --- bench/device_check -----------------------------------------------------------------
+
+
+def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
+    row = {c: "" for c in results.COLUMNS}
+    row.update(suite="attention", sweep="dataset", provider=provider, device="cuda:0", device_name="GPU",
+               dtype=dtype, batch=batch, n_vars=862, d_model=512, kernel=3, config=config, status=status,
+               latency_ms_p50=p50_ms if status == "ok" else "", timestamp="2026-01-01T00:00:00")
+    return row
+
+
+def test_key_figures_read_logs_and_results(tmp_path):
+    log = tmp_path / "log"
+    log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n1 failed, 20 passed, 2 skipped in 31.20s\n")
+    assert device_check.key_figure("tests", "failed", log, tmp_path) == "1 failed, 20 passed, 2 skipped in 31.20s"
+    log.write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert device_check.key_figure("racecheck-cuda", "ok", log, tmp_path) == \
+        "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    log.write_text("collecting ...\nsome test output\n")
+    assert device_check.key_figure("tests", "timeout", log, tmp_path, "killed at its deadline after 90s") == \
+        "killed at its deadline after 90s"
+    assert device_check.key_figure("verify", "skipped", log, tmp_path, "no CUDA device") == "no CUDA device"
+
+    results.upsert_rows(tmp_path / "attention.csv", [
+        _bench_row("casa-triton", "Traffic", 16, 0.1234), _bench_row("casa-cuda", "Traffic", 16, 0.05),
+        _bench_row("casa-triton", "Traffic", 1, 0.02), _bench_row("full-einsum", "Wide20k", 16, "", "oom"),
+        _bench_row("casa-triton", "Traffic", 16, 9.0, dtype="float32"),
+    ])
+    assert device_check.key_figure("bench-attention", "ok", log, tmp_path) == (
+        "5 rows: 4 ok, 1 oom; Traffic B=16 p50 casa-cuda 50 µs, casa-triton 123 µs")
+    (tmp_path / "autotuned").mkdir()
+    results.upsert_rows(tmp_path / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
+    assert device_check.key_figure("bench-autotuned", "ok", log, tmp_path) == (
+        "casa-triton Traffic B=16 p50: autotuned 100 µs, single config 123 µs")
+
+
+def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(device_check, "LOG_KEEP_BYTES", 1000)
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    (work / "results").mkdir()
+    (work / "logs" / "03-tests.log").write_text("x" * 5000 + "\n3 passed in 1.00s\n")
+    (work / "results" / "attention.csv").write_text("a,b\n")
+    device_check.record(work, out, "tests", "ok", 12, 90, "")
+    device_check.record(work, out, "verify", "skipped", 0, 35, "no CUDA device")
+    assert sorted(p.name for p in out.iterdir()) == [
+        device_check.ARCHIVE, device_check.SUMMARY_JSON, device_check.SUMMARY_MD]
+    summary = json.loads((out / device_check.SUMMARY_JSON).read_text())
+    assert [(s["step"], s["status"], s["key_figure"]) for s in summary["steps"]] == [
+        ("tests", "ok", "3 passed in 1.00s"), ("verify", "skipped", "no CUDA device")]
+    assert "| tests | ok | 12 | 90 | 3 passed in 1.00s |" in (out / device_check.SUMMARY_MD).read_text()
+    with tarfile.open(out / device_check.ARCHIVE) as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("logs/03-tests.log").read().decode()
+    assert {"logs/03-tests.log", "results/attention.csv", device_check.SUMMARY_MD} <= names
+    assert "bytes cut by device_check" in log and log.endswith("3 passed in 1.00s\n")
+
+
+def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
+    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable},
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(tmp_path.rglob("*"))) == 3  # the device tool returns at most 8 files
+    steps = {s["step"]: s for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]}
+    assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
+    gpu_steps = set(steps) - {"preflight", "info"}
+    assert {"build", "tests", "verify", "memcheck-cuda", "racecheck-triton", "bench-autotuned"} <= gpu_steps
+    assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
