@@ -207,8 +207,7 @@ def preflight(work: Path, dry_run: bool) -> int:
             facts.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
                          gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
                          gpu_multiprocessors=str(props.multi_processor_count))
-            env.update(PF_GPU_NAME=props.name, PF_GPU_SLUG=_slug(props.name),
-                       PF_GPU_ARCH=f"{props.major}.{props.minor}")
+            env.update(PF_GPU_SLUG=_slug(props.name), PF_GPU_ARCH=f"{props.major}.{props.minor}")
     checks.add("CUDA device", not gpu_reason,
                gpu_reason or f"{facts['gpu']} (sm_{facts['gpu_capability'].replace('.', '')}, "
                              f"{facts['gpu_memory_gib']} GiB, {facts['gpu_multiprocessors']} SMs)", gpu=True)
@@ -291,13 +290,15 @@ def cuda_kernel() -> int:
 
     error = extension_error()
     if error is not None:
-        print(f"build: {error}")
+        print(f"build: FAILED, {error}")
         return 1
+    from casa_kernels import _C
+
     if not has_kernel_for("CUDA"):
-        print(f"build: FAILED, the extension loaded but {FUSED_OP} has no CUDA kernel: it was built "
-              "without CUDA (look above for 'building the CPU kernel only'; is nvcc found, CUDA_HOME set?)")
+        print(f"build: FAILED, {_C.__file__} loaded but {FUSED_OP} has no CUDA kernel: that build had "
+              "no CUDA sources or did not use them (setup.py: FORCE_CUDA=1 and csrc/cuda/*.cu)")
         return 1
-    print(f"build: {FUSED_OP} has a CUDA kernel")
+    print(f"build: {FUSED_OP} has a CUDA kernel ({_C.__file__})")
     return 0
 
 
@@ -336,8 +337,10 @@ def _last_match(pattern: str, text: str) -> str | None:
 
 
 def _last_line(text: str) -> str:
+    """The last line that reads like an error (an exception, FAILED, error:), else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:160] if lines else "(empty log)"
+    errors = [line for line in lines if re.search(r"^\w*(Error|Exception)\b|FAIL|\berror:", line)]
+    return (errors or lines or ["(empty log)"])[-1][:200]
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -377,10 +380,11 @@ def _bench_figure(step: str, results: Path) -> str | None:
         rows = _read_csv(results / "scaling.csv")
         return _status_counts(rows) if rows else None
     if step == "bench-autotuned":
-        tuned = _p50_at(_read_csv(results / "autotuned" / "attention.csv"), "Traffic", 16).get("casa-triton")
-        single = _p50_at(_read_csv(results / "attention.csv"), "Traffic", 16).get("casa-triton")
+        rows = _read_csv(results / "autotuned" / "attention.csv")
+        tuned = _p50_at(rows, "Traffic", 16).get("casa-triton")
         if tuned is None:
-            return None
+            return _status_counts(rows) if rows else None
+        single = _p50_at(_read_csv(results / "attention.csv"), "Traffic", 16).get("casa-triton")
         return f"casa-triton Traffic B=16 p50: autotuned {tuned}, single config {single or 'not measured'}"
     return None
 
@@ -419,7 +423,10 @@ def key_figure(step: str, status: str, log: Path, results: Path, reason: str = "
         figure = _last_match(pattern, text) if pattern else None
     if status != "ok" or figure is None:
         hint = reason or _last_line(text)
-        figure = hint if figure is None or hint in figure else f"{figure}; {hint}"
+        if figure is None:
+            figure = hint
+        elif hint not in figure:
+            figure = f"{figure}; {hint}"
     return figure.lstrip("= ").replace("|", "/")
 
 

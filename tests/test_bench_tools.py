@@ -216,14 +216,19 @@ def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
 def test_key_figures_read_logs_and_results(tmp_path):
     log = tmp_path / "log"
     log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n1 failed, 20 passed, 2 skipped in 31.20s\n")
-    assert device_check.key_figure("tests", "failed", log, tmp_path) == "1 failed, 20 passed, 2 skipped in 31.20s"
+    assert device_check.key_figure("tests-cuda", "failed", log, tmp_path) == (
+        "1 failed, 20 passed, 2 skipped in 31.20s; FAILED tests/ops/test_x.py::test_y - AssertionError")
     log.write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
     assert device_check.key_figure("racecheck-cuda", "ok", log, tmp_path) == \
         "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
     log.write_text("collecting ...\nsome test output\n")
-    assert device_check.key_figure("tests", "timeout", log, tmp_path, "killed at its deadline after 90s") == \
+    assert device_check.key_figure("tests-triton", "timeout", log, tmp_path, "killed at its deadline after 90s") == \
         "killed at its deadline after 90s"
     assert device_check.key_figure("verify", "skipped", log, tmp_path, "no CUDA device") == "no CUDA device"
+    log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
+    assert device_check.key_figure("memcheck-cuda", "failed", log, tmp_path) == \
+        "ERROR SUMMARY: 0 errors; RuntimeError: CUDA error: an illegal memory access"
 
     results.upsert_rows(tmp_path / "attention.csv", [
         _bench_row("casa-triton", "Traffic", 16, 0.1234), _bench_row("casa-cuda", "Traffic", 16, 0.05),
@@ -243,20 +248,20 @@ def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "logs").mkdir(parents=True)
     (work / "results").mkdir()
-    (work / "logs" / "03-tests.log").write_text("x" * 5000 + "\n3 passed in 1.00s\n")
+    (work / "logs" / "03-tests-cuda.log").write_text("x" * 5000 + "\n3 passed in 1.00s\n")
     (work / "results" / "attention.csv").write_text("a,b\n")
-    device_check.record(work, out, "tests", "ok", 12, 90, "")
+    device_check.record(work, out, "tests-cuda", "ok", 12, 90, "")
     device_check.record(work, out, "verify", "skipped", 0, 35, "no CUDA device")
     assert sorted(p.name for p in out.iterdir()) == [
         device_check.ARCHIVE, device_check.SUMMARY_JSON, device_check.SUMMARY_MD]
     summary = json.loads((out / device_check.SUMMARY_JSON).read_text())
     assert [(s["step"], s["status"], s["key_figure"]) for s in summary["steps"]] == [
-        ("tests", "ok", "3 passed in 1.00s"), ("verify", "skipped", "no CUDA device")]
-    assert "| tests | ok | 12 | 90 | 3 passed in 1.00s |" in (out / device_check.SUMMARY_MD).read_text()
+        ("tests-cuda", "ok", "3 passed in 1.00s"), ("verify", "skipped", "no CUDA device")]
+    assert "| tests-cuda | ok | 12 | 90 | 3 passed in 1.00s |" in (out / device_check.SUMMARY_MD).read_text()
     with tarfile.open(out / device_check.ARCHIVE) as tar:
         names = set(tar.getnames())
-        log = tar.extractfile("logs/03-tests.log").read().decode()
-    assert {"logs/03-tests.log", "results/attention.csv", device_check.SUMMARY_MD} <= names
+        log = tar.extractfile("logs/03-tests-cuda.log").read().decode()
+    assert {"logs/03-tests-cuda.log", "results/attention.csv", device_check.SUMMARY_MD} <= names
     assert "bytes cut by device_check" in log and log.endswith("3 passed in 1.00s\n")
 
 
@@ -269,6 +274,6 @@ def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
     steps = {s["step"]: s for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]}
     assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
     gpu_steps = set(steps) - {"preflight", "info"}
-    assert {"build", "tests", "verify", "memcheck-cuda", "racecheck-triton", "bench-autotuned"} <= gpu_steps
+    assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton", "bench-autotuned"} <= gpu_steps
     assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
     assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
