@@ -160,7 +160,9 @@ def _module_version(name: str) -> tuple[str | None, str]:
 
 
 class Checks:
-    """Preflight rows: (check, verdict, detail); verdict ok / MISSING / note / skipped."""
+    """Preflight rows: (check, verdict, detail); verdict ok / MISSING / note / skipped.
+
+    ``gpu``: needed by the GPU steps only, so not required in a dry run."""
 
     def __init__(self, dry_run: bool):
         self.dry_run = dry_run
@@ -215,7 +217,7 @@ def preflight(work: Path, dry_run: bool) -> int:
 
     triton_version, error = _module_version("triton")
     facts["triton"] = triton_version or "missing"
-    checks.add("triton", triton_version is not None, triton_version or error)
+    checks.add("triton", triton_version is not None, triton_version or error, gpu=True)
     env["PF_NO_TRITON"] = "" if triton_version else f"triton does not import ({error})"
     single = any(SINGLE_CONFIG_VAR in Path(p).read_text()
                  for p in glob.glob("casa_kernels/ops/triton*.py"))
@@ -253,16 +255,16 @@ def preflight(work: Path, dry_run: bool) -> int:
     else:
         path, how = borrow_setuptools(work)
         checks.add("setuptools", path is not None,
-                   f"not importable by {sys.executable}; " + (f"{how}: {path}" if path else how))
+                   f"not importable by {sys.executable}; " + (f"{how}: {path}" if path else how), gpu=True)
         env["PF_SETUPTOOLS_PATH"] = path or ""
         env["PF_NO_SETUPTOOLS"] = "" if path else f"setuptools is not importable and {how}"
 
     ninja = _find_tool("ninja", None)
-    checks.add("ninja", ninja is not None, ninja or "not found: the build would run one file at a time")
+    checks.add("ninja", ninja is not None, ninja or "not found: the build would run one file at a time", gpu=True)
     env["PF_NINJA_DIR"] = os.path.dirname(ninja) if ninja else ""
 
     pytest_version, error = _module_version("pytest")
-    checks.add("pytest", pytest_version is not None, pytest_version or error)
+    checks.add("pytest", pytest_version is not None, pytest_version or error, gpu=True)
     env["PF_NO_PYTEST"] = "" if pytest_version else f"pytest does not import ({error})"
     for name, without in (("hypothesis", "the fuzz tests are skipped"), ("tqdm", "no progress bars"),
                           ("matplotlib", "no plots")):
