@@ -184,9 +184,31 @@ class Checks:
 
 
 def preflight(work: Path, dry_run: bool) -> int:
+    """Runs the checks, prints them, writes preflight.env and environment.json; 1 when a
+    required check fails. A check that crashes is reported as one; what was found before
+    it is still written."""
     checks = Checks(dry_run)
     env: dict[str, str] = {}
-    facts: dict[str, str] = {"python": sys.version.split()[0], "python_executable": sys.executable}
+    facts: dict = {"python": sys.version.split()[0], "python_executable": sys.executable}
+    try:
+        _run_checks(work, checks, env, facts)
+    except Exception as error:  # noqa: BLE001 - reported, and the script goes on with what was found
+        checks.add("preflight itself", False, f"crashed: {type(error).__name__}: {error}")
+
+    width = max(len(name) for name, _, _ in checks.rows)
+    for name, verdict, detail in checks.rows:
+        print(f"{name:<{width}}  {verdict:<7}  {detail}")
+    headline = ", ".join(filter(None, (facts.get("gpu"), f"torch {facts.get('torch', 'missing')}",
+                                       f"triton {facts.get('triton', '?')}", f"nvcc {facts.get('nvcc', '?')}")))
+    print(f"preflight: {'missing: ' + ', '.join(checks.missing) if checks.missing else 'ok'}; {headline}")
+
+    (work / "preflight.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+    facts["preflight"] = {name: f"{verdict}: {detail}" for name, verdict, detail in checks.rows}
+    (work / "environment.json").write_text(json.dumps(facts, indent=2) + "\n")
+    return 1 if checks.missing else 0
+
+
+def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) -> None:
     checks.add("python", True, f"{facts['python']} ({sys.executable})")
 
     torch_version, error = _module_version("torch")
@@ -270,18 +292,6 @@ def preflight(work: Path, dry_run: bool) -> int:
                           ("matplotlib", "no plots")):
         version, _ = _module_version(name)
         checks.add(name, version is not None, version or f"not installed: {without}", required=False)
-
-    width = max(len(name) for name, _, _ in checks.rows)
-    for name, verdict, detail in checks.rows:
-        print(f"{name:<{width}}  {verdict:<7}  {detail}")
-    headline = ", ".join(filter(None, (facts.get("gpu"), f"torch {facts.get('torch', 'missing')}",
-                                       f"triton {facts['triton']}", f"nvcc {facts['nvcc']}")))
-    print(f"preflight: {'missing: ' + ', '.join(checks.missing) if checks.missing else 'ok'}; {headline}")
-
-    (work / "preflight.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
-    facts["preflight"] = {name: f"{verdict}: {detail}" for name, verdict, detail in checks.rows}
-    (work / "environment.json").write_text(json.dumps(facts, indent=2) + "\n")
-    return 1 if checks.missing else 0
 
 
 # --- GPU-side helpers -------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,3 +278,32 @@ def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
     assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton", "bench-autotuned"} <= gpu_steps
     assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
     assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
+
+
+@pytest.mark.parametrize("nvcc_release", ["13.0", "12.8"])
+def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(tmp_path, monkeypatch, capsys, nvcc_release):
+    # A GPU and an nvcc, both faked: torch built for CUDA 13.0.
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n")
+    nvcc.chmod(0o755)
+    gpu = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
+                          multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(device_check, "_find_tool", lambda name, cuda_home: str(nvcc) if name == "nvcc" else None)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    device_check.preflight(tmp_path, dry_run=False)
+    env = dict(line.split("=", 1) for line in (tmp_path / "preflight.env").read_text().splitlines())
+    assert env["PF_GPU_SLUG"] == "nvidia-h100-80gb-hbm3" and env["PF_GPU_ARCH"] == "9.0"
+    assert env["PF_NO_GPU"] == "''" and env["PF_SANITIZER"] == "''"
+    out = capsys.readouterr().out
+    if nvcc_release == "13.0":
+        assert env["PF_NO_NVCC"] == "''" and env["PF_CUDA_HOME"] == str(tmp_path / "cuda")
+    else:
+        assert "majors differ" in env["PF_NO_NVCC"] and "PF_CUDA_HOME" not in env
+        assert "MISSING  nvcc 12.8" in out
+    assert "compute-sanitizer" in out.splitlines()[-1]  # faked away, with ninja
+    facts = json.loads((tmp_path / "environment.json").read_text())
+    assert facts["gpu"] == gpu.name and facts["gpu_multiprocessors"] == "132"
