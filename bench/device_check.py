@@ -18,9 +18,12 @@
   ``OUT/device_check_summary.{md,json}`` and ``OUT/device_check.tar.gz`` (all of WORK:
   ``logs/``, ``results/``, ``environment.json``); each file is replaced atomically.
 * ``table WORK`` — prints the summary table.
+* ``unpack ARCHIVE [--into DIR]`` — back on a development machine: upserts the archive's
+  benchmark rows into DIR (default ``bench/results/<gpu-name>/``) beside the rows already
+  there, rebuilds its ``summary.json`` and scaling plots, and copies the two summaries.
 
-Everything but ``preflight``, ``cuda-kernel`` and ``sanitize`` uses the standard library
-only, so the records and the archive are written even where torch does not import.
+``record`` and ``table`` use the standard library only, so the records and the archive
+are written even where torch does not import.
 """
 
 from __future__ import annotations
@@ -515,6 +518,41 @@ def record(work: Path, out: Path, step: str, status: str, seconds: int, cap: int
     pack(work, out)
 
 
+def unpack(archive: Path, into: Path | None) -> int:
+    from . import plots, results, summary
+
+    with tarfile.open(archive) as tar:
+        files = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+        def read(name: str) -> bytes:
+            return tar.extractfile(files[name]).read()
+
+        environment = json.loads(read("environment.json")) if "environment.json" in files else {}
+        if into is None:
+            if "gpu" not in environment:
+                print(f"unpack: {archive} names no GPU (environment.json); pass --into", file=sys.stderr)
+                return 2
+            into = Path(__file__).resolve().parent / "results" / _slug(environment["gpu"])
+        csvs = [name for name in sorted(files) if name.startswith("results/") and name.endswith(".csv")]
+        written = []
+        for name in csvs:
+            target = into / name.removeprefix("results/")
+            results.upsert_rows(target, list(csv.DictReader(io.StringIO(read(name).decode()))))
+            written.append(target)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in (SUMMARY_MD, SUMMARY_JSON):
+            if name in files:
+                (into / name).write_bytes(read(name))
+                written.append(into / name)
+    for folder in sorted({path.parent for path in written if path.suffix == ".csv"}):
+        written.append(summary.write_summary(folder))
+        if (folder / "scaling.csv").is_file():  # device_check's scaling run: bf16, B=1
+            written += plots.plot_scaling(folder, dtype="bfloat16", batch=1)
+    for path in written:
+        print(f"unpack: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -535,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reason", nargs="?", default="")
     p = sub.add_parser("table")
     p.add_argument("work", type=Path)
+    p = sub.add_parser("unpack")
+    p.add_argument("archive", type=Path)
+    p.add_argument("--into", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "preflight":
         return preflight(args.work, args.dry_run)
@@ -545,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "record":
         record(args.work, args.out, args.step, args.status, args.seconds, args.cap, args.reason)
         return 0
+    if args.command == "unpack":
+        return unpack(args.archive, args.into)
     print(summary_table(args.work))
     return 0
 

@@ -35,7 +35,9 @@
 # short keeps what finished: device_check.tar.gz (logs/NN-step.log, results/ with the
 # benchmarks' CSV, JSON and PNG, results/autotuned/, environment.json, the summaries),
 # device_check_summary.md and device_check_summary.json (step, status, seconds, cap, key
-# figure). The summary table is printed last.
+# figure). The summary table is printed last. Back on a development machine,
+# `python -m bench.device_check unpack device_check.tar.gz` upserts the benchmark rows
+# into bench/results/<gpu-name>/.
 #
 # Environment: PYTHON (default python3), TOTAL_S, OUT_DIR, BENCH_PROVIDERS (default
 # casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa), MAX_JOBS (default: all

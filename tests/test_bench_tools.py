@@ -210,7 +210,8 @@ def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
     row = {c: "" for c in results.COLUMNS}
     row.update(suite="attention", sweep="dataset", provider=provider, device="cuda:0", device_name="GPU",
                dtype=dtype, batch=batch, n_vars=862, d_model=512, kernel=3, config=config, status=status,
-               latency_ms_p50=p50_ms if status == "ok" else "", timestamp="2026-01-01T00:00:00")
+               latency_ms_p50=p50_ms if status == "ok" else "", peak_mem_bytes=1000 if status == "ok" else "",
+               timestamp="2026-01-01T00:00:00")
     return row
 
 
@@ -307,3 +308,21 @@ def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(tmp_path, monkeypa
     assert "compute-sanitizer" in out.splitlines()[-1]  # faked away, with ninja
     facts = json.loads((tmp_path / "environment.json").read_text())
     assert facts["gpu"] == gpu.name and facts["gpu_multiprocessors"] == "132"
+
+
+def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
+    work, out, dest = tmp_path / "work", tmp_path / "out", tmp_path / "dest"
+    (work / "logs").mkdir(parents=True)
+    (work / "environment.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3"}))
+    results.upsert_rows(work / "results" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
+    results.upsert_rows(work / "results" / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.08)])
+    device_check.record(work, out, "bench-autotuned", "ok", 30, 40, "")
+    committed = {**_bench_row("casa-triton", "Traffic", 16, 0.3), "torch_version": "2.10"}
+    results.upsert_rows(dest / "attention.csv", [committed])
+
+    assert device_check.main(["unpack", str(out / device_check.ARCHIVE), "--into", str(dest)]) == 0
+    rows = results.read_rows(dest / "attention.csv")
+    assert sorted(r["latency_ms_p50"] for r in rows) == ["0.1", "0.3"]  # another torch: another key
+    assert results.read_rows(dest / "autotuned" / "attention.csv")[0]["latency_ms_p50"] == "0.08"
+    assert (dest / "summary.json").is_file() and (dest / "autotuned" / "summary.json").is_file()
+    assert "bench-autotuned" in (dest / device_check.SUMMARY_MD).read_text()
