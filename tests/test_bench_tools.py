@@ -217,7 +217,8 @@ def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
 
 def test_key_figures_read_logs_and_results(tmp_path):
     log = tmp_path / "log"
-    log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n1 failed, 20 passed, 2 skipped in 31.20s\n")
+    log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n"
+                   "1 failed, 20 passed, 2 skipped in 31.20s\n")
     assert device_check.key_figure("tests-cuda", "failed", log, tmp_path) == (
         "1 failed, 20 passed, 2 skipped in 31.20s; FAILED tests/ops/test_x.py::test_y - AssertionError")
     log.write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
@@ -276,7 +277,8 @@ def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
     steps = {s["step"]: s for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]}
     assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
     gpu_steps = set(steps) - {"preflight", "info"}
-    assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton", "bench-autotuned"} <= gpu_steps
+    assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton",
+            "bench-autotuned"} <= gpu_steps
     assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
     assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
 
@@ -315,7 +317,8 @@ def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
     (work / "logs").mkdir(parents=True)
     (work / "environment.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3"}))
     results.upsert_rows(work / "results" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
-    results.upsert_rows(work / "results" / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.08)])
+    results.upsert_rows(work / "results" / "autotuned" / "attention.csv",
+                        [_bench_row("casa-triton", "Traffic", 16, 0.08)])
     device_check.record(work, out, "bench-autotuned", "ok", 30, 40, "")
     committed = {**_bench_row("casa-triton", "Traffic", 16, 0.3), "torch_version": "2.10"}
     results.upsert_rows(dest / "attention.csv", [committed])

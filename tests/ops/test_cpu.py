@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.tolerance import assert_close_to_reference
+from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 SHAPES = [  # (B, N, D, k): N=1, ragged N around the 256-row head chunk, D=8, B=1, all k
     (1, 1, 8, 1), (2, 1, 16, 3), (1, 7, 8, 3), (3, 13, 24, 5), (2, 37, 64, 7),
