@@ -1,110 +1,219 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no network: install, report, test, verify,
-# compute-sanitizer, benchmark. Every step runs under `timeout`, all steps together
-# within TOTAL_S seconds (default 570, i.e. under 10 minutes); logs and results go to
-# one folder, OUT_DIR (default bench/results/<gpu-name>/). Prints one line per step:
-# ok / failed (rc) / timeout / skipped (why). Exit status: 0 if no step failed or timed out.
+# One command for a GPU machine without network: preflight, build, test, verify,
+# compute-sanitizer, benchmark. Each step runs under its own timeout; the whole run
+# takes at most TOTAL_S seconds (default 480, build included).
 #
-#   bash bench/device_check.sh
-#   OUT_DIR=/tmp/h100 TOTAL_S=900 BENCH_PROVIDERS=casa-triton,casa-cuda,full-sdpa bash bench/device_check.sh
+#   bash bench/device_check.sh             # results in bench/results/<gpu-name>/
+#   OUT_DIR=$OUT bash bench/device_check.sh
+#   bash bench/device_check.sh --dry-run   # any machine, seconds: the preflight, the step
+#                                          # plumbing, info, packing and summary; GPU steps skipped
 #
-# casa-compile is left out of BENCH_PROVIDERS by default: it compiles once per point,
-# which does not fit the 10-minute budget; run `python -m bench attention --providers
-# casa-compile` separately.
-set -u
+# Steps and caps (seconds of 480; another TOTAL_S scales them; they add up to TOTAL_S):
+#   preflight 25   torch sees a GPU, triton, nvcc's CUDA major = torch's, setuptools
+#                  (borrowed from a wheel or another Python if the venv has none), ninja,
+#                  pytest, compute-sanitizer; optional: hypothesis, tqdm, matplotlib
+#   build 110      FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
+#                  TORCH_CUDA_ARCH_LIST = the GPU's; fails unless casa::fused_score_attention
+#                  then has a CUDA kernel
+#   info 10        python -m casa_kernels.info
+#   tests-cuda 35, tests-triton 55
+#                  pytest -x tests/ops/test_cuda.py, then tests/ops/test_triton.py (a failure
+#                  in one does not stop the other)
+#   verify 35      python -m casa_kernels.verify --device cuda --quick
+#   memcheck-triton 25, racecheck-triton 25, memcheck-cuda 20, racecheck-cuda 20
+#                  compute-sanitizer on `python -m bench.device_check sanitize BACKEND`
+#   bench-attention 40   bf16, Traffic and Wide20k, B=16 and B=1, BENCH_PROVIDERS
+#   bench-scaling 35     bf16, --quick
+#   bench-autotuned 40   casa-triton autotuned (without CASA_TRITON_SINGLE_CONFIG), Traffic
+#   summary 5            reserved for the last summary and archive
+# A step may run until its deadline (START + its cap + the caps before it): time an early
+# step leaves over goes to the later ones. CASA_TRITON_SINGLE_CONFIG=1 (one config per
+# Triton kernel, no autotuning) is set for every step but bench-autotuned.
+#
+# Output: OUT_DIR (default bench/results/<gpu-name>/; a new temporary folder when there
+# is no GPU or with --dry-run) gets three files, rewritten after every step, so a run cut
+# short keeps what finished: device_check.tar.gz (logs/NN-step.log, results/ with the
+# benchmarks' CSV, JSON and PNG, results/autotuned/, environment.json, the summaries),
+# device_check_summary.md and device_check_summary.json (step, status, seconds, cap, key
+# figure). The summary table is printed last. Back on a development machine,
+# `python -m bench.device_check unpack device_check.tar.gz` upserts the benchmark rows
+# into bench/results/<gpu-name>/.
+#
+# Environment: PYTHON (default python3), TOTAL_S, OUT_DIR, BENCH_PROVIDERS (default
+# casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa), MAX_JOBS (default: all
+# cores), TORCH_CUDA_ARCH_LIST (default: the GPU's).
+# Exit status: 0 when no step failed or timed out (a dry run skips the GPU steps), 1
+# otherwise, 2 for a bad argument.
+
+# No `set -e`: a failing step is recorded and the run goes on.
+set -uo pipefail
+OUT_DIR=${OUT_DIR:-}
+if [[ -n $OUT_DIR && $OUT_DIR != /* ]]; then OUT_DIR="$PWD/$OUT_DIR"; fi
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-TOTAL_S=${TOTAL_S:-570}
-START=$(date +%s)
-BENCH_PROVIDERS=${BENCH_PROVIDERS:-casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa}
 
-gpu_slug=$($PY - <<'PY' 2>/dev/null
-import re, torch
-name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
-print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
-PY
-)
-[[ "$gpu_slug" == no-gpu ]] && echo "warning: torch sees no CUDA device; the GPU steps will fail" >&2
-OUT_DIR=${OUT_DIR:-bench/results/${gpu_slug:-unknown-gpu}}
-LOG_DIR="$OUT_DIR/device_check_logs"
-mkdir -p "$LOG_DIR"
-SUMMARY="$OUT_DIR/device_check_summary.txt"
-: > "$SUMMARY"
-failures=0
+DRY_RUN=0
+case "${1:-}" in
+  "") ;;
+  --dry-run) DRY_RUN=1 ;;
+  -h|--help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  *) echo "device_check: unknown argument '$1' (expected --dry-run or --help)" >&2; exit 2 ;;
+esac
 
-# step NAME CAP_SECONDS COMMAND...: runs COMMAND under timeout min(CAP, time left).
-step() {
-  local name=$1 cap=$2; shift 2
-  local left=$(( TOTAL_S - ($(date +%s) - START) ))
-  local limit=$(( cap < left ? cap : left ))
-  local log="$LOG_DIR/$name.log"
-  if (( limit < 5 )); then
-    echo "$name: skipped (no time left of TOTAL_S=$TOTAL_S)" | tee -a "$SUMMARY"; return
-  fi
-  echo "== $name (timeout ${limit}s): $*" | tee "$log"
-  local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
-  local rc=$? took=$(( $(date +%s) - t0 ))
-  if (( rc == 0 )); then
-    echo "$name: ok (${took}s)" | tee -a "$SUMMARY"
-  elif (( rc == 124 || rc == 137 )); then
-    failures=$((failures + 1)); tail -n 15 "$log"
-    echo "$name: timeout after ${took}s (log $log)" | tee -a "$SUMMARY"
-  else
-    failures=$((failures + 1)); tail -n 25 "$log"
-    echo "$name: failed rc=$rc (${took}s, log $log)" | tee -a "$SUMMARY"
-  fi
-}
-
-skip() { echo "$1: skipped ($2)" | tee -a "$SUMMARY"; }
-
-# reason_unavailable BACKEND: empty when the backend serves float32 CUDA tensors here.
-reason_unavailable() {
-  $PY - "$1" <<'PY' 2>&1 | tail -n 1
-import sys, torch, casa_kernels
-from casa_kernels.ops.registry import get_backend
-name = sys.argv[1]
-if name not in casa_kernels.backend_names():
-    print(f"backend {name!r} not registered"); sys.exit()
-if not torch.cuda.is_available():
-    print("no CUDA device"); sys.exit()
-print(get_backend(name).reason_not_serving(torch.device("cuda"), torch.float32) or "")
-PY
-}
-
-step install 240 $PY -m pip install --no-build-isolation --no-deps -e .
-if [[ -f casa_kernels/info.py ]]; then
-  step info 30 $PY -m casa_kernels.info
-else
-  skip info "casa_kernels/info.py not in this checkout"
+PY=${PYTHON:-python3}
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "device_check: no Python '$PY' (set PYTHON)" >&2; exit 2
 fi
-step tests 150 $PY -m pytest tests -q
-step verify 60 $PY -m casa_kernels.verify --device cuda
+TOTAL_S=${TOTAL_S:-480}
+if ! [[ $TOTAL_S =~ ^[0-9]+$ ]] || (( TOTAL_S < 60 )); then
+  echo "device_check: TOTAL_S=$TOTAL_S is not a number of seconds >= 60" >&2; exit 2
+fi
+BENCH_PROVIDERS=${BENCH_PROVIDERS:-casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa}
+export PYTHONUNBUFFERED=1 CASA_TRITON_SINGLE_CONFIG=1
+START=$(date +%s)
 
-SANITIZE='import sys, torch
-from casa_kernels import ScoreAttentionWeights, casa_attention
-g = torch.Generator().manual_seed(0)
-for b, n, d, k in ((2, 37, 64, 3), (1, 7, 128, 5)):
-    w = ScoreAttentionWeights.random(n, d, k, device="cuda", generator=g)
-    x = torch.randn(b, n, d, generator=g).cuda()
-    y = casa_attention(x, w, backend=sys.argv[1])
-    torch.cuda.synchronize()
-    print(sys.argv[1], tuple(y.shape), float(y.float().abs().sum()))'
-for backend in cuda triton; do
-  if ! command -v compute-sanitizer >/dev/null 2>&1; then
-    skip "memcheck-$backend" "compute-sanitizer not on PATH"; continue
+NAMES=(preflight build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
+       racecheck-cuda bench-attention bench-scaling bench-autotuned summary)
+SHARES=(25 110 10 35 55 35 25 25 20 20 40 35 40 5)  # seconds of 480
+declare -A CAP DEADLINE ORDER
+cumulative=0 shares=0
+for i in "${!NAMES[@]}"; do
+  shares=$(( shares + SHARES[i] ))
+  deadline=$(( TOTAL_S * shares / 480 ))
+  CAP[${NAMES[i]}]=$(( deadline - cumulative ))
+  DEADLINE[${NAMES[i]}]=$deadline
+  ORDER[${NAMES[i]}]=$i
+  cumulative=$deadline
+done
+caps=""
+for name in "${NAMES[@]}"; do caps+="$name ${CAP[$name]}, "; done
+echo "device_check: ${TOTAL_S}s in all$( ((DRY_RUN)) && echo ', dry run'); caps: ${caps%, } (sum $cumulative)"
+
+WORK=$(mktemp -d -t casa_device_check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/logs" "$WORK/results"
+FAILED=()
+
+# run_step NAME WHY_NOT COMMAND...: skipped when WHY_NOT is set; else COMMAND runs, its
+# output in logs/NN-NAME.log, killed at the step's deadline. Sets STATUS, TOOK, REASON.
+run_step() {
+  local name=$1 why_not=$2; shift 2
+  local log limit t0 rc
+  log="$WORK/logs/$(printf '%02d' "${ORDER[$name]}")-$name.log"
+  TOOK=0 REASON=""
+  if [[ -n $why_not ]]; then
+    STATUS=skipped REASON=$why_not; return
   fi
-  reason=$(reason_unavailable "$backend")
-  if [[ -n "$reason" ]]; then skip "memcheck-$backend" "$reason"; continue; fi
-  step "memcheck-$backend" 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    $PY -c "$SANITIZE" "$backend"
+  limit=$(( START + DEADLINE[$name] - $(date +%s) ))
+  if (( limit < 3 )); then
+    STATUS=timeout REASON="not started: the run is past this step's deadline (${DEADLINE[$name]}s)"; return
+  fi
+  echo "== $name (${limit}s left to its deadline): $*"
+  printf '$ %s\n' "$*" >"$log"
+  t0=$(date +%s)
+  timeout --kill-after=3 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  TOOK=$(( $(date +%s) - t0 ))
+  case $rc in
+    0) STATUS=ok ;;
+    124|137) STATUS=timeout REASON="killed at its deadline after ${TOOK}s" ;;
+    *) STATUS=failed ;;
+  esac
+  if [[ $STATUS != ok ]]; then
+    echo "-- last lines of $(basename "$log") (exit status $rc):"
+    tail -n 20 "$log" | sed 's/^/   /'
+  fi
+}
+
+# record NAME: the step's row into the summaries and the archive in OUT_DIR.
+record() {
+  "$PY" -m bench.device_check record "$WORK" "$OUT_DIR" "$1" "$STATUS" "$TOOK" "${CAP[$1]}" "$REASON" \
+    || echo "device_check: could not record step $1 (the output above says why)" >&2
+  if [[ $STATUS == failed || $STATUS == timeout ]]; then FAILED+=("$1"); fi
+}
+
+step() { run_step "$@"; record "$1"; }
+
+# first_of REASON...: the first non-empty argument.
+first_of() {
+  local r
+  for r in "$@"; do if [[ -n $r ]]; then echo "$r"; return; fi; done
+}
+
+# --- preflight: decides OUT_DIR and which steps can run ---------------------------------
+PREFLIGHT=("$PY" -m bench.device_check preflight "$WORK")
+if (( DRY_RUN )); then PREFLIGHT+=(--dry-run); fi
+run_step preflight "" "${PREFLIGHT[@]}"
+PF_NO_GPU="preflight did not finish (see its log)" PF_NO_TRITON="" PF_NO_NVCC="" PF_NO_SETUPTOOLS=""
+PF_NO_PYTEST="" PF_SANITIZER="" PF_SETUPTOOLS_PATH="" PF_NINJA_DIR="" PF_CUDA_HOME="" PF_GPU_SLUG="" PF_GPU_ARCH=""
+if [[ -f $WORK/preflight.env ]]; then
+  # shellcheck disable=SC1091  # written by bench/device_check.py, values shell-quoted
+  source "$WORK/preflight.env"
+fi
+if [[ -z $OUT_DIR ]]; then
+  if (( DRY_RUN )) || [[ -z $PF_GPU_SLUG ]]; then
+    OUT_DIR=$(mktemp -d -t casa_device_check_out.XXXXXX)
+  else
+    OUT_DIR=bench/results/$PF_GPU_SLUG
+  fi
+fi
+record preflight
+
+if [[ -n $PF_SETUPTOOLS_PATH ]]; then export PYTHONPATH="$PF_SETUPTOOLS_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
+if [[ -n $PF_NINJA_DIR ]]; then export PATH="$PATH:$PF_NINJA_DIR"; fi
+if [[ -n $PF_CUDA_HOME ]]; then export CUDA_HOME=${CUDA_HOME:-$PF_CUDA_HOME}; fi
+
+NO_GPU=$PF_NO_GPU
+if (( DRY_RUN )); then NO_GPU="dry run${PF_NO_GPU:+ ($PF_NO_GPU)}"; fi
+NO_SANITIZER=""
+if [[ -z $PF_SANITIZER ]]; then NO_SANITIZER="compute-sanitizer not found"; fi
+
+# --- build ------------------------------------------------------------------------------
+BUILD_PROBLEM=$(first_of "$PF_NO_NVCC" "$PF_NO_SETUPTOOLS")
+if [[ -n $BUILD_PROBLEM ]]; then
+  step build "$NO_GPU" bash -c 'echo "build: FAILED before compiling: $1"; exit 1' build "$BUILD_PROBLEM"
+else
+  step build "$NO_GPU" env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$PF_GPU_ARCH}" \
+    bash -c '"$0" setup.py build_ext --inplace && "$0" -m bench.device_check cuda-kernel' "$PY"
+fi
+NO_CUDA_KERNEL=""
+case $STATUS in
+  failed) NO_CUDA_KERNEL="no CUDA kernel: the build step failed" ;;
+  timeout) NO_CUDA_KERNEL="no CUDA kernel: the build step timed out" ;;
+esac
+
+# --- checks -----------------------------------------------------------------------------
+step info "" "$PY" -m casa_kernels.info
+PYTEST=("$PY" -m pytest -x -q -rs --durations=10 -p no:cacheprovider)
+# test_cuda_sources_compile repeats the build's nvcc work for two more architectures.
+step tests-cuda "$(first_of "$NO_GPU" "$PF_NO_PYTEST")" "${PYTEST[@]}" tests/ops/test_cuda.py \
+  --deselect tests/ops/test_cuda.py::test_cuda_sources_compile
+step tests-triton "$(first_of "$NO_GPU" "$PF_NO_PYTEST")" "${PYTEST[@]}" tests/ops/test_triton.py
+step verify "$NO_GPU" "$PY" -m casa_kernels.verify --device cuda --quick
+for backend in triton cuda; do
+  if [[ $backend == triton ]]; then no_backend=$PF_NO_TRITON; else no_backend=$NO_CUDA_KERNEL; fi
+  # Without the caching allocator every tensor is its own allocation: memcheck sees overruns.
+  # API errors are not reported: CUDA libraries probe for entry points that may not exist,
+  # and a failing API call raises in Python anyway.
+  step "memcheck-$backend" "$(first_of "$NO_GPU" "$no_backend" "$NO_SANITIZER")" \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PF_SANITIZER" --tool memcheck --report-api-errors no \
+    --error-exitcode 1 --print-limit 50 "$PY" -m bench.device_check sanitize "$backend"
+  step "racecheck-$backend" "$(first_of "$NO_GPU" "$no_backend" "$NO_SANITIZER")" \
+    "$PF_SANITIZER" --tool racecheck --report-api-errors no --error-exitcode 1 --print-limit 50 \
+    "$PY" -m bench.device_check sanitize "$backend"
 done
 
-step bench-attention 100 $PY -m bench attention --device cuda --dtype bfloat16 \
-  --providers "$BENCH_PROVIDERS" --out "$OUT_DIR" --no-progress
-step bench-scaling 150 $PY -m bench scaling --device cuda --quick \
-  --providers "$BENCH_PROVIDERS" --out "$OUT_DIR" --no-progress
+# --- benchmarks -------------------------------------------------------------------------
+step bench-attention "$NO_GPU" "$PY" -m bench attention --device cuda --dtype bfloat16 \
+  --datasets Traffic,Wide20k --batch 16,1 --providers "$BENCH_PROVIDERS" --out "$WORK/results" --no-progress
+step bench-scaling "$NO_GPU" "$PY" -m bench scaling --device cuda --dtype bfloat16 --quick \
+  --providers "$BENCH_PROVIDERS" --out "$WORK/results" --no-progress
+step bench-autotuned "$(first_of "$NO_GPU" "$PF_NO_TRITON")" env -u CASA_TRITON_SINGLE_CONFIG \
+  "$PY" -m bench attention --device cuda --dtype bfloat16 --datasets Traffic --batch 16,1 \
+  --providers casa-triton --out "$WORK/results/autotuned" --no-progress
 
-echo "== device_check: $(( $(date +%s) - START ))s, $failures step(s) failed; results and logs in $OUT_DIR"
-cat "$SUMMARY"
-exit $(( failures > 0 ))
+echo
+echo "device_check: $(( $(date +%s) - START ))s of ${TOTAL_S}s; ${#FAILED[@]} step(s) failed or timed out${FAILED[*]:+: ${FAILED[*]}}"
+echo "device_check: $OUT_DIR holds $(cd "$OUT_DIR" && echo device_check*)"
+"$PY" -m bench.device_check table "$WORK"
+(( ${#FAILED[@]} == 0 ))

@@ -1,4 +1,5 @@
-"""Log–log figures of the scaling suite's N sweep (matplotlib, Agg backend).
+"""Log–log figures of the scaling suite's N sweep (matplotlib, Agg backend; without
+matplotlib no figures, and one printed note).
 
 For every (dtype, batch, D) group of the CSV measured on one device: p50 latency
 (with a p20–p80 band) and peak extra memory against N, one line per provider, the fitted
@@ -9,6 +10,8 @@ with an ×. Files: ``scaling_latency.png`` / ``scaling_memory.png`` for the grou
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 from .results import read_rows
@@ -20,12 +23,21 @@ METRICS = {
 }
 
 
-def _plot_group(path: Path, title: str, by_provider: dict[str, list[dict]], metric: str) -> None:
-    import matplotlib
-
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (saying so once) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: matplotlib is not installed: no plots", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_group(plt, path: Path, title: str, by_provider: dict[str, list[dict]], metric: str) -> None:
     column, label = METRICS[metric]
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, rows in sorted(by_provider.items()):
@@ -61,7 +73,11 @@ def _plot_group(path: Path, title: str, by_provider: dict[str, list[dict]], metr
 
 def plot_scaling(out_dir: Path, dtype: str | None = None, batch: int | None = None) -> list[Path]:
     """Writes the figures: ``scaling_<metric>.png`` for the newest group matching ``dtype`` and
-    ``batch``, ``scaling_<metric>_<dtype>_b<B>_d<D>_t<threads>.png`` for every other group."""
+    ``batch``, ``scaling_<metric>_<dtype>_b<B>_d<D>_t<threads>.png`` for every other group; none
+    without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return []
     rows = read_rows(out_dir / "scaling.csv")
     groups = n_sweep_groups(rows)
     newest = max(
@@ -79,6 +95,6 @@ def plot_scaling(out_dir: Path, dtype: str | None = None, batch: int | None = No
             if metric == "memory" and mem_method:
                 title += f"\nmemory: {mem_method}"
             name = f"scaling_{metric}.png" if key == newest else f"scaling_{metric}_{dt}_b{b}_d{d}_t{threads}.png"
-            _plot_group(out_dir / name, title, by_provider, metric)
+            _plot_group(plt, out_dir / name, title, by_provider, metric)
             written.append(out_dir / name)
     return written

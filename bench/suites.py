@@ -17,7 +17,9 @@ status and a note, and not run; the other providers go on.
 
 from __future__ import annotations
 
+import functools
 import gc
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,15 +173,42 @@ def measure_point(provider: Provider, config: str, point: Point, opts: RunOption
     }
 
 
+class _NoProgressBar:
+    """What run_suite asks of a tqdm bar, doing nothing."""
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@functools.cache
+def _tqdm():
+    """tqdm's bar class, or None (saying so once) when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("bench: tqdm is not installed: no progress bar", file=sys.stderr)
+        return None
+    return tqdm
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    bar = _tqdm() if enabled else None
+    return bar(total=total, desc=desc, unit="pt") if bar else _NoProgressBar()
+
+
 def run_suite(suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True) -> list[dict]:
     """Measures every provider at every point of ``suite``; upserts ``<suite>.csv`` after each row."""
-    from tqdm import tqdm
-
     points = SUITES[suite](opts)
     csv_path = opts.out_dir / f"{suite}.csv"
     stopped: dict[tuple, str] = {}  # (provider, sweep, batch) -> why it stopped growing
     rows = []
-    bar = tqdm(total=len(points) * len(providers), desc=suite, unit="pt", disable=not progress)
+    bar = _progress_bar(len(points) * len(providers), suite, progress)
     for config, point in points:
         for provider in providers:
             bar.set_postfix_str(f"{provider.name} {config} B={point.batch}")

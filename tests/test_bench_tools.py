@@ -1,14 +1,22 @@
 """The benchmark machinery's logic (no timings asserted): CSV upsert, slopes, crossover,
-allocator-based memory measurement, time cap, stop-growing after oom."""
+allocator-based memory measurement, time cap, stop-growing after oom; optional packages
+(tqdm, matplotlib, hypothesis) missing; bench/device_check's records, archive and dry run."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tarfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import casa_kernels
-from bench import measure, providers, results, suites, summary
+from bench import device_check, measure, providers, results, suites, summary
 from casa_kernels.ops import registry
 
 
@@ -132,3 +140,201 @@ def test_a_provider_stops_growing_after_oom_while_others_go_on(tmp_path, monkeyp
     assert ("n", 128) not in built
     assert all(n_rows[("casa-fake", n)]["status"] == "ok" for n in (64, 128, 4096))
     assert len(results.read_rows(tmp_path / "scaling.csv")) == len(rows)
+
+
+# --- optional packages ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_python(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_bench_runs_without_tqdm_and_matplotlib(tmp_path):
+    # Block both, then run a suite with and without a progress bar and draw the plots.
+    script = """
+import pathlib, sys
+sys.modules["tqdm"] = None
+sys.modules["matplotlib"] = None
+import torch
+from bench import plots, providers, suites
+suites.measure_peak_memory = lambda fn, device: (0, "not measured (test)")
+fine = providers.Provider("casa-fake", "casa", lambda p, d, t: (lambda: torch.zeros(1)),
+                          lambda d, t: None, lambda p, t: 0)
+out = pathlib.Path(sys.argv[1])
+opts = suites.RunOptions(device="cpu", dtype=torch.float32, warmup=1, reps=1, time_cap_s=60,
+                         mem_cap_bytes=1 << 40, out_dir=out, quick=True, batches=[1], datasets=("ETTh1",))
+for progress in (True, True, False):
+    rows = suites.run_suite("attention", [fine], opts, progress=progress)
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+assert plots.plot_scaling(out) == [] and plots.plot_scaling(out) == []
+"""
+    result = _run_python(script, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("tqdm is not installed: no progress bar") == 1, result.stderr
+    assert result.stderr.count("matplotlib is not installed: no plots") == 1, result.stderr
+    assert (tmp_path / "attention.csv").is_file()
+
+
+def _pytest_without_hypothesis(*args: str) -> subprocess.CompletedProcess:
+    script = """
+import sys
+sys.modules["hypothesis"] = None
+import pytest
+sys.exit(pytest.main(["-p", "no:cacheprovider", "-q", "-rs", *sys.argv[1:]]))
+"""
+    # No plugin autoload: hypothesis' own pytest plugin would import it.
+    return _run_python(script, *args, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)})
+
+
+def test_without_hypothesis_only_the_fuzz_tests_skip(tmp_path):
+    # A module using the stand-ins runs; the op test modules, imported alongside, collect.
+    module = tmp_path / "test_stand_ins.py"
+    module.write_text('''
+import pytest
+from tests.conftest import given, settings, st
+
+@pytest.mark.parametrize("scale", [1, 2])
+@settings(max_examples=5, deadline=None)
+@given(n=st.integers(1, 9), k=st.sampled_from([1, 3]).map(lambda k: k + 1))
+def test_fuzzed(scale, n, k):
+    raise AssertionError("runs only with hypothesis")
+
+def test_plain():
+    assert True
+''')
+    result = _pytest_without_hypothesis(str(module), "tests/ops/test_cpu.py", "tests/ops/test_triton.py",
+                                        "-k", "test_stand_ins")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 2 skipped" in result.stdout and "error" not in result.stdout.lower(), result.stdout
+    assert "hypothesis is not installed" in result.stdout
+
+
+# --- bench/device_check -----------------------------------------------------------------
+
+
+def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
+    row = {c: "" for c in results.COLUMNS}
+    row.update(suite="attention", sweep="dataset", provider=provider, device="cuda:0", device_name="GPU",
+               dtype=dtype, batch=batch, n_vars=862, d_model=512, kernel=3, config=config, status=status,
+               latency_ms_p50=p50_ms if status == "ok" else "", peak_mem_bytes=1000 if status == "ok" else "",
+               timestamp="2026-01-01T00:00:00")
+    return row
+
+
+def test_key_figures_read_logs_and_results(tmp_path):
+    log = tmp_path / "log"
+    log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n"
+                   "1 failed, 20 passed, 2 skipped in 31.20s\n")
+    assert device_check.key_figure("tests-cuda", "failed", log, tmp_path) == (
+        "1 failed, 20 passed, 2 skipped in 31.20s; FAILED tests/ops/test_x.py::test_y - AssertionError")
+    log.write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert device_check.key_figure("racecheck-cuda", "ok", log, tmp_path) == \
+        "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    log.write_text("collecting ...\nsome test output\n")
+    assert device_check.key_figure("tests-triton", "timeout", log, tmp_path, "killed at its deadline after 90s") == \
+        "killed at its deadline after 90s"
+    assert device_check.key_figure("verify", "skipped", log, tmp_path, "no CUDA device") == "no CUDA device"
+    log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
+    assert device_check.key_figure("memcheck-cuda", "failed", log, tmp_path) == \
+        "ERROR SUMMARY: 0 errors; RuntimeError: CUDA error: an illegal memory access"
+
+    results.upsert_rows(tmp_path / "attention.csv", [
+        _bench_row("casa-triton", "Traffic", 16, 0.1234), _bench_row("casa-cuda", "Traffic", 16, 0.05),
+        _bench_row("casa-triton", "Traffic", 1, 0.02), _bench_row("full-einsum", "Wide20k", 16, "", "oom"),
+        _bench_row("casa-triton", "Traffic", 16, 9.0, dtype="float32"),
+    ])
+    assert device_check.key_figure("bench-attention", "ok", log, tmp_path) == (
+        "5 rows: 4 ok, 1 oom; Traffic B=16 p50 casa-cuda 50 µs, casa-triton 123 µs")
+    (tmp_path / "autotuned").mkdir()
+    results.upsert_rows(tmp_path / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
+    assert device_check.key_figure("bench-autotuned", "ok", log, tmp_path) == (
+        "casa-triton Traffic B=16 p50: autotuned 100 µs, single config 123 µs")
+
+
+def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(device_check, "LOG_KEEP_BYTES", 1000)
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    (work / "results").mkdir()
+    (work / "logs" / "03-tests-cuda.log").write_text("x" * 5000 + "\n3 passed in 1.00s\n")
+    (work / "results" / "attention.csv").write_text("a,b\n")
+    device_check.record(work, out, "tests-cuda", "ok", 12, 90, "")
+    device_check.record(work, out, "verify", "skipped", 0, 35, "no CUDA device")
+    assert sorted(p.name for p in out.iterdir()) == [
+        device_check.ARCHIVE, device_check.SUMMARY_JSON, device_check.SUMMARY_MD]
+    summary = json.loads((out / device_check.SUMMARY_JSON).read_text())
+    assert [(s["step"], s["status"], s["key_figure"]) for s in summary["steps"]] == [
+        ("tests-cuda", "ok", "3 passed in 1.00s"), ("verify", "skipped", "no CUDA device")]
+    assert "| tests-cuda | ok | 12 | 90 | 3 passed in 1.00s |" in (out / device_check.SUMMARY_MD).read_text()
+    with tarfile.open(out / device_check.ARCHIVE) as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("logs/03-tests-cuda.log").read().decode()
+    assert {"logs/03-tests-cuda.log", "results/attention.csv", device_check.SUMMARY_MD} <= names
+    assert "bytes cut by device_check" in log and log.endswith("3 passed in 1.00s\n")
+
+
+def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
+    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable},
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(tmp_path.rglob("*"))) == 3  # the device tool returns at most 8 files
+    steps = {s["step"]: s for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]}
+    assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
+    gpu_steps = set(steps) - {"preflight", "info"}
+    assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton",
+            "bench-autotuned"} <= gpu_steps
+    assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
+
+
+@pytest.mark.parametrize("nvcc_release", ["13.0", "12.8"])
+def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(tmp_path, monkeypatch, capsys, nvcc_release):
+    # A GPU and an nvcc, both faked: torch built for CUDA 13.0.
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n")
+    nvcc.chmod(0o755)
+    gpu = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
+                          multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(device_check, "_find_tool", lambda name, cuda_home: str(nvcc) if name == "nvcc" else None)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    device_check.preflight(tmp_path, dry_run=False)
+    env = dict(line.split("=", 1) for line in (tmp_path / "preflight.env").read_text().splitlines())
+    assert env["PF_GPU_SLUG"] == "nvidia-h100-80gb-hbm3" and env["PF_GPU_ARCH"] == "9.0"
+    assert env["PF_NO_GPU"] == "''" and env["PF_SANITIZER"] == "''"
+    out = capsys.readouterr().out
+    if nvcc_release == "13.0":
+        assert env["PF_NO_NVCC"] == "''" and env["PF_CUDA_HOME"] == str(tmp_path / "cuda")
+    else:
+        assert "majors differ" in env["PF_NO_NVCC"] and "PF_CUDA_HOME" not in env
+        assert "MISSING  nvcc 12.8" in out
+    assert "compute-sanitizer" in out.splitlines()[-1]  # faked away, with ninja
+    facts = json.loads((tmp_path / "environment.json").read_text())
+    assert facts["gpu"] == gpu.name and facts["gpu_multiprocessors"] == "132"
+
+
+def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
+    work, out, dest = tmp_path / "work", tmp_path / "out", tmp_path / "dest"
+    (work / "logs").mkdir(parents=True)
+    (work / "environment.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3"}))
+    results.upsert_rows(work / "results" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
+    results.upsert_rows(work / "results" / "autotuned" / "attention.csv",
+                        [_bench_row("casa-triton", "Traffic", 16, 0.08)])
+    device_check.record(work, out, "bench-autotuned", "ok", 30, 40, "")
+    committed = {**_bench_row("casa-triton", "Traffic", 16, 0.3), "torch_version": "2.10"}
+    results.upsert_rows(dest / "attention.csv", [committed])
+
+    assert device_check.main(["unpack", str(out / device_check.ARCHIVE), "--into", str(dest)]) == 0
+    rows = results.read_rows(dest / "attention.csv")
+    assert sorted(r["latency_ms_p50"] for r in rows) == ["0.1", "0.3"]  # another torch: another key
+    assert results.read_rows(dest / "autotuned" / "attention.csv")[0]["latency_ms_p50"] == "0.08"
+    assert (dest / "summary.json").is_file() and (dest / "autotuned" / "summary.json").is_file()
+    assert "bench-autotuned" in (dest / device_check.SUMMARY_MD).read_text()

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.cpu import block_epilogue
 from casa_kernels.tolerance import LOW_PRECISION_EPS, assert_close_to_reference
+from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 SHAPES = [  # (B, N, D, k): N=1, ragged N around the 256-row head chunk, D=8, B=1, all k
     (1, 1, 8, 1), (2, 1, 16, 3), (1, 7, 8, 3), (3, 13, 24, 5), (2, 37, 64, 7),

@@ -13,13 +13,12 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import casa_kernels
 from casa_kernels import reference
 from casa_kernels.ops.registry import get_backend, resolve_backend
 from casa_kernels.tolerance import assert_close_to_reference
+from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 from ..conftest import make_problem
 
