@@ -153,10 +153,10 @@ class CASAModel(nn.Module):
         check_series(x, self.seq_len, self.n_vars)
         if x.shape[0] == 0:  # no statistics of an empty batch to normalise with
             return x.new_empty(0, self.pred_len, self.n_vars)
-        mean = x.mean(dim=1, keepdim=True)
-        std = torch.sqrt(x.var(dim=1, keepdim=True) + 1e-5)
-        embed, relu, *layers, head = self.model
-        h = relu(embed(((x - mean) / std).permute(0, 2, 1)))
+        var, mean = torch.var_mean(x, dim=1, keepdim=True)  # one pass; var unbiased
+        std = torch.sqrt(var + 1e-5)
+        embed, _, *layers, head = self.model  # model[1] is the embedding's ReLU, done in place
+        h = embed(((x - mean) / std).permute(0, 2, 1)).relu_()
         for block, _ in layers:  # each layer is (CASABlock, ReLU): the block applies the ReLU
             h = block(h, relu=True)
         return head(h).permute(0, 2, 1) * std + mean

@@ -249,21 +249,45 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
   }
 }
 
+// Σ v[c] for c < D, in kLanes independent partial sums so that the compiler vectorises
+// the loop (a single running sum is a serial dependency it may not reorder).
+constexpr int64_t kLanes = 16;
+CASA_INLINE float lane_sum(const float* __restrict lanes) {
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 template <typename scalar_t>
 CASA_INLINE void layer_norm_rows_impl(const scalar_t* __restrict in, int64_t rows, int64_t D,
                                       const float* __restrict weight, const float* __restrict bias,
                                       float eps, float* __restrict out) {
+  const int64_t body = D / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* __restrict x = in + r * D;
     float* __restrict o = out + r * D;
-    float sum = 0.0f;
-    for (int64_t c = 0; c < D; ++c) {
+    float lanes[kLanes] = {};
+    for (int64_t c = 0; c < body; c += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        o[c + l] = load(x, c + l);
+        lanes[l] += o[c + l];
+      }
+    }
+    float sum = lane_sum(lanes);
+    for (int64_t c = body; c < D; ++c) {
       o[c] = load(x, c);
       sum += o[c];
     }
     const float mean = sum / static_cast<float>(D);
-    float squares = 0.0f;
-    for (int64_t c = 0; c < D; ++c) {
+    float square_lanes[kLanes] = {};
+    for (int64_t c = 0; c < body; c += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        o[c + l] -= mean;
+        square_lanes[l] += o[c + l] * o[c + l];
+      }
+    }
+    float squares = lane_sum(square_lanes);
+    for (int64_t c = body; c < D; ++c) {
       o[c] -= mean;
       squares += o[c] * o[c];
     }
