@@ -1,5 +1,7 @@
 #include "gemm.h"
 
+#include "vectorised.h"
+
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -49,21 +51,7 @@ int64_t packed_bf16_size(int64_t K, int64_t N) {
 
 void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed) {
   TORCH_CHECK(K % 2 == 0, "pack_bf16: K must be even, received ", K);
-  // Block n0: element (k, c) at ((k / 2)·kPackedColumns + c)·2 + k % 2; columns past N are zero.
-  for (int64_t n0 = 0; n0 < N; n0 += kPackedColumns) {
-    const int64_t width = std::min(kPackedColumns, N - n0);
-    c10::BFloat16* block = packed + n0 * K;
-    for (int64_t k = 0; k < K; k += 2) {
-      const c10::BFloat16* row0 = B + k * ldb + n0;
-      const c10::BFloat16* row1 = row0 + ldb;
-      c10::BFloat16* out = block + k * kPackedColumns;
-      for (int64_t c = 0; c < width; ++c) {
-        out[2 * c] = row0[c];
-        out[2 * c + 1] = row1[c];
-      }
-      std::fill(out + 2 * width, out + 2 * kPackedColumns, c10::BFloat16(0.0f));
-    }
-  }
+  interleave_pairs_bf16(K, N, B, ldb, kPackedColumns, packed);
 }
 
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32

@@ -92,6 +92,12 @@ void softmax_output(const double* numerators, int64_t ld, const double* values, 
                     const double* value_bias, const double* scale, int64_t rows, int64_t T,
                     const double* x, double* y, int64_t D);
 
+// The bfloat16 GEMMs' packing (gemm.h, pack_bf16): B [K, N] (row stride ldb, K even) into
+// blocks of `block` columns, element (k, c) of block n0 at n0·K + ((k / 2)·block + c)·2 +
+// k % 2; columns past N are zero.
+void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb,
+                           int64_t block, c10::BFloat16* packed);
+
 // The block around the attention (csrc/cpu/block_epilogue.cpp), row-wise on blocks of
 // rows of D features, fp32 arithmetic:
 
