@@ -9,21 +9,18 @@ bfloat16 GEMMs run on the best unit the CPU has (``casa::cpu_bf16_gemm``: ``"amx
 ``"avx512_bf16"``, or ``"none"``: fp32 GEMMs on bfloat16 data), capped like PyTorch's
 own by ``ONEDNN_MAX_CPU_ISA`` and switched off with ``torch.backends.mkldnn``.
 
-Non-finite weights: PyTorch's convolutions skip the taps that fall on the zero padding,
-where the kernel's GEMMs multiply them by zero, and ``0 · NaN`` is NaN. So that a NaN or
-inf weight gives the reference's NaN/inf pattern exactly, weights that are not all finite
-(checked once per weight version) run on the reference instead. Non-finite *inputs* need
-no such care and run on the kernel.
+Weights with a NaN or inf run on the reference (``finite_weights``): the kernel's GEMMs
+over zero-padded columns would give NaN where PyTorch's convolutions skip the padding.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import reference
+from ..reference import stages as reference_stages
 from ..weights import ScoreAttentionWeights
 from .extension import kernel_missing_reason
-from ..reference import stages as reference_stages
+from .finite_weights import reference_for_nonfinite_weights
 from .registry import Backend, Stages, register_backend
 from .weight_cache import cached
 
@@ -43,13 +40,8 @@ def bf16_gemm_tier() -> str:
     return _kernels().cpu_bf16_gemm()
 
 
-def _weights_finite(weights: ScoreAttentionWeights) -> bool:
-    return cached("cpu.finite", weights, lambda: all(bool(torch.isfinite(w).all()) for w in weights))
-
-
+@reference_for_nonfinite_weights
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
-    if not _weights_finite(weights):
-        return reference.score_attention(x, weights)
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
     tile = _kernels().cpu_tail_tile(x.shape[0], x.shape[2])

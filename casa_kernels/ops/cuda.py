@@ -10,6 +10,7 @@ kernels' 32-bit grid and index limits are declared before dispatch (``shape_limi
 import torch
 
 from .extension import fused_score_attention, kernel_missing_reason
+from .finite_weights import reference_for_nonfinite_weights
 from .registry import Backend, ProblemShape, register_backend
 
 
@@ -39,7 +40,7 @@ register_backend(
         name="cuda",
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
-        forward=fused_score_attention,
+        forward=reference_for_nonfinite_weights(fused_score_attention),
         unavailable_reason=_unavailable_reason,
         auto_priority={"cuda": 1},
         shape_limits=_shape_limits,

@@ -60,6 +60,11 @@ struct GemmSmem {
 // Scalar conversions
 // ---------------------------------------------------------------------------------
 
+// max(v, 0) keeping NaN, as torch.relu does (fmaxf(v, 0) returns 0 for NaN).
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+// max(a, b) propagating NaN, as torch's max and softmax do (fmaxf drops a NaN operand).
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -268,7 +273,7 @@ __global__ void __launch_bounds__(256)
     const int c = static_cast<int>((i / L1) % C1);
     float v = to_float(bias[c]);
     for (int s = 0; s < splits; ++s) v += partial[s * total + i];
-    h1[i] = fmaxf(v, 0.f);
+    h1[i] = relu(v);
   }
 }
 
@@ -308,7 +313,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
     const int m = e / kBN, col = e % kBN, co = c0 + m, t = t0 + col;
     if (co < Cout && t < Lout)
-      out_b[static_cast<int64_t>(co) * Lout + t] = fmaxf(c_tile[m * kLdC + col] + to_float(bias[co]), 0.f);
+      out_b[static_cast<int64_t>(co) * Lout + t] = relu(c_tile[m * kLdC + col] + to_float(bias[co]));
   }
 }
 
@@ -348,7 +353,7 @@ __global__ void __launch_bounds__(kThreads)
     const int m = e / kBN, col = e % kBN, co = c0 + m, u = u0 + col;
     if (co < Cout && u < Lin)
       out_b[static_cast<int64_t>(co) * Lout + 2 * u + r] =
-          fmaxf(c_tile[m * kLdC + col] + to_float(bias[co]), 0.f);
+          relu(c_tile[m * kLdC + col] + to_float(bias[co]));
   }
 }
 
@@ -443,12 +448,16 @@ __global__ void __launch_bounds__(kThreads)
       if (owns_column) {
         const int rows = min(kBM, n_end - n0);
         float tile_max = -INFINITY;
-        for (int m = 0; m < rows; ++m) tile_max = fmaxf(tile_max, s_tile[m * kLdC + col]);
-        const float new_max = fmaxf(col_max[col], tile_max);
-        float sum = col_sum[col] * expf(col_max[col] - new_max);  // 0 while col_max is -inf
-        for (int m = 0; m < rows; ++m) sum += expf(s_tile[m * kLdC + col] - new_max);
-        col_max[col] = new_max;
-        col_sum[col] = sum;
+        for (int m = 0; m < rows; ++m) tile_max = max_nan(tile_max, s_tile[m * kLdC + col]);
+        const float new_max = max_nan(col_max[col], tile_max);
+        // Rows of -inf scores add nothing (while every score so far is -inf, the sum stays
+        // 0: exp(-inf - (-inf)) would be NaN); NaN and +inf propagate as in the reference.
+        if (new_max != -INFINITY) {
+          float sum = col_sum[col] * expf(col_max[col] - new_max);  // 0 while col_max is -inf
+          for (int m = 0; m < rows; ++m) sum += expf(s_tile[m * kLdC + col] - new_max);
+          col_max[col] = new_max;
+          col_sum[col] = sum;
+        }
       }
     }
   }
@@ -459,23 +468,25 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if constexpr (kPhase == TailPhase::kOutput) {
-    // Combine the splits: max over splits, sums rescaled to it. An empty split has
-    // (-inf, 0) and contributes exp(-inf) · 0 = 0.
+    // Combine the splits: max over splits, sums rescaled to it. A split with no finite
+    // score has (-inf, 0) and contributes nothing; NaN propagates.
     if (owns_column) {
       const int o = 2 * (u0 + col) + r;
       float m_all = -INFINITY;
-      for (int t = 0; t < splits; ++t) m_all = fmaxf(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
+      for (int t = 0; t < splits; ++t) m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
       float sum = 0.f;
       for (int t = 0; t < splits; ++t) {
         const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
-        if (st.y > 0.f) sum += st.y * expf(st.x - m_all);
+        if (st.x != -INFINITY) sum += st.y * expf(st.x - m_all);
       }
       col_max[col] = m_all;
       col_sum[col] = sum;
     }
   }
   // Pass 2: probabilities, value projection, output.
-  if (owns_column) col_sum[col] = 1.f / col_sum[col];  // >= 1: the max term is exp(0)
+  // >= 1 (the max term is exp(0)); 1/0 = inf for a column of -inf scores, whose exp(NaN)
+  // numerators then give NaN, as the reference's softmax does.
+  if (owns_column) col_sum[col] = 1.f / col_sum[col];
   for (n0 = n_begin; n0 < n_end; n0 += kBM) {
     scores();  // starts with __syncthreads: col_max / col_sum are visible
     for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {

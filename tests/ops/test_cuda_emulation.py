@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from casa_kernels import reference
 from casa_kernels.tolerance import compare
 from tests.conftest import make_problem
 
@@ -164,3 +165,18 @@ def test_emulated_kernels_have_no_block_races(tmp_path):
         y, log = run_emulated(exe, x, w, 132, tmp_path, env=env)
         assert "ThreadSanitizer" not in log, log
         assert compare(y, x, w).passed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("sm_count", [1, 132], ids=["one-split", "split-n"])
+def test_emulated_kernels_carry_non_finite_input_as_the_reference(driver, tmp_path, value, sm_count):
+    # NaN-keeping ReLUs, a NaN-propagating column max and split merge, and -inf rows that
+    # add nothing: the reference's NaN/±inf pattern, with the N split and without.
+    x, w = make_problem(1, 300, 16, 5)
+    for index in [(0, 0, 0), (0, 150, 7), (0, 299, 15)]:
+        bad = x.clone()
+        bad[index] = value
+        y, log = run_emulated(driver, bad, w, sm_count, tmp_path)
+        expected = reference.score_attention(bad, w)
+        assert torch.equal(y.isnan(), expected.isnan()), (index, log)
+        assert torch.equal(y.isinf(), expected.isinf()) and torch.equal(y[y.isinf()], expected[expected.isinf()])

@@ -1,0 +1,36 @@
+"""Non-finite weights: the reference's NaN/inf pattern where a GEMM-based kernel cannot give it.
+
+PyTorch's convolutions skip the taps that fall on the zero padding; a kernel that runs a
+convolution as a GEMM over zero-padded columns multiplies those taps by zero, and
+``0 · NaN`` (or ``0 · inf``) is NaN where the reference has a number. Non-finite *inputs*
+meet no padding and the kernels carry them as the reference does; non-finite *weights*
+(a broken checkpoint) run on the reference instead, decided once per weight version.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import reference
+from ..weights import ScoreAttentionWeights
+from .registry import ForwardFn
+from .weight_cache import cached
+
+
+def weights_all_finite(weights: ScoreAttentionWeights) -> bool:
+    """Whether every weight is finite (computed once per weight version)."""
+    return cached("finite", weights, lambda: all(bool(torch.isfinite(w).all()) for w in weights))
+
+
+def reference_for_nonfinite_weights(forward: ForwardFn) -> ForwardFn:
+    """``forward``, except that weights with a NaN or inf go to the reference."""
+
+    @functools.wraps(forward)
+    def guarded(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+        if not weights_all_finite(weights):
+            return reference.score_attention(x, weights)
+        return forward(x, weights)
+
+    return guarded
