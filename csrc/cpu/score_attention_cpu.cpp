@@ -248,7 +248,6 @@ struct Plan {
   std::vector<at::Tensor> prepared;  // PreparedIndex
   int64_t packed_tile;  // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
   at::Tensor enc0_weight;  // with bf16_gemm: the caller's bfloat16 first-conv weight
-  Weights w_in;  // the caller's weights (bfloat16 for the oneDNN bottleneck)
 
   Plan(const Sizes& sizes, const Weights& weights, std::vector<at::Tensor> prepared_weights,
        int64_t tile_width, bool bf16)
@@ -265,7 +264,6 @@ struct Plan {
     for (int i = 0; i < kNumWeights; ++i) w[i] = copies ? prepared[kNumPrepared + i] : weights[i];
     for (int64_t q = 0; q < 2; ++q) taps[q] = parity_taps(s.kernel, q);
     if (bf16_gemm) enc0_weight = weights[kEnc0Weight];
-    w_in = weights;
   }
 
   // The prepared list for `weights` (the caller's, in scalar_t).
@@ -402,27 +400,10 @@ struct Plan {
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
   at::Tensor bottleneck(const at::Tensor& h1) const {
     const int64_t k = s.kernel;
-    if (bf16_gemm) return bottleneck_onednn(h1);
     at::Tensor h = conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], h1, k, bf16_gemm);
     h = conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], h, k, bf16_gemm);
     h = conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], h, k, bf16_gemm);
     return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_gemm);
-  }
-
-  // The bottleneck on bfloat16 GEMM units: oneDNN's own bfloat16 convolutions (as in
-  // PyTorch's bfloat16 conv1d), activations rounded to bfloat16 between the layers. The
-  // four are N-independent; at small N they are most of the work, and oneDNN's direct
-  // convolutions run them several times faster there than im2col GEMMs in 2-column-block
-  // workers. h1: [D/4, B, D/2] (acc_t) -> [D/4, B, D/2] (acc_t, a permuted view).
-  at::Tensor bottleneck_onednn(const at::Tensor& h1) const {
-    const int64_t p = s.padding;
-    const at::Tensor* raw = w_in.data();
-    at::Tensor h = h1.permute({1, 0, 2}).to(at::kBFloat16).contiguous();
-    h = at::conv1d(h, raw[kEnc1Weight], raw[kEnc1Bias], 2, p).relu_();
-    h = at::conv1d(h, raw[kEnc2Weight], raw[kEnc2Bias], 2, p).relu_();
-    h = at::conv_transpose1d(h, raw[kDec0Weight], raw[kDec0Bias], 2, p, 1).relu_();
-    h = at::conv_transpose1d(h, raw[kDec1Weight], raw[kDec1Bias], 2, p, 1).relu_();
-    return h.to(acc).permute({1, 0, 2});
   }
 
   TailScratch tail_scratch() const {
