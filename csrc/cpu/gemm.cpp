@@ -54,6 +54,11 @@ void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::B
   interleave_pairs_bf16(K, N, B, ldb, kPackedColumns, packed);
 }
 
+void pack_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, c10::BFloat16* packed) {
+  TORCH_CHECK(K % 2 == 0, "pack_bf16: K must be even, received ", K);
+  interleave_pairs_bf16(K, N, B, ldb, kPackedColumns, packed);
+}
+
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
 namespace {
 

@@ -37,8 +37,10 @@ Bf16Gemm bf16_gemm_from_name(const std::string& name);
 // Elements of B [K, N] once packed.
 int64_t packed_bf16_size(int64_t K, int64_t N);
 
-// Packs B [K, N] (row stride ldb) into `packed` (packed_bf16_size(K, N) elements).
+// Packs B [K, N] (row stride ldb) into `packed` (packed_bf16_size(K, N) elements); fp32
+// B is rounded to bfloat16 (nearest even) as it is packed.
 void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed);
+void pack_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, c10::BFloat16* packed);
 
 // C[M, N] = A[M, K] · B (+ C when accumulate), B packed by pack_bf16, fp32 accumulation.
 // Needs bf16_gemm() != kNone.

@@ -420,22 +420,24 @@ struct Plan {
                                                            : at::empty({kTailRows, s.d_model}, options)};
   }
 
-  // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half:
-  // row block jj holds h5_b[:, o0/2 + c + (q + p - taps[q][jj]) / 2], zero outside [0, D/2).
-  at::Tensor parity_rhs(const at::Tensor& h5_b, int64_t q, int64_t o0, int64_t half,
-                        const at::Tensor& rhs) const {
+  // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half,
+  // written to rhs (row stride ld): row block jj holds h5_b[:, o0/2 + c + (q + p -
+  // taps[q][jj]) / 2], zero outside [0, D/2). h5_b: [D/4, D/2], rows h5_ld apart. Returns K.
+  int64_t parity_rhs(const acc_t* h5_b, int64_t h5_ld, int64_t q, int64_t o0, int64_t half,
+                     acc_t* rhs, int64_t ld) const {
     const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
-    at::Tensor out = rhs.narrow(0, 0, static_cast<int64_t>(taps[q].size()) * C1).narrow(1, 0, half);
     for (size_t jj = 0; jj < taps[q].size(); ++jj) {
       const int64_t first = o0 / 2 + (q + s.padding - taps[q][jj]) / 2;  // input of c = 0
       const int64_t c0 = std::clamp<int64_t>(-first, 0, half);
       const int64_t c1 = std::clamp<int64_t>(L - first, c0, half);
-      at::Tensor block = out.narrow(0, jj * C1, C1);
-      block.narrow(1, 0, c0).zero_();
-      block.narrow(1, c0, c1 - c0).copy_(h5_b.narrow(1, first + c0, c1 - c0));
-      block.narrow(1, c1, half - c1).zero_();
+      for (int64_t c = 0; c < C1; ++c) {
+        acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * ld;
+        std::fill(row, row + c0, acc_t(0));
+        std::copy(h5_b + c * h5_ld + first + c0, h5_b + c * h5_ld + first + c1, row + c0);
+        std::fill(row + c1, row + half, acc_t(0));
+      }
     }
-    return out;
+    return static_cast<int64_t>(taps[q].size()) * C1;
   }
 
   // The right operand of one parity's GEMM in a tail tile: K rows of parity_rhs (acc_t,
@@ -512,14 +514,18 @@ struct Plan {
     const acc_t* score_bias = w[kDec2Bias].data_ptr<acc_t>();
     const acc_t* tile_value_bias = prepared[kValueBiasOrdered].data_ptr<acc_t>() + o0;
     ScoresRhs rhs[2];
+    TORCH_INTERNAL_ASSERT(h5_b.stride(1) == 1);
     for (int64_t q = 0; q < 2; ++q) {
-      const at::Tensor rhs_q = parity_rhs(h5_b, q, o0, half, scratch.rhs[q]);
-      rhs[q] = {rhs_q.size(0), rhs_q.data_ptr<acc_t>(), rhs_q.stride(0), nullptr};
-      if (bf16_gemm && rhs[q].K > 0) {
-        const at::Tensor rhs_bf16 = rhs_q.to(at::kBFloat16);
-        c10::BFloat16* packed = scratch.rhs_packed[q].data_ptr<c10::BFloat16>();
-        cpu::pack_bf16(rhs[q].K, half, rhs_bf16.data_ptr<c10::BFloat16>(), half, packed);
-        rhs[q].packed = packed;
+      acc_t* rhs_q = scratch.rhs[q].data_ptr<acc_t>();
+      const int64_t ldb = scratch.rhs.size(2);
+      const int64_t K = parity_rhs(h5_b.data_ptr<acc_t>(), h5_b.stride(0), q, o0, half, rhs_q, ldb);
+      rhs[q] = {K, rhs_q, ldb, nullptr};
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (bf16_gemm && K > 0) {
+          c10::BFloat16* packed = scratch.rhs_packed[q].data_ptr<c10::BFloat16>();
+          cpu::pack_bf16(K, half, rhs_q, ldb, packed);
+          rhs[q].packed = packed;
+        }
       }
     }
 

@@ -308,24 +308,37 @@ CASA_INLINE uint16_t bf16_bits(float v) { return static_cast<uint16_t>(rounded_b
 CASA_LAYER_NORM(CASA_TARGET_CLONES, float)
 CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
 
-CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B,
-                                              int64_t ldb, int64_t block,
-                                              c10::BFloat16* packed) {
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(B);
-  uint16_t* dst = reinterpret_cast<uint16_t*>(packed);
+CASA_INLINE uint16_t bf16_bits_of(uint16_t v) { return v; }
+CASA_INLINE uint16_t bf16_bits_of(float v) { return bf16_bits(v); }
+
+template <typename src_t>
+CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __restrict src,
+                                       int64_t ldb, int64_t block, uint16_t* __restrict dst) {
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t width = std::min(block, N - n0);
     for (int64_t k = 0; k < K; k += 2) {
-      const uint16_t* __restrict row0 = src + k * ldb + n0;
-      const uint16_t* __restrict row1 = row0 + ldb;
+      const src_t* __restrict row0 = src + k * ldb + n0;
+      const src_t* __restrict row1 = row0 + ldb;
       uint16_t* __restrict out = dst + n0 * K + k * block;
       for (int64_t c = 0; c < width; ++c) {
-        out[2 * c] = row0[c];
-        out[2 * c + 1] = row1[c];
+        out[2 * c] = bf16_bits_of(row0[c]);
+        out[2 * c + 1] = bf16_bits_of(row1[c]);
       }
       for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
     }
   }
+}
+
+CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B,
+                                              int64_t ldb, int64_t block,
+                                              c10::BFloat16* packed) {
+  interleave_pairs_impl(K, N, reinterpret_cast<const uint16_t*>(B), ldb, block,
+                        reinterpret_cast<uint16_t*>(packed));
+}
+
+CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const float* B, int64_t ldb,
+                                              int64_t block, c10::BFloat16* packed) {
+  interleave_pairs_impl(K, N, B, ldb, block, reinterpret_cast<uint16_t*>(packed));
 }
 
 CASA_TARGET_CLONES void add_bias_relu_rows(float* io, int64_t rows, int64_t D, const float* bias) {

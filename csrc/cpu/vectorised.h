@@ -97,6 +97,8 @@ void softmax_output(const double* numerators, int64_t ld, const double* values, 
 // k % 2; columns past N are zero.
 void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb,
                            int64_t block, c10::BFloat16* packed);
+void interleave_pairs_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, int64_t block,
+                           c10::BFloat16* packed);  // rounded to nearest even
 
 // The block around the attention (csrc/cpu/block_epilogue.cpp), row-wise on blocks of
 // rows of D features, fp32 arithmetic:
