@@ -180,3 +180,16 @@ def test_emulated_kernels_carry_non_finite_input_as_the_reference(driver, tmp_pa
         expected = reference.score_attention(bad, w)
         assert torch.equal(y.isnan(), expected.isnan()), (index, log)
         assert torch.equal(y.isinf(), expected.isinf()) and torch.equal(y[y.isinf()], expected[expected.isinf()])
+
+
+@pytest.mark.parametrize("sm_count", [1, 132], ids=["one-split", "split-n"])
+def test_emulated_kernels_with_scores_far_beyond_exp_range(driver, tmp_path, sm_count):
+    # One dominant variate per column, in a different N split per column: a merge that
+    # ignores any split's maximum overflows exp.
+    x, w = make_problem(1, 300, 16, 5)
+    x = x * 40
+    for col in range(16):
+        x[0, (col * 61) % 300, col] += 250.0
+    y, log = run_emulated(driver, x, w, sm_count, tmp_path)
+    result = compare(y, x, w)
+    assert result.passed, (log, result)
