@@ -69,3 +69,21 @@ def test_stage_statistics_merge_like_the_reference(backend):
     ref_max, ref_sum = reference_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
     assert bool((col_max >= ref_max - 1e-6).all())
     torch.testing.assert_close(col_sum * torch.exp(col_max - ref_max), ref_sum, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", STAGED)
+def test_a_minus_inf_score_has_exactly_zero_weight(backend):
+    # s = -inf must give exp(s - max) = 0 exactly, not a tiny number: with Wv = I the value
+    # of that element is -inf too, and 0·(-inf) is NaN in the reference where a tiny
+    # weight would give -inf.
+    x, w = make_problem(2, 70, 16, 3, device=DEVICE)
+    w = w._replace(value_weight=torch.eye(16, device=DEVICE))
+    x[1, 66, 5] = -float("inf")
+    stages = get_backend(backend).stages
+    h5 = reference_stages.bottleneck(reference_stages.head_partial(x.nan_to_num(neginf=0.0), w.enc0_weight), w)
+    out = stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias,
+                             *stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias))
+    expected = reference_stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight,
+                                            w.value_bias, *reference_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias))
+    assert torch.isnan(expected[1, 66, 5])
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
