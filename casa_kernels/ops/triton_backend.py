@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..weights import ScoreAttentionWeights
-from .registry import Backend, register_backend
+from .registry import Backend, Stages, register_backend
 
 
 def _interpreter_on() -> bool:
@@ -45,6 +45,19 @@ def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     return triton_score_attention(x, weights)
 
 
+def _stage(name: str):
+    """The stage ``name`` of ``triton_kernels``, imported when first called."""
+
+    def run(*args, **kwargs):
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"The Triton ``{name}`` stage (see ``casa_kernels.ops.triton_kernels.{name}``)."
+    return run
+
+
 register_backend(
     Backend(
         name="triton",
@@ -52,5 +65,6 @@ register_backend(
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
         forward=_forward,
         unavailable_reason=_unavailable_reason,
+        stages=Stages(*(_stage(name) for name in Stages._fields)),
     )
 )
