@@ -213,8 +213,8 @@ def _conv_transpose_parity(
         c_mask = c_offs < CIN
         for j in tl.static_range(KERNEL):
             if (R + P - j) % 2 == 0:
-                SHIFT: tl.constexpr = (R + P - j) // 2
-                cols = u_offs + SHIFT
+                shift = (R + P - j) // 2
+                cols = u_offs + shift
                 col_ok = (cols >= 0) & (cols < LIN)
                 hv = tl.load(
                     in_base + c_offs[:, None] * LIN + cols[None, :],
@@ -226,7 +226,7 @@ def _conv_transpose_parity(
                     mask=o_mask[:, None] & c_mask[None, :],
                     other=0.0,
                 )
-                if (u0 + SHIFT >= 0) & (u0 + BLOCK_U + SHIFT <= LIN):
+                if (u0 + shift >= 0) & (u0 + BLOCK_U + shift <= LIN):
                     acc = _mma(wv, hv, acc, PRECISION, EMULATE_BF16)
                 else:
                     part = _mma(wv, hv, tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32), PRECISION, EMULATE_BF16)
