@@ -79,11 +79,14 @@ SINGLE_CONFIG = os.environ.get("CASA_TRITON_SINGLE_CONFIG") == "1"
 # hence the partial buffer, does not depend on the tuned config.
 HEAD_BLOCK_N = 16 if _INTERPRET else 32
 # Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
-# partials must agree on it); smaller N get the next power of two >= 16.
-TAIL_BLOCK_N = 16 if _INTERPRET else 128
+# partials must agree on it); smaller N get the next power of two >= 16. 64 rows:
+# a 128 x 128 output tile spills ~0.9-1.3 KB per thread on sm_90 (ptxas, 8 warps),
+# 64 x 128 ~0.1 KB (see tests/ops/triton_compile_check.py).
+TAIL_BLOCK_N = 16 if _INTERPRET else 64
 _MERGE_BLOCK_D = 32 if _INTERPRET else 128
 _BOTTLENECK_BLOCKS = {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16} if _INTERPRET else {
     "BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
+_BOTTLENECK_WARPS = 1 if _INTERPRET else 8  # 64 x 64 tiles: 231 registers, no spills on sm_90
 
 
 def _tuned(configs: list) -> list:
@@ -105,7 +108,7 @@ def _stats_configs() -> list:
         return [triton.Config({"BLOCK_D": 32, "BLOCK_C": 16}, num_warps=1)]
     return _tuned([
         triton.Config({"BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-        for bd, bc, w, s in [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+        for bd, bc, w, s in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
     ])
 
 
@@ -114,7 +117,7 @@ def _output_configs() -> list:
         return [triton.Config({"BLOCK_D": 32, "BLOCK_C": 16, "BLOCK_E": 16}, num_warps=1)]
     return _tuned([
         triton.Config({"BLOCK_D": bd, "BLOCK_C": bc, "BLOCK_E": be}, num_warps=w, num_stages=s)
-        for bd, bc, be, w, s in [(128, 32, 64, 8, 3), (64, 32, 64, 4, 3), (128, 32, 32, 8, 2), (64, 64, 64, 4, 2)]
+        for bd, bc, be, w, s in [(128, 16, 32, 8, 3), (128, 32, 64, 8, 3), (64, 32, 64, 8, 2)]
     ])
 
 
@@ -609,7 +612,7 @@ def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> tor
     out = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
     c = [t.contiguous() for t in w]
     _launch(_bottleneck_kernel, (B,), parts, w.enc0_bias, *c[4:12], scratch, out, S, B, D,
-            num_warps=4, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
+            num_warps=_BOTTLENECK_WARPS, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
     return out
 
 
