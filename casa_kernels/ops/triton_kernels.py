@@ -35,10 +35,11 @@ compute-bound (15.1 GFLOP ≈ 19 µs vs 28 MB compulsory traffic ≈ 9 µs), so 
 recompute is the cheaper of the two; it also gives the stage contract (stats, then
 output from the merged stats) directly.
 
-Weights are prepared once per weight version (:func:`.weight_cache.cached`): the value
-weight transposed to ``Wvᵀ [D(in), D(out)]`` so the value tile's B operand loads along
-rows; every other weight is used in its own contiguous layout and dtype (no per-call
-casts: the op's weights share x's dtype).
+Weights are prepared once per weight version (:func:`.weight_cache.cached`), in their
+own dtype (no per-call casts: the op's weights share x's dtype): every conv weight
+packed tap-major ``[k, COUT, CIN]`` (the head's ``enc0`` as ``[k, C1, N]``, the tail's
+``dec2`` as ``[k, N, C1]``), so each tap's weight tile loads along contiguous rows, and
+the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
 
 Non-finite values follow the reference exactly: ReLU is ``where(a < 0, 0, a)`` (NaN
 stays NaN), the column max propagates NaN, a tile whose column is all −inf contributes
@@ -153,8 +154,8 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 @triton.jit
 def _conv_s2_tile(
     in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
-    w_ptr,  # Conv1d weight [COUT, CIN, k]
-    o_offs, o_mask, t_offs, t_mask, cin_start, n_chunks, CIN, LIN, acc,
+    w_ptr,  # Conv1d weight packed tap-major, [k, COUT, CIN]
+    o_offs, o_mask, t_offs, t_mask, cin_start, n_chunks, CIN, COUT, LIN, acc,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -173,7 +174,7 @@ def _conv_s2_tile(
         c_mask = c_offs < CIN
         for j in tl.static_range(KERNEL):
             w = tl.load(
-                w_ptr + (o_offs[:, None] * CIN + c_offs[None, :]) * KERNEL + j,
+                w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
                 mask=o_mask[:, None] & c_mask[None, :],
                 other=0.0,
             )
@@ -191,7 +192,7 @@ def _conv_s2_tile(
 @triton.jit
 def _conv_transpose_parity(
     in_base,  # input [CIN, LIN] of one batch element, fp32
-    w_ptr,  # ConvTranspose1d weight [CIN, COUT, k]
+    w_ptr,  # ConvTranspose1d weight packed tap-major, [k, COUT, CIN]
     o_offs, o_mask, u0, CIN, COUT, LIN,
     R: tl.constexpr,
     KERNEL: tl.constexpr,
@@ -225,7 +226,7 @@ def _conv_transpose_parity(
                     other=0.0,
                 )
                 wv = tl.load(
-                    w_ptr + (c_offs[None, :] * COUT + o_offs[:, None]) * KERNEL + j,
+                    w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
                     mask=o_mask[:, None] & c_mask[None, :],
                     other=0.0,
                 )
@@ -261,7 +262,7 @@ def _conv_transpose_tile(
 @triton.jit
 def _head_kernel(
     x_ptr,  # [B, N, D], contiguous
-    w_ptr,  # enc0 weight [C1, N, k], contiguous
+    w_ptr,  # enc0 weight packed [k, C1, N]
     out_ptr,  # [splits, B, C1, D/2] fp32 partial sums, no bias
     B, N, D, C1, CHUNKS_PER_SPLIT,
     KERNEL: tl.constexpr,
@@ -284,7 +285,7 @@ def _head_kernel(
     # Split `split` reduces rows [split·CHUNKS_PER_SPLIT·BLOCK_N, ...) ∩ [0, N).
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
     acc = _conv_s2_tile(x_ptr + b.to(tl.int64) * N * D, w_ptr, c_offs, c_mask, t_offs, t_mask,
-                        split * CHUNKS_PER_SPLIT * BLOCK_N, CHUNKS_PER_SPLIT, N, D, acc,
+                        split * CHUNKS_PER_SPLIT * BLOCK_N, CHUNKS_PER_SPLIT, N, C1, D, acc,
                         KERNEL, PRECISION, EMULATE_BF16, BLOCK_N)
     out = out_ptr + ((split * B + b).to(tl.int64) * C1 + c_offs[:, None]) * half + t_offs[None, :]
     tl.store(out, acc, mask=c_mask[:, None] & t_mask[None, :])
@@ -324,8 +325,8 @@ def _conv_s2_relu_stage(
             t_offs = t0 + tl.arange(0, BLOCK_L)
             t_mask = t_offs < LOUT
             acc = tl.zeros((BLOCK_O, BLOCK_L), dtype=tl.float32)
-            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, tl.cdiv(CIN, BLOCK_K), CIN, LIN,
-                                acc, KERNEL, PRECISION, EMULATE_BF16, BLOCK_K)
+            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, tl.cdiv(CIN, BLOCK_K), CIN, COUT,
+                                LIN, acc, KERNEL, PRECISION, EMULATE_BF16, BLOCK_K)
             tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], _relu(acc + bias[:, None]),
                      mask=o_mask[:, None] & t_mask[None, :])
 
@@ -358,7 +359,7 @@ def _conv_transpose_relu_stage(
 def _bottleneck_kernel(
     parts_ptr,  # head partial sums [SPLITS, B, C1, D/2] fp32 (no bias)
     b0_ptr,  # enc0 bias [C1]
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,  # enc1, enc2, dec0, dec1
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,  # enc1, enc2, dec0, dec1, weights packed [k, COUT, CIN]
     scratch_ptr,  # [4, B, D²/8] fp32
     out_ptr,  # h5 [B, C1, D/2] fp32
     SPLITS, B, D,
@@ -422,7 +423,7 @@ def _score_tile(
 def _tail_stats_kernel(
     x_ptr,  # [B, N, D], contiguous
     h_ptr,  # h5 [B, C1, D/2] fp32
-    w_ptr,  # dec2 weight [C1, N, k]
+    w_ptr,  # dec2 weight packed [k, N, C1]
     bias_ptr,  # dec2 bias [N]
     max_ptr,  # [B, N_TILES, D] fp32: per N tile, column max of the scores
     sum_ptr,  # [B, N_TILES, D] fp32: per N tile, Σ exp(score − tile max)
@@ -485,7 +486,7 @@ def _stats_merge_kernel(
 def _tail_output_kernel(
     x_ptr,  # [B, N, D], contiguous
     h_ptr,  # h5 [B, C1, D/2] fp32
-    w_ptr,  # dec2 weight [C1, N, k]
+    w_ptr,  # dec2 weight packed [k, N, C1]
     bias_ptr,  # dec2 bias [N]
     wvt_ptr,  # value weight transposed, Wvᵀ [D(in), D(out)]
     bv_ptr,  # value bias [D]
@@ -575,12 +576,22 @@ def tail_block_n(n_vars: int) -> int:
     return min(TAIL_BLOCK_N, max(16, triton.next_power_of_2(n_vars)))
 
 
+def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A conv weight ``[COUT, CIN, k]`` (``transposed``: ``[CIN, COUT, k]``) packed tap-major,
+    ``[k, COUT, CIN]`` contiguous, so a weight tile loads along CIN; prepared once per
+    weight version."""
+    order = (2, 1, 0) if transposed else (2, 0, 1)
+    tag = "triton.packed_transposed" if transposed else "triton.packed"
+    return cached(tag, (weight,), lambda: weight.permute(order).contiguous())
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _head_partials(x: torch.Tensor, enc0_weight: torch.Tensor, splits: int | None) -> torch.Tensor:
-    """fp32 ``[S, B, C1, D/2]``: partial sums of the first conv over S ranges of variates."""
+def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | None) -> torch.Tensor:
+    """fp32 ``[S, B, C1, D/2]``: partial sums of the first conv over S ranges of variates
+    (``enc0_packed``: ``[k, C1, N]``)."""
     B, N, D = x.shape
     C1, half = D // 4, D // 2
     if splits is None:
@@ -590,17 +601,17 @@ def _head_partials(x: torch.Tensor, enc0_weight: torch.Tensor, splits: int | Non
     splits = triton.cdiv(chunks, chunks_per_split)  # no empty split
     out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
     grid = lambda meta: (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)  # noqa: E731
-    _launch(_head_kernel, grid, x, enc0_weight, out, B, N, D, C1, chunks_per_split,
-            BLOCK_N=HEAD_BLOCK_N, **_common(x.dtype, enc0_weight.shape[2]))
+    _launch(_head_kernel, grid, x, enc0_packed, out, B, N, D, C1, chunks_per_split,
+            BLOCK_N=HEAD_BLOCK_N, **_common(x.dtype, enc0_packed.shape[0]))
     return out
 
 
 def head_partial(x: torch.Tensor, enc0_weight: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """Stage 1: ``conv1d(x, enc0_weight, stride 2, pad k//2)`` without bias, summed over
     the variates of ``x: [B, N, D]`` (``enc0_weight: [C1, N, k]``); fp32 ``[B, C1, D/2]``."""
-    x, enc0_weight = x.contiguous(), enc0_weight.contiguous()
+    x = x.contiguous()
     with _device_guard(x):
-        parts = _head_partials(x, enc0_weight, splits)
+        parts = _head_partials(x, _packed(enc0_weight, False), splits)
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
@@ -610,8 +621,9 @@ def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> tor
     D = w.d_model
     scratch = torch.empty((4, B, D * D // 8), device=parts.device, dtype=torch.float32)
     out = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
-    c = [t.contiguous() for t in w]
-    _launch(_bottleneck_kernel, (B,), parts, w.enc0_bias, *c[4:12], scratch, out, S, B, D,
+    packed = (_packed(w.enc1_weight, False), w.enc1_bias, _packed(w.enc2_weight, False), w.enc2_bias,
+              _packed(w.dec0_weight, True), w.dec0_bias, _packed(w.dec1_weight, True), w.dec1_bias)
+    _launch(_bottleneck_kernel, (B,), parts, w.enc0_bias, *packed, scratch, out, S, B, D,
             num_warps=_BOTTLENECK_WARPS, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
     return out
 
@@ -623,15 +635,16 @@ def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tens
         return _bottleneck_from_parts(h1_partial.float().contiguous()[None], w)
 
 
-def _tail_partial_stats(x, h5, dec2_weight, dec2_bias, block_n):
-    """Per-N-tile column (max, Σexp), each fp32 ``[B, ⌈N/block_n⌉, D]`` (one launch)."""
+def _tail_partial_stats(x, h5, dec2_packed, dec2_bias, block_n):
+    """Per-N-tile column (max, Σexp), each fp32 ``[B, ⌈N/block_n⌉, D]`` (one launch;
+    ``dec2_packed``: ``[k, N, C1]``)."""
     B, N, D = x.shape
     n_tiles = triton.cdiv(N, block_n)
     part_max = torch.empty((B, n_tiles, D), device=x.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     grid = lambda meta: (n_tiles, triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
-    _launch(_tail_stats_kernel, grid, x, h5, dec2_weight, dec2_bias, part_max, part_sum, N, D, D // 4, n_tiles,
-            BLOCK_N=block_n, **_common(x.dtype, dec2_weight.shape[2]))
+    _launch(_tail_stats_kernel, grid, x, h5, dec2_packed, dec2_bias, part_max, part_sum, N, D, D // 4, n_tiles,
+            BLOCK_N=block_n, **_common(x.dtype, dec2_packed.shape[0]))
     return part_max, part_sum
 
 
@@ -654,7 +667,7 @@ def tail_stats(
     ``block_n`` (a power of two >= 16) overrides the tile height."""
     x, h5 = x.contiguous(), h5.float().contiguous()
     with _device_guard(x):
-        parts = _tail_partial_stats(x, h5, dec2_weight.contiguous(), dec2_bias.contiguous(),
+        parts = _tail_partial_stats(x, h5, _packed(dec2_weight, True), dec2_bias.contiguous(),
                                     block_n or tail_block_n(x.shape[1]))
         return _merge_tile_stats(*parts)
 
@@ -677,7 +690,7 @@ def tail_output(
     block_n = block_n or tail_block_n(N)
     grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
     with _device_guard(x):
-        _launch(_tail_output_kernel, grid, x, h5.float().contiguous(), dec2_weight.contiguous(),
+        _launch(_tail_output_kernel, grid, x, h5.float().contiguous(), _packed(dec2_weight, True),
                 dec2_bias.contiguous(), _value_weight_t(value_weight), value_bias.contiguous(),
                 col_max.float().contiguous(), col_sum.float().contiguous(), y, N, D, D // 4,
                 BLOCK_N=block_n, **_common(x.dtype, dec2_weight.shape[2]))
@@ -703,9 +716,9 @@ def triton_score_attention(
     x = x.contiguous()
     w = weights
     with _device_guard(x):
-        h5 = _bottleneck_from_parts(_head_partials(x, w.enc0_weight.contiguous(), splits), w)
+        h5 = _bottleneck_from_parts(_head_partials(x, _packed(w.enc0_weight, False), splits), w)
         block_n = block_n or tail_block_n(x.shape[1])
-        dec2_weight, dec2_bias = w.dec2_weight.contiguous(), w.dec2_bias.contiguous()
-        col_max, col_sum = _merge_tile_stats(*_tail_partial_stats(x, h5, dec2_weight, dec2_bias, block_n))
-        return tail_output(x, h5, dec2_weight, dec2_bias, w.value_weight, w.value_bias, col_max, col_sum,
+        parts = _tail_partial_stats(x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n)
+        col_max, col_sum = _merge_tile_stats(*parts)
+        return tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum,
                            block_n=block_n)

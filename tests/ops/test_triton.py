@@ -256,6 +256,23 @@ def test_single_config_switch(monkeypatch):
     assert tk._tuned(["first", "second"]) == ["first", "second"]
 
 
+def test_weights_packed_once_per_version(monkeypatch):
+    from casa_kernels.ops import weight_cache
+
+    weight_cache.clear()
+    prepared = []
+    real = tk.cached
+    monkeypatch.setattr(tk, "cached", lambda tag, sources, prepare: real(
+        tag, sources, lambda: prepared.append(tag) or prepare()))
+    x, w = _problem((1, 5, 16, 3), seed=22)
+    y = triton_score_attention(x, w)
+    assert len(prepared) == 7  # six conv weights packed tap-major, the value weight transposed
+    assert torch.equal(triton_score_attention(x, w), y) and len(prepared) == 7
+    w.dec2_weight.mul_(1.0)  # an in-place update: a new version of one weight
+    triton_score_attention(x, w)
+    assert prepared[7:] == ["triton.packed_transposed"]
+
+
 # --- stages ----------------------------------------------------------------------------
 
 
