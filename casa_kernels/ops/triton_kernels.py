@@ -609,6 +609,9 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
 def head_partial(x: torch.Tensor, enc0_weight: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """Stage 1: ``conv1d(x, enc0_weight, stride 2, pad k//2)`` without bias, summed over
     the variates of ``x: [B, N, D]`` (``enc0_weight: [C1, N, k]``); fp32 ``[B, C1, D/2]``."""
+    B, _, D = x.shape
+    if B == 0:
+        return x.new_empty((0, D // 4, D // 2), dtype=torch.float32)
     x = x.contiguous()
     with _device_guard(x):
         parts = _head_partials(x, _packed(enc0_weight, False), splits)
@@ -631,6 +634,8 @@ def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> tor
 def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     """Stage 2: ``h5 = relu(dec1(relu(dec0(relu(enc2(relu(enc1(relu(h1 + b0)))))))))``
     for fp32 ``h1_partial: [B, C1, D/2]`` (the summed head); fp32 ``[B, C1, D/2]``."""
+    if h1_partial.shape[0] == 0:
+        return h1_partial.new_empty(h1_partial.shape, dtype=torch.float32)
     with _device_guard(h1_partial):
         return _bottleneck_from_parts(h1_partial.float().contiguous()[None], w)
 
@@ -665,6 +670,9 @@ def tail_stats(
     """Stage 3: per column, ``max_N s`` and ``Σ_N exp(s − max)`` over the variates of
     ``x: [B, N, D]`` (``s = sigmoid(convT(h5, dec2) + b) + x``); each fp32 ``[B, D]``.
     ``block_n`` (a power of two >= 16) overrides the tile height."""
+    if x.shape[0] == 0:
+        empty = x.new_empty((0, x.shape[2]), dtype=torch.float32)
+        return empty, empty.clone()
     x, h5 = x.contiguous(), h5.float().contiguous()
     with _device_guard(x):
         parts = _tail_partial_stats(x, h5, _packed(dec2_weight, True), dec2_bias.contiguous(),
@@ -687,6 +695,8 @@ def tail_output(
     x = x.contiguous()
     B, N, D = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if B == 0:
+        return y
     block_n = block_n or tail_block_n(N)
     grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
     with _device_guard(x):

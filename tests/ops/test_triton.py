@@ -249,6 +249,18 @@ def test_empty_batch_returns_empty_without_launch(launches):
     assert launches == []
 
 
+def test_empty_batch_through_the_stages(launches):
+    x, w = _problem((1, 5, 16, 3), seed=12)
+    stages = get_backend("triton").stages
+    h1 = stages.head_partial(x[:0], w.enc0_weight)
+    h5 = stages.bottleneck(h1, w)
+    col_max, col_sum = stages.tail_stats(x[:0], h5, w.dec2_weight, w.dec2_bias)
+    y = stages.tail_output(x[:0], h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum)
+    assert (h1.shape, h5.shape, col_max.shape, col_sum.shape, y.shape) == (
+        (0, 4, 8), (0, 4, 8), (0, 16), (0, 16), (0, 5, 16))
+    assert launches == []
+
+
 def test_single_config_switch(monkeypatch):
     monkeypatch.setattr(tk, "SINGLE_CONFIG", True)
     assert tk._tuned(["first", "second"]) == ["first"]
