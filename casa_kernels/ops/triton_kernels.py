@@ -25,6 +25,13 @@ is capturable in a CUDA graph):
    computes the value tile ``x Wvᵀ`` as one ``[BLOCK_N, BLOCK_D]`` ``tl.dot`` over K = D
    and writes ``exp(s − max)/sum · (v + bv) + x`` (one launch).
 
+The bottleneck's parallelism is B programs. At D = 512, k = 3 each runs 3kD³/16 =
+75 M MACs on one SM (~20 µs at an H100 SM's ~7.5 TFLOP/s dense bf16 peak, several
+times that in practice), whatever B is: it, not the tail, bounds small-batch latency.
+Spreading each conv over output tiles needs a device-wide handoff between convs,
+i.e. a launch per conv (eight launches per call, over the budget of six); two launches
+of two convs each, recomputing the halo columns, is the next step.
+
 Recompute rather than rescale. The output pass needs the score tile again. Recomputing
 it costs the last transposed conv a second time, N·D²·k/8 MACs (k = 3: 0.375·N·D², +21%
 of the op's N·D²·(k/4 + 1) + 3kD³/16 MACs; Traffic shape, bf16, B = 16: ~+4 µs of
