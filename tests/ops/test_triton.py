@@ -353,6 +353,17 @@ def test_non_finite_input_pattern(value, where):
 
 
 @non_finite
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "+inf"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_non_finite_input_pattern_low_precision(dtype, value):
+    x, w = _problem((2, 21, 32, 3), dtype=dtype, seed=15)
+    x[0, 3, 5] = value
+    y, ref = triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isposinf(), ref.isposinf())
+    assert torch.equal(y.isneginf(), ref.isneginf())
+
+
+@non_finite
 def test_all_neg_inf_column():
     # A column whose scores are all -inf: the reference's softmax gives NaN there.
     x, w = _problem((1, 20, 16, 3), seed=16)
