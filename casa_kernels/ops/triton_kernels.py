@@ -94,7 +94,9 @@ TAIL_BLOCK_N = 16 if _INTERPRET else 64
 _MERGE_BLOCK_D = 32 if _INTERPRET else 128
 _BOTTLENECK_BLOCKS = {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16} if _INTERPRET else {
     "BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
-_BOTTLENECK_WARPS = 1 if _INTERPRET else 8  # 64 x 64 tiles: 231 registers, no spills on sm_90
+# 64 x 64 tiles, 8 warps, no software pipelining: no spills on sm_90 bf16 (with 2-3 stages
+# ptxas spills 0.3-0.5 KB per thread; the bottleneck's short loops gain little from it).
+_BOTTLENECK_WARPS, _BOTTLENECK_STAGES = (1, 1) if _INTERPRET else (8, 1)
 
 
 def _tuned(configs: list) -> list:
@@ -107,7 +109,7 @@ def _head_configs() -> list:
         return [triton.Config({"BLOCK_C": 16, "BLOCK_T": 16}, num_warps=1)]
     return _tuned([
         triton.Config({"BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-        for bc, bt, w, s in [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
+        for bc, bt, w, s in [(64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
     ])
 
 
@@ -634,7 +636,7 @@ def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> tor
     packed = (_packed(w.enc1_weight, False), w.enc1_bias, _packed(w.enc2_weight, False), w.enc2_bias,
               _packed(w.dec0_weight, True), w.dec0_bias, _packed(w.dec1_weight, True), w.dec1_bias)
     _launch(_bottleneck_kernel, (B,), parts, w.enc0_bias, *packed, scratch, out, S, B, D,
-            num_warps=_BOTTLENECK_WARPS, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
+            num_warps=_BOTTLENECK_WARPS, num_stages=_BOTTLENECK_STAGES, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
     return out
 
 

@@ -84,7 +84,7 @@ def compile_all(target, dtype: str, precision: str, k: int, all_configs: bool) -
         sig[f"b{i}_ptr"] = p
     sig.update({"scratch_ptr": "*fp32", "out_ptr": "*fp32", "SPLITS": "i32", "B": "i32", "D": "i32"})
     consts = {**common, **tk._BOTTLENECK_BLOCKS}
-    lines.append(_compile(tk._bottleneck_kernel, sig, consts, target, tk._BOTTLENECK_WARPS))
+    lines.append(_compile(tk._bottleneck_kernel, sig, consts, target, tk._BOTTLENECK_WARPS, tk._BOTTLENECK_STAGES))
     for cfg in _configs(tk._stats_configs(), all_configs):
         sig = {"x_ptr": p, "h_ptr": "*fp32", "w_ptr": p, "bias_ptr": p, "max_ptr": "*fp32", "sum_ptr": "*fp32",
                "N": "i32", "D": "i32", "C1": "i32", "N_TILES": "i32"}
