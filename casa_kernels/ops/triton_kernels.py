@@ -33,8 +33,8 @@ i.e. a launch per conv (eight launches per call, over the budget of six); two la
 of two convs each, recomputing the halo columns, is the next step.
 
 Recompute rather than rescale. The output pass needs the score tile again. Recomputing
-it costs the last transposed conv a second time, N·D²·k/8 MACs (k = 3: 0.375·N·D², +21%
-of the op's N·D²·(k/4 + 1) + 3kD³/16 MACs; Traffic shape, bf16, B = 16: ~+4 µs of
+it costs the last transposed conv a second time, N·D²·k/8 MACs (k = 3: 0.375·N·D², +18%
+of the op's N·D²·(k/4 + 1) + 3kD³/16 MACs at the Traffic shape; there, bf16, B = 16: ~+4 µs of
 tensor-core time at ~790 TFLOP/s) and keeps every intermediate on chip. Writing the
 unnormalised products and rescaling them in place reads and writes y once more:
 2·B·N·D·2 bytes = 28 MB there, ~9 µs at ~3 TB/s, plus a launch. The op is
