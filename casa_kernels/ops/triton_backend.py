@@ -14,7 +14,8 @@ import os
 import torch
 
 from ..weights import ScoreAttentionWeights
-from .registry import Backend, register_backend
+from .finite_weights import reference_for_nonfinite_weights
+from .registry import Backend, Stages, register_backend
 
 
 def _interpreter_on() -> bool:
@@ -39,10 +40,24 @@ def _unavailable_reason() -> str | None:
     return None
 
 
+@reference_for_nonfinite_weights  # the convs' zero padding times a NaN tap (finite_weights)
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     from .triton_kernels import triton_score_attention
 
     return triton_score_attention(x, weights)
+
+
+def _stage(name: str):
+    """The stage ``name`` of ``triton_kernels``, imported when first called."""
+
+    def run(*args, **kwargs):
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"The Triton ``{name}`` stage (see ``casa_kernels.ops.triton_kernels.{name}``)."
+    return run
 
 
 register_backend(
@@ -54,5 +69,6 @@ register_backend(
         unavailable_reason=_unavailable_reason,
         # First on a GPU; never auto-chosen on the CPU (the interpreter is for tests).
         auto_priority={"cuda": 2},
+        stages=Stages(*(_stage(name) for name in Stages._fields)),
     )
 )

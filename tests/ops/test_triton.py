@@ -17,18 +17,20 @@ import torch
 import casa_kernels
 from casa_kernels import reference
 from casa_kernels.ops.registry import get_backend, resolve_backend
+from casa_kernels.reference import stages as ref_stages
 from casa_kernels.tolerance import assert_close_to_reference
-from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 from ..conftest import make_problem
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
+tl = triton.language
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (CUDA or INTERPRET):
     pytest.skip("needs a CUDA device or the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
+from casa_kernels.ops import triton_kernels as tk  # noqa: E402
 from casa_kernels.ops.triton_kernels import HEAD_BLOCK_N, triton_score_attention  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -95,11 +97,24 @@ def test_head_split_over_n(splits):
     assert_close_to_reference(triton_score_attention(x, w, splits=splits), x, w)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-bottleneck", "library-bottleneck"])
 @pytest.mark.parametrize("shape", [(2, 6, 16, 1), (1, 9, 32, 3), (2, 4, 24, 5), (1, 3, 64, 7)], ids=str)
-def test_both_bottlenecks(shape, fused):
+def test_bottleneck_stage_every_width(shape):
+    # One tensor-core bottleneck for every D (no library fallback); D = 64 spans several
+    # output-channel and column tiles of the interpreter's 16-wide blocks.
     x, w = _problem(shape, seed=9)
-    assert_close_to_reference(triton_score_attention(x, w, fused_bottleneck=fused), x, w)
+    h1 = ref_stages.head_partial(x, w.enc0_weight)
+    torch.testing.assert_close(tk.bottleneck(h1, w), ref_stages.bottleneck(h1, w), atol=2e-5, rtol=2e-5)
+
+
+# (batch, n_vars, d_model, kernel), tail tile height 16: N inside one tile, ragged
+# over two, across seven tiles; D = 40 ends mid column tile; every k.
+TAIL_SPLITS = [(2, 1, 16, 3), (1, 17, 40, 1), (1, 100, 16, 5), (2, 33, 24, 7), (1, 16, 8, 3)]
+
+
+@pytest.mark.parametrize("shape", TAIL_SPLITS, ids=lambda s: "B{}-N{}-D{}-k{}".format(*s))
+def test_tail_split_over_n(shape):
+    x, w = _problem(shape, seed=10)
+    assert_close_to_reference(triton_score_attention(x, w, block_n=16), x, w)
 
 
 def test_non_contiguous_input():
@@ -154,17 +169,23 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.casa.score_attention.default, args)
 
 
-@settings(max_examples=6, deadline=None)
-@given(
-    batch=st.integers(1, 2),
-    n_vars=st.integers(1, 24),
-    d_eighths=st.integers(1, 4),
-    kernel=st.sampled_from([1, 3, 5, 7]),
-    seed=st.integers(0, 2**16),
-)
-def test_fuzz_against_reference(batch, n_vars, d_eighths, kernel, seed):
-    x, w = _problem((batch, n_vars, 8 * d_eighths, kernel), seed=seed)
-    assert_close_to_reference(casa_kernels.casa_attention(x, w, backend="triton"), x, w)
+def test_fuzz_against_reference():
+    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=6, deadline=None)
+    @hypothesis.given(
+        batch=st.integers(1, 2),
+        n_vars=st.integers(1, 24),
+        d_eighths=st.integers(1, 4),
+        kernel=st.sampled_from([1, 3, 5, 7]),
+        seed=st.integers(0, 2**16),
+    )
+    def check(batch, n_vars, d_eighths, kernel, seed):
+        x, w = _problem((batch, n_vars, 8 * d_eighths, kernel), seed=seed)
+        assert_close_to_reference(casa_kernels.casa_attention(x, w, backend="triton"), x, w)
+
+    check()
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the native tests compile the kernels for it")
@@ -195,3 +216,236 @@ def test_no_bnd_intermediate():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - y.numel() * y.element_size()
     assert extra < x.numel() * x.element_size() // 4, f"{extra} bytes of temporaries"
+
+
+# --- launches, empty batch, single-config switch -------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the kernels launched, in order, while the test runs."""
+    seen = []
+    real = tk._launch
+
+    def counting(kernel, grid, *args, **kwargs):
+        seen.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(tk, "_launch", counting)
+    return seen
+
+
+def test_five_launches_per_call(launches):
+    x, w = _problem((2, 40, 16, 3), seed=11)
+    triton_score_attention(x, w, block_n=16)
+    assert len(launches) == 5, launches
+
+
+def test_empty_batch_returns_empty_without_launch(launches):
+    x, w = _problem((1, 5, 16, 3), seed=12)
+    empty = x[:0]
+    y = get_backend("triton").forward(empty, w)
+    assert y.shape == (0, 5, 16) and y.dtype == x.dtype
+    assert launches == []
+
+
+def test_empty_batch_through_the_stages(launches):
+    x, w = _problem((1, 5, 16, 3), seed=12)
+    stages = get_backend("triton").stages
+    h1 = stages.head_partial(x[:0], w.enc0_weight)
+    h5 = stages.bottleneck(h1, w)
+    col_max, col_sum = stages.tail_stats(x[:0], h5, w.dec2_weight, w.dec2_bias)
+    y = stages.tail_output(x[:0], h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum)
+    assert (h1.shape, h5.shape, col_max.shape, col_sum.shape, y.shape) == (
+        (0, 4, 8), (0, 4, 8), (0, 16), (0, 16), (0, 5, 16))
+    assert launches == []
+
+
+def test_single_config_switch(monkeypatch):
+    monkeypatch.setattr(tk, "SINGLE_CONFIG", True)
+    assert tk._tuned(["first", "second"]) == ["first"]
+    monkeypatch.setattr(tk, "SINGLE_CONFIG", False)
+    assert tk._tuned(["first", "second"]) == ["first", "second"]
+
+
+def test_weights_packed_once_per_version(monkeypatch):
+    from casa_kernels.ops import weight_cache
+
+    weight_cache.clear()
+    prepared = []
+    real = tk.cached
+    monkeypatch.setattr(tk, "cached", lambda tag, sources, prepare: real(
+        tag, sources, lambda: prepared.append(tag) or prepare()))
+    x, w = _problem((1, 5, 16, 3), seed=22)
+    y = triton_score_attention(x, w)
+    assert len(prepared) == 7  # six conv weights packed tap-major, the value weight transposed
+    assert torch.equal(triton_score_attention(x, w), y) and len(prepared) == 7
+    w.dec2_weight.mul_(1.0)  # an in-place update: a new version of one weight
+    triton_score_attention(x, w)
+    assert prepared[7:] == ["triton.packed_transposed"]
+
+
+# --- stages ----------------------------------------------------------------------------
+
+
+def test_stages_registered():
+    stages = get_backend("triton").stages
+    assert stages is not None
+    assert [f.__name__ for f in stages] == ["head_partial", "bottleneck", "tail_stats", "tail_output"]
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 24, 3), (1, 5, 16, 7)], ids=str)
+def test_each_stage_equals_reference_stage(shape):
+    x, w = _problem(shape, seed=13)
+    stages = get_backend("triton").stages
+    close = dict(atol=2e-5, rtol=2e-5)
+    h1 = stages.head_partial(x, w.enc0_weight)
+    torch.testing.assert_close(h1, ref_stages.head_partial(x, w.enc0_weight), **close)
+    h5 = stages.bottleneck(h1, w)
+    torch.testing.assert_close(h5, ref_stages.bottleneck(h1, w), **close)
+    stats = stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias, block_n=16)
+    ref = ref_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
+    for got, want in zip(stats, ref):
+        torch.testing.assert_close(got, want, **close)
+    y = stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, *ref)
+    torch.testing.assert_close(
+        y, ref_stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, *ref), **close)
+
+
+def test_stages_over_a_variate_split():
+    # Two disjoint variate ranges, as two ranks would hold them: head partials summed,
+    # statistics merged with the reference's merge_stats, outputs concatenated.
+    x, w = _problem((2, 41, 16, 3), seed=14)
+    stages = get_backend("triton").stages
+    parts = [slice(0, 19), slice(19, 41)]
+    h1 = sum(stages.head_partial(x[:, r], w.enc0_weight[:, r]) for r in parts)
+    h5 = stages.bottleneck(h1, w)
+    local = [stages.tail_stats(x[:, r], h5, w.dec2_weight[:, r], w.dec2_bias[r]) for r in parts]
+    col_max, col_sum = ref_stages.merge_stats(torch.stack([m for m, _ in local]), torch.stack([s for _, s in local]))
+    y = torch.cat([stages.tail_output(x[:, r], h5, w.dec2_weight[:, r], w.dec2_bias[r], w.value_weight,
+                                      w.value_bias, col_max, col_sum) for r in parts], dim=1)
+    assert_close_to_reference(y, x, w)
+
+
+# --- non-finite values: the reference's pattern exactly --------------------------------
+
+
+def _assert_same_non_finite_pattern(got, want):
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
+        f"NaN at {int(torch.isnan(got).sum())} positions, reference {int(torch.isnan(want).sum())}")
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=2e-5, rtol=2e-5)
+
+
+# numpy, under the interpreter, warns where it meets the non-finite values on purpose.
+non_finite = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@non_finite
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", [(0, 3, 5), (1, 0, 0), (0, 20, 31)], ids=str)
+def test_non_finite_input_pattern(value, where):
+    x, w = _problem((2, 21, 32, 3), seed=15)
+    x[where] = value
+    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+
+
+@non_finite
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "+inf"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_non_finite_input_pattern_low_precision(dtype, value):
+    x, w = _problem((2, 21, 32, 3), dtype=dtype, seed=15)
+    x[0, 3, 5] = value
+    y, ref = triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isposinf(), ref.isposinf())
+    assert torch.equal(y.isneginf(), ref.isneginf())
+
+
+@non_finite
+def test_all_neg_inf_column():
+    # A column whose scores are all -inf: the reference's softmax gives NaN there.
+    x, w = _problem((1, 20, 16, 3), seed=16)
+    x[0, :, 7] = float("-inf")
+    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+
+
+@pytest.mark.parametrize("field,index", [
+    ("enc0_weight", (1, 0, 0)), ("enc0_bias", (2,)), ("enc1_weight", (0, 1, 2)), ("enc2_weight", (3, 0, 1)),
+    ("dec0_weight", (0, 0, 0)), ("dec1_weight", (2, 1, 2)), ("dec1_bias", (0,)),
+    ("dec2_weight", (0, 4, 0)), ("dec2_weight", (1, 2, 2)), ("dec2_bias", (6,)),
+    ("value_weight", (5, 3)), ("value_bias", (1,)),
+], ids=lambda v: str(v))
+@non_finite
+def test_nan_weight_pattern(field, index):
+    x, w = _problem((2, 9, 16, 3), seed=17)
+    t = getattr(w, field).clone()
+    t[index] = float("nan")
+    w = w._replace(**{field: t})
+    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+
+
+# --- bf16 rounding ---------------------------------------------------------------------
+
+
+@triton.jit
+def _round_kernel(src_ptr, dst_ptr, n, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < n)
+    tl.store(dst_ptr + offs, tk._round_to(v, dst_ptr.dtype.element_ty, EMULATE_BF16), mask=offs < n)
+
+
+def test_bf16_stores_round_to_nearest_even():
+    # Regression of verify's `triton bfloat16 B=3 N=130 D=64 k=3` failure: the
+    # interpreter's fp32->bf16 cast truncated (-4.53124 stored as -4.5, one ulp off).
+    g = torch.Generator().manual_seed(18)
+    values = torch.cat([
+        torch.randn(200, generator=g) * 10,
+        torch.tensor([-4.531242, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.3895e38, float("nan"), float("inf"),
+                      float("-inf"), 0.0, -0.0, 1e-40]),
+    ]).to(DEVICE)
+    out = torch.empty(values.shape, dtype=torch.bfloat16, device=DEVICE)
+    _round_kernel[(1,)](values, out, values.numel(), EMULATE_BF16=tk._emulate_bf16(torch.bfloat16), BLOCK=256)
+    want = values.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()].float(), want[~want.isnan()].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_split_tail(dtype):
+    x, w = _problem((3, 50, 24, 3), dtype=dtype, seed=19)
+    assert_close_to_reference(triton_score_attention(x, w, block_n=16), x, w)
+
+
+# --- on a GPU: CUDA graphs and torch.compile ------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_capture_replay_equals_eager():
+    x, w = _problem((2, 300, 64, 3), dtype=torch.bfloat16, seed=20)
+    eager = triton_score_attention(x, w)  # tunes and compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_score_attention(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, triton_score_attention(x, w), atol=0, rtol=0)
+    assert not torch.equal(captured, eager)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_compiled_model_reduce_overhead_matches():
+    from casa_kernels.modules import CASAModel
+
+    torch.manual_seed(21)
+    model = CASAModel(n_vars=21, d_model=64, seq_len=96, pred_len=24, e_layers=2, backend="triton").cuda().eval()
+    x = torch.randn(4, 96, 21, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(3):  # warm-up, record, replay
+            got = compiled(x)
+    torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
