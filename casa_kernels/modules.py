@@ -70,11 +70,12 @@ class CASABlock(CASAAttention):
     """The official ``MLP_attention`` block: ``z = LN(attn(x))``, ``out = LN(MLP(z) + z)``.
 
     One LayerNorm instance is used twice, as in the official code.
-    ``forward(x: [B, N, D]) -> [B, N, D]``.
+    ``forward(x: [B, N, D]) -> [B, N, D]``. ``attention_options`` go to the attention's
+    constructor (a subclass whose attention takes more options, e.g. a process group).
     """
 
-    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
-        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend)
+    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto", **attention_options):
+        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **attention_options)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
 
@@ -89,7 +90,10 @@ class CASAModel(nn.Module):
     ``forward(x: [B, seq_len, n_vars]) -> [B, pred_len, n_vars]``: instance
     normalisation over time (mean, unbiased variance + 1e-5), ``Linear(L→D) → ReLU →
     [CASABlock → ReLU] × e_layers → Linear(D→H)`` on ``[B, N, L]``, de-normalisation.
+    The blocks are ``block_type`` instances, built with ``block_options`` as extra keywords.
     """
+
+    block_type: type[CASABlock] = CASABlock
 
     def __init__(
         self,
@@ -101,6 +105,7 @@ class CASAModel(nn.Module):
         pred_len: int,
         e_layers: int,
         backend: str = "auto",
+        **block_options,
     ):
         super().__init__()
         check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
@@ -108,7 +113,10 @@ class CASAModel(nn.Module):
             check_positive_int(name, value)
         self.n_vars, self.seq_len, self.pred_len = n_vars, seq_len, pred_len
         blocks = [
-            nn.Sequential(CASABlock(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend), nn.ReLU())
+            nn.Sequential(
+                self.block_type(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **block_options),
+                nn.ReLU(),
+            )
             for _ in range(e_layers)
         ]
         self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))
