@@ -13,14 +13,6 @@ from casa_kernels.distributed import (
 )
 
 
-@pytest.fixture
-def group_of_one():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _model(n_vars=5):
     torch.manual_seed(0)
     return CASAModel(n_vars=n_vars, d_model=16, seq_len=12, pred_len=4, e_layers=2, backend="reference").double()
