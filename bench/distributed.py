@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from casa_kernels import CASAModel
-from casa_kernels.distributed import VariateParallelCASAModel, communicated_elements, shard_model
+from casa_kernels.distributed import communicated_elements, shard_model
 from casa_kernels.distributed.stages import resolve_stages
 from casa_kernels.reference.stages import accumulation_dtype
 
@@ -114,9 +114,10 @@ def rep_times_ms(fn: Callable[[], object], device: str, warmup: int, reps: int, 
     return times
 
 
-def _max_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo and NCCL both take CPU/GPU tensors; gloo here
+def _max_over_ranks(values: list[float], device: str) -> list[float]:
+    """The elementwise maximum of ``values`` over the ranks (on ``device``: NCCL takes GPU tensors only)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -134,15 +135,14 @@ def measure(point: Point, device: str, dtype: torch.dtype, backend: str, warmup:
         dist.barrier()
         return stats
     model = shard_model(_model(point, device, dtype, backend))
-    assert isinstance(model, VariateParallelCASAModel)
     x = torch.randn(point.batch, SEQ_LEN, model.shard.n_local, device=device, dtype=dtype)
     with torch.inference_mode():
         with counting_all_reduce() as counted:
             model(x)
-        times = _max_over_ranks(rep_times_ms(lambda: model(x), device, warmup, reps, together=True))
+        times = _max_over_ranks(rep_times_ms(lambda: model(x), device, warmup, reps, together=True), device)
         peak, method = measure_peak_memory(lambda: model(x), device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak, param_bytes = (int(v) for v in _max_over_ranks([peak, param_bytes]))
+    peak, param_bytes = (int(v) for v in _max_over_ranks([peak, param_bytes], device))
     if rank != 0:
         return None
     return _row(point, dtype, sorted(times), peak, method, param_bytes, counted[0] // E_LAYERS, model.shard.n_local)
