@@ -98,7 +98,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rep_times_ms(fn: Callable[[], object], device: str, warmup: int, reps: int, together: bool) -> list[float]:
+def rep_times_ms(
+    fn: Callable[[], object], device: str, warmup: int, reps: int, together: bool
+) -> list[float]:
     """Milliseconds of ``reps`` calls after ``warmup``; ``together``: every rank starts each call after a barrier."""
     for _ in range(warmup):
         fn()
@@ -123,11 +125,24 @@ def _max_over_ranks(values: list[float], device: str) -> list[float]:
 
 def _model(point: Point, device: str, dtype: torch.dtype, backend: str) -> CASAModel:
     torch.manual_seed(0)
-    return CASAModel(n_vars=point.n_vars, d_model=D_MODEL, kernel=KERNEL, seq_len=SEQ_LEN, pred_len=SEQ_LEN,
-                     e_layers=E_LAYERS, backend=backend).to(device, dtype).eval()
+    return (
+        CASAModel(
+            n_vars=point.n_vars,
+            d_model=D_MODEL,
+            kernel=KERNEL,
+            seq_len=SEQ_LEN,
+            pred_len=SEQ_LEN,
+            e_layers=E_LAYERS,
+            backend=backend,
+        )
+        .to(device, dtype)
+        .eval()
+    )
 
 
-def measure(point: Point, device: str, dtype: torch.dtype, backend: str, warmup: int, reps: int) -> dict | None:
+def measure(
+    point: Point, device: str, dtype: torch.dtype, backend: str, warmup: int, reps: int
+) -> dict | None:
     """Measures ``point`` (every rank calls this); the row on rank 0, None elsewhere."""
     rank = dist.get_rank()
     if point.world_size == 1:  # the single-process model on rank 0; the others wait
@@ -139,16 +154,29 @@ def measure(point: Point, device: str, dtype: torch.dtype, backend: str, warmup:
     with torch.inference_mode():
         with counting_all_reduce() as counted:
             model(x)
-        times = _max_over_ranks(rep_times_ms(lambda: model(x), device, warmup, reps, together=True), device)
+        times = _max_over_ranks(
+            rep_times_ms(lambda: model(x), device, warmup, reps, together=True), device
+        )
         peak, method = measure_peak_memory(lambda: model(x), device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak, param_bytes = (int(v) for v in _max_over_ranks([peak, param_bytes], device))
     if rank != 0:
         return None
-    return _row(point, dtype, sorted(times), peak, method, param_bytes, counted[0] // E_LAYERS, model.shard.n_local)
+    return _row(
+        point,
+        dtype,
+        sorted(times),
+        peak,
+        method,
+        param_bytes,
+        counted[0] // E_LAYERS,
+        model.shard.n_local,
+    )
 
 
-def _measure_single(point: Point, device: str, dtype: torch.dtype, backend: str, warmup: int, reps: int) -> dict:
+def _measure_single(
+    point: Point, device: str, dtype: torch.dtype, backend: str, warmup: int, reps: int
+) -> dict:
     model = _model(point, device, dtype, backend)
     x = torch.randn(point.batch, SEQ_LEN, point.n_vars, device=device, dtype=dtype)
     with torch.inference_mode():
@@ -158,8 +186,16 @@ def _measure_single(point: Point, device: str, dtype: torch.dtype, backend: str,
     return _row(point, dtype, sorted(times), peak, method, param_bytes, 0, point.n_vars)
 
 
-def _row(point: Point, dtype: torch.dtype, times: list[float], peak: int, method: str, param_bytes: int,
-         allreduce_bytes_per_layer: int, n_local: int) -> dict:
+def _row(
+    point: Point,
+    dtype: torch.dtype,
+    times: list[float],
+    peak: int,
+    method: str,
+    param_bytes: int,
+    allreduce_bytes_per_layer: int,
+    n_local: int,
+) -> dict:
     p = point.world_size
     kv = kv_allgather_bytes(point.batch, point.n_vars, D_MODEL, dtype)
     p50_s = percentile(times, 0.5) / 1e3
@@ -206,24 +242,47 @@ def plot_bytes(out_dir: Path, rows: list[dict]) -> Path | None:
 
     last = max(rows, key=lambda r: r["timestamp"])
     batch, dtype = int(last["batch"]), getattr(torch, last["dtype"])
-    measured = sorted((int(r["n_vars"]), int(r["allreduce_bytes_per_layer"])) for r in rows
-                      if int(r["world_size"]) > 1 and r["status"] == "ok"
-                      and (r["batch"], r["dtype"]) == (last["batch"], last["dtype"]))
+    measured = sorted(
+        (int(r["n_vars"]), int(r["allreduce_bytes_per_layer"]))
+        for r in rows
+        if int(r["world_size"]) > 1
+        and r["status"] == "ok"
+        and (r["batch"], r["dtype"]) == (last["batch"], last["dtype"])
+    )
     ns = [2**i for i in range(3, PLOT_N_MAX.bit_length())]
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.plot(ns, [casa_allreduce_bytes(batch, D_MODEL, dtype)] * len(ns), "--", color="C0", lw=1,
-            label="CASA: all-reduce of h1 [B,D/4,D/2] + softmax max, sum [B,D]")
+    ax.plot(
+        ns,
+        [casa_allreduce_bytes(batch, D_MODEL, dtype)] * len(ns),
+        "--",
+        color="C0",
+        lw=1,
+        label="CASA: all-reduce of h1 [B,D/4,D/2] + softmax max, sum [B,D]",
+    )
     sizes = sorted({int(r["world_size"]) for r in rows if int(r["world_size"]) > 1})
-    ax.plot([n for n, _ in measured], [b for _, b in measured], "o", color="C0",
-            label=f"CASA, counted during a forward (P = {', '.join(map(str, sizes))})")
-    ax.plot(ns, [kv_allgather_bytes(batch, n, D_MODEL, dtype) for n in ns], "-", color="C3",
-            label="full attention: all-gather of keys and values, 2·B·N·D")
+    ax.plot(
+        [n for n, _ in measured],
+        [b for _, b in measured],
+        "o",
+        color="C0",
+        label=f"CASA, counted during a forward (P = {', '.join(map(str, sizes))})",
+    )
+    ax.plot(
+        ns,
+        [kv_allgather_bytes(batch, n, D_MODEL, dtype) for n in ns],
+        "-",
+        color="C3",
+        label="full attention: all-gather of keys and values, 2·B·N·D",
+    )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("N (variates, all ranks)")
     ax.set_ylabel("bytes per layer per rank (forward)")
-    ax.set_title(f"Communication per layer: variate-parallel CASA vs full attention\n"
-                 f"{last['device_name']}, {last['dtype']}, B={batch}, D={D_MODEL}", fontsize=9)
+    ax.set_title(
+        f"Communication per layer: variate-parallel CASA vs full attention\n"
+        f"{last['device_name']}, {last['dtype']}, B={batch}, D={D_MODEL}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -236,11 +295,16 @@ def plot_bytes(out_dir: Path, rows: list[dict]) -> Path | None:
 def main(args: argparse.Namespace) -> int:
     """Runs the suite on this rank (launched by torchrun); rank 0 writes the rows and the plot."""
     if args.suites != ["distributed"]:
-        print("distributed: run it alone (torchrun --nproc-per-node P -m bench distributed)", file=sys.stderr)
+        print(
+            "distributed: run it alone (torchrun --nproc-per-node P -m bench distributed)",
+            file=sys.stderr,
+        )
         return 2
     if "WORLD_SIZE" not in os.environ:
-        print("distributed: launch with torchrun --nproc-per-node P -m bench distributed (P >= 2)",
-              file=sys.stderr)
+        print(
+            "distributed: launch with torchrun --nproc-per-node P -m bench distributed (P >= 2)",
+            file=sys.stderr,
+        )
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +321,9 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, device: str) -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size < 2:
-        print("distributed: expected at least 2 processes (--nproc-per-node P >= 2)", file=sys.stderr)
+        print(
+            "distributed: expected at least 2 processes (--nproc-per-node P >= 2)", file=sys.stderr
+        )
         return 2
     dtype = getattr(torch, args.dtype)
     backend, _ = resolve_stages("auto", torch.device(device), dtype)  # the stages that will run
@@ -270,13 +336,20 @@ def _run(args: argparse.Namespace, device: str) -> int:
     for point in points(world_size, batch, args.quick):
         row = measure(point, device, dtype, backend, warmup, reps)
         if rank == 0:
-            row = {**env, **row, "provider": f"casa-{backend}-p{point.world_size}",
-                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            row = {
+                **env,
+                **row,
+                "provider": f"casa-{backend}-p{point.world_size}",
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             upsert_rows(csv_path, [row])
-            print(f"{point.sweep:<6} {row['config']:<28} p50 {float(row['latency_ms_p50']):9.2f} ms  "
-                  f"peak {int(row['peak_mem_bytes']) / 2**20:8.1f} MiB/rank  "
-                  f"all-reduce {int(row['allreduce_bytes_per_layer']) / 2**10:7.1f} KiB/layer  "
-                  f"K,V all-gather {int(row['kv_allgather_bytes_per_layer']) / 2**20:8.2f} MiB/layer", flush=True)
+            print(
+                f"{point.sweep:<6} {row['config']:<28} p50 {float(row['latency_ms_p50']):9.2f} ms  "
+                f"peak {int(row['peak_mem_bytes']) / 2**20:8.1f} MiB/rank  "
+                f"all-reduce {int(row['allreduce_bytes_per_layer']) / 2**10:7.1f} KiB/layer  "
+                f"K,V all-gather {int(row['kv_allgather_bytes_per_layer']) / 2**20:8.2f} MiB/layer",
+                flush=True,
+            )
     if rank == 0:
         rows = [r for r in read_rows(csv_path) if r["device_name"] == env["device_name"]]
         plot = plot_bytes(out_dir, rows)

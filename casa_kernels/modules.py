@@ -74,8 +74,12 @@ class CASABlock(CASAAttention):
     constructor (a subclass whose attention takes more options, e.g. a process group).
     """
 
-    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto", **attention_options):
-        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **attention_options)
+    def __init__(
+        self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto", **attention_options
+    ):
+        super().__init__(
+            n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **attention_options
+        )
         self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
 
@@ -114,7 +118,9 @@ class CASAModel(nn.Module):
         self.n_vars, self.seq_len, self.pred_len = n_vars, seq_len, pred_len
         blocks = [
             nn.Sequential(
-                self.block_type(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **block_options),
+                self.block_type(
+                    n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **block_options
+                ),
                 nn.ReLU(),
             )
             for _ in range(e_layers)

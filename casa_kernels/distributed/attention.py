@@ -31,7 +31,11 @@ def communicated_elements(batch: int, d_model: int) -> int:
 
 
 def variate_parallel_attention(
-    x_local: torch.Tensor, weights: ScoreAttentionWeights, shard: VariateShard, *, backend: str = "auto"
+    x_local: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    shard: VariateShard,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """CASA attention over all ranks' variates, for this rank's ``x_local: [B, N_local, D]``.
 
@@ -48,8 +52,13 @@ def variate_parallel_attention(
         )
     _, stages = resolve_stages(backend, x_local.device, x_local.dtype)
     w = weights
-    h1 = all_reduce_sum(stages.head_partial(x_local, w.enc0_weight), shard, "the encoder head's partial sums")
+    h1 = all_reduce_sum(
+        stages.head_partial(x_local, w.enc0_weight), shard, "the encoder head's partial sums"
+    )
     h5 = stages.bottleneck(h1, w)
-    col_max, col_sum = merge_stats(*stages.tail_stats(x_local, h5, w.dec2_weight, w.dec2_bias), shard)
-    return stages.tail_output(x_local, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias,
-                              col_max, col_sum)
+    col_max, col_sum = merge_stats(
+        *stages.tail_stats(x_local, h5, w.dec2_weight, w.dec2_bias), shard
+    )
+    return stages.tail_output(
+        x_local, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum
+    )

@@ -22,7 +22,9 @@ from .failure import VariateParallelFailure
 from .partition import VariateShard
 
 
-def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp, shard: VariateShard, what: str) -> torch.Tensor:
+def all_reduce_(
+    tensor: torch.Tensor, op: dist.ReduceOp, shard: VariateShard, what: str
+) -> torch.Tensor:
     """All-reduces the contiguous ``tensor`` in place over ``shard.group`` (no autograd); returns it."""
     try:
         dist.all_reduce(tensor, op=op, group=shard.group)
@@ -38,12 +40,18 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
         ctx.shard, ctx.what = shard, what
-        return all_reduce_(tensor.clone(memory_format=torch.contiguous_format), dist.ReduceOp.SUM, shard, what)
+        return all_reduce_(
+            tensor.clone(memory_format=torch.contiguous_format), dist.ReduceOp.SUM, shard, what
+        )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        summed = all_reduce_(grad.clone(memory_format=torch.contiguous_format), dist.ReduceOp.SUM,
-                              ctx.shard, f"the gradient of {ctx.what}")
+        summed = all_reduce_(
+            grad.clone(memory_format=torch.contiguous_format),
+            dist.ReduceOp.SUM,
+            ctx.shard,
+            f"the gradient of {ctx.what}",
+        )
         return summed, None, None
 
 
@@ -54,8 +62,9 @@ def all_reduce_sum(tensor: torch.Tensor, shard: VariateShard, what: str) -> torc
 
 def all_reduce_max(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
     """The elementwise maximum of ``tensor`` over the ranks (a new tensor, no gradient)."""
-    return all_reduce_(tensor.detach().clone(memory_format=torch.contiguous_format), dist.ReduceOp.MAX,
-                        shard, what)
+    return all_reduce_(
+        tensor.detach().clone(memory_format=torch.contiguous_format), dist.ReduceOp.MAX, shard, what
+    )
 
 
 def merge_stats(
@@ -63,5 +72,6 @@ def merge_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The global column statistics ``(M, S)``, each ``[B, D]``, from this rank's ``(m_r, s_r)``."""
     global_max = all_reduce_max(col_max, shard, "the softmax column maxima")
-    return global_max, all_reduce_sum(col_sum * torch.exp(col_max - global_max), shard,
-                                      "the softmax column sums")
+    return global_max, all_reduce_sum(
+        col_sum * torch.exp(col_max - global_max), shard, "the softmax column sums"
+    )

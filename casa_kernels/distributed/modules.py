@@ -20,8 +20,8 @@ import os
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 import torch.distributed as dist
+from torch import nn
 
 from ..modules import CASAAttention, CASABlock, CASAModel
 from .attention import variate_parallel_attention
@@ -42,12 +42,18 @@ class VariateParallel(nn.Module):
         Call after ``backward`` on every rank; a replicated parameter without a gradient
         counts as zero. Per-variate parameters are left as they are (already exact).
         """
-        params = [p for name, p in self.named_parameters() if variate_dim(name) is None and p.requires_grad]
+        params = [
+            p
+            for name, p in self.named_parameters()
+            if variate_dim(name) is None and p.requires_grad
+        ]
         by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in params:
             by_kind.setdefault((p.dtype, p.device), []).append(p)
         for group in by_kind.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+            )
             all_reduce_(flat, dist.ReduceOp.SUM, self.shard, "the replicated parameters' gradients")
             for p, g in zip(group, flat.split([p.numel() for p in group])):
                 p.grad = g.view_as(p)
@@ -61,8 +67,15 @@ class VariateParallelCASAAttention(VariateParallel, CASAAttention):
     the single-process attention's rows of this rank's variates (``self.shard.variates``).
     """
 
-    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto",
-                 group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        *,
+        n_vars: int,
+        d_model: int,
+        kernel: int = 3,
+        backend: str = "auto",
+        group: dist.ProcessGroup | None = None,
+    ):
         shard = VariateShard.of(n_vars, group)
         super().__init__(n_vars=shard.n_local, d_model=d_model, kernel=kernel, backend=backend)
         self.shard = shard
@@ -98,15 +111,39 @@ class VariateParallelCASAModel(VariateParallel, CASAModel):
 
     block_type = VariateParallelCASABlock
 
-    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, seq_len: int, pred_len: int,
-                 e_layers: int, backend: str = "auto", group: dist.ProcessGroup | None = None):
-        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, seq_len=seq_len, pred_len=pred_len,
-                         e_layers=e_layers, backend=backend, group=group)
+    def __init__(
+        self,
+        *,
+        n_vars: int,
+        d_model: int,
+        kernel: int = 3,
+        seq_len: int,
+        pred_len: int,
+        e_layers: int,
+        backend: str = "auto",
+        group: dist.ProcessGroup | None = None,
+    ):
+        super().__init__(
+            n_vars=n_vars,
+            d_model=d_model,
+            kernel=kernel,
+            seq_len=seq_len,
+            pred_len=pred_len,
+            e_layers=e_layers,
+            backend=backend,
+            group=group,
+        )
         self.shard = VariateShard.of(n_vars, group)
         self.n_vars = self.shard.n_local  # the variates of x_local
 
-    def forward(self, x_enc: torch.Tensor, x_mark_enc: object = None, x_dec: object = None,
-                x_mark_dec: object = None, mask: object = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_enc: torch.Tensor,
+        x_mark_enc: object = None,
+        x_dec: object = None,
+        x_mark_dec: object = None,
+        mask: object = None,
+    ) -> torch.Tensor:
         with ends_group_on_failure(self.shard, f"{type(self).__name__}.forward"):
             return super().forward(x_enc)
 
@@ -118,7 +155,7 @@ class VariateParallelCASAModel(VariateParallel, CASAModel):
         backend: str = "auto",
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
-    ) -> "VariateParallelCASAModel":
+    ) -> VariateParallelCASAModel:
         """This rank's part of the CASAModel whose (official) state_dict is given.
 
         The configuration is read from the tensors' shapes. A path is memory-mapped
@@ -135,32 +172,56 @@ class VariateParallelCASAModel(VariateParallel, CASAModel):
                 f"path_or_dict: expected a path (str or os.PathLike) or a state_dict mapping, "
                 f"received {type(path_or_dict).__name__}"
             )
-        return _build(cls, {**model_config(state_dict), "backend": backend}, state_dict, group, device)
+        return _build(
+            cls, {**model_config(state_dict), "backend": backend}, state_dict, group, device
+        )
 
 
-def _build(cls: type[VariateParallel], config: dict, state_dict: Mapping[str, torch.Tensor],
-           group: dist.ProcessGroup | None, device: torch.device | str | None) -> VariateParallel:
+def _build(
+    cls: type[VariateParallel],
+    config: dict,
+    state_dict: Mapping[str, torch.Tensor],
+    group: dist.ProcessGroup | None,
+    device: torch.device | str | None,
+) -> VariateParallel:
     """``cls(**config, group=group)`` holding this rank's part of ``state_dict`` (no other init)."""
     with torch.device("meta"):
         module = cls(**config, group=group)
-    module.load_state_dict(local_state_dict(state_dict, module.shard, device), strict=True, assign=True)
+    module.load_state_dict(
+        local_state_dict(state_dict, module.shard, device), strict=True, assign=True
+    )
     return module
 
 
-def shard_model(module: CASAAttention | CASAModel, group: dist.ProcessGroup | None = None) -> VariateParallel:
+def shard_model(
+    module: CASAAttention | CASAModel, group: dist.ProcessGroup | None = None
+) -> VariateParallel:
     """This rank's part of a single-process CASAModel, CASABlock or CASAAttention (same mode, backend, device).
 
     Every rank calls it with the same module (e.g. built from the same seed or checkpoint).
     """
     if isinstance(module, VariateParallel):
-        raise TypeError(f"module: expected a single-process CASA module, received {type(module).__name__} "
-                        f"(already variate-parallel)")
+        raise TypeError(
+            f"module: expected a single-process CASA module, received {type(module).__name__} "
+            f"(already variate-parallel)"
+        )
     if isinstance(module, CASAModel):
         block = module.model[2][0]
-        sharded = VariateParallelCASAModel.from_state_dict(module.state_dict(), backend=block.backend, group=group)
+        sharded = VariateParallelCASAModel.from_state_dict(
+            module.state_dict(), backend=block.backend, group=group
+        )
     elif isinstance(module, CASAAttention):
-        cls = VariateParallelCASABlock if isinstance(module, CASABlock) else VariateParallelCASAAttention
-        config = dict(n_vars=module.n_vars, d_model=module.d_model, kernel=module.kernel, backend=module.backend)
+        cls = (
+            VariateParallelCASABlock
+            if isinstance(module, CASABlock)
+            else VariateParallelCASAAttention
+        )
+        config = dict(
+            n_vars=module.n_vars,
+            d_model=module.d_model,
+            kernel=module.kernel,
+            backend=module.backend,
+        )
         sharded = _build(cls, config, module.state_dict(), group, None)
     else:
         raise TypeError(

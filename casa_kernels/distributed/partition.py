@@ -50,7 +50,7 @@ class VariateShard:
     """The variates this rank owns (contiguous)."""
 
     @classmethod
-    def of(cls, n_vars: int, group: dist.ProcessGroup | None = None) -> "VariateShard":
+    def of(cls, n_vars: int, group: dist.ProcessGroup | None = None) -> VariateShard:
         """This process's shard of ``n_vars`` variates over ``group`` (initialised beforehand)."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -59,7 +59,9 @@ class VariateShard:
             )
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         if rank < 0:
-            raise ValueError("group: expected a process group this process belongs to, received one it does not")
+            raise ValueError(
+                "group: expected a process group this process belongs to, received one it does not"
+            )
         return cls(group, rank, world_size, n_vars, variate_range(n_vars, world_size, rank))
 
     @property
@@ -69,5 +71,7 @@ class VariateShard:
 
     def describe(self) -> str:
         """``'rank r of P (variates a..b of N)'``, for messages."""
-        return (f"rank {self.rank} of {self.world_size} (variates {self.variates.start}.."
-                f"{self.variates.stop - 1} of {self.n_vars})")
+        return (
+            f"rank {self.rank} of {self.world_size} (variates {self.variates.start}.."
+            f"{self.variates.stop - 1} of {self.n_vars})"
+        )

@@ -42,7 +42,9 @@ def _owned_copy(t: torch.Tensor, device: torch.device | str | None) -> torch.Ten
 
 
 def local_state_dict(
-    state_dict: Mapping[str, torch.Tensor], shard: VariateShard, device: torch.device | str | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    shard: VariateShard,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """This rank's state_dict: per-variate tensors sliced to ``shard.variates``, the rest whole.
 
@@ -71,7 +73,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _entry(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state_dict:
-        raise ValueError(f"state_dict: expected the official CASAModel key {key!r} (DESIGN §3), it is missing")
+        raise ValueError(
+            f"state_dict: expected the official CASAModel key {key!r} (DESIGN §3), it is missing"
+        )
     return state_dict[key]
 
 
@@ -88,5 +92,11 @@ def model_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
     embed = _entry(state_dict, "model.0.weight")
     enc0 = _entry(state_dict, "model.2.0.score.encoder.0.weight")
     head = _entry(state_dict, f"model.{e_layers + 2}.weight")
-    return dict(n_vars=enc0.shape[1], d_model=embed.shape[0], kernel=enc0.shape[2], seq_len=embed.shape[1],
-                pred_len=head.shape[0], e_layers=e_layers)
+    return dict(
+        n_vars=enc0.shape[1],
+        d_model=embed.shape[0],
+        kernel=enc0.shape[2],
+        seq_len=embed.shape[1],
+        pred_len=head.shape[0],
+        e_layers=e_layers,
+    )

@@ -10,7 +10,7 @@ reference stages with one warning.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -38,8 +38,13 @@ class _StageWithReferenceGradient(torch.autograd.Function):
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
             wanted = [leaf for leaf, need in zip(leaves, needs) if need]
-            found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                             allow_unused=True) if wanted and pairs else ())
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+                )
+                if wanted and pairs
+                else ()
+            )
         return (None, None, *(next(found, None) if need else None for need in needs))
 
 

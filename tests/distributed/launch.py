@@ -14,8 +14,8 @@ import datetime
 import queue
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,11 +29,18 @@ class RankError(Exception):
     """A rank raised, or did not answer in time; the message holds its traceback."""
 
 
-def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, results) -> None:
+def _worker(
+    rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, results
+) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                                timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         results.put((rank, False, traceback.format_exc()))
@@ -48,8 +55,10 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) ->
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, store, fn, args, results), daemon=True)
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, store, fn, args, results), daemon=True)
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         answers: dict[int, tuple[bool, object]] = {}
@@ -61,7 +70,9 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) ->
                     rank, ok, value = results.get(timeout=max(left, 0.01))
                 except queue.Empty:
                     missing = sorted(set(range(world_size)) - set(answers))
-                    raise RankError(f"ranks {missing} of {world_size} gave no result within {timeout_s} s") from None
+                    raise RankError(
+                        f"ranks {missing} of {world_size} gave no result within {timeout_s} s"
+                    ) from None
                 answers[rank] = (ok, value)
         finally:
             for p in procs:

@@ -7,8 +7,8 @@ can compute the whole model's output and gradients and compare its own columns.
 from __future__ import annotations
 
 import dataclasses
-import time
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -16,7 +16,12 @@ import torch
 import torch.distributed as dist
 
 from casa_kernels import CASAAttention, CASABlock, CASAModel
-from casa_kernels.distributed import VariateParallelCASAModel, VariateParallelFailure, shard_model, variate_range
+from casa_kernels.distributed import (
+    VariateParallelCASAModel,
+    VariateParallelFailure,
+    shard_model,
+    variate_range,
+)
 from casa_kernels.distributed.sharding import variate_dim
 from casa_kernels.ops.registry import get_backend, register_backend
 from casa_kernels.tolerance import FIXED_TOLERANCE
@@ -46,7 +51,9 @@ def _excess(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tu
     return err.max().item(), (err - atol - rtol * expected.abs()).max().item()
 
 
-def forward_and_gradients(rank: int, world_size: int, n_vars: int, backend: str, dtype: torch.dtype) -> dict:
+def forward_and_gradients(
+    rank: int, world_size: int, n_vars: int, backend: str, dtype: torch.dtype
+) -> dict:
     """The variate-parallel model's output and gradients against the single-process float64 model's."""
     cols = variate_range(n_vars, world_size, rank)
     x, weights = problem(n_vars)
@@ -56,14 +63,14 @@ def forward_and_gradients(rank: int, world_size: int, n_vars: int, backend: str,
     (out_ref * weights).sum().backward()
 
     model = shard_model(single_process_model(n_vars, backend).to(dtype))
-    x_local = x[:, :, cols.start:cols.stop].to(dtype).requires_grad_()
+    x_local = x[:, :, cols.start : cols.stop].to(dtype).requires_grad_()
     out = model(x_local)
     official = model(x_local.detach(), None, x_local.detach(), None)
-    (out * weights[:, :, cols.start:cols.stop].to(dtype)).sum().backward()
+    (out * weights[:, :, cols.start : cols.stop].to(dtype)).sum().backward()
     model.sync_replicated_grads()
 
     expected_grads = dict(reference.named_parameters())
-    grads = {"x": (x_local.grad, x_ref.grad[:, :, cols.start:cols.stop])}
+    grads = {"x": (x_local.grad, x_ref.grad[:, :, cols.start : cols.stop])}
     for name, p in model.named_parameters():
         full = expected_grads[name].grad
         dim = variate_dim(name)
@@ -71,23 +78,33 @@ def forward_and_gradients(rank: int, world_size: int, n_vars: int, backend: str,
     grad_errors = {name: _excess(got, want, dtype) for name, (got, want) in grads.items()}
     worst = max(grad_errors, key=lambda n: grad_errors[n][1])
     return {
-        "output": _excess(out, out_ref.detach()[:, :, cols.start:cols.stop], dtype),
+        "output": _excess(out, out_ref.detach()[:, :, cols.start : cols.stop], dtype),
         "official_call_equal": bool(torch.equal(out.detach(), official)),
         "grad_worst": (worst, *grad_errors[worst]),
-        "grad_shapes_ok": all(got is not None and got.shape == want.shape for got, want in grads.values()),
+        "grad_shapes_ok": all(
+            got is not None and got.shape == want.shape for got, want in grads.values()
+        ),
     }
 
 
 def sharded_attention_and_block(rank: int, world_size: int, n_vars: int) -> dict:
     """shard_model of a CASAAttention and a CASABlock: max abs error of this rank's rows (float64)."""
     cols = variate_range(n_vars, world_size, rank)
-    x = torch.randn(BATCH, n_vars, CONFIG["d_model"], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(
+        BATCH,
+        n_vars,
+        CONFIG["d_model"],
+        generator=torch.Generator().manual_seed(2),
+        dtype=torch.float64,
+    )
     errors = {}
     for cls in (CASAAttention, CASABlock):
         torch.manual_seed(0)
         full = cls(n_vars=n_vars, d_model=CONFIG["d_model"], kernel=5, backend="reference").double()
-        expected = full(x)[:, cols.start:cols.stop]
-        errors[cls.__name__] = (shard_model(full)(x[:, cols.start:cols.stop]) - expected).abs().max().item()
+        expected = full(x)[:, cols.start : cols.stop]
+        errors[cls.__name__] = (
+            (shard_model(full)(x[:, cols.start : cols.stop]) - expected).abs().max().item()
+        )
     return errors
 
 
@@ -102,8 +119,10 @@ def allocated_peak_outside_mapping(fn, path: str) -> int:
     file_bytes = os.path.getsize(path)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
     running = peak = 0
     for event in events:
         if abs(event.nbytes()) != file_bytes:
@@ -137,8 +156,9 @@ def load_from_file(rank: int, world_size: int, n_vars: int, path: str) -> dict:
         model = VariateParallelCASAModel.from_state_dict(path, backend="reference")
     finally:
         torch.load = real_load
-    peak = allocated_peak_outside_mapping(lambda: VariateParallelCASAModel.from_state_dict(path, backend="reference"),
-                                          path)
+    peak = allocated_peak_outside_mapping(
+        lambda: VariateParallelCASAModel.from_state_dict(path, backend="reference"), path
+    )
 
     full_params = dict(full.named_parameters())
     sharded_shapes_ok, values_equal = True, True
@@ -148,7 +168,11 @@ def load_from_file(rank: int, world_size: int, n_vars: int, path: str) -> dict:
             want = want.narrow(dim, cols.start, len(cols))
             sharded_shapes_ok &= p.shape[dim] == len(cols)
         values_equal &= torch.equal(p.detach(), want)
-    per_variate_full = sum(p.numel() * p.element_size() for n, p in full.named_parameters() if variate_dim(n) is not None)
+    per_variate_full = sum(
+        p.numel() * p.element_size()
+        for n, p in full.named_parameters()
+        if variate_dim(n) is not None
+    )
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         **seen,
@@ -165,13 +189,17 @@ def failure_mid_forward(rank: int, world_size: int, n_vars: int, failing_rank: i
     """One rank's tail_stats raises between the two all-reduces of the first layer: what every rank sees."""
     stages = get_backend("reference").stages
     if rank == failing_rank:
+
         def tail_stats(*args):
             raise RuntimeError("injected failure in tail_stats")
+
         stages = stages._replace(tail_stats=tail_stats)
-    register_backend(dataclasses.replace(get_backend("reference"), name="fails-on-one-rank", stages=stages))
+    register_backend(
+        dataclasses.replace(get_backend("reference"), name="fails-on-one-rank", stages=stages)
+    )
     model = shard_model(single_process_model(n_vars, "fails-on-one-rank"))
     cols = variate_range(n_vars, world_size, rank)
-    x_local = problem(n_vars)[0][:, :, cols.start:cols.stop].float()
+    x_local = problem(n_vars)[0][:, :, cols.start : cols.stop].float()
     started = time.perf_counter()
     try:
         model(x_local)
@@ -179,7 +207,9 @@ def failure_mid_forward(rank: int, world_size: int, n_vars: int, failing_rank: i
     except VariateParallelFailure as e:
         error = (type(e).__name__, str(e))
     seconds, group_ended = time.perf_counter() - started, not dist.is_initialized()
-    if rank == failing_rank:  # a process that caught its error and lives on: the others must not wait for it
+    if (
+        rank == failing_rank
+    ):  # a process that caught its error and lives on: the others must not wait for it
         time.sleep(FAILED_RANK_LINGERS_S)
     return {"error": error, "seconds": seconds, "group_ended": group_ended}
 
@@ -190,15 +220,20 @@ def register_standin() -> None:
     register_backend(dataclasses.replace(get_backend("reference"), name="standin"))
 
 
-def session(rank: int, world_size: int, n_vars: int, backends: list[str], tmp: str, failing_rank: int) -> dict:
+def session(
+    rank: int, world_size: int, n_vars: int, backends: list[str], tmp: str, failing_rank: int
+) -> dict:
     """Every scenario in turn on this rank: ``{name: result}`` or ``{name: "error: <traceback>"}``.
 
     The failure scenario comes last, since it ends the group.
     """
     register_standin()
     scenarios = {
-        **{f"model/{b}/{str(dt).removeprefix('torch.')}": (forward_and_gradients, (n_vars, b, dt))
-           for b in backends for dt in (torch.float64, torch.float32)},
+        **{
+            f"model/{b}/{str(dt).removeprefix('torch.')}": (forward_and_gradients, (n_vars, b, dt))
+            for b in backends
+            for dt in (torch.float64, torch.float32)
+        },
         "attention_and_block": (sharded_attention_and_block, (n_vars,)),
         "load": (load_from_file, (max(n_vars, 2000), str(Path(tmp) / "casa.pt"))),
         "failure": (failure_mid_forward, (n_vars, failing_rank)),

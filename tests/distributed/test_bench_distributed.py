@@ -12,15 +12,23 @@ def test_counted_bytes_are_the_formula_and_do_not_grow_with_n(group_of_one):
     counted_per_n = []
     for n_vars in (3, 30):
         torch.manual_seed(0)
-        model = shard_model(CASAModel(n_vars=n_vars, d_model=16, seq_len=8, pred_len=4, e_layers=3,
-                                      backend="reference"))
+        model = shard_model(
+            CASAModel(
+                n_vars=n_vars, d_model=16, seq_len=8, pred_len=4, e_layers=3, backend="reference"
+            )
+        )
         with torch.inference_mode(), bench_distributed.counting_all_reduce() as counted:
             model(torch.randn(2, 8, n_vars))
         counted_per_n.append(counted[0])
     # per layer: h1 [2, 4, 8] + max and sum [2, 16], float32
-    assert bench_distributed.casa_allreduce_bytes(2, 16, torch.float32) == (2 * 4 * 8 + 2 * 2 * 16) * 4
+    assert (
+        bench_distributed.casa_allreduce_bytes(2, 16, torch.float32) == (2 * 4 * 8 + 2 * 2 * 16) * 4
+    )
     assert counted_per_n == [3 * bench_distributed.casa_allreduce_bytes(2, 16, torch.float32)] * 2
-    assert bench_distributed.casa_allreduce_bytes(2, 16, torch.bfloat16) == (2 * 4 * 8 + 2 * 2 * 16) * 4
+    assert (
+        bench_distributed.casa_allreduce_bytes(2, 16, torch.bfloat16)
+        == (2 * 4 * 8 + 2 * 2 * 16) * 4
+    )
     assert bench_distributed.kv_allgather_bytes(2, 30, 16, torch.bfloat16) == 2 * 2 * 30 * 16 * 2
 
 

@@ -16,13 +16,17 @@ def test_ranges_are_contiguous_balanced_and_cover_every_variate(n_vars, world_si
 
 
 def test_fewer_variates_than_ranks_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"n_vars: expected at least world_size = 4 variates .*received 3"):
+    with pytest.raises(
+        ValueError, match=r"n_vars: expected at least world_size = 4 variates .*received 3"
+    ):
         variate_range(3, 4, 0)
 
 
 @pytest.mark.parametrize("rank", [-1, 2])
 def test_rank_outside_the_group_is_an_error(rank):
-    with pytest.raises(ValueError, match=rf"rank: expected 0 <= rank < world_size = 2, received {rank}"):
+    with pytest.raises(
+        ValueError, match=rf"rank: expected 0 <= rank < world_size = 2, received {rank}"
+    ):
         variate_range(5, 2, rank)
 
 
@@ -34,5 +38,7 @@ def test_non_int_arguments_are_errors():
 
 
 def test_a_shard_needs_an_initialised_group():
-    with pytest.raises(RuntimeError, match="group: expected an initialised torch.distributed process group"):
+    with pytest.raises(
+        RuntimeError, match="group: expected an initialised torch.distributed process group"
+    ):
         VariateShard.of(5)

@@ -23,7 +23,9 @@ def test_wrapped_stages_give_the_reference_values_and_gradients(problem):
         wl = type(w)(*wl)
         h5 = stages.bottleneck(stages.head_partial(xl, wl.enc0_weight), wl)
         m, s = stages.tail_stats(xl, h5, wl.dec2_weight, wl.dec2_bias)
-        y = stages.tail_output(xl, h5, wl.dec2_weight, wl.dec2_bias, wl.value_weight, wl.value_bias, m, s)
+        y = stages.tail_output(
+            xl, h5, wl.dec2_weight, wl.dec2_bias, wl.value_weight, wl.value_bias, m, s
+        )
         (y.square().sum() + s.sum() + m.sum()).backward()
         results.append((y, [xl.grad, *(t.grad for t in wl)]))
     (y0, g0), (y1, g1) = results
@@ -33,7 +35,9 @@ def test_wrapped_stages_give_the_reference_values_and_gradients(problem):
 
 
 def test_a_backend_without_stages_falls_back_to_the_reference_with_a_warning(monkeypatch):
-    no_stages = dataclasses.replace(registry.get_backend("reference"), name="no-stages", stages=None)
+    no_stages = dataclasses.replace(
+        registry.get_backend("reference"), name="no-stages", stages=None
+    )
     monkeypatch.setitem(registry._BACKENDS, "no-stages", no_stages)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
