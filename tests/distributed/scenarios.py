@@ -108,6 +108,31 @@ def sharded_attention_and_block(rank: int, world_size: int, n_vars: int) -> dict
     return errors
 
 
+def nonfinite_attention(rank: int, world_size: int, n_vars: int) -> dict:
+    """A NaN in batch element 1 of the last rank's variates, through a sharded CASAAttention
+    (float64): NaN where the single-process attention has it (the encoder's sum over variates
+    spreads it to every rank), the finite elements within 1e-10."""
+    cols = variate_range(n_vars, world_size, rank)
+    x = torch.randn(
+        BATCH,
+        n_vars,
+        CONFIG["d_model"],
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    x[1, n_vars - 1, 7] = torch.nan
+    torch.manual_seed(0)
+    full = CASAAttention(n_vars=n_vars, d_model=CONFIG["d_model"], backend="reference").double()
+    expected = full(x)[:, cols.start : cols.stop]
+    got = shard_model(full)(x[:, cols.start : cols.stop])
+    finite = torch.isfinite(expected)
+    return {
+        "same_nan": torch.equal(got.isnan(), expected.isnan()),
+        "nan_elements": int(expected.isnan().sum()),
+        "finite_error": (got[finite] - expected[finite]).abs().max().item(),
+    }
+
+
 def allocated_peak_outside_mapping(fn, path: str) -> int:
     """Peak bytes held by the c10 CPU allocator during ``fn()``, the mapping of ``path`` left out.
 
@@ -235,6 +260,7 @@ def session(
             for dt in (torch.float64, torch.float32)
         },
         "attention_and_block": (sharded_attention_and_block, (n_vars,)),
+        "nonfinite": (nonfinite_attention, (n_vars,)),
         "load": (load_from_file, (max(n_vars, 2000), str(Path(tmp) / "casa.pt"))),
         "failure": (failure_mid_forward, (n_vars, failing_rank)),
     }

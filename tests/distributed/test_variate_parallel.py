@@ -103,6 +103,14 @@ def test_shard_model_of_attention_and_block(ranks):
             )
 
 
+def test_a_nan_on_one_rank_gives_the_single_process_nan_pattern(ranks):
+    for rank, r in enumerate(scenario(ranks, "nonfinite")):
+        assert r["nan_elements"] > 0 and r["same_nan"], f"rank {rank}: NaN pattern differs ({r})"
+        assert r["finite_error"] <= 1e-10, (
+            f"rank {rank}: finite elements off by {r['finite_error']:.3g}"
+        )
+
+
 def test_from_state_dict_holds_only_its_slices(ranks):
     """The checkpoint is memory-mapped; every parameter owns a storage of exactly its size (no view of
     a full tensor); the values are this rank's slices; the load allocates about what the rank holds."""
