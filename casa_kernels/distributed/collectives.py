@@ -15,6 +15,8 @@ A failed all-reduce (another rank failed or left the group) raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -22,17 +24,33 @@ from .failure import VariateParallelFailure
 from .partition import VariateShard
 
 
+def _collective(call: Callable[[], object], shard: VariateShard, what: str) -> None:
+    """Runs ``call`` (a collective over ``shard.group``); a failure becomes :class:`VariateParallelFailure`."""
+    try:
+        call()
+    except Exception as error:
+        raise VariateParallelFailure(
+            f"the {what} failed on {shard.describe()}: another rank failed or left "
+            f"the process group (its own error says why). {type(error).__name__}: {error}"
+        ) from error
+
+
 def all_reduce_(
     tensor: torch.Tensor, op: dist.ReduceOp, shard: VariateShard, what: str
 ) -> torch.Tensor:
     """All-reduces the contiguous ``tensor`` in place over ``shard.group`` (no autograd); returns it."""
-    try:
-        dist.all_reduce(tensor, op=op, group=shard.group)
-    except Exception as error:
-        raise VariateParallelFailure(
-            f"the all-reduce of {what} failed on {shard.describe()}: another rank failed or left "
-            f"the process group (its own error says why). {type(error).__name__}: {error}"
-        ) from error
+    _collective(
+        lambda: dist.all_reduce(tensor, op=op, group=shard.group), shard, f"all-reduce of {what}"
+    )
+    return tensor
+
+
+def broadcast_from_first_(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
+    """Overwrites the contiguous ``tensor`` with the group's first rank's, in place; returns it."""
+    first = 0 if shard.group is None else dist.get_global_rank(shard.group, 0)
+    _collective(
+        lambda: dist.broadcast(tensor, src=first, group=shard.group), shard, f"broadcast of {what}"
+    )
     return tensor
 
 

@@ -8,6 +8,11 @@ names) with the attention replaced by :func:`variate_parallel_attention`. Everyt
 else in CASA is per variate (the model's instance normalisation is over time, the
 embedding, MLP, LayerNorm and head act on each variate's row) and runs locally.
 
+Built directly (not from a checkpoint or :func:`shard_model`), a module draws its
+per-variate parameters (and the first conv's bias) as the single-process module does,
+uniform in ±1/sqrt(N·k) with N all the variates, and takes every replicated parameter
+from the group's first rank, so that the replicas agree whatever each rank's RNG state.
+
 Training: the all-reduces carry gradients, so after ``backward`` the per-variate
 parameters' gradients are the slices of the single-process gradients; the replicated
 parameters' gradients are this rank's share until :meth:`sync_replicated_grads` sums
@@ -16,8 +21,10 @@ them over the ranks.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,16 +32,61 @@ from torch import nn
 
 from ..modules import CASAAttention, CASABlock, CASAModel
 from .attention import variate_parallel_attention
-from .collectives import all_reduce_
+from .collectives import all_reduce_, broadcast_from_first_
 from .failure import ends_group_on_failure
 from .partition import VariateShard
 from .sharding import load_state_dict_file, local_state_dict, model_config, variate_dim
 
+_building_parts = contextvars.ContextVar("casa_variate_parallel_parts", default=False)
+
+
+@contextlib.contextmanager
+def _parts() -> Iterator[None]:
+    """Marks the construction of a variate-parallel module's parts: they leave initialisation to it."""
+    token = _building_parts.set(True)
+    try:
+        yield
+    finally:
+        _building_parts.reset(token)
+
+
+def _by_kind(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by (dtype, device), for one flat buffer per group."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
 
 class VariateParallel(nn.Module):
-    """What the variate-parallel modules share: the rank's :class:`VariateShard` and the gradient sync."""
+    """What the variate-parallel modules share: the rank's :class:`VariateShard`, the
+    initialisation of a directly built module and the gradient sync."""
 
     shard: VariateShard
+
+    def _replicated_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if variate_dim(name) is None]
+
+    def _finish_init(self) -> None:
+        """Initialises the module as described in the module docstring, unless it is a part of a
+        larger variate-parallel module (which does it) or on the meta device (loaded next)."""
+        if _building_parts.get() or any(p.is_meta for p in self.parameters()):
+            return
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, VariateParallelCASAAttention):
+                    bound = (m.shard.n_vars * m.kernel) ** -0.5
+                    enc0, dec2 = m.score.encoder[0], m.score.decoder[4]
+                    for t in (enc0.weight, enc0.bias, dec2.weight, dec2.bias):
+                        t.uniform_(-bound, bound)
+            for group in _by_kind(self._replicated_parameters()):
+                flat = broadcast_from_first_(
+                    torch.cat([p.reshape(-1) for p in group]),
+                    self.shard,
+                    "the replicated parameters",
+                )
+                for p, value in zip(group, flat.split([p.numel() for p in group])):
+                    p.copy_(value.view_as(p))
 
     def sync_replicated_grads(self) -> None:
         """Sums the replicated parameters' gradients over the ranks (one all-reduce per dtype).
@@ -42,15 +94,7 @@ class VariateParallel(nn.Module):
         Call after ``backward`` on every rank; a replicated parameter without a gradient
         counts as zero. Per-variate parameters are left as they are (already exact).
         """
-        params = [
-            p
-            for name, p in self.named_parameters()
-            if variate_dim(name) is None and p.requires_grad
-        ]
-        by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-        for p in params:
-            by_kind.setdefault((p.dtype, p.device), []).append(p)
-        for group in by_kind.values():
+        for group in _by_kind([p for p in self._replicated_parameters() if p.requires_grad]):
             flat = torch.cat(
                 [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
             )
@@ -79,6 +123,7 @@ class VariateParallelCASAAttention(VariateParallel, CASAAttention):
         shard = VariateShard.of(n_vars, group)
         super().__init__(n_vars=shard.n_local, d_model=d_model, kernel=kernel, backend=backend)
         self.shard = shard
+        self._finish_init()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with ends_group_on_failure(self.shard, f"{type(self).__name__}.forward"):
@@ -91,9 +136,25 @@ class VariateParallelCASAAttention(VariateParallel, CASAAttention):
 class VariateParallelCASABlock(CASABlock, VariateParallelCASAAttention):
     """:class:`~casa_kernels.CASABlock` whose attention is :class:`VariateParallelCASAAttention`.
 
-    Constructor as VariateParallelCASAAttention's (``n_vars`` all variates, ``group``).
-    ``forward(x_local: [B, N_local, D], ...) -> [B, N_local, D]`` (arguments as CASABlock's).
+    ``n_vars`` is the whole model's variate count; ``group`` the process group (None: the
+    default one). ``forward(x_local: [B, N_local, D], ...) -> [B, N_local, D]`` (arguments as
+    CASABlock's).
     """
+
+    def __init__(
+        self,
+        *,
+        n_vars: int,
+        d_model: int,
+        kernel: int = 3,
+        backend: str = "auto",
+        group: dist.ProcessGroup | None = None,
+    ):
+        with _parts():
+            super().__init__(
+                n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, group=group
+            )
+        self._finish_init()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         with ends_group_on_failure(self.shard, f"{type(self).__name__}.forward"):
@@ -123,18 +184,20 @@ class VariateParallelCASAModel(VariateParallel, CASAModel):
         backend: str = "auto",
         group: dist.ProcessGroup | None = None,
     ):
-        super().__init__(
-            n_vars=n_vars,
-            d_model=d_model,
-            kernel=kernel,
-            seq_len=seq_len,
-            pred_len=pred_len,
-            e_layers=e_layers,
-            backend=backend,
-            group=group,
-        )
+        with _parts():
+            super().__init__(
+                n_vars=n_vars,
+                d_model=d_model,
+                kernel=kernel,
+                seq_len=seq_len,
+                pred_len=pred_len,
+                e_layers=e_layers,
+                backend=backend,
+                group=group,
+            )
         self.shard = VariateShard.of(n_vars, group)
         self.n_vars = self.shard.n_local  # the variates of x_local
+        self._finish_init()
 
     def forward(
         self,

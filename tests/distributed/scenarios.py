@@ -108,6 +108,28 @@ def sharded_attention_and_block(rank: int, world_size: int, n_vars: int) -> dict
     return errors
 
 
+def direct_construction(rank: int, world_size: int, n_vars: int) -> dict:
+    """VariateParallelCASAModel(...) built with a different RNG seed on each rank: are the replicas
+    equal, and are the per-variate parameters within the single-process init bound 1/sqrt(N·k)?"""
+    torch.manual_seed(1000 + rank)
+    model = VariateParallelCASAModel(n_vars=n_vars, **CONFIG)
+    replicated = torch.cat(
+        [p.detach().reshape(-1) for n, p in model.named_parameters() if variate_dim(n) is None]
+    )
+    everyone = [torch.empty_like(replicated) for _ in range(world_size)]
+    dist.all_gather(everyone, replicated)
+    bound = (n_vars * CONFIG["kernel"]) ** -0.5
+    per_variate = [
+        p.detach().abs().max().item()
+        for n, p in model.named_parameters()
+        if variate_dim(n) is not None or n.endswith("score.encoder.0.bias")
+    ]
+    return {
+        "replicas_equal": all(torch.equal(t, replicated) for t in everyone),
+        "max_over_bound": max(per_variate) / bound,
+    }
+
+
 def nonfinite_attention(rank: int, world_size: int, n_vars: int) -> dict:
     """A NaN in batch element 1 of the last rank's variates, through a sharded CASAAttention
     (float64): NaN where the single-process attention has it (the encoder's sum over variates
@@ -261,6 +283,7 @@ def session(
         },
         "attention_and_block": (sharded_attention_and_block, (n_vars,)),
         "nonfinite": (nonfinite_attention, (n_vars,)),
+        "direct_construction": (direct_construction, (n_vars,)),
         "load": (load_from_file, (max(n_vars, 2000), str(Path(tmp) / "casa.pt"))),
         "failure": (failure_mid_forward, (n_vars, failing_rank)),
     }

@@ -111,6 +111,14 @@ def test_a_nan_on_one_rank_gives_the_single_process_nan_pattern(ranks):
         )
 
 
+def test_built_directly_it_initialises_like_the_single_process_model(ranks):
+    """Replicas equal across ranks seeded differently; per-variate parameters within 1/sqrt(N·k)
+    (with the local fan-in N_local·k the bound would be sqrt(P) times larger)."""
+    for rank, r in enumerate(scenario(ranks, "direct_construction")):
+        assert r["replicas_equal"], f"rank {rank}: replicated parameters differ between ranks"
+        assert 0.8 < r["max_over_bound"] <= 1.0, f"rank {rank}: {r}"
+
+
 def test_from_state_dict_holds_only_its_slices(ranks):
     """The checkpoint is memory-mapped; every parameter owns a storage of exactly its size (no view of
     a full tensor); the values are this rank's slices; the load allocates about what the rank holds."""
