@@ -2,22 +2,56 @@
 
 The reference stages are plain PyTorch: autograd sees through them. A fused backend's
 stages are wrapped so that, as for the fused op itself, their forward is the backend's
-and their backward differentiates the reference stage recomputed from the saved inputs
-(the gradients are the reference's). A backend without stages falls back to the
-reference stages with one warning.
+and their backward differentiates the reference recomputed from the saved inputs (the
+gradients are the reference's). A backend without stages falls back to the reference
+stages with one warning.
+
+The tail statistics need care: a backend may return any shift ``m`` at least the column
+maximum (the cpu kernel returns a bound from x), with ``l = Σ_N exp(s − m)``. They are used
+only through the merge's ``l·exp(m − M)``, whose derivative with respect to the scores is
+``exp(s − M)`` whatever m is; so the wrapped ``tail_stats`` returns m without gradient and
+differentiates ``Σ_N exp(s − m)`` of the reference scores with m held at the backend's value.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..ops.registry import Stages, get_backend, resolve_backend
+from ..reference.stages import scores as reference_scores
 from ..weights import ScoreAttentionWeights
 
 REFERENCE = "reference"
+
+
+def _reference_gradients(
+    reference: Callable,
+    inputs: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+    grads: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | None, ...]:
+    """The vector-Jacobian product of ``reference(*inputs)`` with ``grads``, for the inputs flagged in ``needs``."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        outputs = reference(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [
+            (out, grad)
+            for out, grad in zip(outputs, grads)
+            if out.requires_grad and grad is not None
+        ]
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+        found = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if wanted and pairs
+            else ()
+        )
+    return tuple(next(found, None) if need else None for need in needs)
 
 
 class _StageWithReferenceGradient(torch.autograd.Function):
@@ -32,20 +66,30 @@ class _StageWithReferenceGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-            outputs = ctx.reference(*leaves)
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
-            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
-            found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-                )
-                if wanted and pairs
-                else ()
-            )
-        return (None, None, *(next(found, None) if need else None for need in needs))
+        return (None, None, *_reference_gradients(ctx.reference, ctx.saved_tensors, needs, grads))
+
+
+class _TailStatsWithReferenceGradient(torch.autograd.Function):
+    """``fast`` tail_stats forward, ``(m, l)``; m has no gradient, l's is that of the reference
+    ``Σ_N exp(s − m)`` with m held constant (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, fast: Callable, x, h5, dec2_weight, dec2_bias):
+        col_max, col_sum = fast(x, h5, dec2_weight, dec2_bias)
+        ctx.save_for_backward(x, h5, dec2_weight, dec2_bias, col_max)
+        ctx.mark_non_differentiable(col_max)
+        return col_max, col_sum
+
+    @staticmethod
+    def backward(ctx, _grad_max: torch.Tensor, grad_sum: torch.Tensor):
+        *inputs, col_max = ctx.saved_tensors
+
+        def shifted_sum(x, h5, dec2_weight, dec2_bias):
+            s = reference_scores(x, h5, dec2_weight, dec2_bias)
+            return torch.exp(s - col_max.to(s.dtype)[:, None]).sum(dim=1)
+
+        needs = ctx.needs_input_grad[1:]
+        return (None, *_reference_gradients(shifted_sum, inputs, needs, (grad_sum,)))
 
 
 def _flat_bottleneck(bottleneck: Callable) -> Callable:
@@ -54,7 +98,7 @@ def _flat_bottleneck(bottleneck: Callable) -> Callable:
 
 
 def with_reference_gradient(fast: Stages) -> Stages:
-    """``fast`` with every stage's backward taken from the reference stage (same signatures)."""
+    """``fast`` with every stage's backward taken from the reference (same signatures)."""
     ref = get_backend(REFERENCE).stages
     flat_fast, flat_ref = _flat_bottleneck(fast.bottleneck), _flat_bottleneck(ref.bottleneck)
 
@@ -65,7 +109,7 @@ def with_reference_gradient(fast: Stages) -> Stages:
     return Stages(
         head_partial=wrap(fast.head_partial, ref.head_partial),
         bottleneck=lambda h1, w: wrapped_bottleneck(h1, *w),
-        tail_stats=wrap(fast.tail_stats, ref.tail_stats),
+        tail_stats=lambda *inputs: _TailStatsWithReferenceGradient.apply(fast.tail_stats, *inputs),
         tail_output=wrap(fast.tail_output, ref.tail_output),
     )
 
