@@ -8,7 +8,9 @@ inference mode, at D = 128, L = H = 96, two layers, k = 3:
 * ``weak`` — N/P fixed per rank (N grows with P); and the single-process model at N/P.
 
 Per point: latency p20/p50/p80 (each repetition starts on all ranks after a barrier and
-counts as long as its slowest rank), peak extra memory of one forward (the largest over
+counts as long as its slowest rank), the CPU time of a call (``cpu_ms_p50``: the process's,
+the slowest rank's; on a shared machine the work done rather than the time it took), peak
+extra memory of one forward (the largest over
 the ranks), the parameter bytes a rank holds, and the bytes all-reduced per layer —
 counted by wrapping ``torch.distributed.all_reduce`` during one forward — next to the keys
 and values an all-gather would need for full attention over variates (``2·B·N·D``
@@ -100,20 +102,26 @@ def _sync(device: str) -> None:
 
 def rep_times_ms(
     fn: Callable[[], object], device: str, warmup: int, reps: int, together: bool
-) -> list[float]:
-    """Milliseconds of ``reps`` calls after ``warmup``; ``together``: every rank starts each call after a barrier."""
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU milliseconds of ``reps`` calls after ``warmup``.
+
+    CPU time is this process's (all its threads; a rank waiting in an all-reduce does not
+    spin): on a machine shared with other jobs it is the work done, the wall time what it
+    took. ``together``: every rank starts each call after a barrier.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
         if together:
             dist.barrier()
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - cpu_start) * 1e3)
+    return wall, cpu
 
 
 def _max_over_ranks(values: list[float], device: str) -> list[float]:
@@ -154,9 +162,9 @@ def measure(
     with torch.inference_mode():
         with counting_all_reduce() as counted:
             model(x)
-        times = _max_over_ranks(
-            rep_times_ms(lambda: model(x), device, warmup, reps, together=True), device
-        )
+        wall, cpu = rep_times_ms(lambda: model(x), device, warmup, reps, together=True)
+        both = _max_over_ranks(wall + cpu, device)  # per repetition, the slowest rank
+        wall, cpu = both[:reps], both[reps:]
         peak, method = measure_peak_memory(lambda: model(x), device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak, param_bytes = (int(v) for v in _max_over_ranks([peak, param_bytes], device))
@@ -165,7 +173,8 @@ def measure(
     return _row(
         point,
         dtype,
-        sorted(times),
+        wall,
+        cpu,
         peak,
         method,
         param_bytes,
@@ -180,16 +189,17 @@ def _measure_single(
     model = _model(point, device, dtype, backend)
     x = torch.randn(point.batch, SEQ_LEN, point.n_vars, device=device, dtype=dtype)
     with torch.inference_mode():
-        times = rep_times_ms(lambda: model(x), device, warmup, reps, together=False)
+        wall, cpu = rep_times_ms(lambda: model(x), device, warmup, reps, together=False)
         peak, method = measure_peak_memory(lambda: model(x), device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return _row(point, dtype, sorted(times), peak, method, param_bytes, 0, point.n_vars)
+    return _row(point, dtype, wall, cpu, peak, method, param_bytes, 0, point.n_vars)
 
 
 def _row(
     point: Point,
     dtype: torch.dtype,
-    times: list[float],
+    wall: list[float],
+    cpu: list[float],
     peak: int,
     method: str,
     param_bytes: int,
@@ -197,6 +207,7 @@ def _row(
     n_local: int,
 ) -> dict:
     p = point.world_size
+    times = sorted(wall)
     kv = kv_allgather_bytes(point.batch, point.n_vars, D_MODEL, dtype)
     p50_s = percentile(times, 0.5) / 1e3
     return {
@@ -221,6 +232,7 @@ def _row(
         "status": "ok",
         "note": "",
         "world_size": p,
+        "cpu_ms_p50": f"{percentile(sorted(cpu), 0.5):.6g}",
         "n_vars_per_rank": n_local,
         "param_bytes_per_rank": param_bytes,
         "allreduce_bytes_per_layer": allreduce_bytes_per_layer,
@@ -344,7 +356,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
             }
             upsert_rows(csv_path, [row])
             print(
-                f"{point.sweep:<6} {row['config']:<28} p50 {float(row['latency_ms_p50']):9.2f} ms  "
+                f"{point.sweep:<6} {row['config']:<28} p50 {float(row['latency_ms_p50']):9.2f} ms (cpu {float(row['cpu_ms_p50']):8.2f})  "
                 f"peak {int(row['peak_mem_bytes']) / 2**20:8.1f} MiB/rank  "
                 f"all-reduce {int(row['allreduce_bytes_per_layer']) / 2**10:7.1f} KiB/layer  "
                 f"K,V all-gather {int(row['kv_allgather_bytes_per_layer']) / 2**20:8.2f} MiB/layer",
