@@ -1,8 +1,9 @@
 """``python -m bench SUITE [SUITE ...] [options]`` — benchmarks of CASA against full attention.
 
 Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; model vs L),
-``model`` (end-to-end forecasters). Results are upserted into ``<out>/<suite>.csv``;
-``summary.json`` and the scaling plots are rebuilt from the CSVs after each run.
+``model`` (end-to-end forecasters), ``distributed`` (variate-parallel CASA, alone under
+``torchrun --nproc-per-node P``: :mod:`bench.distributed`). Results are upserted into
+``<out>/<suite>.csv``; ``summary.json`` and the scaling plots are rebuilt from the CSVs after each run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  scaling    the op vs N (8 .. 131072, x2; --quick: .. 4096), vs D, vs B; the forecaster vs L\n"
             "             (L only enters the embedding Linear(L->D), so it is swept at the model level)\n"
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
+            "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
+            "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
             "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png"
         ),
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--time-cap), skipped (unavailable here), error (any other exception; see note)."
         ),
     )
-    parser.add_argument("suites", nargs="+", choices=sorted(SUITES), metavar="SUITE",
-                        help=f"one or more of {', '.join(SUITES)}")
+    parser.add_argument("suites", nargs="+", choices=sorted([*SUITES, "distributed"]), metavar="SUITE",
+                        help=f"one or more of {', '.join(SUITES)}; or distributed alone")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to measure (default: cuda if available, else cpu)")
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "distributed" in args.suites:
+        from . import distributed
+
+        return distributed.main(args)
     from . import plots, providers, results, suites, summary
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -132,11 +132,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def upsert_rows(path: Path, rows: list[dict]) -> None:
     """Writes ``rows`` into the CSV at ``path``, replacing rows with the same key.
 
-    Extra columns already in the file are kept; the write is atomic (temp file + rename).
+    Extra columns (already in the file or in the new rows) are kept; the write is atomic
+    (temp file + rename).
     """
     existing = read_rows(path)
     columns = list(COLUMNS)
-    for row in existing:
+    for row in [*existing, *rows]:
         columns += [c for c in row if c not in columns]
     merged = {_key(r): r for r in existing}
     for row in rows:

@@ -72,15 +72,21 @@ class CASABlock(CASAAttention):
 
     One LayerNorm instance is used twice, as in the official code.
     ``forward(x: [B, N, D], relu=False) -> [B, N, D]``; ``relu=True`` applies the ReLU that
-    follows the block in the model (fused where the epilogue is).
+    follows the block in the model (fused where the epilogue is). ``attention_options`` go
+    to the attention's constructor (a subclass whose attention takes more options, e.g. a
+    process group).
 
     Where the attention runs on the ``cpu`` backend for inference (no gradient due, no
     autocast, not traced), the work after the attention runs as one fused CPU op
     (:func:`casa_kernels.ops.cpu.block_epilogue`); elsewhere it is eager PyTorch.
     """
 
-    def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
-        super().__init__(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend)
+    def __init__(
+        self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto", **attention_options
+    ):
+        super().__init__(
+            n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **attention_options
+        )
         self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
 
@@ -113,12 +119,15 @@ class CASAModel(nn.Module):
     ``forward(x: [B, seq_len, n_vars]) -> [B, pred_len, n_vars]``: instance
     normalisation over time (mean, unbiased variance + 1e-5), ``Linear(L→D) → ReLU →
     [CASABlock → ReLU] × e_layers → Linear(D→H)`` on ``[B, N, L]``, de-normalisation.
-    B may be 0 (an empty forecast).
+    B may be 0 (an empty forecast). The blocks are ``block_type`` instances, built with
+    ``block_options`` as extra keywords.
 
     The official call ``model(x_enc, x_mark_enc, x_dec, x_mark_dec, mask=None)`` of the
     paper's and the Time-Series-Library's training and evaluation loops works as it is:
     CASA uses ``x_enc`` alone and ignores the time marks, the decoder input and the mask.
     """
+
+    block_type: type[CASABlock] = CASABlock
 
     def __init__(
         self,
@@ -130,6 +139,7 @@ class CASAModel(nn.Module):
         pred_len: int,
         e_layers: int,
         backend: str = "auto",
+        **block_options,
     ):
         super().__init__()
         check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
@@ -137,7 +147,12 @@ class CASAModel(nn.Module):
             check_positive_int(name, value)
         self.n_vars, self.seq_len, self.pred_len = n_vars, seq_len, pred_len
         blocks = [
-            nn.Sequential(CASABlock(n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend), nn.ReLU())
+            nn.Sequential(
+                self.block_type(
+                    n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **block_options
+                ),
+                nn.ReLU(),
+            )
             for _ in range(e_layers)
         ]
         self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))

@@ -1,0 +1,95 @@
+"""The two reductions over variates of a variate-parallel CASA layer, as autograd-aware all-reduces.
+
+* :func:`all_reduce_sum` — the sum over ranks, differentiable: its backward all-reduces
+  (sums) the incoming gradient, since every rank's copy of the sum feeds its own part of
+  the loss and the loss is the sum of the ranks' parts.
+* :func:`merge_stats` — the softmax column statistics of all ranks merged with the
+  log-sum-exp rule: ``M = max_r m_r`` (all-reduce max) and ``S = Σ_r s_r · exp(m_r − M)``
+  (all-reduce sum). The softmax ``exp(s − M) / S`` does not depend on the shift M, so M
+  carries no gradient (it is computed from detached maxima); the gradient of S, through
+  ``s_r`` and ``m_r``, is derived by autograd from the differentiable sum.
+
+A failed all-reduce (another rank failed or left the group) raises
+:class:`~casa_kernels.distributed.failure.VariateParallelFailure` naming the reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .failure import VariateParallelFailure
+from .partition import VariateShard
+
+
+def _collective(call: Callable[[], object], shard: VariateShard, what: str) -> None:
+    """Runs ``call`` (a collective over ``shard.group``); a failure becomes :class:`VariateParallelFailure`."""
+    try:
+        call()
+    except Exception as error:
+        raise VariateParallelFailure(
+            f"the {what} failed on {shard.describe()}: another rank failed or left "
+            f"the process group (its own error says why). {type(error).__name__}: {error}"
+        ) from error
+
+
+def all_reduce_(
+    tensor: torch.Tensor, op: dist.ReduceOp, shard: VariateShard, what: str
+) -> torch.Tensor:
+    """All-reduces the contiguous ``tensor`` in place over ``shard.group`` (no autograd); returns it."""
+    _collective(
+        lambda: dist.all_reduce(tensor, op=op, group=shard.group), shard, f"all-reduce of {what}"
+    )
+    return tensor
+
+
+def broadcast_from_first_(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
+    """Overwrites the contiguous ``tensor`` with the group's first rank's, in place; returns it."""
+    first = 0 if shard.group is None else dist.get_global_rank(shard.group, 0)
+    _collective(
+        lambda: dist.broadcast(tensor, src=first, group=shard.group), shard, f"broadcast of {what}"
+    )
+    return tensor
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
+        ctx.shard, ctx.what = shard, what
+        return all_reduce_(
+            tensor.clone(memory_format=torch.contiguous_format), dist.ReduceOp.SUM, shard, what
+        )
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        summed = all_reduce_(
+            grad.clone(memory_format=torch.contiguous_format),
+            dist.ReduceOp.SUM,
+            ctx.shard,
+            f"the gradient of {ctx.what}",
+        )
+        return summed, None, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
+    """The elementwise sum of ``tensor`` over the ranks (a new tensor); differentiable."""
+    return _AllReduceSum.apply(tensor, shard, what)
+
+
+def all_reduce_max(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over the ranks (a new tensor, no gradient)."""
+    return all_reduce_(
+        tensor.detach().clone(memory_format=torch.contiguous_format), dist.ReduceOp.MAX, shard, what
+    )
+
+
+def merge_stats(
+    col_max: torch.Tensor, col_sum: torch.Tensor, shard: VariateShard
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global column statistics ``(M, S)``, each ``[B, D]``, from this rank's ``(m_r, s_r)``."""
+    global_max = all_reduce_max(col_max, shard, "the softmax column maxima")
+    return global_max, all_reduce_sum(
+        col_sum * torch.exp(col_max - global_max), shard, "the softmax column sums"
+    )

@@ -1,0 +1,86 @@
+"""Runs a function on P spawned processes joined in a gloo group, with timeouts everywhere.
+
+``run_ranks(fn, world_size, *args)`` starts P processes (``spawn``), each with one
+torch thread, joins them in a gloo process group through a file store (no port to
+pick), calls ``fn(rank, world_size, *args)`` and returns the P results in rank order.
+An exception on a rank comes back as :class:`RankError` with its traceback; a rank
+that has not answered within ``timeout_s`` is killed and reported, so a bug can never
+hang the test run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# What one collective may wait for before gloo gives up: a backstop far above a healthy run.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
+
+
+class RankError(Exception):
+    """A rank raised, or did not answer in time; the message holds its traceback."""
+
+
+def _worker(
+    rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, results
+) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) -> list:
+    """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = str(Path(tmp) / "store")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, store, fn, args, results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        answers: dict[int, tuple[bool, object]] = {}
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+        try:
+            while len(answers) < world_size:
+                left = (deadline - datetime.datetime.now()).total_seconds()
+                try:
+                    rank, ok, value = results.get(timeout=max(left, 0.01))
+                except queue.Empty:
+                    missing = sorted(set(range(world_size)) - set(answers))
+                    raise RankError(
+                        f"ranks {missing} of {world_size} gave no result within {timeout_s} s"
+                    ) from None
+                answers[rank] = (ok, value)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    for rank in range(world_size):
+        ok, value = answers[rank]
+        if not ok:
+            raise RankError(f"rank {rank} of {world_size} raised:\n{value}")
+    return [answers[r][1] for r in range(world_size)]
