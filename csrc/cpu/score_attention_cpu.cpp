@@ -244,17 +244,21 @@ struct Plan {
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
   // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
   bool bf16_gemm;
+  // The bottleneck's GEMMs too, on AMX only: its column-split GEMMs with M up to 3D/2 ran
+  // at half the speed of the fp32 ones on the avx512_bf16 tier (N = 21: 0.76x the reference).
+  bool bf16_bottleneck;
   std::vector<int64_t> taps[2];  // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
   int64_t packed_tile;  // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
   at::Tensor enc0_weight;  // with bf16_gemm: the caller's bfloat16 first-conv weight
 
   Plan(const Sizes& sizes, const Weights& weights, std::vector<at::Tensor> prepared_weights,
-       int64_t tile_width, bool bf16)
+       int64_t tile_width, cpu::Bf16Gemm tier)
       : s(sizes),
         acc(c10::CppTypeToScalarType<acc_t>::value),
         tile(tile_width),
-        bf16_gemm(bf16),
+        bf16_gemm(tier != cpu::Bf16Gemm::kNone),
+        bf16_bottleneck(tier == cpu::Bf16Gemm::kAmx),
         prepared(std::move(prepared_weights)),
         packed_tile(cpu::packed_bf16_size(sizes.d_model, tile_width)) {
     const bool copies = !std::is_same_v<scalar_t, acc_t>;
@@ -268,9 +272,11 @@ struct Plan {
 
   // The prepared list for `weights` (the caller's, in scalar_t).
   static std::vector<at::Tensor> prepare(const Sizes& s, const Weights& weights, int64_t tile,
-                                         bool bf16_gemm) {
+                                         cpu::Bf16Gemm tier) {
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const bool bf16_gemm = tier != cpu::Bf16Gemm::kNone;
     const at::ScalarType gemm_type = bf16_gemm ? at::kBFloat16 : acc;
+    const at::ScalarType bottleneck_type = tier == cpu::Bf16Gemm::kAmx ? at::kBFloat16 : acc;
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, C2 = D / 2, k = s.kernel;
     // Entries whose weights a stage does not pass (undefined) stay empty placeholders.
     std::vector<at::Tensor> out(kNumPrepared, at::empty({0}, at::TensorOptions(acc)));
@@ -296,11 +302,12 @@ struct Plan {
           weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
     }
     if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
-      out[kEnc1Gemm] = gemm_weight(kEnc1Weight).reshape({C2, C1 * k});
-      out[kEnc2Gemm] = gemm_weight(kEnc2Weight).reshape({D, C2 * k});
-      out[kDec0Gemm] = gemm_weight(kDec0Weight).reshape({D, C2 * k}).t();
-      out[kDec1Gemm] = gemm_weight(kDec1Weight).reshape({C2, C1 * k}).t();
-      if (bf16_gemm) {  // the matrix kernels take contiguous left operands
+      const auto operand = [&](int i) { return weights[i].to(bottleneck_type); };
+      out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
+      out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
+      out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t();
+      out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t();
+      if (bottleneck_type == at::kBFloat16) {  // the matrix kernels take contiguous operands
         for (int i : {kDec0Gemm, kDec1Gemm}) out[i] = out[i].contiguous();
       }
     }
@@ -400,10 +407,10 @@ struct Plan {
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
   at::Tensor bottleneck(const at::Tensor& h1) const {
     const int64_t k = s.kernel;
-    at::Tensor h = conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], h1, k, bf16_gemm);
-    h = conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], h, k, bf16_gemm);
-    h = conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], h, k, bf16_gemm);
-    return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_gemm);
+    at::Tensor h = conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], h1, k, bf16_bottleneck);
+    h = conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], h, k, bf16_bottleneck);
+    h = conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], h, k, bf16_bottleneck);
+    return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_bottleneck);
   }
 
   TailScratch tail_scratch() const {
@@ -624,9 +631,11 @@ Weights weights_of(const at::TensorList& list) {
   return w;
 }
 
-// Whether the GEMMs of a call in `dtype` run in bfloat16, for the tier the caller names.
-bool bf16_gemm_for(at::ScalarType dtype, const std::string& bf16_gemm) {
-  return dtype == at::kBFloat16 && cpu::bf16_gemm_from_name(bf16_gemm) != cpu::Bf16Gemm::kNone;
+// The bfloat16 GEMM tier of a call in `dtype`, for the tier the caller names (kNone but for
+// bfloat16 input).
+cpu::Bf16Gemm gemm_tier_for(at::ScalarType dtype, const std::string& bf16_gemm) {
+  const cpu::Bf16Gemm tier = cpu::bf16_gemm_from_name(bf16_gemm);
+  return dtype == at::kBFloat16 ? tier : cpu::Bf16Gemm::kNone;
 }
 
 // casa::cpu_prepare_weights: the prepared list (PreparedIndex) for `weights` and tile width.
@@ -638,7 +647,7 @@ std::vector<at::Tensor> prepare_weights(at::TensorList weights, int64_t tile,
                              w);
   TORCH_CHECK(tile >= 2 && tile % 2 == 0 && tile <= s.d_model,
               "tile: expected an even width in [2, d_model], received ", tile);
-  const bool bf16 = bf16_gemm_for(w[kValueWeight].scalar_type(), bf16_gemm);
+  const cpu::Bf16Gemm bf16 = gemm_tier_for(w[kValueWeight].scalar_type(), bf16_gemm);
   return dispatch_dtype(w[kValueWeight].scalar_type(), [&](auto types) {
     using T = decltype(types);
     return Plan<typename T::scalar_t, typename T::acc_t>::prepare(s, w, tile, bf16);
@@ -654,7 +663,7 @@ at::Tensor score_attention_prepared(const at::Tensor& x, at::TensorList weights,
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
   at::Tensor y = at::empty_like(x);
   if (s.batch == 0) return y;
-  const bool bf16 = bf16_gemm_for(x.scalar_type(), bf16_gemm);
+  const cpu::Bf16Gemm bf16 = gemm_tier_for(x.scalar_type(), bf16_gemm);
   dispatch_dtype(x.scalar_type(), [&](auto types) {
     using T = decltype(types);
     Plan<typename T::scalar_t, typename T::acc_t>(s, w, prepared.vec(), tile, bf16).run(x, y);
@@ -703,7 +712,7 @@ at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
   Weights w;
   w[kEnc0Weight] = enc0_weight.contiguous();
   const std::string tier = cpu::bf16_gemm_name(cpu::bf16_gemm());
-  const bool bf16 = bf16_gemm_for(x.scalar_type(), tier);
+  const cpu::Bf16Gemm bf16 = gemm_tier_for(x.scalar_type(), tier);
   if (s.batch == 0) {
     return at::empty({0, s.d_model / 4, s.d_model / 2}, x.options().dtype(accumulation_type(x.scalar_type())));
   }
@@ -752,7 +761,7 @@ std::vector<at::Tensor> prepare_tail(const at::Tensor& dec2_weight, const at::Te
   const Weights w = tail_weights(s, dtype, dec2_weight, dec2_bias, value_weight, value_bias);
   TORCH_CHECK(tile >= 2 && tile % 2 == 0 && tile <= s.d_model,
               "tile: expected an even width in [2, d_model], received ", tile);
-  const bool bf16 = bf16_gemm_for(dtype, bf16_gemm);
+  const cpu::Bf16Gemm bf16 = gemm_tier_for(dtype, bf16_gemm);
   return dispatch_dtype(dtype, [&](auto types) {
     using T = decltype(types);
     return Plan<typename T::scalar_t, typename T::acc_t>::prepare(s, w, tile, bf16);
@@ -773,7 +782,7 @@ void run_tail(const at::Tensor& x_in, const at::Tensor& h5, const at::Tensor& de
   check_stage_tensor(h5, "h5", {s.batch, s.d_model / 4, s.d_model / 2}, h5.scalar_type());
   check_stage_tensor(stats, "stats", {2, s.batch, s.d_model}, acc);
   if (s.batch == 0) return;
-  const bool bf16 = bf16_gemm_for(x.scalar_type(), bf16_gemm);
+  const cpu::Bf16Gemm bf16 = gemm_tier_for(x.scalar_type(), bf16_gemm);
   const at::Tensor h5_acc = h5.to(acc).permute({1, 0, 2});
   dispatch_dtype(x.scalar_type(), [&](auto types) {
     using T = decltype(types);

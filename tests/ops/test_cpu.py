@@ -1,5 +1,8 @@
 """The fused CPU kernel (backend "cpu") against the reference (docs/design.md §5–§7)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -217,3 +220,36 @@ def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
     eager = block(x)  # gradients due: eager PyTorch
     assert calls == [1] and eager.requires_grad
     torch.testing.assert_close(fused, eager.detach(), rtol=2e-5, atol=2e-5)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+_TIER_CHECK = """
+import torch, casa_kernels as ck
+from casa_kernels.ops.cpu import bf16_gemm_tier
+from casa_kernels.tolerance import compare
+from tests.conftest import make_problem
+x, w = make_problem(3, 130, 264, 5, dtype=torch.bfloat16)
+result = compare(ck.casa_attention(x, w, backend="cpu"), x, w)
+print(bf16_gemm_tier(), result.passed)
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX512_CORE_BF16", "AVX2"])
+def test_bf16_on_a_lower_gemm_tier(isa):
+    # ONEDNN_MAX_CPU_ISA caps oneDNN at start-up, so each tier runs in its own process.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _TIER_CHECK], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tier, passed = out.stdout.split()[-2:]
+    native = subprocess.run([sys.executable, "-c", _TIER_CHECK], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT).stdout.split()[-2]
+    if isa == "AVX2" or native == "none":
+        assert tier == "none"  # no bfloat16 dot products below AVX512_CORE_BF16
+    else:
+        assert tier == "avx512_bf16"
+    assert passed == "True"
