@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from casa_kernels.ops.registry import get_backend
-
 from .launch import run_ranks
 from .scenarios import FAILED_RANK_LINGERS_S, session
 
@@ -17,16 +15,6 @@ N_VARS = {2: 7, 3: 8}  # ragged: 4+3 and 3+3+2 variates
 FAILING_RANK = 1
 BACKENDS = ("reference", "standin", "cpu")
 DTYPES = ("float64", "float32")
-
-
-def cpu_stages_skip_reason() -> str | None:
-    if get_backend("cpu").stages is None:
-        return "the registry's cpu backend has no stages yet (the op split for variate parallelism)"
-    return None
-
-
-def backends_to_run() -> list[str]:
-    return [b for b in BACKENDS if b != "cpu" or cpu_stages_skip_reason() is None]
 
 
 @pytest.fixture(scope="module", params=sorted(N_VARS), ids=lambda p: f"P{p}")
@@ -38,7 +26,7 @@ def ranks(request, tmp_path_factory):
         session,
         world_size,
         N_VARS[world_size],
-        backends_to_run(),
+        list(BACKENDS),
         str(tmp),
         FAILING_RANK,
         timeout_s=150,
@@ -56,16 +44,10 @@ def scenario(ranks, name: str) -> list:
     return per_rank
 
 
-def skip_unavailable(backend: str) -> None:
-    if backend == "cpu" and cpu_stages_skip_reason() is not None:
-        pytest.skip(cpu_stages_skip_reason())
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_equals_single_process_columns(ranks, backend, dtype):
     """fp64 within 1e-10, fp32 within the fixed fp32 rule of casa_kernels.tolerance, of the float64 model."""
-    skip_unavailable(backend)
     for rank, result in enumerate(scenario(ranks, f"model/{backend}/{dtype}")):
         max_abs, excess = result["output"]
         assert excess <= 0, (
@@ -77,7 +59,6 @@ def test_forward_equals_single_process_columns(ranks, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_equal_single_process(ranks, backend, dtype):
     """After backward and sync_replicated_grads: input and every parameter's gradient (slices for sharded)."""
-    skip_unavailable(backend)
     for rank, result in enumerate(scenario(ranks, f"model/{backend}/{dtype}")):
         assert result["grad_shapes_ok"], (
             f"rank {rank}: a gradient is missing or has the wrong shape"
