@@ -24,10 +24,12 @@ from .finite_weights import reference_for_nonfinite_weights
 from .registry import Backend, Stages, register_backend
 from .weight_cache import cached
 
+_MISSING_HINT = "csrc/cpu was not compiled"
+
 
 def _kernels():
     """``torch.ops.casa`` with the extension's CPU ops loaded (raises why it cannot be)."""
-    error = kernel_missing_reason("CPU", "csrc/cpu was not compiled")
+    error = kernel_missing_reason("CPU", _MISSING_HINT)
     if error is not None:
         raise RuntimeError(f"the cpu backend's kernels are unavailable: {error}")
     return torch.ops.casa
@@ -35,17 +37,22 @@ def _kernels():
 
 def bf16_gemm_tier() -> str:
     """The bfloat16 GEMM tier of this CPU now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``."""
-    if kernel_missing_reason("CPU", "") is not None:
+    if kernel_missing_reason("CPU", _MISSING_HINT) is not None:
         return "none"
     return _kernels().cpu_bf16_gemm()
+
+
+def _tile_and_tier(x: torch.Tensor) -> tuple[int, str]:
+    """The tail tile width for x's batch and width, and the bfloat16 GEMM tier for its dtype."""
+    tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
+    return _kernels().cpu_tail_tile(x.shape[0], x.shape[2]), tier
 
 
 @reference_for_nonfinite_weights
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
-    tile = _kernels().cpu_tail_tile(x.shape[0], x.shape[2])
-    tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
+    tile, tier = _tile_and_tier(x)
     prepared = cached(
         f"cpu.{x.dtype}.tile{tile}.{tier}",
         weights,
@@ -56,8 +63,7 @@ def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
 
 def _tail_prepared(x, dec2_weight, dec2_bias, value_weight=None, value_bias=None):
     """(prepared, tile, tier) for the tail stages on x's batch and dtype."""
-    tile = _kernels().cpu_tail_tile(x.shape[0], x.shape[2])
-    tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
+    tile, tier = _tile_and_tier(x)
     sources = tuple(t for t in (dec2_weight, dec2_bias, value_weight, value_bias) if t is not None)
     prepared = cached(
         f"cpu.tail{len(sources)}.{x.dtype}.tile{tile}.{tier}",
@@ -116,13 +122,14 @@ def block_epilogue(
     )
     return out.view(y.shape)
 
+
 register_backend(
     Backend(
         name="cpu",
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.float64, torch.bfloat16}),
         forward=_forward,
-        unavailable_reason=lambda: kernel_missing_reason("CPU", "csrc/cpu was not compiled"),
+        unavailable_reason=lambda: kernel_missing_reason("CPU", _MISSING_HINT),
         auto_priority={"cpu": 1},
         stages=STAGES,
     )
