@@ -24,9 +24,10 @@
 //
 // The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
 // (sequential_blas.h), so only one pool of threads ever runs. For bfloat16 input on a CPU
-// with a bfloat16 matrix unit (AMX) they take bfloat16 operands (activations rounded to
-// bfloat16 between layers, as in PyTorch's own bfloat16 convolutions) and accumulate in
-// fp32; elsewhere bfloat16 input is computed in fp32.
+// with bfloat16 GEMMs (cpu::bf16_gemm: AMX, or avx512_bf16 except in the bottleneck) they
+// take bfloat16 operands (activations rounded to bfloat16 between layers, as in PyTorch's
+// own bfloat16 convolutions) and accumulate in fp32; elsewhere bfloat16 input is computed
+// in fp32.
 //
 // Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
 // and per tail worker S[N, T] (T <= D, tail_tile_width), the blocks' softmax statistics
@@ -201,7 +202,7 @@ at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias,
 }
 
 // Scratch of one head worker (Plan::head_scratch): the columns of a chunk of x in the
-// accumulation type, and on the matrix unit also in bfloat16 and packed.
+// accumulation type, and with bfloat16 GEMMs also in bfloat16 and packed.
 struct HeadScratch {
   at::Tensor cols, cols_bf16, packed;
 };
@@ -209,13 +210,13 @@ struct HeadScratch {
 // Scratch of one tail worker (Plan::tail_scratch).
 struct TailScratch {
   at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
-  at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, on the matrix unit
+  at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, with bfloat16 GEMMs
   at::Tensor scores;  // [N, T]
   at::Tensor values;  // [kTailRows, T]
   at::Tensor shift;   // [row blocks, T]: each block's softmax shift, then its scale
   at::Tensor sum;     // [row blocks, T]: each block's column sums
-  at::Tensor common;  // [2, T]: the common shift and the column totals (softmax_block_scales)
-  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input off the matrix unit
+  at::Tensor common;  // [2, T]: the common shift and the column totals (softmax_merge_blocks)
+  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input without bfloat16 GEMMs
 };
 
 // The weights re-laid out for the kernel's GEMMs, prepared once per weight version
@@ -448,7 +449,7 @@ struct Plan {
   }
 
   // The right operand of one parity's GEMM in a tail tile: K rows of parity_rhs (acc_t,
-  // row stride ldb) and, on the matrix unit, the same packed in bfloat16.
+  // row stride ldb) and, with bfloat16 GEMMs, the same packed in bfloat16.
   struct ScoresRhs {
     int64_t K;
     const acc_t* rhs;
