@@ -60,33 +60,76 @@ def build_parser() -> argparse.ArgumentParser:
             "--time-cap), skipped (unavailable here), error (any other exception; see note)."
         ),
     )
-    parser.add_argument("suites", nargs="+", choices=sorted([*SUITES, "distributed"]), metavar="SUITE",
-                        help=f"one or more of {', '.join(SUITES)}; or distributed alone")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to measure (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
-    parser.add_argument("--providers", default=None,
-                        help="comma list of providers (default: all; unavailable ones are recorded as skipped)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="result folder (default: bench/results/<device-name>/)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer points (N up to 4096, shorter D/L/B sweeps), fewer reps, shorter time cap")
-    parser.add_argument("--batch", default=None,
-                        help="comma list of batch sizes (default: 16,1 for attention/model; 1 for scaling; "
-                             "the scaling suite's B sweep ignores it)")
-    parser.add_argument("--datasets", default=None,
-                        help="comma list of dataset shapes for attention/model (default: all of "
-                             + ", ".join(DATASETS) + "; also " + ", ".join(EXTRA_SHAPES) + ")")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per point (default 20; --quick 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
-    parser.add_argument("--time-cap", type=float, default=None,
-                        help="seconds one call may take, else 'timeout' and the provider stops growing "
-                             "(default 20; --quick 3)")
-    parser.add_argument("--mem-cap", type=float, default=None,
-                        help="GiB; points whose estimated memory exceeds it are recorded 'oom' without running "
-                             "(default: 40%% of RAM on cpu, 90%% of GPU memory on cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "suites",
+        nargs="+",
+        choices=sorted([*SUITES, "distributed"]),
+        metavar="SUITE",
+        help=f"one or more of {', '.join(SUITES)}; or distributed alone",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to measure (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="default float32"
+    )
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="comma list of providers (default: all; unavailable ones are recorded as skipped)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result folder (default: bench/results/<device-name>/)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer points (N up to 4096, shorter D/L/B sweeps), fewer reps, shorter time cap",
+    )
+    parser.add_argument(
+        "--batch",
+        default=None,
+        help="comma list of batch sizes (default: 16,1 for attention/model; 1 for scaling; "
+        "the scaling suite's B sweep ignores it)",
+    )
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="comma list of dataset shapes for attention/model (default: all of "
+        + ", ".join(DATASETS)
+        + "; also "
+        + ", ".join(EXTRA_SHAPES)
+        + ")",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed calls per point (default 20; --quick 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)"
+    )
+    parser.add_argument(
+        "--time-cap",
+        type=float,
+        default=None,
+        help="seconds one call may take, else 'timeout' and the provider stops growing "
+        "(default 20; --quick 3)",
+    )
+    parser.add_argument(
+        "--mem-cap",
+        type=float,
+        default=None,
+        help="GiB; points whose estimated memory exceeds it are recorded 'oom' without running "
+        "(default: 40%% of RAM on cpu, 90%% of GPU memory on cuda)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
 
@@ -110,12 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or results.default_out_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = providers.select(args.providers)
-    datasets = tuple(d.strip() for d in (args.datasets or ",".join(suites.DATASETS)).split(",") if d.strip())
+    datasets = tuple(
+        d.strip() for d in (args.datasets or ",".join(suites.DATASETS)).split(",") if d.strip()
+    )
     unknown = [d for d in datasets if d not in suites.SHAPES]
     if unknown:
-        print(f"--datasets: unknown {unknown}; expected some of {list(suites.SHAPES)}", file=sys.stderr)
+        print(
+            f"--datasets: unknown {unknown}; expected some of {list(suites.SHAPES)}",
+            file=sys.stderr,
+        )
         return 2
-    mem_cap = args.mem_cap * 2**30 if args.mem_cap else (0.9 if device != "cpu" else 0.4) * _total_memory_bytes(device)
+    mem_cap = (
+        args.mem_cap * 2**30
+        if args.mem_cap
+        else (0.9 if device != "cpu" else 0.4) * _total_memory_bytes(device)
+    )
 
     for suite in args.suites:
         batch = args.batch or ("1" if suite == "scaling" else "16,1")
@@ -124,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=DTYPES[args.dtype],
             warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
             reps=args.reps if args.reps is not None else (5 if args.quick else 20),
-            time_cap_s=args.time_cap if args.time_cap is not None else (3.0 if args.quick else 20.0),
+            time_cap_s=args.time_cap
+            if args.time_cap is not None
+            else (3.0 if args.quick else 20.0),
             mem_cap_bytes=int(mem_cap),
             out_dir=out_dir,
             quick=args.quick,
@@ -148,10 +202,16 @@ def _print_rows(rows: list[dict]) -> None:
     print(header)
     for r in rows:
         p50 = r.get("latency_ms_p50") or ""
-        mem = f'{int(r["peak_mem_bytes"]) / 2**20:.1f}' if r.get("peak_mem_bytes") not in (None, "") else ""
-        status = r["status"] + (f' ({r["note"][:60]})' if r["status"] != "ok" else "")
-        print(f'{r["provider"]:<15} {r["config"]:<9} {r["batch"]:>3} {r["n_vars"]:>6} {r["d_model"]:>5} '
-              f'{p50:>10} {mem:>9}  {status}')
+        mem = (
+            f"{int(r['peak_mem_bytes']) / 2**20:.1f}"
+            if r.get("peak_mem_bytes") not in (None, "")
+            else ""
+        )
+        status = r["status"] + (f" ({r['note'][:60]})" if r["status"] != "ok" else "")
+        print(
+            f"{r['provider']:<15} {r['config']:<9} {r['batch']:>3} {r['n_vars']:>6} {r['d_model']:>5} "
+            f"{p50:>10} {mem:>9}  {status}"
+        )
 
 
 if __name__ == "__main__":

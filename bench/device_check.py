@@ -64,8 +64,10 @@ def _slug(text: str) -> str:
 
 def _setuptools_version(path: str) -> tuple[int, ...]:
     """The version in a wheel's name, or in the dist-info folder beside an installed copy."""
-    names = [os.path.basename(path)] + [os.path.basename(p) for p in glob.glob(
-        os.path.join(os.path.dirname(path), "setuptools-*-info"))]
+    names = [os.path.basename(path)] + [
+        os.path.basename(p)
+        for p in glob.glob(os.path.join(os.path.dirname(path), "setuptools-*-info"))
+    ]
     for name in names:
         match = re.match(r"setuptools-(\d+(?:\.\d+)*)", name)
         if match:
@@ -91,8 +93,17 @@ def _setuptools_candidates() -> list[tuple[str, str]]:
         ".whl/setuptools-*.whl",
         "/usr/share/python-wheels/setuptools-*.whl",
         os.path.join(stdlib, "ensurepip", "_bundled", "setuptools-*.whl"),
-        os.path.join(sys.base_prefix, "lib", "python3*", "site-packages", "virtualenv", "seed",
-                     "wheels", "embed", "setuptools-*.whl"),
+        os.path.join(
+            sys.base_prefix,
+            "lib",
+            "python3*",
+            "site-packages",
+            "virtualenv",
+            "seed",
+            "wheels",
+            "embed",
+            "setuptools-*.whl",
+        ),
     ]
     installed_globs = [
         "/usr/lib/python3/dist-packages/setuptools",
@@ -172,7 +183,9 @@ class Checks:
         self.rows: list[tuple[str, str, str]] = []
         self.missing: list[str] = []
 
-    def add(self, name: str, ok: bool, detail: str, *, required: bool = True, gpu: bool = False) -> None:
+    def add(
+        self, name: str, ok: bool, detail: str, *, required: bool = True, gpu: bool = False
+    ) -> None:
         if ok:
             verdict = "ok"
         elif gpu and self.dry_run:
@@ -201,11 +214,24 @@ def preflight(work: Path, dry_run: bool) -> int:
     width = max(len(name) for name, _, _ in checks.rows)
     for name, verdict, detail in checks.rows:
         print(f"{name:<{width}}  {verdict:<7}  {detail}")
-    headline = ", ".join(filter(None, (facts.get("gpu"), f"torch {facts.get('torch', 'missing')}",
-                                       f"triton {facts.get('triton', '?')}", f"nvcc {facts.get('nvcc', '?')}")))
-    print(f"preflight: {'missing: ' + ', '.join(checks.missing) if checks.missing else 'ok'}; {headline}")
+    headline = ", ".join(
+        filter(
+            None,
+            (
+                facts.get("gpu"),
+                f"torch {facts.get('torch', 'missing')}",
+                f"triton {facts.get('triton', '?')}",
+                f"nvcc {facts.get('nvcc', '?')}",
+            ),
+        )
+    )
+    print(
+        f"preflight: {'missing: ' + ', '.join(checks.missing) if checks.missing else 'ok'}; {headline}"
+    )
 
-    (work / "preflight.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+    (work / "preflight.env").write_text(
+        "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    )
     facts["preflight"] = {name: f"{verdict}: {detail}" for name, verdict, detail in checks.rows}
     (work / "environment.json").write_text(json.dumps(facts, indent=2) + "\n")
     return 1 if checks.missing else 0
@@ -227,46 +253,70 @@ def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) ->
         facts.update(torch=torch_version, torch_cuda=str(torch_cuda))
         checks.add("torch", True, f"{torch_version} (CUDA {torch_cuda})")
         if not torch.cuda.is_available():
-            gpu_reason = ("torch sees no CUDA device" if torch_cuda
-                          else f"torch {torch_version} is built without CUDA")
+            gpu_reason = (
+                "torch sees no CUDA device"
+                if torch_cuda
+                else f"torch {torch_version} is built without CUDA"
+            )
         else:
             props = torch.cuda.get_device_properties(0)
-            facts.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                         gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
-                         gpu_multiprocessors=str(props.multi_processor_count))
+            facts.update(
+                gpu=props.name,
+                gpu_capability=f"{props.major}.{props.minor}",
+                gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
+                gpu_multiprocessors=str(props.multi_processor_count),
+            )
             env.update(PF_GPU_SLUG=_slug(props.name), PF_GPU_ARCH=f"{props.major}.{props.minor}")
-    checks.add("CUDA device", not gpu_reason,
-               gpu_reason or f"{facts['gpu']} (sm_{facts['gpu_capability'].replace('.', '')}, "
-                             f"{facts['gpu_memory_gib']} GiB, {facts['gpu_multiprocessors']} SMs)", gpu=True)
+    checks.add(
+        "CUDA device",
+        not gpu_reason,
+        gpu_reason
+        or f"{facts['gpu']} (sm_{facts['gpu_capability'].replace('.', '')}, "
+        f"{facts['gpu_memory_gib']} GiB, {facts['gpu_multiprocessors']} SMs)",
+        gpu=True,
+    )
     env["PF_NO_GPU"] = gpu_reason
 
     triton_version, error = _module_version("triton")
     facts["triton"] = triton_version or "missing"
     checks.add("triton", triton_version is not None, triton_version or error, gpu=True)
     env["PF_NO_TRITON"] = "" if triton_version else f"triton does not import ({error})"
-    single = any(SINGLE_CONFIG_VAR in Path(p).read_text()
-                 for p in glob.glob("casa_kernels/ops/triton*.py"))
-    checks.add(SINGLE_CONFIG_VAR, single,
-               "read by the Triton kernels: tests and verify use one config per kernel" if single else
-               "not read by this checkout's Triton kernels: tests and verify autotune every config (slow)",
-               required=False)
+    single = any(
+        SINGLE_CONFIG_VAR in Path(p).read_text() for p in glob.glob("casa_kernels/ops/triton*.py")
+    )
+    checks.add(
+        SINGLE_CONFIG_VAR,
+        single,
+        "read by the Triton kernels: tests and verify use one config per kernel"
+        if single
+        else "not read by this checkout's Triton kernels: tests and verify autotune every config (slow)",
+        required=False,
+    )
 
     nvcc = _find_tool("nvcc", None)
     release = _nvcc_release(nvcc) if nvcc else None
     facts["nvcc"] = release or "missing"
     if nvcc is None:
-        nvcc_problem = "nvcc not found (PATH, beside python, CUDA_HOME, CUDA_PATH, /usr/local/cuda*)"
+        nvcc_problem = (
+            "nvcc not found (PATH, beside python, CUDA_HOME, CUDA_PATH, /usr/local/cuda*)"
+        )
     elif release is None:
         nvcc_problem = f"{nvcc} --version names no release"
     elif torch_cuda is None:
         nvcc_problem = f"nvcc {release} ({nvcc}) but torch is built without CUDA"
     elif release.split(".")[0] != torch_cuda.split(".")[0]:
-        nvcc_problem = f"nvcc {release} ({nvcc}) but torch is built for CUDA {torch_cuda}: majors differ"
+        nvcc_problem = (
+            f"nvcc {release} ({nvcc}) but torch is built for CUDA {torch_cuda}: majors differ"
+        )
     else:
         nvcc_problem = ""
         env["PF_CUDA_HOME"] = os.environ.get("CUDA_HOME") or str(Path(nvcc).resolve().parent.parent)
-    checks.add("nvcc", not nvcc_problem,
-               nvcc_problem or f"{release} ({nvcc}), CUDA major = torch's {torch_cuda}", gpu=True)
+    checks.add(
+        "nvcc",
+        not nvcc_problem,
+        nvcc_problem or f"{release} ({nvcc}), CUDA major = torch's {torch_cuda}",
+        gpu=True,
+    )
     env["PF_NO_NVCC"] = nvcc_problem
 
     sanitizer = _find_tool("compute-sanitizer", env.get("PF_CUDA_HOME"))
@@ -279,22 +329,36 @@ def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) ->
         env["PF_SETUPTOOLS_PATH"] = env["PF_NO_SETUPTOOLS"] = ""
     else:
         path, how = borrow_setuptools(work)
-        checks.add("setuptools", path is not None,
-                   f"not importable by {sys.executable}; " + (f"{how}: {path}" if path else how), gpu=True)
+        checks.add(
+            "setuptools",
+            path is not None,
+            f"not importable by {sys.executable}; " + (f"{how}: {path}" if path else how),
+            gpu=True,
+        )
         env["PF_SETUPTOOLS_PATH"] = path or ""
         env["PF_NO_SETUPTOOLS"] = "" if path else f"setuptools is not importable and {how}"
 
     ninja = _find_tool("ninja", None)
-    checks.add("ninja", ninja is not None, ninja or "not found: the build would run one file at a time", gpu=True)
+    checks.add(
+        "ninja",
+        ninja is not None,
+        ninja or "not found: the build would run one file at a time",
+        gpu=True,
+    )
     env["PF_NINJA_DIR"] = os.path.dirname(ninja) if ninja else ""
 
     pytest_version, error = _module_version("pytest")
     checks.add("pytest", pytest_version is not None, pytest_version or error, gpu=True)
     env["PF_NO_PYTEST"] = "" if pytest_version else f"pytest does not import ({error})"
-    for name, without in (("hypothesis", "the fuzz tests are skipped"), ("tqdm", "no progress bars"),
-                          ("matplotlib", "no plots")):
+    for name, without in (
+        ("hypothesis", "the fuzz tests are skipped"),
+        ("tqdm", "no progress bars"),
+        ("matplotlib", "no plots"),
+    ):
         version, _ = _module_version(name)
-        checks.add(name, version is not None, version or f"not installed: {without}", required=False)
+        checks.add(
+            name, version is not None, version or f"not installed: {without}", required=False
+        )
 
 
 # --- GPU-side helpers -------------------------------------------------------------------
@@ -310,8 +374,10 @@ def cuda_kernel() -> int:
     from casa_kernels import _C
 
     if not has_kernel_for("CUDA"):
-        print(f"build: FAILED, {_C.__file__} loaded but {FUSED_OP} has no CUDA kernel: that build had "
-              "no CUDA sources or did not use them (setup.py: FORCE_CUDA=1 and csrc/cuda/*.cu)")
+        print(
+            f"build: FAILED, {_C.__file__} loaded but {FUSED_OP} has no CUDA kernel: that build had "
+            "no CUDA sources or did not use them (setup.py: FORCE_CUDA=1 and csrc/cuda/*.cu)"
+        )
         return 1
     print(f"build: {FUSED_OP} has a CUDA kernel ({_C.__file__})")
     return 0
@@ -329,7 +395,9 @@ def sanitize(backend: str, device: str) -> int:
     calls = failures = 0
     for batch, n_vars, d_model, kernel in ((2, 37, 64, 3), (1, 7, 128, 5)):
         for dtype in (torch.float32, torch.bfloat16):
-            w = ScoreAttentionWeights.random(n_vars, d_model, kernel, dtype=dtype, device=device, generator=g)
+            w = ScoreAttentionWeights.random(
+                n_vars, d_model, kernel, dtype=dtype, device=device, generator=g
+            )
             x = torch.randn(batch, n_vars, d_model, generator=g).to(device=device, dtype=dtype)
             y = casa_attention(x, w, backend=backend)
             if device.startswith("cuda"):
@@ -337,8 +405,10 @@ def sanitize(backend: str, device: str) -> int:
             result = compare(y, x, w)
             calls += 1
             failures += not result.passed
-            print(f"sanitize {backend} {str(dtype).removeprefix('torch.')} B={batch} N={n_vars} D={d_model} "
-                  f"k={kernel}: max abs {result.max_abs_error:.2e}, {'PASS' if result.passed else 'FAIL'}")
+            print(
+                f"sanitize {backend} {str(dtype).removeprefix('torch.')} B={batch} N={n_vars} D={d_model} "
+                f"k={kernel}: max abs {result.max_abs_error:.2e}, {'PASS' if result.passed else 'FAIL'}"
+            )
     print(f"sanitize {backend}: {calls - failures} of {calls} calls match the reference")
     return 1 if failures else 0
 
@@ -380,7 +450,12 @@ def _p50_at(rows: list[dict], config: str, batch: int) -> dict[str, str]:
     """provider -> p50 of the ok bfloat16 rows at (config, batch), newest row winning."""
     found = {}
     for r in sorted(rows, key=lambda r: r.get("timestamp", "")):
-        if r["status"] == "ok" and r["config"] == config and r["batch"] == str(batch) and r["dtype"] == "bfloat16":
+        if (
+            r["status"] == "ok"
+            and r["config"] == config
+            and r["batch"] == str(batch)
+            and r["dtype"] == "bfloat16"
+        ):
             found[r["provider"]] = _us(r)
     return found
 
@@ -389,7 +464,11 @@ def _bench_figure(step: str, results: Path) -> str | None:
     if step == "bench-attention":
         rows = _read_csv(results / "attention.csv")
         p50 = _p50_at(rows, "Traffic", 16)
-        shown = "; Traffic B=16 p50 " + ", ".join(f"{p} {t}" for p, t in sorted(p50.items())) if p50 else ""
+        shown = (
+            "; Traffic B=16 p50 " + ", ".join(f"{p} {t}" for p, t in sorted(p50.items()))
+            if p50
+            else ""
+        )
         return _status_counts(rows) + shown if rows else None
     if step == "bench-scaling":
         rows = _read_csv(results / "scaling.csv")
@@ -408,7 +487,9 @@ def _info_figure(text: str) -> str | None:
     rows = dict(re.findall(r"^(backend \S+|extension \S+)\s+(.*)$", text, flags=re.MULTILINE))
     if not rows:
         return None
-    available = [k.split()[1] for k, v in rows.items() if k.startswith("backend") and v == "available"]
+    available = [
+        k.split()[1] for k, v in rows.items() if k.startswith("backend") and v == "available"
+    ]
     extension = next((v for k, v in rows.items() if k.startswith("extension")), "")
     return f"available: {', '.join(available) or 'none'}; extension {extension}"[:200]
 
@@ -452,8 +533,14 @@ def _steps(work: Path) -> list[dict]:
 
 def summary_table(work: Path) -> str:
     steps = _steps(work)
-    lines = ["| step | status | seconds | cap s | key figure |", "| --- | --- | ---: | ---: | --- |"]
-    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['cap_s']} | {s['key_figure']} |" for s in steps]
+    lines = [
+        "| step | status | seconds | cap s | key figure |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {s['step']} | {s['status']} | {s['seconds']} | {s['cap_s']} | {s['key_figure']} |"
+        for s in steps
+    ]
     bad = [s["step"] for s in steps if s["status"] in ("failed", "timeout")]
     total = sum(s["seconds"] for s in steps)
     verdict = f"{len(bad)} failed: {', '.join(bad)}" if bad else "no step failed"
@@ -493,8 +580,11 @@ def pack(work: Path, out: Path) -> None:
     table = summary_table(work)
     title = environment.get("gpu", "no GPU")
     (work / SUMMARY_MD).write_text(f"# device_check: {title}\n\n{table}\n")
-    summary = {"environment": environment, "steps": steps,
-               "failed": [s["step"] for s in steps if s["status"] in ("failed", "timeout")]}
+    summary = {
+        "environment": environment,
+        "steps": steps,
+        "failed": [s["step"] for s in steps if s["status"] in ("failed", "timeout")],
+    }
     (work / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
@@ -507,11 +597,18 @@ def pack(work: Path, out: Path) -> None:
         _atomic_write(out / name, (work / name).read_bytes())
 
 
-def record(work: Path, out: Path, step: str, status: str, seconds: int, cap: int, reason: str) -> None:
+def record(
+    work: Path, out: Path, step: str, status: str, seconds: int, cap: int, reason: str
+) -> None:
     log = next(iter(sorted((work / "logs").glob(f"*-{step}.log"))), work / "logs" / f"{step}.log")
-    row = {"step": step, "status": status, "seconds": seconds, "cap_s": cap,
-           "key_figure": key_figure(step, status, log, work / "results", reason),
-           "log": str(log.relative_to(work)) if log.is_file() else ""}
+    row = {
+        "step": step,
+        "status": status,
+        "seconds": seconds,
+        "cap_s": cap,
+        "key_figure": key_figure(step, status, log, work / "results", reason),
+        "log": str(log.relative_to(work)) if log.is_file() else "",
+    }
     steps = [s for s in _steps(work) if s["step"] != step] + [row]
     (work / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
     print(f"{step}: {status} ({seconds}s of {cap}s) {row['key_figure']}")
@@ -530,10 +627,15 @@ def unpack(archive: Path, into: Path | None) -> int:
         environment = json.loads(read("environment.json")) if "environment.json" in files else {}
         if into is None:
             if "gpu" not in environment:
-                print(f"unpack: {archive} names no GPU (environment.json); pass --into", file=sys.stderr)
+                print(
+                    f"unpack: {archive} names no GPU (environment.json); pass --into",
+                    file=sys.stderr,
+                )
                 return 2
             into = Path(__file__).resolve().parent / "results" / _slug(environment["gpu"])
-        csvs = [name for name in sorted(files) if name.startswith("results/") and name.endswith(".csv")]
+        csvs = [
+            name for name in sorted(files) if name.startswith("results/") and name.endswith(".csv")
+        ]
         written = []
         for name in csvs:
             target = into / name.removeprefix("results/")
@@ -554,7 +656,9 @@ def unpack(archive: Path, into: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.device_check", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("preflight")
     p.add_argument("work", type=Path)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-CPU_MEM_METHOD = "torch.profiler c10-CPU-allocator events: peak of running sum (no BLAS-internal buffers)"
+CPU_MEM_METHOD = (
+    "torch.profiler c10-CPU-allocator events: peak of running sum (no BLAS-internal buffers)"
+)
 CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated delta after reset_peak_memory_stats"
 
 
@@ -57,6 +59,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def _timer(device: str) -> Callable[[Callable[[], object]], float]:
     """A function running ``fn`` once and returning its time in milliseconds."""
     if device.startswith("cuda"):
+
         def run_cuda(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -64,12 +67,14 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
             end.record()
             end.synchronize()
             return start.elapsed_time(end)
+
         return run_cuda
 
     def run_cpu(fn):
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+
     return run_cpu
 
 
@@ -121,7 +126,10 @@ def cpu_peak_allocated(fn: Callable[[], object]) -> int:
     """Peak of the running sum of c10 CPU allocator events (bytes) during one ``fn()``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         out = fn()
     del out
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

@@ -37,7 +37,9 @@ def _pyplot():
     return plt
 
 
-def _plot_group(plt, path: Path, title: str, by_provider: dict[str, list[dict]], metric: str) -> None:
+def _plot_group(
+    plt, path: Path, title: str, by_provider: dict[str, list[dict]], metric: str
+) -> None:
     column, label = METRICS[metric]
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, rows in sorted(by_provider.items()):
@@ -57,8 +59,14 @@ def _plot_group(plt, path: Path, title: str, by_provider: dict[str, list[dict]],
         stop = next((r for r in rows if r["status"] in ("oom", "timeout")), None)
         if stop is not None:
             ax.plot([ns[-1]], [ys[-1]], marker="x", ms=10, color=line.get_color())
-            ax.annotate(f'{stop["status"]} at N={stop["n_vars"]}', (ns[-1], ys[-1]), fontsize=7,
-                        textcoords="offset points", xytext=(4, -10), color=line.get_color())
+            ax.annotate(
+                f"{stop['status']} at N={stop['n_vars']}",
+                (ns[-1], ys[-1]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, -10),
+                color=line.get_color(),
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("N (variates)")
@@ -88,13 +96,21 @@ def plot_scaling(out_dir: Path, dtype: str | None = None, batch: int | None = No
     written = []
     for key, by_provider in sorted(groups.items()):
         dev, dt, b, d, threads, torch_version = key
-        mem_method = next((r["mem_method"] for rs in by_provider.values() for r in rs if r["mem_method"]), "")
+        mem_method = next(
+            (r["mem_method"] for rs in by_provider.values() for r in rs if r["mem_method"]), ""
+        )
         for metric in METRICS:
-            title = (f"CASA vs full attention, forward: {dev}\n"
-                     f"{dt}, B={b}, D={d}, {threads} threads, torch {torch_version}")
+            title = (
+                f"CASA vs full attention, forward: {dev}\n"
+                f"{dt}, B={b}, D={d}, {threads} threads, torch {torch_version}"
+            )
             if metric == "memory" and mem_method:
                 title += f"\nmemory: {mem_method}"
-            name = f"scaling_{metric}.png" if key == newest else f"scaling_{metric}_{dt}_b{b}_d{d}_t{threads}.png"
+            name = (
+                f"scaling_{metric}.png"
+                if key == newest
+                else f"scaling_{metric}_{dt}_b{b}_d{d}_t{threads}.png"
+            )
             _plot_group(plt, out_dir / name, title, by_provider, metric)
             written.append(out_dir / name)
     return written

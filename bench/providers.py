@@ -82,8 +82,13 @@ def _model_input(point: Point, device: str, dtype: torch.dtype) -> torch.Tensor:
 def _casa_model(point: Point, backend: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     model = CASAModel(
-        n_vars=point.n_vars, d_model=point.d_model, kernel=point.kernel, seq_len=point.seq_len,
-        pred_len=point.pred_len, e_layers=point.e_layers, backend=backend,
+        n_vars=point.n_vars,
+        d_model=point.d_model,
+        kernel=point.kernel,
+        seq_len=point.seq_len,
+        pred_len=point.pred_len,
+        e_layers=point.e_layers,
+        backend=backend,
     )
     return model.to(device=device, dtype=dtype).eval()
 
@@ -91,13 +96,22 @@ def _casa_model(point: Point, backend: str, device: str, dtype: torch.dtype) -> 
 def _casa_builder(backend: str):
     def build(point: Point, device: str, dtype: torch.dtype):
         if point.model_level:
-            model, x = _casa_model(point, backend, device, dtype), _model_input(point, device, dtype)
+            model, x = (
+                _casa_model(point, backend, device, dtype),
+                _model_input(point, device, dtype),
+            )
             return lambda: model(x)
         weights = ScoreAttentionWeights.random(
-            point.n_vars, point.d_model, point.kernel, dtype=dtype, device=device, generator=_seeded(point)
+            point.n_vars,
+            point.d_model,
+            point.kernel,
+            dtype=dtype,
+            device=device,
+            generator=_seeded(point),
         )
         x = _op_input(point, device, dtype)
         return lambda: casa_attention(x, weights, backend=backend)
+
     return build
 
 
@@ -106,11 +120,19 @@ def _compile_builder(point: Point, device: str, dtype: torch.dtype):
 
     torch._dynamo.reset()  # every point compiles afresh: no recompile limit, no stale guards
     if point.model_level:
-        model, x = _casa_model(point, "reference", device, dtype), _model_input(point, device, dtype)
+        model, x = (
+            _casa_model(point, "reference", device, dtype),
+            _model_input(point, device, dtype),
+        )
         compiled = torch.compile(model, dynamic=False)
         return lambda: compiled(x)
     weights = ScoreAttentionWeights.random(
-        point.n_vars, point.d_model, point.kernel, dtype=dtype, device=device, generator=_seeded(point)
+        point.n_vars,
+        point.d_model,
+        point.kernel,
+        dtype=dtype,
+        device=device,
+        generator=_seeded(point),
     )
     x = _op_input(point, device, dtype)
     compiled = torch.compile(reference.score_attention, dynamic=False)
@@ -122,16 +144,23 @@ def _full_builder(implementation: str):
         torch.manual_seed(0)
         if point.model_level:
             model = ITransformerModel(
-                n_vars=point.n_vars, d_model=point.d_model, seq_len=point.seq_len,
-                pred_len=point.pred_len, e_layers=point.e_layers, n_heads=N_HEADS,
+                n_vars=point.n_vars,
+                d_model=point.d_model,
+                seq_len=point.seq_len,
+                pred_len=point.pred_len,
+                e_layers=point.e_layers,
+                n_heads=N_HEADS,
                 implementation=implementation,
             )
             x = _model_input(point, device, dtype)
         else:
-            model = FullAttention(d_model=point.d_model, n_heads=N_HEADS, implementation=implementation)
+            model = FullAttention(
+                d_model=point.d_model, n_heads=N_HEADS, implementation=implementation
+            )
             x = _op_input(point, device, dtype)
         model = model.to(device=device, dtype=dtype).eval()
         return lambda: model(x)
+
     return build
 
 
@@ -145,6 +174,7 @@ def _backend_unavailable(backend: str):
                 "so it is not benchmarked there"
             )
         return reason
+
     return unavailable
 
 
@@ -160,13 +190,19 @@ def _always(device: str, dtype: torch.dtype) -> str | None:
 
 def _casa_provider(backend: str) -> Provider:
     return Provider(
-        f"casa-{backend}", "casa", _casa_builder(backend), _backend_unavailable(backend), _casa_estimate
+        f"casa-{backend}",
+        "casa",
+        _casa_builder(backend),
+        _backend_unavailable(backend),
+        _casa_estimate,
     )
 
 
 def _activation_bytes(point: Point, dtype: torch.dtype, copies: int) -> int:
     width = point.d_model if not point.model_level else max(point.d_model, point.seq_len)
-    return copies * point.batch * point.n_vars * width * torch.tensor([], dtype=dtype).element_size()
+    return (
+        copies * point.batch * point.n_vars * width * torch.tensor([], dtype=dtype).element_size()
+    )
 
 
 def _casa_estimate(point: Point, dtype: torch.dtype) -> int:
@@ -201,6 +237,8 @@ def select(names: str | None) -> list[Provider]:
     chosen = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name not in PROVIDERS:
-            raise SystemExit(f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}")
+            raise SystemExit(
+                f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}"
+            )
         chosen.append(PROVIDERS[name])
     return chosen

@@ -18,15 +18,40 @@ import torch
 
 # Columns identifying a measurement; an upsert replaces the row with the same key.
 KEY_COLUMNS = (
-    "suite", "sweep", "provider", "device", "device_name", "dtype", "batch", "n_vars",
-    "d_model", "kernel", "seq_len", "e_layers", "torch_version", "triton_version",
-    "casa_kernels_version", "threads", "isa",
+    "suite",
+    "sweep",
+    "provider",
+    "device",
+    "device_name",
+    "dtype",
+    "batch",
+    "n_vars",
+    "d_model",
+    "kernel",
+    "seq_len",
+    "e_layers",
+    "torch_version",
+    "triton_version",
+    "casa_kernels_version",
+    "threads",
+    "isa",
 )
 # Every column, in CSV order.
 COLUMNS = KEY_COLUMNS + (
-    "config", "latency_ms_p20", "latency_ms_p50", "latency_ms_p80", "latency_ms_p99", "reps",
-    "samples_per_s", "tokens_per_s", "peak_mem_bytes", "mem_method",
-    "status", "note", "git_commit", "timestamp",
+    "config",
+    "latency_ms_p20",
+    "latency_ms_p50",
+    "latency_ms_p80",
+    "latency_ms_p99",
+    "reps",
+    "samples_per_s",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "mem_method",
+    "status",
+    "note",
+    "git_commit",
+    "timestamp",
 )
 STATUSES = ("ok", "oom", "timeout", "skipped", "error")
 
@@ -76,10 +101,19 @@ def git_commit() -> str:
     """Short hash of the checkout's HEAD (``+dirty`` with local changes), ``''`` outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""

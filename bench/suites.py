@@ -70,8 +70,18 @@ def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
 
 def model_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return [
-        (name, Point("model", "dataset", b, *SHAPES[name][:2], seq_len=SEQ_LEN, pred_len=PRED_LEN,
-                     e_layers=SHAPES[name][2]))
+        (
+            name,
+            Point(
+                "model",
+                "dataset",
+                b,
+                *SHAPES[name][:2],
+                seq_len=SEQ_LEN,
+                pred_len=PRED_LEN,
+                e_layers=SHAPES[name][2],
+            ),
+        )
         for b in opts.batches
         for name in opts.datasets
     ]
@@ -86,13 +96,25 @@ def scaling_points(opts: RunOptions) -> list[tuple[str, Point]]:
         while n <= n_top:
             points.append((f"N={n}", Point("scaling", "n", b, n, 512)))
             n *= 2
-        for d in ((64, 128, 256, 512) if opts.quick else (64, 128, 256, 512, 1024, 2048)):
+        for d in (64, 128, 256, 512) if opts.quick else (64, 128, 256, 512, 1024, 2048):
             points.append((f"D={d}", Point("scaling", "d", b, n_fix, d)))
-        for seq_len in ((96, 336) if opts.quick else (96, 192, 336, 720, 1440)):
-            points.append((f"L={seq_len}", Point(
-                "scaling", "l", b, n_fix, d_fix, seq_len=seq_len, pred_len=PRED_LEN, e_layers=e_fix
-            )))
-    for b in ((1, 4, 16) if opts.quick else (1, 2, 4, 8, 16, 32, 64)):
+        for seq_len in (96, 336) if opts.quick else (96, 192, 336, 720, 1440):
+            points.append(
+                (
+                    f"L={seq_len}",
+                    Point(
+                        "scaling",
+                        "l",
+                        b,
+                        n_fix,
+                        d_fix,
+                        seq_len=seq_len,
+                        pred_len=PRED_LEN,
+                        e_layers=e_fix,
+                    ),
+                )
+            )
+    for b in (1, 4, 16) if opts.quick else (1, 2, 4, 8, 16, 32, 64):
         points.append((f"B={b}", Point("scaling", "b", b, n_fix, d_fix)))
     return points
 
@@ -105,7 +127,8 @@ def _is_oom(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
-        s in text for s in ("out of memory", "not enough memory", "can't allocate", "failed to allocate")
+        s in text
+        for s in ("out of memory", "not enough memory", "can't allocate", "failed to allocate")
     )
 
 
@@ -134,9 +157,13 @@ def measure_point(provider: Provider, config: str, point: Point, opts: RunOption
         return {**row, "status": "skipped", "note": reason}
     estimate = provider.estimate_bytes(point, opts.dtype)
     if estimate > opts.mem_cap_bytes:
-        return {**row, "status": "oom", "note": (
-            f"not run: estimated {estimate / 2**30:.3g} GiB > --mem-cap {opts.mem_cap_bytes / 2**30:.3g} GiB"
-        )}
+        return {
+            **row,
+            "status": "oom",
+            "note": (
+                f"not run: estimated {estimate / 2**30:.3g} GiB > --mem-cap {opts.mem_cap_bytes / 2**30:.3g} GiB"
+            ),
+        }
     fn = None
     try:
         # Built outside inference mode, as a deployed model is, so that weights prepared
@@ -204,7 +231,9 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return bar(total=total, desc=desc, unit="pt") if bar else _NoProgressBar()
 
 
-def run_suite(suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True) -> list[dict]:
+def run_suite(
+    suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True
+) -> list[dict]:
     """Measures every provider at every point of ``suite``; upserts ``<suite>.csv`` after each row."""
     points = SUITES[suite](opts)
     csv_path = opts.out_dir / f"{suite}.csv"
@@ -233,4 +262,8 @@ def measure_point_stub(
     provider: Provider, config: str, point: Point, opts: RunOptions, status: str, where: str
 ) -> dict:
     """The row of a point not run because the provider stopped growing at ``where``."""
-    return {**_base_row(provider, config, point, opts), "status": status, "note": f"not run: stopped growing after {status} at {where}"}
+    return {
+        **_base_row(provider, config, point, opts),
+        "status": status,
+        "note": f"not run: stopped growing after {status} at {where}",
+    }

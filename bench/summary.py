@@ -57,8 +57,14 @@ def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("suite") == "scaling" and r.get("sweep") == "n":
-            key = (r["device_name"], r["dtype"], int(r["batch"]), int(r["d_model"]),
-                   int(r["threads"] or 0), r["torch_version"])
+            key = (
+                r["device_name"],
+                r["dtype"],
+                int(r["batch"]),
+                int(r["d_model"]),
+                int(r["threads"] or 0),
+                r["torch_version"],
+            )
             groups[key][r["provider"]].append(r)
     for by_provider in groups.values():
         for rs in by_provider.values():
@@ -68,7 +74,9 @@ def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 def scaling_summary(rows: list[dict]) -> list[dict]:
     out = []
-    for (dev, dtype, batch, d, threads, torch_version), by_provider in sorted(n_sweep_groups(rows).items()):
+    for (dev, dtype, batch, d, threads, torch_version), by_provider in sorted(
+        n_sweep_groups(rows).items()
+    ):
         providers = {}
         for name, rs in by_provider.items():
             ok = [r for r in rs if r["status"] == "ok"]
@@ -76,12 +84,21 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
             bad = [r for r in rs if r["status"] in ("oom", "timeout")]
             providers[name] = {
                 "status": "ok" if ok else (rs[0]["status"] if rs else "absent"),
-                "latency_slope": fit_slope([int(r["n_vars"]) for r in fit], [_f(r["latency_ms_p50"]) for r in fit]),
-                "memory_slope": fit_slope([int(r["n_vars"]) for r in fit], [_f(r["peak_mem_bytes"]) for r in fit]),
+                "latency_slope": fit_slope(
+                    [int(r["n_vars"]) for r in fit], [_f(r["latency_ms_p50"]) for r in fit]
+                ),
+                "memory_slope": fit_slope(
+                    [int(r["n_vars"]) for r in fit], [_f(r["peak_mem_bytes"]) for r in fit]
+                ),
                 "largest_n": max((int(r["n_vars"]) for r in ok), default=None),
                 "stopped": (
-                    {"status": bad[0]["status"], "n_vars": int(bad[0]["n_vars"]), "note": bad[0]["note"]}
-                    if bad else None
+                    {
+                        "status": bad[0]["status"],
+                        "n_vars": int(bad[0]["n_vars"]),
+                        "note": bad[0]["note"],
+                    }
+                    if bad
+                    else None
                 ),
                 "note": rs[0]["note"] if not ok and rs else "",
             }
@@ -93,10 +110,18 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
                 if _family(full) != "full":
                     continue
                 overtakes[f"{casa} vs {full}"] = _overtake_n(crs, frs)
-        out.append({
-            "device_name": dev, "dtype": dtype, "batch": batch, "d_model": d,
-            "threads": threads, "torch_version": torch_version, "providers": providers, "overtakes": overtakes,
-        })
+        out.append(
+            {
+                "device_name": dev,
+                "dtype": dtype,
+                "batch": batch,
+                "d_model": d,
+                "threads": threads,
+                "torch_version": torch_version,
+                "providers": providers,
+                "overtakes": overtakes,
+            }
+        )
     return out
 
 
@@ -109,7 +134,9 @@ def _overtake_n(casa_rows: list[dict], full_rows: list[dict]) -> int | None:
         n, f = int(r["n_vars"]), full.get(int(r["n_vars"]))
         if f is None or f["status"] in ("skipped", "error"):
             continue
-        faster = f["status"] in ("oom", "timeout") or _f(r["latency_ms_p50"]) < _f(f["latency_ms_p50"])
+        faster = f["status"] in ("oom", "timeout") or _f(r["latency_ms_p50"]) < _f(
+            f["latency_ms_p50"]
+        )
         wins.append((n, faster))
     crossover = None
     for n, faster in reversed(wins):
@@ -131,16 +158,32 @@ def dataset_summary(rows: list[dict], suite: str) -> list[dict]:
         p50 = {p: _f(r["latency_ms_p50"]) for p, r in by_provider.items() if r["status"] == "ok"}
         speedups = {
             f"{c} vs {f}": round(p50[f] / p50[c], 3)
-            for c in p50 if _family(c) == "casa"
-            for f in p50 if _family(f) == "full"
+            for c in p50
+            if _family(c) == "casa"
+            for f in p50
+            if _family(f) == "full"
         }
-        out.append({
-            "device_name": dev, "dtype": dtype, "config": config, "batch": batch, "threads": threads,
-            "latency_ms_p50": p50,
-            "peak_mem_bytes": {p: int(r["peak_mem_bytes"]) for p, r in by_provider.items() if r["status"] == "ok"},
-            "not_ok": {p: f'{r["status"]}: {r["note"]}' for p, r in by_provider.items() if r["status"] != "ok"},
-            "speedup_p50": speedups,
-        })
+        out.append(
+            {
+                "device_name": dev,
+                "dtype": dtype,
+                "config": config,
+                "batch": batch,
+                "threads": threads,
+                "latency_ms_p50": p50,
+                "peak_mem_bytes": {
+                    p: int(r["peak_mem_bytes"])
+                    for p, r in by_provider.items()
+                    if r["status"] == "ok"
+                },
+                "not_ok": {
+                    p: f"{r['status']}: {r['note']}"
+                    for p, r in by_provider.items()
+                    if r["status"] != "ok"
+                },
+                "speedup_p50": speedups,
+            }
+        )
     return out
 
 

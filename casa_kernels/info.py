@@ -52,14 +52,23 @@ def report() -> list[tuple[str, str]]:
     error = extension_error()
     if error is None:
         devices = [key for key in ("CPU", "CUDA") if has_kernel_for(key)]
-        rows.append(("extension casa_kernels._C", f"loaded, kernels for {', '.join(devices) or 'none'}"))
+        rows.append(
+            ("extension casa_kernels._C", f"loaded, kernels for {', '.join(devices) or 'none'}")
+        )
     else:
         rows.append(("extension casa_kernels._C", error))
     rows.append(("cpu bfloat16 GEMMs", bf16_gemm_tier()))
     cached = weight_cache.cache_bytes()
-    rows.append(("prepared weights (this process)", ", ".join(f"{d}: {n / 2**20:.2f} MiB" for d, n in cached.items()) or "none"))
+    rows.append(
+        (
+            "prepared weights (this process)",
+            ", ".join(f"{d}: {n / 2**20:.2f} MiB" for d, n in cached.items()) or "none",
+        )
+    )
     for name, reason in availability().items():
-        rows.append((f"backend {name}", "available" if reason is None else f"unavailable: {reason}"))
+        rows.append(
+            (f"backend {name}", "available" if reason is None else f"unavailable: {reason}")
+        )
     return rows
 
 

@@ -27,14 +27,20 @@ class ScoreNetwork(nn.Module):
         c1, c2, p = d_model // 4, d_model // 2, kernel // 2
         self.n_vars, self.d_model, self.kernel = n_vars, d_model, kernel
         self.encoder = nn.Sequential(
-            nn.Conv1d(n_vars, c1, kernel, stride=2, padding=p), nn.ReLU(),
-            nn.Conv1d(c1, c2, kernel, stride=2, padding=p), nn.ReLU(),
-            nn.Conv1d(c2, d_model, kernel, stride=2, padding=p), nn.ReLU(),
+            nn.Conv1d(n_vars, c1, kernel, stride=2, padding=p),
+            nn.ReLU(),
+            nn.Conv1d(c1, c2, kernel, stride=2, padding=p),
+            nn.ReLU(),
+            nn.Conv1d(c2, d_model, kernel, stride=2, padding=p),
+            nn.ReLU(),
         )
         self.decoder = nn.Sequential(
-            nn.ConvTranspose1d(d_model, c2, kernel, stride=2, padding=p, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose1d(c2, c1, kernel, stride=2, padding=p, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose1d(c1, n_vars, kernel, stride=2, padding=p, output_padding=1), nn.Sigmoid(),
+            nn.ConvTranspose1d(d_model, c2, kernel, stride=2, padding=p, output_padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(c2, c1, kernel, stride=2, padding=p, output_padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(c1, n_vars, kernel, stride=2, padding=p, output_padding=1),
+            nn.Sigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +88,20 @@ class CASABlock(CASAAttention):
     """
 
     def __init__(
-        self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto", **attention_options
+        self,
+        *,
+        n_vars: int,
+        d_model: int,
+        kernel: int = 3,
+        backend: str = "auto",
+        **attention_options,
     ):
         super().__init__(
             n_vars=n_vars, d_model=d_model, kernel=kernel, backend=backend, **attention_options
         )
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model)
+        )
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
@@ -155,7 +169,9 @@ class CASAModel(nn.Module):
             )
             for _ in range(e_layers)
         ]
-        self.model = nn.Sequential(nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len))
+        self.model = nn.Sequential(
+            nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len)
+        )
 
     def forward(
         self,
@@ -177,12 +193,22 @@ class CASAModel(nn.Module):
         return head(h).permute(0, 2, 1) * std + mean
 
 
-def _attention_weights(value: nn.Linear, encoder: nn.Sequential, decoder: nn.Sequential) -> ScoreAttentionWeights:
+def _attention_weights(
+    value: nn.Linear, encoder: nn.Sequential, decoder: nn.Sequential
+) -> ScoreAttentionWeights:
     return ScoreAttentionWeights(
-        value.weight, value.bias,
-        encoder[0].weight, encoder[0].bias, encoder[2].weight, encoder[2].bias,
-        encoder[4].weight, encoder[4].bias,
-        decoder[0].weight, decoder[0].bias, decoder[2].weight, decoder[2].bias,
-        decoder[4].weight, decoder[4].bias,
+        value.weight,
+        value.bias,
+        encoder[0].weight,
+        encoder[0].bias,
+        encoder[2].weight,
+        encoder[2].bias,
+        encoder[4].weight,
+        encoder[4].bias,
+        decoder[0].weight,
+        decoder[0].bias,
+        decoder[2].weight,
+        decoder[2].bias,
+        decoder[4].weight,
+        decoder[4].bias,
     )
-

@@ -40,7 +40,10 @@ def reference_float64(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.
 
 
 def compare(
-    out: torch.Tensor, x: torch.Tensor, weights: ScoreAttentionWeights, ref64: torch.Tensor | None = None
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    ref64: torch.Tensor | None = None,
 ) -> Comparison:
     """Checks ``out`` (a backend's output for ``x``/``weights``) against the reference."""
     if ref64 is None:

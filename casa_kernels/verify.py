@@ -61,7 +61,9 @@ CASES = (
 QUICK_CASES = CASES[:3]
 
 
-def make_inputs(case: Case, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ScoreAttentionWeights]:
+def make_inputs(
+    case: Case, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, ScoreAttentionWeights]:
     """Seeded ``x: [B, N, D]`` and weights (PyTorch-default init), drawn in float64 then cast."""
     g = torch.Generator().manual_seed(7919 * case.n_vars + 31 * case.d_model + case.kernel)
     weights = ScoreAttentionWeights.random(
@@ -95,14 +97,30 @@ def run_case(backend: str, dtype: torch.dtype, case: Case, device: str) -> Outco
         with torch.no_grad():
             out = casa_attention(x, weights, backend=backend)
         if out.shape != x.shape or out.dtype != x.dtype:
-            return Outcome(backend, name, str(case), None, None,
-                           f"output {tuple(out.shape)} {out.dtype}, expected {tuple(x.shape)} {x.dtype}", "FAIL")
+            return Outcome(
+                backend,
+                name,
+                str(case),
+                None,
+                None,
+                f"output {tuple(out.shape)} {out.dtype}, expected {tuple(x.shape)} {x.dtype}",
+                "FAIL",
+            )
         result = compare(out, x, weights)
     except Exception as error:  # noqa: BLE001 - a crash is a failure, reported in the table
         first = (str(error).strip().splitlines() or [""])[0][:120]
-        return Outcome(backend, name, str(case), None, None, f"{type(error).__name__}: {first}", "FAIL")
-    return Outcome(backend, name, str(case), result.max_abs_error, result.max_rel_error, result.rule,
-                   "PASS" if result.passed else "FAIL")
+        return Outcome(
+            backend, name, str(case), None, None, f"{type(error).__name__}: {first}", "FAIL"
+        )
+    return Outcome(
+        backend,
+        name,
+        str(case),
+        result.max_abs_error,
+        result.max_rel_error,
+        result.rule,
+        "PASS" if result.passed else "FAIL",
+    )
 
 
 def verify(backends: list[str], device: str, cases=CASES) -> list[Outcome]:
@@ -113,7 +131,17 @@ def verify(backends: list[str], device: str, cases=CASES) -> list[Outcome]:
         for dtype in DTYPES[torch_device.type]:
             reason = get_backend(backend).reason_not_serving(torch_device, dtype)
             if reason is not None:
-                outcomes.append(Outcome(backend, str(dtype).removeprefix("torch."), "all", None, None, reason, "SKIP"))
+                outcomes.append(
+                    Outcome(
+                        backend,
+                        str(dtype).removeprefix("torch."),
+                        "all",
+                        None,
+                        None,
+                        reason,
+                        "SKIP",
+                    )
+                )
                 continue
             outcomes.extend(run_case(backend, dtype, case, device) for case in cases)
     return outcomes
@@ -125,10 +153,16 @@ def _fmt(value: float | None) -> str:
 
 def print_table(outcomes: list[Outcome], file=None) -> None:
     file = file or sys.stdout
-    print(f"{'backend':<10} {'dtype':<9} {'shape':<32} {'max abs':>9} {'max rel':>9}  {'result':<6} rule", file=file)
+    print(
+        f"{'backend':<10} {'dtype':<9} {'shape':<32} {'max abs':>9} {'max rel':>9}  {'result':<6} rule",
+        file=file,
+    )
     for o in outcomes:
-        print(f"{o.backend:<10} {o.dtype:<9} {o.case:<32} {_fmt(o.max_abs):>9} {_fmt(o.max_rel):>9}  "
-              f"{o.verdict:<6} {o.rule}", file=file)
+        print(
+            f"{o.backend:<10} {o.dtype:<9} {o.case:<32} {_fmt(o.max_abs):>9} {_fmt(o.max_rel):>9}  "
+            f"{o.verdict:<6} {o.rule}",
+            file=file,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m casa_kernels.verify",
         description="Check every available backend against the float64 reference (docs/design.md §7).",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to verify (default: cuda if available, else cpu)")
-    parser.add_argument("--backends", default=None,
-                        help=f"comma list (default: all registered: {', '.join(backend_names())})")
-    parser.add_argument("--quick", action="store_true", help=f"only the first {len(QUICK_CASES)} shapes")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to verify (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma list (default: all registered: {', '.join(backend_names())})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"only the first {len(QUICK_CASES)} shapes"
+    )
     return parser
 
 
@@ -150,10 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("verify: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    names = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else backend_names()
+    names = (
+        [b.strip() for b in args.backends.split(",") if b.strip()]
+        if args.backends
+        else backend_names()
+    )
     unknown = [b for b in names if b not in backend_names()]
     if unknown:
-        print(f"verify: unknown backend(s) {unknown}; registered: {backend_names()}", file=sys.stderr)
+        print(
+            f"verify: unknown backend(s) {unknown}; registered: {backend_names()}", file=sys.stderr
+        )
         return 2
     device = "cuda:0" if args.device == "cuda" else "cpu"
     print(f"casa_kernels.verify: torch {torch.__version__}, device {device}")
@@ -163,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = verify(names, device, QUICK_CASES if args.quick else CASES)
     print_table(outcomes)
     counts = {v: sum(o.verdict == v for o in outcomes) for v in ("PASS", "FAIL", "SKIP")}
-    print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped (backend x dtype)")
+    print(
+        f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped (backend x dtype)"
+    )
     if counts["FAIL"]:
         return 1
     if not counts["PASS"]:

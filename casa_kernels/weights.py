@@ -105,7 +105,7 @@ class ScoreAttentionWeights(NamedTuple):
         for name, shape in weight_shapes(n_vars, d_model, kernel).items():
             if name.endswith("_weight"):
                 fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1)
-                bound = fan_in ** -0.5
+                bound = fan_in**-0.5
             t = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
             tensors.append((t * bound).to(dtype=dtype, device=device))
         return cls(*tensors)

@@ -67,9 +67,9 @@ at::Tensor with_weights(const at::Tensor& x, const at::Tensor& value_weight,
                         const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
                         const at::Tensor& dec1_bias, const at::Tensor& dec2_weight,
                         const at::Tensor& dec2_bias) {
-  return Impl(x, {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight, enc1_bias,
-                  enc2_weight, enc2_bias, dec0_weight, dec0_bias, dec1_weight, dec1_bias,
-                  dec2_weight, dec2_bias});
+  return Impl(
+      x, {value_weight, value_bias, enc0_weight, enc0_bias, enc1_weight, enc1_bias, enc2_weight,
+          enc2_bias, dec0_weight, dec0_bias, dec1_weight, dec1_bias, dec2_weight, dec2_bias});
 }
 
 }  // namespace casa

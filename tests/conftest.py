@@ -48,8 +48,12 @@ except ImportError as _error:
 def make_problem(batch, n_vars, d_model, kernel, *, dtype=torch.float32, device="cpu", seed=0):
     """Random ``x: [batch, n_vars, d_model]`` and weights drawn like PyTorch's default init."""
     g = torch.Generator().manual_seed(seed)
-    weights = ScoreAttentionWeights.random(n_vars, d_model, kernel, dtype=dtype, device=device, generator=g)
-    x = torch.randn(batch, n_vars, d_model, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    weights = ScoreAttentionWeights.random(
+        n_vars, d_model, kernel, dtype=dtype, device=device, generator=g
+    )
+    x = torch.randn(batch, n_vars, d_model, generator=g, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
     return x, weights
 
 

@@ -22,18 +22,35 @@ from casa_kernels.ops import registry
 
 def _row(**kw):
     base = {c: "" for c in results.KEY_COLUMNS}
-    base.update(suite="scaling", sweep="n", provider="casa-cpu", device="cpu", device_name="X",
-                dtype="float32", batch=1, d_model=512, status="ok")
+    base.update(
+        suite="scaling",
+        sweep="n",
+        provider="casa-cpu",
+        device="cpu",
+        device_name="X",
+        dtype="float32",
+        batch=1,
+        d_model=512,
+        status="ok",
+    )
     base.update(kw)
     return base
 
 
 def test_upsert_replaces_rows_with_the_same_key_and_keeps_others(tmp_path):
     path = tmp_path / "scaling.csv"
-    results.upsert_rows(path, [_row(n_vars=8, latency_ms_p50=1.0), _row(n_vars=16, latency_ms_p50=2.0)])
-    results.upsert_rows(path, [_row(n_vars=8, latency_ms_p50=5.0), _row(n_vars=32, latency_ms_p50=3.0)])
+    results.upsert_rows(
+        path, [_row(n_vars=8, latency_ms_p50=1.0), _row(n_vars=16, latency_ms_p50=2.0)]
+    )
+    results.upsert_rows(
+        path, [_row(n_vars=8, latency_ms_p50=5.0), _row(n_vars=32, latency_ms_p50=3.0)]
+    )
     rows = results.read_rows(path)
-    assert sorted((int(r["n_vars"]), float(r["latency_ms_p50"])) for r in rows) == [(8, 5.0), (16, 2.0), (32, 3.0)]
+    assert sorted((int(r["n_vars"]), float(r["latency_ms_p50"])) for r in rows) == [
+        (8, 5.0),
+        (16, 2.0),
+        (32, 3.0),
+    ]
     # a different version is a different key: kept side by side
     results.upsert_rows(path, [_row(n_vars=8, torch_version="9.9", latency_ms_p50=7.0)])
     assert len(results.read_rows(path)) == 4
@@ -52,8 +69,14 @@ def test_fit_slope_recovers_power_laws():
 
 
 def test_overtake_is_the_smallest_n_from_which_casa_stays_faster():
-    casa = [_row(n_vars=n, latency_ms_p50=t) for n, t in ((256, 10), (512, 5), (1024, 30), (2048, 40), (4096, 50))]
-    full = [_row(provider="full-einsum", n_vars=n, latency_ms_p50=t) for n, t in ((256, 1), (512, 6), (1024, 20), (2048, 80))]
+    casa = [
+        _row(n_vars=n, latency_ms_p50=t)
+        for n, t in ((256, 10), (512, 5), (1024, 30), (2048, 40), (4096, 50))
+    ]
+    full = [
+        _row(provider="full-einsum", n_vars=n, latency_ms_p50=t)
+        for n, t in ((256, 1), (512, 6), (1024, 20), (2048, 80))
+    ]
     full.append(_row(provider="full-einsum", n_vars=4096, status="oom"))
     assert summary._overtake_n(casa, full) == 2048  # the win at 512 is not kept at 1024
     assert summary._overtake_n(casa[:3], full[:3]) is None
@@ -91,8 +114,17 @@ def test_percentile_interpolates():
 
 
 def test_provider_over_mem_cap_is_oom_and_stops_growing(tmp_path):
-    opts = suites.RunOptions(device="cpu", dtype=torch.float32, warmup=1, reps=1, time_cap_s=60,
-                             mem_cap_bytes=1 << 20, out_dir=tmp_path, quick=True, batches=[1])
+    opts = suites.RunOptions(
+        device="cpu",
+        dtype=torch.float32,
+        warmup=1,
+        reps=1,
+        time_cap_s=60,
+        mem_cap_bytes=1 << 20,
+        out_dir=tmp_path,
+        quick=True,
+        batches=[1],
+    )
     einsum = providers.PROVIDERS["full-einsum"]
     big = providers.Point("scaling", "n", 1, 4096, 512)
     row = suites.measure_point(einsum, "N=4096", big, opts)
@@ -118,7 +150,9 @@ def test_unknown_provider_is_rejected():
 
 
 def test_a_provider_stops_growing_after_oom_while_others_go_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(suites, "measure_peak_memory", lambda fn, device: (0, "not measured (test)"))
+    monkeypatch.setattr(
+        suites, "measure_peak_memory", lambda fn, device: (0, "not measured (test)")
+    )
     built = []
 
     def build(point, device, dtype):
@@ -128,10 +162,24 @@ def test_a_provider_stops_growing_after_oom_while_others_go_on(tmp_path, monkeyp
         return lambda: torch.zeros(1)
 
     fake = providers.Provider("full-fake", "full", build, lambda d, t: None, lambda p, t: 0)
-    fine = providers.Provider("casa-fake", "casa", lambda p, d, t: (lambda: torch.zeros(1)),
-                              lambda d, t: None, lambda p, t: 0)
-    opts = suites.RunOptions(device="cpu", dtype=torch.float32, warmup=1, reps=1, time_cap_s=60,
-                             mem_cap_bytes=1 << 40, out_dir=tmp_path, quick=True, batches=[1])
+    fine = providers.Provider(
+        "casa-fake",
+        "casa",
+        lambda p, d, t: lambda: torch.zeros(1),
+        lambda d, t: None,
+        lambda p, t: 0,
+    )
+    opts = suites.RunOptions(
+        device="cpu",
+        dtype=torch.float32,
+        warmup=1,
+        reps=1,
+        time_cap_s=60,
+        mem_cap_bytes=1 << 40,
+        out_dir=tmp_path,
+        quick=True,
+        batches=[1],
+    )
     rows = suites.run_suite("scaling", [fake, fine], opts, progress=False)
     n_rows = {(r["provider"], r["n_vars"]): r for r in rows if r["sweep"] == "n"}
     assert n_rows[("full-fake", 32)]["status"] == "ok"
@@ -148,8 +196,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run_python(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_bench_runs_without_tqdm_and_matplotlib(tmp_path):
@@ -186,13 +240,15 @@ import pytest
 sys.exit(pytest.main(["-p", "no:cacheprovider", "-q", "-rs", *sys.argv[1:]]))
 """
     # No plugin autoload: hypothesis' own pytest plugin would import it.
-    return _run_python(script, *args, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)})
+    return _run_python(
+        script, *args, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)}
+    )
 
 
 def test_without_hypothesis_only_the_fuzz_tests_skip(tmp_path):
     # A module using the stand-ins runs; the op test modules, imported alongside, collect.
     module = tmp_path / "test_stand_ins.py"
-    module.write_text('''
+    module.write_text("""
 import pytest
 from tests.conftest import given, settings, st
 
@@ -204,11 +260,14 @@ def test_fuzzed(scale, n, k):
 
 def test_plain():
     assert True
-''')
-    result = _pytest_without_hypothesis(str(module), "tests/ops/test_cpu.py", "tests/ops/test_triton.py",
-                                        "-k", "test_stand_ins")
+""")
+    result = _pytest_without_hypothesis(
+        str(module), "tests/ops/test_cpu.py", "tests/ops/test_triton.py", "-k", "test_stand_ins"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed, 2 skipped" in result.stdout and "error" not in result.stdout.lower(), result.stdout
+    assert "1 passed, 2 skipped" in result.stdout and "error" not in result.stdout.lower(), (
+        result.stdout
+    )
     assert "hypothesis is not installed" in result.stdout
 
 
@@ -217,42 +276,80 @@ def test_plain():
 
 def _bench_row(provider, config, batch, p50_ms, status="ok", dtype="bfloat16"):
     row = {c: "" for c in results.COLUMNS}
-    row.update(suite="attention", sweep="dataset", provider=provider, device="cuda:0", device_name="GPU",
-               dtype=dtype, batch=batch, n_vars=862, d_model=512, kernel=3, config=config, status=status,
-               latency_ms_p50=p50_ms if status == "ok" else "", peak_mem_bytes=1000 if status == "ok" else "",
-               timestamp="2026-01-01T00:00:00")
+    row.update(
+        suite="attention",
+        sweep="dataset",
+        provider=provider,
+        device="cuda:0",
+        device_name="GPU",
+        dtype=dtype,
+        batch=batch,
+        n_vars=862,
+        d_model=512,
+        kernel=3,
+        config=config,
+        status=status,
+        latency_ms_p50=p50_ms if status == "ok" else "",
+        peak_mem_bytes=1000 if status == "ok" else "",
+        timestamp="2026-01-01T00:00:00",
+    )
     return row
 
 
 def test_key_figures_read_logs_and_results(tmp_path):
     log = tmp_path / "log"
-    log.write_text("...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n"
-                   "1 failed, 20 passed, 2 skipped in 31.20s\n")
+    log.write_text(
+        "...\nFAILED tests/ops/test_x.py::test_y - AssertionError\n"
+        "1 failed, 20 passed, 2 skipped in 31.20s\n"
+    )
     assert device_check.key_figure("tests-cuda", "failed", log, tmp_path) == (
-        "1 failed, 20 passed, 2 skipped in 31.20s; FAILED tests/ops/test_x.py::test_y - AssertionError")
+        "1 failed, 20 passed, 2 skipped in 31.20s; FAILED tests/ops/test_x.py::test_y - AssertionError"
+    )
     log.write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
-    assert device_check.key_figure("racecheck-cuda", "ok", log, tmp_path) == \
-        "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    assert (
+        device_check.key_figure("racecheck-cuda", "ok", log, tmp_path)
+        == "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    )
     log.write_text("collecting ...\nsome test output\n")
-    assert device_check.key_figure("tests-triton", "timeout", log, tmp_path, "killed at its deadline after 90s") == \
-        "killed at its deadline after 90s"
-    assert device_check.key_figure("verify", "skipped", log, tmp_path, "no CUDA device") == "no CUDA device"
-    log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"
-                   "========= ERROR SUMMARY: 0 errors\n")
-    assert device_check.key_figure("memcheck-cuda", "failed", log, tmp_path) == \
-        "ERROR SUMMARY: 0 errors; RuntimeError: CUDA error: an illegal memory access"
+    assert (
+        device_check.key_figure(
+            "tests-triton", "timeout", log, tmp_path, "killed at its deadline after 90s"
+        )
+        == "killed at its deadline after 90s"
+    )
+    assert (
+        device_check.key_figure("verify", "skipped", log, tmp_path, "no CUDA device")
+        == "no CUDA device"
+    )
+    log.write_text(
+        "Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"
+        "========= ERROR SUMMARY: 0 errors\n"
+    )
+    assert (
+        device_check.key_figure("memcheck-cuda", "failed", log, tmp_path)
+        == "ERROR SUMMARY: 0 errors; RuntimeError: CUDA error: an illegal memory access"
+    )
 
-    results.upsert_rows(tmp_path / "attention.csv", [
-        _bench_row("casa-triton", "Traffic", 16, 0.1234), _bench_row("casa-cuda", "Traffic", 16, 0.05),
-        _bench_row("casa-triton", "Traffic", 1, 0.02), _bench_row("full-einsum", "Wide20k", 16, "", "oom"),
-        _bench_row("casa-triton", "Traffic", 16, 9.0, dtype="float32"),
-    ])
+    results.upsert_rows(
+        tmp_path / "attention.csv",
+        [
+            _bench_row("casa-triton", "Traffic", 16, 0.1234),
+            _bench_row("casa-cuda", "Traffic", 16, 0.05),
+            _bench_row("casa-triton", "Traffic", 1, 0.02),
+            _bench_row("full-einsum", "Wide20k", 16, "", "oom"),
+            _bench_row("casa-triton", "Traffic", 16, 9.0, dtype="float32"),
+        ],
+    )
     assert device_check.key_figure("bench-attention", "ok", log, tmp_path) == (
-        "5 rows: 4 ok, 1 oom; Traffic B=16 p50 casa-cuda 50 µs, casa-triton 123 µs")
+        "5 rows: 4 ok, 1 oom; Traffic B=16 p50 casa-cuda 50 µs, casa-triton 123 µs"
+    )
     (tmp_path / "autotuned").mkdir()
-    results.upsert_rows(tmp_path / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
+    results.upsert_rows(
+        tmp_path / "autotuned" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)]
+    )
     assert device_check.key_figure("bench-autotuned", "ok", log, tmp_path) == (
-        "casa-triton Traffic B=16 p50: autotuned 100 µs, single config 123 µs")
+        "casa-triton Traffic B=16 p50: autotuned 100 µs, single config 123 µs"
+    )
 
 
 def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
@@ -265,11 +362,19 @@ def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
     device_check.record(work, out, "tests-cuda", "ok", 12, 90, "")
     device_check.record(work, out, "verify", "skipped", 0, 35, "no CUDA device")
     assert sorted(p.name for p in out.iterdir()) == [
-        device_check.ARCHIVE, device_check.SUMMARY_JSON, device_check.SUMMARY_MD]
+        device_check.ARCHIVE,
+        device_check.SUMMARY_JSON,
+        device_check.SUMMARY_MD,
+    ]
     summary = json.loads((out / device_check.SUMMARY_JSON).read_text())
     assert [(s["step"], s["status"], s["key_figure"]) for s in summary["steps"]] == [
-        ("tests-cuda", "ok", "3 passed in 1.00s"), ("verify", "skipped", "no CUDA device")]
-    assert "| tests-cuda | ok | 12 | 90 | 3 passed in 1.00s |" in (out / device_check.SUMMARY_MD).read_text()
+        ("tests-cuda", "ok", "3 passed in 1.00s"),
+        ("verify", "skipped", "no CUDA device"),
+    ]
+    assert (
+        "| tests-cuda | ok | 12 | 90 | 3 passed in 1.00s |"
+        in (out / device_check.SUMMARY_MD).read_text()
+    )
     with tarfile.open(out / device_check.ARCHIVE) as tar:
         names = set(tar.getnames())
         log = tar.extractfile("logs/03-tests-cuda.log").read().decode()
@@ -278,33 +383,61 @@ def test_record_packs_the_work_folder_into_three_files(tmp_path, monkeypatch):
 
 
 def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
-    result = subprocess.run(["bash", "bench/device_check.sh", "--dry-run"], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable},
-                            timeout=120)
+    result = subprocess.run(
+        ["bash", "bench/device_check.sh", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list(tmp_path.rglob("*"))) == 3  # the device tool returns at most 8 files
-    steps = {s["step"]: s for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]}
+    steps = {
+        s["step"]: s
+        for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]
+    }
     assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
     gpu_steps = set(steps) - {"preflight", "info"}
-    assert {"build", "tests-cuda", "tests-triton", "verify", "memcheck-cuda", "racecheck-triton",
-            "bench-autotuned"} <= gpu_steps
-    assert all(steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps)
+    assert {
+        "build",
+        "tests-cuda",
+        "tests-triton",
+        "verify",
+        "memcheck-cuda",
+        "racecheck-triton",
+        "bench-autotuned",
+    } <= gpu_steps
+    assert all(
+        steps[s]["status"] == "skipped" and "dry run" in steps[s]["key_figure"] for s in gpu_steps
+    )
     assert result.stdout.rstrip().splitlines()[-1].startswith("| total | no step failed |")
 
 
 @pytest.mark.parametrize("nvcc_release", ["13.0", "12.8"])
-def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(tmp_path, monkeypatch, capsys, nvcc_release):
+def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(
+    tmp_path, monkeypatch, capsys, nvcc_release
+):
     # A GPU and an nvcc, both faked: torch built for CUDA 13.0.
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n")
+    nvcc.write_text(
+        f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n"
+    )
     nvcc.chmod(0o755)
-    gpu = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
-                          multi_processor_count=132)
+    gpu = SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3",
+        major=9,
+        minor=0,
+        total_memory=80 * 2**30,
+        multi_processor_count=132,
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(device_check, "_find_tool", lambda name, cuda_home: str(nvcc) if name == "nvcc" else None)
+    monkeypatch.setattr(
+        device_check, "_find_tool", lambda name, cuda_home: str(nvcc) if name == "nvcc" else None
+    )
     monkeypatch.delenv("CUDA_HOME", raising=False)
     device_check.preflight(tmp_path, dry_run=False)
     env = dict(line.split("=", 1) for line in (tmp_path / "preflight.env").read_text().splitlines())
@@ -325,9 +458,13 @@ def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
     work, out, dest = tmp_path / "work", tmp_path / "out", tmp_path / "dest"
     (work / "logs").mkdir(parents=True)
     (work / "environment.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3"}))
-    results.upsert_rows(work / "results" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)])
-    results.upsert_rows(work / "results" / "autotuned" / "attention.csv",
-                        [_bench_row("casa-triton", "Traffic", 16, 0.08)])
+    results.upsert_rows(
+        work / "results" / "attention.csv", [_bench_row("casa-triton", "Traffic", 16, 0.1)]
+    )
+    results.upsert_rows(
+        work / "results" / "autotuned" / "attention.csv",
+        [_bench_row("casa-triton", "Traffic", 16, 0.08)],
+    )
     device_check.record(work, out, "bench-autotuned", "ok", 30, 40, "")
     committed = {**_bench_row("casa-triton", "Traffic", 16, 0.3), "torch_version": "2.10"}
     results.upsert_rows(dest / "attention.csv", [committed])

@@ -9,11 +9,16 @@ import torch.nn.functional as F
 from casa_kernels import CASAAttention, CASABlock, CASAModel, ScoreNetwork, reference
 
 ATTENTION_KEYS = [
-    "value.weight", "value.bias",
+    "value.weight",
+    "value.bias",
     *(f"score.encoder.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")),
     *(f"score.decoder.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")),
 ]
-BLOCK_KEYS = ATTENTION_KEYS + [f"mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")] + ["norm.weight", "norm.bias"]
+BLOCK_KEYS = (
+    ATTENTION_KEYS
+    + [f"mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+    + ["norm.weight", "norm.bias"]
+)
 
 
 def official_model_keys(e_layers):
@@ -58,7 +63,9 @@ def test_block_uses_one_layer_norm_twice():
 
 
 def test_model_normalises_with_unbiased_variance_and_denormalises():
-    model = CASAModel(n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=2, backend="reference").double()
+    model = CASAModel(
+        n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=2, backend="reference"
+    ).double()
     x = torch.randn(2, 12, 3, dtype=torch.float64) * 5 + 2
     mean = x.mean(1, keepdim=True)
     std = torch.sqrt(x.var(1, keepdim=True, unbiased=True) + 1e-5)
@@ -99,13 +106,17 @@ def test_checkpoint_with_official_keys_loads_strictly():
     official = {key: torch.randn_like(t) for key, t in model.state_dict().items()}
     assert sorted(official) == sorted(official_model_keys(1))
     model.load_state_dict(official, strict=True)
-    assert torch.equal(model.model[2][0].score.encoder[0].weight, official["model.2.0.score.encoder.0.weight"])
+    assert torch.equal(
+        model.model[2][0].score.encoder[0].weight, official["model.2.0.score.encoder.0.weight"]
+    )
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_gradcheck_float64(kernel):
     attn = CASAAttention(n_vars=3, d_model=8, kernel=kernel, backend="reference").double()
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *w: reference.score_attention(x, type(attn.weights())(*w)), (x, *attn.weights()))
+    assert torch.autograd.gradcheck(
+        lambda x, *w: reference.score_attention(x, type(attn.weights())(*w)), (x, *attn.weights())
+    )
     block = CASABlock(n_vars=3, d_model=8, kernel=kernel, backend="reference").double()
     assert torch.autograd.gradcheck(block, (x,))

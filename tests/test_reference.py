@@ -58,7 +58,9 @@ def test_reference_matches_loops(problem, kernel, n_vars, d_model):
     x, w = problem(2, n_vars, d_model, kernel, dtype=torch.float64)
     got = reference.score_attention(x, w)
     for b in range(2):
-        np.testing.assert_allclose(got[b].numpy(), naive_attention(x[b].numpy(), w), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            got[b].numpy(), naive_attention(x[b].numpy(), w), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_softmax_sums_to_one_over_variates(problem):
@@ -69,7 +71,9 @@ def test_softmax_sums_to_one_over_variates(problem):
 
 def test_zero_value_projection_leaves_only_the_skip(problem):
     x, w = problem(2, 4, 16, 3)
-    w = w._replace(value_weight=torch.zeros_like(w.value_weight), value_bias=torch.zeros_like(w.value_bias))
+    w = w._replace(
+        value_weight=torch.zeros_like(w.value_weight), value_bias=torch.zeros_like(w.value_bias)
+    )
     assert torch.equal(reference.score_attention(x, w), x)
 
 

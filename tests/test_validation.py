@@ -11,7 +11,11 @@ from casa_kernels.baselines import FullAttention, ITransformerModel
     "kwargs, error, match",
     [
         (dict(n_vars=3, d_model=12), ValueError, r"d_model: expected a multiple of 8.*received 12"),
-        (dict(n_vars=3, d_model=16, kernel=4), ValueError, r"kernel: expected an odd size, received 4"),
+        (
+            dict(n_vars=3, d_model=16, kernel=4),
+            ValueError,
+            r"kernel: expected an odd size, received 4",
+        ),
         (dict(n_vars=0, d_model=16), ValueError, r"n_vars: expected a positive int, received 0"),
         (dict(n_vars=3.0, d_model=16), TypeError, r"n_vars: expected an int, received float"),
         (dict(n_vars=3, d_model=True), TypeError, r"d_model: expected an int, received bool"),
@@ -40,13 +44,37 @@ def attn():
 @pytest.mark.parametrize(
     "x, error, match",
     [
-        (torch.randn(4, 16), ValueError, r"x: expected a 3-D tensor \[batch, n_vars, d_model\], received shape \(4, 16\)"),
-        (torch.randn(2, 5, 16), ValueError, r"x: expected n_vars = 4 \(dim 1\), received shape \(2, 5, 16\)"),
-        (torch.randn(2, 4, 8), ValueError, r"x: expected d_model = 16 \(dim 2\), received shape \(2, 4, 8\)"),
-        (torch.ones(2, 4, 16, dtype=torch.int64), TypeError, r"x: expected a floating-point tensor, received dtype torch.int64"),
+        (
+            torch.randn(4, 16),
+            ValueError,
+            r"x: expected a 3-D tensor \[batch, n_vars, d_model\], received shape \(4, 16\)",
+        ),
+        (
+            torch.randn(2, 5, 16),
+            ValueError,
+            r"x: expected n_vars = 4 \(dim 1\), received shape \(2, 5, 16\)",
+        ),
+        (
+            torch.randn(2, 4, 8),
+            ValueError,
+            r"x: expected d_model = 16 \(dim 2\), received shape \(2, 4, 8\)",
+        ),
+        (
+            torch.ones(2, 4, 16, dtype=torch.int64),
+            TypeError,
+            r"x: expected a floating-point tensor, received dtype torch.int64",
+        ),
         (torch.randn(2, 0, 16), ValueError, r"x: expected non-zero sizes after the batch dim"),
-        (torch.randn(2, 4, 16, dtype=torch.float64), TypeError, r"x: expected dtype torch.float32 \(that of the weights\), received torch.float64"),
-        (torch.randn(2, 4, 16, device="meta"), ValueError, r"x: expected device cpu \(that of the weights\), received meta"),
+        (
+            torch.randn(2, 4, 16, dtype=torch.float64),
+            TypeError,
+            r"x: expected dtype torch.float32 \(that of the weights\), received torch.float64",
+        ),
+        (
+            torch.randn(2, 4, 16, device="meta"),
+            ValueError,
+            r"x: expected device cpu \(that of the weights\), received meta",
+        ),
         ([[1.0]], TypeError, r"x: expected a torch.Tensor"),
     ],
 )
@@ -62,28 +90,42 @@ def test_no_silent_broadcast_of_a_batchless_input(attn):
 
 def test_bad_weights(problem):
     x, w = problem(2, 4, 16, 3)
-    with pytest.raises(TypeError, match=r"weights: expected a ScoreAttentionWeights, received tuple"):
+    with pytest.raises(
+        TypeError, match=r"weights: expected a ScoreAttentionWeights, received tuple"
+    ):
         casa_attention(x, tuple(w))
     bad = w._replace(dec2_bias=torch.zeros(5))
-    with pytest.raises(ValueError, match=r"weights.dec2_bias: expected shape \(4,\), received \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"weights.dec2_bias: expected shape \(4,\), received \(5,\)"
+    ):
         casa_attention(x, bad)
     bad = w._replace(enc1_weight=w.enc1_weight.double())
-    with pytest.raises(TypeError, match=r"weights.enc1_weight: expected dtype torch.float32 \(that of value_weight\), received torch.float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"weights.enc1_weight: expected dtype torch.float32 \(that of value_weight\), received torch.float64",
+    ):
         casa_attention(x, bad)
     bad = w._replace(enc1_bias=torch.zeros(8, device="meta"))
-    with pytest.raises(ValueError, match=r"weights.enc1_bias: expected device cpu \(that of value_weight\), received meta"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights.enc1_bias: expected device cpu \(that of value_weight\), received meta",
+    ):
         casa_attention(x, bad)
 
 
 def test_unknown_backend(problem):
     x, w = problem(1, 4, 16, 3)
-    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', .*'reference'.*\], received 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"backend: expected one of \['auto', .*'reference'.*\], received 'fast'"
+    ):
         casa_attention(x, w, backend="fast")
 
 
 def test_bad_model_input():
     model = CASAModel(n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=1)
-    with pytest.raises(ValueError, match=r"x: expected seq_len = 12 \(dim 1\), received shape \(2, 10, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"x: expected seq_len = 12 \(dim 1\), received shape \(2, 10, 3\)"
+    ):
         model(torch.randn(2, 10, 3))
     with pytest.raises(ValueError, match=r"x: expected n_vars = 3 \(dim 2\)"):
         model(torch.randn(2, 12, 4))

@@ -10,7 +10,11 @@ from casa_kernels.ops import registry
 
 
 def test_verify_passes_on_available_backends(capsys):
-    names = [n for n, reason in registry.availability().items() if n in ("reference", "cpu") and reason is None]
+    names = [
+        n
+        for n, reason in registry.availability().items()
+        if n in ("reference", "cpu") and reason is None
+    ]
     assert verify.main(["--device", "cpu", "--backends", ",".join(names), "--quick"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out.split("backend    dtype")[1]
@@ -24,14 +28,18 @@ def _broken_forward(x, weights):
 def broken_backend(monkeypatch):
     """A registered backend 'broken' whose forward is the reference plus 1e-2."""
     base = registry.get_backend("reference")
-    broken = dataclasses.replace(base, name="broken", device_types=frozenset({"cpu"}), forward=_broken_forward)
+    broken = dataclasses.replace(
+        base, name="broken", device_types=frozenset({"cpu"}), forward=_broken_forward
+    )
     monkeypatch.setitem(registry._BACKENDS, "broken", broken)
     return "broken"
 
 
 def test_verify_fails_on_a_broken_backend(broken_backend, capsys):
     assert verify.main(["--device", "cpu", "--backends", broken_backend, "--quick"]) == 1
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("broken ")]
+    rows = [
+        line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("broken ")
+    ]
     full_precision = [r for r in rows if r[1] in ("float32", "float64")]
     assert len(full_precision) == 2 * len(verify.QUICK_CASES)
     # 1e-2 is far outside the fp32/fp64 tolerance (bf16's eps of 3e-2 may absorb it).
@@ -43,7 +51,9 @@ def test_verify_fails_when_an_existing_backend_breaks(monkeypatch, capsys):
         pytest.skip(f"cpu backend unavailable: {registry.availability().get('cpu')}")
     cpu = registry.get_backend("cpu")
     monkeypatch.setitem(
-        registry._BACKENDS, "cpu", dataclasses.replace(cpu, forward=lambda x, w: cpu.forward(x, w) + 1e-2)
+        registry._BACKENDS,
+        "cpu",
+        dataclasses.replace(cpu, forward=lambda x, w: cpu.forward(x, w) + 1e-2),
     )
     assert verify.main(["--device", "cpu", "--backends", "cpu", "--quick"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -25,9 +25,13 @@ class FullAttention(nn.Module):
         check_positive_int("d_model", d_model)
         check_positive_int("n_heads", n_heads)
         if d_model % n_heads != 0:
-            raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, received {n_heads}")
+            raise ValueError(
+                f"n_heads: expected a divisor of d_model={d_model}, received {n_heads}"
+            )
         if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, received {implementation!r}")
+            raise ValueError(
+                f"implementation: expected one of {IMPLEMENTATIONS}, received {implementation!r}"
+            )
         self.d_model, self.n_heads, self.implementation = d_model, n_heads, implementation
         self.query_projection = nn.Linear(d_model, d_model)
         self.key_projection = nn.Linear(d_model, d_model)

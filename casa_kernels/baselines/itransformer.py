@@ -21,7 +21,9 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, *, d_model: int, n_heads: int, d_ff: int, implementation: str):
         super().__init__()
-        self.attention = FullAttention(d_model=d_model, n_heads=n_heads, implementation=implementation)
+        self.attention = FullAttention(
+            d_model=d_model, n_heads=n_heads, implementation=implementation
+        )
         self.conv1 = nn.Linear(d_model, d_ff)
         self.conv2 = nn.Linear(d_ff, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -46,12 +48,22 @@ class ITransformerModel(nn.Module):
         implementation: str = "einsum",
     ):
         super().__init__()
-        for name, value in (("n_vars", n_vars), ("seq_len", seq_len), ("pred_len", pred_len), ("e_layers", e_layers)):
+        for name, value in (
+            ("n_vars", n_vars),
+            ("seq_len", seq_len),
+            ("pred_len", pred_len),
+            ("e_layers", e_layers),
+        ):
             check_positive_int(name, value)
         self.n_vars, self.seq_len = n_vars, seq_len
         self.embedding = nn.Linear(seq_len, d_model)
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, n_heads=n_heads, d_ff=d_ff or d_model, implementation=implementation)
+            EncoderLayer(
+                d_model=d_model,
+                n_heads=n_heads,
+                d_ff=d_ff or d_model,
+                implementation=implementation,
+            )
             for _ in range(e_layers)
         )
         self.norm = nn.LayerNorm(d_model)

@@ -68,7 +68,9 @@ def _tail_prepared(x, dec2_weight, dec2_bias, value_weight=None, value_bias=None
     prepared = cached(
         f"cpu.tail{len(sources)}.{x.dtype}.tile{tile}.{tier}",
         sources,
-        lambda: _kernels().cpu_prepare_tail(dec2_weight, dec2_bias, value_weight, value_bias, tile, tier),
+        lambda: _kernels().cpu_prepare_tail(
+            dec2_weight, dec2_bias, value_weight, value_bias, tile, tier
+        ),
     )
     return prepared, tile, tier
 
@@ -85,7 +87,17 @@ def _tail_stats(x, h5, dec2_weight, dec2_bias):
 def _tail_output(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, col_max, col_sum):
     prepared, tile, tier = _tail_prepared(x, dec2_weight, dec2_bias, value_weight, value_bias)
     return _kernels().cpu_tail_output(
-        x, h5, dec2_weight, dec2_bias, value_weight, value_bias, prepared, tile, tier, col_max, col_sum
+        x,
+        h5,
+        dec2_weight,
+        dec2_bias,
+        value_weight,
+        value_bias,
+        prepared,
+        tile,
+        tier,
+        col_max,
+        col_sum,
     )
 
 
@@ -117,8 +129,15 @@ def block_epilogue(
         lambda: kernels.cpu_prepare_mlp(mlp0.weight, mlp2.weight, tier),
     )
     out = kernels.cpu_block_epilogue(
-        y.reshape(-1, y.shape[-1]).contiguous(), norm.weight, norm.bias, norm.eps, prepared,
-        mlp0.bias, mlp2.bias, tier, relu_out,
+        y.reshape(-1, y.shape[-1]).contiguous(),
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        prepared,
+        mlp0.bias,
+        mlp2.bias,
+        tier,
+        relu_out,
     )
     return out.view(y.shape)
 

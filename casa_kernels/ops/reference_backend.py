@@ -13,6 +13,8 @@ register_backend(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         forward=reference.score_attention,
         unavailable_reason=lambda: None,
-        stages=Stages(stages.head_partial, stages.bottleneck, stages.tail_stats, stages.tail_output),
+        stages=Stages(
+            stages.head_partial, stages.bottleneck, stages.tail_stats, stages.tail_output
+        ),
     )
 )

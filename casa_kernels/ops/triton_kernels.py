@@ -92,8 +92,11 @@ HEAD_BLOCK_N = 16 if _INTERPRET else 32
 # 64 x 128 ~0.1 KB (see tests/ops/triton_compile_check.py).
 TAIL_BLOCK_N = 16 if _INTERPRET else 64
 _MERGE_BLOCK_D = 32 if _INTERPRET else 128
-_BOTTLENECK_BLOCKS = {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16} if _INTERPRET else {
-    "BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
+_BOTTLENECK_BLOCKS = (
+    {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16}
+    if _INTERPRET
+    else {"BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
+)
 # 64 x 64 tiles, 8 warps, no software pipelining: no spills on sm_90 bf16 (with 2-3 stages
 # ptxas spills 0.3-0.5 KB per thread; the bottleneck's short loops gain little from it).
 _BOTTLENECK_WARPS, _BOTTLENECK_STAGES = (1, 1) if _INTERPRET else (8, 1)
@@ -107,28 +110,40 @@ def _tuned(configs: list) -> list:
 def _head_configs() -> list:
     if _INTERPRET:
         return [triton.Config({"BLOCK_C": 16, "BLOCK_T": 16}, num_warps=1)]
-    return _tuned([
-        triton.Config({"BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-        for bc, bt, w, s in [(64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-    ])
+    return _tuned(
+        [
+            triton.Config({"BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+            for bc, bt, w, s in [
+                (64, 64, 8, 3),
+                (32, 64, 4, 3),
+                (64, 128, 8, 3),
+                (128, 64, 8, 3),
+                (128, 128, 8, 3),
+            ]
+        ]
+    )
 
 
 def _stats_configs() -> list:
     if _INTERPRET:
         return [triton.Config({"BLOCK_D": 32, "BLOCK_C": 16}, num_warps=1)]
-    return _tuned([
-        triton.Config({"BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-        for bd, bc, w, s in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
-    ])
+    return _tuned(
+        [
+            triton.Config({"BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+            for bd, bc, w, s in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
+        ]
+    )
 
 
 def _output_configs() -> list:
     if _INTERPRET:
         return [triton.Config({"BLOCK_D": 32, "BLOCK_C": 16, "BLOCK_E": 16}, num_warps=1)]
-    return _tuned([
-        triton.Config({"BLOCK_D": bd, "BLOCK_C": bc, "BLOCK_E": be}, num_warps=w, num_stages=s)
-        for bd, bc, be, w, s in [(128, 16, 32, 8, 3), (128, 32, 64, 8, 3), (64, 32, 64, 8, 2)]
-    ])
+    return _tuned(
+        [
+            triton.Config({"BLOCK_D": bd, "BLOCK_C": bc, "BLOCK_E": be}, num_warps=w, num_stages=s)
+            for bd, bc, be, w, s in [(128, 16, 32, 8, 3), (128, 32, 64, 8, 3), (64, 32, 64, 8, 2)]
+        ]
+    )
 
 
 @triton.jit
@@ -164,7 +179,16 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 def _conv_s2_tile(
     in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
     w_ptr,  # Conv1d weight packed tap-major, [k, COUT, CIN]
-    o_offs, o_mask, t_offs, t_mask, cin_start, n_chunks, CIN, COUT, LIN, acc,
+    o_offs,
+    o_mask,
+    t_offs,
+    t_mask,
+    cin_start,
+    n_chunks,
+    CIN,
+    COUT,
+    LIN,
+    acc,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -202,7 +226,12 @@ def _conv_s2_tile(
 def _conv_transpose_parity(
     in_base,  # input [CIN, LIN] of one batch element, fp32
     w_ptr,  # ConvTranspose1d weight packed tap-major, [k, COUT, CIN]
-    o_offs, o_mask, u0, CIN, COUT, LIN,
+    o_offs,
+    o_mask,
+    u0,
+    CIN,
+    COUT,
+    LIN,
     R: tl.constexpr,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -242,14 +271,27 @@ def _conv_transpose_parity(
                 if (u0 + shift >= 0) & (u0 + BLOCK_U + shift <= LIN):
                     acc = _mma(wv, hv, acc, PRECISION, EMULATE_BF16)
                 else:
-                    part = _mma(wv, hv, tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32), PRECISION, EMULATE_BF16)
+                    part = _mma(
+                        wv,
+                        hv,
+                        tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32),
+                        PRECISION,
+                        EMULATE_BF16,
+                    )
                     acc += tl.where(col_ok[None, :], part, 0.0)
     return acc
 
 
 @triton.jit
 def _conv_transpose_tile(
-    in_base, w_ptr, o_offs, o_mask, u0, CIN, COUT, LIN,
+    in_base,
+    w_ptr,
+    o_offs,
+    o_mask,
+    u0,
+    CIN,
+    COUT,
+    LIN,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -259,10 +301,40 @@ def _conv_transpose_tile(
 ):
     """Transposed conv (no bias) at output columns 2·u0 + [0, BLOCK_L): [BLOCK_O, BLOCK_L] fp32."""
     BLOCK_U: tl.constexpr = BLOCK_L // 2
-    even = _conv_transpose_parity(in_base, w_ptr, o_offs, o_mask, u0, CIN, COUT, LIN,
-                                  0, KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_U)
-    odd = _conv_transpose_parity(in_base, w_ptr, o_offs, o_mask, u0, CIN, COUT, LIN,
-                                 1, KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_U)
+    even = _conv_transpose_parity(
+        in_base,
+        w_ptr,
+        o_offs,
+        o_mask,
+        u0,
+        CIN,
+        COUT,
+        LIN,
+        0,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_U,
+    )
+    odd = _conv_transpose_parity(
+        in_base,
+        w_ptr,
+        o_offs,
+        o_mask,
+        u0,
+        CIN,
+        COUT,
+        LIN,
+        1,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_U,
+    )
     # join -> [BLOCK_O, BLOCK_U, 2]; flattening puts column 2u + r at index 2u + r.
     return tl.reshape(tl.join(even, odd), (BLOCK_O, BLOCK_L))
 
@@ -273,7 +345,11 @@ def _head_kernel(
     x_ptr,  # [B, N, D], contiguous
     w_ptr,  # enc0 weight packed [k, C1, N]
     out_ptr,  # [splits, B, C1, D/2] fp32 partial sums, no bias
-    B, N, D, C1, CHUNKS_PER_SPLIT,
+    B,
+    N,
+    D,
+    C1,
+    CHUNKS_PER_SPLIT,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -293,9 +369,24 @@ def _head_kernel(
     t_mask = t_offs < half
     # Split `split` reduces rows [split·CHUNKS_PER_SPLIT·BLOCK_N, ...) ∩ [0, N).
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
-    acc = _conv_s2_tile(x_ptr + b.to(tl.int64) * N * D, w_ptr, c_offs, c_mask, t_offs, t_mask,
-                        split * CHUNKS_PER_SPLIT * BLOCK_N, CHUNKS_PER_SPLIT, N, C1, D, acc,
-                        KERNEL, PRECISION, EMULATE_BF16, BLOCK_N)
+    acc = _conv_s2_tile(
+        x_ptr + b.to(tl.int64) * N * D,
+        w_ptr,
+        c_offs,
+        c_mask,
+        t_offs,
+        t_mask,
+        split * CHUNKS_PER_SPLIT * BLOCK_N,
+        CHUNKS_PER_SPLIT,
+        N,
+        C1,
+        D,
+        acc,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_N,
+    )
     out = out_ptr + ((split * B + b).to(tl.int64) * C1 + c_offs[:, None]) * half + t_offs[None, :]
     tl.store(out, acc, mask=c_mask[:, None] & t_mask[None, :])
 
@@ -316,7 +407,13 @@ def _sum_splits_relu(parts_ptr, b_ptr, out_base, SPLITS, B, C1, HALF, b, BLOCK: 
 
 @triton.jit
 def _conv_s2_relu_stage(
-    in_base, w_ptr, b_ptr, out_base, CIN, COUT, LIN,
+    in_base,
+    w_ptr,
+    b_ptr,
+    out_base,
+    CIN,
+    COUT,
+    LIN,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -334,15 +431,40 @@ def _conv_s2_relu_stage(
             t_offs = t0 + tl.arange(0, BLOCK_L)
             t_mask = t_offs < LOUT
             acc = tl.zeros((BLOCK_O, BLOCK_L), dtype=tl.float32)
-            acc = _conv_s2_tile(in_base, w_ptr, o_offs, o_mask, t_offs, t_mask, 0, tl.cdiv(CIN, BLOCK_K), CIN, COUT,
-                                LIN, acc, KERNEL, PRECISION, EMULATE_BF16, BLOCK_K)
-            tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], _relu(acc + bias[:, None]),
-                     mask=o_mask[:, None] & t_mask[None, :])
+            acc = _conv_s2_tile(
+                in_base,
+                w_ptr,
+                o_offs,
+                o_mask,
+                t_offs,
+                t_mask,
+                0,
+                tl.cdiv(CIN, BLOCK_K),
+                CIN,
+                COUT,
+                LIN,
+                acc,
+                KERNEL,
+                PRECISION,
+                EMULATE_BF16,
+                BLOCK_K,
+            )
+            tl.store(
+                out_base + o_offs[:, None] * LOUT + t_offs[None, :],
+                _relu(acc + bias[:, None]),
+                mask=o_mask[:, None] & t_mask[None, :],
+            )
 
 
 @triton.jit
 def _conv_transpose_relu_stage(
-    in_base, w_ptr, b_ptr, out_base, CIN, COUT, LIN,
+    in_base,
+    w_ptr,
+    b_ptr,
+    out_base,
+    CIN,
+    COUT,
+    LIN,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -358,20 +480,46 @@ def _conv_transpose_relu_stage(
         bias = tl.load(b_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
         for t0 in range(0, LOUT, BLOCK_L):
             t_offs = t0 + tl.arange(0, BLOCK_L)
-            acc = _conv_transpose_tile(in_base, w_ptr, o_offs, o_mask, t0 // 2, CIN, COUT, LIN,
-                                       KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_L)
-            tl.store(out_base + o_offs[:, None] * LOUT + t_offs[None, :], _relu(acc + bias[:, None]),
-                     mask=o_mask[:, None] & (t_offs < LOUT)[None, :])
+            acc = _conv_transpose_tile(
+                in_base,
+                w_ptr,
+                o_offs,
+                o_mask,
+                t0 // 2,
+                CIN,
+                COUT,
+                LIN,
+                KERNEL,
+                PRECISION,
+                EMULATE_BF16,
+                BLOCK_K,
+                BLOCK_O,
+                BLOCK_L,
+            )
+            tl.store(
+                out_base + o_offs[:, None] * LOUT + t_offs[None, :],
+                _relu(acc + bias[:, None]),
+                mask=o_mask[:, None] & (t_offs < LOUT)[None, :],
+            )
 
 
 @triton.jit
 def _bottleneck_kernel(
     parts_ptr,  # head partial sums [SPLITS, B, C1, D/2] fp32 (no bias)
     b0_ptr,  # enc0 bias [C1]
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,  # enc1, enc2, dec0, dec1, weights packed [k, COUT, CIN]
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    w3_ptr,
+    b3_ptr,
+    w4_ptr,
+    b4_ptr,  # enc1, enc2, dec0, dec1, weights packed [k, COUT, CIN]
     scratch_ptr,  # [4, B, D²/8] fp32
     out_ptr,  # h5 [B, C1, D/2] fp32
-    SPLITS, B, D,
+    SPLITS,
+    B,
+    D,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -391,23 +539,85 @@ def _bottleneck_kernel(
     s4 = scratch_ptr + (3 * B + b) * size
     _sum_splits_relu(parts_ptr, b0_ptr, s1, SPLITS, B, C1, D // 2, b, BLOCK_O * BLOCK_L)
     tl.debug_barrier()
-    _conv_s2_relu_stage(s1, w1_ptr, b1_ptr, s2, C1, C2, D // 2,
-                        KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_L)
+    _conv_s2_relu_stage(
+        s1,
+        w1_ptr,
+        b1_ptr,
+        s2,
+        C1,
+        C2,
+        D // 2,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_L,
+    )
     tl.debug_barrier()
-    _conv_s2_relu_stage(s2, w2_ptr, b2_ptr, s3, C2, D, D // 4,
-                        KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_L)
+    _conv_s2_relu_stage(
+        s2,
+        w2_ptr,
+        b2_ptr,
+        s3,
+        C2,
+        D,
+        D // 4,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_L,
+    )
     tl.debug_barrier()
-    _conv_transpose_relu_stage(s3, w3_ptr, b3_ptr, s4, D, C2, D // 8,
-                               KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_L)
+    _conv_transpose_relu_stage(
+        s3,
+        w3_ptr,
+        b3_ptr,
+        s4,
+        D,
+        C2,
+        D // 8,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_L,
+    )
     tl.debug_barrier()
-    _conv_transpose_relu_stage(s4, w4_ptr, b4_ptr, out_ptr + b * size, C2, C1, D // 4,
-                               KERNEL, PRECISION, EMULATE_BF16, BLOCK_K, BLOCK_O, BLOCK_L)
+    _conv_transpose_relu_stage(
+        s4,
+        w4_ptr,
+        b4_ptr,
+        out_ptr + b * size,
+        C2,
+        C1,
+        D // 4,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_K,
+        BLOCK_O,
+        BLOCK_L,
+    )
 
 
 @triton.jit
 def _score_tile(
-    x_base, h_base, w_ptr, bias_ptr,
-    n_offs, n_mask, o0, o_offs, o_mask, C1, N, D,
+    x_base,
+    h_base,
+    w_ptr,
+    bias_ptr,
+    n_offs,
+    n_mask,
+    o0,
+    o_offs,
+    o_mask,
+    C1,
+    N,
+    D,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -417,8 +627,22 @@ def _score_tile(
 ):
     """score = sigmoid(convT(h5) + bias) + x for rows n_offs, columns o_offs:
     [BLOCK_N, BLOCK_D] fp32, and the x tile (fp32) for the residual."""
-    z = _conv_transpose_tile(h_base, w_ptr, n_offs, n_mask, o0 // 2, C1, N, D // 2,
-                             KERNEL, PRECISION, EMULATE_BF16, BLOCK_C, BLOCK_N, BLOCK_D)
+    z = _conv_transpose_tile(
+        h_base,
+        w_ptr,
+        n_offs,
+        n_mask,
+        o0 // 2,
+        C1,
+        N,
+        D // 2,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_C,
+        BLOCK_N,
+        BLOCK_D,
+    )
     bias = tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)
     z = z + bias[:, None]
     mask = n_mask[:, None] & o_mask[None, :]
@@ -436,7 +660,10 @@ def _tail_stats_kernel(
     bias_ptr,  # dec2 bias [N]
     max_ptr,  # [B, N_TILES, D] fp32: per N tile, column max of the scores
     sum_ptr,  # [B, N_TILES, D] fp32: per N tile, Σ exp(score − tile max)
-    N, D, C1, N_TILES,
+    N,
+    D,
+    C1,
+    N_TILES,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -451,9 +678,26 @@ def _tail_stats_kernel(
     n_mask = n_offs < N
     o_offs = o0 + tl.arange(0, BLOCK_D)
     o_mask = o_offs < D
-    score, _ = _score_tile(x_ptr + b * N * D, h_ptr + b * C1 * (D // 2), w_ptr, bias_ptr,
-                           n_offs, n_mask, o0, o_offs, o_mask, C1, N, D,
-                           KERNEL, PRECISION, EMULATE_BF16, BLOCK_C, BLOCK_N, BLOCK_D)
+    score, _ = _score_tile(
+        x_ptr + b * N * D,
+        h_ptr + b * C1 * (D // 2),
+        w_ptr,
+        bias_ptr,
+        n_offs,
+        n_mask,
+        o0,
+        o_offs,
+        o_mask,
+        C1,
+        N,
+        D,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_C,
+        BLOCK_N,
+        BLOCK_D,
+    )
     score = tl.where(n_mask[:, None], score, float("-inf"))
     has_nan = tl.max((score != score).to(tl.int32), axis=0) > 0
     tile_max = tl.where(has_nan, float("nan"), tl.max(score, axis=0))
@@ -466,9 +710,12 @@ def _tail_stats_kernel(
 
 @triton.jit
 def _stats_merge_kernel(
-    part_max_ptr, part_sum_ptr,  # [B, N_TILES, D] fp32
-    max_ptr, sum_ptr,  # [B, D] fp32
-    D, N_TILES,
+    part_max_ptr,
+    part_sum_ptr,  # [B, N_TILES, D] fp32
+    max_ptr,
+    sum_ptr,  # [B, D] fp32
+    D,
+    N_TILES,
     BLOCK_D: tl.constexpr,
 ):
     """The reference's ``merge_stats`` over the N tiles, per column: max (NaN wins),
@@ -499,9 +746,12 @@ def _tail_output_kernel(
     bias_ptr,  # dec2 bias [N]
     wvt_ptr,  # value weight transposed, Wvᵀ [D(in), D(out)]
     bv_ptr,  # value bias [D]
-    max_ptr, sum_ptr,  # merged column statistics [B, D] fp32
+    max_ptr,
+    sum_ptr,  # merged column statistics [B, D] fp32
     y_ptr,  # [B, N, D]
-    N, D, C1,
+    N,
+    D,
+    C1,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -523,22 +773,47 @@ def _tail_output_kernel(
     for e0 in range(0, D, BLOCK_E):
         e_offs = e0 + tl.arange(0, BLOCK_E)
         e_mask = e_offs < D
-        xe = tl.load(x_base + n_offs[:, None].to(tl.int64) * D + e_offs[None, :],
-                     mask=n_mask[:, None] & e_mask[None, :], other=0.0)
-        wt = tl.load(wvt_ptr + e_offs[:, None] * D + o_offs[None, :],
-                     mask=e_mask[:, None] & o_mask[None, :], other=0.0)
+        xe = tl.load(
+            x_base + n_offs[:, None].to(tl.int64) * D + e_offs[None, :],
+            mask=n_mask[:, None] & e_mask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            wvt_ptr + e_offs[:, None] * D + o_offs[None, :],
+            mask=e_mask[:, None] & o_mask[None, :],
+            other=0.0,
+        )
         value = _mma(xe, wt, value, PRECISION, EMULATE_BF16)
     bv = tl.load(bv_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
     col_max = tl.load(max_ptr + b * D + o_offs, mask=o_mask, other=0.0)
     col_sum = tl.load(sum_ptr + b * D + o_offs, mask=o_mask, other=1.0)
-    score, xv = _score_tile(x_base, h_ptr + b * C1 * (D // 2), w_ptr, bias_ptr,
-                            n_offs, n_mask, o0, o_offs, o_mask, C1, N, D,
-                            KERNEL, PRECISION, EMULATE_BF16, BLOCK_C, BLOCK_N, BLOCK_D)
+    score, xv = _score_tile(
+        x_base,
+        h_ptr + b * C1 * (D // 2),
+        w_ptr,
+        bias_ptr,
+        n_offs,
+        n_mask,
+        o0,
+        o_offs,
+        o_mask,
+        C1,
+        N,
+        D,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_C,
+        BLOCK_N,
+        BLOCK_D,
+    )
     prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]
     out = prob * (value + bv[None, :]) + xv
-    tl.store(y_ptr + b * N * D + n_offs[:, None].to(tl.int64) * D + o_offs[None, :],
-             _round_to(out, y_ptr.dtype.element_ty, EMULATE_BF16),
-             mask=n_mask[:, None] & o_mask[None, :])
+    tl.store(
+        y_ptr + b * N * D + n_offs[:, None].to(tl.int64) * D + o_offs[None, :],
+        _round_to(out, y_ptr.dtype.element_ty, EMULATE_BF16),
+        mask=n_mask[:, None] & o_mask[None, :],
+    )
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -560,7 +835,11 @@ def _emulate_bf16(dtype: torch.dtype) -> bool:
 
 
 def _common(dtype: torch.dtype, kernel: int) -> dict:
-    return {"KERNEL": kernel, "PRECISION": _dot_precision(dtype), "EMULATE_BF16": _emulate_bf16(dtype)}
+    return {
+        "KERNEL": kernel,
+        "PRECISION": _dot_precision(dtype),
+        "EMULATE_BF16": _emulate_bf16(dtype),
+    }
 
 
 def _program_target(device: torch.device) -> int:
@@ -609,13 +888,30 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
     chunks_per_split = triton.cdiv(chunks, max(1, min(splits, chunks)))
     splits = triton.cdiv(chunks, chunks_per_split)  # no empty split
     out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)  # noqa: E731
-    _launch(_head_kernel, grid, x, enc0_packed, out, B, N, D, C1, chunks_per_split,
-            BLOCK_N=HEAD_BLOCK_N, **_common(x.dtype, enc0_packed.shape[0]))
+
+    def grid(meta):
+        return (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)
+
+    _launch(
+        _head_kernel,
+        grid,
+        x,
+        enc0_packed,
+        out,
+        B,
+        N,
+        D,
+        C1,
+        chunks_per_split,
+        BLOCK_N=HEAD_BLOCK_N,
+        **_common(x.dtype, enc0_packed.shape[0]),
+    )
     return out
 
 
-def head_partial(x: torch.Tensor, enc0_weight: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
+def head_partial(
+    x: torch.Tensor, enc0_weight: torch.Tensor, *, splits: int | None = None
+) -> torch.Tensor:
     """Stage 1: ``conv1d(x, enc0_weight, stride 2, pad k//2)`` without bias, summed over
     the variates of ``x: [B, N, D]`` (``enc0_weight: [C1, N, k]``); fp32 ``[B, C1, D/2]``."""
     B, _, D = x.shape
@@ -633,10 +929,32 @@ def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> tor
     D = w.d_model
     scratch = torch.empty((4, B, D * D // 8), device=parts.device, dtype=torch.float32)
     out = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
-    packed = (_packed(w.enc1_weight, False), w.enc1_bias, _packed(w.enc2_weight, False), w.enc2_bias,
-              _packed(w.dec0_weight, True), w.dec0_bias, _packed(w.dec1_weight, True), w.dec1_bias)
-    _launch(_bottleneck_kernel, (B,), parts, w.enc0_bias, *packed, scratch, out, S, B, D,
-            num_warps=_BOTTLENECK_WARPS, num_stages=_BOTTLENECK_STAGES, **_BOTTLENECK_BLOCKS, **_common(w.value_weight.dtype, w.kernel))
+    packed = (
+        _packed(w.enc1_weight, False),
+        w.enc1_bias,
+        _packed(w.enc2_weight, False),
+        w.enc2_bias,
+        _packed(w.dec0_weight, True),
+        w.dec0_bias,
+        _packed(w.dec1_weight, True),
+        w.dec1_bias,
+    )
+    _launch(
+        _bottleneck_kernel,
+        (B,),
+        parts,
+        w.enc0_bias,
+        *packed,
+        scratch,
+        out,
+        S,
+        B,
+        D,
+        num_warps=_BOTTLENECK_WARPS,
+        num_stages=_BOTTLENECK_STAGES,
+        **_BOTTLENECK_BLOCKS,
+        **_common(w.value_weight.dtype, w.kernel),
+    )
     return out
 
 
@@ -657,24 +975,53 @@ def _tail_partial_stats(x, h5, dec2_packed, dec2_bias, block_n):
     part_max = torch.empty((B, n_tiles, D), device=x.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     grid = lambda meta: (n_tiles, triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
-    _launch(_tail_stats_kernel, grid, x, h5, dec2_packed, dec2_bias, part_max, part_sum, N, D, D // 4, n_tiles,
-            BLOCK_N=block_n, **_common(x.dtype, dec2_packed.shape[0]))
+    _launch(
+        _tail_stats_kernel,
+        grid,
+        x,
+        h5,
+        dec2_packed,
+        dec2_bias,
+        part_max,
+        part_sum,
+        N,
+        D,
+        D // 4,
+        n_tiles,
+        BLOCK_N=block_n,
+        **_common(x.dtype, dec2_packed.shape[0]),
+    )
     return part_max, part_sum
 
 
-def _merge_tile_stats(part_max: torch.Tensor, part_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_tile_stats(
+    part_max: torch.Tensor, part_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, T, D]`` per-tile statistics merged over T into ``[B, D]`` each (one launch)."""
     B, T, D = part_max.shape
     col_max = torch.empty((B, D), device=part_max.device, dtype=torch.float32)
     col_sum = torch.empty_like(col_max)
-    _launch(_stats_merge_kernel, (triton.cdiv(D, _MERGE_BLOCK_D), B), part_max, part_sum, col_max, col_sum, D, T,
-            BLOCK_D=_MERGE_BLOCK_D)
+    _launch(
+        _stats_merge_kernel,
+        (triton.cdiv(D, _MERGE_BLOCK_D), B),
+        part_max,
+        part_sum,
+        col_max,
+        col_sum,
+        D,
+        T,
+        BLOCK_D=_MERGE_BLOCK_D,
+    )
     return col_max, col_sum
 
 
 def tail_stats(
-    x: torch.Tensor, h5: torch.Tensor, dec2_weight: torch.Tensor, dec2_bias: torch.Tensor,
-    *, block_n: int | None = None,
+    x: torch.Tensor,
+    h5: torch.Tensor,
+    dec2_weight: torch.Tensor,
+    dec2_bias: torch.Tensor,
+    *,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 3: per column, ``max_N s`` and ``Σ_N exp(s − max)`` over the variates of
     ``x: [B, N, D]`` (``s = sigmoid(convT(h5, dec2) + b) + x``); each fp32 ``[B, D]``.
@@ -684,8 +1031,13 @@ def tail_stats(
         return empty, empty.clone()
     x, h5 = x.contiguous(), h5.float().contiguous()
     with _device_guard(x):
-        parts = _tail_partial_stats(x, h5, _packed(dec2_weight, True), dec2_bias.contiguous(),
-                                    block_n or tail_block_n(x.shape[1]))
+        parts = _tail_partial_stats(
+            x,
+            h5,
+            _packed(dec2_weight, True),
+            dec2_bias.contiguous(),
+            block_n or tail_block_n(x.shape[1]),
+        )
         return _merge_tile_stats(*parts)
 
 
@@ -695,9 +1047,16 @@ def _value_weight_t(value_weight: torch.Tensor) -> torch.Tensor:
 
 
 def tail_output(
-    x: torch.Tensor, h5: torch.Tensor, dec2_weight: torch.Tensor, dec2_bias: torch.Tensor,
-    value_weight: torch.Tensor, value_bias: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tensor,
-    *, block_n: int | None = None,
+    x: torch.Tensor,
+    h5: torch.Tensor,
+    dec2_weight: torch.Tensor,
+    dec2_bias: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor,
+    col_max: torch.Tensor,
+    col_sum: torch.Tensor,
+    *,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Stage 4: ``exp(s − col_max)/col_sum · (x Wvᵀ + bv) + x`` for ``x: [B, N, D]`` with
     merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous."""
@@ -709,10 +1068,24 @@ def tail_output(
     block_n = block_n or tail_block_n(N)
     grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
     with _device_guard(x):
-        _launch(_tail_output_kernel, grid, x, h5.float().contiguous(), _packed(dec2_weight, True),
-                dec2_bias.contiguous(), _value_weight_t(value_weight), value_bias.contiguous(),
-                col_max.float().contiguous(), col_sum.float().contiguous(), y, N, D, D // 4,
-                BLOCK_N=block_n, **_common(x.dtype, dec2_weight.shape[2]))
+        _launch(
+            _tail_output_kernel,
+            grid,
+            x,
+            h5.float().contiguous(),
+            _packed(dec2_weight, True),
+            dec2_bias.contiguous(),
+            _value_weight_t(value_weight),
+            value_bias.contiguous(),
+            col_max.float().contiguous(),
+            col_sum.float().contiguous(),
+            y,
+            N,
+            D,
+            D // 4,
+            BLOCK_N=block_n,
+            **_common(x.dtype, dec2_weight.shape[2]),
+        )
     return y
 
 
@@ -737,7 +1110,18 @@ def triton_score_attention(
     with _device_guard(x):
         h5 = _bottleneck_from_parts(_head_partials(x, _packed(w.enc0_weight, False), splits), w)
         block_n = block_n or tail_block_n(x.shape[1])
-        parts = _tail_partial_stats(x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n)
+        parts = _tail_partial_stats(
+            x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n
+        )
         col_max, col_sum = _merge_tile_stats(*parts)
-        return tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum,
-                           block_n=block_n)
+        return tail_output(
+            x,
+            h5,
+            w.dec2_weight,
+            w.dec2_bias,
+            w.value_weight,
+            w.value_bias,
+            col_max,
+            col_sum,
+            block_n=block_n,
+        )

@@ -22,8 +22,12 @@ def score_network(x: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     h = F.relu(F.conv1d(x, w.enc0_weight, w.enc0_bias, stride=2, padding=p))
     h = F.relu(F.conv1d(h, w.enc1_weight, w.enc1_bias, stride=2, padding=p))
     h = F.relu(F.conv1d(h, w.enc2_weight, w.enc2_bias, stride=2, padding=p))
-    h = F.relu(F.conv_transpose1d(h, w.dec0_weight, w.dec0_bias, stride=2, padding=p, output_padding=1))
-    h = F.relu(F.conv_transpose1d(h, w.dec1_weight, w.dec1_bias, stride=2, padding=p, output_padding=1))
+    h = F.relu(
+        F.conv_transpose1d(h, w.dec0_weight, w.dec0_bias, stride=2, padding=p, output_padding=1)
+    )
+    h = F.relu(
+        F.conv_transpose1d(h, w.dec1_weight, w.dec1_bias, stride=2, padding=p, output_padding=1)
+    )
     h = torch.sigmoid(
         F.conv_transpose1d(h, w.dec2_weight, w.dec2_bias, stride=2, padding=p, output_padding=1)
     )

@@ -52,21 +52,36 @@ def head_partial(x: torch.Tensor, enc0_weight: torch.Tensor) -> torch.Tensor:
 
 def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     """Stage 2: ``h5 = relu(dec1(relu(dec0(relu(enc2(relu(enc1(relu(h1 + b0)))))))))``."""
-    f = {name: t.to(h1_partial.dtype) for name, t in w._asdict().items()
-         if not name.startswith(("value", "enc0_w", "dec2"))}
+    f = {
+        name: t.to(h1_partial.dtype)
+        for name, t in w._asdict().items()
+        if not name.startswith(("value", "enc0_w", "dec2"))
+    }
     p = w.kernel // 2
     h = F.relu(h1_partial + f["enc0_bias"][:, None])
     h = F.relu(F.conv1d(h, f["enc1_weight"], f["enc1_bias"], stride=2, padding=p))
     h = F.relu(F.conv1d(h, f["enc2_weight"], f["enc2_bias"], stride=2, padding=p))
-    h = F.relu(F.conv_transpose1d(h, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1))
-    return F.relu(F.conv_transpose1d(h, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1))
+    h = F.relu(
+        F.conv_transpose1d(
+            h, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1
+        )
+    )
+    return F.relu(
+        F.conv_transpose1d(
+            h, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1
+        )
+    )
 
 
-def scores(x: torch.Tensor, h5: torch.Tensor, dec2_weight: torch.Tensor, dec2_bias: torch.Tensor) -> torch.Tensor:
+def scores(
+    x: torch.Tensor, h5: torch.Tensor, dec2_weight: torch.Tensor, dec2_bias: torch.Tensor
+) -> torch.Tensor:
     """``sigmoid(conv_transpose1d(h5, dec2)) + x``, ``[B, N, D]`` in h5's dtype (the tail's scores)."""
     p = dec2_weight.shape[2] // 2
     acc = h5.dtype
-    t = F.conv_transpose1d(h5, dec2_weight.to(acc), dec2_bias.to(acc), stride=2, padding=p, output_padding=1)
+    t = F.conv_transpose1d(
+        h5, dec2_weight.to(acc), dec2_bias.to(acc), stride=2, padding=p, output_padding=1
+    )
     return torch.sigmoid(t) + x.to(acc)
 
 
@@ -109,4 +124,6 @@ def composed(x: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     """The single-device op as the composition of the four stages (equals ``score_attention``)."""
     h5 = bottleneck(head_partial(x, w.enc0_weight), w)
     col_max, col_sum = tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
-    return tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum)
+    return tail_output(
+        x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum
+    )

@@ -50,7 +50,8 @@ std::vector<at::Tensor> prepare_mlp(const at::Tensor& mlp0_weight, const at::Ten
   check_mlp_weight("mlp0_weight", mlp0_weight, D);
   check_mlp_weight("mlp2_weight", mlp2_weight, D);
   TORCH_CHECK(mlp0_weight.scalar_type() == mlp2_weight.scalar_type(),
-              "mlp2_weight: expected the dtype of mlp0_weight, received ", mlp2_weight.scalar_type());
+              "mlp2_weight: expected the dtype of mlp0_weight, received ",
+              mlp2_weight.scalar_type());
   std::vector<at::Tensor> out;
   for (const at::Tensor& w : {mlp0_weight, mlp2_weight}) {
     if (bf16_gemm_for(w, bf16_gemm)) {

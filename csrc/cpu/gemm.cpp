@@ -15,8 +15,8 @@ namespace {
 
 // Through ATen's matmul on views of the buffers (its BLAS functions are not exported).
 template <typename T>
-void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-               int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate) {
   const at::TensorOptions options(c10::CppTypeToScalarType<T>::value);
   const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, options);
   const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, options);
@@ -30,8 +30,8 @@ void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
 
 }  // namespace
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+          float* C, int64_t ldc, bool accumulate) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   // oneDNN's fp32 micro-kernel, or ATen's BLAS when the CPU lacks it (ATen decides).
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
@@ -92,8 +92,8 @@ Bf16Gemm bf16_gemm() {
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                const c10::BFloat16* packed, float* C, int64_t ldc, bool accumulate) {
   for (int64_t n0 = 0; n0 < N; n0 += kPackedColumns) {
-    at::native::cpublas::brgemm(M, std::min(kPackedColumns, N - n0), K, lda, kPackedColumns,
-                                ldc, accumulate, A, packed + n0 * K, C + n0, /*is_vnni=*/true);
+    at::native::cpublas::brgemm(M, std::min(kPackedColumns, N - n0), K, lda, kPackedColumns, ldc,
+                                accumulate, A, packed + n0 * K, C + n0, /*is_vnni=*/true);
   }
 }
 
@@ -120,8 +120,8 @@ Bf16Gemm bf16_gemm_from_name(const std::string& name) {
   for (const Bf16Gemm tier : {Bf16Gemm::kNone, Bf16Gemm::kAmx, Bf16Gemm::kAvx512Bf16}) {
     if (name == bf16_gemm_name(tier)) return tier;
   }
-  TORCH_CHECK(false, "bf16_gemm: expected \"none\", \"amx\" or \"avx512_bf16\", received \"",
-              name, "\"");
+  TORCH_CHECK(false, "bf16_gemm: expected \"none\", \"amx\" or \"avx512_bf16\", received \"", name,
+              "\"");
 }
 
 }  // namespace cpu

@@ -57,7 +57,7 @@ namespace casa {
 namespace {
 
 constexpr int64_t kHeadChunk = 256;  // rows of x turned into GEMM columns at a time
-constexpr int64_t kTailRows = 64;  // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kTailRows = 64;    // rows of a tail tile per GEMM + softmax step
 
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
 // threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
@@ -166,8 +166,8 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 // relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
 // in [Cin, B, L] -> [Cout, B, L/2]. a: the weight as the GEMM's left operand, [Cout, Cin·k].
 template <typename acc_t>
-at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
-                     int64_t k, bool bf16_gemm) {
+at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in, int64_t k,
+                     bool bf16_gemm) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = a.size(0);
   at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -186,16 +186,16 @@ at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tens
 // in one GEMM: in [Cin, B, L] -> [Cout, B, 2L]. a: the weight [Cin, Cout, k] as the GEMM's
 // left operand, [Cout·k, Cin].
 template <typename acc_t>
-at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias,
-                               const at::Tensor& in, int64_t k, bool bf16_gemm) {
+at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
+                               int64_t k, bool bf16_gemm) {
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
   parallel_mm<acc_t>(cols, a, in.view({Cin, B * L}), nullptr, bf16_gemm);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      cpu::col2im_relu_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L,
-                          bias.data_ptr<acc_t>(), out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
+      cpu::col2im_relu_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
+                          out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
     }
   });
   return out;
@@ -209,27 +209,31 @@ struct HeadScratch {
 
 // Scratch of one tail worker (Plan::tail_scratch).
 struct TailScratch {
-  at::Tensor rhs;     // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
+  at::Tensor rhs;         // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
   at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, with bfloat16 GEMMs
-  at::Tensor scores;  // [N, T]
-  at::Tensor values;  // [kTailRows, T]
-  at::Tensor shift;   // [row blocks, T]: each block's softmax shift, then its scale
-  at::Tensor sum;     // [row blocks, T]: each block's column sums
-  at::Tensor common;  // [2, T]: the common shift and the column totals (softmax_merge_blocks)
-  at::Tensor x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input without bfloat16 GEMMs
+  at::Tensor scores;      // [N, T]
+  at::Tensor values;      // [kTailRows, T]
+  at::Tensor shift;       // [row blocks, T]: each block's softmax shift, then its scale
+  at::Tensor sum;         // [row blocks, T]: each block's column sums
+  at::Tensor common;      // [2, T]: the common shift and the column totals (softmax_merge_blocks)
+  at::Tensor x_rows;      // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input without
+                          // bfloat16 GEMMs
 };
 
 // The weights re-laid out for the kernel's GEMMs, prepared once per weight version
 // (the Python backend caches them, casa_kernels/ops/weight_cache.py), as a list of
 // tensors in this order:
 enum PreparedIndex : int {
-  kDec2Even, kDec2Odd,  // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
-  kValueWeightT,        // [D, D]: Wv^T, columns in tile_parity_order; with bf16_gemm,
-                        // packed (cpu::pack_bf16) tile by tile
-  kValueBiasOrdered,    // [D]: bv in tile_parity_order (acc_t)
-  kEnc1Gemm, kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands
-  kDec0Gemm, kDec1Gemm,  // [Cout·k, Cin]: the transposed convs' weights, transposed
-  kNumPrepared,         // then, for bfloat16 input, the 14 weights in fp32
+  kDec2Even,
+  kDec2Odd,           // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
+  kValueWeightT,      // [D, D]: Wv^T, columns in tile_parity_order; with bf16_gemm,
+                      // packed (cpu::pack_bf16) tile by tile
+  kValueBiasOrdered,  // [D]: bv in tile_parity_order (acc_t)
+  kEnc1Gemm,
+  kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands
+  kDec0Gemm,
+  kDec1Gemm,     // [Cout·k, Cin]: the transposed convs' weights, transposed
+  kNumPrepared,  // then, for bfloat16 input, the 14 weights in fp32
 };
 // The GEMM operands (dec2 by parity, Wv^T, the bottleneck's) are bfloat16 with bf16_gemm,
 // acc_t otherwise; the last three of them views of the caller's weights where no copy is due.
@@ -240,7 +244,7 @@ template <typename scalar_t, typename acc_t>
 struct Plan {
   Sizes s;
   at::ScalarType acc;
-  Weights w;    // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
+  Weights w;     // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
   int64_t tile;  // tail tile width T
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
   // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
@@ -248,9 +252,9 @@ struct Plan {
   // The bottleneck's GEMMs too, on AMX only: its column-split GEMMs with M up to 3D/2 ran
   // at half the speed of the fp32 ones on the avx512_bf16 tier (N = 21: 0.76x the reference).
   bool bf16_bottleneck;
-  std::vector<int64_t> taps[2];  // parity_taps(k, q)
+  std::vector<int64_t> taps[2];      // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
-  int64_t packed_tile;  // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
+  int64_t packed_tile;     // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
   at::Tensor enc0_weight;  // with bf16_gemm: the caller's bfloat16 first-conv weight
 
   Plan(const Sizes& sizes, const Weights& weights, std::vector<at::Tensor> prepared_weights,
@@ -282,7 +286,8 @@ struct Plan {
     // Entries whose weights a stage does not pass (undefined) stay empty placeholders.
     std::vector<at::Tensor> out(kNumPrepared, at::empty({0}, at::TensorOptions(acc)));
     const auto has = [&](std::initializer_list<int> indices) {
-      return std::all_of(indices.begin(), indices.end(), [&](int i) { return weights[i].defined(); });
+      return std::all_of(indices.begin(), indices.end(),
+                         [&](int i) { return weights[i].defined(); });
     };
     // The GEMMs' operands from the weights in their dtype (a no-op cast where it matches).
     const auto gemm_weight = [&](int i) { return weights[i].to(gemm_type); };
@@ -294,7 +299,8 @@ struct Plan {
       for (int64_t n = 0; n < N; ++n) {
         for (const int64_t j : parity_taps(k, q)) columns.push_back(n * k + j);
       }
-      out[kDec2Even + q] = relayout(gemm_weight(kDec2Weight), N * k, channels, columns).view({N, -1});
+      out[kDec2Even + q] =
+          relayout(gemm_weight(kDec2Weight), N * k, channels, columns).view({N, -1});
     }
     if (has({kValueWeight, kValueBias})) {
       const at::Tensor wv_t = relayout(gemm_weight(kValueWeight), D, order, inputs);
@@ -314,7 +320,8 @@ struct Plan {
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int i = 0; i < kNumWeights; ++i) {
-        out.push_back(weights[i].defined() ? weights[i].to(acc) : at::empty({0}, at::TensorOptions(acc)));
+        out.push_back(weights[i].defined() ? weights[i].to(acc)
+                                           : at::empty({0}, at::TensorOptions(acc)));
       }
     }
     return out;
@@ -356,8 +363,8 @@ struct Plan {
         at::Tensor out = partial[g].select(1, b);
         for (int64_t c = g; c < chunks; c += groups) {
           const int64_t n0 = c * kHeadChunk, rows = std::min(kHeadChunk, N - n0);
-          head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch,
-                     out.data_ptr<acc_t>(), out.stride(0), /*accumulate=*/c != g);
+          head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch, out.data_ptr<acc_t>(),
+                     out.stride(0), /*accumulate=*/c != g);
         }
         if (groups == 1 && bias_relu) {  // b's sum is complete
           cpu::add_bias_relu(out.data_ptr<acc_t>(), out.stride(0), C1, D / 2,
@@ -401,8 +408,8 @@ struct Plan {
     }
     acc_t* cols = scratch.cols.data_ptr<acc_t>();
     cpu::im2col_s2(x_rows, D, rows, D, k, cols, D / 2);
-    cpu::gemm(C1, D / 2, K, w[kEnc0Weight].data_ptr<acc_t>() + n0 * k, N * k, cols, D / 2, out,
-              ldo, accumulate);
+    cpu::gemm(C1, D / 2, K, w[kEnc0Weight].data_ptr<acc_t>() + n0 * k, N * k, cols, D / 2, out, ldo,
+              accumulate);
   }
 
   // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
@@ -420,12 +427,15 @@ struct Plan {
     const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows;
     return {at::empty({2, max_rhs, tile / 2}, options),
             bf16_gemm ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
-                        : at::Tensor(),
-            at::empty({s.n_vars, tile}, options), at::empty({kTailRows, tile}, options),
-            at::empty({blocks, tile}, options), at::empty({blocks, tile}, options),
+                      : at::Tensor(),
+            at::empty({s.n_vars, tile}, options),
+            at::empty({kTailRows, tile}, options),
+            at::empty({blocks, tile}, options),
+            at::empty({blocks, tile}, options),
             at::empty({2, tile}, options),
-            std::is_same_v<scalar_t, acc_t> || bf16_gemm ? at::Tensor()
-                                                           : at::empty({kTailRows, s.d_model}, options)};
+            std::is_same_v<scalar_t, acc_t> || bf16_gemm
+                ? at::Tensor()
+                : at::empty({kTailRows, s.d_model}, options)};
   }
 
   // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half,
@@ -469,8 +479,8 @@ struct Plan {
         return;
       }
     }
-    cpu::gemm(rows, half, K, prepared[kDec2Even + q].data_ptr<acc_t>() + r0 * K, K, rhs.rhs, rhs.ldb,
-              S_q, ld, /*accumulate=*/false);
+    cpu::gemm(rows, half, K, prepared[kDec2Even + q].data_ptr<acc_t>() + r0 * K, K, rhs.rhs,
+              rhs.ldb, S_q, ld, /*accumulate=*/false);
   }
 
   // V[rows, T] = x_b[r0 : r0 + rows] · Wv^T for the tile starting at o0 (no bias).
@@ -547,19 +557,21 @@ struct Plan {
         }
         scores_gemm(q, r0, rows, half, rhs[q], S_q, ld);
       }
-      cpu::softmax_numerators(S + r0 * ld, ld, score_bias + r0, rows, T,
-                              x_tile + r0 * D, D, shift + r0 / kTailRows * T,
-                              sum + r0 / kTailRows * T);
+      cpu::softmax_numerators(S + r0 * ld, ld, score_bias + r0, rows, T, x_tile + r0 * D, D,
+                              shift + r0 / kTailRows * T, sum + r0 / kTailRows * T);
     }
     const int64_t blocks = (N + kTailRows - 1) / kTailRows;
     acc_t* common[2] = {scratch.common[0].data_ptr<acc_t>(), scratch.common[1].data_ptr<acc_t>()};
-    if (mode != TailMode::kOutput) cpu::softmax_merge_blocks(shift, sum, blocks, T, common[0], common[1]);
+    if (mode != TailMode::kOutput)
+      cpu::softmax_merge_blocks(shift, sum, blocks, T, common[0], common[1]);
     for (int i = 0; mode != TailMode::kFused && i < 2; ++i) {  // tile parity order <-> natural
       acc_t* row = stats[i] + b * D + o0;
       for (int64_t c = 0; c < half; ++c) {
         for (int64_t q = 0; q < 2; ++q) {
-          if (mode == TailMode::kStats) row[2 * c + q] = common[i][q * half + c];
-          else common[i][q * half + c] = row[2 * c + q];
+          if (mode == TailMode::kStats)
+            row[2 * c + q] = common[i][q * half + c];
+          else
+            common[i][q * half + c] = row[2 * c + q];
         }
       }
     }
@@ -568,8 +580,8 @@ struct Plan {
     for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
       const int64_t rows = std::min(kTailRows, N - r0);
       values_gemm(x_b, r0, rows, o0, T, scratch, V);
-      cpu::softmax_output(S + r0 * ld, ld, V, T, tile_value_bias, shift + r0 / kTailRows * T,
-                          rows, T, x_tile + r0 * D, y_tile + r0 * D, D);
+      cpu::softmax_output(S + r0 * ld, ld, V, T, tile_value_bias, shift + r0 / kTailRows * T, rows,
+                          T, x_tile + r0 * D, y_tile + r0 * D, D);
     }
   }
 
@@ -643,9 +655,9 @@ cpu::Bf16Gemm gemm_tier_for(at::ScalarType dtype, const std::string& bf16_gemm) 
 std::vector<at::Tensor> prepare_weights(at::TensorList weights, int64_t tile,
                                         const std::string& bf16_gemm) {
   const Weights w = weights_of(weights);
-  const Sizes s = check_args(at::empty({0, w[kEnc0Weight].size(1), w[kValueWeight].size(0)},
-                                       w[kValueWeight].options()),
-                             w);
+  const Sizes s = check_args(
+      at::empty({0, w[kEnc0Weight].size(1), w[kValueWeight].size(0)}, w[kValueWeight].options()),
+      w);
   TORCH_CHECK(tile >= 2 && tile % 2 == 0 && tile <= s.d_model,
               "tile: expected an even width in [2, d_model], received ", tile);
   const cpu::Bf16Gemm bf16 = gemm_tier_for(w[kValueWeight].scalar_type(), bf16_gemm);
@@ -715,7 +727,8 @@ at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
   const std::string tier = cpu::bf16_gemm_name(cpu::bf16_gemm());
   const cpu::Bf16Gemm bf16 = gemm_tier_for(x.scalar_type(), tier);
   if (s.batch == 0) {
-    return at::empty({0, s.d_model / 4, s.d_model / 2}, x.options().dtype(accumulation_type(x.scalar_type())));
+    return at::empty({0, s.d_model / 4, s.d_model / 2},
+                     x.options().dtype(accumulation_type(x.scalar_type())));
   }
   return dispatch_dtype(x.scalar_type(), [&](auto types) {
     using T = decltype(types);
@@ -753,10 +766,10 @@ std::vector<at::Tensor> prepare_tail(const at::Tensor& dec2_weight, const at::Te
                                      const std::optional<at::Tensor>& value_weight,
                                      const std::optional<at::Tensor>& value_bias, int64_t tile,
                                      const std::string& bf16_gemm) {
-  TORCH_CHECK(dec2_weight.dim() == 3, "dec2_weight: expected [d_model/4, n_vars, k], received shape ",
-              dec2_weight.sizes());
-  const at::Tensor x_like = at::empty({0, dec2_weight.size(1), 4 * dec2_weight.size(0)},
-                                      dec2_weight.options());
+  TORCH_CHECK(dec2_weight.dim() == 3,
+              "dec2_weight: expected [d_model/4, n_vars, k], received shape ", dec2_weight.sizes());
+  const at::Tensor x_like =
+      at::empty({0, dec2_weight.size(1), 4 * dec2_weight.size(0)}, dec2_weight.options());
   const Sizes s = stage_sizes(x_like, dec2_weight, "dec2_weight");
   const at::ScalarType dtype = dec2_weight.scalar_type();
   const Weights w = tail_weights(s, dtype, dec2_weight, dec2_bias, value_weight, value_bias);
@@ -777,8 +790,8 @@ void run_tail(const at::Tensor& x_in, const at::Tensor& h5, const at::Tensor& de
               const std::string& bf16_gemm, TailMode mode, at::Tensor& stats, at::Tensor& y) {
   const Sizes s = stage_sizes(x_in, dec2_weight, "dec2_weight");
   const at::Tensor x = x_in.contiguous();
-  const Weights w = tail_weights(s, x.scalar_type(), dec2_weight, dec2_bias, value_weight,
-                                 value_bias);
+  const Weights w =
+      tail_weights(s, x.scalar_type(), dec2_weight, dec2_bias, value_weight, value_bias);
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   check_stage_tensor(h5, "h5", {s.batch, s.d_model / 4, s.d_model / 2}, h5.scalar_type());
   check_stage_tensor(stats, "stats", {2, s.batch, s.d_model}, acc);
@@ -798,13 +811,13 @@ void run_tail(const at::Tensor& x_in, const at::Tensor& h5, const at::Tensor& de
 // is the kernel's shift (1 + the max of x over a block of rows, at least the scores' max).
 std::tuple<at::Tensor, at::Tensor> tail_stats(const at::Tensor& x, const at::Tensor& h5,
                                               const at::Tensor& dec2_weight,
-                                              const at::Tensor& dec2_bias,
-                                              at::TensorList prepared, int64_t tile,
-                                              const std::string& bf16_gemm) {
-  at::Tensor stats = at::empty({2, x.size(0), x.size(2)}, x.options().dtype(accumulation_type(x.scalar_type())));
+                                              const at::Tensor& dec2_bias, at::TensorList prepared,
+                                              int64_t tile, const std::string& bf16_gemm) {
+  at::Tensor stats =
+      at::empty({2, x.size(0), x.size(2)}, x.options().dtype(accumulation_type(x.scalar_type())));
   at::Tensor unused;
-  run_tail(x, h5, dec2_weight, dec2_bias, std::nullopt, std::nullopt, prepared, tile,
-           bf16_gemm, TailMode::kStats, stats, unused);
+  run_tail(x, h5, dec2_weight, dec2_bias, std::nullopt, std::nullopt, prepared, tile, bf16_gemm,
+           TailMode::kStats, stats, unused);
   return {stats[0], stats[1]};
 }
 
@@ -814,7 +827,8 @@ at::Tensor tail_output(const at::Tensor& x, const at::Tensor& h5, const at::Tens
                        const at::Tensor& value_bias, at::TensorList prepared, int64_t tile,
                        const std::string& bf16_gemm, const at::Tensor& col_max,
                        const at::Tensor& col_sum) {
-  at::Tensor stats = at::stack({col_max, col_sum}).to(accumulation_type(x.scalar_type())).contiguous();
+  at::Tensor stats =
+      at::stack({col_max, col_sum}).to(accumulation_type(x.scalar_type())).contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   run_tail(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, prepared, tile, bf16_gemm,
            TailMode::kOutput, stats, y);

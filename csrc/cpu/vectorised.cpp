@@ -152,8 +152,8 @@ CASA_INLINE void col2im_relu_impl(const acc_t* __restrict cols, int64_t ldc, int
 }
 
 template <typename acc_t>
-CASA_INLINE void add_bias_relu_impl(acc_t* __restrict out, int64_t ld, int64_t rows,
-                                    int64_t cols, const acc_t* __restrict bias) {
+CASA_INLINE void add_bias_relu_impl(acc_t* __restrict out, int64_t ld, int64_t rows, int64_t cols,
+                                    const acc_t* __restrict bias) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* __restrict o = out + r * ld;
     const acc_t b = bias[r];
@@ -191,8 +191,8 @@ CASA_INLINE void softmax_numerators_impl(acc_t* __restrict scores, int64_t ld,
     for (int64_t c = 0; c < half; ++c) {
       acc_t x_even, x_odd;
       load_pair(xr, c, x_even, x_odd);
-      const acc_t even = exp_vectorisable(
-          acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) + x_even - shift[c]);
+      const acc_t even = exp_vectorisable(acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[c] + b))) +
+                                          x_even - shift[c]);
       const acc_t odd = exp_vectorisable(
           acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[half + c] + b))) + x_odd - shift[half + c]);
       s[c] = even;
@@ -215,7 +215,8 @@ CASA_INLINE void softmax_merge_blocks_impl(const acc_t* __restrict shift,
     for (int64_t c = 0; c < T; ++c) top[c] = shift[i * T + c] > top[c] ? shift[i * T + c] : top[c];
   }
   for (int64_t i = 0; i < blocks; ++i) {
-    for (int64_t c = 0; c < T; ++c) total[c] += sum[i * T + c] * exp_vectorisable(shift[i * T + c] - top[c]);
+    for (int64_t c = 0; c < T; ++c)
+      total[c] += sum[i * T + c] * exp_vectorisable(shift[i * T + c] - top[c]);
   }
 }
 
@@ -223,7 +224,8 @@ template <typename acc_t>
 CASA_INLINE void softmax_scales_impl(acc_t* __restrict shift, int64_t blocks, int64_t T,
                                      const acc_t* __restrict top, const acc_t* __restrict total) {
   for (int64_t i = 0; i < blocks; ++i) {
-    for (int64_t c = 0; c < T; ++c) shift[i * T + c] = exp_vectorisable(shift[i * T + c] - top[c]) / total[c];
+    for (int64_t c = 0; c < T; ++c)
+      shift[i * T + c] = exp_vectorisable(shift[i * T + c] - top[c]) / total[c];
   }
 }
 
@@ -300,10 +302,10 @@ CASA_INLINE uint16_t bf16_bits(float v) { return static_cast<uint16_t>(rounded_b
 
 }  // namespace
 
-#define CASA_LAYER_NORM(attr, scalar_t)                                                        \
-  attr void layer_norm_rows(const scalar_t* in, int64_t rows, int64_t D, const float* weight,  \
-                            const float* bias, float eps, float* out) {                        \
-    layer_norm_rows_impl(in, rows, D, weight, bias, eps, out);                                 \
+#define CASA_LAYER_NORM(attr, scalar_t)                                                       \
+  attr void layer_norm_rows(const scalar_t* in, int64_t rows, int64_t D, const float* weight, \
+                            const float* bias, float eps, float* out) {                       \
+    layer_norm_rows_impl(in, rows, D, weight, bias, eps, out);                                \
   }
 CASA_LAYER_NORM(CASA_TARGET_CLONES, float)
 CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
@@ -330,8 +332,7 @@ CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __rest
 }
 
 CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B,
-                                              int64_t ldb, int64_t block,
-                                              c10::BFloat16* packed) {
+                                              int64_t ldb, int64_t block, c10::BFloat16* packed) {
   interleave_pairs_impl(K, N, reinterpret_cast<const uint16_t*>(B), ldb, block,
                         reinterpret_cast<uint16_t*>(packed));
 }
@@ -370,8 +371,7 @@ CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, fl
   }
 }
 
-CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out,
-                                   c10::BFloat16* out) {
+CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, c10::BFloat16* out) {
   uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
   if (relu_out) {
     for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(relu(in[i]));
@@ -382,56 +382,54 @@ CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out,
 
 // Each public overload forwards to the template above; CASA_TARGET_CLONES builds the
 // float ones once per instruction set.
-#define CASA_IM2COL(attr, acc_t, scalar_t)                                                    \
+#define CASA_IM2COL(attr, acc_t, scalar_t)                                                 \
   attr void im2col_s2(const scalar_t* src, int64_t ld, int64_t rows, int64_t L, int64_t k, \
-                      acc_t* dst, int64_t dst_ld) {                                         \
-    im2col_impl(src, ld, rows, L, k, dst, dst_ld);                                          \
+                      acc_t* dst, int64_t dst_ld) {                                        \
+    im2col_impl(src, ld, rows, L, k, dst, dst_ld);                                         \
   }
 CASA_IM2COL(CASA_TARGET_CLONES, float, float)
 CASA_IM2COL(CASA_TARGET_CLONES, float, c10::BFloat16)
 CASA_IM2COL(, c10::BFloat16, c10::BFloat16)
 CASA_IM2COL(, double, double)
 
-#define CASA_COL2IM(attr, acc_t)                                                                \
+#define CASA_COL2IM(attr, acc_t)                                                               \
   attr void col2im_relu_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L, \
-                           const acc_t* bias, acc_t* out, int64_t ldo) {                      \
-    col2im_relu_impl(cols, ldc, rows, k, L, bias, out, ldo);                                  \
+                           const acc_t* bias, acc_t* out, int64_t ldo) {                       \
+    col2im_relu_impl(cols, ldc, rows, k, L, bias, out, ldo);                                   \
   }
 CASA_COL2IM(CASA_TARGET_CLONES, float)
 CASA_COL2IM(, double)
 
-#define CASA_ADD_BIAS_RELU(attr, acc_t)                                                        \
-  attr void add_bias_relu(acc_t* out, int64_t ld, int64_t rows, int64_t cols,                  \
-                          const acc_t* bias) {                                                 \
-    add_bias_relu_impl(out, ld, rows, cols, bias);                                             \
+#define CASA_ADD_BIAS_RELU(attr, acc_t)                                                            \
+  attr void add_bias_relu(acc_t* out, int64_t ld, int64_t rows, int64_t cols, const acc_t* bias) { \
+    add_bias_relu_impl(out, ld, rows, cols, bias);                                                 \
   }
 CASA_ADD_BIAS_RELU(CASA_TARGET_CLONES, float)
 CASA_ADD_BIAS_RELU(, double)
 
-#define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                    \
-  attr void softmax_numerators(acc_t* scores, int64_t ld, const acc_t* score_bias,            \
-                               int64_t rows, int64_t T, const scalar_t* x, int64_t D,         \
-                               acc_t* shift, acc_t* sum) {                                    \
-    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, sum);                \
-  }                                                                                            \
-  attr void softmax_output(const acc_t* numerators, int64_t ld, const acc_t* values,          \
-                           int64_t ldv, const acc_t* value_bias, const acc_t* scale,          \
-                           int64_t rows, int64_t T, const scalar_t* x, scalar_t* y,           \
-                           int64_t D) {                                                        \
-    softmax_output_impl(numerators, ld, values, ldv, value_bias, scale, rows, T, x, y, D);     \
+#define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                       \
+  attr void softmax_numerators(acc_t* scores, int64_t ld, const acc_t* score_bias, int64_t rows,  \
+                               int64_t T, const scalar_t* x, int64_t D, acc_t* shift,             \
+                               acc_t* sum) {                                                      \
+    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, sum);                   \
+  }                                                                                               \
+  attr void softmax_output(const acc_t* numerators, int64_t ld, const acc_t* values, int64_t ldv, \
+                           const acc_t* value_bias, const acc_t* scale, int64_t rows, int64_t T,  \
+                           const scalar_t* x, scalar_t* y, int64_t D) {                           \
+    softmax_output_impl(numerators, ld, values, ldv, value_bias, scale, rows, T, x, y, D);        \
   }
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, float)
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
 CASA_SOFTMAX(, double, double)
 
-#define CASA_BLOCK_SCALES(attr, acc_t)                                                         \
-  attr void softmax_merge_blocks(const acc_t* shift, const acc_t* sum, int64_t blocks,        \
-                                 int64_t T, acc_t* top, acc_t* total) {                        \
-    softmax_merge_blocks_impl(shift, sum, blocks, T, top, total);                              \
-  }                                                                                            \
-  attr void softmax_scales(acc_t* shift, int64_t blocks, int64_t T, const acc_t* top,         \
-                           const acc_t* total) {                                               \
-    softmax_scales_impl(shift, blocks, T, top, total);                                         \
+#define CASA_BLOCK_SCALES(attr, acc_t)                                                            \
+  attr void softmax_merge_blocks(const acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T, \
+                                 acc_t* top, acc_t* total) {                                      \
+    softmax_merge_blocks_impl(shift, sum, blocks, T, top, total);                                 \
+  }                                                                                               \
+  attr void softmax_scales(acc_t* shift, int64_t blocks, int64_t T, const acc_t* top,             \
+                           const acc_t* total) {                                                  \
+    softmax_scales_impl(shift, blocks, T, top, total);                                            \
   }
 CASA_BLOCK_SCALES(CASA_TARGET_CLONES, float)
 CASA_BLOCK_SCALES(, double)

@@ -15,8 +15,8 @@ namespace cpu {
 // it from the left.
 void im2col_s2(const float* src, int64_t ld, int64_t rows, int64_t L, int64_t k, float* dst,
                int64_t dst_ld);
-void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
-               float* dst, int64_t dst_ld);
+void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k, float* dst,
+               int64_t dst_ld);
 void im2col_s2(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t L, int64_t k,
                c10::BFloat16* dst, int64_t dst_ld);
 void im2col_s2(const double* src, int64_t ld, int64_t rows, int64_t L, int64_t k, double* dst,
@@ -49,16 +49,16 @@ void add_bias_relu(double* out, int64_t ld, int64_t rows, int64_t cols, const do
 // that maximum is -inf, as every numerator is then 0), per
 // column: sigmoid lies in (0, 1), so the shift is within 1 of the block's largest
 // exponent and exp neither overflows nor underflows for it. softmax_merge_blocks and
-// softmax_scales then put the blocks on a common shift. The block's x rows are read once from memory and
-// again from cache, where one shift over all N would read x once more.
+// softmax_scales then put the blocks on a common shift. The block's x rows are read once from
+// memory and again from cache, where one shift over all N would read x once more.
 
 // For `rows` rows: scores (the last transposed conv without its bias, [rows, ld]) become
 // e = exp(sigmoid(scores + score_bias[n]) + x - shift), with shift[c] (written) = 1 +
 // max over the rows of x in column c, and sum[c] (written) = Σ_n e.
-void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
-                        int64_t T, const float* x, int64_t D, float* shift, float* sum);
-void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows,
-                        int64_t T, const c10::BFloat16* x, int64_t D, float* shift, float* sum);
+void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows, int64_t T,
+                        const float* x, int64_t D, float* shift, float* sum);
+void softmax_numerators(float* scores, int64_t ld, const float* score_bias, int64_t rows, int64_t T,
+                        const c10::BFloat16* x, int64_t D, float* shift, float* sum);
 void softmax_numerators(double* scores, int64_t ld, const double* score_bias, int64_t rows,
                         int64_t T, const double* x, int64_t D, double* shift, double* sum);
 
@@ -74,8 +74,7 @@ void softmax_merge_blocks(const double* shift, const double* sum, int64_t blocks
 // The factor that turns each block's numerators into softmax weights, given the column
 // statistics (top, total) of every variate: shift[i, c] becomes
 // exp(shift[i, c] - top[c]) / total[c].
-void softmax_scales(float* shift, int64_t blocks, int64_t T, const float* top,
-                    const float* total);
+void softmax_scales(float* shift, int64_t blocks, int64_t T, const float* top, const float* total);
 void softmax_scales(double* shift, int64_t blocks, int64_t T, const double* top,
                     const double* total);
 
@@ -95,8 +94,8 @@ void softmax_output(const double* numerators, int64_t ld, const double* values, 
 // The bfloat16 GEMMs' packing (gemm.h, pack_bf16): B [K, N] (row stride ldb, K even) into
 // blocks of `block` columns, element (k, c) of block n0 at n0·K + ((k / 2)·block + c)·2 +
 // k % 2; columns past N are zero.
-void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb,
-                           int64_t block, c10::BFloat16* packed);
+void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, int64_t block,
+                           c10::BFloat16* packed);
 void interleave_pairs_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, int64_t block,
                            c10::BFloat16* packed);  // rounded to nearest even
 

@@ -43,8 +43,8 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
 
   const gpu::Problem problem{s.batch, s.n_vars, s.d_model, s.kernel};
   const char* why = nullptr;
-  TORCH_CHECK(gpu::problem_supported(problem, &why), "x: shape ", x.sizes(),
-              " (kernel ", s.kernel, ") is not supported by the CUDA kernels: ", why);
+  TORCH_CHECK(gpu::problem_supported(problem, &why), "x: shape ", x.sizes(), " (kernel ", s.kernel,
+              ") is not supported by the CUDA kernels: ", why);
 
   const c10::cuda::CUDAGuard guard(x.device());
   int sm_count = 0;
@@ -63,7 +63,8 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
   params.y = y.data_ptr();
   params.workspace = workspace.data_ptr<float>();
-  C10_CUDA_CHECK(gpu::launch_fused_score_attention(params, c10::cuda::getCurrentCUDAStream().stream()));
+  C10_CUDA_CHECK(
+      gpu::launch_fused_score_attention(params, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 

@@ -72,9 +72,13 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -107,8 +111,8 @@ struct UseTensorCores<__nv_bfloat16> {
 // kBKContiguous the B tile is gathered with kk fastest across threads (for operands
 // whose K index is contiguous in memory, like the rows of the value weight).
 template <bool kBKContiguous, typename ComputeT, typename LoadA, typename LoadB>
-__device__ __forceinline__ void fill_tiles(int k0, int K, const LoadA& load_a,
-                                           const LoadB& load_b, GemmSmem<ComputeT>& sm) {
+__device__ __forceinline__ void fill_tiles(int k0, int K, const LoadA& load_a, const LoadB& load_b,
+                                           GemmSmem<ComputeT>& sm) {
   for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
     const int m = e / kBK, kk = e % kBK, g = k0 + kk;
     sm.a[m * kLdA + kk] = from_float<ComputeT>(g < K ? load_a(m, g) : 0.f);
@@ -123,8 +127,8 @@ __device__ __forceinline__ void fill_tiles(int k0, int K, const LoadA& load_a,
 
 // fp32 SIMT: thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 8i, columns tx + 16j.
 template <bool kBKContiguous, typename ComputeT, typename LoadA, typename LoadB>
-__device__ void gemm_simt(int K, const LoadA& load_a, const LoadB& load_b,
-                          GemmSmem<ComputeT>& sm, float* c) {
+__device__ void gemm_simt(int K, const LoadA& load_a, const LoadB& load_b, GemmSmem<ComputeT>& sm,
+                          float* c) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[8][4];
 #pragma unroll
@@ -156,8 +160,8 @@ __device__ void gemm_simt(int K, const LoadA& load_a, const LoadB& load_b,
 
 // Tensor cores: warp w computes the 32x32 sub-tile (w / 2, w % 2) as 2x2 wmma fragments.
 template <bool kBKContiguous, typename ComputeT, typename LoadA, typename LoadB>
-__device__ void gemm_wmma(int K, const LoadA& load_a, const LoadB& load_b,
-                          GemmSmem<ComputeT>& sm, float* c) {
+__device__ void gemm_wmma(int K, const LoadA& load_a, const LoadB& load_b, GemmSmem<ComputeT>& sm,
+                          float* c) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
   namespace wmma = nvcuda::wmma;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
@@ -172,7 +176,8 @@ __device__ void gemm_wmma(int K, const LoadA& load_a, const LoadB& load_b,
     wmma::fragment<wmma::matrix_a, 16, 16, 16, ComputeT, wmma::row_major> fa[2];
     wmma::fragment<wmma::matrix_b, 16, 16, 16, ComputeT, wmma::row_major> fb[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], sm.a + (wm * 32 + i * 16) * kLdA, kLdA);
+    for (int i = 0; i < 2; ++i)
+      wmma::load_matrix_sync(fa[i], sm.a + (wm * 32 + i * 16) * kLdA, kLdA);
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], sm.b + wn * 32 + j * 16, kLdB);
 #pragma unroll
@@ -197,8 +202,8 @@ __device__ void gemm_wmma(int K, const LoadA& load_a, const LoadB& load_b,
 // all threads of the block; synchronises on entry (so callers may still be reading c
 // or the operand tiles) and on exit (so c is ready for every thread).
 template <bool kBKContiguous, typename ComputeT, typename LoadA, typename LoadB>
-__device__ void block_gemm(int K, const LoadA& load_a, const LoadB& load_b,
-                           GemmSmem<ComputeT>& sm, float* c) {
+__device__ void block_gemm(int K, const LoadA& load_a, const LoadB& load_b, GemmSmem<ComputeT>& sm,
+                           float* c) {
   __syncthreads();
   if constexpr (UseTensorCores<ComputeT>::value) {
     gemm_wmma<kBKContiguous>(K, load_a, load_b, sm, c);
@@ -236,8 +241,10 @@ __global__ void __launch_bounds__(kThreads)
   const int C1 = D / 4, L1 = D / 2, p = k / 2;
   const int tiles_t = ceil_div(L1, kBN), tiles_c = ceil_div(C1, kBM);
   int idx = blockIdx.x;
-  const int tt = idx % tiles_t; idx /= tiles_t;
-  const int tc = idx % tiles_c; idx /= tiles_c;
+  const int tt = idx % tiles_t;
+  idx /= tiles_t;
+  const int tc = idx % tiles_c;
+  idx /= tiles_c;
   const int s = idx % splits;
   const int b = idx / splits;
   const int t0 = tt * kBN, c0 = tc * kBM;
@@ -293,7 +300,8 @@ __global__ void __launch_bounds__(kThreads)
   const int Lout = Lin / 2, p = k / 2;
   const int tiles_t = ceil_div(Lout, kBN), tiles_c = ceil_div(Cout, kBM);
   int idx = blockIdx.x;
-  const int tt = idx % tiles_t; idx /= tiles_t;
+  const int tt = idx % tiles_t;
+  idx /= tiles_t;
   const int tc = idx % tiles_c;
   const int b = idx / tiles_c;
   const int t0 = tt * kBN, c0 = tc * kBM;
@@ -313,7 +321,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
     const int m = e / kBN, col = e % kBN, co = c0 + m, t = t0 + col;
     if (co < Cout && t < Lout)
-      out_b[static_cast<int64_t>(co) * Lout + t] = relu(c_tile[m * kLdC + col] + to_float(bias[co]));
+      out_b[static_cast<int64_t>(co) * Lout + t] =
+          relu(c_tile[m * kLdC + col] + to_float(bias[co]));
   }
 }
 
@@ -330,8 +339,10 @@ __global__ void __launch_bounds__(kThreads)
   const int Lout = 2 * Lin;
   const int tiles_u = ceil_div(Lin, kBN), tiles_c = ceil_div(Cout, kBM);
   int idx = blockIdx.x;
-  const int tu = idx % tiles_u; idx /= tiles_u;
-  const int tc = idx % tiles_c; idx /= tiles_c;
+  const int tu = idx % tiles_u;
+  idx /= tiles_u;
+  const int tc = idx % tiles_c;
+  idx /= tiles_c;
   const int r = idx % 2;
   const int b = idx / 2;
   const int u0 = tu * kBN, c0 = tc * kBM;
@@ -390,8 +401,10 @@ __global__ void __launch_bounds__(kThreads)
   const int C1 = D / 4, U = D / 2;
   const int tiles_u = ceil_div(U, kBN);
   int idx = blockIdx.x;
-  const int tu = idx % tiles_u; idx /= tiles_u;
-  const int r = idx % 2; idx /= 2;
+  const int tu = idx % tiles_u;
+  idx /= tiles_u;
+  const int r = idx % 2;
+  idx /= 2;
   const int s = idx % splits;
   const int b = idx / splits;
   const int u0 = tu * kBN;
@@ -463,7 +476,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   if constexpr (kPhase == TailPhase::kStats) {
     if (owns_column) {
-      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] = make_float2(col_max[col], col_sum[col]);
+      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =
+          make_float2(col_max[col], col_sum[col]);
     }
     return;
   }
@@ -473,7 +487,8 @@ __global__ void __launch_bounds__(kThreads)
     if (owns_column) {
       const int o = 2 * (u0 + col) + r;
       float m_all = -INFINITY;
-      for (int t = 0; t < splits; ++t) m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
+      for (int t = 0; t < splits; ++t)
+        m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
       float sum = 0.f;
       for (int t = 0; t < splits; ++t) {
         const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
@@ -537,11 +552,12 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   float2* stats = reinterpret_cast<float2*>(h5 + act);           // [B, tail_splits, D]
 
   // 1. head
-  head_kernel<T><<<ceil_div(D / 2, kBN) * ceil_div(C1, kBM) * head_splits * B, kThreads, 0, stream>>>(
-      x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
+  head_kernel<T>
+      <<<ceil_div(D / 2, kBN) * ceil_div(C1, kBM) * head_splits * B, kThreads, 0, stream>>>(
+          x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
   const int reduce_blocks = static_cast<int>(std::min<size_t>((act + 255) / 256, 65536));
-  head_reduce_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partial, w(kEnc0Bias), h1, B, C1,
-                                                           D / 2, head_splits);
+  head_reduce_kernel<T>
+      <<<reduce_blocks, 256, 0, stream>>>(partial, w(kEnc0Bias), h1, B, C1, D / 2, head_splits);
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
   conv_s2_relu_kernel<T><<<ceil_div(D / 4, kBN) * ceil_div(C2, kBM) * B, kThreads, 0, stream>>>(
@@ -558,9 +574,9 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   const int tail_blocks = ceil_div(D / 2, kBN) * 2 * tail_splits * B;
   const int tail_chunk = chunk_rows(N, tail_splits, kBM);
   if (tail_splits == 1) {
-    tail_kernel<T, TailPhase::kFused><<<tail_blocks, kThreads, 0, stream>>>(
-        x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, N, D, k,
-        1, tail_chunk);
+    tail_kernel<T, TailPhase::kFused>
+        <<<tail_blocks, kThreads, 0, stream>>>(x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight),
+                                               w(kValueBias), y, stats, N, D, k, 1, tail_chunk);
   } else {
     tail_kernel<T, TailPhase::kStats><<<tail_blocks, kThreads, 0, stream>>>(
         x, h5, w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, N, D, k,
@@ -585,8 +601,8 @@ int64_t tail_blocks(const Problem& p, int64_t splits) {
 
 // Splits of N giving about `target` blocks (per_split blocks each), at least
 // `min_rows` rows per split, at most `most` splits, and no empty split.
-int64_t choose_splits(int64_t N, int64_t per_split, int64_t target, int64_t min_rows,
-                      int64_t most, int64_t multiple) {
+int64_t choose_splits(int64_t N, int64_t per_split, int64_t target, int64_t min_rows, int64_t most,
+                      int64_t multiple) {
   const int64_t wanted = (target + per_split - 1) / per_split;
   int64_t splits = std::max<int64_t>(1, std::min({wanted, most, N / min_rows}));
   const int64_t chunk = chunk_rows(N, splits, multiple);
@@ -600,8 +616,8 @@ constexpr int64_t kMaxHeadSplits = 32, kMaxTailSplits = 64;
 Plan make_plan(const Problem& p, int sm_count) {
   const int64_t target = 2 * static_cast<int64_t>(std::max(sm_count, 1));
   Plan plan;
-  plan.head_splits = static_cast<int>(
-      choose_splits(p.n_vars, head_blocks(p, 1), target, 32, kMaxHeadSplits, 1));
+  plan.head_splits =
+      static_cast<int>(choose_splits(p.n_vars, head_blocks(p, 1), target, 32, kMaxHeadSplits, 1));
   plan.tail_splits = static_cast<int>(
       choose_splits(p.n_vars, tail_blocks(p, 1), target, 2 * kBM, kMaxTailSplits, kBM));
   return plan;

@@ -55,11 +55,11 @@ size_t workspace_floats(const Problem& problem, const Plan& plan);
 struct Params {
   DType dtype;
   Problem problem;
-  Plan plan;                        // from make_plan(); splits >= 1
-  const void* x;                    // [B, N, D], dtype
+  Plan plan;                         // from make_plan(); splits >= 1
+  const void* x;                     // [B, N, D], dtype
   const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous
-  void* y;                          // [B, N, D], dtype, written
-  float* workspace;                 // workspace_floats(problem, plan) floats
+  void* y;                           // [B, N, D], dtype, written
+  float* workspace;                  // workspace_floats(problem, plan) floats
 };
 
 // Whether the sizes fit the kernels' 32-bit grid and index arithmetic; on false,

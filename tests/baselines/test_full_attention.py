@@ -8,7 +8,10 @@ from casa_kernels.baselines import FullAttention, ITransformerModel
 def test_einsum_matches_explicit_softmax_attention():
     layer = FullAttention(d_model=16, n_heads=4).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    q, k, v = (p(x).view(2, 5, 4, 4).transpose(1, 2) for p in (layer.query_projection, layer.key_projection, layer.value_projection))
+    q, k, v = (
+        p(x).view(2, 5, 4, 4).transpose(1, 2)
+        for p in (layer.query_projection, layer.key_projection, layer.value_projection)
+    )
     attn = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     expected = layer.out_projection((attn @ v).transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(layer(x), expected)

@@ -14,8 +14,15 @@ from casa_kernels.tolerance import LOW_PRECISION_EPS, assert_close_to_reference
 from tests.conftest import given, settings, st  # hypothesis, or stand-ins that skip
 
 SHAPES = [  # (B, N, D, k): N=1, ragged N around the 256-row head chunk, D=8, B=1, all k
-    (1, 1, 8, 1), (2, 1, 16, 3), (1, 7, 8, 3), (3, 13, 24, 5), (2, 37, 64, 7),
-    (1, 300, 136, 3), (4, 257, 32, 1), (2, 21, 128, 3), (5, 130, 264, 5),
+    (1, 1, 8, 1),
+    (2, 1, 16, 3),
+    (1, 7, 8, 3),
+    (3, 13, 24, 5),
+    (2, 37, 64, 7),
+    (1, 300, 136, 3),
+    (4, 257, 32, 1),
+    (2, 21, 128, 3),
+    (5, 130, 264, 5),
 ]
 
 
@@ -95,8 +102,13 @@ def test_gradients_equal_the_reference(problem, kernel):
     x, w = problem(2, 5, 16, kernel, dtype=torch.float64)
     grad_out = torch.randn_like(x)
     grads = {}
-    for name, fn in (("cpu", lambda *a: ck.casa_attention(a[0], ck.ScoreAttentionWeights(*a[1:]), backend="cpu")),
-                     ("reference", lambda *a: reference.score_attention(a[0], ck.ScoreAttentionWeights(*a[1:])))):
+    for name, fn in (
+        (
+            "cpu",
+            lambda *a: ck.casa_attention(a[0], ck.ScoreAttentionWeights(*a[1:]), backend="cpu"),
+        ),
+        ("reference", lambda *a: reference.score_attention(a[0], ck.ScoreAttentionWeights(*a[1:]))),
+    ):
         leaves = [t.clone().requires_grad_() for t in (x, *w)]
         fn(*leaves).backward(grad_out)
         grads[name] = [t.grad for t in leaves]
@@ -108,7 +120,9 @@ def test_gradcheck_through_the_op(problem):
     x, w = problem(1, 3, 8, 3, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (x, *w)]
     with weight_cache.disabled():  # gradcheck perturbs the weights through .data
-        assert torch.autograd.gradcheck(lambda *a: torch.ops.casa.score_attention(*a, "cpu"), leaves)
+        assert torch.autograd.gradcheck(
+            lambda *a: torch.ops.casa.score_attention(*a, "cpu"), leaves
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -213,7 +227,9 @@ def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
     block = ck.CASABlock(n_vars=7, d_model=16, backend="cpu")
     x = torch.randn(2, 7, 16)
     calls = []
-    monkeypatch.setattr(ck.modules, "block_epilogue", lambda *a: calls.append(1) or block_epilogue(*a))
+    monkeypatch.setattr(
+        ck.modules, "block_epilogue", lambda *a: calls.append(1) or block_epilogue(*a)
+    )
     with torch.no_grad():
         fused = block(x)
     assert calls == [1]
@@ -241,13 +257,18 @@ def test_bf16_on_a_lower_gemm_tier(isa):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _TIER_CHECK], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}, cwd=ROOT,
+        [sys.executable, "-c", _TIER_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa},
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     tier, passed = out.stdout.split()[-2:]
-    native = subprocess.run([sys.executable, "-c", _TIER_CHECK], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT).stdout.split()[-2]
+    native = subprocess.run(
+        [sys.executable, "-c", _TIER_CHECK], capture_output=True, text=True, timeout=600, cwd=ROOT
+    ).stdout.split()[-2]
     if isa == "AVX2" or native == "none":
         assert tier == "none"  # no bfloat16 dot products below AVX512_CORE_BF16
     else:

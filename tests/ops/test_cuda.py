@@ -77,7 +77,11 @@ def test_non_contiguous_input(cuda_backend, dtype):
     batch, n_vars, d_model, kernel = 2, 19, 40, 3
     _, w = make_problem(batch, n_vars, d_model, kernel, dtype=dtype, device="cuda", seed=3)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(batch, d_model, n_vars, generator=g).to(dtype=dtype, device="cuda").transpose(1, 2)
+    x = (
+        torch.randn(batch, d_model, n_vars, generator=g)
+        .to(dtype=dtype, device="cuda")
+        .transpose(1, 2)
+    )
     assert not x.is_contiguous()
     out = casa_attention(x, w, backend="cuda")
     assert_close_to_reference(out, x, w)
@@ -135,7 +139,9 @@ def test_no_bnd_intermediate(cuda_backend):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch.")
+)
 def test_opcheck(cuda_backend, dtype):
     x, w = make_problem(2, 9, 16, 3, dtype=dtype, device="cuda", seed=8)
     x.requires_grad_(dtype == torch.float32)

@@ -46,13 +46,19 @@ def _cuda_include_dir() -> str | None:
 def host_source(cu_source: str) -> str:
     """The .cu source as host C++ for shim.h (see the module docstring)."""
     s = cu_source.replace(
-        '#include "score_attention_kernels.h"', '#include "shim.h"\n#include "score_attention_kernels.h"'
+        '#include "score_attention_kernels.h"',
+        '#include "shim.h"\n#include "score_attention_kernels.h"',
     )
     s = s.replace("#include <cuda_runtime.h>", "").replace("#include <mma.h>", "")
     s = re.sub(r"__launch_bounds__\(\w+\)", "", s)
     s = s.replace("__shared__ alignas(128)", "alignas(128) static")
-    for cuda, host in [("__global__", ""), ("__device__", ""), ("__host__", ""),
-                       ("__forceinline__", "inline"), ("__shared__", "static")]:
+    for cuda, host in [
+        ("__global__", ""),
+        ("__device__", ""),
+        ("__host__", ""),
+        ("__forceinline__", "inline"),
+        ("__shared__", "static"),
+    ]:
         s = s.replace(cuda, host)
     # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args)
     s = re.sub(
@@ -75,9 +81,24 @@ def _build(out_dir, sanitize: bool) -> str:
     with open(KERNELS) as f:
         (out_dir / "kernels_host.cpp").write_text(host_source(f.read()))
     exe = str(out_dir / ("driver_tsan" if sanitize else "driver"))
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-I", str(out_dir),
-           "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", EMULATION, "-I", include,
-           os.path.join(EMULATION, "driver.cpp"), "-o", exe]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-pthread",
+        "-I",
+        str(out_dir),
+        "-I",
+        os.path.join(ROOT, "csrc", "cuda"),
+        "-I",
+        EMULATION,
+        "-I",
+        include,
+        os.path.join(EMULATION, "driver.cpp"),
+        "-o",
+        exe,
+    ]
     if sanitize:
         cmd.insert(1, "-fsanitize=thread")
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -95,7 +116,14 @@ def run_emulated(exe, x, weights, sm_count, work_dir, env=None):
     values = np.concatenate([t.detach().float().numpy().ravel() for t in (x, *weights)])
     inp, out = work_dir / "in.bin", work_dir / "out.bin"
     values.astype(np.float32).tofile(inp)
-    args = [exe, str(DTYPE_CODES[x.dtype]), *map(str, (*x.shape, weights.kernel)), str(sm_count), str(inp), str(out)]
+    args = [
+        exe,
+        str(DTYPE_CODES[x.dtype]),
+        *map(str, (*x.shape, weights.kernel)),
+        str(sm_count),
+        str(inp),
+        str(out),
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     y = np.fromfile(out, dtype=np.float32).reshape(x.shape)
@@ -167,9 +195,13 @@ def test_emulated_kernels_have_no_block_races(tmp_path):
         assert compare(y, x, w).passed
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"]
+)
 @pytest.mark.parametrize("sm_count", [1, 132], ids=["one-split", "split-n"])
-def test_emulated_kernels_carry_non_finite_input_as_the_reference(driver, tmp_path, value, sm_count):
+def test_emulated_kernels_carry_non_finite_input_as_the_reference(
+    driver, tmp_path, value, sm_count
+):
     # NaN-keeping ReLUs, a NaN-propagating column max and split merge, and -inf rows that
     # add nothing: the reference's NaN/±inf pattern, with the N split and without.
     x, w = make_problem(1, 300, 16, 5)
@@ -179,7 +211,9 @@ def test_emulated_kernels_carry_non_finite_input_as_the_reference(driver, tmp_pa
         y, log = run_emulated(driver, bad, w, sm_count, tmp_path)
         expected = reference.score_attention(bad, w)
         assert torch.equal(y.isnan(), expected.isnan()), (index, log)
-        assert torch.equal(y.isinf(), expected.isinf()) and torch.equal(y[y.isinf()], expected[expected.isinf()])
+        assert torch.equal(y.isinf(), expected.isinf()) and torch.equal(
+            y[y.isinf()], expected[expected.isinf()]
+        )
 
 
 @pytest.mark.parametrize("sm_count", [1, 132], ids=["one-split", "split-n"])

@@ -31,7 +31,9 @@ NONFINITE_SHAPE = (2, 70, 32, 3)
 
 def _autocast_dtypes(name, device):
     dtypes = [torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
-    return [d for d in dtypes if get_backend(name).reason_not_serving(torch.device(device), d) is None]
+    return [
+        d for d in dtypes if get_backend(name).reason_not_serving(torch.device(device), d) is None
+    ]
 
 
 def _pattern(y):
@@ -80,7 +82,9 @@ def _attention_backend(model, backend):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_autocast_of_the_model_matches_the_reference_model(backend, device):
     torch.manual_seed(0)
-    model = ck.CASAModel(n_vars=21, d_model=32, seq_len=24, pred_len=12, e_layers=2, backend=backend)
+    model = ck.CASAModel(
+        n_vars=21, d_model=32, seq_len=24, pred_len=12, e_layers=2, backend=backend
+    )
     model = model.to(device)
     x = torch.randn(4, 24, 21, device=device)
     with torch.no_grad():
@@ -127,7 +131,9 @@ def test_direct_op_call_under_autocast_runs_in_the_autocast_dtype():
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"]
+)
 def test_non_finite_input_gives_the_reference_pattern(backend, device, value):
     x, w = make_problem(*NONFINITE_SHAPE, device=device)
     B, N, D, _ = NONFINITE_SHAPE
@@ -140,7 +146,9 @@ def test_non_finite_input_gives_the_reference_pattern(backend, device, value):
         _assert_same_nonfinite_pattern(ck.casa_attention(bad, w, backend=backend), expected)
     bad = x.clone()
     bad[0, 64:, 3] = value  # every row of the last (6-row) CPU tail block in one column
-    _assert_same_nonfinite_pattern(ck.casa_attention(bad, w, backend=backend), reference.score_attention(bad, w))
+    _assert_same_nonfinite_pattern(
+        ck.casa_attention(bad, w, backend=backend), reference.score_attention(bad, w)
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -171,7 +179,10 @@ def test_empty_batch_returns_an_empty_result(backend, device):
 
 @pytest.mark.parametrize(
     "shape,match",
-    [((2, 0, 16), r"x: expected non-zero sizes after the batch dim"), ((2, 5, 0), r"x: expected non-zero")],
+    [
+        ((2, 0, 16), r"x: expected non-zero sizes after the batch dim"),
+        ((2, 5, 0), r"x: expected non-zero"),
+    ],
 )
 def test_zero_variates_or_features_stay_errors(shape, match):
     _, w = make_problem(1, 5, 16, 3)

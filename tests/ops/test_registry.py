@@ -87,8 +87,12 @@ info.main()
 
 def _fake_backend(name, **fields):
     return registry.Backend(
-        name=name, device_types=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
-        forward=reference.score_attention, unavailable_reason=lambda: None, **fields,
+        name=name,
+        device_types=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32}),
+        forward=reference.score_attention,
+        unavailable_reason=lambda: None,
+        **fields,
     )
 
 
@@ -117,7 +121,9 @@ def test_shape_limits_are_checked_before_dispatch(scratch_registry, problem):
     def limits(shape):
         return f"at most 100 variates, not {shape.n_vars}" if shape.n_vars > 100 else None
 
-    registry.register_backend(_fake_backend("narrow", auto_priority={"cpu": 5}, shape_limits=limits))
+    registry.register_backend(
+        _fake_backend("narrow", auto_priority={"cpu": 5}, shape_limits=limits)
+    )
     backend = registry.get_backend("narrow")
     small, large = registry.ProblemShape(2, 100, 16, 3), registry.ProblemShape(2, 101, 16, 3)
     assert backend.reason_not_serving(CPU, torch.float32) is None  # no shape: not checked

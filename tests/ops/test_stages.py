@@ -27,8 +27,12 @@ def _ranges(n_vars, parts):
 def _composed(stages, x, w, ranges):
     """The op from the stages, each range of variates on its own as one rank would run it."""
     local = [
-        (x[:, r].contiguous(), w.enc0_weight[:, r].contiguous(), w.dec2_weight[:, r].contiguous(),
-         w.dec2_bias[r].contiguous())
+        (
+            x[:, r].contiguous(),
+            w.enc0_weight[:, r].contiguous(),
+            w.dec2_weight[:, r].contiguous(),
+            w.dec2_bias[r].contiguous(),
+        )
         for r in ranges
     ]
     h1 = sum(stages.head_partial(xl, enc0) for xl, enc0, _, _ in local)  # the all-reduce
@@ -73,7 +77,9 @@ def test_stage_statistics_merge_like_the_reference(backend):
     col_max, col_sum = stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
     ref_max, ref_sum = reference_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
     assert bool((col_max >= ref_max - 1e-6).all())
-    torch.testing.assert_close(col_sum * torch.exp(col_max - ref_max), ref_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        col_sum * torch.exp(col_max - ref_max), ref_sum, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend", STAGED)
@@ -85,10 +91,26 @@ def test_a_minus_inf_score_has_exactly_zero_weight(backend):
     w = w._replace(value_weight=torch.eye(16, device=DEVICE))
     x[1, 66, 5] = -float("inf")
     stages = get_backend(backend).stages
-    h5 = reference_stages.bottleneck(reference_stages.head_partial(x.nan_to_num(neginf=0.0), w.enc0_weight), w)
-    out = stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias,
-                             *stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias))
-    expected = reference_stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight,
-                                            w.value_bias, *reference_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias))
+    h5 = reference_stages.bottleneck(
+        reference_stages.head_partial(x.nan_to_num(neginf=0.0), w.enc0_weight), w
+    )
+    out = stages.tail_output(
+        x,
+        h5,
+        w.dec2_weight,
+        w.dec2_bias,
+        w.value_weight,
+        w.value_bias,
+        *stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias),
+    )
+    expected = reference_stages.tail_output(
+        x,
+        h5,
+        w.dec2_weight,
+        w.dec2_bias,
+        w.value_weight,
+        w.value_bias,
+        *reference_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias),
+    )
     assert torch.isnan(expected[1, 66, 5])
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())

@@ -28,7 +28,10 @@ tl = triton.language
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (CUDA or INTERPRET):
-    pytest.skip("needs a CUDA device or the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA device or the Triton interpreter (TRITON_INTERPRET=1)",
+        allow_module_level=True,
+    )
 
 from casa_kernels.ops import triton_kernels as tk  # noqa: E402
 from casa_kernels.ops.triton_kernels import HEAD_BLOCK_N, triton_score_attention  # noqa: E402
@@ -97,13 +100,17 @@ def test_head_split_over_n(splits):
     assert_close_to_reference(triton_score_attention(x, w, splits=splits), x, w)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 16, 1), (1, 9, 32, 3), (2, 4, 24, 5), (1, 3, 64, 7)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 6, 16, 1), (1, 9, 32, 3), (2, 4, 24, 5), (1, 3, 64, 7)], ids=str
+)
 def test_bottleneck_stage_every_width(shape):
     # One tensor-core bottleneck for every D (no library fallback); D = 64 spans several
     # output-channel and column tiles of the interpreter's 16-wide blocks.
     x, w = _problem(shape, seed=9)
     h1 = ref_stages.head_partial(x, w.enc0_weight)
-    torch.testing.assert_close(tk.bottleneck(h1, w), ref_stages.bottleneck(h1, w), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        tk.bottleneck(h1, w), ref_stages.bottleneck(h1, w), atol=2e-5, rtol=2e-5
+    )
 
 
 # (batch, n_vars, d_model, kernel), tail tile height 16: N inside one tile, ragged
@@ -145,19 +152,27 @@ def test_fp32_with_tf32_allowed_stays_close():
         y = casa_kernels.casa_attention(x, w, backend="triton")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    torch.testing.assert_close(y.double().cpu(), reference.score_attention(x.double(), w.to(torch.float64)).cpu(),
-                               atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        y.double().cpu(),
+        reference.score_attention(x.double(), w.to(torch.float64)).cpu(),
+        atol=1e-2,
+        rtol=1e-2,
+    )
 
 
 def test_gradients_match_reference():
     x, w = _problem((2, 7, 16, 3), seed=6)
     leaves = [t.detach().clone().requires_grad_() for t in (x, *w)]
-    out = casa_kernels.casa_attention(leaves[0], casa_kernels.ScoreAttentionWeights(*leaves[1:]), backend="triton")
+    out = casa_kernels.casa_attention(
+        leaves[0], casa_kernels.ScoreAttentionWeights(*leaves[1:]), backend="triton"
+    )
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
 
     ref_leaves = [t.detach().clone().requires_grad_() for t in (x, *w)]
-    ref = reference.score_attention(ref_leaves[0], casa_kernels.ScoreAttentionWeights(*ref_leaves[1:]))
+    ref = reference.score_attention(
+        ref_leaves[0], casa_kernels.ScoreAttentionWeights(*ref_leaves[1:])
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
@@ -196,9 +211,23 @@ def test_kernels_compile_for_sm90_without_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     root = pathlib.Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-m", "tests.ops.triton_compile_check", "--arch", "90", "--dtype", "fp32", "bf16",
-         "--kernel", "3"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "tests.ops.triton_compile_check",
+            "--arch",
+            "90",
+            "--dtype",
+            "fp32",
+            "bf16",
+            "--kernel",
+            "3",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -255,9 +284,16 @@ def test_empty_batch_through_the_stages(launches):
     h1 = stages.head_partial(x[:0], w.enc0_weight)
     h5 = stages.bottleneck(h1, w)
     col_max, col_sum = stages.tail_stats(x[:0], h5, w.dec2_weight, w.dec2_bias)
-    y = stages.tail_output(x[:0], h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum)
+    y = stages.tail_output(
+        x[:0], h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, col_max, col_sum
+    )
     assert (h1.shape, h5.shape, col_max.shape, col_sum.shape, y.shape) == (
-        (0, 4, 8), (0, 4, 8), (0, 16), (0, 16), (0, 5, 16))
+        (0, 4, 8),
+        (0, 4, 8),
+        (0, 16),
+        (0, 16),
+        (0, 5, 16),
+    )
     assert launches == []
 
 
@@ -274,8 +310,11 @@ def test_weights_packed_once_per_version(monkeypatch):
     weight_cache.clear()
     prepared = []
     real = tk.cached
-    monkeypatch.setattr(tk, "cached", lambda tag, sources, prepare: real(
-        tag, sources, lambda: prepared.append(tag) or prepare()))
+    monkeypatch.setattr(
+        tk,
+        "cached",
+        lambda tag, sources, prepare: real(tag, sources, lambda: prepared.append(tag) or prepare()),
+    )
     x, w = _problem((1, 5, 16, 3), seed=22)
     y = triton_score_attention(x, w)
     assert len(prepared) == 7  # six conv weights packed tap-major, the value weight transposed
@@ -291,7 +330,12 @@ def test_weights_packed_once_per_version(monkeypatch):
 def test_stages_registered():
     stages = get_backend("triton").stages
     assert stages is not None
-    assert [f.__name__ for f in stages] == ["head_partial", "bottleneck", "tail_stats", "tail_output"]
+    assert [f.__name__ for f in stages] == [
+        "head_partial",
+        "bottleneck",
+        "tail_stats",
+        "tail_output",
+    ]
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 24, 3), (1, 5, 16, 7)], ids=str)
@@ -309,7 +353,12 @@ def test_each_stage_equals_reference_stage(shape):
         torch.testing.assert_close(got, want, **close)
     y = stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, *ref)
     torch.testing.assert_close(
-        y, ref_stages.tail_output(x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, *ref), **close)
+        y,
+        ref_stages.tail_output(
+            x, h5, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, *ref
+        ),
+        **close,
+    )
 
 
 def test_stages_over_a_variate_split():
@@ -321,9 +370,25 @@ def test_stages_over_a_variate_split():
     h1 = sum(stages.head_partial(x[:, r], w.enc0_weight[:, r]) for r in parts)
     h5 = stages.bottleneck(h1, w)
     local = [stages.tail_stats(x[:, r], h5, w.dec2_weight[:, r], w.dec2_bias[r]) for r in parts]
-    col_max, col_sum = ref_stages.merge_stats(torch.stack([m for m, _ in local]), torch.stack([s for _, s in local]))
-    y = torch.cat([stages.tail_output(x[:, r], h5, w.dec2_weight[:, r], w.dec2_bias[r], w.value_weight,
-                                      w.value_bias, col_max, col_sum) for r in parts], dim=1)
+    col_max, col_sum = ref_stages.merge_stats(
+        torch.stack([m for m, _ in local]), torch.stack([s for _, s in local])
+    )
+    y = torch.cat(
+        [
+            stages.tail_output(
+                x[:, r],
+                h5,
+                w.dec2_weight[:, r],
+                w.dec2_bias[r],
+                w.value_weight,
+                w.value_bias,
+                col_max,
+                col_sum,
+            )
+            for r in parts
+        ],
+        dim=1,
+    )
     assert_close_to_reference(y, x, w)
 
 
@@ -332,7 +397,8 @@ def test_stages_over_a_variate_split():
 
 def _assert_same_non_finite_pattern(got, want):
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (
-        f"NaN at {int(torch.isnan(got).sum())} positions, reference {int(torch.isnan(want).sum())}")
+        f"NaN at {int(torch.isnan(got).sum())} positions, reference {int(torch.isnan(want).sum())}"
+    )
     assert torch.equal(torch.isposinf(got), torch.isposinf(want))
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
     finite = torch.isfinite(want)
@@ -344,12 +410,16 @@ non_finite = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @non_finite
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"]
+)
 @pytest.mark.parametrize("where", [(0, 3, 5), (1, 0, 0), (0, 20, 31)], ids=str)
 def test_non_finite_input_pattern(value, where):
     x, w = _problem((2, 21, 32, 3), seed=15)
     x[where] = value
-    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+    _assert_same_non_finite_pattern(
+        triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
+    )
 
 
 @non_finite
@@ -368,22 +438,38 @@ def test_all_neg_inf_column():
     # A column whose scores are all -inf: the reference's softmax gives NaN there.
     x, w = _problem((1, 20, 16, 3), seed=16)
     x[0, :, 7] = float("-inf")
-    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+    _assert_same_non_finite_pattern(
+        triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
+    )
 
 
-@pytest.mark.parametrize("field,index", [
-    ("enc0_weight", (1, 0, 0)), ("enc0_bias", (2,)), ("enc1_weight", (0, 1, 2)), ("enc2_weight", (3, 0, 1)),
-    ("dec0_weight", (0, 0, 0)), ("dec1_weight", (2, 1, 2)), ("dec1_bias", (0,)),
-    ("dec2_weight", (0, 4, 0)), ("dec2_weight", (1, 2, 2)), ("dec2_bias", (6,)),
-    ("value_weight", (5, 3)), ("value_bias", (1,)),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "field,index",
+    [
+        ("enc0_weight", (1, 0, 0)),
+        ("enc0_bias", (2,)),
+        ("enc1_weight", (0, 1, 2)),
+        ("enc2_weight", (3, 0, 1)),
+        ("dec0_weight", (0, 0, 0)),
+        ("dec1_weight", (2, 1, 2)),
+        ("dec1_bias", (0,)),
+        ("dec2_weight", (0, 4, 0)),
+        ("dec2_weight", (1, 2, 2)),
+        ("dec2_bias", (6,)),
+        ("value_weight", (5, 3)),
+        ("value_bias", (1,)),
+    ],
+    ids=lambda v: str(v),
+)
 @non_finite
 def test_nan_weight_pattern(field, index):
     x, w = _problem((2, 9, 16, 3), seed=17)
     t = getattr(w, field).clone()
     t[index] = float("nan")
     w = w._replace(**{field: t})
-    _assert_same_non_finite_pattern(triton_score_attention(x, w, block_n=16), reference.score_attention(x, w))
+    _assert_same_non_finite_pattern(
+        triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
+    )
 
 
 # --- bf16 rounding ---------------------------------------------------------------------
@@ -400,13 +486,29 @@ def test_bf16_stores_round_to_nearest_even():
     # Regression of verify's `triton bfloat16 B=3 N=130 D=64 k=3` failure: the
     # interpreter's fp32->bf16 cast truncated (-4.53124 stored as -4.5, one ulp off).
     g = torch.Generator().manual_seed(18)
-    values = torch.cat([
-        torch.randn(200, generator=g) * 10,
-        torch.tensor([-4.531242, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.3895e38, float("nan"), float("inf"),
-                      float("-inf"), 0.0, -0.0, 1e-40]),
-    ]).to(DEVICE)
+    values = torch.cat(
+        [
+            torch.randn(200, generator=g) * 10,
+            torch.tensor(
+                [
+                    -4.531242,
+                    1.0 + 2**-8,
+                    1.0 + 3 * 2**-8,
+                    3.3895e38,
+                    float("nan"),
+                    float("inf"),
+                    float("-inf"),
+                    0.0,
+                    -0.0,
+                    1e-40,
+                ]
+            ),
+        ]
+    ).to(DEVICE)
     out = torch.empty(values.shape, dtype=torch.bfloat16, device=DEVICE)
-    _round_kernel[(1,)](values, out, values.numel(), EMULATE_BF16=tk._emulate_bf16(torch.bfloat16), BLOCK=256)
+    _round_kernel[(1,)](
+        values, out, values.numel(), EMULATE_BF16=tk._emulate_bf16(torch.bfloat16), BLOCK=256
+    )
     want = values.to(torch.bfloat16)
     assert torch.equal(out.isnan(), want.isnan())
     assert torch.equal(out[~want.isnan()].float(), want[~want.isnan()].float())
@@ -441,7 +543,11 @@ def test_compiled_model_reduce_overhead_matches():
     from casa_kernels.modules import CASAModel
 
     torch.manual_seed(21)
-    model = CASAModel(n_vars=21, d_model=64, seq_len=96, pred_len=24, e_layers=2, backend="triton").cuda().eval()
+    model = (
+        CASAModel(n_vars=21, d_model=64, seq_len=96, pred_len=24, e_layers=2, backend="triton")
+        .cuda()
+        .eval()
+    )
     x = torch.randn(4, 96, 21, device="cuda")
     with torch.no_grad():
         eager = model(x)

@@ -36,7 +36,9 @@ def test_prepared_once_per_version_and_again_after_each_kind_of_update():
     module.load_state_dict({"weight": torch.ones(4, 4), "bias": torch.zeros(4)})
     assert torch.equal(weight_cache.cached("t", (w,), prepare), torch.full((4, 4), 2.0))
     w.data = torch.zeros(4, 4)  # new storage
-    assert torch.equal(weight_cache.cached("t", (w,), prepare), torch.zeros(4, 4)) and len(calls) == 4
+    assert (
+        torch.equal(weight_cache.cached("t", (w,), prepare), torch.zeros(4, 4)) and len(calls) == 4
+    )
 
 
 def test_entries_die_with_their_weights_and_are_counted():
@@ -79,5 +81,7 @@ def test_the_cpu_backend_prepares_once_and_sees_updates():
         w.dec2_weight.mul_(-1)
         w.value_weight.mul_(0.5)
     after = ck.casa_attention(x, w, backend="cpu")
-    torch.testing.assert_close(after, ck.casa_attention(x, w, backend="reference"), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        after, ck.casa_attention(x, w, backend="reference"), rtol=2e-5, atol=2e-5
+    )
     assert not torch.allclose(after, before)

@@ -23,11 +23,17 @@ using casa::gpu::Problem;
 template <typename T>
 T from_f32(float v);
 template <>
-float from_f32<float>(float v) { return v; }
+float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__half from_f32<__half>(float v) { return __float2half_rn(v); }
+__half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 float to_f32(float v) { return v; }
 float to_f32(__half v) { return __half2float(v); }
@@ -36,9 +42,9 @@ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
 int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const char* out_path) {
   const int64_t B = p.batch, N = p.n_vars, D = p.d_model, k = p.kernel, C1 = D / 4, C2 = D / 2;
-  const std::vector<int64_t> numels = {B * N * D, D * D, D, C1 * N * k, C1, C2 * C1 * k, C2,
-                                       D * C2 * k, D, D * C2 * k, C2, C2 * C1 * k, C1,
-                                       C1 * N * k, N};
+  const std::vector<int64_t> numels = {B * N * D,   D * D,       D,          C1 * N * k, C1,
+                                       C2 * C1 * k, C2,          D * C2 * k, D,          D * C2 * k,
+                                       C2,          C2 * C1 * k, C1,         C1 * N * k, N};
   std::ifstream in(in_path, std::ios::binary);
   std::vector<std::vector<T>> tensors;
   for (int64_t n : numels) {
@@ -68,7 +74,8 @@ int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const 
   std::vector<float> out(y.size());
   for (size_t i = 0; i < y.size(); ++i) out[i] = to_f32(y[i]);
   std::ofstream(out_path, std::ios::binary)
-      .write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size() * sizeof(float)));
+      .write(reinterpret_cast<const char*>(out.data()),
+             static_cast<std::streamsize>(out.size() * sizeof(float)));
   return 0;
 }
 
@@ -87,7 +94,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int dtype = std::atoi(argv[1]);
-  const Problem p{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5])};
+  const Problem p{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
+                  std::atoll(argv[5])};
   const int sm_count = std::atoi(argv[6]);
   switch (dtype) {
     case 0: return run<float>(DType::kFloat32, p, sm_count, argv[7], argv[8]);
