@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the providers of each point interleaved, in rounds calling each once, so "
+        "their ratios come from the same machine state (shared, noisy machines); rows say "
+        "timing=interleaved",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
 
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
             batches=[int(b) for b in batch.split(",") if b.strip()],
             datasets=datasets,
+            interleave=args.interleave,
         )
         started = time.perf_counter()
         rows = suites.run_suite(suite, chosen, opts, progress=not args.no_progress)

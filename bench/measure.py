@@ -78,20 +78,11 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
     return run_cpu
 
 
-def measure_latency(
-    fn: Callable[[], object], device: str, *, warmup: int, reps: int, time_cap_s: float
-) -> Latency:
-    """Times ``fn`` ``reps`` times after ``warmup`` calls; fewer reps if they would exceed the cap.
-
-    Raises :class:`MeasurementTimeout` when the first two calls (the first may compile)
-    both take longer than ``time_cap_s``: one slow call (noise on a shared machine) earns
-    one retry. The timed reps together take at most about
-    ``time_cap_s`` (at least one rep is timed).
-    """
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    run = _timer(device)
-    cap_ms = time_cap_s * 1e3
+def _warm_up(fn: Callable[[], object], run, warmup: int, cap_ms: float, time_cap_s: float) -> float:
+    """Calls ``fn`` ``warmup`` times (at least once) and until one call fits the cap; the
+    fastest call in milliseconds. Raises :class:`MeasurementTimeout` when the first two
+    calls (the first may compile) both exceed the cap: one slow call (noise on a shared
+    machine) earns one retry."""
     fastest = math.inf
     calls = 0
     while calls < max(1, warmup) or fastest > cap_ms:
@@ -102,10 +93,73 @@ def measure_latency(
                 f"two calls took > time cap {time_cap_s:g} s (last {elapsed / 1e3:.3g} s)"
             )
         fastest = min(fastest, elapsed)
-    n = max(1, min(reps, int(cap_ms // max(fastest, 1e-6))))
-    times = [run(fn) for _ in range(n)]
-    times.sort()
-    return Latency(*(percentile(times, q) for q in (0.2, 0.5, 0.8, 0.99)), n)
+    return fastest
+
+
+def measure_latencies(
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    *,
+    warmup: int,
+    reps: int,
+    time_cap_s: float,
+) -> dict[str, Latency | Exception]:
+    """Times several callables *interleaved*: after each one's warm-up, in rounds that call
+    every one once, the order rotated by one each round, so that all of them see the same
+    machine state (a shared machine's load moves between rounds, not between providers,
+    and the ratios of their percentiles are fair). With one callable this is plain
+    repeated timing.
+
+    ``reps`` rounds, fewer if they would exceed ``time_cap_s`` per callable on average
+    (at least one round). A callable whose warm-up times out maps to its
+    :class:`MeasurementTimeout`, one that raises to its exception; the others go on.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    run = _timer(device)
+    cap_ms = time_cap_s * 1e3
+    results: dict[str, Latency | Exception] = {}
+    fastest: dict[str, float] = {}
+    for name, fn in fns.items():
+        try:
+            fastest[name] = _warm_up(fn, run, warmup, cap_ms, time_cap_s)
+        except Exception as error:  # noqa: BLE001 - recorded per callable
+            results[name] = error
+    live = list(fastest)
+    if live:
+        budget_ms = cap_ms * len(live)
+        rounds = max(1, min(reps, int(budget_ms // max(sum(fastest.values()), 1e-6))))
+        times: dict[str, list[float]] = {name: [] for name in live}
+        for r in range(rounds):
+            shift = r % len(live)
+            for name in live[shift:] + live[:shift]:
+                if name in results:
+                    continue
+                try:
+                    times[name].append(run(fns[name]))
+                except Exception as error:  # noqa: BLE001 - recorded per callable
+                    results[name] = error
+        for name in live:
+            if name not in results:
+                samples = sorted(times[name])
+                results[name] = Latency(
+                    *(percentile(samples, q) for q in (0.2, 0.5, 0.8, 0.99)), len(samples)
+                )
+    return {name: results[name] for name in fns}
+
+
+def measure_latency(
+    fn: Callable[[], object], device: str, *, warmup: int, reps: int, time_cap_s: float
+) -> Latency:
+    """Times ``fn`` ``reps`` times after ``warmup`` calls; fewer reps if they would exceed
+    the cap (see :func:`measure_latencies`). Raises :class:`MeasurementTimeout` when the
+    first two calls both take longer than ``time_cap_s``."""
+    result = measure_latencies({"fn": fn}, device, warmup=warmup, reps=reps, time_cap_s=time_cap_s)[
+        "fn"
+    ]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def measure_peak_memory(fn: Callable[[], object], device: str) -> tuple[int, str]:

@@ -48,6 +48,7 @@ COLUMNS = KEY_COLUMNS + (
     "tokens_per_s",
     "peak_mem_bytes",
     "mem_method",
+    "timing",
     "status",
     "note",
     "git_commit",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import MeasurementTimeout, measure_latency, measure_peak_memory
+from .measure import Latency, MeasurementTimeout, measure_latencies, measure_peak_memory
 from .providers import Point, Provider
 from .results import environment_columns, upsert_rows
 
@@ -58,6 +58,9 @@ class RunOptions:
     quick: bool
     batches: list[int]
     datasets: tuple[str, ...] = tuple(DATASETS)
+    # Time the providers of a point interleaved (measure.measure_latencies) rather than
+    # one after another.
+    interleave: bool = False
 
 
 def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
@@ -149,9 +152,9 @@ def _base_row(provider: Provider, config: str, point: Point, opts: RunOptions) -
     }
 
 
-def measure_point(provider: Provider, config: str, point: Point, opts: RunOptions) -> dict:
-    """One CSV row: the provider measured at the point, or why it was not."""
-    row = _base_row(provider, config, point, opts)
+def _not_run_row(provider: Provider, row: dict, point: Point, opts: RunOptions) -> dict | None:
+    """The row of a provider that is not run at this point (unavailable here, or its
+    memory estimate over the cap), else None."""
     reason = provider.unavailable(opts.device, opts.dtype)
     if reason is not None:
         return {**row, "status": "skipped", "note": reason}
@@ -164,27 +167,18 @@ def measure_point(provider: Provider, config: str, point: Point, opts: RunOption
                 f"not run: estimated {estimate / 2**30:.3g} GiB > --mem-cap {opts.mem_cap_bytes / 2**30:.3g} GiB"
             ),
         }
-    fn = None
-    try:
-        # Built outside inference mode, as a deployed model is, so that weights prepared
-        # once per weight version stay prepared (inference tensors have no version).
-        fn = provider.build(point, opts.device, opts.dtype)
-        with torch.inference_mode():
-            if provider.name == "casa-compile":
-                fn()  # compilation is not part of the time cap
-            latency = measure_latency(
-                fn, opts.device, warmup=opts.warmup, reps=opts.reps, time_cap_s=opts.time_cap_s
-            )
-            peak, method = measure_peak_memory(fn, opts.device)
-    except MeasurementTimeout as error:
+    return None
+
+
+def _failed_row(row: dict, error: BaseException) -> dict:
+    if isinstance(error, MeasurementTimeout):
         return {**row, "status": "timeout", "note": str(error)}
-    except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-        status = "oom" if _is_oom(error) else "error"
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        return {**row, "status": status, "note": f"{type(error).__name__}: {first_line}"}
-    finally:
-        del fn
-        _free(opts.device)
+    status = "oom" if _is_oom(error) else "error"
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return {**row, "status": status, "note": f"{type(error).__name__}: {first_line}"}
+
+
+def _ok_row(row: dict, latency: Latency, peak: int, method: str, point: Point) -> dict:
     seconds = latency.p50_ms / 1e3
     return {
         **row,
@@ -200,6 +194,60 @@ def measure_point(provider: Provider, config: str, point: Point, opts: RunOption
         "status": "ok",
         "note": "",
     }
+
+
+def measure_points(
+    providers: list[Provider], config: str, point: Point, opts: RunOptions
+) -> list[dict]:
+    """One CSV row per provider at the point: measured, or why it was not.
+
+    The providers given together are timed interleaved (:func:`measure.measure_latencies`),
+    so the ratios between them come from the same machine state; their peak memory is
+    measured one at a time afterwards. One provider's failure (error, oom, timeout) is
+    recorded in its row; the others go on.
+    """
+    timing = "interleaved" if len(providers) > 1 else "sequential"
+    rows = {p.name: {**_base_row(p, config, point, opts), "timing": timing} for p in providers}
+    done: dict[str, dict] = {}
+    fns = {}
+    try:
+        for provider in providers:
+            row = rows[provider.name]
+            not_run = _not_run_row(provider, row, point, opts)
+            if not_run is not None:
+                done[provider.name] = not_run
+                continue
+            try:
+                # Built outside inference mode, as a deployed model is, so that weights
+                # prepared once per weight version stay prepared (inference tensors have
+                # no version).
+                fns[provider.name] = provider.build(point, opts.device, opts.dtype)
+            except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+                done[provider.name] = _failed_row(row, error)
+        with torch.inference_mode():
+            if "casa-compile" in fns:
+                fns["casa-compile"]()  # compilation is not part of the time cap
+            latencies = measure_latencies(
+                fns, opts.device, warmup=opts.warmup, reps=opts.reps, time_cap_s=opts.time_cap_s
+            )
+            for name, latency in latencies.items():
+                if isinstance(latency, Exception):
+                    done[name] = _failed_row(rows[name], latency)
+                    continue
+                try:
+                    peak, method = measure_peak_memory(fns[name], opts.device)
+                    done[name] = _ok_row(rows[name], latency, peak, method, point)
+                except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+                    done[name] = _failed_row(rows[name], error)
+    finally:
+        fns.clear()
+        _free(opts.device)
+    return [done[p.name] for p in providers]
+
+
+def _lane(provider: Provider, point: Point) -> tuple:
+    """What stops growing together: a provider along one sweep at one batch size."""
+    return (provider.name, point.sweep, point.batch if point.sweep != "b" else None)
 
 
 class _NoProgressBar:
@@ -241,19 +289,32 @@ def run_suite(
     rows = []
     bar = _progress_bar(len(points) * len(providers), suite, progress)
     for config, point in points:
+        point_rows: dict[str, dict] = {}
+        to_run = []
         for provider in providers:
-            bar.set_postfix_str(f"{provider.name} {config} B={point.batch}")
-            lane = (provider.name, point.sweep, point.batch if point.sweep != "b" else None)
+            lane = _lane(provider, point)
             if lane in stopped and point.sweep != "dataset":
                 status, where = stopped[lane]
-                row = measure_point_stub(provider, config, point, opts, status, where)
+                point_rows[provider.name] = measure_point_stub(
+                    provider, config, point, opts, status, where
+                )
             else:
-                row = measure_point(provider, config, point, opts)
+                to_run.append(provider)
+        # Interleaved: every provider at once; else one after another.
+        groups = [to_run] if opts.interleave else [[p] for p in to_run]
+        for group in groups:
+            bar.set_postfix_str(f"{'+'.join(p.name for p in group)} {config} B={point.batch}")
+            for provider, row in zip(group, measure_points(group, config, point, opts)):
+                point_rows[provider.name] = row
                 if row["status"] in ("oom", "timeout") and point.sweep != "dataset":
-                    stopped[lane] = (row["status"], config)
-            upsert_rows(csv_path, [row])
-            rows.append(row)
-            bar.update()
+                    stopped[_lane(provider, point)] = (row["status"], config)
+            upsert_rows(csv_path, [point_rows[p.name] for p in group])
+            bar.update(len(group))
+        stubs = [point_rows[p.name] for p in providers if p not in to_run]
+        if stubs:
+            upsert_rows(csv_path, stubs)
+            bar.update(len(stubs))
+        rows += [point_rows[p.name] for p in providers]
     bar.close()
     return rows
 

@@ -107,6 +107,64 @@ def test_time_cap_raises_after_two_slow_calls():
     assert len(calls) == 2
 
 
+def test_interleaved_timing_rotates_the_order_and_keeps_failures_apart():
+    order = []
+
+    def named(name, fail_on=None):
+        def fn():
+            order.append(name)
+            if fail_on is not None and len(order) >= fail_on:
+                raise RuntimeError(f"{name} broke")
+
+        return fn
+
+    fns = {"a": named("a"), "b": named("b"), "c": named("c")}
+    result = measure.measure_latencies(fns, "cpu", warmup=1, reps=3, time_cap_s=10)
+    assert order[:3] == ["a", "b", "c"]  # warm-ups
+    assert order[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated rounds
+    assert all(isinstance(r, measure.Latency) and r.reps == 3 for r in result.values())
+
+    order.clear()
+    fns = {"a": named("a"), "bad": named("bad", fail_on=5), "c": named("c")}
+    result = measure.measure_latencies(fns, "cpu", warmup=1, reps=3, time_cap_s=10)
+    assert isinstance(result["bad"], RuntimeError) and "bad broke" in str(result["bad"])
+    assert result["a"].reps == 3 and result["c"].reps == 3
+    assert order.count("bad") == 2  # warm-up, then the call that raised; never again
+
+
+def test_interleaved_timing_caps_the_rounds_by_the_time_cap():
+    def sleeper(seconds):
+        return lambda: time.sleep(seconds)
+
+    fns = {"fast": sleeper(0.001), "slow": sleeper(0.02)}
+    result = measure.measure_latencies(fns, "cpu", warmup=1, reps=1000, time_cap_s=0.1)
+    # Rounds take ~21 ms; the budget is the cap per callable: 0.2 s, so ≤ ~10 rounds.
+    assert 1 <= result["slow"].reps == result["fast"].reps <= 12
+    assert result["slow"].p50_ms > result["fast"].p50_ms
+
+
+def test_suite_interleaved_rows_say_so(tmp_path):
+    opts = suites.RunOptions(
+        device="cpu",
+        dtype=torch.float32,
+        warmup=1,
+        reps=2,
+        time_cap_s=10,
+        mem_cap_bytes=1 << 30,
+        out_dir=tmp_path,
+        quick=True,
+        batches=[1],
+        datasets=("ETTh1",),
+        interleave=True,
+    )
+    chosen = [providers.PROVIDERS["casa-reference"], providers.PROVIDERS["full-einsum"]]
+    rows = suites.run_suite("attention", chosen, opts, progress=False)
+    assert [r["provider"] for r in rows] == ["casa-reference", "full-einsum"]
+    assert all(r["status"] == "ok" and r["timing"] == "interleaved" for r in rows)
+    written = results.read_rows(tmp_path / "attention.csv")
+    assert sorted(r["provider"] for r in written) == ["casa-reference", "full-einsum"]
+
+
 def test_percentile_interpolates():
     assert measure.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert measure.percentile([0.0, 10.0], 0.2) == pytest.approx(2.0)
@@ -127,7 +185,7 @@ def test_provider_over_mem_cap_is_oom_and_stops_growing(tmp_path):
     )
     einsum = providers.PROVIDERS["full-einsum"]
     big = providers.Point("scaling", "n", 1, 4096, 512)
-    row = suites.measure_point(einsum, "N=4096", big, opts)
+    (row,) = suites.measure_points([einsum], "N=4096", big, opts)
     assert row["status"] == "oom" and "mem-cap" in row["note"]
 
 
