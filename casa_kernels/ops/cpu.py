@@ -6,8 +6,9 @@ and bfloat16 GEMM tier (``casa::cpu_prepare_weights``, cached by ``weight_cache`
 ``casa::cpu_score_attention`` runs on them.
 
 bfloat16 GEMMs run on the best unit the CPU has (``casa::cpu_bf16_gemm``: ``"amx"``,
-``"avx512_bf16"``, or ``"none"``: fp32 GEMMs on bfloat16 data), capped like PyTorch's
-own by ``ONEDNN_MAX_CPU_ISA`` and switched off with ``torch.backends.mkldnn``.
+``"avx512_bf16"`` where a probe shows it faster than fp32 here, or ``"none"``: fp32 GEMMs
+on bfloat16 data), capped like PyTorch's own by ``ONEDNN_MAX_CPU_ISA``, switched off with
+``torch.backends.mkldnn`` and forced with ``CASA_CPU_BF16_GEMM`` (docs/design.md §11.4).
 
 Weights with a NaN or inf run on the reference (``finite_weights``): the kernel's GEMMs
 over zero-padded columns would give NaN where PyTorch's convolutions skip the padding.

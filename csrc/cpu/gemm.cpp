@@ -6,7 +6,11 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <exception>
+#include <limits>
+#include <string>
 #include <vector>
 
 namespace casa {
@@ -80,13 +84,77 @@ bool brgemm_bf16_runs() {
   }
 }
 
+// Milliseconds of the fastest of `reps` runs of f.
+template <typename F>
+double fastest_ms(int reps, F&& f) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(
+        best,
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Whether the avx512_bf16 GEMM beats what it replaces, fp32 GEMMs on the bfloat16
+// operands converted to fp32, on a GEMM of the tail's shape (64 x 512 x 512). On AMD
+// Zen 4 a bfloat16 dot product does twice the work of an fp32 FMA per instruction; on
+// Intel CPUs it issues on one port where FMAs issue on two, and the fp32 path can win.
+// Timed once per process (a few milliseconds): the fastest of 5 runs of each.
+bool avx512_bf16_pays() {
+  constexpr int64_t M = 64, K = 512, N = 512;
+  std::vector<c10::BFloat16> a(M * K), b(K * N), packed(packed_bf16_size(K, N));
+  for (int64_t i = 0; i < M * K; ++i) a[i] = static_cast<float>(i % 7) / 8.0f;
+  for (int64_t i = 0; i < K * N; ++i) b[i] = static_cast<float>(i % 5) / 8.0f;
+  std::vector<float> a32(M * K), b32(b.begin(), b.end()), c(M * N);
+  pack_bf16(K, N, b.data(), N, packed.data());
+  const double bf16_ms =
+      fastest_ms(5, [&] { gemm_bf16(M, N, K, a.data(), K, packed.data(), c.data(), N, false); });
+  release_bf16_gemm();
+  const double fp32_ms = fastest_ms(5, [&] {
+    std::copy(a.begin(), a.end(), a32.begin());
+    gemm(M, N, K, a32.data(), K, b32.data(), N, c.data(), N, false);
+  });
+  return bf16_ms <= fp32_ms;
+}
+
+// The tier: CASA_CPU_BF16_GEMM names one ("amx", "avx512_bf16", "none"; it must be
+// available here), else ("auto" or unset) AMX where oneDNN can pack for it, else
+// avx512_bf16 where it runs and pays (avx512_bf16_pays), else none.
+Bf16Gemm choose_bf16_gemm() {
+  const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  const bool avx512_bf16 = !amx && brgemm_bf16_runs();
+  const char* env = std::getenv("CASA_CPU_BF16_GEMM");
+  const std::string requested = env == nullptr || *env == '\0' ? "auto" : env;
+  if (requested == "auto") {
+    if (amx) return Bf16Gemm::kAmx;
+    return avx512_bf16 && avx512_bf16_pays() ? Bf16Gemm::kAvx512Bf16 : Bf16Gemm::kNone;
+  }
+  TORCH_CHECK(requested == "auto" || requested == "amx" || requested == "avx512_bf16" ||
+                  requested == "none",
+              "CASA_CPU_BF16_GEMM: expected \"auto\", \"amx\", \"avx512_bf16\" or \"none\", "
+              "received \"",
+              requested, "\"");
+  const Bf16Gemm tier = bf16_gemm_from_name(requested);
+  const Bf16Gemm available = amx           ? Bf16Gemm::kAmx
+                             : avx512_bf16 ? Bf16Gemm::kAvx512Bf16
+                                           : Bf16Gemm::kNone;
+  TORCH_CHECK(tier == Bf16Gemm::kNone || tier == available, "CASA_CPU_BF16_GEMM=", requested,
+              ": this CPU (with ONEDNN_MAX_CPU_ISA, if set) offers ",
+              available == Bf16Gemm::kNone
+                  ? std::string("only \"none\"")
+                  : "\"" + std::string(bf16_gemm_name(available)) + "\" or \"none\"");
+  return tier;
+}
+
 }  // namespace
 
 Bf16Gemm bf16_gemm() {
   if (!at::globalContext().userEnabledMkldnn()) return Bf16Gemm::kNone;
-  if (at::native::cpublas::could_pack(at::kBFloat16)) return Bf16Gemm::kAmx;
-  static const bool avx512_bf16 = brgemm_bf16_runs();
-  return avx512_bf16 ? Bf16Gemm::kAvx512Bf16 : Bf16Gemm::kNone;
+  static const Bf16Gemm tier = choose_bf16_gemm();
+  return tier;
 }
 
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,

@@ -28,8 +28,13 @@ constexpr int64_t kPackedColumns = 64;
 
 enum class Bf16Gemm { kNone, kAmx, kAvx512Bf16 };
 
-// The bfloat16 GEMM this CPU, this torch build and the current settings allow (kNone
-// when oneDNN is disabled, torch.backends.mkldnn, or the CPU has neither unit).
+// The bfloat16 GEMM for this CPU, torch build and settings, chosen once per process:
+// AMX where oneDNN packs for it; else avx512_bf16 where it runs and a timed probe shows
+// it faster than fp32 GEMMs on converted operands (on Intel CPUs the bfloat16 dot
+// product issues on one port, and it may not be); else kNone. kNone also when oneDNN is
+// disabled (torch.backends.mkldnn). The environment variable CASA_CPU_BF16_GEMM ("amx",
+// "avx512_bf16", "none"; "auto" is the default) overrides the choice among the tiers
+// available here; naming an unavailable one raises.
 Bf16Gemm bf16_gemm();
 const char* bf16_gemm_name(Bf16Gemm tier);
 Bf16Gemm bf16_gemm_from_name(const std::string& name);
