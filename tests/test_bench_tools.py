@@ -107,6 +107,22 @@ def test_time_cap_raises_after_two_slow_calls():
     assert len(calls) == 2
 
 
+def _options(out_dir, **overrides) -> suites.RunOptions:
+    """Quick CPU run options (fp32, 1 warm-up, 1 rep, B=1), with ``overrides``."""
+    fields = dict(
+        device="cpu",
+        dtype=torch.float32,
+        warmup=1,
+        reps=1,
+        time_cap_s=60,
+        mem_cap_bytes=1 << 40,
+        out_dir=out_dir,
+        quick=True,
+        batches=[1],
+    )
+    return suites.RunOptions(**{**fields, **overrides})
+
+
 def test_interleaved_timing_rotates_the_order_and_keeps_failures_apart():
     order = []
 
@@ -144,19 +160,7 @@ def test_interleaved_timing_caps_the_rounds_by_the_time_cap():
 
 
 def test_suite_interleaved_rows_say_so(tmp_path):
-    opts = suites.RunOptions(
-        device="cpu",
-        dtype=torch.float32,
-        warmup=1,
-        reps=2,
-        time_cap_s=10,
-        mem_cap_bytes=1 << 30,
-        out_dir=tmp_path,
-        quick=True,
-        batches=[1],
-        datasets=("ETTh1",),
-        interleave=True,
-    )
+    opts = _options(tmp_path, reps=2, mem_cap_bytes=1 << 30, datasets=("ETTh1",), interleave=True)
     chosen = [providers.PROVIDERS["casa-reference"], providers.PROVIDERS["full-einsum"]]
     rows = suites.run_suite("attention", chosen, opts, progress=False)
     assert [r["provider"] for r in rows] == ["casa-reference", "full-einsum"]
@@ -172,17 +176,7 @@ def test_percentile_interpolates():
 
 
 def test_provider_over_mem_cap_is_oom_and_stops_growing(tmp_path):
-    opts = suites.RunOptions(
-        device="cpu",
-        dtype=torch.float32,
-        warmup=1,
-        reps=1,
-        time_cap_s=60,
-        mem_cap_bytes=1 << 20,
-        out_dir=tmp_path,
-        quick=True,
-        batches=[1],
-    )
+    opts = _options(tmp_path, mem_cap_bytes=1 << 20)
     einsum = providers.PROVIDERS["full-einsum"]
     big = providers.Point("scaling", "n", 1, 4096, 512)
     (row,) = suites.measure_points([einsum], "N=4096", big, opts)
@@ -227,17 +221,7 @@ def test_a_provider_stops_growing_after_oom_while_others_go_on(tmp_path, monkeyp
         lambda d, t: None,
         lambda p, t: 0,
     )
-    opts = suites.RunOptions(
-        device="cpu",
-        dtype=torch.float32,
-        warmup=1,
-        reps=1,
-        time_cap_s=60,
-        mem_cap_bytes=1 << 40,
-        out_dir=tmp_path,
-        quick=True,
-        batches=[1],
-    )
+    opts = _options(tmp_path)
     rows = suites.run_suite("scaling", [fake, fine], opts, progress=False)
     n_rows = {(r["provider"], r["n_vars"]): r for r in rows if r["sweep"] == "n"}
     assert n_rows[("full-fake", 32)]["status"] == "ok"
