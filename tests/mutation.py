@@ -26,6 +26,55 @@ CPU_TESTS = ("tests/ops/test_cpu.py", "tests/ops/test_production.py", "tests/ops
 EMULATION_TESTS = ("tests/ops/test_cuda_emulation.py",)
 
 
+# The stats write of the tail's kStats launch and the merge of the kOutput launch.
+TAIL_MERGE = """\
+      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =
+          make_float2(col_max[col], col_sum[col]);
+    }
+    return;
+  }
+  if constexpr (kPhase == TailPhase::kOutput) {
+    // Combine the splits: max over splits, sums rescaled to it. A split with no finite
+    // score has (-inf, 0) and contributes nothing; NaN propagates.
+    if (owns_column) {
+      const int o = 2 * (u0 + col) + r;
+      float m_all = -INFINITY;
+      for (int t = 0; t < splits; ++t)
+        m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
+      float sum = 0.f;
+      for (int t = 0; t < splits; ++t) {
+        const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
+        if (st.x != -INFINITY) sum += st.y * expf(st.x - m_all);
+      }
+      col_max[col] = m_all;
+      col_sum[col] = sum;
+    }
+  }
+"""
+TAIL_MERGE_CHAINED = """\
+      const int o = 2 * (u0 + col) + r;
+      float m = col_max[col], sum = col_sum[col];
+      if (s > 0) {
+        const float2 prev = stats_b[static_cast<int64_t>(s - 1) * D + o];
+        const float m_all = max_nan(m, prev.x);
+        sum = (m != -INFINITY ? sum * expf(m - m_all) : 0.f) +
+              (prev.x != -INFINITY ? prev.y * expf(prev.x - m_all) : 0.f);
+        m = m_all;
+      }
+      stats_b[static_cast<int64_t>(s) * D + o] = make_float2(m, sum);
+    }
+    return;
+  }
+  if constexpr (kPhase == TailPhase::kOutput) {
+    if (owns_column) {
+      const float2 st = stats_b[static_cast<int64_t>(splits - 1) * D + 2 * (u0 + col) + r];
+      col_max[col] = st.x;
+      col_sum[col] = st.y;
+    }
+  }
+"""
+
+
 @dataclass(frozen=True)
 class Mutant:
     name: str
@@ -106,6 +155,25 @@ MUTANTS = [
         "csrc/cuda/score_attention_kernels.cu",
         "for (int t = 0; t < splits; ++t)\n        m_all = max_nan(",
         "for (int t = 1; t < splits; ++t)\n        m_all = max_nan(",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: tail stats written one column past the tile edge",
+        "csrc/cuda/score_attention_kernels.cu",
+        "if (owns_column) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
+        "if (col < kBN && u0 + col <= U) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        # Each stats block folds the previous split's (already folded) stats into its own,
+        # and the output launch reads the last split's: correct only if the blocks of
+        # split s - 1 ran before those of split s (a chained merge without launch boundaries).
+        "cuda: split merge chained through the stats launch (block order)",
+        "csrc/cuda/score_attention_kernels.cu",
+        TAIL_MERGE,
+        TAIL_MERGE_CHAINED,
         EMULATION_TESTS,
         (),
     ),
