@@ -6,6 +6,12 @@ restores the file (also on Ctrl-C or an error), then prints one line per mutant:
 (some test failed) or SURVIVED. It exits 1 if any mutant survived. ``--only NAME`` runs
 the mutants whose name contains NAME; ``--list`` prints them.
 
+Each mutant names the tests (files and a -k filter) that guard its code. CPU mutants
+rebuild the extension; CUDA mutants run the host emulation (tests/ops/test_cuda_emulation.py,
+which builds its own driver); Triton mutants change Python only (no rebuild) and run
+under ``TRITON_INTERPRET=1`` (their ``env``, unless the environment sets it), with
+filters narrow enough that the interpreter's slowness stays bounded.
+
 A mutant whose text is not found exactly once is reported ``stale``: the code moved, and
 the mutant must be rewritten (a stale mutant counts as a failure, not a kill).
 """
