@@ -6,6 +6,12 @@ restores the file (also on Ctrl-C or an error), then prints one line per mutant:
 (some test failed) or SURVIVED. It exits 1 if any mutant survived. ``--only NAME`` runs
 the mutants whose name contains NAME; ``--list`` prints them.
 
+Each mutant names the tests (files and a -k filter) that guard its code. CPU mutants
+rebuild the extension; CUDA mutants run the host emulation (tests/ops/test_cuda_emulation.py,
+which builds its own driver); Triton mutants change Python only (no rebuild) and run
+under ``TRITON_INTERPRET=1`` (their ``env``, unless the environment sets it), with
+filters narrow enough that the interpreter's slowness stays bounded.
+
 A mutant whose text is not found exactly once is reported ``stale``: the code moved, and
 the mutant must be rewritten (a stale mutant counts as a failure, not a kill).
 """
@@ -24,6 +30,61 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CPU_TESTS = ("tests/ops/test_cpu.py", "tests/ops/test_production.py", "tests/ops/test_stages.py")
 EMULATION_TESTS = ("tests/ops/test_cuda_emulation.py",)
+# The Triton kernels run under the interpreter (slow): each Triton mutant names the test
+# file and -k filter that guard its code, not the whole suite.
+TRITON = "casa_kernels/ops/triton_kernels.py"
+TRITON_TESTS = ("tests/ops/test_triton.py",)
+TRITON_PRODUCTION_TESTS = ("tests/ops/test_production.py",)
+TRITON_ENV = (("TRITON_INTERPRET", "1"),)
+
+
+# The stats write of the tail's kStats launch and the merge of the kOutput launch.
+TAIL_MERGE = """\
+      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =
+          make_float2(col_max[col], col_sum[col]);
+    }
+    return;
+  }
+  if constexpr (kPhase == TailPhase::kOutput) {
+    // Combine the splits: max over splits, sums rescaled to it. A split with no finite
+    // score has (-inf, 0) and contributes nothing; NaN propagates.
+    if (owns_column) {
+      const int o = 2 * (u0 + col) + r;
+      float m_all = -INFINITY;
+      for (int t = 0; t < splits; ++t)
+        m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
+      float sum = 0.f;
+      for (int t = 0; t < splits; ++t) {
+        const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
+        if (st.x != -INFINITY) sum += st.y * expf(st.x - m_all);
+      }
+      col_max[col] = m_all;
+      col_sum[col] = sum;
+    }
+  }
+"""
+TAIL_MERGE_CHAINED = """\
+      const int o = 2 * (u0 + col) + r;
+      float m = col_max[col], sum = col_sum[col];
+      if (s > 0) {
+        const float2 prev = stats_b[static_cast<int64_t>(s - 1) * D + o];
+        const float m_all = max_nan(m, prev.x);
+        sum = (m != -INFINITY ? sum * expf(m - m_all) : 0.f) +
+              (prev.x != -INFINITY ? prev.y * expf(prev.x - m_all) : 0.f);
+        m = m_all;
+      }
+      stats_b[static_cast<int64_t>(s) * D + o] = make_float2(m, sum);
+    }
+    return;
+  }
+  if constexpr (kPhase == TailPhase::kOutput) {
+    if (owns_column) {
+      const float2 st = stats_b[static_cast<int64_t>(splits - 1) * D + 2 * (u0 + col) + r];
+      col_max[col] = st.x;
+      col_sum[col] = st.y;
+    }
+  }
+"""
 
 
 @dataclass(frozen=True)
@@ -34,6 +95,7 @@ class Mutant:
     mutated: str
     tests: tuple[str, ...]
     pytest_args: tuple[str, ...] = ("-k", "not triton")
+    env: tuple[tuple[str, str], ...] = ()  # set for the test run (a given value wins)
 
 
 MUTANTS = [
@@ -109,6 +171,120 @@ MUTANTS = [
         EMULATION_TESTS,
         (),
     ),
+    Mutant(
+        "cuda: tail stats written one column past the tile edge",
+        "csrc/cuda/score_attention_kernels.cu",
+        "if (owns_column) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
+        "if (col < kBN && u0 + col <= U) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        # Each stats block folds the previous split's (already folded) stats into its own,
+        # and the output launch reads the last split's: correct only if the blocks of
+        # split s - 1 ran before those of split s (a chained merge without launch boundaries).
+        "cuda: split merge chained through the stats launch (block order)",
+        "csrc/cuda/score_attention_kernels.cu",
+        TAIL_MERGE,
+        TAIL_MERGE_CHAINED,
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "triton: softmax without its max shift",
+        TRITON,
+        "prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]",
+        "prob = tl.exp(score) / (col_sum * tl.exp(col_max))[None, :]",
+        TRITON_PRODUCTION_TESTS,
+        ("-k", "far_beyond and triton"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: stats merge ignores the first N tile's maximum",
+        TRITON,
+        "for t in range(0, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
+        "mask=o_mask, other=0.0)\n        col_max",
+        "for t in range(1, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
+        "mask=o_mask, other=0.0)\n        col_max",
+        TRITON_PRODUCTION_TESTS,
+        ("-k", "far_beyond and triton"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: padding rows of the last N tile counted in the softmax",
+        TRITON,
+        '    score = tl.where(n_mask[:, None], score, float("-inf"))\n',
+        "",
+        TRITON_TESTS,
+        ("-k", "tail_split_over_n"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: stride-2 conv reads one column past the row end",
+        TRITON,
+        "col_ok = t_mask & (cols >= 0) & (cols < LIN)",
+        "col_ok = t_mask & (cols >= 0) & (cols <= LIN)",
+        TRITON_TESTS,
+        ("-k", "casa_attention_fp32"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: value bias dropped",
+        TRITON,
+        "out = prob * (value + bv[None, :]) + xv",
+        "out = prob * value + xv",
+        TRITON_TESTS,
+        ("-k", "casa_attention_fp32"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: head partials summed with the [B, S] stride, not [S, B]",
+        TRITON,
+        "acc += tl.load(parts_ptr + (s * B + b) * size + offs",
+        "acc += tl.load(parts_ptr + (b * SPLITS + s) * size + offs",
+        TRITON_TESTS,
+        ("-k", "casa_attention_fp32 or head_split_over_n"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: GEMM accumulator rounded to the input dtype (fp16/bf16 accumulation)",
+        TRITON,
+        'return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")\n'
+        "    return tl.dot(a, b, acc, input_precision=PRECISION)",
+        'acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")\n'
+        "        return _round_to(acc, a.dtype, EMULATE_BF16).to(tl.float32)\n"
+        "    return tl.dot(a, b, acc, input_precision=PRECISION).to(a.dtype).to(tl.float32)",
+        TRITON_TESTS,
+        ("-k", "low_precision"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: ReLU that turns NaN into 0 (tl.maximum)",
+        TRITON,
+        "return tl.where(a < 0.0, 0.0, a)",
+        "return tl.maximum(a, 0.0)",
+        TRITON_TESTS,
+        ("-k", "nan_weight_pattern"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: transposed-conv taps outside the input multiplied (0 * w)",
+        TRITON,
+        "acc += tl.where(col_ok[None, :], part, 0.0)",
+        "acc += part",
+        TRITON_TESTS,
+        ("-k", "nan_weight_pattern"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: an all -inf tile column shifted by -inf",
+        TRITON,
+        'shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)',
+        "shift = tile_max",
+        TRITON_TESTS,
+        ("-k", "neg_inf"),
+        TRITON_ENV,
+    ),
 ]
 
 
@@ -142,6 +318,7 @@ def run_mutant(mutant: Mutant) -> str:
                 _rebuild()
             except RuntimeError:
                 return "killed (does not build)"
+        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in mutant.env}}
         result = subprocess.run(
             [
                 sys.executable,
@@ -155,6 +332,7 @@ def run_mutant(mutant: Mutant) -> str:
                 *mutant.tests,
             ],
             cwd=ROOT,
+            env=env,
             capture_output=True,
             text=True,
         )

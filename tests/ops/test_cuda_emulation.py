@@ -1,14 +1,20 @@
 """The CUDA kernels of csrc/cuda run on the host, against the reference — no GPU needed.
 
 The torch-free ``score_attention_kernels.cu`` is turned into host C++ by a small
-source transform (CUDA qualifiers dropped, ``__shared__`` → function statics,
-``<<<...>>>`` → ``emu_launch``) and built with ``cuda_emulation/shim.h``, which runs
-every CUDA thread of a block as a std::thread with a real barrier for
-``__syncthreads``. This checks the index math, masks, splits, the online softmax and
-the barriers of the real kernel code; a ThreadSanitizer build reports missing
-barriers. It does not check the tensor-core (wmma) path: without ``__CUDA_ARCH__``
-the kernels take their SIMT path for every dtype. Needs g++ (C++20) and the CUDA
-toolkit headers (cuda_fp16.h); skipped with the reason otherwise.
+source transform (CUDA qualifiers dropped, ``__shared__`` declarations → per-block
+shared memory from ``emu_shared``, ``<<<...>>>`` → ``emu_launch``) and built with
+``cuda_emulation/shim.h``, which runs every CUDA thread of a block as a std::thread
+with a real barrier for ``__syncthreads``. This checks the index math, masks, splits,
+the online softmax and the barriers of the real kernel code. Shared memory starts as
+NaN bytes in every block. Blocks run in a seeded pseudo-random order
+(``CASA_EMU_BLOCK_ORDER``: a seed, ``forward`` or ``reverse``; every failure names it,
+set it to reproduce), and one test asserts that the output bits do not depend on the
+order, which catches a block reading another block's output within one launch. A
+ThreadSanitizer build (blocks four at a time) reports missing barriers and races
+between blocks; an AddressSanitizer + UBSan build reports out-of-bounds accesses. It
+does not check the tensor-core (wmma) path: without ``__CUDA_ARCH__`` the kernels take
+their SIMT path for every dtype. Needs g++ (C++20) and the CUDA toolkit headers
+(cuda_fp16.h); skipped with the reason otherwise.
 """
 
 import glob
@@ -43,6 +49,33 @@ def _cuda_include_dir() -> str | None:
     return None
 
 
+def _shared_declaration(match: re.Match) -> str:
+    """``__shared__ [alignas(A)] T a[M], b[N];`` as per-block shared memory (shim.h's
+    emu_shared): ``static char a_key; auto& a = emu_shared<T[M], A>(&a_key); ...``."""
+    indent, align, declaration = match.group(1), match.group(2) or "0", match.group(3)
+    declarators, depth, start = [], 0, 0
+    for i, ch in enumerate(declaration):
+        depth += (ch in "<([") - (ch in ">)]")
+        if ch == "," and depth == 0:
+            declarators.append(declaration[start:i].strip())
+            start = i + 1
+    declarators.append(declaration[start:].strip())
+    first = re.fullmatch(r"(.*?)\s*\b(\w+)\s*((?:\[[^\]]*\])*)", declarators[0], re.S)
+    assert first and first.group(1), f"shared declaration not understood: {declaration}"
+    base, out = first.group(1), []
+    for i, declarator in enumerate(declarators):
+        name, dims = (
+            first.group(2, 3)
+            if i == 0
+            else re.fullmatch(r"(\w+)\s*((?:\[[^\]]*\])*)", declarator).groups()
+        )
+        out.append(
+            f"static char emu_key_{name}; "
+            f"auto& {name} = emu_shared<{base}{dims}, {align}>(&emu_key_{name});"
+        )
+    return indent + " ".join(out)
+
+
 def host_source(cu_source: str) -> str:
     """The .cu source as host C++ for shim.h (see the module docstring)."""
     s = cu_source.replace(
@@ -51,13 +84,15 @@ def host_source(cu_source: str) -> str:
     )
     s = s.replace("#include <cuda_runtime.h>", "").replace("#include <mma.h>", "")
     s = re.sub(r"__launch_bounds__\(\w+\)", "", s)
-    s = s.replace("__shared__ alignas(128)", "alignas(128) static")
+    s = re.sub(
+        r"^(\s*)__shared__\s+(?:alignas\((\w+)\)\s+)?([^;]*);", _shared_declaration, s, flags=re.M
+    )
+    assert not re.search(r"^[^/]*\b__shared__", s, re.M), "a __shared__ the transform does not know"
     for cuda, host in [
         ("__global__", ""),
         ("__device__", ""),
         ("__host__", ""),
         ("__forceinline__", "inline"),
-        ("__shared__", "static"),
     ]:
         s = s.replace(cuda, host)
     # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args)
@@ -71,7 +106,25 @@ def host_source(cu_source: str) -> str:
     return s
 
 
-def _build(out_dir, sanitize: bool) -> str:
+# The sanitizer builds: ThreadSanitizer, and AddressSanitizer with UBSan. Each stops the
+# driver at the first report (see run_emulated's environment).
+SANITIZERS = {
+    None: [],
+    "thread": ["-fsanitize=thread"],
+    "address": [
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=undefined",
+        "-fno-omit-frame-pointer",
+    ],
+}
+SANITIZER_ENV = {
+    "TSAN_OPTIONS": "halt_on_error=1 exitcode=66",
+    "ASAN_OPTIONS": "halt_on_error=1 detect_leaks=0 exitcode=66",
+    "UBSAN_OPTIONS": "halt_on_error=1 print_stacktrace=1",
+}
+
+
+def _build(out_dir, sanitize: str | None = None) -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler (g++ or $CXX) to build the host emulation")
@@ -80,9 +133,10 @@ def _build(out_dir, sanitize: bool) -> str:
         pytest.skip("CUDA toolkit headers (cuda_fp16.h) not found: set CUDA_HOME")
     with open(KERNELS) as f:
         (out_dir / "kernels_host.cpp").write_text(host_source(f.read()))
-    exe = str(out_dir / ("driver_tsan" if sanitize else "driver"))
+    exe = str(out_dir / f"driver_{sanitize or 'plain'}")
     cmd = [
         cxx,
+        *SANITIZERS[sanitize],
         "-std=c++20",
         "-O1",
         "-g",
@@ -99,20 +153,32 @@ def _build(out_dir, sanitize: bool) -> str:
         "-o",
         exe,
     ]
-    if sanitize:
-        cmd.insert(1, "-fsanitize=thread")
     result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 and sanitize and "sanitize" in result.stderr:
+        pytest.skip(f"the compiler cannot build with -fsanitize={sanitize}: {result.stderr[-500:]}")
     assert result.returncode == 0, result.stderr[-4000:]
     return exe
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("cuda_emulation"), sanitize=False)
+    return _build(tmp_path_factory.mktemp("cuda_emulation"))
 
 
-def run_emulated(exe, x, weights, sm_count, work_dir, env=None):
-    """y from the emulated launcher for ``x``/``weights`` (any float dtype), and its plan line."""
+# The block order of every run (shim.h): CASA_EMU_BLOCK_ORDER from the environment
+# ("forward", "reverse" or a seed), seed 1 by default. Every failure message names it;
+# rerun with CASA_EMU_BLOCK_ORDER=<it> to reproduce.
+DEFAULT_ORDER = os.environ.get("CASA_EMU_BLOCK_ORDER", "1")
+
+
+def _head_and_tail(text: str, n: int = 3000) -> str:
+    return text if len(text) <= 2 * n else f"{text[:n]}\n[...]\n{text[-n:]}"
+
+
+def run_emulated(exe, x, weights, sm_count, work_dir, env=None, order=None, concurrent=1):
+    """y from the emulated launcher for ``x``/``weights`` (any float dtype), and its log
+    (block order and plan). ``order``: CASA_EMU_BLOCK_ORDER (default DEFAULT_ORDER);
+    ``concurrent``: blocks run at a time."""
     values = np.concatenate([t.detach().float().numpy().ravel() for t in (x, *weights)])
     inp, out = work_dir / "in.bin", work_dir / "out.bin"
     values.astype(np.float32).tofile(inp)
@@ -124,8 +190,18 @@ def run_emulated(exe, x, weights, sm_count, work_dir, env=None):
         str(inp),
         str(out),
     ]
+    order = str(order if order is not None else DEFAULT_ORDER)
+    env = {
+        **(env or os.environ),
+        **SANITIZER_ENV,
+        "CASA_EMU_BLOCK_ORDER": order,
+        "CASA_EMU_CONCURRENT_BLOCKS": str(concurrent),
+    }
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, (
+        f"CASA_EMU_BLOCK_ORDER={order} CASA_EMU_CONCURRENT_BLOCKS={concurrent} {args}: "
+        f"exit {result.returncode}\n{_head_and_tail(result.stderr)}"
+    )
     y = np.fromfile(out, dtype=np.float32).reshape(x.shape)
     return torch.from_numpy(y).to(x.dtype), result.stderr
 
@@ -162,6 +238,24 @@ def test_emulation_splits_n(driver, tmp_path):
     assert head > 1 and tail > 1, log
 
 
+# Split N in the head and the tail, several tiles per launch, ragged tile edges.
+ORDER_CASES = [(2, 300, 16, 5, 132), (2, 333, 136, 3, 132)]
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "B{}-N{}-D{}-k{}-sm{}".format(*c))
+def test_emulated_kernels_do_not_depend_on_block_order(driver, tmp_path, case):
+    # Every output element is computed by one block, and every reduction in a fixed
+    # order, so any block order gives the same bits; a block that reads another's output
+    # within one launch (a merge without its launch boundary) does not.
+    *shape, sm_count = case
+    x, w = make_problem(*shape, dtype=torch.float32, seed=3)
+    first, first_log = run_emulated(driver, x, w, sm_count, tmp_path, order="forward")
+    assert compare(first, x, w).passed, first_log
+    for order in ["reverse", 2, 3, 4]:
+        y, log = run_emulated(driver, x, w, sm_count, tmp_path, order=order)
+        assert torch.equal(y, first), f"block order {order} differs from forward: {log}"
+
+
 @pytest.mark.parametrize(
     "shape, verdict",
     [
@@ -179,20 +273,32 @@ def test_shape_limits_of_the_kernels(driver, shape, verdict):
     assert verdict in result.stdout, result.stdout
 
 
-def test_emulated_kernels_have_no_block_races(tmp_path):
-    # ThreadSanitizer over the block's threads: a missing __syncthreads is a data race.
-    try:
-        exe = _build(tmp_path, sanitize=True)
-    except AssertionError as exc:
-        if "sanitize" in str(exc) or "tsan" in str(exc).lower():
-            pytest.skip(f"the compiler cannot build with -fsanitize=thread: {exc}")
-        raise
-    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"}
+def test_emulated_kernels_have_no_data_races(tmp_path):
+    # ThreadSanitizer over the block's threads: a missing __syncthreads is a data race;
+    # with blocks running four at a time, so is a race between blocks.
+    exe = _build(tmp_path, sanitize="thread")
     for dtype, shape in [(torch.float32, (1, 300, 8, 3)), (torch.bfloat16, (2, 70, 16, 1))]:
         x, w = make_problem(*shape, dtype=dtype)
-        y, log = run_emulated(exe, x, w, 132, tmp_path, env=env)
+        y, log = run_emulated(exe, x, w, 132, tmp_path, concurrent=4)
         assert "ThreadSanitizer" not in log, log
         assert compare(y, x, w).passed
+
+
+def test_emulated_kernels_stay_in_bounds(tmp_path):
+    # AddressSanitizer + UBSan: an access past any tensor, the workspace or a shared
+    # array (one column past a tile edge, say) stops the driver with ASan's report.
+    # Ragged tiles (D/2 not a multiple of the tile), split N and B > 1, so the last
+    # block's last column is at the end of y and of the stats workspace.
+    exe = _build(tmp_path, sanitize="address")
+    for dtype, shape, sm_count in [
+        (torch.float32, (2, 300, 16, 5), 132),
+        (torch.bfloat16, (2, 200, 24, 3), 132),
+        (torch.float16, (3, 5, 8, 7), 1),
+    ]:
+        x, w = make_problem(*shape, dtype=dtype)
+        y, log = run_emulated(exe, x, w, sm_count, tmp_path, concurrent=2)
+        assert "Sanitizer" not in log and "runtime error" not in log, log
+        assert compare(y, x, w).passed, log
 
 
 @pytest.mark.parametrize(

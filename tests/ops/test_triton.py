@@ -143,6 +143,18 @@ def test_low_precision(shape, dtype):
     assert_close_to_reference(y, x, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_head_accumulates_in_fp32(dtype):
+    # fp16/bf16 operands, fp32 accumulation: each product is exact in fp32, so the head's
+    # sum over N·k of them stays within fp32 rounding of the float64 sum. An accumulator
+    # rounded to the input dtype between steps is off by ~1e-3 relative; the end-to-end
+    # rule (twice torch's own low-precision error) cannot see that through the softmax.
+    x, w = _problem((2, 300, 32, 3), dtype=dtype, seed=21)
+    got = tk.head_partial(x, w.enc0_weight)
+    want = ref_stages.head_partial(x.double(), w.enc0_weight.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not CUDA, reason="TF32 dots need a CUDA device (tensor cores)")
 def test_fp32_with_tf32_allowed_stays_close():
     x, w = _problem((2, 64, 64, 3), seed=5)
@@ -441,6 +453,19 @@ def test_all_neg_inf_column():
     _assert_same_non_finite_pattern(
         triton_score_attention(x, w, block_n=16), reference.score_attention(x, w)
     )
+
+
+@non_finite
+def test_neg_inf_scores_over_a_whole_n_tile_add_nothing():
+    # One column's scores are -inf over a whole N tile and finite elsewhere: that tile's
+    # sum is 0 (its shift taken as 0, not -inf: exp(-inf - (-inf)) is NaN), so the merged
+    # statistics are those of the other tiles.
+    x, w = _problem((1, 40, 16, 3), seed=20)
+    h5 = ref_stages.bottleneck(ref_stages.head_partial(x, w.enc0_weight), w)
+    x[0, :16, 5] = float("-inf")
+    col_max, col_sum = tk.tail_stats(x, h5, w.dec2_weight, w.dec2_bias, block_n=16)
+    ref_max, ref_sum = ref_stages.tail_stats(x, h5, w.dec2_weight, w.dec2_bias)
+    torch.testing.assert_close(col_sum * torch.exp(col_max - ref_max), ref_sum)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 //   driver DTYPE B N D K SM_COUNT IN OUT
 // DTYPE: 0 float32, 1 float16, 2 bfloat16. IN: float32 values of x [B, N, D] and then
 // the 14 parameters in schema order, each flattened, converted to DTYPE here. OUT:
-// y [B, N, D] as float32. Prints the plan (head/tail splits) on stderr.
+// y [B, N, D] as float32. Prints the block order (see shim.h: CASA_EMU_BLOCK_ORDER,
+// CASA_EMU_CONCURRENT_BLOCKS) and the plan (head/tail splits) on stderr.
 //
 //   driver limits B N D K
 // Prints "supported", or the reason problem_supported gives (what the Python cuda
@@ -68,6 +69,7 @@ int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const 
   params.y = y.data();
   std::vector<float> workspace(casa::gpu::workspace_floats(p, params.plan), NAN);
   params.workspace = workspace.data();
+  std::fprintf(stderr, "%s\n", emu_describe_order().c_str());
   std::fprintf(stderr, "plan: head_splits=%d tail_splits=%d\n", params.plan.head_splits,
                params.plan.tail_splits);
   if (casa::gpu::launch_fused_score_attention(params, nullptr) != cudaSuccess) return 3;
