@@ -43,11 +43,28 @@ def _cuda_include_dir() -> str | None:
     return None
 
 
+def _cutlass_include_dir() -> str | None:
+    """CUTLASS/CuTe headers: $CUTLASS_PATH(/include), else the nvidia-cutlass wheel's copy."""
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots += [os.path.join(os.environ["CUTLASS_PATH"], "include"), os.environ["CUTLASS_PATH"]]
+    try:
+        import cutlass_library
+
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    for path in roots:
+        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+            return path
+    return None
+
+
 def host_source(cu_source: str) -> str:
     """The .cu source as host C++ for shim.h (see the module docstring)."""
     s = cu_source.replace(
         '#include "score_attention_kernels.h"',
-        '#include "shim.h"\n#include "score_attention_kernels.h"',
+        '#include "shim.h"\n#include "shim_cute.h"\n#include "score_attention_kernels.h"',
     )
     s = s.replace("#include <cuda_runtime.h>", "").replace("#include <mma.h>", "")
     s = re.sub(r"__launch_bounds__\(\w+\)", "", s)
@@ -60,10 +77,17 @@ def host_source(cu_source: str) -> str:
         ("__shared__", "static"),
     ]:
         s = s.replace(cuda, host)
-    # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args)
+    # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args);
+    # with dynamic shared memory (smem not 0) -> emu_launch_smem(name<targs>, grid, block, smem, args)
+    def launch(m: re.Match) -> str:
+        kernel, grid, block, smem = m.groups()
+        if smem == "0":
+            return f"emu_launch({kernel}, {grid}, {block}, "
+        return f"emu_launch_smem({kernel}, {grid}, {block}, {smem}, "
+
     s = re.sub(
-        r"([A-Za-z_][\w:]*<[^<>;]*>)\s*<<<(.*?),\s*(\w+),\s*0,\s*stream>>>\(",
-        r"emu_launch(\1, \2, \3, ",
+        r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?),\s*(\w+),\s*(\w+),\s*stream>>>\(",
+        launch,
         s,
         flags=re.S,
     )
@@ -78,6 +102,12 @@ def _build(out_dir, sanitize: bool) -> str:
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("CUDA toolkit headers (cuda_fp16.h) not found: set CUDA_HOME")
+    cutlass = _cutlass_include_dir()
+    if cutlass is None:
+        pytest.skip(
+            "CUTLASS/CuTe headers not found: pip install --no-deps nvidia-cutlass==4.2.0.0 "
+            "or set CUTLASS_PATH"
+        )
     with open(KERNELS) as f:
         (out_dir / "kernels_host.cpp").write_text(host_source(f.read()))
     exe = str(out_dir / ("driver_tsan" if sanitize else "driver"))
@@ -95,10 +125,15 @@ def _build(out_dir, sanitize: bool) -> str:
         EMULATION,
         "-I",
         include,
+        "-isystem",
+        cutlass,
         os.path.join(EMULATION, "driver.cpp"),
         "-o",
         exe,
     ]
+    if os.path.isdir(os.path.join(include, "cccl")):
+        # CUDA 13 keeps libcu++ (cuda/std/..., which CUTLASS includes) under include/cccl.
+        cmd[-3:-3] = ["-isystem", os.path.join(include, "cccl")]
     if sanitize:
         cmd.insert(1, "-fsanitize=thread")
     result = subprocess.run(cmd, capture_output=True, text=True)
