@@ -104,8 +104,8 @@ MUTANTS = [
     Mutant(
         "cuda: split merge ignores one split's maximum",
         "csrc/cuda/score_attention_kernels.cu",
-        "for (int t = 0; t < splits; ++t)\n        m_all = max_nan(",
-        "for (int t = 1; t < splits; ++t)\n        m_all = max_nan(",
+        "for (int t = 0; t < tiles; ++t) m_all = max_nan(",
+        "for (int t = 1; t < tiles; ++t) m_all = max_nan(",
         EMULATION_TESTS,
         (),
     ),

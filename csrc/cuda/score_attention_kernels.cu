@@ -45,11 +45,11 @@
 // CuTe: the tensor algebra first (the atom headers expect it), then the atoms.
 #include <cute/tensor.hpp>
 
+#include <cutlass/numeric_types.h>
 #include <cute/atom/copy_atom.hpp>
 #include <cute/atom/copy_traits_sm80.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
-#include <cutlass/numeric_types.h>
 
 #ifndef CASA_CUDA_EMULATION
 // The kernel's dynamic shared memory (the emulation defines its own).
@@ -110,9 +110,9 @@ using namespace cute;
 // Tiles
 // ---------------------------------------------------------------------------------
 
-constexpr int kTailThreads = 256;  // 8 warps, 4 x 2 over the tile
-constexpr int kTailRows = 128;     // variates per tail CTA (BLOCK_N)
-constexpr int kTailCols = 128;     // contiguous output columns per tail CTA (BLOCK_D)
+constexpr int kTailThreads = 256;       // 8 warps, 4 x 2 over the tile
+constexpr int kTailRows = 128;          // variates per tail CTA (BLOCK_N)
+constexpr int kTailCols = 128;          // contiguous output columns per tail CTA (BLOCK_D)
 constexpr int kTailLd = kTailCols + 4;  // fp32 row stride of the score/probability tile
 constexpr int kValueStages = 3;         // cp.async pipeline depth of the value projection
 constexpr int kHeadThreads = 256;       // head: 128 (channels) x 128 (positions) tiles
@@ -279,10 +279,9 @@ __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_row
   Tensor sB = make_tensor(make_smem_ptr(smem + cosize(operand_layout<T, kBM, kStages>())),
                           operand_layout<T, kBN, kStages>());
   // Threads as (kThreads/4) rows x 4 vectors: a warp copies 8 rows of 64 contiguous bytes.
-  auto copier =
-      make_tiled_copy(Copy_Atom<StreamCopyOp, T>{},
-                      Layout<Shape<Int<kThreads / 4>, _4>, Stride<_4, _1>>{},
-                      Layout<Shape<_1, Int<kVec>>>{});
+  auto copier = make_tiled_copy(Copy_Atom<StreamCopyOp, T>{},
+                                Layout<Shape<Int<kThreads / 4>, _4>, Stride<_4, _1>>{},
+                                Layout<Shape<_1, Int<kVec>>>{});
   auto thr_copy = copier.get_slice(threadIdx.x);
   auto load = [&](const T* src, int rows, auto& s_tile, int k0, int stage, auto rows_tag) {
     constexpr int kRows = decltype(rows_tag)::value;
@@ -404,8 +403,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 template <typename T>
 __global__ void __launch_bounds__(kConvThreads)
     conv_s2_relu_kernel(const T* __restrict__ in, const T* __restrict__ w,
-                        const T* __restrict__ bias, T* __restrict__ out, int Cin, int Lin,
-                        int Cout, int k) {
+                        const T* __restrict__ bias, T* __restrict__ out, int Cin, int Lin, int Cout,
+                        int k) {
   CASA_DYNAMIC_SMEM(smem);
   const int Lout = Lin / 2, p = k / 2;
   const int tiles_t = ceil_div_int(Lout, kConvCols), tiles_c = ceil_div_int(Cout, kConvRows);
@@ -446,8 +445,8 @@ __global__ void __launch_bounds__(kConvThreads)
 template <typename T>
 __global__ void __launch_bounds__(kConvThreads)
     conv_transpose_s2_relu_kernel(const T* __restrict__ in, const T* __restrict__ w,
-                                  const T* __restrict__ bias, T* __restrict__ out, int Cin,
-                                  int Lin, int Cout, int k) {
+                                  const T* __restrict__ bias, T* __restrict__ out, int Cin, int Lin,
+                                  int Cout, int k) {
   CASA_DYNAMIC_SMEM(smem);
   const int Lout = 2 * Lin;
   const int tiles_u = ceil_div_int(Lin, kConvCols), tiles_c = ceil_div_int(Cout, kConvRows);
@@ -468,8 +467,7 @@ __global__ void __launch_bounds__(kConvThreads)
   };
   auto load_b = [&](int col, int g) -> T {
     const int u = u0 + col, ci = g / taps.count, pos = u + taps.shift(g % taps.count);
-    return (u < Lin && pos >= 0 && pos < Lin) ? in_b[static_cast<int64_t>(ci) * Lin + pos]
-                                              : T(0.f);
+    return (u < Lin && pos >= 0 && pos < Lin) ? in_b[static_cast<int64_t>(ci) * Lin + pos] : T(0.f);
   };
   auto mma = make_block_mma<T, 2, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
@@ -537,7 +535,8 @@ __device__ inline TailTile tail_tile(int N, int D, int n_tiles) {
 }
 
 // P[m][o] <- finish(m, o, S[n0 + m, o0 + o]) for m < rows, o < cols, where
-//   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ o+p (mod 2)} w2[c, n, j] · h5[b, c, o/2 + (o%2 + p - j)/2])
+//   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ o+p (mod 2)} w2[c, n, j] · h5[b, c, o/2 + (o%2 + p -
+//   j)/2])
 //             + x[b, n, o],
 // the last transposed conv as one gathered GEMM per output parity (kTailRows x
 // kTailCols/2, K = C1 · taps(r)) whose raw sums land in P's even or odd columns, then one
@@ -615,8 +614,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     const int64_t b = i / D, o = i % D;
     const float2* st = stats + b * tiles * D + o;
     float m_all = -INFINITY;
-    for (int t = 0; t < tiles; ++t)
-      m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
+    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
     float sum = 0.f;
     for (int t = 0; t < tiles; ++t) {
       const float2 s = st[static_cast<int64_t>(t) * D];
@@ -641,16 +639,14 @@ __global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads)
     col[o] = a.merged[static_cast<int64_t>(t.b) * D + t.o0 + o];
   __syncthreads();
-  tail_scores(a, t, P, ops,
-              [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
+  tail_scores(a, t, P, ops, [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
 
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   T* y_b = a.y + static_cast<int64_t>(t.b) * N * D;
   auto mma = make_block_mma<T, 4, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols>{}));
   clear(acc);
-  stream_gemm<T, kTailRows, kTailCols, kValueStages>(mma, acc,
-                                                     x_b + static_cast<int64_t>(t.n0) * D,
+  stream_gemm<T, kTailRows, kTailCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
                                                      t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
                                                      t.cols, D, ops);
   for_each_acc<kTailRows, kTailCols>(mma, acc, [&](int m, int o, float v) {
@@ -722,13 +718,12 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     if ((err = allow_smem(head_kernel<T>, smem)) != cudaSuccess) return err;
     const int blocks =
         ceil_div_int(D / 2, kHeadCols) * ceil_div_int(C1, kHeadRows) * head_splits * B;
-    head_kernel<T><<<blocks, kHeadThreads, smem, stream>>>(x, w(kEnc0Weight), partial, B, N, D, k,
-                                                           head_splits,
-                                                           chunk_rows(N, head_splits, 1));
+    head_kernel<T><<<blocks, kHeadThreads, smem, stream>>>(
+        x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
     const int reduce_blocks =
         static_cast<int>(std::min<int64_t>((act + kReduceThreads - 1) / kReduceThreads, 65536));
-    head_reduce_kernel<T><<<reduce_blocks, kReduceThreads, 0, stream>>>(
-        partial, w(kEnc0Bias), h[0], B, C1, D / 2, head_splits);
+    head_reduce_kernel<T><<<reduce_blocks, kReduceThreads, 0, stream>>>(partial, w(kEnc0Bias), h[0],
+                                                                        B, C1, D / 2, head_splits);
   }
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
@@ -751,17 +746,17 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   }
   // 3. tail: row-tile stats, their merge, output
   {
-    const TailArgs<T> args{x,     h[4],   w(kDec2Weight), w(kDec2Bias), w(kValueWeight),
-                           w(kValueBias), y, stats, merged, N, D, k, n_tiles};
+    const TailArgs<T> args{
+        x, h[4], w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, merged, N,
+        D, k,    n_tiles};
     constexpr int stats_smem = tail_smem_bytes<T>(false);
     constexpr int output_smem = tail_smem_bytes<T>(true);
     if ((err = allow_smem(tail_stats_kernel<T>, stats_smem)) != cudaSuccess) return err;
     if ((err = allow_smem(tail_output_kernel<T>, output_smem)) != cudaSuccess) return err;
     const int blocks = ceil_div_int(D, kTailCols) * n_tiles * B;
     tail_stats_kernel<T><<<blocks, kTailThreads, stats_smem, stream>>>(args);
-    const int merge_blocks = static_cast<int>(
-        std::min<int64_t>((static_cast<int64_t>(B) * D + kReduceThreads - 1) / kReduceThreads,
-                          65536));
+    const int merge_blocks = static_cast<int>(std::min<int64_t>(
+        (static_cast<int64_t>(B) * D + kReduceThreads - 1) / kReduceThreads, 65536));
     tail_merge_kernel<<<merge_blocks, kReduceThreads, 0, stream>>>(stats, merged, B, D, n_tiles);
     tail_output_kernel<T><<<blocks, kTailThreads, output_smem, stream>>>(args);
   }

@@ -77,6 +77,7 @@ def host_source(cu_source: str) -> str:
         ("__shared__", "static"),
     ]:
         s = s.replace(cuda, host)
+
     # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args);
     # with dynamic shared memory (smem not 0) -> emu_launch_smem(name<targs>, grid, block, smem, args)
     def launch(m: re.Match) -> str:
