@@ -1,6 +1,11 @@
 // CUDA implementation of casa::fused_score_attention: the torch side of the kernels
 // in score_attention_kernels.cu (docs/design.md §5, §6).
 //
+// dec2_weight [C1, N, k] may come contiguous or as the view permute(2, 0, 1) of a
+// contiguous [N, k, C1] tensor: the layout the tail's score GEMM reads coalesced, which
+// the cuda backend (casa_kernels/ops/cuda.py) prepares once per weight version through the
+// weight cache. Any other layout is made contiguous here.
+//
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
 // y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
 // nothing of size [B, N, D]) and enqueues every stage on the
@@ -36,7 +41,7 @@ gpu::DType kernel_dtype(at::ScalarType t) {
 }
 
 at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
-  const Sizes s = check_args(x, w);
+  const Sizes s = check_args(x, w, /*dec2_any_layout=*/true);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
   if (s.batch == 0) return at::empty_like(x);
   const gpu::DType dtype = kernel_dtype(x.scalar_type());
@@ -61,6 +66,11 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   params.plan = plan;
   params.x = x.data_ptr();
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
+  const at::Tensor& dec2 = w[kDec2Weight];
+  params.dec2_packed = !dec2.is_contiguous() && dec2.permute({1, 2, 0}).is_contiguous();
+  const at::Tensor dec2_natural =
+      params.dec2_packed || dec2.is_contiguous() ? dec2 : dec2.contiguous();
+  params.weights[kDec2Weight] = dec2_natural.data_ptr();
   params.y = y.data_ptr();
   params.workspace = workspace.data_ptr<float>();
   C10_CUDA_CHECK(

@@ -224,13 +224,12 @@ __device__ inline void for_each_acc(TiledMma const& mma, Acc const& acc, F&& f) 
 
 // acc += Σ_{g < K} A(m, g) · B(n, g) over the kBM x kBN tile, A(m, g) = load_a(m, g) and
 // B(n, g) = load_b(n, g) (T, zero outside the problem). The loaders are called with the
-// K index fastest across threads when kAKFast/kBKFast (operands contiguous in K), else
+// K index fastest across threads when a_k_fast/b_k_fast (operands contiguous in K), else
 // the row index. `smem`: operand_bytes<T>(kBM, kBN, 2) bytes. Synchronises the block
 // after its last use of `smem` (so the caller may reuse it); reads nothing else shared.
-template <typename T, int kBM, int kBN, bool kAKFast, bool kBKFast, class TiledMma, class Acc,
-          class LoadA, class LoadB>
+template <typename T, int kBM, int kBN, class TiledMma, class Acc, class LoadA, class LoadB>
 __device__ void gather_gemm(TiledMma const& mma, Acc& acc, int K, const LoadA& load_a,
-                            const LoadB& load_b, T* smem) {
+                            bool a_k_fast, const LoadB& load_b, bool b_k_fast, T* smem) {
   constexpr int kBK = Tiling<T>::kBK;
   constexpr int kThreads = decltype(size(mma))::value;
   Tensor sA = make_tensor(make_smem_ptr(smem), operand_layout<T, kBM, 2>());
@@ -238,11 +237,11 @@ __device__ void gather_gemm(TiledMma const& mma, Acc& acc, int K, const LoadA& l
                           operand_layout<T, kBN, 2>());
   auto fill = [&](int k0, int stage) {
     for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
-      const int m = kAKFast ? e / kBK : e % kBM, kk = kAKFast ? e % kBK : e / kBM;
+      const int m = a_k_fast ? e / kBK : e % kBM, kk = a_k_fast ? e % kBK : e / kBM;
       sA(m, kk, stage) = k0 + kk < K ? load_a(m, k0 + kk) : T(0.f);
     }
     for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
-      const int n = kBKFast ? e / kBK : e % kBN, kk = kBKFast ? e % kBK : e / kBN;
+      const int n = b_k_fast ? e / kBK : e % kBN, kk = b_k_fast ? e % kBK : e / kBN;
       sB(n, kk, stage) = k0 + kk < K ? load_b(n, k0 + kk) : T(0.f);
     }
   };
@@ -369,8 +368,8 @@ __global__ void __launch_bounds__(kHeadThreads)
   auto mma = make_block_mma<T, 4, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kHeadRows>{}, Int<kHeadCols>{}));
   clear(acc);
-  gather_gemm<T, kHeadRows, kHeadCols, true, false>(mma, acc, K, load_a, load_b,
-                                                    reinterpret_cast<T*>(smem));
+  gather_gemm<T, kHeadRows, kHeadCols>(mma, acc, K, load_a, true, load_b, false,
+                                       reinterpret_cast<T*>(smem));
 
   float* out = partial + (static_cast<int64_t>(s) * B + b) * C1 * L1;
   for_each_acc<kHeadRows, kHeadCols>(mma, acc, [&](int m, int col, float v) {
@@ -428,8 +427,8 @@ __global__ void __launch_bounds__(kConvThreads)
   auto mma = make_block_mma<T, 2, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
   clear(acc);
-  gather_gemm<T, kConvRows, kConvCols, true, false>(mma, acc, Cin * k, load_a, load_b,
-                                                    reinterpret_cast<T*>(smem));
+  gather_gemm<T, kConvRows, kConvCols>(mma, acc, Cin * k, load_a, true, load_b, false,
+                                       reinterpret_cast<T*>(smem));
 
   T* out_b = out + static_cast<int64_t>(b) * Cout * Lout;
   for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
@@ -472,8 +471,8 @@ __global__ void __launch_bounds__(kConvThreads)
   auto mma = make_block_mma<T, 2, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
   clear(acc);
-  gather_gemm<T, kConvRows, kConvCols, false, false>(mma, acc, Cin * taps.count, load_a, load_b,
-                                                     reinterpret_cast<T*>(smem));
+  gather_gemm<T, kConvRows, kConvCols>(mma, acc, Cin * taps.count, load_a, false, load_b, false,
+                                       reinterpret_cast<T*>(smem));
 
   T* out_b = out + static_cast<int64_t>(b) * Cout * Lout;
   for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
@@ -487,9 +486,10 @@ __global__ void __launch_bounds__(kConvThreads)
 // Stage 3: tail, split over N (stats, merge, output)
 // ---------------------------------------------------------------------------------
 
-// Arguments of the tail kernels. h5: [B, D/4, D/2] (relu(dec1) output, T); w2: [D/4, N, k];
-// b2: [N]; wv: [D, D]; bv: [D]; stats: [B, n_tiles, D] (max, Σexp) per row tile;
-// merged: [B, D] (max, 1/Σexp) over all rows.
+// Arguments of the tail kernels. h5: [B, D/4, D/2] (relu(dec1) output, T); w2: the dec2
+// weight, element (c, n, j) at c · w2_sc + n · w2_sn + j · w2_sj ([C1, N, k] contiguous, or
+// packed as [N, k, C1], then w2_packed); b2: [N]; wv: [D, D]; bv: [D]; stats:
+// [B, n_tiles, D] (max, Σexp) per row tile; merged: [B, D] (max, 1/Σexp) over all rows.
 template <typename T>
 struct TailArgs {
   const T* x;
@@ -502,6 +502,8 @@ struct TailArgs {
   float2* stats;
   float2* merged;
   int N, D, k, n_tiles;
+  int64_t w2_sc, w2_sn, w2_sj;
+  bool w2_packed;
 };
 
 // Shared memory of the tail kernels: the fp32 tile P [kTailRows][kTailLd], the column
@@ -539,7 +541,8 @@ __device__ inline TailTile tail_tile(int N, int D, int n_tiles) {
 //   j)/2])
 //             + x[b, n, o],
 // the last transposed conv as one gathered GEMM per output parity (kTailRows x
-// kTailCols/2, K = C1 · taps(r)) whose raw sums land in P's even or odd columns, then one
+// kTailCols/2, K = taps(r) · C1, channels fastest) whose raw sums land in P's even or odd
+// columns (the packed w2 is then read coalesced, K fastest across threads), then one
 // row-major pass (coalesced x reads) adding bias, sigmoid and skip. Ends with a barrier.
 template <typename T, class Finish>
 __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T* ops,
@@ -551,17 +554,17 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
   for (int r = 0; r < 2; ++r) {
     const ParityTaps taps(k, r, k / 2);
     auto load_a = [&](int m, int g) -> T {
-      const int n = t.n0 + m, c = g / taps.count, j = taps.tap(g % taps.count);
-      return m < t.rows ? a.w2[(static_cast<int64_t>(c) * N + n) * k + j] : T(0.f);
+      const int n = t.n0 + m, c = g % C1, j = taps.tap(g / C1);
+      return m < t.rows ? a.w2[c * a.w2_sc + n * a.w2_sn + j * a.w2_sj] : T(0.f);
     };
     auto load_b = [&](int uu, int g) -> T {
-      const int u = u0 + uu, c = g / taps.count, pos = u + taps.shift(g % taps.count);
+      const int u = u0 + uu, c = g % C1, pos = u + taps.shift(g / C1);
       return (u < U && pos >= 0 && pos < U) ? h5_b[static_cast<int64_t>(c) * U + pos] : T(0.f);
     };
     Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols / 2>{}));
     clear(acc);
-    gather_gemm<T, kTailRows, kTailCols / 2, false, false>(mma, acc, C1 * taps.count, load_a,
-                                                           load_b, ops);
+    gather_gemm<T, kTailRows, kTailCols / 2>(mma, acc, C1 * taps.count, load_a, a.w2_packed,
+                                             load_b, false, ops);
     for_each_acc<kTailRows, kTailCols / 2>(
         mma, acc, [&](int m, int uu, float v) { P[m * kTailLd + 2 * uu + r] = v; });
   }
@@ -746,9 +749,14 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   }
   // 3. tail: row-tile stats, their merge, output
   {
-    const TailArgs<T> args{
-        x, h[4], w(kDec2Weight), w(kDec2Bias), w(kValueWeight), w(kValueBias), y, stats, merged, N,
-        D, k,    n_tiles};
+    // dec2 strides (c, n, j): packed [N, k, C1] or contiguous [C1, N, k].
+    const bool packed = prm.dec2_packed;
+    const int64_t w2_sc = packed ? 1 : static_cast<int64_t>(N) * k;
+    const int64_t w2_sn = packed ? static_cast<int64_t>(k) * C1 : k;
+    const int64_t w2_sj = packed ? C1 : 1;
+    const TailArgs<T> args{x,     h[4],  w(kDec2Weight), w(kDec2Bias), w(kValueWeight),
+                           w(kValueBias), y, stats, merged, N, D, k, n_tiles, w2_sc, w2_sn,
+                           w2_sj, packed};
     constexpr int stats_smem = tail_smem_bytes<T>(false);
     constexpr int output_smem = tail_smem_bytes<T>(true);
     if ((err = allow_smem(tail_stats_kernel<T>, stats_smem)) != cudaSuccess) return err;

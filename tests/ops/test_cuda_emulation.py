@@ -190,6 +190,18 @@ def test_emulated_kernels_match_reference(driver, tmp_path, case, dtype):
     assert result.passed, (log, result)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES[2:6], ids=lambda c: "B{}-N{}-D{}-k{}-sm{}".format(*c))
+def test_emulated_kernels_with_packed_dec2(driver, tmp_path, case, dtype):
+    # The dec2 weight as the cuda backend hands it over: packed [N, k, C1] (weight cache).
+    *shape, sm_count = case
+    x, w = make_problem(*shape, dtype=dtype, seed=sum(shape))
+    env = {**os.environ, "CASA_EMU_DEC2_PACKED": "1"}
+    y, log = run_emulated(driver, x, w, sm_count, tmp_path, env=env)
+    result = compare(y, x, w)
+    assert result.passed, (log, result)
+
+
 def test_emulation_splits_n(driver, tmp_path):
     # The split paths (head partials, tail stats + output launches) are exercised.
     x, w = make_problem(1, 300, 16, 5)
