@@ -22,6 +22,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 
 #include "../score_attention_args.h"
@@ -64,8 +65,15 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   params.dtype = dtype;
   params.problem = problem;
   params.plan = plan;
-  params.x = x.data_ptr();
+  // The value GEMM streams rows of x and of the value weight in 16-byte cp.async copies:
+  // a tensor whose data does not start on 16 bytes (an offset view) is copied first.
+  auto aligned16 = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  const at::Tensor x16 = aligned16(x), value_weight16 = aligned16(w[kValueWeight]);
+  params.x = x16.data_ptr();
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
+  params.weights[kValueWeight] = value_weight16.data_ptr();
   const at::Tensor& dec2 = w[kDec2Weight];
   params.dec2_packed = !dec2.is_contiguous() && dec2.permute({1, 2, 0}).is_contiguous();
   const at::Tensor dec2_natural =

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 // CuTe: the tensor algebra first (the atom headers expect it), then the atoms.
@@ -563,8 +564,8 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
     };
     Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols / 2>{}));
     clear(acc);
-    gather_gemm<T, kTailRows, kTailCols / 2>(mma, acc, C1 * taps.count, load_a, a.w2_packed,
-                                             load_b, false, ops);
+    gather_gemm<T, kTailRows, kTailCols / 2>(mma, acc, C1 * taps.count, load_a, a.w2_packed, load_b,
+                                             false, ops);
     for_each_acc<kTailRows, kTailCols / 2>(
         mma, acc, [&](int m, int uu, float v) { P[m * kTailLd + 2 * uu + r] = v; });
   }
@@ -754,9 +755,23 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     const int64_t w2_sc = packed ? 1 : static_cast<int64_t>(N) * k;
     const int64_t w2_sn = packed ? static_cast<int64_t>(k) * C1 : k;
     const int64_t w2_sj = packed ? C1 : 1;
-    const TailArgs<T> args{x,     h[4],  w(kDec2Weight), w(kDec2Bias), w(kValueWeight),
-                           w(kValueBias), y, stats, merged, N, D, k, n_tiles, w2_sc, w2_sn,
-                           w2_sj, packed};
+    const TailArgs<T> args{x,
+                           h[4],
+                           w(kDec2Weight),
+                           w(kDec2Bias),
+                           w(kValueWeight),
+                           w(kValueBias),
+                           y,
+                           stats,
+                           merged,
+                           N,
+                           D,
+                           k,
+                           n_tiles,
+                           w2_sc,
+                           w2_sn,
+                           w2_sj,
+                           packed};
     constexpr int stats_smem = tail_smem_bytes<T>(false);
     constexpr int output_smem = tail_smem_bytes<T>(true);
     if ((err = allow_smem(tail_stats_kernel<T>, stats_smem)) != cudaSuccess) return err;
@@ -835,6 +850,10 @@ cudaError_t launch_fused_score_attention(const Params& params, cudaStream_t stre
       params.plan.head_splits > kMaxHeadSplits ||
       params.plan.tail_splits != tail_tiles(params.problem.n_vars)) {
     return cudaErrorInvalidValue;
+  }
+  if (reinterpret_cast<uintptr_t>(params.x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(params.weights[kValueWeight]) % 16 != 0) {
+    return cudaErrorMisalignedAddress;  // the value GEMM's 16-byte cp.async copies
   }
   switch (params.dtype) {
     case DType::kFloat32: return launch_typed<float>(params, stream);

@@ -56,6 +56,7 @@ Plan make_plan(const Problem& problem, int sm_count);
 // (max, sum) and 2 · B · D for their merge.
 size_t workspace_floats(const Problem& problem, const Plan& plan);
 
+// x and weights[kValueWeight] must start on 16 bytes (the value GEMM's cp.async copies).
 struct Params {
   DType dtype;
   Problem problem;
