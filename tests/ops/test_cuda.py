@@ -119,6 +119,26 @@ def test_rejects_bad_inputs(cuda_backend):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_raw_op_takes_both_dec2_layouts_and_offset_views(cuda_backend, dtype):
+    # The op reads dec2 contiguous or packed [N, k, C1] (what the backend passes), and copies
+    # an x that does not start on 16 bytes (the value GEMM's cp.async vectors).
+    from casa_kernels.ops.cuda import packed_dec2
+
+    x, w = make_problem(2, 37, 24, 5, dtype=dtype, device="cuda", seed=11)
+    flat = torch.empty(x.numel() + 2, dtype=dtype, device="cuda")
+    flat[2:].copy_(x.reshape(-1))
+    x_offset = flat[2:].view(x.shape)
+    assert x_offset.is_contiguous() and x_offset.data_ptr() % 16 != 0
+    natural = torch.ops.casa.fused_score_attention(x_offset, *w)
+    packed = torch.ops.casa.fused_score_attention(
+        x_offset, *w[:-2], packed_dec2(w.dec2_weight), w.dec2_bias
+    )
+    assert_close_to_reference(natural, x, w)
+    assert_close_to_reference(packed, x, w)
+
+
+@needs_cuda
 def test_no_bnd_intermediate(cuda_backend):
     # docs/design.md §5: apart from the output, temporary memory is O(B·D²). With N ≫ D, a
     # single [B, N, D] fp32 intermediate would double the peak.

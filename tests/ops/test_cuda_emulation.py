@@ -2,13 +2,18 @@
 
 The torch-free ``score_attention_kernels.cu`` is turned into host C++ by a small
 source transform (CUDA qualifiers dropped, ``__shared__`` → function statics,
-``<<<...>>>`` → ``emu_launch``) and built with ``cuda_emulation/shim.h``, which runs
-every CUDA thread of a block as a std::thread with a real barrier for
-``__syncthreads``. This checks the index math, masks, splits, the online softmax and
-the barriers of the real kernel code; a ThreadSanitizer build reports missing
-barriers. It does not check the tensor-core (wmma) path: without ``__CUDA_ARCH__``
-the kernels take their SIMT path for every dtype. Needs g++ (C++20) and the CUDA
-toolkit headers (cuda_fp16.h); skipped with the reason otherwise.
+``<<<...>>>`` → ``emu_launch`` / ``emu_launch_smem``) and built with g++ against the
+CUTLASS/CuTe headers and ``cuda_emulation/shim.h`` + ``shim_cute.h``, which run every
+CUDA thread of a block as a std::thread with a real barrier for ``__syncthreads``. CuTe
+runs on the host: the kernels' TiledMMA/TiledCopy partitions, identity-tensor
+epilogues and cp.async pipeline structure are the real code; only the atoms differ
+(without ``__CUDA_ARCH__``: a scalar fp32 FMA atom for mma.sync, UniversalCopy for
+cp.async). This checks the index math, masks and tile edges, the N splits and their
+merge, the epilogues and the barriers; a ThreadSanitizer build reports missing barriers.
+It does not check the mma.sync register layouts or the cp.async hardware path. Needs
+g++ (C++20), the CUDA toolkit headers (cuda_fp16.h) and the CUTLASS headers
+(``pip install --no-deps nvidia-cutlass==4.2.0.0`` or ``CUTLASS_PATH``); skipped with
+the reason otherwise.
 """
 
 import glob
