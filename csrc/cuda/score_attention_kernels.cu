@@ -830,6 +830,15 @@ size_t workspace_floats(const Problem& p, const Plan& plan) {
                              round_floats(2 * B * plan.tail_splits * D) + 2 * B * D);
 }
 
+size_t shared_memory_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return tail_smem_bytes<float>(true);
+    case DType::kFloat16: return tail_smem_bytes<half_t>(true);
+    case DType::kBFloat16: return tail_smem_bytes<bfloat16_t>(true);
+  }
+  return 0;
+}
+
 bool problem_supported(const Problem& p, const char** why) {
   const int64_t int_max = 0x7fffffff;
   const char* reason = nullptr;

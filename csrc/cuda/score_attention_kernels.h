@@ -68,6 +68,11 @@ struct Params {
   float* workspace;                  // workspace_floats(problem, plan) floats
 };
 
+// The most dynamic shared memory one block of the kernels uses for `dtype` (the tail's
+// output kernel: about 127 KiB); the device must allow it per block (opt-in limit:
+// A100 163 KiB, H100 227 KiB; sm_86/sm_89 GPUs allow 99 KiB and cannot run the kernels).
+size_t shared_memory_bytes(DType dtype);
+
 // Whether the sizes fit the kernels' 32-bit grid and index arithmetic; on false,
 // `why` (if non-null) names the first violated limit.
 bool problem_supported(const Problem& problem, const char** why);

@@ -232,6 +232,16 @@ def test_shape_limits_of_the_kernels(driver, shape, verdict):
     assert verdict in result.stdout, result.stdout
 
 
+def test_shared_memory_fits_a100_and_h100(driver):
+    # gpu::shared_memory_bytes, which the binding checks against the device's opt-in limit:
+    # the largest block (the tail's output kernel) must fit an A100 (163 KiB per block).
+    result = subprocess.run([driver, "limits", "1", "1", "8", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sizes = re.search(r"shared_memory_bytes: (\d+) (\d+) (\d+)", result.stdout)
+    assert sizes, result.stdout
+    assert all(48 * 1024 < int(b) <= 163 * 1024 for b in sizes.groups()), result.stdout
+
+
 def test_emulated_kernels_have_no_block_races(tmp_path):
     # ThreadSanitizer over the block's threads: a missing __syncthreads is a data race.
     try:
