@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compile-checks every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a, warnings as
 # errors (docs/design.md §7). Needs no GPU and no torch: the .cu files are torch-free.
+# The kernels use CUTLASS/CuTe headers: from $CUTLASS_PATH (a CUTLASS checkout, or its
+# include/ directory) or from the nvidia-cutlass wheel
+# (pip install --no-deps nvidia-cutlass==4.2.0.0), found through `$PYTHON` (default python3).
 # Objects go to a temporary directory that is removed on exit. Exits non-zero on the
 # first failure, or when nvcc or the sources are missing.
 #   NVCC=/path/to/nvcc bash .ci/compile_cuda.sh
@@ -23,6 +26,17 @@ if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
   exit 2
 fi
 
+cutlass=""
+for candidate in "${CUTLASS_PATH:+$CUTLASS_PATH/include}" "${CUTLASS_PATH:-}" \
+    "$("${PYTHON:-python3}" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))' 2>/dev/null || true)"; do
+  if [[ -n "$candidate" && -f "$candidate/cute/tensor.hpp" ]]; then cutlass="$candidate"; break; fi
+done
+if [[ -z "$cutlass" ]]; then
+  echo "compile_cuda: CUTLASS/CuTe headers not found: set CUTLASS_PATH or" \
+       "pip install --no-deps nvidia-cutlass==4.2.0.0" >&2
+  exit 2
+fi
+
 shopt -s nullglob
 sources=("$root"/csrc/cuda/*.cu)
 if (( ${#sources[@]} == 0 )); then
@@ -38,7 +52,7 @@ trap 'rm -rf "$out"' EXIT
 torch_macros=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
               -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 
-echo "compile_cuda: $("$nvcc" --version | tail -n 2 | head -n 1)"
+echo "compile_cuda: $("$nvcc" --version | tail -n 2 | head -n 1); CUTLASS headers: $cutlass"
 for src in "${sources[@]}"; do
   rel="${src#"$root"/}"
   for variant in plain torch-extension; do
@@ -47,7 +61,7 @@ for src in "${sources[@]}"; do
     echo "compile_cuda: $rel  [sm_80, sm_90a; $variant]"
     "$nvcc" -c "$src" -o "$out/$(basename "$src").$variant.o" \
       -std=c++17 -O3 -lineinfo \
-      -I "$root/csrc" \
+      -I "$root/csrc" -isystem "$cutlass" \
       -gencode arch=compute_80,code=sm_80 \
       -gencode arch=compute_90a,code=sm_90a \
       -Werror all-warnings -Xcompiler -Wall,-Werror \

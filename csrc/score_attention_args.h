@@ -16,8 +16,10 @@ struct Sizes {
 };
 
 // Checks ranks, sizes, dtypes, devices and contiguity; returns the problem sizes. An
-// empty batch (B = 0) passes: the implementations return an empty result for it.
-inline Sizes check_args(const at::Tensor& x, const Weights& w) {
+// empty batch (B = 0) passes: the implementations return an empty result for it. With
+// dec2_any_layout the layout of dec2_weight is left to the caller (the CUDA kernels take
+// it contiguous or as a view of a packed [N, k, C1] tensor).
+inline Sizes check_args(const at::Tensor& x, const Weights& w, bool dec2_any_layout = false) {
   TORCH_CHECK(x.dim() == 3, "x: expected a 3-D tensor [batch, n_vars, d_model], received shape ",
               x.sizes());
   TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0,
@@ -51,7 +53,8 @@ inline Sizes check_args(const at::Tensor& x, const Weights& w) {
                 x.scalar_type(), " (that of x), received ", w[i].scalar_type());
     TORCH_CHECK(w[i].device() == x.device(), kWeightNames[i], ": expected device ", x.device(),
                 " (that of x), received ", w[i].device());
-    TORCH_CHECK(w[i].is_contiguous(), kWeightNames[i], ": expected a contiguous tensor");
+    TORCH_CHECK(w[i].is_contiguous() || (dec2_any_layout && i == kDec2Weight), kWeightNames[i],
+                ": expected a contiguous tensor");
   }
   return {B, N, D, k, k / 2};
 }

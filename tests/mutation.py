@@ -39,51 +39,41 @@ TRITON_ENV = (("TRITON_INTERPRET", "1"),)
 
 
 # The stats write of the tail's kStats launch and the merge of the kOutput launch.
+# The tail's per-tile stats store through the merge kernel's loop (csrc/cuda), and the
+# same with the merge chained through the stats launch: each stats block folds the
+# previous N tile's (already folded) stats into its own and the merge reads the last
+# tile's, which is right only if the blocks of tile n - 1 ran before those of tile n.
 TAIL_MERGE = """\
-      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =
-          make_float2(col_max[col], col_sum[col]);
-    }
-    return;
+    a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o] =
+        make_float2(mx, sum);
   }
-  if constexpr (kPhase == TailPhase::kOutput) {
-    // Combine the splits: max over splits, sums rescaled to it. A split with no finite
-    // score has (-inf, 0) and contributes nothing; NaN propagates.
-    if (owns_column) {
-      const int o = 2 * (u0 + col) + r;
-      float m_all = -INFINITY;
-      for (int t = 0; t < splits; ++t)
-        m_all = max_nan(m_all, stats_b[static_cast<int64_t>(t) * D + o].x);
-      float sum = 0.f;
-      for (int t = 0; t < splits; ++t) {
-        const float2 st = stats_b[static_cast<int64_t>(t) * D + o];
-        if (st.x != -INFINITY) sum += st.y * expf(st.x - m_all);
-      }
-      col_max[col] = m_all;
-      col_sum[col] = sum;
-    }
-  }
+}
 """
 TAIL_MERGE_CHAINED = """\
-      const int o = 2 * (u0 + col) + r;
-      float m = col_max[col], sum = col_sum[col];
-      if (s > 0) {
-        const float2 prev = stats_b[static_cast<int64_t>(s - 1) * D + o];
-        const float m_all = max_nan(m, prev.x);
-        sum = (m != -INFINITY ? sum * expf(m - m_all) : 0.f) +
-              (prev.x != -INFINITY ? prev.y * expf(prev.x - m_all) : 0.f);
-        m = m_all;
-      }
-      stats_b[static_cast<int64_t>(s) * D + o] = make_float2(m, sum);
+    const int64_t at = (static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o;
+    if (t.n_tile > 0) {
+      const float2 prev = a.stats[at - a.D];
+      const float m_all = max_nan(mx, prev.x);
+      sum = (mx != -INFINITY ? sum * expf(mx - m_all) : 0.f) +
+            (prev.x != -INFINITY ? prev.y * expf(prev.x - m_all) : 0.f);
+      mx = m_all;
     }
-    return;
+    a.stats[at] = make_float2(mx, sum);
   }
-  if constexpr (kPhase == TailPhase::kOutput) {
-    if (owns_column) {
-      const float2 st = stats_b[static_cast<int64_t>(splits - 1) * D + 2 * (u0 + col) + r];
-      col_max[col] = st.x;
-      col_sum[col] = st.y;
+}
+"""
+MERGE_ALL_TILES = """\
+    float m_all = -INFINITY;
+    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
+    float sum = 0.f;
+    for (int t = 0; t < tiles; ++t) {
+      const float2 s = st[static_cast<int64_t>(t) * D];
+      if (s.x != -INFINITY) sum += s.y * expf(s.x - m_all);
     }
-  }
+"""
+MERGE_LAST_TILE = """\
+    const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
+    const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
 """
 
 
@@ -96,6 +86,10 @@ class Mutant:
     tests: tuple[str, ...]
     pytest_args: tuple[str, ...] = ("-k", "not triton")
     env: tuple[tuple[str, str], ...] = ()  # set for the test run (a given value wins)
+    more: tuple[tuple[str, str], ...] = ()  # further (original, mutated) pairs, same file
+
+    def replacements(self) -> tuple[tuple[str, str], ...]:
+        return ((self.original, self.mutated), *self.more)
 
 
 MUTANTS = [
@@ -166,29 +160,27 @@ MUTANTS = [
     Mutant(
         "cuda: split merge ignores one split's maximum",
         "csrc/cuda/score_attention_kernels.cu",
-        "for (int t = 0; t < splits; ++t)\n        m_all = max_nan(",
-        "for (int t = 1; t < splits; ++t)\n        m_all = max_nan(",
+        "for (int t = 0; t < tiles; ++t) m_all = max_nan(",
+        "for (int t = 1; t < tiles; ++t) m_all = max_nan(",
         EMULATION_TESTS,
         (),
     ),
     Mutant(
         "cuda: tail stats written one column past the tile edge",
         "csrc/cuda/score_attention_kernels.cu",
-        "if (owns_column) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
-        "if (col < kBN && u0 + col <= U) {\n      stats_b[static_cast<int64_t>(s) * D + 2 * (u0 + col) + r] =",
+        "for (int o = threadIdx.x; o < t.cols; o += kTailThreads) {\n    float mx = -INFINITY;",
+        "for (int o = threadIdx.x; o <= t.cols; o += kTailThreads) {\n    float mx = -INFINITY;",
         EMULATION_TESTS,
         (),
     ),
     Mutant(
-        # Each stats block folds the previous split's (already folded) stats into its own,
-        # and the output launch reads the last split's: correct only if the blocks of
-        # split s - 1 ran before those of split s (a chained merge without launch boundaries).
         "cuda: split merge chained through the stats launch (block order)",
         "csrc/cuda/score_attention_kernels.cu",
         TAIL_MERGE,
         TAIL_MERGE_CHAINED,
         EMULATION_TESTS,
         (),
+        more=((MERGE_ALL_TILES, MERGE_LAST_TILE),),
     ),
     Mutant(
         "triton: softmax without its max shift",
@@ -309,10 +301,13 @@ def run_mutant(mutant: Mutant) -> str:
     """'killed', 'SURVIVED' or 'stale' for one mutant; the tree is restored afterwards."""
     file = ROOT / mutant.path
     original = file.read_text()
-    if original.count(mutant.original) != 1:
+    if any(original.count(before) != 1 for before, _ in mutant.replacements()):
         return "stale"
+    mutated = original
+    for before, after in mutant.replacements():
+        mutated = mutated.replace(before, after)
     try:
-        file.write_text(original.replace(mutant.original, mutant.mutated))
+        file.write_text(mutated)
         if _needs_build(mutant.path):
             try:
                 _rebuild()

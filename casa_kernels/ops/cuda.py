@@ -2,16 +2,21 @@
 the extension.
 
 Serves CUDA tensors of dtype float32, float16 and bfloat16 (fp32 accumulation; fp16
-and bf16 GEMMs on tensor cores). The extension builds its CUDA kernels only when
-torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``). Shapes beyond the
+and bf16 GEMMs on tensor cores, fp32 on the CUDA cores). The last decoder weight is
+re-laid out once per weight version (weight cache): ``[C1, N, k]`` → ``[N, k, C1]``,
+passed to the op as a ``[C1, N, k]`` view of it, the layout the tail's score GEMM reads
+coalesced (the op also takes it contiguous). The extension builds its CUDA kernels only
+when torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``). Shapes beyond the
 kernels' 32-bit grid and index limits are declared before dispatch (``shape_limits``).
 """
 
 import torch
 
-from .extension import fused_score_attention, kernel_missing_reason
+from ..weights import ScoreAttentionWeights
+from .extension import kernel_missing_reason
 from .finite_weights import reference_for_nonfinite_weights
 from .registry import Backend, ProblemShape, register_backend
+from .weight_cache import cached
 
 
 def _unavailable_reason() -> str | None:
@@ -35,12 +40,29 @@ def _shape_limits(shape: ProblemShape) -> str | None:
     return f"exceeds the CUDA kernels' limits ({why})" if why else None
 
 
+def packed_dec2(dec2_weight: torch.Tensor) -> torch.Tensor:
+    """``dec2_weight`` [C1, N, k] as a view of a contiguous [N, k, C1] copy, once per version."""
+    return cached(
+        "cuda.dec2_nkc",
+        (dec2_weight,),
+        lambda: dec2_weight.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+    )
+
+
+def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    tensors = [
+        packed_dec2(w) if name == "dec2_weight" else w.contiguous()
+        for name, w in zip(weights._fields, weights)
+    ]
+    return torch.ops.casa.fused_score_attention(x.contiguous(), *tensors)
+
+
 register_backend(
     Backend(
         name="cuda",
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
-        forward=reference_for_nonfinite_weights(fused_score_attention),
+        forward=reference_for_nonfinite_weights(_forward),
         unavailable_reason=_unavailable_reason,
         auto_priority={"cuda": 1},
         shape_limits=_shape_limits,

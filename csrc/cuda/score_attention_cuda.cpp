@@ -1,6 +1,11 @@
 // CUDA implementation of casa::fused_score_attention: the torch side of the kernels
 // in score_attention_kernels.cu (docs/design.md §5, §6).
 //
+// dec2_weight [C1, N, k] may come contiguous or as the view permute(2, 0, 1) of a
+// contiguous [N, k, C1] tensor: the layout the tail's score GEMM reads coalesced, which
+// the cuda backend (casa_kernels/ops/cuda.py) prepares once per weight version through the
+// weight cache. Any other layout is made contiguous here.
+//
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
 // y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
 // nothing of size [B, N, D]) and enqueues every stage on the
@@ -17,6 +22,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 
 #include "../score_attention_args.h"
@@ -36,7 +42,7 @@ gpu::DType kernel_dtype(at::ScalarType t) {
 }
 
 at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
-  const Sizes s = check_args(x, w);
+  const Sizes s = check_args(x, w, /*dec2_any_layout=*/true);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
   if (s.batch == 0) return at::empty_like(x);
   const gpu::DType dtype = kernel_dtype(x.scalar_type());
@@ -50,6 +56,13 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
                                         static_cast<int>(x.get_device())));
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        static_cast<int>(x.get_device())));
+  const size_t smem_needed = gpu::shared_memory_bytes(dtype);
+  TORCH_CHECK(static_cast<size_t>(smem_optin) >= smem_needed, "the CUDA kernels need ", smem_needed,
+              " bytes of shared memory per block; this GPU allows ", smem_optin,
+              " (A100/H100-class GPUs are supported; use backend=\"triton\" here)");
   const gpu::Plan plan = gpu::make_plan(problem, sm_count);
   at::Tensor y = at::empty_like(x);
   at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, plan))},
@@ -59,8 +72,20 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   params.dtype = dtype;
   params.problem = problem;
   params.plan = plan;
-  params.x = x.data_ptr();
+  // The value GEMM streams rows of x and of the value weight in 16-byte cp.async copies:
+  // a tensor whose data does not start on 16 bytes (an offset view) is copied first.
+  auto aligned16 = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  const at::Tensor x16 = aligned16(x), value_weight16 = aligned16(w[kValueWeight]);
+  params.x = x16.data_ptr();
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
+  params.weights[kValueWeight] = value_weight16.data_ptr();
+  const at::Tensor& dec2 = w[kDec2Weight];
+  params.dec2_packed = !dec2.is_contiguous() && dec2.permute({1, 2, 0}).is_contiguous();
+  const at::Tensor dec2_natural =
+      params.dec2_packed || dec2.is_contiguous() ? dec2 : dec2.contiguous();
+  params.weights[kDec2Weight] = dec2_natural.data_ptr();
   params.y = y.data_ptr();
   params.workspace = workspace.data_ptr<float>();
   C10_CUDA_CHECK(

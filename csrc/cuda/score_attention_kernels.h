@@ -8,17 +8,19 @@
 //   x, y: [B, N, D]; weights indexed by casa::WeightIndex (csrc/weight_index.h), all
 //   of the dtype of x. Accumulation is fp32 for every dtype.
 //
-// Stages, each a kernel launch on `stream`:
-//   1. head:        h1 = relu(conv(x, enc0) + b)        [B, C1, D/2], N reduction split
-//                   over `head_splits` blocks into fp32 partials, then a reduce kernel;
-//   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1), fp32 [B, *, *], O(B·D²);
-//   3. tail:        one block per (batch, output parity, column tile) — last transposed
-//                   conv + bias + sigmoid + skip + softmax over N + value projection +
-//                   product + residual, walking N twice (column max/sum, then output);
-//                   nothing of size [B, N, D] is written except y. When B·D alone gives
-//                   too few blocks, N is also split over `tail_splits` blocks: a stats
-//                   launch writes each split's column (max, sum) [B, splits, D], and an
-//                   output launch combines them and writes its rows (same kernel code).
+// Stages, each a kernel launch on `stream` (v2: CuTe TiledMMAs, see the .cu):
+//   1. head:        h1 = relu(conv(x, enc0) + b)        [B, C1, D/2] in the dtype of x; the N
+//                   reduction split over `head_splits` blocks into fp32 partials (128 x 128
+//                   tiles), then a reduce kernel adds bias and ReLU;
+//   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1) in the dtype of x, O(B·D²), 64 x 64
+//                   tiles (tensor cores for fp16/bf16, fp32 accumulation);
+//   3. tail:        split over N into `tail_splits` = ⌈N/128⌉ row tiles; CTAs = B × row tiles
+//                   × ⌈D/128⌉ column tiles. A stats launch writes each tile's column
+//                   (max, Σexp) [B, tail_splits, D], a merge launch combines them
+//                   (log-sum-exp) into [B, D], and an output launch recomputes the score tile
+//                   (last transposed conv + bias + sigmoid + skip), forms the value tile
+//                   (a 128 x 128 GEMM, K = D) and writes y = p ⊙ (v + bv) + x. Nothing of
+//                   size [B, N, D] is written except y.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -39,28 +41,37 @@ struct Problem {
 };
 
 // How N is split across blocks. head_splits: blocks sharing the N reduction of the
-// encoder head (each at least 32 variates); tail_splits: row ranges of the tail (each
-// at least 128 variates). Both aim at about two blocks per SM when B is small.
+// encoder head (each at least 32 variates, about two blocks per SM when B is small);
+// tail_splits: the tail's 128-row tiles, ⌈N/128⌉ (launch_fused_score_attention rejects
+// another value).
 struct Plan {
   int head_splits, tail_splits;
 };
 
 Plan make_plan(const Problem& problem, int sm_count);
 
-// fp32 elements of the workspace: (head_splits + 5) · B · D²/8 for the head partials
-// and the five bottleneck activations, plus 2 · B · tail_splits · D for the tail's
-// column (max, sum) when tail_splits > 1.
+// fp32 elements of the workspace (each region rounded up to 128 bytes): head_splits · B ·
+// D²/8 for the head partials, 5 · B · D²/8 for the bottleneck activations (stored in the
+// dtype of x, sized for fp32), 2 · B · tail_splits · D for the tail's per-tile column
+// (max, sum) and 2 · B · D for their merge.
 size_t workspace_floats(const Problem& problem, const Plan& plan);
 
+// x and weights[kValueWeight] must start on 16 bytes (the value GEMM's cp.async copies).
 struct Params {
   DType dtype;
   Problem problem;
   Plan plan;                         // from make_plan(); splits >= 1
   const void* x;                     // [B, N, D], dtype
-  const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous
+  const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous, except:
+  bool dec2_packed;                  // weights[kDec2Weight] is [N, k, C1] (else [C1, N, k])
   void* y;                           // [B, N, D], dtype, written
   float* workspace;                  // workspace_floats(problem, plan) floats
 };
+
+// The most dynamic shared memory one block of the kernels uses for `dtype` (the tail's
+// output kernel: about 127 KiB); the device must allow it per block (opt-in limit:
+// A100 163 KiB, H100 227 KiB; sm_86/sm_89 GPUs allow 99 KiB and cannot run the kernels).
+size_t shared_memory_bytes(DType dtype);
 
 // Whether the sizes fit the kernels' 32-bit grid and index arithmetic; on false,
 // `why` (if non-null) names the first violated limit.

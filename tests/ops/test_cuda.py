@@ -22,9 +22,9 @@ from tests.conftest import make_problem
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# (batch, n_vars, d_model, kernel): N = 1, N ragged against the 64-row tiles and the
-# head splits, D = 8 (a single, mostly masked tile), D/2 not a multiple of 64 (two
-# ragged column tiles), every k in {1, 3, 5, 7}, B = 1.
+# (batch, n_vars, d_model, kernel): N = 1, N ragged against the 128-row tail tiles and the
+# head splits, D = 8 (a single, mostly masked tile), D not a multiple of 128 (a
+# ragged second column tile), every k in {1, 3, 5, 7}, B = 1.
 SHAPES = [
     (2, 1, 16, 3),
     (1, 7, 8, 1),
@@ -119,6 +119,26 @@ def test_rejects_bad_inputs(cuda_backend):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_raw_op_takes_both_dec2_layouts_and_offset_views(cuda_backend, dtype):
+    # The op reads dec2 contiguous or packed [N, k, C1] (what the backend passes), and copies
+    # an x that does not start on 16 bytes (the value GEMM's cp.async vectors).
+    from casa_kernels.ops.cuda import packed_dec2
+
+    x, w = make_problem(2, 37, 24, 5, dtype=dtype, device="cuda", seed=11)
+    flat = torch.empty(x.numel() + 2, dtype=dtype, device="cuda")
+    flat[2:].copy_(x.reshape(-1))
+    x_offset = flat[2:].view(x.shape)
+    assert x_offset.is_contiguous() and x_offset.data_ptr() % 16 != 0
+    natural = torch.ops.casa.fused_score_attention(x_offset, *w)
+    packed = torch.ops.casa.fused_score_attention(
+        x_offset, *w[:-2], packed_dec2(w.dec2_weight), w.dec2_bias
+    )
+    assert_close_to_reference(natural, x, w)
+    assert_close_to_reference(packed, x, w)
+
+
+@needs_cuda
 def test_no_bnd_intermediate(cuda_backend):
     # docs/design.md §5: apart from the output, temporary memory is O(B·D²). With N ≫ D, a
     # single [B, N, D] fp32 intermediate would double the peak.
@@ -132,9 +152,12 @@ def test_no_bnd_intermediate(cuda_backend):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     output_bytes = out.numel() * out.element_size()
-    # gpu::workspace_floats with the most splits: head partials and activations, plus
-    # the tail's column (max, sum) per split.
-    workspace_bound = ((32 + 5) * batch * d_model * d_model // 8 + 2 * batch * 64 * d_model) * 4
+    # gpu::workspace_floats with the most head splits: head partials and activations, plus
+    # the tail's column (max, sum) per 128-row tile and their merge: O(B·D² + B·D·N/128).
+    row_tiles = -(-n_vars // 128)
+    workspace_bound = (
+        (32 + 5) * batch * d_model * d_model // 8 + 2 * batch * (row_tiles + 1) * d_model
+    ) * 4
     assert extra <= output_bytes + workspace_bound + (1 << 20), (extra, output_bytes)
 
 
@@ -241,3 +264,20 @@ def test_cuda_sources_compile():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "score_attention_kernels.cu" in result.stdout
+
+
+def test_packed_dec2_is_a_view_of_an_n_k_c1_copy_made_once():
+    # The layout the cuda backend hands the op (runs anywhere: plain tensor ops).
+    from casa_kernels.ops import weight_cache
+    from casa_kernels.ops.cuda import packed_dec2
+
+    _, w = make_problem(1, 5, 16, 3)
+    dec2 = w.dec2_weight.clone()
+    packed = packed_dec2(dec2)
+    assert packed.shape == dec2.shape and torch.equal(packed, dec2)
+    assert not packed.is_contiguous() and packed.permute(1, 2, 0).is_contiguous()
+    assert packed_dec2(dec2).data_ptr() == packed.data_ptr()  # cached per weight version
+    with torch.no_grad():
+        dec2.add_(1)
+    assert torch.equal(packed_dec2(dec2), dec2)
+    weight_cache.clear()

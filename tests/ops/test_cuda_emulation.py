@@ -2,19 +2,24 @@
 
 The torch-free ``score_attention_kernels.cu`` is turned into host C++ by a small
 source transform (CUDA qualifiers dropped, ``__shared__`` declarations → per-block
-shared memory from ``emu_shared``, ``<<<...>>>`` → ``emu_launch``) and built with
-``cuda_emulation/shim.h``, which runs every CUDA thread of a block as a std::thread
-with a real barrier for ``__syncthreads``. This checks the index math, masks, splits,
-the online softmax and the barriers of the real kernel code. Shared memory starts as
-NaN bytes in every block. Blocks run in a seeded pseudo-random order
-(``CASA_EMU_BLOCK_ORDER``: a seed, ``forward`` or ``reverse``; every failure names it,
-set it to reproduce), and one test asserts that the output bits do not depend on the
+shared memory from ``emu_shared``, ``<<<...>>>`` → ``emu_launch`` / ``emu_launch_smem``)
+and built with g++ against the CUTLASS/CuTe headers and ``cuda_emulation/shim.h`` +
+``shim_cute.h``, which run every CUDA thread of a block as a std::thread with a real
+barrier for ``__syncthreads``. CuTe runs on the host: the kernels' TiledMMA/TiledCopy
+partitions, identity-tensor epilogues and cp.async pipeline structure are the real code;
+only the atoms differ (without ``__CUDA_ARCH__``: a scalar fp32 FMA atom for mma.sync,
+UniversalCopy for cp.async). This checks the index math, masks and tile edges, the N
+splits and their merge, the epilogues and the barriers. Shared memory, static and
+dynamic, is per block and starts as NaN bytes. Blocks run in a seeded pseudo-random
+order (``CASA_EMU_BLOCK_ORDER``: a seed, ``forward`` or ``reverse``; every failure names
+it, set it to reproduce), and one test asserts that the output bits do not depend on the
 order, which catches a block reading another block's output within one launch. A
-ThreadSanitizer build (blocks four at a time) reports missing barriers and races
-between blocks; an AddressSanitizer + UBSan build reports out-of-bounds accesses. It
-does not check the tensor-core (wmma) path: without ``__CUDA_ARCH__`` the kernels take
-their SIMT path for every dtype. Needs g++ (C++20) and the CUDA toolkit headers
-(cuda_fp16.h); skipped with the reason otherwise.
+ThreadSanitizer build (blocks four at a time) reports missing barriers and races between
+blocks; an AddressSanitizer + UBSan build reports out-of-bounds accesses. It does not
+check the mma.sync register layouts or the cp.async hardware path. Needs g++ (C++20),
+the CUDA toolkit headers (cuda_fp16.h) and the CUTLASS headers
+(``pip install --no-deps nvidia-cutlass==4.2.0.0`` or ``CUTLASS_PATH``); skipped with
+the reason otherwise.
 """
 
 import glob
@@ -76,18 +81,37 @@ def _shared_declaration(match: re.Match) -> str:
     return indent + " ".join(out)
 
 
+def _cutlass_include_dir() -> str | None:
+    """CUTLASS/CuTe headers: $CUTLASS_PATH(/include), else the nvidia-cutlass wheel's copy."""
+    roots = []
+    if os.environ.get("CUTLASS_PATH"):
+        roots += [os.path.join(os.environ["CUTLASS_PATH"], "include"), os.environ["CUTLASS_PATH"]]
+    try:
+        import cutlass_library
+
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    for path in roots:
+        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+            return path
+    return None
+
+
 def host_source(cu_source: str) -> str:
     """The .cu source as host C++ for shim.h (see the module docstring)."""
     s = cu_source.replace(
         '#include "score_attention_kernels.h"',
-        '#include "shim.h"\n#include "score_attention_kernels.h"',
+        '#include "shim.h"\n#include "shim_cute.h"\n#include "score_attention_kernels.h"',
     )
     s = s.replace("#include <cuda_runtime.h>", "").replace("#include <mma.h>", "")
     s = re.sub(r"__launch_bounds__\(\w+\)", "", s)
     s = re.sub(
         r"^(\s*)__shared__\s+(?:alignas\((\w+)\)\s+)?([^;]*);", _shared_declaration, s, flags=re.M
     )
-    assert not re.search(r"^[^/]*\b__shared__", s, re.M), "a __shared__ the transform does not know"
+    assert not re.search(r"^(?!\s*#)[^/]*\b__shared__", s, re.M), (
+        "a __shared__ the transform does not know"
+    )
     for cuda, host in [
         ("__global__", ""),
         ("__device__", ""),
@@ -95,10 +119,18 @@ def host_source(cu_source: str) -> str:
         ("__forceinline__", "inline"),
     ]:
         s = s.replace(cuda, host)
-    # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args)
+
+    # name<targs><<<grid, block, 0, stream>>>(args) -> emu_launch(name<targs>, grid, block, args);
+    # with dynamic shared memory (smem not 0) -> emu_launch_smem(name<targs>, grid, block, smem, args)
+    def launch(m: re.Match) -> str:
+        kernel, grid, block, smem = m.groups()
+        if smem == "0":
+            return f"emu_launch({kernel}, {grid}, {block}, "
+        return f"emu_launch_smem({kernel}, {grid}, {block}, {smem}, "
+
     s = re.sub(
-        r"([A-Za-z_][\w:]*<[^<>;]*>)\s*<<<(.*?),\s*(\w+),\s*0,\s*stream>>>\(",
-        r"emu_launch(\1, \2, \3, ",
+        r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?),\s*(\w+),\s*(\w+),\s*stream>>>\(",
+        launch,
         s,
         flags=re.S,
     )
@@ -131,6 +163,12 @@ def _build(out_dir, sanitize: str | None = None) -> str:
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("CUDA toolkit headers (cuda_fp16.h) not found: set CUDA_HOME")
+    cutlass = _cutlass_include_dir()
+    if cutlass is None:
+        pytest.skip(
+            "CUTLASS/CuTe headers not found: pip install --no-deps nvidia-cutlass==4.2.0.0 "
+            "or set CUTLASS_PATH"
+        )
     with open(KERNELS) as f:
         (out_dir / "kernels_host.cpp").write_text(host_source(f.read()))
     exe = str(out_dir / f"driver_{sanitize or 'plain'}")
@@ -149,10 +187,15 @@ def _build(out_dir, sanitize: str | None = None) -> str:
         EMULATION,
         "-I",
         include,
+        "-isystem",
+        cutlass,
         os.path.join(EMULATION, "driver.cpp"),
         "-o",
         exe,
     ]
+    if os.path.isdir(os.path.join(include, "cccl")):
+        # CUDA 13 keeps libcu++ (cuda/std/..., which CUTLASS includes) under include/cccl.
+        cmd[-3:-3] = ["-isystem", os.path.join(include, "cccl")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 and sanitize and "sanitize" in result.stderr:
         pytest.skip(f"the compiler cannot build with -fsanitize={sanitize}: {result.stderr[-500:]}")
@@ -230,6 +273,18 @@ def test_emulated_kernels_match_reference(driver, tmp_path, case, dtype):
     assert result.passed, (log, result)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES[2:6], ids=lambda c: "B{}-N{}-D{}-k{}-sm{}".format(*c))
+def test_emulated_kernels_with_packed_dec2(driver, tmp_path, case, dtype):
+    # The dec2 weight as the cuda backend hands it over: packed [N, k, C1] (weight cache).
+    *shape, sm_count = case
+    x, w = make_problem(*shape, dtype=dtype, seed=sum(shape))
+    env = {**os.environ, "CASA_EMU_DEC2_PACKED": "1"}
+    y, log = run_emulated(driver, x, w, sm_count, tmp_path, env=env)
+    result = compare(y, x, w)
+    assert result.passed, (log, result)
+
+
 def test_emulation_splits_n(driver, tmp_path):
     # The split paths (head partials, tail stats + output launches) are exercised.
     x, w = make_problem(1, 300, 16, 5)
@@ -271,6 +326,16 @@ def test_shape_limits_of_the_kernels(driver, shape, verdict):
     result = subprocess.run([driver, "limits", *map(str, shape)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert verdict in result.stdout, result.stdout
+
+
+def test_shared_memory_fits_a100_and_h100(driver):
+    # gpu::shared_memory_bytes, which the binding checks against the device's opt-in limit:
+    # the largest block (the tail's output kernel) must fit an A100 (163 KiB per block).
+    result = subprocess.run([driver, "limits", "1", "1", "8", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sizes = re.search(r"shared_memory_bytes: (\d+) (\d+) (\d+)", result.stdout)
+    assert sizes, result.stdout
+    assert all(48 * 1024 < int(b) <= 163 * 1024 for b in sizes.groups()), result.stdout
 
 
 def test_emulated_kernels_have_no_data_races(tmp_path):

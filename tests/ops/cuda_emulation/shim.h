@@ -20,8 +20,8 @@
 // concurrent blocks races between blocks); with -fsanitize=address,undefined it reports
 // out-of-bounds accesses of device memory (host vectors) and of shared memory.
 //
-// Not emulated: tensor cores (wmma). Without __CUDA_ARCH__ the kernels take their
-// SIMT path for every dtype, so fp16/bf16 operands are staged in their own type but
+// Not emulated: tensor cores. Without __CUDA_ARCH__ the kernels take CuTe's host
+// stand-ins (shim_cute.h), so fp16/bf16 operands are staged in their own type but
 // multiplied in fp32.
 #pragma once
 
@@ -75,18 +75,24 @@ inline void __trap() { std::abort(); }
 using std::max;
 using std::min;
 
-// The calling thread's block's instance of the shared variable `key` (of type T, which
-// may be an array type), allocated on first use and filled with 0xFF bytes.
-template <typename T, std::size_t Align>
-T& emu_shared(const void* key) {
+// The calling thread's block's instance of the shared buffer `key` (`bytes` long),
+// allocated on first use and filled with 0xFF bytes.
+inline void* emu_shared_bytes(const void* key, std::size_t bytes, std::size_t alignment) {
   std::lock_guard<std::mutex> lock(emu_block->mutex);
   for (auto& [k, slot] : emu_block->shared)
-    if (k == key) return *static_cast<T*>(slot.first);
-  const auto align = std::align_val_t{std::max(Align, alignof(T))};
-  void* p = ::operator new(sizeof(T), align);
-  std::memset(p, 0xFF, sizeof(T));
+    if (k == key) return slot.first;
+  const auto align = std::align_val_t{alignment};
+  void* p = ::operator new(bytes, align);
+  std::memset(p, 0xFF, bytes);
   emu_block->shared.push_back({key, {p, align}});
-  return *static_cast<T*>(p);
+  return p;
+}
+
+// The calling thread's block's instance of the shared variable `key` (of type T, which
+// may be an array type).
+template <typename T, std::size_t Align>
+T& emu_shared(const void* key) {
+  return *static_cast<T*>(emu_shared_bytes(key, sizeof(T), std::max(Align, alignof(T))));
 }
 
 struct EmuOrder {
