@@ -141,6 +141,46 @@ def borrow_setuptools(work: Path) -> tuple[str | None, str]:
     return None, "none of these imports: " + ", ".join(tried)
 
 
+CUTLASS_WHEEL = "nvidia_cutlass-4.2.0.0-py3-none-any.whl"
+
+
+def _has_cute(include: str) -> bool:
+    return os.path.isfile(os.path.join(include, "cute", "tensor.hpp"))
+
+
+def find_cutlass(work: Path) -> tuple[str | None, str]:
+    """The CUTLASS include folder the CUDA build will use (CUTLASS_PATH, the installed
+    nvidia-cutlass wheel, or a carried ``.whl/`` copy of it unpacked into WORK), and how
+    it was found; (None, why not)."""
+    root = os.environ.get("CUTLASS_PATH")
+    if root:
+        for include in (os.path.join(root, "include"), root):
+            if _has_cute(include):
+                return include, f"CUTLASS_PATH: {include}"
+        return None, f"CUTLASS_PATH={root} holds no cute/tensor.hpp (nor does its include/)"
+    try:
+        import cutlass_library
+
+        include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+        if _has_cute(include):
+            return include, f"the installed nvidia-cutlass wheel: {include}"
+    except ImportError:
+        pass
+    wheels = sorted(glob.glob(".whl/nvidia_cutlass-*.whl"))
+    if wheels:
+        target = work / "cutlass_site"
+        shutil.rmtree(target, ignore_errors=True)
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extractall(target)
+        include = str(target / "cutlass_library" / "source" / "include")
+        if _has_cute(include):
+            return include, f"unpacked from {wheels[-1]}"
+    return None, (
+        "not found: set CUTLASS_PATH, `pip install --no-deps nvidia-cutlass==4.2.0.0`, or "
+        f"carry the wheel as .whl/{CUTLASS_WHEEL}"
+    )
+
+
 def _find_tool(name: str, cuda_home: str | None) -> str | None:
     """``name`` on PATH, beside the running Python, or in a CUDA toolkit's bin folder."""
     found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
@@ -337,6 +377,11 @@ def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) ->
         )
         env["PF_SETUPTOOLS_PATH"] = path or ""
         env["PF_NO_SETUPTOOLS"] = "" if path else f"setuptools is not importable and {how}"
+
+    cutlass, how = find_cutlass(work)
+    checks.add("CUTLASS headers", cutlass is not None, how, gpu=True)
+    env["PF_CUTLASS_PATH"] = cutlass or ""
+    env["PF_NO_CUTLASS"] = "" if cutlass else f"CUTLASS headers {how}"
 
     ninja = _find_tool("ninja", None)
     checks.add(

@@ -10,7 +10,9 @@
 #
 # Steps and caps (seconds of 480; another TOTAL_S scales them; they add up to TOTAL_S):
 #   preflight 25   torch sees a GPU, triton, nvcc's CUDA major = torch's, setuptools
-#                  (borrowed from a wheel or another Python if the venv has none), ninja,
+#                  (borrowed from a wheel or another Python if the venv has none), the
+#                  CUTLASS headers (CUTLASS_PATH, the nvidia-cutlass wheel installed, or
+#                  .whl/nvidia_cutlass-*.whl carried to the machine), ninja,
 #                  pytest, compute-sanitizer; optional: hypothesis, tqdm, matplotlib
 #   build 110      FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
 #                  TORCH_CUDA_ARCH_LIST = the GPU's; fails unless casa::fused_score_attention
@@ -145,6 +147,7 @@ if (( DRY_RUN )); then PREFLIGHT+=(--dry-run); fi
 run_step preflight "" "${PREFLIGHT[@]}"
 PF_NO_GPU="preflight did not finish (see its log)" PF_NO_TRITON="" PF_NO_NVCC="" PF_NO_SETUPTOOLS=""
 PF_NO_PYTEST="" PF_SANITIZER="" PF_SETUPTOOLS_PATH="" PF_NINJA_DIR="" PF_CUDA_HOME="" PF_GPU_SLUG="" PF_GPU_ARCH=""
+PF_CUTLASS_PATH="" PF_NO_CUTLASS=""
 if [[ -f $WORK/preflight.env ]]; then
   # shellcheck disable=SC1091  # written by bench/device_check.py, values shell-quoted
   source "$WORK/preflight.env"
@@ -161,6 +164,7 @@ record preflight
 if [[ -n $PF_SETUPTOOLS_PATH ]]; then export PYTHONPATH="$PF_SETUPTOOLS_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
 if [[ -n $PF_NINJA_DIR ]]; then export PATH="$PATH:$PF_NINJA_DIR"; fi
 if [[ -n $PF_CUDA_HOME ]]; then export CUDA_HOME=${CUDA_HOME:-$PF_CUDA_HOME}; fi
+if [[ -n $PF_CUTLASS_PATH ]]; then export CUTLASS_PATH=$PF_CUTLASS_PATH; fi
 
 NO_GPU=$PF_NO_GPU
 if (( DRY_RUN )); then NO_GPU="dry run${PF_NO_GPU:+ ($PF_NO_GPU)}"; fi
@@ -168,7 +172,7 @@ NO_SANITIZER=""
 if [[ -z $PF_SANITIZER ]]; then NO_SANITIZER="compute-sanitizer not found"; fi
 
 # --- build ------------------------------------------------------------------------------
-BUILD_PROBLEM=$(first_of "$PF_NO_NVCC" "$PF_NO_SETUPTOOLS")
+BUILD_PROBLEM=$(first_of "$PF_NO_NVCC" "$PF_NO_SETUPTOOLS" "$PF_NO_CUTLASS")
 if [[ -n $BUILD_PROBLEM ]]; then
   step build "$NO_GPU" bash -c 'echo "build: FAILED before compiling: $1"; exit 1' build "$BUILD_PROBLEM"
 else

@@ -517,3 +517,26 @@ def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
     assert results.read_rows(dest / "autotuned" / "attention.csv")[0]["latency_ms_p50"] == "0.08"
     assert (dest / "summary.json").is_file() and (dest / "autotuned" / "summary.json").is_file()
     assert "bench-autotuned" in (dest / device_check.SUMMARY_MD).read_text()
+
+
+def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):
+    # The GPU machine has no network: the nvidia-cutlass wheel travels as .whl/*.whl and
+    # the preflight unpacks it for the build (CUTLASS_PATH).
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUTLASS_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "cutlass_library", None)  # not installed
+    work = tmp_path / "work"
+    work.mkdir()
+    include, how = device_check.find_cutlass(work)
+    assert include is None and ".whl/nvidia_cutlass" in how and "CUTLASS_PATH" in how
+    (tmp_path / ".whl").mkdir()
+    with zipfile.ZipFile(tmp_path / ".whl" / device_check.CUTLASS_WHEEL, "w") as wheel:
+        wheel.writestr("cutlass_library/source/include/cute/tensor.hpp", "// CuTe\n")
+    include, how = device_check.find_cutlass(work)
+    assert include == str(work / "cutlass_site" / "cutlass_library" / "source" / "include")
+    assert (Path(include) / "cute" / "tensor.hpp").is_file() and "unpacked" in how
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path / "nowhere"))
+    include, how = device_check.find_cutlass(work)
+    assert include is None and "nowhere" in how
