@@ -22,7 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CPU_TESTS = ("tests/ops/test_cpu.py", "tests/ops/test_production.py", "tests/ops/test_stages.py")
+CPU_TESTS = (
+    "tests/ops/test_conformance.py",
+    "tests/ops/test_cpu.py",
+    "tests/ops/test_production.py",
+    "tests/ops/test_stages.py",
+)
 EMULATION_TESTS = ("tests/ops/test_cuda_emulation.py",)
 
 
