@@ -158,7 +158,8 @@ def test_matches_the_reference(case, shape):
 
 
 def _layouts(case):
-    return [("N-major", (0, 1)), ("D-major", (1, 2)), ("B-minor", (0, 2))]
+    layouts = [("D-major", (1, 2)), ("N-major", (0, 1)), ("B-minor", (0, 2))]
+    return layouts[:1] if case.test_only else layouts
 
 
 @pytest.mark.parametrize("case,dims", cases(with_values=_layouts))
@@ -301,7 +302,13 @@ def _peak_temporaries(case, fn) -> tuple[int, torch.Tensor]:
     return cpu_peak_allocated(lambda: outs.append(fn())), outs[0]
 
 
-@pytest.mark.parametrize("case", cases(where=lambda case: case.backend != FALLBACK))
+def _holds_memory_contract(case):
+    # Every backend but the reference (§5.6); under the Triton interpreter, which the
+    # profiler slows down most, in fp32 only (the host allocates alike in every dtype).
+    return case.backend != FALLBACK and not (case.test_only and case.dtype != torch.float32)
+
+
+@pytest.mark.parametrize("case", cases(where=_holds_memory_contract))
 def test_no_batch_sized_temporary(case):
     # docs/design.md §5.6: no [B, N, D]-sized intermediate; temporaries are O(B·D²) plus the
     # GPU tail statistics, plus on the CPU one fp32 [N, D] score buffer per worker thread. The
