@@ -28,17 +28,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CPU_TESTS = ("tests/ops/test_cpu.py", "tests/ops/test_production.py", "tests/ops/test_stages.py")
+CPU_TESTS = (
+    "tests/ops/test_conformance.py",
+    "tests/ops/test_cpu.py",
+    "tests/ops/test_production.py",
+    "tests/ops/test_stages.py",
+)
 EMULATION_TESTS = ("tests/ops/test_cuda_emulation.py",)
 # The Triton kernels run under the interpreter (slow): each Triton mutant names the test
 # file and -k filter that guard its code, not the whole suite.
 TRITON = "casa_kernels/ops/triton_kernels.py"
 TRITON_TESTS = ("tests/ops/test_triton.py",)
-TRITON_PRODUCTION_TESTS = ("tests/ops/test_production.py",)
+TRITON_CONFORMANCE_TESTS = ("tests/ops/test_conformance.py",)
 TRITON_ENV = (("TRITON_INTERPRET", "1"),)
 
 
-# The stats write of the tail's kStats launch and the merge of the kOutput launch.
 # The tail's per-tile stats store through the merge kernel's loop (csrc/cuda), and the
 # same with the merge chained through the stats launch: each stats block folds the
 # previous N tile's (already folded) stats into its own and the merge reads the last
@@ -187,7 +191,7 @@ MUTANTS = [
         TRITON,
         "prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]",
         "prob = tl.exp(score) / (col_sum * tl.exp(col_max))[None, :]",
-        TRITON_PRODUCTION_TESTS,
+        TRITON_CONFORMANCE_TESTS,
         ("-k", "far_beyond and triton"),
         TRITON_ENV,
     ),
@@ -198,7 +202,7 @@ MUTANTS = [
         "mask=o_mask, other=0.0)\n        col_max",
         "for t in range(1, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
         "mask=o_mask, other=0.0)\n        col_max",
-        TRITON_PRODUCTION_TESTS,
+        TRITON_CONFORMANCE_TESTS,
         ("-k", "far_beyond and triton"),
         TRITON_ENV,
     ),
@@ -216,8 +220,8 @@ MUTANTS = [
         TRITON,
         "col_ok = t_mask & (cols >= 0) & (cols < LIN)",
         "col_ok = t_mask & (cols >= 0) & (cols <= LIN)",
-        TRITON_TESTS,
-        ("-k", "casa_attention_fp32"),
+        TRITON_CONFORMANCE_TESTS,
+        ("-k", "matches_the_reference and triton"),
         TRITON_ENV,
     ),
     Mutant(
@@ -225,8 +229,8 @@ MUTANTS = [
         TRITON,
         "out = prob * (value + bv[None, :]) + xv",
         "out = prob * value + xv",
-        TRITON_TESTS,
-        ("-k", "casa_attention_fp32"),
+        TRITON_CONFORMANCE_TESTS,
+        ("-k", "matches_the_reference and triton"),
         TRITON_ENV,
     ),
     Mutant(
@@ -234,8 +238,8 @@ MUTANTS = [
         TRITON,
         "acc += tl.load(parts_ptr + (s * B + b) * size + offs",
         "acc += tl.load(parts_ptr + (b * SPLITS + s) * size + offs",
-        TRITON_TESTS,
-        ("-k", "casa_attention_fp32 or head_split_over_n"),
+        (*TRITON_CONFORMANCE_TESTS, *TRITON_TESTS),
+        ("-k", "(matches_the_reference and triton) or head_split_over_n"),
         TRITON_ENV,
     ),
     Mutant(
