@@ -226,7 +226,11 @@ def measure_points(
                 done[provider.name] = _failed_row(row, error)
         with torch.inference_mode():
             if "casa-compile" in fns:
-                fns["casa-compile"]()  # compilation is not part of the time cap
+                try:
+                    fns["casa-compile"]()  # compilation is not part of the time cap
+                except Exception as error:  # noqa: BLE001 - recorded, the others go on
+                    done["casa-compile"] = _failed_row(rows["casa-compile"], error)
+                    del fns["casa-compile"]
             latencies = measure_latencies(
                 fns, opts.device, warmup=opts.warmup, reps=opts.reps, time_cap_s=opts.time_cap_s
             )

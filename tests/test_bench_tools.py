@@ -2,6 +2,7 @@
 allocator-based memory measurement, time cap, stop-growing after oom; optional packages
 (tqdm, matplotlib, hypothesis) missing; bench/device_check's records, archive and dry run."""
 
+import dataclasses
 import json
 import math
 import os
@@ -146,6 +147,21 @@ def test_interleaved_timing_rotates_the_order_and_keeps_failures_apart():
     assert isinstance(result["bad"], RuntimeError) and "bad broke" in str(result["bad"])
     assert result["a"].reps == 3 and result["c"].reps == 3
     assert order.count("bad") == 2  # warm-up, then the call that raised; never again
+
+
+def test_a_provider_failing_to_compile_is_recorded_and_the_others_go_on(tmp_path):
+    def broken_compile(point, device, dtype):
+        def fn():
+            raise RuntimeError("inductor says no")
+
+        return fn
+
+    compile_ = dataclasses.replace(providers.PROVIDERS["casa-compile"], build=broken_compile)
+    chosen = [providers.PROVIDERS["casa-reference"], compile_]
+    point = providers.Point("attention", "dataset", 1, 7, 16)
+    rows = suites.measure_points(chosen, "tiny", point, _options(tmp_path, reps=2))
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "error" and "inductor says no" in rows[1]["note"]
 
 
 def test_interleaved_timing_caps_the_rounds_by_the_time_cap():
