@@ -132,8 +132,7 @@ Bf16Gemm choose_bf16_gemm() {
     if (amx) return Bf16Gemm::kAmx;
     return avx512_bf16 && avx512_bf16_pays() ? Bf16Gemm::kAvx512Bf16 : Bf16Gemm::kNone;
   }
-  TORCH_CHECK(requested == "auto" || requested == "amx" || requested == "avx512_bf16" ||
-                  requested == "none",
+  TORCH_CHECK(requested == "amx" || requested == "avx512_bf16" || requested == "none",
               "CASA_CPU_BF16_GEMM: expected \"auto\", \"amx\", \"avx512_bf16\" or \"none\", "
               "received \"",
               requested, "\"");
