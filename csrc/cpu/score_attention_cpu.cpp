@@ -56,8 +56,9 @@
 namespace casa {
 namespace {
 
-constexpr int64_t kHeadChunk = 256;  // rows of x turned into GEMM columns at a time
-constexpr int64_t kTailRows = 64;    // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM columns at a time
+constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
 
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
 // threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
@@ -132,33 +133,40 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
   });
 }
 
-// out = a @ b, then relu(out + bias[:, None]) when bias is given, with the columns split
-// across threads: the kernel keeps to one pool of threads (torch's workers) instead of
-// handing the BLAS its own. With bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes
-// b rounded to bfloat16 (out stays fp32). out: contiguous.
+// out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
+// the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
+// its own. The columns are split where each thread gets kMinColumnsPerThread or more
+// (the batch is large), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128
+// columns, and a column split left each thread a GEMM too narrow to run near its peak. With
+// bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes b rounded to bfloat16 (out stays fp32).
+// out: contiguous.
 template <typename acc_t>
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias, bool bf16_gemm) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
   const int64_t threads = at::get_num_threads();
-  const int64_t grain = std::max<int64_t>(32, (n + threads - 1) / threads);
-  parallel_for_aten(n, grain, [&](int64_t c0, int64_t c1) {
-    at::Tensor block = out.narrow(1, c0, c1 - c0);
-    const at::Tensor b_block = b.narrow(1, c0, c1 - c0);
+  const bool by_rows = n < kMinColumnsPerThread * threads;
+  const int64_t extent = by_rows ? M : n;
+  const int64_t grain = std::max<int64_t>(32, (extent + threads - 1) / threads);
+  parallel_for_aten(extent, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t r0 = by_rows ? i0 : 0, rows = by_rows ? i1 - i0 : M;
+    const int64_t c0 = by_rows ? 0 : i0, cols = by_rows ? n : i1 - i0;
+    at::Tensor block = out.narrow(0, r0, rows).narrow(1, c0, cols);
+    const at::Tensor b_block = b.narrow(1, c0, cols);
     if (bf16_gemm) {
       const at::Tensor b_bf16 = b_block.to(at::kBFloat16).contiguous();
-      at::Tensor packed = at::empty({cpu::packed_bf16_size(K, c1 - c0)}, at::kBFloat16);
-      cpu::pack_bf16(K, c1 - c0, b_bf16.data_ptr<c10::BFloat16>(), c1 - c0,
+      at::Tensor packed = at::empty({cpu::packed_bf16_size(K, cols)}, at::kBFloat16);
+      cpu::pack_bf16(K, cols, b_bf16.data_ptr<c10::BFloat16>(), cols,
                      packed.data_ptr<c10::BFloat16>());
-      cpu::gemm_bf16(M, c1 - c0, K, a.data_ptr<c10::BFloat16>(), K,
+      cpu::gemm_bf16(rows, cols, K, a.data_ptr<c10::BFloat16>() + r0 * K, K,
                      packed.data_ptr<c10::BFloat16>(), block.data_ptr<float>(), n,
                      /*accumulate=*/false);
       cpu::release_bf16_gemm();
     } else {
-      at::mm_out(block, a, b_block);
+      at::mm_out(block, a.narrow(0, r0, rows), b_block);
     }
     if (bias != nullptr) {
-      cpu::add_bias_relu(block.data_ptr<acc_t>(), n, M, c1 - c0, bias->data_ptr<acc_t>());
+      cpu::add_bias_relu(block.data_ptr<acc_t>(), n, rows, cols, bias->data_ptr<acc_t>() + r0);
     }
   });
 }

@@ -45,6 +45,28 @@ def test_result_does_not_depend_on_thread_count(problem, threads):
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, d_model",
+    [(1, 128), (16, 128)],  # the bottleneck GEMMs' 16..32 columns, or 256..512 columns
+    ids=["rows-split", "columns-split"],
+)
+def test_bottleneck_split_across_two_threads(problem, dtype, batch, d_model):
+    # With 2 threads the bottleneck's GEMMs split their columns when each thread gets 128
+    # or more (B·D/8 >= 256 here), else their rows; both must give the 1-thread result.
+    x, w = problem(batch, 5, d_model, 3, dtype=dtype)
+    caller_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ck.casa_attention(x, w, backend="cpu")
+        torch.set_num_threads(2)
+        two = ck.casa_attention(x, w, backend="cpu")
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert_close_to_reference(two, x, w)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+
+
 def test_modules_use_the_fused_op_by_default():
     block = ck.CASABlock(n_vars=4, d_model=16)
     graph = torch.export.export(block, (torch.randn(2, 4, 16),)).graph_module.code
