@@ -13,7 +13,7 @@
 //
 // Stages (activations of the bottleneck are laid out [channels, batch, length]):
 //   1. head: conv N -> D/4 per batch element, reducing over N in chunks of
-//      kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
+//      at most kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
 //      whole batch, its columns split across threads.
@@ -360,9 +360,15 @@ struct Plan {
   // without bias_relu, the conv's partial sums over these variates alone.
   at::Tensor head(const at::Tensor& x, bool bias_relu = true) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
-    const int64_t chunks = (N + kHeadChunk - 1) / kHeadChunk;
     const int64_t threads = at::get_num_threads();
-    const int64_t groups = std::min(chunks, std::max<int64_t>(1, (threads + B - 1) / B));
+    const int64_t fewest_chunks = (N + kHeadChunk - 2) / (kHeadChunk - 1);
+    const int64_t groups = std::min(fewest_chunks, std::max<int64_t>(1, (threads + B - 1) / B));
+    // Chunks of at most kHeadChunk rows, a multiple of the groups in number and as near
+    // equal in size as even starts allow (the bfloat16 GEMMs take K in pairs), so the
+    // groups' shares are even too: N = 862 in 2 groups gives 432 + 430 rows, where chunks
+    // of 256 rows gave 512 + 350.
+    const int64_t chunks = (fewest_chunks + groups - 1) / groups * groups;
+    const auto chunk_start = [&](int64_t c) { return c == chunks ? N : c * N / chunks / 2 * 2; };
     const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
     parallel_for_aten(B * groups, 1, [&](int64_t begin, int64_t end) {
       HeadScratch scratch = head_scratch();
@@ -370,7 +376,8 @@ struct Plan {
         const int64_t b = item / groups, g = item % groups;
         at::Tensor out = partial[g].select(1, b);
         for (int64_t c = g; c < chunks; c += groups) {
-          const int64_t n0 = c * kHeadChunk, rows = std::min(kHeadChunk, N - n0);
+          const int64_t n0 = chunk_start(c), rows = chunk_start(c + 1) - n0;
+          TORCH_INTERNAL_ASSERT(0 < rows && rows <= kHeadChunk);  // the scratch's capacity
           head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch, out.data_ptr<acc_t>(),
                      out.stride(0), /*accumulate=*/c != g);
         }
