@@ -6,14 +6,15 @@
   architectures (default "8.0;9.0+PTX").
 * The CUDA kernels need the CUTLASS/CuTe headers: ``$CUTLASS_PATH`` (a CUTLASS checkout
   or its include/ directory) or the ``nvidia-cutlass`` wheel (the ``cuda`` extra, or
-  ``pip install --no-deps nvidia-cutlass==4.2.0.0``); a CUDA build without them fails
-  naming both.
+  ``pip install --no-deps nvidia-cutlass==4.2.0.0``), found by
+  casa_kernels/cutlass_headers.py; a CUDA build without them fails saying why.
 * Build without isolation so the extension matches the installed torch:
   ``pip install --no-build-isolation -e .``
 """
 
 import glob
 import os
+import runpy
 
 from setuptools import setup
 
@@ -22,20 +23,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _relative(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-
-
-def cutlass_include_dir() -> str | None:
-    """The CUTLASS include directory (holding cute/ and cutlass/), or None."""
-    roots = []
-    if os.environ.get("CUTLASS_PATH"):
-        roots += [os.path.join(os.environ["CUTLASS_PATH"], "include"), os.environ["CUTLASS_PATH"]]
-    try:
-        import cutlass_library
-
-        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
-    except ImportError:
-        pass
-    return next((r for r in roots if os.path.isfile(os.path.join(r, "cute", "tensor.hpp"))), None)
 
 
 def _extensions():
@@ -53,12 +40,13 @@ def _extensions():
     )
     cuda_sources = _relative("csrc/cuda/*.cpp") + _relative("csrc/cuda/*.cu")
     if with_cuda and cuda_sources:
-        cutlass = cutlass_include_dir()
+        # Loaded by path: importing the package would import the extension being built.
+        cutlass_headers = runpy.run_path(os.path.join(ROOT, "casa_kernels", "cutlass_headers.py"))
+        cutlass, how = cutlass_headers["find_include"]()
         if cutlass is None:
             raise SystemExit(
-                "casa_kernels: the CUDA kernels need the CUTLASS/CuTe headers: set CUTLASS_PATH "
-                "to a CUTLASS checkout, or `pip install --no-deps nvidia-cutlass==4.2.0.0` "
-                "(the package's `cuda` extra)"
+                f"casa_kernels: the CUDA kernels need the CUTLASS/CuTe headers: {how} "
+                "(the nvidia-cutlass wheel is also the package's `cuda` extra)"
             )
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return [

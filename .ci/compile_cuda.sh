@@ -3,7 +3,8 @@
 # errors (docs/design.md §7). Needs no GPU and no torch: the .cu files are torch-free.
 # The kernels use CUTLASS/CuTe headers: from $CUTLASS_PATH (a CUTLASS checkout, or its
 # include/ directory) or from the nvidia-cutlass wheel
-# (pip install --no-deps nvidia-cutlass==4.2.0.0), found through `$PYTHON` (default python3).
+# (pip install --no-deps nvidia-cutlass==4.2.0.0), found by casa_kernels/cutlass_headers.py
+# run with `$PYTHON` (default python3).
 # Objects go to a temporary directory that is removed on exit. Exits non-zero on the
 # first failure, or when nvcc or the sources are missing.
 #   NVCC=/path/to/nvcc bash .ci/compile_cuda.sh
@@ -26,14 +27,8 @@ if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
   exit 2
 fi
 
-cutlass=""
-for candidate in "${CUTLASS_PATH:+$CUTLASS_PATH/include}" "${CUTLASS_PATH:-}" \
-    "$("${PYTHON:-python3}" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))' 2>/dev/null || true)"; do
-  if [[ -n "$candidate" && -f "$candidate/cute/tensor.hpp" ]]; then cutlass="$candidate"; break; fi
-done
-if [[ -z "$cutlass" ]]; then
-  echo "compile_cuda: CUTLASS/CuTe headers not found: set CUTLASS_PATH or" \
-       "pip install --no-deps nvidia-cutlass==4.2.0.0" >&2
+if ! cutlass="$("${PYTHON:-python3}" "$root/casa_kernels/cutlass_headers.py")"; then
+  echo "compile_cuda: the CUTLASS/CuTe headers are needed (see above)" >&2
   exit 2
 fi
 

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -141,31 +142,21 @@ def borrow_setuptools(work: Path) -> tuple[str | None, str]:
     return None, "none of these imports: " + ", ".join(tried)
 
 
-CUTLASS_WHEEL = "nvidia_cutlass-4.2.0.0-py3-none-any.whl"
-
-
-def _has_cute(include: str) -> bool:
-    return os.path.isfile(os.path.join(include, "cute", "tensor.hpp"))
+# casa_kernels/cutlass_headers.py, run by path: the preflight runs where torch (which the
+# package imports) may not.
+CUTLASS_HEADERS = runpy.run_path(
+    str(Path(__file__).parents[1] / "casa_kernels" / "cutlass_headers.py")
+)
+CUTLASS_WHEEL = f"nvidia_cutlass-{CUTLASS_HEADERS['CUTLASS_VERSION']}-py3-none-any.whl"
 
 
 def find_cutlass(work: Path) -> tuple[str | None, str]:
-    """The CUTLASS include folder the CUDA build will use (CUTLASS_PATH, the installed
-    nvidia-cutlass wheel, or a carried ``.whl/`` copy of it unpacked into WORK), and how
-    it was found; (None, why not)."""
-    root = os.environ.get("CUTLASS_PATH")
-    if root:
-        for include in (os.path.join(root, "include"), root):
-            if _has_cute(include):
-                return include, f"CUTLASS_PATH: {include}"
-        return None, f"CUTLASS_PATH={root} holds no cute/tensor.hpp (nor does its include/)"
-    try:
-        import cutlass_library
-
-        include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-        if _has_cute(include):
-            return include, f"the installed nvidia-cutlass wheel: {include}"
-    except ImportError:
-        pass
+    """The CUTLASS include folder the CUDA build will use (as the build finds it:
+    CUTLASS_PATH or the installed nvidia-cutlass wheel; else a carried ``.whl/`` copy of
+    the wheel unpacked into WORK), and how it was found; (None, why not)."""
+    include, how = CUTLASS_HEADERS["find_include"]()
+    if include is not None or os.environ.get("CUTLASS_PATH"):
+        return include, how
     wheels = sorted(glob.glob(".whl/nvidia_cutlass-*.whl"))
     if wheels:
         target = work / "cutlass_site"
@@ -173,12 +164,9 @@ def find_cutlass(work: Path) -> tuple[str | None, str]:
         with zipfile.ZipFile(wheels[-1]) as wheel:
             wheel.extractall(target)
         include = str(target / "cutlass_library" / "source" / "include")
-        if _has_cute(include):
+        if CUTLASS_HEADERS["has_cute"](include):
             return include, f"unpacked from {wheels[-1]}"
-    return None, (
-        "not found: set CUTLASS_PATH, `pip install --no-deps nvidia-cutlass==4.2.0.0`, or "
-        f"carry the wheel as .whl/{CUTLASS_WHEEL}"
-    )
+    return None, f"{how}, or carry the wheel as .whl/{CUTLASS_WHEEL}"
 
 
 def _find_tool(name: str, cuda_home: str | None) -> str | None:

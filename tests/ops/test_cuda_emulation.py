@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from casa_kernels import reference
+from casa_kernels.cutlass_headers import find_include
 from casa_kernels.tolerance import compare
 from tests.conftest import make_problem
 
@@ -79,23 +80,6 @@ def _shared_declaration(match: re.Match) -> str:
             f"auto& {name} = emu_shared<{base}{dims}, {align}>(&emu_key_{name});"
         )
     return indent + " ".join(out)
-
-
-def _cutlass_include_dir() -> str | None:
-    """CUTLASS/CuTe headers: $CUTLASS_PATH(/include), else the nvidia-cutlass wheel's copy."""
-    roots = []
-    if os.environ.get("CUTLASS_PATH"):
-        roots += [os.path.join(os.environ["CUTLASS_PATH"], "include"), os.environ["CUTLASS_PATH"]]
-    try:
-        import cutlass_library
-
-        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
-    except ImportError:
-        pass
-    for path in roots:
-        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
-            return path
-    return None
 
 
 def host_source(cu_source: str) -> str:
@@ -163,12 +147,9 @@ def _build(out_dir, sanitize: str | None = None) -> str:
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("CUDA toolkit headers (cuda_fp16.h) not found: set CUDA_HOME")
-    cutlass = _cutlass_include_dir()
+    cutlass, how = find_include()
     if cutlass is None:
-        pytest.skip(
-            "CUTLASS/CuTe headers not found: pip install --no-deps nvidia-cutlass==4.2.0.0 "
-            "or set CUTLASS_PATH"
-        )
+        pytest.skip(f"CUTLASS/CuTe headers: {how}")
     with open(KERNELS) as f:
         (out_dir / "kernels_host.cpp").write_text(host_source(f.read()))
     exe = str(out_dir / f"driver_{sanitize or 'plain'}")
