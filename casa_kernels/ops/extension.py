@@ -35,6 +35,7 @@ def _fused_score_attention_fake(x: torch.Tensor, *weights: torch.Tensor) -> torc
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@functools.cache  # asked on every call of a backend; fixed once the extension has loaded
 def has_kernel_for(dispatch_key: str) -> bool:
     """Whether the loaded extension registered a kernel of the fused op for ``dispatch_key``."""
     return extension_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(

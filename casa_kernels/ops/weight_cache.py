@@ -40,7 +40,7 @@ _disabled_depth = 0
 
 
 def _version(t: torch.Tensor) -> tuple[int, int]:
-    return (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t._version)
+    return (t.data_ptr(), t._version)  # the address of its first element: storage + offset
 
 
 def cacheable(sources: Sequence[torch.Tensor]) -> bool:
