@@ -99,8 +99,14 @@ def triton_version() -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """Short hash of the checkout's HEAD (``+dirty`` with local changes), ``''`` outside git."""
-    root = Path(__file__).resolve().parent.parent
+    """:func:`checkout_state` of this checkout, asked once per process."""
+    return checkout_state(Path(__file__).resolve().parent.parent)
+
+
+def checkout_state(root: Path) -> str:
+    """Short hash of the HEAD of the checkout at ``root`` (``+dirty`` with local changes to
+    tracked files other than the results themselves: a run of several suites writes its
+    earlier CSVs into bench/results/ before the later ones ask), ``''`` outside git."""
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -110,7 +116,8 @@ def git_commit() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--"]
+            + [".", ":(exclude)bench/results"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -57,6 +57,26 @@ def test_upsert_replaces_rows_with_the_same_key_and_keeps_others(tmp_path):
     assert len(results.read_rows(path)) == 4
 
 
+def test_checkout_is_dirty_for_code_changes_not_for_results(tmp_path):
+    # A run of several suites writes bench/results/ between them: the later rows must
+    # still name a clean checkout, and an edit to the measured code must show.
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernel.cpp").write_text("int a;\n")
+    (tmp_path / "bench" / "results" / "model.csv").write_text("suite\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = results.checkout_state(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "bench" / "results" / "model.csv").write_text("suite\nmodel\n")
+    assert results.checkout_state(tmp_path) == clean
+    (tmp_path / "kernel.cpp").write_text("int b;\n")
+    assert results.checkout_state(tmp_path) == clean + "+dirty"
+
+
 def test_slug_is_filesystem_safe():
     assert results.slug("Intel(R) Xeon(R) Processor @ 2.0GHz") == "intel-r-xeon-r-processor-2-0ghz"
     assert results.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
