@@ -12,11 +12,11 @@
 // No structural zeros are multiplied.
 //
 // Stages (activations of the bottleneck are laid out [channels, batch, length]):
-//   1. head: conv N -> D/4 per batch element, reducing over N in chunks of
-//      at most kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
+//   1. head: conv N -> D/4 per batch element, reducing over N in chunks of at most
+//      kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
-//      whole batch, its columns split across threads.
+//      whole batch, its columns (large B) or rows (small B) split across threads.
 //   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
 //      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
 //      numerators, each block on its own shift (vectorised.h); pass 2 runs the value
@@ -136,10 +136,10 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
 // the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
 // its own. The columns are split where each thread gets kMinColumnsPerThread or more
-// (the batch is large), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128
-// columns, and a column split left each thread a GEMM too narrow to run near its peak. With
-// bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes b rounded to bfloat16 (out stays fp32).
-// out: contiguous.
+// (large B), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128 columns, too
+// few to split. With bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes b rounded
+// to bfloat16 (out stays fp32); in a row split each thread packs all of b, which is small
+// there (K x at most 128·threads). out: contiguous.
 template <typename acc_t>
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias, bool bf16_gemm) {
