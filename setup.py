@@ -40,7 +40,7 @@ def _extensions():
     )
     cuda_sources = _relative("csrc/cuda/*.cpp") + _relative("csrc/cuda/*.cu")
     if with_cuda and cuda_sources:
-        # Loaded by path: importing the package would import the extension being built.
+        # Run by path: the package (and its torch-side modules) need not import mid-build.
         cutlass_headers = runpy.run_path(os.path.join(ROOT, "casa_kernels", "cutlass_headers.py"))
         cutlass, how = cutlass_headers["find_include"]()
         if cutlass is None:
