@@ -98,19 +98,18 @@ def check_weights(weights: object) -> ScoreAttentionWeights:
             f"received shape {tuple(ref.shape)}"
         )
     check_config(n_vars=weights.n_vars, d_model=weights.d_model, kernel=weights.kernel)
-    shapes = weight_shapes(weights.n_vars, weights.d_model, weights.kernel)
-    for name, w in zip(weights._fields, weights):
-        if tuple(w.shape) != shapes[name]:
-            raise ValueError(
-                f"weights.{name}: expected shape {shapes[name]}, received {tuple(w.shape)}"
-            )
-        if w.dtype != ref.dtype:
+    shapes = weight_shapes(weights.n_vars, weights.d_model, weights.kernel).values()
+    dtype, device = ref.dtype, ref.device
+    for name, w, shape in zip(weights._fields, weights, shapes):
+        if w.shape != shape:  # torch.Size is a tuple
+            raise ValueError(f"weights.{name}: expected shape {shape}, received {tuple(w.shape)}")
+        if w.dtype != dtype:
             raise TypeError(
-                f"weights.{name}: expected dtype {ref.dtype} (that of value_weight), received {w.dtype}"
+                f"weights.{name}: expected dtype {dtype} (that of value_weight), received {w.dtype}"
             )
-        if w.device != ref.device:
+        if w.device != device:
             raise ValueError(
-                f"weights.{name}: expected device {ref.device} (that of value_weight), "
+                f"weights.{name}: expected device {device} (that of value_weight), "
                 f"received {w.device}"
             )
     return weights
@@ -118,7 +117,11 @@ def check_weights(weights: object) -> ScoreAttentionWeights:
 
 def check_attention_input(x: object, weights: ScoreAttentionWeights) -> torch.Tensor:
     """Checks ``x: [B, N, D]`` against already-checked weights: sizes, dtype, device."""
-    x = check_tokens(x, weights.n_vars, weights.d_model)
+    return check_like_weights(check_tokens(x, weights.n_vars, weights.d_model), weights)
+
+
+def check_like_weights(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    """Checks the dtype and device of ``x`` (sizes already checked) against the weights'."""
     if x.dtype != weights.value_weight.dtype:
         raise TypeError(
             f"x: expected dtype {weights.value_weight.dtype} (that of the weights), received {x.dtype}"

@@ -10,18 +10,22 @@ bfloat16 GEMMs run on the best unit the CPU has (``casa::cpu_bf16_gemm``: ``"amx
 on bfloat16 data), capped like PyTorch's own by ``ONEDNN_MAX_CPU_ISA``, switched off with
 ``torch.backends.mkldnn`` and forced with ``CASA_CPU_BF16_GEMM`` (docs/design.md §11.4).
 
-Weights with a NaN or inf run on the reference (``finite_weights``): the kernel's GEMMs
-over zero-padded columns would give NaN where PyTorch's convolutions skip the padding.
+Weights with a NaN or inf run on the reference (``finite_weights``, checked in the same
+cache entry as the preparation): the kernel's GEMMs over zero-padded columns would give
+NaN where PyTorch's convolutions skip the padding.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .. import reference
 from ..reference import stages as reference_stages
 from ..weights import ScoreAttentionWeights
 from .extension import kernel_missing_reason
-from .finite_weights import reference_for_nonfinite_weights
+from .finite_weights import prepared_if_finite
 from .registry import Backend, Stages, register_backend
 from .weight_cache import cached
 
@@ -43,23 +47,32 @@ def bf16_gemm_tier() -> str:
     return _kernels().cpu_bf16_gemm()
 
 
+@functools.lru_cache(maxsize=256)
+def _tail_tile(batch: int, d_model: int, threads: int) -> int:
+    return _kernels().cpu_tail_tile(batch, d_model)  # a function of the three
+
+
 def _tile_and_tier(x: torch.Tensor) -> tuple[int, str]:
     """The tail tile width for x's batch and width, and the bfloat16 GEMM tier for its dtype."""
     tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
-    return _kernels().cpu_tail_tile(x.shape[0], x.shape[2]), tier
+    return _tail_tile(x.shape[0], x.shape[2], torch.get_num_threads()), tier
 
 
-@reference_for_nonfinite_weights
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
     tile, tier = _tile_and_tier(x)
+    kernels = _kernels()
     prepared = cached(
         f"cpu.{x.dtype}.tile{tile}.{tier}",
         weights,
-        lambda: _kernels().cpu_prepare_weights(weights, tile, tier),
+        lambda: prepared_if_finite(
+            weights, lambda: kernels.cpu_prepare_weights(weights, tile, tier)
+        ),
     )
-    return _kernels().cpu_score_attention(x, weights, prepared, tile, tier)
+    if prepared is None:  # a NaN or inf weight: the reference's pattern (finite_weights)
+        return reference.score_attention(x, ScoreAttentionWeights(*weights))
+    return kernels.cpu_score_attention(x, weights, prepared, tile, tier)
 
 
 def _tail_prepared(x, dec2_weight, dec2_bias, value_weight=None, value_bias=None):

@@ -10,18 +10,32 @@ meet no padding and the kernels carry them as the reference does; non-finite *we
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import reference
 from ..weights import ScoreAttentionWeights
 from .registry import ForwardFn
-from .weight_cache import cached
+from .weight_cache import Prepared, cached
+
+
+def _all_finite(weights: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(w).all()) for w in weights)
 
 
 def weights_all_finite(weights: ScoreAttentionWeights) -> bool:
     """Whether every weight is finite (computed once per weight version)."""
-    return cached("finite", weights, lambda: all(bool(torch.isfinite(w).all()) for w in weights))
+    return cached("finite", weights, lambda: _all_finite(weights))
+
+
+def prepared_if_finite(
+    weights: Sequence[torch.Tensor], prepare: Callable[[], Prepared]
+) -> Prepared | None:
+    """``prepare()`` where every weight is finite, else None: a backend that prepares its
+    weights (``weight_cache.cached``) checks them in the same entry, with no lookup of its
+    own on every call, and runs the reference where this gives None."""
+    return prepare() if _all_finite(weights) else None
 
 
 def reference_for_nonfinite_weights(forward: ForwardFn) -> ForwardFn:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..validation import check_attention_input, check_tokens, check_weights
+from ..validation import check_like_weights, check_tokens, check_weights
 from ..weights import ScoreAttentionWeights
 from .registry import ProblemShape, resolve_backend
 from .weight_cache import cached
@@ -38,14 +38,18 @@ torch.library.define(
 )
 
 
-@torch.library.register_kernel(OP_NAME, None)
-def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
-    *weights, backend = weights_and_backend
-    weights = ScoreAttentionWeights(*weights)
+def _run(x: torch.Tensor, weights: ScoreAttentionWeights, backend: str) -> torch.Tensor:
+    """The op's computation: the named backend on validated inputs (B = 0: empty)."""
     chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, weights))
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     return chosen.forward(x, weights)
+
+
+@torch.library.register_kernel(OP_NAME, None)
+def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
+    *weights, backend = weights_and_backend
+    return _run(x, ScoreAttentionWeights(*weights), backend)
 
 
 @torch.library.register_fake(OP_NAME)
@@ -123,17 +127,42 @@ def casa_attention(
         B may be 0.
     """
     weights = check_weights(weights)
-    autocast_dtype = _autocast_dtype(check_tokens(x, weights.n_vars, weights.d_model))
+    x = check_tokens(x, weights.n_vars, weights.d_model)
+    autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is None:
-        x = check_attention_input(x, weights)
+        x = check_like_weights(x, weights)
     chosen = _resolved_name(backend, x.device, autocast_dtype or x.dtype)
     if chosen == "reference":
         # Plain PyTorch: autograd, autocast and torch.compile see straight through it.
         return reference.score_attention(x, weights)
     if autocast_dtype is not None:
         weights = ScoreAttentionWeights(*(_weight_in(autocast_dtype, w) for w in weights))
-        x = check_attention_input(x.to(autocast_dtype), weights)
-    return torch.ops.casa.score_attention(x, *weights, chosen)
+        x = check_like_weights(x.to(autocast_dtype), weights)
+    if _needs_dispatcher(x, weights):
+        return torch.ops.casa.score_attention(x, *weights, chosen)
+    return _run(x, weights, chosen)  # what the op would run, without its dispatch
+
+
+def _needs_dispatcher(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
+    """Whether a call must go through the op rather than straight to its backend: for
+    autograd, tracing and compiling, tensor subclasses, functorch transforms, torch
+    function and dispatch modes (FakeTensor, FlopCounterMode, ...) and the profiler's
+    record of the op. Eager inference on plain tensors skips the dispatch (measured:
+    about 20 us a call, 15% of the cpu backend's time at N = 7, D = 128, B = 1)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._autograd._profiler_enabled()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return True
+    grad = torch.is_grad_enabled()
+    return any(type(t) not in _PLAIN or (grad and t.requires_grad) for t in (x, *weights))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @torch.compiler.assume_constant_result

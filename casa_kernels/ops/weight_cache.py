@@ -39,16 +39,18 @@ _lock = threading.Lock()
 _disabled_depth = 0
 
 
-def _version(t: torch.Tensor) -> tuple[int, int]:
-    return (t.data_ptr(), t._version)  # the address of its first element: storage + offset
-
-
-def cacheable(sources: Sequence[torch.Tensor]) -> bool:
-    """Whether to cache for ``sources``: not while tracing, not inside :func:`disabled`,
-    not for inference tensors (they have no version counter)."""
+def _versions(sources: Sequence[torch.Tensor]) -> tuple | None:
+    """Each source's version (the address of its first element, storage + offset, and its
+    version counter); None where it is not to be cached: while tracing, inside
+    :func:`disabled`, or for inference tensors (they have no version counter)."""
     if _disabled_depth or torch.compiler.is_compiling():
-        return False
-    return not any(t.is_inference() for t in sources)
+        return None
+    try:  # one pass: this runs on every call of a backend, over up to 14 weights
+        return tuple([(t.data_ptr(), t._version) for t in sources])
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        if any(t.is_inference() for t in sources):
+            return None
+        raise
 
 
 @contextlib.contextmanager
@@ -72,11 +74,11 @@ def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prep
     of the sources, but a result holding a source tensor itself (``w.contiguous()`` of a
     contiguous ``w``) is not cached: the entry would keep its own source alive.
     """
-    if not cacheable(sources):
+    versions = _versions(sources)
+    if versions is None:
         with torch.no_grad():
             return prepare()
-    key = (tag, *(id(t) for t in sources))
-    versions = tuple(_version(t) for t in sources)
+    key = (tag, *map(id, sources))
     with _lock:
         entry = _entries.get(key)
     if entry is not None and entry[0] == versions:

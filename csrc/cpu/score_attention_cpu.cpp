@@ -46,6 +46,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../score_attention_args.h"
@@ -56,9 +57,10 @@
 namespace casa {
 namespace {
 
-constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM columns at a time
-constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
-constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
+constexpr int64_t kHeadChunk = 256;             // rows of x turned into GEMM columns at a time
+constexpr int64_t kTailRows = 64;               // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kMinColumnsPerThread = 128;   // parallel_mm: split columns, else rows
+constexpr int64_t kMinMacsPerThread = 1 << 18;  // threads_for: work worth a thread
 
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
 // threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
@@ -133,41 +135,49 @@ void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
   });
 }
 
+// The threads a piece of work of `macs` multiply-adds is worth: one per kMinMacsPerThread,
+// at most all of them. Below that a parallel region costs more than it saves (ETTh1,
+// N = 7, D = 128, B = 1: the op took 188 us on 2 threads and 119 us on 1).
+int64_t threads_for(int64_t macs) {
+  return std::clamp<int64_t>(macs / kMinMacsPerThread, 1, at::get_num_threads());
+}
+
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
 // the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
 // its own. The columns are split where each thread gets kMinColumnsPerThread or more
 // (large B), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128 columns, too
-// few to split. With bf16_gemm, a is bfloat16 (contiguous) and the GEMM takes b rounded
-// to bfloat16 (out stays fp32); in a row split each thread packs all of b, which is small
-// there (K x at most 128·threads). out: contiguous.
+// few to split. With bf16_gemm, a is bfloat16 and the GEMM takes b rounded to bfloat16
+// (out stays fp32); in a row split each thread packs all of b, which is small there
+// (K x at most 128·threads). a, b and out: contiguous.
 template <typename acc_t>
 void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor* bias, bool bf16_gemm) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = threads_for(M * K * n);
   const bool by_rows = n < kMinColumnsPerThread * threads;
   const int64_t extent = by_rows ? M : n;
-  const int64_t grain = std::max<int64_t>(32, (extent + threads - 1) / threads);
+  const int64_t grain =
+      threads == 1 ? extent : std::max<int64_t>(32, (extent + threads - 1) / threads);
+  acc_t* const c = out.data_ptr<acc_t>();
+  const acc_t* const b_data = b.data_ptr<acc_t>();
   parallel_for_aten(extent, grain, [&](int64_t i0, int64_t i1) {
     const int64_t r0 = by_rows ? i0 : 0, rows = by_rows ? i1 - i0 : M;
     const int64_t c0 = by_rows ? 0 : i0, cols = by_rows ? n : i1 - i0;
-    at::Tensor block = out.narrow(0, r0, rows).narrow(1, c0, cols);
-    const at::Tensor b_block = b.narrow(1, c0, cols);
-    if (bf16_gemm) {
-      const at::Tensor b_bf16 = b_block.to(at::kBFloat16).contiguous();
-      at::Tensor packed = at::empty({cpu::packed_bf16_size(K, cols)}, at::kBFloat16);
-      cpu::pack_bf16(K, cols, b_bf16.data_ptr<c10::BFloat16>(), cols,
-                     packed.data_ptr<c10::BFloat16>());
-      cpu::gemm_bf16(rows, cols, K, a.data_ptr<c10::BFloat16>() + r0 * K, K,
-                     packed.data_ptr<c10::BFloat16>(), block.data_ptr<float>(), n,
-                     /*accumulate=*/false);
-      cpu::release_bf16_gemm();
-    } else {
-      at::mm_out(block, a.narrow(0, r0, rows), b_block);
+    acc_t* const block = c + r0 * n + c0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_gemm) {
+        at::Tensor packed = at::empty({cpu::packed_bf16_size(K, cols)}, at::kBFloat16);
+        cpu::pack_bf16(K, cols, b_data + c0, n, packed.data_ptr<c10::BFloat16>());
+        cpu::gemm_bf16(rows, cols, K, a.data_ptr<c10::BFloat16>() + r0 * K, K,
+                       packed.data_ptr<c10::BFloat16>(), block, n, /*accumulate=*/false);
+        cpu::release_bf16_gemm();
+      }
     }
-    if (bias != nullptr) {
-      cpu::add_bias_relu(block.data_ptr<acc_t>(), n, rows, cols, bias->data_ptr<acc_t>() + r0);
+    if (!bf16_gemm) {
+      cpu::gemm(rows, cols, K, a.data_ptr<acc_t>() + r0 * K, K, b_data + c0, n, block, n,
+                /*accumulate=*/false);
     }
+    if (bias != nullptr) cpu::add_bias_relu(block, n, rows, cols, bias->data_ptr<acc_t>() + r0);
   });
 }
 
@@ -215,17 +225,20 @@ struct HeadScratch {
   at::Tensor cols, cols_bf16, packed;
 };
 
-// Scratch of one tail worker (Plan::tail_scratch).
+// Scratch of one tail worker (Plan::tail_scratch): views of one acc_t buffer (and, with
+// bfloat16 GEMMs, one bfloat16 buffer), taken once per worker.
+template <typename acc_t>
 struct TailScratch {
-  at::Tensor rhs;         // [2, max taps · D/4, T/2]: Plan::parity_rhs for each parity
-  at::Tensor rhs_packed;  // [2, packed size]: rhs in bfloat16 packed, with bfloat16 GEMMs
-  at::Tensor scores;      // [N, T]
-  at::Tensor values;      // [kTailRows, T]
-  at::Tensor shift;       // [row blocks, T]: each block's softmax shift, then its scale
-  at::Tensor sum;         // [row blocks, T]: each block's column sums
-  at::Tensor common;      // [2, T]: the common shift and the column totals (softmax_merge_blocks)
-  at::Tensor x_rows;      // [kTailRows, D]: a block of x[b] rows in fp32, bfloat16 input without
-                          // bfloat16 GEMMs
+  at::Tensor memory, packed_memory;  // own what the pointers below point into
+  acc_t* rhs[2];                     // [max taps · D/4, T/2]: Plan::parity_rhs for each parity
+  c10::BFloat16* rhs_packed[2];      // rhs in bfloat16 packed, with bfloat16 GEMMs
+  acc_t* scores;                     // [N, T]
+  acc_t* values;                     // [kTailRows, T]
+  acc_t* shift;                      // [row blocks, T]: each block's softmax shift, then scale
+  acc_t* sum;                        // [row blocks, T]: each block's column sums
+  acc_t* common[2];                  // [T] each: the common shift and the column totals
+  acc_t* x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32 (bfloat16 input without
+                  // bfloat16 GEMMs)
 };
 
 // The weights re-laid out for the kernel's GEMMs, prepared once per weight version
@@ -244,7 +257,8 @@ enum PreparedIndex : int {
   kNumPrepared,  // then, for bfloat16 input, the 14 weights in fp32
 };
 // The GEMM operands (dec2 by parity, Wv^T, the bottleneck's) are bfloat16 with bf16_gemm,
-// acc_t otherwise; the last three of them views of the caller's weights where no copy is due.
+// acc_t otherwise, all contiguous; kEnc1Gemm and kEnc2Gemm are views of the caller's
+// weights where no cast is due.
 
 enum class TailMode { kFused, kStats, kOutput };
 
@@ -320,11 +334,9 @@ struct Plan {
       const auto operand = [&](int i) { return weights[i].to(bottleneck_type); };
       out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
       out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
-      out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t();
-      out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t();
-      if (bottleneck_type == at::kBFloat16) {  // the matrix kernels take contiguous operands
-        for (int i : {kDec0Gemm, kDec1Gemm}) out[i] = out[i].contiguous();
-      }
+      // The GEMMs (parallel_mm) take contiguous left operands.
+      out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t().contiguous();
+      out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t().contiguous();
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int i = 0; i < kNumWeights; ++i) {
@@ -370,20 +382,21 @@ struct Plan {
     const int64_t chunks = (fewest_chunks + groups - 1) / groups * groups;
     const auto chunk_start = [&](int64_t c) { return c == chunks ? N : c * N / chunks / 2 * 2; };
     const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
-    parallel_for_aten(B * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t ld = B * D / 2;  // of partial[g, :, b]
+    const bool parallel = threads_for(B * N * s.kernel * C1 * D / 2) > 1;
+    parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
       HeadScratch scratch = head_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / groups, g = item % groups;
-        at::Tensor out = partial[g].select(1, b);
+        acc_t* out = partial.data_ptr<acc_t>() + g * C1 * ld + b * D / 2;
         for (int64_t c = g; c < chunks; c += groups) {
           const int64_t n0 = chunk_start(c), rows = chunk_start(c + 1) - n0;
           TORCH_INTERNAL_ASSERT(0 < rows && rows <= kHeadChunk);  // the scratch's capacity
-          head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch, out.data_ptr<acc_t>(),
-                     out.stride(0), /*accumulate=*/c != g);
+          head_chunk(x.data_ptr<scalar_t>() + (b * N + n0) * D, n0, rows, scratch, out, ld,
+                     /*accumulate=*/c != g);
         }
         if (groups == 1 && bias_relu) {  // b's sum is complete
-          cpu::add_bias_relu(out.data_ptr<acc_t>(), out.stride(0), C1, D / 2,
-                             w[kEnc0Bias].data_ptr<acc_t>());
+          cpu::add_bias_relu(out, ld, C1, D / 2, w[kEnc0Bias].data_ptr<acc_t>());
         }
       }
       if (bf16_gemm) cpu::release_bf16_gemm();
@@ -436,21 +449,30 @@ struct Plan {
     return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_bottleneck);
   }
 
-  TailScratch tail_scratch() const {
-    const at::TensorOptions options(acc);
-    const int64_t max_taps = (s.kernel + 1) / 2, max_rhs = max_taps * (s.d_model / 4);
+  TailScratch<acc_t> tail_scratch() const {
+    const int64_t T = tile, rhs = (s.kernel + 1) / 2 * (s.d_model / 4) * (T / 2);
     const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows;
-    return {at::empty({2, max_rhs, tile / 2}, options),
-            bf16_gemm ? at::empty({2, cpu::packed_bf16_size(max_rhs, tile / 2)}, at::kBFloat16)
-                      : at::Tensor(),
-            at::empty({s.n_vars, tile}, options),
-            at::empty({kTailRows, tile}, options),
-            at::empty({blocks, tile}, options),
-            at::empty({blocks, tile}, options),
-            at::empty({2, tile}, options),
-            std::is_same_v<scalar_t, acc_t> || bf16_gemm
-                ? at::Tensor()
-                : at::empty({kTailRows, s.d_model}, options)};
+    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> || bf16_gemm ? 0 : kTailRows * s.d_model;
+    TailScratch<acc_t> scratch;
+    scratch.memory = at::empty({2 * rhs + (s.n_vars + kTailRows + 2 * blocks + 2) * T + x_rows},
+                               at::TensorOptions(acc));
+    acc_t* next = scratch.memory.template data_ptr<acc_t>();
+    const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
+    for (acc_t*& part : scratch.rhs) part = take(rhs);
+    scratch.scores = take(s.n_vars * T);
+    scratch.values = take(kTailRows * T);
+    scratch.shift = take(blocks * T);
+    scratch.sum = take(blocks * T);
+    for (acc_t*& part : scratch.common) part = take(T);
+    scratch.x_rows = take(x_rows);
+    scratch.rhs_packed[0] = scratch.rhs_packed[1] = nullptr;
+    if (bf16_gemm) {
+      const int64_t packed = cpu::packed_bf16_size(rhs / (T / 2), T / 2);
+      scratch.packed_memory = at::empty({2 * packed}, at::kBFloat16);
+      scratch.rhs_packed[0] = scratch.packed_memory.template data_ptr<c10::BFloat16>();
+      scratch.rhs_packed[1] = scratch.rhs_packed[0] + packed;
+    }
+    return scratch;
   }
 
   // The right operand of the last transposed conv for outputs o0 + 2c + q, c < half,
@@ -500,28 +522,28 @@ struct Plan {
 
   // V[rows, T] = x_b[r0 : r0 + rows] · Wv^T for the tile starting at o0 (no bias).
   // x_b: x[b], [N, D] contiguous.
-  void values_gemm(const at::Tensor& x_b, int64_t r0, int64_t rows, int64_t o0, int64_t T,
-                   TailScratch& scratch, acc_t* V) const {
+  void values_gemm(const scalar_t* x_b, int64_t r0, int64_t rows, int64_t o0, int64_t T,
+                   const TailScratch<acc_t>& scratch, acc_t* V) const {
     const int64_t D = s.d_model;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemm) {
-        cpu::gemm_bf16(rows, T, D, x_b.data_ptr<scalar_t>() + r0 * D, D,
+        cpu::gemm_bf16(rows, T, D, x_b + r0 * D, D,
                        prepared[kValueWeightT].data_ptr<scalar_t>() + o0 / tile * packed_tile, V, T,
                        /*accumulate=*/false);
         return;
       }
     }
-    cpu::gemm(rows, T, D, x_rows_acc(x_b, r0, rows, scratch.x_rows), D,
+    cpu::gemm(rows, T, D, x_rows_acc(x_b + r0 * D, rows * D, scratch.x_rows), D,
               prepared[kValueWeightT].data_ptr<acc_t>() + o0, D, V, T, /*accumulate=*/false);
   }
 
-  // x_b[r0 : r0 + rows] as acc_t: in place for fp32/fp64, else converted into `buffer`.
-  static const acc_t* x_rows_acc(const at::Tensor& x_b, int64_t r0, int64_t rows,
-                                 const at::Tensor& buffer) {
+  // The n elements at src as acc_t: in place for fp32/fp64, else converted into `buffer`.
+  static const acc_t* x_rows_acc(const scalar_t* src, int64_t n, acc_t* buffer) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return x_b.data_ptr<acc_t>() + r0 * x_b.size(1);
+      return src;
     } else {
-      return buffer.narrow(0, 0, rows).copy_(x_b.narrow(0, r0, rows)).data_ptr<acc_t>();
+      std::transform(src, src + n, buffer, [](scalar_t v) { return static_cast<acc_t>(v); });
+      return buffer;
     }
   }
 
@@ -532,30 +554,30 @@ struct Plan {
   // pass 1 turns the scores into softmax numerators and sums them, pass 2 computes the
   // value block and writes y. The column statistics are the tile's own (TailMode::kFused),
   // or pass 1 only writes them to stats (kStats), or pass 2 takes them from stats
-  // (kOutput). stats: col_max and col_sum, each [B, D] in natural column order.
-  void tail_tile(const at::Tensor& x, const at::Tensor& h5_b, int64_t b, int64_t o0,
-                 TailScratch& scratch, TailMode mode, acc_t* const stats[2], at::Tensor& y) const {
+  // (kOutput). stats: col_max and col_sum, each [B, D] in natural column order. x_b, y_b:
+  // x[b] and y[b], [N, D] contiguous (y_b unused for kStats).
+  void tail_tile(const scalar_t* x_b, const acc_t* h5_b, int64_t h5_ld, int64_t b, int64_t o0,
+                 const TailScratch<acc_t>& scratch, TailMode mode, acc_t* const stats[2],
+                 scalar_t* y_b) const {
     const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
-    const at::Tensor x_b = x[b];
-    const scalar_t* x_tile = x_b.data_ptr<scalar_t>() + o0;
-    scalar_t* y_tile = mode == TailMode::kStats ? nullptr : y[b].data_ptr<scalar_t>() + o0;
-    acc_t* S = scratch.scores.data_ptr<acc_t>();
-    acc_t* V = scratch.values.data_ptr<acc_t>();
-    acc_t* shift = scratch.shift.data_ptr<acc_t>();  // [blocks, T] (tile columns)
-    acc_t* sum = scratch.sum.data_ptr<acc_t>();
-    const int64_t ld = scratch.scores.stride(0);
+    const scalar_t* x_tile = x_b + o0;
+    scalar_t* y_tile = mode == TailMode::kStats ? nullptr : y_b + o0;
+    acc_t* S = scratch.scores;
+    acc_t* V = scratch.values;
+    acc_t* shift = scratch.shift;  // [blocks, T] (tile columns)
+    acc_t* sum = scratch.sum;
+    const int64_t ld = tile;  // of S
     const acc_t* score_bias = w[kDec2Bias].data_ptr<acc_t>();
     const acc_t* tile_value_bias = prepared[kValueBiasOrdered].data_ptr<acc_t>() + o0;
     ScoresRhs rhs[2];
-    TORCH_INTERNAL_ASSERT(h5_b.stride(1) == 1);
     for (int64_t q = 0; q < 2; ++q) {
-      acc_t* rhs_q = scratch.rhs[q].data_ptr<acc_t>();
-      const int64_t ldb = scratch.rhs.size(2);
-      const int64_t K = parity_rhs(h5_b.data_ptr<acc_t>(), h5_b.stride(0), q, o0, half, rhs_q, ldb);
+      acc_t* rhs_q = scratch.rhs[q];
+      const int64_t ldb = tile / 2;
+      const int64_t K = parity_rhs(h5_b, h5_ld, q, o0, half, rhs_q, ldb);
       rhs[q] = {K, rhs_q, ldb, nullptr};
       if constexpr (std::is_same_v<acc_t, float>) {
         if (bf16_gemm && K > 0) {
-          c10::BFloat16* packed = scratch.rhs_packed[q].data_ptr<c10::BFloat16>();
+          c10::BFloat16* packed = scratch.rhs_packed[q];
           cpu::pack_bf16(K, half, rhs_q, ldb, packed);
           rhs[q].packed = packed;
         }
@@ -576,7 +598,7 @@ struct Plan {
                               shift + r0 / kTailRows * T, sum + r0 / kTailRows * T);
     }
     const int64_t blocks = (N + kTailRows - 1) / kTailRows;
-    acc_t* common[2] = {scratch.common[0].data_ptr<acc_t>(), scratch.common[1].data_ptr<acc_t>()};
+    acc_t* const* common = scratch.common;
     if (mode != TailMode::kOutput)
       cpu::softmax_merge_blocks(shift, sum, blocks, T, common[0], common[1]);
     for (int i = 0; mode != TailMode::kFused && i < 2; ++i) {  // tile parity order <-> natural
@@ -603,12 +625,21 @@ struct Plan {
   // Stage 3 over every (batch element, tile): h5 [D/4, B, D/2] (any strides).
   void tail(const at::Tensor& x, const at::Tensor& h5, TailMode mode, acc_t* const stats[2],
             at::Tensor& y) const {
-    const int64_t tiles = (s.d_model + tile - 1) / tile;
-    parallel_for_aten(s.batch * tiles, 1, [&](int64_t begin, int64_t end) {
-      TailScratch scratch = tail_scratch();
+    const int64_t tiles = (s.d_model + tile - 1) / tile, items = s.batch * tiles;
+    // Per row and output column: the scores' K and the value GEMM's D multiply-adds.
+    const int64_t taps = (s.kernel + 1) / 2 * (s.d_model / 4) + s.d_model;
+    const bool parallel = threads_for(s.batch * s.n_vars * s.d_model * taps) > 1;
+    TORCH_INTERNAL_ASSERT(h5.stride(2) == 1 && x.is_contiguous());
+    const int64_t ND = s.n_vars * s.d_model;
+    const scalar_t* x_data = x.data_ptr<scalar_t>();
+    scalar_t* y_data = mode == TailMode::kStats ? nullptr : y.data_ptr<scalar_t>();
+    const acc_t* h5_data = h5.data_ptr<acc_t>();
+    parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
+      const TailScratch<acc_t> scratch = tail_scratch();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
-        tail_tile(x, h5.select(1, b), b, (item % tiles) * tile, scratch, mode, stats, y);
+        tail_tile(x_data + b * ND, h5_data + b * h5.stride(1), h5.stride(0), b,
+                  (item % tiles) * tile, scratch, mode, stats, y_data ? y_data + b * ND : nullptr);
       }
       if (bf16_gemm) cpu::release_bf16_gemm();
     });

@@ -48,12 +48,13 @@ def test_result_does_not_depend_on_thread_count(problem, threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "batch, d_model",
-    [(1, 128), (16, 128)],  # the bottleneck GEMMs' 16..32 columns, or 256..512 columns
+    [(1, 512), (16, 128)],  # the bottleneck GEMMs' 64..128 columns, or 256..512 columns
     ids=["rows-split", "columns-split"],
 )
 def test_bottleneck_split_across_two_threads(problem, dtype, batch, d_model):
-    # With 2 threads the bottleneck's GEMMs split their columns when each thread gets 128
-    # or more (B·D/8 >= 256 here), else their rows; both must give the 1-thread result.
+    # With 2 threads the bottleneck's GEMMs (each of 2^21 multiply-adds or more here, worth
+    # both threads) split their columns when each thread gets 128 or more (B·D/8 >= 256
+    # here), else their rows; both must give the 1-thread result.
     x, w = problem(batch, 5, d_model, 3, dtype=dtype)
     caller_threads = torch.get_num_threads()
     try:
