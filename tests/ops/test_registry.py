@@ -174,3 +174,37 @@ def test_cuda_shape_limits_op_of_a_cuda_build():
     assert cuda.shape_limits(registry.ProblemShape(16, 862, 512, 3)) is None
     assert "32-bit" in cuda.shape_limits(registry.ProblemShape(1, 1 << 30, 8, 3))
     assert "grid" in cuda.shape_limits(registry.ProblemShape(1 << 30, 8, 512, 3))
+
+
+def test_the_op_is_dispatched_where_autograd_or_a_mode_needs_it(problem, monkeypatch):
+    # Eager inference on plain tensors calls the backend directly; autograd and dispatch
+    # modes (FakeTensor, FlopCounterMode, ...) need the op itself.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class CountedOp:  # the op packet, counting calls (its overloads stay reachable)
+        def __call__(self, *args):
+            dispatched.append(1)
+            return real_op(*args)
+
+        def __getattr__(self, name):
+            return getattr(real_op, name)
+
+    real_op, dispatched, seen = torch.ops.casa.score_attention, [], []
+    monkeypatch.setattr(torch.ops.casa, "score_attention", CountedOp())
+    x, w = problem(2, 5, 16, 3)
+    with torch.no_grad():
+        direct = casa_attention(x, w, backend="cpu")
+        assert dispatched == []
+        with OpLog():
+            logged = casa_attention(x, w, backend="cpu")
+        assert dispatched == [1] and "casa.score_attention.default" in seen
+    x.requires_grad_(True)
+    with_grad = casa_attention(x, w, backend="cpu")
+    assert dispatched == [1, 1] and with_grad.requires_grad
+    torch.testing.assert_close(logged, direct, rtol=0, atol=0)
+    torch.testing.assert_close(with_grad.detach(), direct, rtol=0, atol=0)
