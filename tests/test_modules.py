@@ -50,6 +50,32 @@ def test_attention_module_equals_reference(problem):
     torch.testing.assert_close(attn(x), expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_parametrized_weights_are_used_as_computed(backend):
+    # A parametrized weight is no registered parameter: the modules read it as the attribute.
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    block = CASABlock(n_vars=4, d_model=16, backend=backend)
+    x = torch.randn(2, 4, 16)
+    for module in (block.value, block.score.decoder[4], block.mlp[0]):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    with torch.no_grad():
+        weights = block.weights()
+        assert torch.equal(weights.value_weight, 2 * block.value.parametrizations.weight.original)
+        computed = {
+            "value.weight": block.value.weight,
+            "score.decoder.4.weight": block.score.decoder[4].weight,
+            "mlp.0.weight": block.mlp[0].weight,
+        }
+        eager = CASABlock(n_vars=4, d_model=16, backend="reference")
+        eager.load_state_dict({**block.state_dict(), **computed}, strict=False)
+        torch.testing.assert_close(block(x), eager(x), rtol=2e-5, atol=2e-5)
+
+
 def test_block_uses_one_layer_norm_twice():
     block = CASABlock(n_vars=4, d_model=16, backend="reference").double()
     with torch.no_grad():

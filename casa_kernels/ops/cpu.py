@@ -124,13 +124,19 @@ STAGES = Stages(_head_partial, reference_stages.bottleneck, _tail_stats, _tail_o
 
 def block_epilogue(
     y: torch.Tensor,
-    norm: torch.nn.LayerNorm,
-    mlp0: torch.nn.Linear,
-    mlp2: torch.nn.Linear,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    mlp0_weight: torch.Tensor,
+    mlp0_bias: torch.Tensor,
+    mlp2_weight: torch.Tensor,
+    mlp2_bias: torch.Tensor,
     relu_out: bool,
 ) -> torch.Tensor:
     """``LN(relu(z W1ᵀ + b1) W2ᵀ + b2 + z)`` with ``z = LN(y)``, then ReLU if ``relu_out``:
-    the official block after its attention, fused (csrc/cpu/block_epilogue.cpp).
+    the official block after its attention, fused (csrc/cpu/block_epilogue.cpp). One
+    LayerNorm (``norm_weight``, ``norm_bias``, ``eps``) twice; W1, b1 = ``mlp0_*`` and
+    W2, b2 = ``mlp2_*`` in ``nn.Linear``'s layout.
 
     ``y: [..., D]`` float32 or bfloat16 on the CPU, the parameters in y's dtype. No autograd:
     for inference (the module falls back to eager PyTorch where gradients are due).
@@ -139,17 +145,17 @@ def block_epilogue(
     tier = bf16_gemm_tier() if y.dtype == torch.bfloat16 else "none"
     prepared = cached(
         f"cpu.mlp.{y.dtype}.{tier}",
-        (mlp0.weight, mlp2.weight),
-        lambda: kernels.cpu_prepare_mlp(mlp0.weight, mlp2.weight, tier),
+        (mlp0_weight, mlp2_weight),
+        lambda: kernels.cpu_prepare_mlp(mlp0_weight, mlp2_weight, tier),
     )
     out = kernels.cpu_block_epilogue(
         y.reshape(-1, y.shape[-1]).contiguous(),
-        norm.weight,
-        norm.bias,
-        norm.eps,
+        norm_weight,
+        norm_bias,
+        eps,
         prepared,
-        mlp0.bias,
-        mlp2.bias,
+        mlp0_bias,
+        mlp2_bias,
         tier,
         relu_out,
     )

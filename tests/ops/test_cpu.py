@@ -123,6 +123,19 @@ def _eager_epilogue(y, norm, mlp, relu):
     return torch.relu(out) if relu else out
 
 
+def _epilogue_params(block):
+    norm, (linear0, _, linear2) = block.norm, block.mlp
+    return (
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        linear0.weight,
+        linear0.bias,
+        linear2.weight,
+        linear2.bias,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("rows", [1, 65, 300])  # within one 64-row block, ragged, several
@@ -137,7 +150,7 @@ def test_block_epilogue_matches_the_eager_block(dtype, relu, rows):
         exact = _eager_epilogue(y.double(), block.norm.double(), block.mlp.double(), relu)
         block.to(dtype)
         eager = _eager_epilogue(y.to(dtype), block.norm, block.mlp, relu)
-        ours = block_epilogue(y.to(dtype), block.norm, block.mlp[0], block.mlp[2], relu)
+        ours = block_epilogue(y.to(dtype), *_epilogue_params(block), relu)
     assert ours.dtype == dtype and ours.shape == y.shape
     if dtype == torch.float32:
         torch.testing.assert_close(ours.double(), exact, rtol=2e-5, atol=2e-5)
@@ -153,9 +166,9 @@ def test_block_epilogue_keeps_nan_rows_and_empty_input():
     y = torch.randn(5, 16)
     y[2, 7] = float("nan")
     with torch.no_grad():
-        out = block_epilogue(y, block.norm, block.mlp[0], block.mlp[2], True)
+        out = block_epilogue(y, *_epilogue_params(block), True)
         assert torch.equal(out.isnan(), _eager_epilogue(y, block.norm, block.mlp, True).isnan())
-        assert block_epilogue(y[:0], block.norm, block.mlp[0], block.mlp[2], True).shape == (0, 16)
+        assert block_epilogue(y[:0], *_epilogue_params(block), True).shape == (0, 16)
 
 
 def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
