@@ -32,16 +32,25 @@ void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   }
 }
 
+// fp32 GEMMs up to this many multiply-adds run on brgemm, larger ones on ATen's matmul
+// (MKL), which blocks for the caches itself: one brgemm call over a whole bottleneck
+// GEMM's column share at B = 16 (e.g. 256 x 1024 x 384) made the op 1.2-1.3x slower
+// (Weather, N = 21, B = 16), while below it brgemm's lower overhead wins (ETTh1 B = 1:
+// the op 0.08 vs 0.10 ms; Solar B = 1: 1.59 vs 1.68 ms).
+constexpr int64_t kMaxBrgemmMacs = int64_t{1} << 24;
+
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  // oneDNN's fp32 micro-kernel, or ATen's BLAS when the CPU lacks it (ATen decides).
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
-#else
-  aten_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (M * N * K <= kMaxBrgemmMacs) {
+    // oneDNN's fp32 micro-kernel, or ATen's BLAS when the CPU lacks it (ATen decides).
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
+    return;
+  }
 #endif
+  aten_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
