@@ -11,6 +11,8 @@ registry (raising, with every backend's reason, if it cannot serve the input); a
 empty batch returns an empty result without calling a backend. The fake kernel gives
 ``empty_like(x)``; the backward recomputes the reference from the saved inputs (only
 the inputs are saved), so every backend's gradients are the reference's.
+``casa_attention`` runs that kernel's body itself (``_run``) in eager inference on plain
+tensors, where nothing needs the dispatch (``_needs_dispatcher``).
 
 Autocast: under ``torch.autocast(device, dtype)`` the op runs in the autocast dtype —
 x and every weight of float16/bfloat16/float32 are cast to it (float64 is left alone,
