@@ -142,15 +142,35 @@ int64_t threads_for(int64_t macs) {
   return std::clamp<int64_t>(macs / kMinMacsPerThread, 1, at::get_num_threads());
 }
 
+// The right operand [K, n] of parallel_mm: a matrix (row stride n) or, for a stride-2 conv
+// with bfloat16 GEMMs, the conv's input [K / k, B, L], whose columns (im2col_s2) are packed
+// straight from it, block by block, never written out in fp32 (3-6% of the bf16 op at
+// N = 21 and 137, B = 16, in in-process A/Bs; the same result bit for bit).
+template <typename acc_t>
+struct GemmRhs {
+  const acc_t* matrix = nullptr;
+  const float* conv_input = nullptr;
+  int64_t channels = 0, batch = 0, L = 0, k = 0;
+
+  // pack_bf16 of the columns [c0, c0 + cols) (acc_t = float).
+  void pack(int64_t K, int64_t n, int64_t c0, int64_t cols, c10::BFloat16* packed) const {
+    if (conv_input != nullptr) {
+      cpu::pack_im2col_s2_bf16(conv_input, batch * L, channels, L, k, c0, cols, packed);
+    } else {
+      cpu::pack_bf16(K, cols, matrix + c0, n, packed);
+    }
+  }
+};
+
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
 // the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
 // its own. The columns are split where each thread gets kMinColumnsPerThread or more
 // (large B), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128 columns, too
 // few to split. With bf16_gemm, a is bfloat16 and the GEMM takes b rounded to bfloat16
 // (out stays fp32); in a row split each thread packs all of b, which is small there
-// (K x at most 128·threads). a, b and out: contiguous.
+// (K x at most 128·threads). a and out: contiguous; b: a matrix unless bf16_gemm.
 template <typename acc_t>
-void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+void parallel_mm(const at::Tensor& out, const at::Tensor& a, const GemmRhs<acc_t>& b,
                  const at::Tensor* bias, bool bf16_gemm) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
   const int64_t threads = threads_for(M * K * n);
@@ -159,7 +179,6 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   const int64_t grain =
       threads == 1 ? extent : std::max<int64_t>(32, (extent + threads - 1) / threads);
   acc_t* const c = out.data_ptr<acc_t>();
-  const acc_t* const b_data = b.data_ptr<acc_t>();
   parallel_for_aten(extent, grain, [&](int64_t i0, int64_t i1) {
     const int64_t r0 = by_rows ? i0 : 0, rows = by_rows ? i1 - i0 : M;
     const int64_t c0 = by_rows ? 0 : i0, cols = by_rows ? n : i1 - i0;
@@ -167,14 +186,14 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
     if constexpr (std::is_same_v<acc_t, float>) {
       if (bf16_gemm) {
         at::Tensor packed = at::empty({cpu::packed_bf16_size(K, cols)}, at::kBFloat16);
-        cpu::pack_bf16(K, cols, b_data + c0, n, packed.data_ptr<c10::BFloat16>());
+        b.pack(K, n, c0, cols, packed.data_ptr<c10::BFloat16>());
         cpu::gemm_bf16(rows, cols, K, a.data_ptr<c10::BFloat16>() + r0 * K, K,
                        packed.data_ptr<c10::BFloat16>(), block, n, /*accumulate=*/false);
         cpu::release_bf16_gemm();
       }
     }
     if (!bf16_gemm) {
-      cpu::gemm(rows, cols, K, a.data_ptr<acc_t>() + r0 * K, K, b_data + c0, n, block, n,
+      cpu::gemm(rows, cols, K, a.data_ptr<acc_t>() + r0 * K, K, b.matrix + c0, n, block, n,
                 /*accumulate=*/false);
     }
     if (bias != nullptr) cpu::add_bias_relu(block, n, rows, cols, bias->data_ptr<acc_t>() + r0);
@@ -186,7 +205,16 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 template <typename acc_t>
 at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in, int64_t k,
                      bool bf16_gemm) {
+  TORCH_INTERNAL_ASSERT(in.is_contiguous());
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = a.size(0);
+  at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
+  const at::Tensor out_2d = out.view({Cout, B * L / 2});
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (bf16_gemm) {  // the columns are packed from `in` (GemmRhs)
+      parallel_mm<acc_t>(out_2d, a, {nullptr, in.data_ptr<float>(), Cin, B, L, k}, &bias, true);
+      return out;
+    }
+  }
   at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -194,9 +222,7 @@ at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tens
                      cols.data_ptr<acc_t>() + b * (L / 2), B * (L / 2));
     }
   });
-  at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
-  parallel_mm<acc_t>(out.view({Cout, B * L / 2}), a, cols.view({Cin * k, B * L / 2}), &bias,
-                     bf16_gemm);
+  parallel_mm<acc_t>(out_2d, a, {cols.data_ptr<acc_t>()}, &bias, bf16_gemm);
   return out;
 }
 
@@ -206,9 +232,10 @@ at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tens
 template <typename acc_t>
 at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
                                int64_t k, bool bf16_gemm) {
-  const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = bias.size(0);
+  TORCH_INTERNAL_ASSERT(in.is_contiguous());
+  const int64_t B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
-  parallel_mm<acc_t>(cols, a, in.view({Cin, B * L}), nullptr, bf16_gemm);
+  parallel_mm<acc_t>(cols, a, {in.data_ptr<acc_t>()}, nullptr, bf16_gemm);
   at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -5,6 +5,8 @@
 
 #include "vectorised.h"
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -324,6 +326,50 @@ CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __rest
       uint16_t* __restrict out = dst + n0 * K + k * block;
       for (int64_t c = 0; c < width; ++c) {  // one 32-bit word per pair: this vectorises
         const uint32_t word = bf16_bits_of(row0[c]) | (uint32_t{bf16_bits_of(row1[c])} << 16);
+        std::memcpy(out + 2 * c, &word, sizeof(word));
+      }
+      for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
+    }
+  }
+}
+
+// Row (channel, tap) of im2col_s2 for interleave_im2col_s2_bf16: its columns [col, col +
+// width) into dst, one batch element's run of columns at a time. row: the channel's input.
+CASA_INLINE void im2col_row_segment(const float* __restrict row, int64_t L, int64_t shift,
+                                    int64_t col, int64_t width, float* __restrict dst) {
+  const int64_t half = L / 2;
+  for (int64_t i = 0; i < width;) {
+    const int64_t b = (col + i) / half, t0 = (col + i) % half, run = std::min(width - i, half - t0);
+    const float* __restrict src = row + b * L;
+    const int64_t lo = std::clamp(first_inside(shift), t0, t0 + run);
+    const int64_t hi = std::clamp(end_inside(shift, L), lo, t0 + run);
+    float* __restrict out = dst + i - t0;  // out[t]: column t of this run
+    for (int64_t t = t0; t < lo; ++t) out[t] = 0.0f;
+    for (int64_t t = lo; t < hi; ++t) out[t] = src[2 * t + shift];
+    for (int64_t t = hi; t < t0 + run; ++t) out[t] = 0.0f;
+    i += run;
+  }
+}
+
+CASA_TARGET_CLONES void interleave_im2col_s2_bf16(const float* src, int64_t ld, int64_t channels,
+                                                  int64_t L, int64_t k, int64_t c0, int64_t N,
+                                                  int64_t block, c10::BFloat16* packed) {
+  constexpr int64_t kMaxBlock = 64;
+  TORCH_CHECK(block <= kMaxBlock, "interleave_im2col_s2_bf16: block must be at most 64, is ",
+              block);
+  const int64_t K = channels * k, p = k / 2;
+  float rows[2][kMaxBlock];
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed);
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t width = std::min(block, N - n0);
+    for (int64_t kk = 0; kk < K; kk += 2) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t channel = (kk + r) / k, shift = (kk + r) % k - p;
+        im2col_row_segment(src + channel * ld, L, shift, c0 + n0, width, rows[r]);
+      }
+      uint16_t* __restrict out = dst + n0 * K + kk * block;
+      for (int64_t c = 0; c < width; ++c) {  // as interleave_pairs_impl
+        const uint32_t word = bf16_bits(rows[0][c]) | (uint32_t{bf16_bits(rows[1][c])} << 16);
         std::memcpy(out + 2 * c, &word, sizeof(word));
       }
       for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
