@@ -315,20 +315,26 @@ CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
 CASA_INLINE uint16_t bf16_bits_of(uint16_t v) { return v; }
 CASA_INLINE uint16_t bf16_bits_of(float v) { return bf16_bits(v); }
 
+// One pair of rows of a packed block: out[2c + r] = row_r[c] in bfloat16 for c < width,
+// zero up to 2·block.
+template <typename src_t>
+CASA_INLINE void interleave_row_pair(const src_t* __restrict row0, const src_t* __restrict row1,
+                                     int64_t width, int64_t block, uint16_t* __restrict out) {
+  for (int64_t c = 0; c < width; ++c) {  // one 32-bit word per pair: this vectorises
+    const uint32_t word = bf16_bits_of(row0[c]) | (uint32_t{bf16_bits_of(row1[c])} << 16);
+    std::memcpy(out + 2 * c, &word, sizeof(word));
+  }
+  for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
+}
+
 template <typename src_t>
 CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __restrict src,
                                        int64_t ldb, int64_t block, uint16_t* __restrict dst) {
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t width = std::min(block, N - n0);
     for (int64_t k = 0; k < K; k += 2) {
-      const src_t* __restrict row0 = src + k * ldb + n0;
-      const src_t* __restrict row1 = row0 + ldb;
-      uint16_t* __restrict out = dst + n0 * K + k * block;
-      for (int64_t c = 0; c < width; ++c) {  // one 32-bit word per pair: this vectorises
-        const uint32_t word = bf16_bits_of(row0[c]) | (uint32_t{bf16_bits_of(row1[c])} << 16);
-        std::memcpy(out + 2 * c, &word, sizeof(word));
-      }
-      for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
+      const src_t* row0 = src + k * ldb + n0;
+      interleave_row_pair(row0, row0 + ldb, width, block, dst + n0 * K + k * block);
     }
   }
 }
@@ -343,10 +349,10 @@ CASA_INLINE void im2col_row_segment(const float* __restrict row, int64_t L, int6
     const float* __restrict src = row + b * L;
     const int64_t lo = std::clamp(first_inside(shift), t0, t0 + run);
     const int64_t hi = std::clamp(end_inside(shift, L), lo, t0 + run);
-    float* __restrict out = dst + i - t0;  // out[t]: column t of this run
-    for (int64_t t = t0; t < lo; ++t) out[t] = 0.0f;
-    for (int64_t t = lo; t < hi; ++t) out[t] = src[2 * t + shift];
-    for (int64_t t = hi; t < t0 + run; ++t) out[t] = 0.0f;
+    float* __restrict out = dst + i;  // out[t - t0]: column t of this run
+    for (int64_t t = t0; t < lo; ++t) out[t - t0] = 0.0f;
+    for (int64_t t = lo; t < hi; ++t) out[t - t0] = src[2 * t + shift];
+    for (int64_t t = hi; t < t0 + run; ++t) out[t - t0] = 0.0f;
     i += run;
   }
 }
@@ -367,12 +373,7 @@ CASA_TARGET_CLONES void interleave_im2col_s2_bf16(const float* src, int64_t ld, 
         const int64_t channel = (kk + r) / k, shift = (kk + r) % k - p;
         im2col_row_segment(src + channel * ld, L, shift, c0 + n0, width, rows[r]);
       }
-      uint16_t* __restrict out = dst + n0 * K + kk * block;
-      for (int64_t c = 0; c < width; ++c) {  // as interleave_pairs_impl
-        const uint32_t word = bf16_bits(rows[0][c]) | (uint32_t{bf16_bits(rows[1][c])} << 16);
-        std::memcpy(out + 2 * c, &word, sizeof(word));
-      }
-      for (int64_t c = 2 * width; c < 2 * block; ++c) out[c] = 0;
+      interleave_row_pair(rows[0], rows[1], width, block, dst + n0 * K + kk * block);
     }
   }
 }
