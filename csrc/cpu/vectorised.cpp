@@ -104,24 +104,28 @@ CASA_INLINE void store_pair(c10::BFloat16* p, int64_t c, float even, float odd) 
 CASA_INLINE int64_t first_inside(int64_t shift) { return shift >= 0 ? 0 : (1 - shift) / 2; }
 CASA_INLINE int64_t end_inside(int64_t shift, int64_t L) { return (L - shift + 1) / 2; }
 
+// One tap of a stride-2 conv's columns: out[t - t_begin] = src[2t + shift] for t in
+// [t_begin, t_end), zero where 2t + shift falls outside [0, L).
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void gather_tap_s2(const scalar_t* __restrict src, int64_t L, int64_t shift,
+                               int64_t t_begin, int64_t t_end, acc_t* __restrict out) {
+  const int64_t lo = std::clamp(first_inside(shift), t_begin, t_end);
+  const int64_t hi = std::clamp(end_inside(shift, L), lo, t_end);
+  for (int64_t t = t_begin; t < lo; ++t) out[t - t_begin] = acc_t(0);
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    for (int64_t t = lo; t < hi; ++t) out[t - t_begin] = src[2 * t + shift];
+  } else {
+    for (int64_t t = lo; t < hi; ++t) out[t - t_begin] = load(src, 2 * t + shift);
+  }
+  for (int64_t t = hi; t < t_end; ++t) out[t - t_begin] = acc_t(0);
+}
+
 template <typename acc_t, typename scalar_t>
 CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t L,
                              int64_t k, acc_t* __restrict dst, int64_t dst_ld) {
-  const int64_t half = L / 2, p = k / 2;
   for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* __restrict row = src + i * ld;
     for (int64_t j = 0; j < k; ++j) {
-      acc_t* __restrict out = dst + (i * k + j) * dst_ld;
-      const int64_t shift = j - p;
-      const int64_t t0 = std::min(first_inside(shift), half);
-      const int64_t t1 = std::max(std::min(end_inside(shift, L), half), t0);
-      for (int64_t t = 0; t < t0; ++t) out[t] = acc_t(0);
-      if constexpr (std::is_same_v<acc_t, scalar_t>) {
-        for (int64_t t = t0; t < t1; ++t) out[t] = row[2 * t + shift];
-      } else {
-        for (int64_t t = t0; t < t1; ++t) out[t] = load(row, 2 * t + shift);
-      }
-      for (int64_t t = t1; t < half; ++t) out[t] = acc_t(0);
+      gather_tap_s2(src + i * ld, L, j - k / 2, 0, L / 2, dst + (i * k + j) * dst_ld);
     }
   }
 }
@@ -346,13 +350,7 @@ CASA_INLINE void im2col_row_segment(const float* __restrict row, int64_t L, int6
   const int64_t half = L / 2;
   for (int64_t i = 0; i < width;) {
     const int64_t b = (col + i) / half, t0 = (col + i) % half, run = std::min(width - i, half - t0);
-    const float* __restrict src = row + b * L;
-    const int64_t lo = std::clamp(first_inside(shift), t0, t0 + run);
-    const int64_t hi = std::clamp(end_inside(shift, L), lo, t0 + run);
-    float* __restrict out = dst + i;  // out[t - t0]: column t of this run
-    for (int64_t t = t0; t < lo; ++t) out[t - t0] = 0.0f;
-    for (int64_t t = lo; t < hi; ++t) out[t - t0] = src[2 * t + shift];
-    for (int64_t t = hi; t < t0 + run; ++t) out[t - t0] = 0.0f;
+    gather_tap_s2(row + b * L, L, shift, t0, t0 + run, dst + i);
     i += run;
   }
 }
