@@ -29,7 +29,8 @@
 // own bfloat16 convolutions) and accumulate in fp32; elsewhere bfloat16 input is computed
 // in fp32.
 //
-// Temporary memory: O(B·D^2) for the bottleneck, kHeadChunk·k·D/2 per head worker,
+// Temporary memory: O(B·D^2) for the head's and bottleneck's activations (one block,
+// Activations) and h5, min(kHeadChunk, N)·k·D/2 per head worker,
 // and per tail worker S[N, T] (T <= D, tail_tile_width), the blocks' softmax statistics
 // (2·T per kTailRows rows) and O(D^2) more (for bfloat16 input this includes a
 // [kTailRows, D] fp32 block of x rows). Accumulation is fp32 for
@@ -200,51 +201,76 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const GemmRhs<acc_t
   });
 }
 
-// relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
-// in [Cin, B, L] -> [Cout, B, L/2]. a: the weight as the GEMM's left operand, [Cout, Cin·k].
+// out = relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
+// in [Cin, B, L] -> out [Cout, B, L/2]. a: the weight as the GEMM's left operand,
+// [Cout, Cin·k]. cols: room for the fp32 GEMMs' im2col columns, Cin·k·B·L/2 elements
+// (unused with bf16_gemm, whose packing reads `in` itself).
 template <typename acc_t>
-at::Tensor conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in, int64_t k,
-                     bool bf16_gemm) {
-  TORCH_INTERNAL_ASSERT(in.is_contiguous());
+void conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in, int64_t k,
+               bool bf16_gemm, acc_t* cols, const at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = a.size(0);
-  at::Tensor out = at::empty({Cout, B, L / 2}, in.options());
   const at::Tensor out_2d = out.view({Cout, B * L / 2});
   if constexpr (std::is_same_v<acc_t, float>) {
     if (bf16_gemm) {  // the columns are packed from `in` (GemmRhs)
       parallel_mm<acc_t>(out_2d, a, {nullptr, in.data_ptr<float>(), Cin, B, L, k}, &bias, true);
-      return out;
+      return;
     }
   }
-  at::Tensor cols = at::empty({Cin * k, B, L / 2}, in.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k,
-                     cols.data_ptr<acc_t>() + b * (L / 2), B * (L / 2));
+      cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k, cols + b * (L / 2),
+                     B * (L / 2));
     }
   });
-  parallel_mm<acc_t>(out_2d, a, {cols.data_ptr<acc_t>()}, &bias, bf16_gemm);
-  return out;
+  parallel_mm<acc_t>(out_2d, a, {cols}, &bias, bf16_gemm);
 }
 
-// relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch element
-// in one GEMM: in [Cin, B, L] -> [Cout, B, 2L]. a: the weight [Cin, Cout, k] as the GEMM's
-// left operand, [Cout·k, Cin].
+// out = relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch
+// element in one GEMM: in [Cin, B, L] -> out [Cout, B, 2L]. a: the weight [Cin, Cout, k] as
+// the GEMM's left operand, [Cout·k, Cin]. cols: room for the GEMM's output, Cout·k·B·L
+// elements.
 template <typename acc_t>
-at::Tensor conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
-                               int64_t k, bool bf16_gemm) {
-  TORCH_INTERNAL_ASSERT(in.is_contiguous());
+void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
+                         int64_t k, bool bf16_gemm, acc_t* cols, const at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t B = in.size(1), L = in.size(2), Cout = bias.size(0);
-  const at::Tensor cols = at::empty({Cout * k, B * L}, in.options());
-  parallel_mm<acc_t>(cols, a, {in.data_ptr<acc_t>()}, nullptr, bf16_gemm);
-  at::Tensor out = at::empty({Cout, B, 2 * L}, in.options());
+  const at::Tensor cols_2d = at::from_blob(cols, {Cout * k, B * L}, in.options());
+  parallel_mm<acc_t>(cols_2d, a, {in.data_ptr<acc_t>()}, nullptr, bf16_gemm);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      cpu::col2im_relu_s2(cols.data_ptr<acc_t>() + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
+      cpu::col2im_relu_s2(cols + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
                           out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
     }
   });
-  return out;
 }
+
+// The activations of the head and the bottleneck (Plan::run), views of one allocation per
+// call in three regions that the stages reuse:
+//   io   [D/4, B, D/2]: h1, then enc2's output [D, B, D/8];
+//   mid  [D/2, B, D/4]: enc1's output, then dec0's;
+//   cols [k·B·D^2/16]:  the stride-2 convs' im2col columns (fp32 GEMMs), then the
+//                       transposed convs' GEMM outputs [Cout·k, B·L].
+// dec1's output h5, which the tail reads, has an allocation of its own. Why one block:
+// glibc's malloc keeps freed memory for reuse up to twice the largest block it has freed,
+// and returns the rest to the system; with one allocation per activation (six of 2-3 MB at
+// D = 512, B = 16) it returned about 7 MB after every call and the next call faulted it
+// back in (N = 21, B = 16, bfloat16: 3400 page faults and about 5 ms of system time per
+// call, on an op of 4 ms). The single block stays.
+template <typename acc_t>
+struct Activations {
+  at::Tensor memory;
+  at::Tensor io, mid;  // views of memory, [D/4, B, D/2] and [D/2, B, D/4]
+  acc_t* cols;
+
+  Activations(int64_t B, int64_t D, int64_t k, at::ScalarType acc) {
+    const int64_t quarter = B * D * D / 8;  // elements of io and of mid
+    memory = at::empty({2 * quarter + k * B * D * D / 16}, at::TensorOptions(acc));
+    io = memory.narrow(0, 0, quarter).view({D / 4, B, D / 2});
+    mid = memory.narrow(0, quarter, quarter).view({D / 2, B, D / 4});
+    cols = memory.data_ptr<acc_t>() + 2 * quarter;
+  }
+};
 
 // Scratch of one head worker (Plan::head_scratch): the columns of a chunk of x in the
 // accumulation type, and with bfloat16 GEMMs also in bfloat16 and packed.
@@ -395,9 +421,9 @@ struct Plan {
     return packed;
   }
 
-  // Stage 1: relu(conv(x) + bias) for every batch element: x [B, N, D] -> [D/4, B, D/2];
-  // without bias_relu, the conv's partial sums over these variates alone.
-  at::Tensor head(const at::Tensor& x, bool bias_relu = true) const {
+  // Stage 1: h1 = relu(conv(x) + bias) for every batch element: x [B, N, D] -> h1 [D/4, B,
+  // D/2] (contiguous); without bias_relu, the conv's partial sums over these variates alone.
+  void head(const at::Tensor& x, bool bias_relu, at::Tensor h1) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
     const int64_t threads = at::get_num_threads();
     const int64_t fewest_chunks = (N + kHeadChunk - 2) / (kHeadChunk - 1);
@@ -408,7 +434,10 @@ struct Plan {
     // of 256 rows gave 512 + 350.
     const int64_t chunks = (fewest_chunks + groups - 1) / groups * groups;
     const auto chunk_start = [&](int64_t c) { return c == chunks ? N : c * N / chunks / 2 * 2; };
-    const at::Tensor partial = at::empty({groups, C1, B, D / 2}, at::TensorOptions(acc));
+    TORCH_INTERNAL_ASSERT(h1.is_contiguous() && h1.numel() == C1 * B * D / 2);
+    // The groups' partial sums: h1 itself for one group.
+    const at::Tensor partial = groups == 1 ? h1.view({1, C1, B, D / 2})
+                                           : at::empty({groups, C1, B, D / 2}, h1.options());
     const int64_t ld = B * D / 2;  // of partial[g, :, b]
     const bool parallel = threads_for(B * N * s.kernel * C1 * D / 2) > 1;
     parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
@@ -428,16 +457,15 @@ struct Plan {
       }
       if (bf16_gemm) cpu::release_bf16_gemm();
     });
-    if (groups == 1) return partial[0];
-    at::Tensor h1 = partial.sum(0);
-    if (!bias_relu) return h1;
+    if (groups == 1) return;
+    at::sum_out(h1, partial, {0});
+    if (!bias_relu) return;
     cpu::add_bias_relu(h1.data_ptr<acc_t>(), B * D / 2, C1, B * D / 2,
                        w[kEnc0Bias].data_ptr<acc_t>());
-    return h1;
   }
 
-  HeadScratch head_scratch() const {
-    const int64_t K = kHeadChunk * s.kernel, L = s.d_model / 2;
+  HeadScratch head_scratch() const {  // for chunks of up to min(kHeadChunk, N) rows
+    const int64_t K = std::min(kHeadChunk, s.n_vars) * s.kernel, L = s.d_model / 2;
     HeadScratch scratch{at::empty({K, L}, at::TensorOptions(acc))};
     if (bf16_gemm) {
       scratch.cols_bf16 = at::empty({K, L}, at::kBFloat16);
@@ -467,13 +495,19 @@ struct Plan {
               accumulate);
   }
 
-  // Stage 2: the four N-independent convs: [D/4, B, D/2] -> [D/4, B, D/2].
-  at::Tensor bottleneck(const at::Tensor& h1) const {
-    const int64_t k = s.kernel;
-    at::Tensor h = conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], h1, k, bf16_bottleneck);
-    h = conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], h, k, bf16_bottleneck);
-    h = conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], h, k, bf16_bottleneck);
-    return conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], h, k, bf16_bottleneck);
+  // Stage 2: the four N-independent convs from h1 = a.io [D/4, B, D/2] to h5 [D/4, B, D/2]
+  // (a new tensor); a's regions serve the convs in between (Activations).
+  at::Tensor bottleneck(const Activations<acc_t>& a) const {
+    const int64_t B = s.batch, D = s.d_model, k = s.kernel;
+    const bool bf16 = bf16_bottleneck;
+    const at::Tensor enc2_out = a.io.view({-1}).view({D, B, D / 8});  // h1 is spent by then
+    conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], a.io, k, bf16, a.cols, a.mid);
+    conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], a.mid, k, bf16, a.cols, enc2_out);
+    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, bf16, a.cols,
+                               a.mid);
+    at::Tensor h5 = at::empty({D / 4, B, D / 2}, at::TensorOptions(acc));
+    conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], a.mid, k, bf16, a.cols, h5);
+    return h5;
   }
 
   TailScratch<acc_t> tail_scratch() const {
@@ -675,17 +709,18 @@ struct Plan {
   // The three stages, each a named range in torch.profiler traces.
   void run(const at::Tensor& x, at::Tensor& y) const {
     acc_t* const no_stats[2] = {nullptr, nullptr};
-    at::Tensor h;
+    at::Tensor h5;
     {
-      RECORD_FUNCTION("casa::cpu head", std::vector<c10::IValue>());
-      h = head(x);
-    }
-    {
+      Activations<acc_t> activations(s.batch, s.d_model, s.kernel, acc);
+      {
+        RECORD_FUNCTION("casa::cpu head", std::vector<c10::IValue>());
+        head(x, /*bias_relu=*/true, activations.io);
+      }
       RECORD_FUNCTION("casa::cpu bottleneck", std::vector<c10::IValue>());
-      h = bottleneck(h);
+      h5 = bottleneck(activations);
     }
     RECORD_FUNCTION("casa::cpu tail", std::vector<c10::IValue>());
-    tail(x, h, TailMode::kFused, no_stats, y);
+    tail(x, h5, TailMode::kFused, no_stats, y);
   }
 };
 
@@ -807,7 +842,10 @@ at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
     using T = decltype(types);
     using P = Plan<typename T::scalar_t, typename T::acc_t>;
     const P plan(s, w, P::prepare(s, w, 2, bf16), 2, bf16);
-    return plan.head(x, /*bias_relu=*/false).permute({1, 0, 2}).contiguous();
+    const at::Tensor h1 =
+        at::empty({s.d_model / 4, s.batch, s.d_model / 2}, at::TensorOptions(plan.acc));
+    plan.head(x, /*bias_relu=*/false, h1);
+    return h1.permute({1, 0, 2}).contiguous();
   });
 }
 

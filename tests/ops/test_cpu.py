@@ -103,6 +103,29 @@ def test_temporaries_are_one_scratch_per_worker(problem):
     assert bound < 2 * output  # the bound excludes any [B, N, D]-sized temporary
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bottleneck_activations_are_one_allocation(problem, dtype):
+    # docs/design.md §5.6: the head's and bottleneck's activations are views of one block
+    # per call, and h5 has its own; one allocation per activation made glibc hand the
+    # memory back and fault it in again on every call. Counted here: the allocations of a
+    # warm call at least half an activation in size (y, the prepared weights, the workers'
+    # packing buffers and tail scratch are smaller at this shape).
+    from torch.profiler import ProfilerActivity, profile
+
+    B, N, D = 16, 5, 256
+    x, w = problem(B, N, D, 3, dtype=dtype)
+    ck.casa_attention(x, w, backend="cpu")  # the weight cache warm
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = ck.casa_attention(x, w, backend="cpu")
+    sizes = sorted(
+        e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    activation = B * D * D // 8 * 4  # [D/4, B, D/2] in fp32
+    large = [n for n in sizes if n >= activation // 2]
+    assert large == [activation, activation + activation + 3 * activation // 2], sizes
+    assert_close_to_reference(y, x, w)
+
+
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "requires_grad"])
 def test_runs_under_every_grad_mode_with_parallel_workers(problem, mode):
     # B >= threads: the work items run on torch's OpenMP workers, which must take the
