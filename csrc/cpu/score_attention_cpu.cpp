@@ -436,8 +436,8 @@ struct Plan {
     const auto chunk_start = [&](int64_t c) { return c == chunks ? N : c * N / chunks / 2 * 2; };
     TORCH_INTERNAL_ASSERT(h1.is_contiguous() && h1.numel() == C1 * B * D / 2);
     // The groups' partial sums: h1 itself for one group.
-    const at::Tensor partial = groups == 1 ? h1.view({1, C1, B, D / 2})
-                                           : at::empty({groups, C1, B, D / 2}, h1.options());
+    const at::Tensor partial =
+        groups == 1 ? h1.view({1, C1, B, D / 2}) : at::empty({groups, C1, B, D / 2}, h1.options());
     const int64_t ld = B * D / 2;  // of partial[g, :, b]
     const bool parallel = threads_for(B * N * s.kernel * C1 * D / 2) > 1;
     parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
@@ -503,8 +503,7 @@ struct Plan {
     const at::Tensor enc2_out = a.io.view({-1}).view({D, B, D / 8});  // h1 is spent by then
     conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], a.io, k, bf16, a.cols, a.mid);
     conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], a.mid, k, bf16, a.cols, enc2_out);
-    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, bf16, a.cols,
-                               a.mid);
+    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, bf16, a.cols, a.mid);
     at::Tensor h5 = at::empty({D / 4, B, D / 2}, at::TensorOptions(acc));
     conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], a.mid, k, bf16, a.cols, h5);
     return h5;
