@@ -72,13 +72,6 @@ void pack_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, c10::BFloat16*
   interleave_pairs_bf16(K, N, B, ldb, kPackedColumns, packed);
 }
 
-void pack_im2col_s2_bf16(const float* src, int64_t ld, int64_t channels, int64_t L, int64_t k,
-                         int64_t c0, int64_t N, c10::BFloat16* packed) {
-  TORCH_CHECK(channels * k % 2 == 0, "pack_im2col_s2_bf16: K must be even, received ",
-              channels * k);
-  interleave_im2col_s2_bf16(src, ld, channels, L, k, c0, N, kPackedColumns, packed);
-}
-
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
 namespace {
 

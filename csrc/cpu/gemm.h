@@ -48,12 +48,6 @@ int64_t packed_bf16_size(int64_t K, int64_t N);
 void pack_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* packed);
 void pack_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, c10::BFloat16* packed);
 
-// pack_bf16 of B = the columns [c0, c0 + N) of im2col_s2 over `channels` rows of a
-// [channels, batch, L] fp32 input (channels ld apart), K = channels·k, straight from the
-// input: the stride-2 convs' right operands without their fp32 columns.
-void pack_im2col_s2_bf16(const float* src, int64_t ld, int64_t channels, int64_t L, int64_t k,
-                         int64_t c0, int64_t N, c10::BFloat16* packed);
-
 // C[M, N] = A[M, K] · B (+ C when accumulate), B packed by pack_bf16, fp32 accumulation.
 // Needs bf16_gemm() != kNone.
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,

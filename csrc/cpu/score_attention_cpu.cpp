@@ -38,7 +38,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -51,17 +50,21 @@
 #include <vector>
 
 #include "../score_attention_args.h"
+#include "channels_last.h"
 #include "gemm.h"
-#include "sequential_blas.h"
+#include "parallel.h"
 #include "vectorised.h"
 
 namespace casa {
 namespace {
 
-constexpr int64_t kHeadChunk = 256;             // rows of x turned into GEMM columns at a time
-constexpr int64_t kTailRows = 64;               // rows of a tail tile per GEMM + softmax step
-constexpr int64_t kMinColumnsPerThread = 128;   // parallel_mm: split columns, else rows
-constexpr int64_t kMinMacsPerThread = 1 << 18;  // threads_for: work worth a thread
+using cpu::parallel_for_aten;
+using cpu::parity_taps;
+using cpu::threads_for;
+
+constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM columns at a time
+constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
 
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
 // threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
@@ -74,16 +77,6 @@ int64_t tail_tile_width(int64_t B, int64_t D, int64_t threads) {
     const int64_t slots = (items + threads - 1) / threads * threads;
     if (T == 2 || 8 * (slots - items) <= slots) return T;
   }
-}
-
-// The taps j of the last transposed conv that reach outputs of parity q: output
-// 2u + q takes tap j from input u + (q + p - j) / 2 when q + p - j is even.
-std::vector<int64_t> parity_taps(int64_t k, int64_t q) {
-  std::vector<int64_t> taps;
-  for (int64_t j = 0; j < k; ++j) {
-    if ((q + k / 2 - j) % 2 == 0) taps.push_back(j);
-  }
-  return taps;
 }
 
 // For each tail tile [o0, o0 + T) of the D output columns: o0 + 2c at position o0 + c
@@ -123,56 +116,14 @@ at::Tensor transpose_gather(const at::Tensor& src, int64_t ld, const std::vector
   return out;
 }
 
-// at::parallel_for for bodies that call ATen ops: each worker takes the caller's
-// thread-local state (below-autograd dispatch, inference mode — OpenMP workers do not
-// inherit it) and keeps the BLAS single-threaded (sequential_blas.h).
-template <typename F>
-void parallel_for_aten(int64_t end, int64_t grain, const F& body) {
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, end, grain, [&](int64_t begin, int64_t stop) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const cpu::SequentialBlasGuard sequential_blas;
-    body(begin, stop);
-  });
-}
-
-// The threads a piece of work of `macs` multiply-adds is worth: one per kMinMacsPerThread,
-// at most all of them. Below that a parallel region costs more than it saves (ETTh1,
-// N = 7, D = 128, B = 1: the op took 188 us on 2 threads and 119 us on 1).
-int64_t threads_for(int64_t macs) {
-  return std::clamp<int64_t>(macs / kMinMacsPerThread, 1, at::get_num_threads());
-}
-
-// The right operand [K, n] of parallel_mm: a matrix (row stride n) or, for a stride-2 conv
-// with bfloat16 GEMMs, the conv's input [K / k, B, L], whose columns (im2col_s2) are packed
-// straight from it, block by block, never written out in fp32 (3-6% of the bf16 op at
-// N = 21 and 137, B = 16, in in-process A/Bs; the same result bit for bit).
-template <typename acc_t>
-struct GemmRhs {
-  const acc_t* matrix = nullptr;
-  const float* conv_input = nullptr;
-  int64_t channels = 0, batch = 0, L = 0, k = 0;
-
-  // pack_bf16 of the columns [c0, c0 + cols) (acc_t = float).
-  void pack(int64_t K, int64_t n, int64_t c0, int64_t cols, c10::BFloat16* packed) const {
-    if (conv_input != nullptr) {
-      cpu::pack_im2col_s2_bf16(conv_input, batch * L, channels, L, k, c0, cols, packed);
-    } else {
-      cpu::pack_bf16(K, cols, matrix + c0, n, packed);
-    }
-  }
-};
-
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
 // the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
 // its own. The columns are split where each thread gets kMinColumnsPerThread or more
 // (large B), else the rows: at B = 1 the bottleneck's GEMMs have 32 to 128 columns, too
-// few to split. With bf16_gemm, a is bfloat16 and the GEMM takes b rounded to bfloat16
-// (out stays fp32); in a row split each thread packs all of b, which is small there
-// (K x at most 128·threads). a and out: contiguous; b: a matrix unless bf16_gemm.
+// few to split. a, b and out: contiguous.
 template <typename acc_t>
-void parallel_mm(const at::Tensor& out, const at::Tensor& a, const GemmRhs<acc_t>& b,
-                 const at::Tensor* bias, bool bf16_gemm) {
+void parallel_mm(const at::Tensor& out, const at::Tensor& a, const acc_t* b,
+                 const at::Tensor* bias) {
   const int64_t M = out.size(0), K = a.size(1), n = out.size(1);
   const int64_t threads = threads_for(M * K * n);
   const bool by_rows = n < kMinColumnsPerThread * threads;
@@ -184,46 +135,27 @@ void parallel_mm(const at::Tensor& out, const at::Tensor& a, const GemmRhs<acc_t
     const int64_t r0 = by_rows ? i0 : 0, rows = by_rows ? i1 - i0 : M;
     const int64_t c0 = by_rows ? 0 : i0, cols = by_rows ? n : i1 - i0;
     acc_t* const block = c + r0 * n + c0;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (bf16_gemm) {
-        at::Tensor packed = at::empty({cpu::packed_bf16_size(K, cols)}, at::kBFloat16);
-        b.pack(K, n, c0, cols, packed.data_ptr<c10::BFloat16>());
-        cpu::gemm_bf16(rows, cols, K, a.data_ptr<c10::BFloat16>() + r0 * K, K,
-                       packed.data_ptr<c10::BFloat16>(), block, n, /*accumulate=*/false);
-        cpu::release_bf16_gemm();
-      }
-    }
-    if (!bf16_gemm) {
-      cpu::gemm(rows, cols, K, a.data_ptr<acc_t>() + r0 * K, K, b.matrix + c0, n, block, n,
-                /*accumulate=*/false);
-    }
+    cpu::gemm(rows, cols, K, a.data_ptr<acc_t>() + r0 * K, K, b + c0, n, block, n,
+              /*accumulate=*/false);
     if (bias != nullptr) cpu::add_bias_relu(block, n, rows, cols, bias->data_ptr<acc_t>() + r0);
   });
 }
 
 // out = relu(conv(in) + bias) for a stride-2 conv, every batch element in one GEMM:
 // in [Cin, B, L] -> out [Cout, B, L/2]. a: the weight as the GEMM's left operand,
-// [Cout, Cin·k]. cols: room for the fp32 GEMMs' im2col columns, Cin·k·B·L/2 elements
-// (unused with bf16_gemm, whose packing reads `in` itself).
+// [Cout, Cin·k]. cols: room for the im2col columns, Cin·k·B·L/2 elements.
 template <typename acc_t>
 void conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in, int64_t k,
-               bool bf16_gemm, acc_t* cols, const at::Tensor& out) {
+               acc_t* cols, const at::Tensor& out) {
   TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t Cin = in.size(0), B = in.size(1), L = in.size(2), Cout = a.size(0);
-  const at::Tensor out_2d = out.view({Cout, B * L / 2});
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (bf16_gemm) {  // the columns are packed from `in` (GemmRhs)
-      parallel_mm<acc_t>(out_2d, a, {nullptr, in.data_ptr<float>(), Cin, B, L, k}, &bias, true);
-      return;
-    }
-  }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       cpu::im2col_s2(in.data_ptr<acc_t>() + b * L, B * L, Cin, L, k, cols + b * (L / 2),
                      B * (L / 2));
     }
   });
-  parallel_mm<acc_t>(out_2d, a, {cols}, &bias, bf16_gemm);
+  parallel_mm<acc_t>(out.view({Cout, B * L / 2}), a, cols, &bias);
 }
 
 // out = relu(conv_transpose(in) + bias) for a stride-2 transposed conv, every batch
@@ -232,11 +164,11 @@ void conv_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in
 // elements.
 template <typename acc_t>
 void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& in,
-                         int64_t k, bool bf16_gemm, acc_t* cols, const at::Tensor& out) {
+                         int64_t k, acc_t* cols, const at::Tensor& out) {
   TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t B = in.size(1), L = in.size(2), Cout = bias.size(0);
   const at::Tensor cols_2d = at::from_blob(cols, {Cout * k, B * L}, in.options());
-  parallel_mm<acc_t>(cols_2d, a, {in.data_ptr<acc_t>()}, nullptr, bf16_gemm);
+  parallel_mm<acc_t>(cols_2d, a, in.data_ptr<acc_t>(), nullptr);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       cpu::col2im_relu_s2(cols + b * L, B * L, Cout, k, L, bias.data_ptr<acc_t>(),
@@ -245,12 +177,16 @@ void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::
   });
 }
 
-// The activations of the head and the bottleneck (Plan::run), views of one allocation per
-// call in three regions that the stages reuse:
+// The activations of the head and the bottleneck (Plan::run), carved from one allocation
+// per call. The head writes h1 [D/4, B, D/2] into io. Then, for the convs on im2col and
+// col2im (fp32 GEMMs), the stages reuse three regions:
 //   io   [D/4, B, D/2]: h1, then enc2's output [D, B, D/8];
 //   mid  [D/2, B, D/4]: enc1's output, then dec0's;
-//   cols [k·B·D^2/16]:  the stride-2 convs' im2col columns (fp32 GEMMs), then the
-//                       transposed convs' GEMM outputs [Cout·k, B·L].
+//   cols [k·B·D^2/16]:  the stride-2 convs' im2col columns, then the transposed convs'
+//                       GEMM outputs [Cout·k, B·L].
+// For the channels-last convs (AMX, channels_last.h), three bfloat16 activations follow io:
+//   rows[0] [B, D/2, D/4]: h1; rows[1] [B, D/4, D/2]: enc1's output, then dec0's;
+//   rows[2] [B, D/8, D]: enc2's output.
 // dec1's output h5, which the tail reads, has an allocation of its own. Why one block:
 // glibc's malloc keeps freed memory for reuse up to twice the largest block it has freed,
 // and returns the rest to the system; with one allocation per activation (six of 2-3 MB at
@@ -260,15 +196,30 @@ void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::
 template <typename acc_t>
 struct Activations {
   at::Tensor memory;
-  at::Tensor io, mid;  // views of memory, [D/4, B, D/2] and [D/2, B, D/4]
-  acc_t* cols;
+  at::Tensor io, mid;  // [D/4, B, D/2] and (im2col path) [D/2, B, D/4]
+  acc_t* cols = nullptr;
+  cpu::PaddedRows rows[3] = {};  // channels-last path
 
-  Activations(int64_t B, int64_t D, int64_t k, at::ScalarType acc) {
+  Activations(int64_t B, int64_t D, int64_t k, at::ScalarType acc, bool channels_last) {
     const int64_t quarter = B * D * D / 8;  // elements of io and of mid
-    memory = at::empty({2 * quarter + k * B * D * D / 16}, at::TensorOptions(acc));
-    io = memory.narrow(0, 0, quarter).view({D / 4, B, D / 2});
-    mid = memory.narrow(0, quarter, quarter).view({D / 2, B, D / 4});
-    cols = memory.data_ptr<acc_t>() + 2 * quarter;
+    const at::TensorOptions options(acc);
+    if (!channels_last) {
+      memory = at::empty({2 * quarter + k * B * D * D / 16}, options);
+      io = memory.narrow(0, 0, quarter).view({D / 4, B, D / 2});
+      mid = memory.narrow(0, quarter, quarter).view({D / 2, B, D / 4});
+      cols = memory.data_ptr<acc_t>() + 2 * quarter;
+      return;
+    }
+    const int64_t p = k / 2, L[3] = {D / 2, D / 4, D / 8}, C[3] = {D / 4, D / 2, D};
+    int64_t bytes = quarter * static_cast<int64_t>(sizeof(acc_t));
+    for (int i = 0; i < 3; ++i) bytes += 2 * cpu::PaddedRows::elements(B, L[i], C[i], p);
+    memory = at::empty({bytes}, at::kByte);
+    io = at::from_blob(memory.data_ptr(), {D / 4, B, D / 2}, options);
+    auto* next = reinterpret_cast<c10::BFloat16*>(io.data_ptr<acc_t>() + quarter);
+    for (int i = 0; i < 3; ++i) {
+      rows[i] = {next, B, L[i], C[i], p};
+      next += cpu::PaddedRows::elements(B, L[i], C[i], p);
+    }
   }
 };
 
@@ -304,14 +255,16 @@ enum PreparedIndex : int {
                       // packed (cpu::pack_bf16) tile by tile
   kValueBiasOrdered,  // [D]: bv in tile_parity_order (acc_t)
   kEnc1Gemm,
-  kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands
+  kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands (acc_t);
+              // on AMX, cpu::pack_conv_s2_weight
   kDec0Gemm,
-  kDec1Gemm,     // [Cout·k, Cin]: the transposed convs' weights, transposed
+  kDec1Gemm,     // [Cout·k, Cin]: the transposed convs' weights, transposed (acc_t);
+                 // on AMX, cpu::pack_conv_transpose_s2_weight
   kNumPrepared,  // then, for bfloat16 input, the 14 weights in fp32
 };
-// The GEMM operands (dec2 by parity, Wv^T, the bottleneck's) are bfloat16 with bf16_gemm,
-// acc_t otherwise, all contiguous; kEnc1Gemm and kEnc2Gemm are views of the caller's
-// weights where no cast is due.
+// The tail's GEMM operands (dec2 by parity, Wv^T) are bfloat16 with bf16_gemm, acc_t
+// otherwise, all contiguous; kEnc1Gemm and kEnc2Gemm are views of the caller's weights
+// where no cast is due.
 
 enum class TailMode { kFused, kStats, kOutput };
 
@@ -324,8 +277,9 @@ struct Plan {
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
   // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
   bool bf16_gemm;
-  // The bottleneck's GEMMs too, on AMX only: its column-split GEMMs with M up to 3D/2 ran
-  // at half the speed of the fp32 ones on the avx512_bf16 tier (N = 21: 0.76x the reference).
+  // The bottleneck in bfloat16 too, channels-last (channels_last.h), on AMX only: on the
+  // avx512_bf16 tier its bfloat16 GEMMs ran at half the speed of the fp32 ones (N = 21:
+  // 0.76x the reference).
   bool bf16_bottleneck;
   std::vector<int64_t> taps[2];      // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
@@ -356,7 +310,6 @@ struct Plan {
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const bool bf16_gemm = tier != cpu::Bf16Gemm::kNone;
     const at::ScalarType gemm_type = bf16_gemm ? at::kBFloat16 : acc;
-    const at::ScalarType bottleneck_type = tier == cpu::Bf16Gemm::kAmx ? at::kBFloat16 : acc;
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, C2 = D / 2, k = s.kernel;
     // Entries whose weights a stage does not pass (undefined) stay empty placeholders.
     std::vector<at::Tensor> out(kNumPrepared, at::empty({0}, at::TensorOptions(acc)));
@@ -383,8 +336,13 @@ struct Plan {
       out[kValueBiasOrdered] =
           weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
     }
-    if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
-      const auto operand = [&](int i) { return weights[i].to(bottleneck_type); };
+    if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight}) && tier == cpu::Bf16Gemm::kAmx) {
+      out[kEnc1Gemm] = cpu::pack_conv_s2_weight(weights[kEnc1Weight]);
+      out[kEnc2Gemm] = cpu::pack_conv_s2_weight(weights[kEnc2Weight]);
+      out[kDec0Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec0Weight]);
+      out[kDec1Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec1Weight]);
+    } else if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
+      const auto operand = [&](int i) { return weights[i].to(acc); };
       out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
       out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
       // The GEMMs (parallel_mm) take contiguous left operands.
@@ -496,16 +454,30 @@ struct Plan {
   }
 
   // Stage 2: the four N-independent convs from h1 = a.io [D/4, B, D/2] to h5 [D/4, B, D/2]
-  // (a new tensor); a's regions serve the convs in between (Activations).
+  // (a new tensor); a's regions serve the convs in between (Activations). On AMX the convs
+  // run channels-last in bfloat16 (channels_last.h), else on im2col/col2im GEMMs in acc_t.
   at::Tensor bottleneck(const Activations<acc_t>& a) const {
     const int64_t B = s.batch, D = s.d_model, k = s.kernel;
-    const bool bf16 = bf16_bottleneck;
-    const at::Tensor enc2_out = a.io.view({-1}).view({D, B, D / 8});  // h1 is spent by then
-    conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], a.io, k, bf16, a.cols, a.mid);
-    conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], a.mid, k, bf16, a.cols, enc2_out);
-    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, bf16, a.cols, a.mid);
     at::Tensor h5 = at::empty({D / 4, B, D / 2}, at::TensorOptions(acc));
-    conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], a.mid, k, bf16, a.cols, h5);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_bottleneck) {
+        const auto packed = [&](int i) { return prepared[i].data_ptr<c10::BFloat16>(); };
+        const auto bias = [&](int i) { return w[i].data_ptr<float>(); };
+        cpu::to_padded_rows(a.io.template data_ptr<float>(), a.rows[0]);
+        cpu::conv_s2_relu(a.rows[0], packed(kEnc1Gemm), bias(kEnc1Bias), k, a.rows[1]);
+        cpu::conv_s2_relu(a.rows[1], packed(kEnc2Gemm), bias(kEnc2Bias), k, a.rows[2]);
+        cpu::conv_transpose_s2_relu(a.rows[2], packed(kDec0Gemm), bias(kDec0Bias), k, D / 2,
+                                    &a.rows[1], nullptr);
+        cpu::conv_transpose_s2_relu(a.rows[1], packed(kDec1Gemm), bias(kDec1Bias), k, D / 4,
+                                    nullptr, h5.data_ptr<float>());
+        return h5;
+      }
+    }
+    const at::Tensor enc2_out = a.io.view({-1}).view({D, B, D / 8});  // h1 is spent by then
+    conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], a.io, k, a.cols, a.mid);
+    conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], a.mid, k, a.cols, enc2_out);
+    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, a.cols, a.mid);
+    conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], a.mid, k, a.cols, h5);
     return h5;
   }
 
@@ -710,7 +682,7 @@ struct Plan {
     acc_t* const no_stats[2] = {nullptr, nullptr};
     at::Tensor h5;
     {
-      Activations<acc_t> activations(s.batch, s.d_model, s.kernel, acc);
+      Activations<acc_t> activations(s.batch, s.d_model, s.kernel, acc, bf16_bottleneck);
       {
         RECORD_FUNCTION("casa::cpu head", std::vector<c10::IValue>());
         head(x, /*bias_relu=*/true, activations.io);

@@ -319,6 +319,48 @@ CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
 CASA_INLINE uint16_t bf16_bits_of(uint16_t v) { return v; }
 CASA_INLINE uint16_t bf16_bits_of(float v) { return bf16_bits(v); }
 
+CASA_INLINE float stored_as(float v, float*) { return v; }
+CASA_INLINE uint16_t stored_as(float v, c10::BFloat16*) { return bf16_bits(v); }
+
+// transpose's body: 16 x 16 blocks through a tile on the stack, filled row by row
+// (converted as it is read, which vectorises) and written out column by column.
+template <typename out_t>
+CASA_INLINE void transpose_impl(const float* __restrict src, int64_t lds, int64_t rows,
+                                int64_t cols, out_t* dst, int64_t ldd) {
+  constexpr int64_t kTile = 16;
+  using bits_t = std::conditional_t<std::is_same_v<out_t, float>, float, uint16_t>;
+  bits_t* __restrict out = reinterpret_cast<bits_t*>(dst);
+  const auto converted = [](float v) { return stored_as(v, static_cast<out_t*>(nullptr)); };
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      if (r0 + kTile > rows || c0 + kTile > cols) {  // a partial tile at the edge
+        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) {
+          for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) {
+            out[c * ldd + r] = converted(src[r * lds + c]);
+          }
+        }
+        continue;
+      }
+      bits_t tile[kTile][kTile];  // [row][column]
+      for (int64_t r = 0; r < kTile; ++r) {
+        for (int64_t c = 0; c < kTile; ++c) tile[r][c] = converted(src[(r0 + r) * lds + c0 + c]);
+      }
+      for (int64_t c = 0; c < kTile; ++c) {
+        for (int64_t r = 0; r < kTile; ++r) out[(c0 + c) * ldd + r0 + r] = tile[r][c];
+      }
+    }
+  }
+}
+
+CASA_TARGET_CLONES void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                  float* dst, int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
+CASA_TARGET_CLONES void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                  c10::BFloat16* dst, int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
+
 // One pair of rows of a packed block: out[2c + r] = row_r[c] in bfloat16 for c < width,
 // zero up to 2·block.
 template <typename src_t>
@@ -339,39 +381,6 @@ CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __rest
     for (int64_t k = 0; k < K; k += 2) {
       const src_t* row0 = src + k * ldb + n0;
       interleave_row_pair(row0, row0 + ldb, width, block, dst + n0 * K + k * block);
-    }
-  }
-}
-
-// Row (channel, tap) of im2col_s2 for interleave_im2col_s2_bf16: its columns [col, col +
-// width) into dst, one batch element's run of columns at a time. row: the channel's input.
-CASA_INLINE void im2col_row_segment(const float* __restrict row, int64_t L, int64_t shift,
-                                    int64_t col, int64_t width, float* __restrict dst) {
-  const int64_t half = L / 2;
-  for (int64_t i = 0; i < width;) {
-    const int64_t b = (col + i) / half, t0 = (col + i) % half, run = std::min(width - i, half - t0);
-    gather_tap_s2(row + b * L, L, shift, t0, t0 + run, dst + i);
-    i += run;
-  }
-}
-
-CASA_TARGET_CLONES void interleave_im2col_s2_bf16(const float* src, int64_t ld, int64_t channels,
-                                                  int64_t L, int64_t k, int64_t c0, int64_t N,
-                                                  int64_t block, c10::BFloat16* packed) {
-  constexpr int64_t kMaxBlock = 64;
-  TORCH_CHECK(block <= kMaxBlock, "interleave_im2col_s2_bf16: block must be at most 64, is ",
-              block);
-  const int64_t K = channels * k, p = k / 2;
-  float rows[2][kMaxBlock];
-  uint16_t* dst = reinterpret_cast<uint16_t*>(packed);
-  for (int64_t n0 = 0; n0 < N; n0 += block) {
-    const int64_t width = std::min(block, N - n0);
-    for (int64_t kk = 0; kk < K; kk += 2) {
-      for (int64_t r = 0; r < 2; ++r) {
-        const int64_t channel = (kk + r) / k, shift = (kk + r) % k - p;
-        im2col_row_segment(src + channel * ld, L, shift, c0 + n0, width, rows[r]);
-      }
-      interleave_row_pair(rows[0], rows[1], width, block, dst + n0 * K + kk * block);
     }
   }
 }

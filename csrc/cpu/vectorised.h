@@ -98,13 +98,6 @@ void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B, int64_t
                            c10::BFloat16* packed);
 void interleave_pairs_bf16(int64_t K, int64_t N, const float* B, int64_t ldb, int64_t block,
                            c10::BFloat16* packed);  // rounded to nearest even
-// The same packing of B = the columns [c0, c0 + N) of im2col_s2 over `channels` input rows
-// of length L (K = channels·k rows): src holds [channels, batch, L] (channels ld apart,
-// batch elements L apart) and B's column c0 + c is (batch element, t) = divmod(c0 + c, L/2).
-// Each block's pair of rows is gathered into a buffer that stays in L1, so the fp32
-// columns are never written out. block <= 64.
-void interleave_im2col_s2_bf16(const float* src, int64_t ld, int64_t channels, int64_t L, int64_t k,
-                               int64_t c0, int64_t N, int64_t block, c10::BFloat16* packed);
 
 // The block around the attention (csrc/cpu/block_epilogue.cpp), row-wise on blocks of
 // rows of D features, fp32 arithmetic:
@@ -122,6 +115,12 @@ void add_bias_relu_rows(float* io, int64_t rows, int64_t D, const float* bias);
 // io[r·D + c] += bias[c] + residual[r·D + c].
 void add_bias_residual_rows(float* io, int64_t rows, int64_t D, const float* bias,
                             const float* residual);
+
+// dst[c·ldd + r] = src[r·lds + c] for r < rows, c < cols (rounded to bfloat16, nearest
+// even, for bfloat16 dst): the channels-last bottleneck's changes of layout.
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, c10::BFloat16* dst,
+               int64_t ldd);
 
 // Rounds n floats to bfloat16 (nearest even): the GEMMs' operands and the output.
 void to_bf16(const float* in, int64_t n, c10::BFloat16* out);
