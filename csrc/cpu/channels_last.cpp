@@ -1,7 +1,7 @@
 #include "channels_last.h"
 
 #include <algorithm>
-#include <cstring>
+#include <vector>
 
 #include "gemm.h"
 #include "parallel.h"
@@ -116,14 +116,14 @@ void conv_s2_relu(const PaddedRows& in, const c10::BFloat16* packed, const float
                   const PaddedRows& out) {
   const int64_t B = in.batch, Cin = in.channels, Cout = out.channels, K = k * Cin;
   const int64_t rows = in.L / 2, p = k / 2;
-  for_each_block(B, rows, Cout, B * rows * K * Cout,
-                 [&](int64_t b, int64_t r0, int64_t r1, int64_t n0, int64_t n1, float* C) {
-                   const int64_t m = r1 - r0, w = n1 - n0;
-                   gemm_bf16(m, w, K, in.row(b, 2 * r0 - p), 2 * Cin, packed + n0 * K, C, w,
-                             /*accumulate=*/false);
-                   add_bias_relu_rows(C, m, w, bias + n0);
-                   store_bf16_rows(C, m, w, out.row(b, r0) + n0, Cout);
-                 });
+  const auto block = [&](int64_t b, int64_t r0, int64_t r1, int64_t n0, int64_t n1, float* C) {
+    const int64_t m = r1 - r0, w = n1 - n0;
+    gemm_bf16(m, w, K, in.row(b, 2 * r0 - p), 2 * Cin, packed + n0 * K, C, w,
+              /*accumulate=*/false);
+    add_bias_relu_rows(C, m, w, bias + n0);
+    store_bf16_rows(C, m, w, out.row(b, r0) + n0, Cout);
+  };
+  for_each_block(B, rows, Cout, B * rows * K * Cout, block);
   out.zero_padding();
 }
 
@@ -134,30 +134,27 @@ void conv_transpose_s2_relu(const PaddedRows& in, const c10::BFloat16* packed, c
   const int64_t K[2] = {static_cast<int64_t>(parity[0].taps.size()) * Cin,
                         static_cast<int64_t>(parity[1].taps.size()) * Cin};
   const c10::BFloat16* packed_q[2] = {packed, packed + packed_bf16_size(K[0], Cout)};
-  for_each_block(B, L, Cout, B * L * (K[0] + K[1]) * Cout,
-                 [&](int64_t b, int64_t u0, int64_t u1, int64_t n0, int64_t n1, float* C) {
-                   // C [2·(u1 - u0), w]: the GEMM output for outputs 2u0 … 2u1 - 1 in order, each
-                   // parity's rows 2w apart.
-                   const int64_t w = n1 - n0;
-                   for (int64_t q = 0; q < 2; ++q) {
-                     float* Cq = C + q * w;
-                     if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
-                       for (int64_t r = 0; r < u1 - u0; ++r)
-                         std::fill(Cq + 2 * r * w, Cq + (2 * r + 1) * w, 0.0f);
-                       continue;
-                     }
-                     gemm_bf16(u1 - u0, w, K[q], in.row(b, u0 + parity[q].first_offset), Cin,
-                               packed_q[q] + n0 * K[q], Cq, 2 * w, /*accumulate=*/false);
-                   }
-                   const int64_t rows = 2 * (u1 - u0);
-                   add_bias_relu_rows(C, rows, w, bias + n0);
-                   if (out != nullptr) {
-                     store_bf16_rows(C, rows, w, out->row(b, 2 * u0) + n0, Cout);
-                   } else {
-                     transpose(C, w, rows, w, channels_first + n0 * B * 2 * L + b * 2 * L + 2 * u0,
-                               B * 2 * L);
-                   }
-                 });
+  // C [2·(u1 - u0), w]: the GEMM output for outputs 2u0 … 2u1 - 1 in order, each parity's
+  // rows 2w apart.
+  const auto block = [&](int64_t b, int64_t u0, int64_t u1, int64_t n0, int64_t n1, float* C) {
+    const int64_t w = n1 - n0, rows = 2 * (u1 - u0);
+    for (int64_t q = 0; q < 2; ++q) {
+      float* Cq = C + q * w;
+      if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
+        for (int64_t r = 0; r < u1 - u0; ++r) std::fill(Cq + 2 * r * w, Cq + (2 * r + 1) * w, 0.0f);
+        continue;
+      }
+      gemm_bf16(u1 - u0, w, K[q], in.row(b, u0 + parity[q].first_offset), Cin,
+                packed_q[q] + n0 * K[q], Cq, 2 * w, /*accumulate=*/false);
+    }
+    add_bias_relu_rows(C, rows, w, bias + n0);
+    if (out != nullptr) {
+      store_bf16_rows(C, rows, w, out->row(b, 2 * u0) + n0, Cout);
+    } else {
+      transpose(C, w, rows, w, channels_first + (n0 * B + b) * 2 * L + 2 * u0, B * 2 * L);
+    }
+  };
+  for_each_block(B, L, Cout, B * L * (K[0] + K[1]) * Cout, block);
   if (out != nullptr) out->zero_padding();
 }
 
