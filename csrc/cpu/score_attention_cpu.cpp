@@ -16,7 +16,8 @@
 //      kHeadChunk rows, so x is only ever copied one chunk at a time. Work items are
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
-//      whole batch, its columns (large B) or rows (small B) split across threads.
+//      whole batch, its columns (large B) or rows (small B) split across threads; for
+//      bfloat16 on AMX, channels-last GEMMs in bfloat16 instead (channels_last.h).
 //   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
 //      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
 //      numerators, each block on its own shift (vectorised.h); pass 2 runs the value
