@@ -54,7 +54,9 @@ def test_result_does_not_depend_on_thread_count(problem, threads):
 def test_bottleneck_split_across_two_threads(problem, dtype, batch, d_model):
     # With 2 threads the bottleneck's GEMMs (each of 2^21 multiply-adds or more here, worth
     # both threads) split their columns when each thread gets 128 or more (B·D/8 >= 256
-    # here), else their rows; both must give the 1-thread result.
+    # here), else their rows; both must give the 1-thread result. bfloat16 on AMX runs the
+    # channels-last bottleneck instead, split into (batch element, 64-row chunk) items and,
+    # at B = 1, into groups of output channels too.
     x, w = problem(batch, 5, d_model, 3, dtype=dtype)
     caller_threads = torch.get_num_threads()
     try:
