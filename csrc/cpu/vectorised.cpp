@@ -104,20 +104,21 @@ CASA_INLINE void store_pair(c10::BFloat16* p, int64_t c, float even, float odd) 
 CASA_INLINE int64_t first_inside(int64_t shift) { return shift >= 0 ? 0 : (1 - shift) / 2; }
 CASA_INLINE int64_t end_inside(int64_t shift, int64_t L) { return (L - shift + 1) / 2; }
 
-// One tap of a stride-2 conv's columns: out[t - t_begin] = src[2t + shift] for t in
-// [t_begin, t_end), zero where 2t + shift falls outside [0, L).
+// One tap of a stride-2 conv's columns: out[t] = src[2t + shift] for t < L/2, zero where
+// 2t + shift falls outside [0, L).
 template <typename acc_t, typename scalar_t>
 CASA_INLINE void gather_tap_s2(const scalar_t* __restrict src, int64_t L, int64_t shift,
-                               int64_t t_begin, int64_t t_end, acc_t* __restrict out) {
-  const int64_t lo = std::clamp(first_inside(shift), t_begin, t_end);
-  const int64_t hi = std::clamp(end_inside(shift, L), lo, t_end);
-  for (int64_t t = t_begin; t < lo; ++t) out[t - t_begin] = acc_t(0);
+                               acc_t* __restrict out) {
+  const int64_t half = L / 2;
+  const int64_t lo = std::clamp<int64_t>(first_inside(shift), 0, half);
+  const int64_t hi = std::clamp(end_inside(shift, L), lo, half);
+  for (int64_t t = 0; t < lo; ++t) out[t] = acc_t(0);
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    for (int64_t t = lo; t < hi; ++t) out[t - t_begin] = src[2 * t + shift];
+    for (int64_t t = lo; t < hi; ++t) out[t] = src[2 * t + shift];
   } else {
-    for (int64_t t = lo; t < hi; ++t) out[t - t_begin] = load(src, 2 * t + shift);
+    for (int64_t t = lo; t < hi; ++t) out[t] = load(src, 2 * t + shift);
   }
-  for (int64_t t = hi; t < t_end; ++t) out[t - t_begin] = acc_t(0);
+  for (int64_t t = hi; t < half; ++t) out[t] = acc_t(0);
 }
 
 template <typename acc_t, typename scalar_t>
@@ -125,7 +126,7 @@ CASA_INLINE void im2col_impl(const scalar_t* __restrict src, int64_t ld, int64_t
                              int64_t k, acc_t* __restrict dst, int64_t dst_ld) {
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < k; ++j) {
-      gather_tap_s2(src + i * ld, L, j - k / 2, 0, L / 2, dst + (i * k + j) * dst_ld);
+      gather_tap_s2(src + i * ld, L, j - k / 2, dst + (i * k + j) * dst_ld);
     }
   }
 }
