@@ -337,18 +337,20 @@ struct Plan {
       out[kValueBiasOrdered] =
           weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
     }
-    if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight}) && tier == cpu::Bf16Gemm::kAmx) {
-      out[kEnc1Gemm] = cpu::pack_conv_s2_weight(weights[kEnc1Weight]);
-      out[kEnc2Gemm] = cpu::pack_conv_s2_weight(weights[kEnc2Weight]);
-      out[kDec0Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec0Weight]);
-      out[kDec1Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec1Weight]);
-    } else if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
-      const auto operand = [&](int i) { return weights[i].to(acc); };
-      out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
-      out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
-      // The GEMMs (parallel_mm) take contiguous left operands.
-      out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t().contiguous();
-      out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t().contiguous();
+    if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
+      if (tier == cpu::Bf16Gemm::kAmx) {  // the channels-last bottleneck's (channels_last.h)
+        out[kEnc1Gemm] = cpu::pack_conv_s2_weight(weights[kEnc1Weight]);
+        out[kEnc2Gemm] = cpu::pack_conv_s2_weight(weights[kEnc2Weight]);
+        out[kDec0Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec0Weight]);
+        out[kDec1Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec1Weight]);
+      } else {
+        const auto operand = [&](int i) { return weights[i].to(acc); };
+        out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
+        out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
+        // The GEMMs (parallel_mm) take contiguous left operands.
+        out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t().contiguous();
+        out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t().contiguous();
+      }
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int i = 0; i < kNumWeights; ++i) {
