@@ -134,7 +134,7 @@ def isa(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         return f"sm_{major}{minor}"
-    from casa_kernels.ops.cpu import bf16_gemm_tier
+    from casa_kernels.ops.backends.cpu import bf16_gemm_tier
 
     tier = bf16_gemm_tier()
     if tier == "none":

@@ -9,6 +9,7 @@ weights prepared once per weight version (``ops.weight_cache``), then every back
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -16,7 +17,7 @@ import torch
 
 from . import __version__
 from .ops import availability, weight_cache
-from .ops.cpu import bf16_gemm_tier
+from .ops.backends.cpu import bf16_gemm_tier
 from .ops.extension import extension_error, has_kernel_for
 
 
@@ -72,7 +73,11 @@ def report() -> list[tuple[str, str]]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m casa_kernels.info",
+        description="Versions, what was built, and each backend's availability and reason.",
+    ).parse_args(argv)
     rows = report()
     width = max(len(key) for key, _ in rows)
     for key, value in rows:

@@ -9,9 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import casa_attention, resolve_backend
-from .ops.cpu import block_epilogue
-from .validation import check_config, check_positive_int, check_series, check_tokens
+from .ops.registry import Backend, check_backend_name
+from .ops.score_attention import attention_on_backend
+from .validation import (
+    check_config,
+    check_like_parameter,
+    check_positive_int,
+    check_series,
+    check_tokens,
+)
 from .weights import ScoreAttentionWeights
 
 
@@ -58,6 +64,7 @@ class CASAAttention(nn.Module):
     def __init__(self, *, n_vars: int, d_model: int, kernel: int = 3, backend: str = "auto"):
         super().__init__()
         check_config(n_vars=n_vars, d_model=d_model, kernel=kernel)
+        check_backend_name(backend)
         self.n_vars, self.d_model, self.kernel, self.backend = n_vars, d_model, kernel, backend
         self.value = nn.Linear(d_model, d_model)
         self.score = ScoreNetwork(n_vars=n_vars, d_model=d_model, kernel=kernel)
@@ -70,7 +77,7 @@ class CASAAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return casa_attention(x, self.weights(), backend=self.backend)
+        return attention_on_backend(x, self.weights(), self.backend)[0]
 
     def extra_repr(self) -> str:
         return f"n_vars={self.n_vars}, d_model={self.d_model}, kernel={self.kernel}, backend={self.backend!r}"
@@ -85,9 +92,10 @@ class CASABlock(CASAAttention):
     to the attention's constructor (a subclass whose attention takes more options, e.g. a
     process group).
 
-    Where the attention runs on the ``cpu`` backend for inference (no gradient due, no
-    autocast, not traced), the work after the attention runs as one fused CPU op
-    (:func:`casa_kernels.ops.cpu.block_epilogue`); elsewhere it is eager PyTorch.
+    Where the backend that ran the attention declares a fused block epilogue
+    (``Backend.block_epilogue``, e.g. the cpu backend's) and the call is inference (no
+    gradient due, no autocast, not traced), the work after the attention runs as that
+    one fused op; elsewhere it is eager PyTorch.
     """
 
     def __init__(
@@ -108,19 +116,20 @@ class CASABlock(CASAAttention):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        y = super().forward(x)
-        fused = self._fused_epilogue(y)
+        y, backend = attention_on_backend(x, self.weights(), self.backend)
+        fused = self._fused_epilogue(y, backend)
         if fused is not None:
-            return block_epilogue(y, *fused, relu)
+            return backend.block_epilogue.run(y, *fused, relu)
         z = self.norm(y)
         out = self.norm(self.mlp(z) + z)
         return torch.relu(out) if relu else out
 
-    def _fused_epilogue(self, y: torch.Tensor) -> tuple | None:
-        """The arguments of :func:`block_epilogue` after ``y`` where it runs, else None."""
-        if torch.compiler.is_compiling() or y.device.type != "cpu":
+    def _fused_epilogue(self, y: torch.Tensor, backend: Backend) -> tuple | None:
+        """The arguments of ``backend``'s block epilogue after ``y`` where it runs, else None."""
+        epilogue = backend.block_epilogue
+        if epilogue is None or y.dtype not in epilogue.dtypes or torch.compiler.is_compiling():
             return None
-        if y.dtype not in (torch.float32, torch.bfloat16) or torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled(y.device.type):
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return None
@@ -131,8 +140,6 @@ class CASABlock(CASAAttention):
         mlp2_weight, mlp2_bias = _param(linear2, "weight"), _param(linear2, "bias")
         params = (norm_weight, norm_bias, mlp0_weight, mlp0_bias, mlp2_weight, mlp2_bias)
         if any(p is None or p.dtype != y.dtype for p in params):
-            return None
-        if resolve_backend(self.backend, y.device, y.dtype).name != "cpu":
             return None
         return norm_weight, norm_bias, norm.eps, mlp0_weight, mlp0_bias, mlp2_weight, mlp2_bias
 
@@ -192,11 +199,13 @@ class CASAModel(nn.Module):
         mask: object = None,
     ) -> torch.Tensor:
         check_series(x, self.seq_len, self.n_vars)
+        embed, _, *layers, head = self.model  # model[1] is the embedding's ReLU, done in place
+        if not torch.is_autocast_enabled(x.device.type):
+            check_like_parameter("x", x, "model.0.weight", _param(embed, "weight"))
         if x.shape[0] == 0:  # no statistics of an empty batch to normalise with
             return x.new_empty(0, self.pred_len, self.n_vars)
         var, mean = torch.var_mean(x, dim=1, keepdim=True)  # one pass; var unbiased
         std = torch.sqrt(var + 1e-5)
-        embed, _, *layers, head = self.model  # model[1] is the embedding's ReLU, done in place
         h = embed(((x - mean) / std).permute(0, 2, 1)).relu_()
         for block, _ in layers:  # each layer is (CASABlock, ReLU): the block applies the ReLU
             h = block(h, relu=True)

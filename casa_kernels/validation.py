@@ -120,15 +120,22 @@ def check_attention_input(x: object, weights: ScoreAttentionWeights) -> torch.Te
     return check_like_weights(check_tokens(x, weights.n_vars, weights.d_model), weights)
 
 
-def check_like_weights(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
-    """Checks the dtype and device of ``x`` (sizes already checked) against the weights'."""
-    if x.dtype != weights.value_weight.dtype:
+def check_like_parameter(
+    name: str, x: torch.Tensor, parameter_name: str, parameter: torch.Tensor
+) -> torch.Tensor:
+    """Checks the dtype and device of ``x`` (sizes already checked) against a parameter's."""
+    if x.dtype != parameter.dtype:
         raise TypeError(
-            f"x: expected dtype {weights.value_weight.dtype} (that of the weights), received {x.dtype}"
+            f"{name}: expected dtype {parameter.dtype} (that of {parameter_name}), received {x.dtype}"
         )
-    if x.device != weights.value_weight.device:
+    if x.device != parameter.device:
         raise ValueError(
-            f"x: expected device {weights.value_weight.device} (that of the weights), "
+            f"{name}: expected device {parameter.device} (that of {parameter_name}), "
             f"received {x.device}"
         )
     return x
+
+
+def check_like_weights(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    """Checks the dtype and device of ``x`` (sizes already checked) against the weights'."""
+    return check_like_parameter("x", x, "the weights", weights.value_weight)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from casa_kernels import CASAAttention, CASAModel, ScoreNetwork, casa_attention
+from casa_kernels import CASAAttention, CASABlock, CASAModel, ScoreNetwork, casa_attention
 from casa_kernels.baselines import FullAttention, ITransformerModel
 
 
@@ -119,6 +119,41 @@ def test_unknown_backend(problem):
         ValueError, match=r"backend: expected one of \['auto', .*'reference'.*\], received 'fast'"
     ):
         casa_attention(x, w, backend="fast")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda b: CASAAttention(n_vars=3, d_model=8, backend=b),
+        lambda b: CASABlock(n_vars=3, d_model=8, backend=b),
+        lambda b: CASAModel(n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=1, backend=b),
+    ],
+)
+def test_unknown_backend_fails_at_construction(build):
+    with pytest.raises(
+        ValueError, match=r"backend: expected one of \['auto', .*\], received 'cpuu'"
+    ):
+        build("cpuu")
+    with pytest.raises(TypeError, match=r"backend: expected a str, received NoneType"):
+        build(None)
+
+
+def test_unknown_backend_in_the_environment_names_the_variable(problem, monkeypatch):
+    x, w = problem(1, 4, 16, 3)
+    monkeypatch.setenv("CASA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"CASA_BACKEND \(environment variable.*received 'bogus'"):
+        casa_attention(x, w)
+
+
+def test_model_input_of_another_dtype_names_the_parameter():
+    model = CASAModel(n_vars=3, d_model=8, seq_len=12, pred_len=4, e_layers=1)
+    with pytest.raises(
+        TypeError,
+        match=r"x: expected dtype torch.float32 \(that of model.0.weight\), received torch.float64",
+    ):
+        model(torch.randn(2, 12, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no error
+        assert model(torch.randn(2, 12, 3)).shape == (2, 4, 3)
 
 
 def test_bad_model_input():

@@ -1,6 +1,6 @@
 """The op ``casa::score_attention``, its backends and the dispatch between them."""
 
-from . import cpu, cuda, reference_backend, triton_backend  # noqa: F401  (register the backends)
+from . import backends  # noqa: F401  (register the backends)
 from .registry import availability, backend_names, resolve_backend
 from .score_attention import casa_attention
 

@@ -56,6 +56,17 @@ class ProblemShape(NamedTuple):
         return cls(*x.shape, weights.kernel)
 
 
+class BlockEpilogue(NamedTuple):
+    """A backend's fused form of the official block's work after its attention, for
+    inference (no autograd): ``run(y, norm_weight, norm_bias, eps, mlp0_weight, mlp0_bias,
+    mlp2_weight, mlp2_bias, relu_out) -> LN(relu(z W1ᵀ + b1) W2ᵀ + b2 + z)`` with
+    ``z = LN(y)``, then ReLU if ``relu_out``; ``y: [..., D]`` of one of ``dtypes``, the
+    parameters in y's dtype."""
+
+    dtypes: frozenset[torch.dtype]
+    run: Callable[..., torch.Tensor]
+
+
 ENV_VAR = "CASA_BACKEND"
 FALLBACK = "reference"
 """The backend that serves every device, dtype and shape: ``auto``'s last resort."""
@@ -76,6 +87,8 @@ class Backend:
     order). A device type missing here is never chosen by ``auto``, only by name."""
     shape_limits: Callable[[ProblemShape], str | None] | None = None
     """None when the backend serves a problem of this shape, else why not; None: any shape."""
+    block_epilogue: BlockEpilogue | None = None
+    """The fused work after the attention in a block, where the backend has it."""
 
     def reason_not_serving(
         self, device: torch.device, dtype: torch.dtype, shape: ProblemShape | None = None
@@ -107,13 +120,24 @@ def backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, *, argument: str = "backend") -> Backend:
+    """The backend registered as ``name``; ``argument`` names where the name came from
+    in the error for an unknown one."""
     try:
         return _BACKENDS[name]
     except KeyError:
         raise ValueError(
-            f"backend: expected one of {['auto', *_BACKENDS]}, received {name!r}"
+            f"{argument}: expected one of {['auto', *_BACKENDS]}, received {name!r}"
         ) from None
+
+
+def check_backend_name(name: object) -> None:
+    """Checks ``name`` is ``"auto"`` or a registered backend's name (constructors call it,
+    so that a typo fails where it is written, not at the first call)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str, received {type(name).__name__}")
+    if name != "auto":
+        get_backend(name)
 
 
 def auto_order(device_type: str) -> list[str]:
@@ -138,10 +162,12 @@ def resolve_backend(
     (and of ``shape``, when given: backends declaring shape limits are then checked too)."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, received {type(name).__name__}")
+    argument = "backend"
     if name == "auto":
         name = os.environ.get(ENV_VAR, "").strip() or "auto"
+        argument = f"{ENV_VAR} (environment variable, overriding backend='auto')"
     if name != "auto":
-        backend = get_backend(name)
+        backend = get_backend(name, argument=argument)
         if backend.reason_not_serving(device, dtype, shape) is None:
             return backend
         reasons = "\n".join(

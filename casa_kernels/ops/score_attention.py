@@ -11,8 +11,9 @@ registry (raising, with every backend's reason, if it cannot serve the input); a
 empty batch returns an empty result without calling a backend. The fake kernel gives
 ``empty_like(x)``; the backward recomputes the reference from the saved inputs (only
 the inputs are saved), so every backend's gradients are the reference's.
-``casa_attention`` runs that kernel's body itself (``_run``) in eager inference on plain
-tensors, where nothing needs the dispatch (``_needs_dispatcher``).
+``casa_attention`` resolves the backend once, with the problem's shape, and runs that
+kernel's body itself (``_forward_on``) in eager inference on plain tensors, where nothing
+needs the dispatch (``_needs_dispatcher``).
 
 Autocast: under ``torch.autocast(device, dtype)`` the op runs in the autocast dtype —
 x and every weight of float16/bfloat16/float32 are cast to it (float64 is left alone,
@@ -28,7 +29,7 @@ import torch
 from .. import reference
 from ..validation import check_like_weights, check_tokens, check_weights
 from ..weights import ScoreAttentionWeights
-from .registry import ProblemShape, resolve_backend
+from .registry import FALLBACK, Backend, ProblemShape, get_backend, resolve_backend
 from .weight_cache import cached
 
 OP_NAME = "casa::score_attention"
@@ -40,9 +41,8 @@ torch.library.define(
 )
 
 
-def _run(x: torch.Tensor, weights: ScoreAttentionWeights, backend: str) -> torch.Tensor:
-    """The op's computation: the named backend on validated inputs (B = 0: empty)."""
-    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, weights))
+def _forward_on(chosen: Backend, x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
+    """The op's computation on a backend that serves the inputs (B = 0: empty)."""
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     return chosen.forward(x, weights)
@@ -51,7 +51,9 @@ def _run(x: torch.Tensor, weights: ScoreAttentionWeights, backend: str) -> torch
 @torch.library.register_kernel(OP_NAME, None)
 def _score_attention_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
     *weights, backend = weights_and_backend
-    return _run(x, ScoreAttentionWeights(*weights), backend)
+    weights = ScoreAttentionWeights(*weights)
+    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, weights))
+    return _forward_on(chosen, x, weights)
 
 
 @torch.library.register_fake(OP_NAME)
@@ -128,21 +130,39 @@ def casa_attention(
         whatever the reference's own ops give when the reference runs), contiguous.
         B may be 0.
     """
+    return attention_on_backend(x, weights, backend)[0]
+
+
+def attention_on_backend(
+    x: torch.Tensor, weights: ScoreAttentionWeights, backend: str
+) -> tuple[torch.Tensor, Backend]:
+    """:func:`casa_attention` and the backend that ran it (the modules ask it for its
+    capabilities). The inputs are validated and the backend resolved here, once, with the
+    problem's shape: ``auto`` passes over a backend whose shape limits the input exceeds."""
     weights = check_weights(weights)
     x = check_tokens(x, weights.n_vars, weights.d_model)
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is None:
         x = check_like_weights(x, weights)
-    chosen = _resolved_name(backend, x.device, autocast_dtype or x.dtype)
-    if chosen == "reference":
+    dtype = autocast_dtype or x.dtype
+    shape = ProblemShape.of(x, weights)
+    if torch.compiler.is_compiling():
+        # The choice is a constant of the graph, made with the shape where it is static
+        # (symbolic sizes: without it; the op then checks the shape limits when it runs).
+        static = shape is not None and all(type(size) is int for size in shape)
+        sizes = tuple(shape) if static else None
+        chosen = get_backend(_resolved_name(backend, x.device, dtype, sizes))
+    else:
+        chosen = resolve_backend(backend, x.device, dtype, shape)
+    if chosen.name == FALLBACK:
         # Plain PyTorch: autograd, autocast and torch.compile see straight through it.
-        return reference.score_attention(x, weights)
+        return reference.score_attention(x, weights), chosen
     if autocast_dtype is not None:
         weights = ScoreAttentionWeights(*(_weight_in(autocast_dtype, w) for w in weights))
         x = check_like_weights(x.to(autocast_dtype), weights)
     if _needs_dispatcher(x, weights):
-        return torch.ops.casa.score_attention(x, *weights, chosen)
-    return _run(x, weights, chosen)  # what the op would run, without its dispatch
+        return torch.ops.casa.score_attention(x, *weights, chosen.name), chosen
+    return _forward_on(chosen, x, weights), chosen  # what the op would run, without its dispatch
 
 
 def _needs_dispatcher(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
@@ -168,6 +188,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @torch.compiler.assume_constant_result
-def _resolved_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolved_name(
+    backend: str, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None
+) -> str:
     # A constant for torch.compile: availability and CASA_BACKEND are fixed per process.
-    return resolve_backend(backend, device, dtype).name
+    # ``sizes``: a ProblemShape's fields as a plain tuple (what the compiler passes on).
+    shape = None if sizes is None else ProblemShape(*sizes)
+    return resolve_backend(backend, device, dtype, shape).name

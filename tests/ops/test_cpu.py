@@ -4,6 +4,7 @@ epilogue, the bfloat16 GEMM tiers, the modules' default. What every backend must
 (shapes, strides, gradients, opcheck, fuzzing, extremes, memory) is in test_conformance.py.
 """
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 import casa_kernels as ck
-from casa_kernels.ops.cpu import block_epilogue
+from casa_kernels.ops import registry
+from casa_kernels.ops.backends.cpu import block_epilogue
 from casa_kernels.tolerance import LOW_PRECISION_EPS, assert_close_to_reference
 
 
@@ -206,8 +208,10 @@ def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
     block = ck.CASABlock(n_vars=7, d_model=16, backend="cpu")
     x = torch.randn(2, 7, 16)
     calls = []
-    monkeypatch.setattr(
-        ck.modules, "block_epilogue", lambda *a: calls.append(1) or block_epilogue(*a)
+    cpu = registry.get_backend("cpu")
+    counting = cpu.block_epilogue._replace(run=lambda *a: calls.append(1) or block_epilogue(*a))
+    monkeypatch.setitem(
+        registry._BACKENDS, "cpu", dataclasses.replace(cpu, block_epilogue=counting)
     )
     with torch.no_grad():
         fused = block(x)
@@ -220,7 +224,7 @@ def test_block_uses_the_fused_epilogue_for_inference_only(monkeypatch):
 ROOT = Path(__file__).resolve().parents[2]
 _TIER_CHECK = """
 import torch, casa_kernels as ck
-from casa_kernels.ops.cpu import bf16_gemm_tier
+from casa_kernels.ops.backends.cpu import bf16_gemm_tier
 from casa_kernels.tolerance import compare
 from tests.conftest import make_problem
 x, w = make_problem(3, 130, 264, 5, dtype=torch.bfloat16)

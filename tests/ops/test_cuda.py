@@ -79,7 +79,7 @@ def test_rejects_bad_inputs(cuda_backend):
 def test_raw_op_takes_both_dec2_layouts_and_offset_views(cuda_backend, dtype):
     # The op reads dec2 contiguous or packed [N, k, C1] (what the backend passes), and copies
     # an x that does not start on 16 bytes (the value GEMM's cp.async vectors).
-    from casa_kernels.ops.cuda import packed_dec2
+    from casa_kernels.ops.backends.cuda import packed_dec2
 
     x, w = make_problem(2, 37, 24, 5, dtype=dtype, device="cuda", seed=11)
     flat = torch.empty(x.numel() + 2, dtype=dtype, device="cuda")
@@ -184,7 +184,7 @@ def test_cuda_sources_compile():
 def test_packed_dec2_is_a_view_of_an_n_k_c1_copy_made_once():
     # The layout the cuda backend hands the op (runs anywhere: plain tensor ops).
     from casa_kernels.ops import weight_cache
-    from casa_kernels.ops.cuda import packed_dec2
+    from casa_kernels.ops.backends.cuda import packed_dec2
 
     _, w = make_problem(1, 5, 16, 3)
     dec2 = w.dec2_weight.clone()

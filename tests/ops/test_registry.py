@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import casa_kernels as ck
 from casa_kernels import casa_attention, reference
 from casa_kernels.ops import extension, registry
 
@@ -87,12 +88,14 @@ info.main()
 
 def _fake_backend(name, **fields):
     return registry.Backend(
-        name=name,
-        device_types=frozenset({"cpu"}),
-        dtypes=frozenset({torch.float32}),
-        forward=reference.score_attention,
-        unavailable_reason=lambda: None,
-        **fields,
+        **{
+            "name": name,
+            "device_types": frozenset({"cpu"}),
+            "dtypes": frozenset({torch.float32}),
+            "forward": reference.score_attention,
+            "unavailable_reason": lambda: None,
+            **fields,
+        }
     )
 
 
@@ -139,6 +142,37 @@ def test_shape_limits_are_checked_before_dispatch(scratch_registry, problem):
     x, w = problem(1, 101, 16, 3)
     with pytest.raises(RuntimeError, match="narrow: at most 100 variates"):
         torch.ops.casa.score_attention(x, *w, "narrow")
+
+
+def test_auto_passes_over_a_backend_past_its_shape_limits_through_the_public_api(
+    scratch_registry, problem
+):
+    # One resolution per call, with the shape: casa_attention, the modules and the
+    # compiled module all run "narrow" where it serves the shape and "cpu" where not.
+    served = []
+
+    def narrow_forward(x, w):
+        served.append(x.shape[1])
+        return reference.score_attention(x, w)
+
+    registry.register_backend(
+        _fake_backend(
+            "narrow",
+            auto_priority={"cpu": 5},
+            forward=narrow_forward,
+            shape_limits=lambda s: "at most 8 variates" if s.n_vars > 8 else None,
+        )
+    )
+    for n_vars in (8, 9):
+        x, w = problem(2, n_vars, 16, 3)
+        expected = reference.score_attention(x, w)
+        torch.testing.assert_close(ck.casa_attention(x, w), expected, rtol=2e-5, atol=2e-5)
+        block = ck.CASABlock(n_vars=n_vars, d_model=16)
+        with torch.no_grad():
+            block(x)
+        block(x).sum().backward()  # through the op's autograd
+        torch.compile(ck.CASAAttention(n_vars=n_vars, d_model=16), fullgraph=True)(x)
+    assert served == [8, 8, 8, 8]
 
 
 def test_problem_shape_of_a_call(problem):
@@ -208,3 +242,12 @@ def test_the_op_is_dispatched_where_autograd_or_a_mode_needs_it(problem, monkeyp
     assert dispatched == [1, 1] and with_grad.requires_grad
     torch.testing.assert_close(logged, direct, rtol=0, atol=0)
     torch.testing.assert_close(with_grad.detach(), direct, rtol=0, atol=0)
+
+
+def test_info_answers_help_and_rejects_unknown_flags():
+    command = [sys.executable, "-m", "casa_kernels.info"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "usage: python -m casa_kernels.info" in shown.stdout
+    assert "backend cpu" not in shown.stdout  # help only, not the report
+    wrong = subprocess.run([*command, "--bogus"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unrecognized arguments: --bogus" in wrong.stderr

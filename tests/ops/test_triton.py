@@ -57,7 +57,7 @@ def test_backend_registered_for_this_machine():
 
 
 def test_reason_without_cuda_or_interpreter(monkeypatch):
-    from casa_kernels.ops import triton_backend
+    from casa_kernels.ops.backends import triton as triton_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -12,11 +12,11 @@ kernels' 32-bit grid and index limits are declared before dispatch (``shape_limi
 
 import torch
 
-from ..weights import ScoreAttentionWeights
-from .extension import kernel_missing_reason
-from .finite_weights import reference_for_nonfinite_weights
-from .registry import Backend, ProblemShape, register_backend
-from .weight_cache import cached
+from ...weights import ScoreAttentionWeights
+from ..extension import kernel_missing_reason
+from ..finite_weights import reference_for_nonfinite_weights
+from ..registry import Backend, ProblemShape, register_backend
+from ..weight_cache import cached
 
 
 def _unavailable_reason() -> str | None:

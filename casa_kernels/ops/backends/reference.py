@@ -2,9 +2,9 @@
 
 import torch
 
-from .. import reference
-from ..reference import stages
-from .registry import Backend, Stages, register_backend
+from ... import reference
+from ...reference import stages
+from ..registry import Backend, Stages, register_backend
 
 register_backend(
     Backend(

@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from ..weights import ScoreAttentionWeights
-from .finite_weights import reference_for_nonfinite_weights
-from .registry import Backend, Stages, register_backend
+from ...weights import ScoreAttentionWeights
+from ..finite_weights import reference_for_nonfinite_weights
+from ..registry import Backend, Stages, register_backend
 
 
 def _interpreter_on() -> bool:
@@ -42,7 +42,7 @@ def _unavailable_reason() -> str | None:
 
 @reference_for_nonfinite_weights  # the convs' zero padding times a NaN tap (finite_weights)
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
-    from .triton_kernels import triton_score_attention
+    from ..triton_kernels import triton_score_attention
 
     return triton_score_attention(x, weights)
 
@@ -51,7 +51,7 @@ def _stage(name: str):
     """The stage ``name`` of ``triton_kernels``, imported when first called."""
 
     def run(*args, **kwargs):
-        from . import triton_kernels
+        from .. import triton_kernels
 
         return getattr(triton_kernels, name)(*args, **kwargs)
 

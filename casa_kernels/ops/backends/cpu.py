@@ -21,13 +21,13 @@ import functools
 
 import torch
 
-from .. import reference
-from ..reference import stages as reference_stages
-from ..weights import ScoreAttentionWeights
-from .extension import kernel_missing_reason
-from .finite_weights import prepared_if_finite
-from .registry import Backend, Stages, register_backend
-from .weight_cache import cached
+from ... import reference
+from ...reference import stages as reference_stages
+from ...weights import ScoreAttentionWeights
+from ..extension import kernel_missing_reason
+from ..finite_weights import prepared_if_finite
+from ..registry import Backend, BlockEpilogue, Stages, register_backend
+from ..weight_cache import cached
 
 _MISSING_HINT = "csrc/cpu was not compiled"
 
@@ -139,7 +139,8 @@ def block_epilogue(
     W2, b2 = ``mlp2_*`` in ``nn.Linear``'s layout.
 
     ``y: [..., D]`` float32 or bfloat16 on the CPU, the parameters in y's dtype. No autograd:
-    for inference (the module falls back to eager PyTorch where gradients are due).
+    for inference (the module falls back to eager PyTorch where gradients are due). The
+    backend's ``block_epilogue`` capability (registry.BlockEpilogue).
     """
     kernels = _kernels()
     tier = bf16_gemm_tier() if y.dtype == torch.bfloat16 else "none"
@@ -171,5 +172,6 @@ register_backend(
         unavailable_reason=lambda: kernel_missing_reason("CPU", _MISSING_HINT),
         auto_priority={"cpu": 1},
         stages=STAGES,
+        block_epilogue=BlockEpilogue(frozenset({torch.float32, torch.bfloat16}), block_epilogue),
     )
 )
