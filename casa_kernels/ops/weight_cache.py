@@ -5,52 +5,84 @@ A backend that needs its weights in another layout or dtype asks
 
     packed = cached("cpu.tail", (w.dec2_weight, w.value_weight), lambda: pack(w))
 
-An entry is keyed on the tag and the identity of the source tensors, and remembers
-each source's *version*: its storage address and its autograd version counter. Any
-in-place update (``optimizer.step()``, ``load_state_dict``, ``param.data = …``)
-changes one of them, so the next call prepares the weights again and replaces the
-entry; an entry is dropped as soon as one of its source tensors is freed, so the
-cache never outlives the weights. Inference tensors (created under
-``torch.inference_mode``) carry no version counter and are prepared on every call.
+An entry is keyed on the tag and the identity of the source tensors and stamped with
+what can change under them (docs/design.md §9 lists what is and is not detected):
+
+* each source's storage (the storage object itself, held weakly: ``param.data = …`` to
+  new memory, even memory at the address the old storage had, is a new storage), the
+  address of its first element, and its autograd version counter (any in-place update of
+  the tensor or of a view or ``detach()`` of it: ``load_state_dict``, ``torch.no_grad()``
+  updates, ``nn.init``);
+* the *optimizer epoch*: every ``torch.optim.Optimizer.step()`` (fused, foreach and
+  subclasses alike: torch.optim's global step hook) drops every entry's validity, since
+  fused optimizers update parameters without touching their version counters.
+
+Sources that cannot be stamped are prepared on every call: views into a larger storage
+(``vector_to_parameters``, flat-parameter wrappers such as FSDP's: their storage is
+written through aliases whose version counters are their own), inference tensors (no
+version counter), and everything while tracing or inside :func:`disabled`. An entry is
+dropped as soon as one of its source tensors is freed, so the cache never outlives the
+weights.
+
+Not detected: writes through ``param.data`` (``param.data.copy_(…)``: ``.data`` is an
+alias with a version counter of its own) and writes from outside PyTorch (NumPy views,
+DLPack). Call :func:`clear` after them, or run such code inside :func:`disabled`.
 
 :func:`cache_bytes` is the memory the prepared tensors hold (``python -m
 casa_kernels.info`` reports it).
-
-Writes through an alias that has its own version counter (``p.data[...] = …``,
-``p.detach().copy_(…)``) are invisible to the version check: call :func:`clear` after
-them, or run such code inside :func:`disabled`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 Prepared = TypeVar("Prepared")
 
 _Key = tuple  # (tag, id(source) for each source)
-_entries: dict[_Key, tuple[tuple, object]] = {}
+_Stamp = tuple  # (optimizer epoch, (data_ptr, version) per source)
+# key -> (stamp, weak references to the sources' storages, prepared value)
+_entries: dict[_Key, tuple[_Stamp, tuple[weakref.ref, ...], object]] = {}
 _lock = threading.Lock()
 _disabled_depth = 0
+_optimizer_steps = itertools.count()
+_epoch = next(_optimizer_steps)
 
 
-def _versions(sources: Sequence[torch.Tensor]) -> tuple | None:
-    """Each source's version (the address of its first element, storage + offset, and its
-    version counter); None where it is not to be cached: while tracing, inside
-    :func:`disabled`, or for inference tensors (they have no version counter)."""
+def _on_optimizer_step(optimizer, args, kwargs) -> None:
+    global _epoch
+    _epoch = next(_optimizer_steps)
+
+
+register_optimizer_step_post_hook(_on_optimizer_step)
+
+
+def _owns_storage(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
+    """Whether ``t`` is the whole of its storage (not a view into a flat buffer)."""
+    return t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+
+
+def _stamp(sources: Sequence[torch.Tensor]) -> tuple[_Stamp, list] | None:
+    """The sources' stamp and storages; None where they are not to be cached: while
+    tracing, inside :func:`disabled` and for inference tensors."""
     if _disabled_depth or torch.compiler.is_compiling():
         return None
+    epoch = _epoch  # read before the sources: a step racing this call invalidates the entry
+    storages = [t.untyped_storage() for t in sources]
     try:  # one pass: this runs on every call of a backend, over up to 14 weights
-        return tuple([(t.data_ptr(), t._version) for t in sources])
+        stamp = tuple([(t.data_ptr(), t._version) for t in sources])
     except RuntimeError:  # "Inference tensors do not track version counter"
         if any(t.is_inference() for t in sources):
             return None
         raise
+    return (epoch, stamp), storages
 
 
 @contextlib.contextmanager
@@ -65,6 +97,13 @@ def disabled():
         _disabled_depth -= 1
 
 
+def _valid(entry, stamp: _Stamp, storages: list) -> bool:
+    held_stamp, held_storages, _ = entry
+    return held_stamp == stamp and all(
+        ref() is storage for ref, storage in zip(held_storages, storages)
+    )
+
+
 def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prepared]) -> Prepared:
     """``prepare()``, computed once per version of ``sources`` and tag.
 
@@ -74,25 +113,29 @@ def cached(tag: str, sources: Sequence[torch.Tensor], prepare: Callable[[], Prep
     of the sources, but a result holding a source tensor itself (``w.contiguous()`` of a
     contiguous ``w``) is not cached: the entry would keep its own source alive.
     """
-    versions = _versions(sources)
-    if versions is None:
+    stamped = _stamp(sources)
+    if stamped is None:
         with torch.no_grad():
             return prepare()
+    stamp, storages = stamped
     key = (tag, *map(id, sources))
     with _lock:
         entry = _entries.get(key)
-    if entry is not None and entry[0] == versions:
-        return entry[1]  # type: ignore[return-value]
+    if entry is not None and _valid(entry, stamp, storages):
+        return entry[2]  # type: ignore[return-value]
     with torch.no_grad():
         value = prepare()
     if any(t is source for t in _tensors(value) for source in sources):
         return value  # holding a source itself would keep it alive: nothing to cache
+    if not all(map(_owns_storage, sources, storages)):
+        return value  # a view into a flat buffer, written through aliases: not cached
+    refs = tuple(map(weakref.ref, storages))
     with _lock:
         if key not in _entries:
             # Drop the entry with the first of its sources to be freed.
             for t in sources:
                 weakref.finalize(t, _entries.pop, key, None)
-        _entries[key] = (versions, value)
+        _entries[key] = (stamp, refs, value)
     return value
 
 
@@ -112,7 +155,7 @@ def cache_bytes() -> dict[str, int]:
     totals: dict[str, int] = {}
     seen: set[int] = set()
     with _lock:
-        values = [value for _, value in _entries.values()]
+        values = [value for _, _, value in _entries.values()]
     for value in values:
         for t in _tensors(value):
             storage = t.untyped_storage()
@@ -124,6 +167,6 @@ def cache_bytes() -> dict[str, int]:
 
 
 def clear() -> None:
-    """Drops every entry (tests; freeing memory by hand)."""
+    """Drops every entry (after writes the cache cannot see; freeing memory by hand)."""
     with _lock:
         _entries.clear()
