@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import __main__ as bench_main
-from bench import report, results
+from bench import report, results, summary
 
 
 def _row(provider: str, p50: float | None, **kw) -> dict:
@@ -108,3 +108,50 @@ def test_bench_report_rejects_a_folder_without_suite_csvs(tmp_path, capsys):
     error = capsys.readouterr().err
     assert str(tmp_path) in error and "attention.csv" in error
     assert not (tmp_path / report.PAGE).exists()
+
+
+# The README's headline table: its row label -> (suite, dtype, isa, dataset, batch) of the
+# CSV rows it quotes from the Xeon's results folder.
+README_HEADLINES = {
+    "attention op, fp32, B = 16": ("attention", "float32", "amx", "Traffic", "16"),
+    "attention op, bf16 (AMX), B = 16": ("attention", "bfloat16", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, fp32, B = 16": ("model", "float32", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, bf16 (AMX), B = 16": ("model", "bfloat16", "amx", "Traffic", "16"),
+}
+
+
+def test_readme_headline_results_are_the_committed_csvs():
+    readme = (report.RESULTS_ROOT.parent.parent / "README.md").read_text()
+    folder = report.RESULTS_ROOT / "intel-r-xeon-r-processor"
+    for label, (suite, dtype, isa, config, batch) in README_HEADLINES.items():
+        p50 = {
+            r["provider"]: float(r["latency_ms_p50"])
+            for r in results.read_rows(folder / f"{suite}.csv")
+            if (r["dtype"], r["isa"], r["config"], r["batch"], r["status"])
+            == (dtype, isa, config, batch, "ok")
+        }
+        cpu = p50["casa-cpu"]
+        row = (
+            f"| {label} | {f'{cpu:#.3g}'.rstrip('.')} ms "
+            f"| {p50['casa-reference'] / cpu:.2f}× | {p50['casa-compile'] / cpu:.2f}× |"
+        )
+        assert row in readme, (
+            f"README.md should have the row {row!r} (from {folder.name}/{suite}.csv)"
+        )
+
+
+def test_readme_scaling_figures_are_the_committed_csvs():
+    readme = " ".join((report.RESULTS_ROOT.parent.parent / "README.md").read_text().split())
+    folder = report.RESULTS_ROOT / "intel-r-xeon-r-processor"
+    (group,) = [
+        g
+        for g in summary.scaling_summary(results.read_rows(folder / "scaling.csv"))
+        if (g["dtype"], g["batch"], g["d_model"]) == ("float32", 1, 512)
+    ]
+    fits = group["providers"]
+    assert f"log–log slope of {fits['casa-cpu']['latency_slope']:.2f}" in readme
+    assert f"with a slope of {fits['full-einsum']['latency_slope']:.2f}" in readme
+    assert f"from N = {group['overtakes']['casa-cpu vs full-einsum']}" in readme
+    assert f"SDPA from N = {group['overtakes']['casa-cpu vs full-sdpa']}" in readme
+    assert f"memory from N = {fits['full-einsum']['stopped']['n_vars']}" in readme
+    assert f"time cap at N = {fits['full-sdpa']['stopped']['n_vars']}" in readme
