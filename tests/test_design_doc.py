@@ -19,6 +19,8 @@ SKIPPED_DIRS = {
     ".hypothesis",
     ".whl",
 }
+# Hidden folders hold caches and tools' state, except these, which are the project's.
+PROJECT_DOT_DIRS = {".ci", ".github"}
 SKIPPED_SUFFIXES = {".so", ".png", ".pyc", ".o", ".whl", ".gz", ".pt", ".pth"}
 
 HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*)\.? ", re.M)
@@ -44,7 +46,13 @@ def tree_texts() -> dict[Path, str]:
         rel = path.relative_to(ROOT)
         if not path.is_file() or path.suffix in SKIPPED_SUFFIXES:
             continue
-        if any(part in SKIPPED_DIRS or part.endswith(".egg-info") for part in rel.parts[:-1]):
+        folders = rel.parts[:-1]
+        if any(
+            part in SKIPPED_DIRS
+            or part.endswith(".egg-info")
+            or (part.startswith(".") and part not in PROJECT_DOT_DIRS)
+            for part in folders
+        ):
             continue
         try:
             texts[rel] = path.read_text()
