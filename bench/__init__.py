@@ -9,6 +9,8 @@ Modules, one job each:
 * :mod:`bench.results` — result rows, the upserted CSV, the device name;
 * :mod:`bench.summary` — fitted log–log slopes, crossovers, largest N reached;
 * :mod:`bench.plots` — log–log PNG figures of the scaling suite.
+* :mod:`bench.report` — the results page ``README.md`` of a results folder, from its CSVs
+  (``python -m bench report``).
 
 Speed is measured here only; ``tests/`` holds no timed tests.
 """

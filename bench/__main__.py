@@ -3,7 +3,9 @@
 Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; model vs L),
 ``model`` (end-to-end forecasters), ``distributed`` (variate-parallel CASA, alone under
 ``torchrun --nproc-per-node P``: :mod:`bench.distributed`). Results are upserted into
-``<out>/<suite>.csv``; ``summary.json`` and the scaling plots are rebuilt from the CSVs after each run.
+``<out>/<suite>.csv``; ``summary.json``, the scaling plots and the results page ``README.md``
+are rebuilt from the CSVs after each run. ``python -m bench report [FOLDER ...]`` rebuilds the
+results pages alone (:mod:`bench.report`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
-            "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png"
+            "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png,\n"
+            "README.md (the results page; python -m bench report [FOLDER ...] rebuilds it alone)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -142,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from . import report
+
+        return report.main(argv[1:])
     args = build_parser().parse_args(argv)
     if "distributed" in args.suites:
         from . import distributed
 
         return distributed.main(args)
-    from . import plots, providers, results, suites, summary
+    from . import plots, providers, report, results, suites, summary
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in plots.plot_scaling(out_dir, dtype=args.dtype, batch=opts.batches[0]):
                 print(f"plot: {path}")
     print(f"summary: {summary.write_summary(out_dir)}")
+    print(f"results page: {report.write_page(out_dir)}")
     return 0
 
 

@@ -20,7 +20,8 @@
 * ``table WORK`` — prints the summary table.
 * ``unpack ARCHIVE [--into DIR]`` — back on a development machine: upserts the archive's
   benchmark rows into DIR (default ``bench/results/<gpu-name>/``) beside the rows already
-  there, rebuilds its ``summary.json`` and scaling plots, and copies the two summaries.
+  there, rebuilds its ``summary.json``, scaling plots and results pages (:mod:`bench.report`),
+  and copies the two summaries.
 
 ``record`` and ``table`` use the standard library only, so the records and the archive
 are written even where torch does not import.
@@ -649,7 +650,7 @@ def record(
 
 
 def unpack(archive: Path, into: Path | None) -> int:
-    from . import plots, results, summary
+    from . import plots, report, results, summary
 
     with tarfile.open(archive) as tar:
         files = {m.name: m for m in tar.getmembers() if m.isfile()}
@@ -683,6 +684,7 @@ def unpack(archive: Path, into: Path | None) -> int:
         written.append(summary.write_summary(folder))
         if (folder / "scaling.csv").is_file():  # device_check's scaling run: bf16, B=1
             written += plots.plot_scaling(folder, dtype="bfloat16", batch=1)
+    written += report.write_pages(report.result_folders(into))
     for path in written:
         print(f"unpack: {path}")
     return 0

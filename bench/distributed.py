@@ -18,7 +18,8 @@ elements per layer). Ring algorithms put ``2(P−1)/P`` of an all-reduce's paylo
 ``(P−1)/P`` of an all-gather's result on each rank's wire; both are in the rows.
 
 Rows go to ``<out>/distributed.csv`` (rank 0 writes), the plot of bytes per layer against N
-to ``<out>/distributed_bytes.png`` (skipped with a note without matplotlib).
+to ``<out>/distributed_bytes.png`` (skipped with a note without matplotlib), and the folder's
+results page is rebuilt (:mod:`bench.report`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from casa_kernels.distributed import communicated_elements, shard_model
 from casa_kernels.distributed.stages import resolve_stages
 from casa_kernels.reference.stages import accumulation_dtype
 
+from . import report
 from .measure import measure_peak_memory, percentile
 from .results import default_out_dir, environment_columns, read_rows, upsert_rows
 
@@ -366,4 +368,5 @@ def _run(args: argparse.Namespace, device: str) -> int:
         rows = [r for r in read_rows(csv_path) if r["device_name"] == env["device_name"]]
         plot = plot_bytes(out_dir, rows)
         print(f"distributed: rows -> {csv_path}" + (f", plot -> {plot}" if plot else ""))
+        print(f"distributed: results page -> {report.write_page(out_dir)}")
     return 0

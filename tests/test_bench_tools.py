@@ -552,6 +552,8 @@ def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
     assert sorted(r["latency_ms_p50"] for r in rows) == ["0.1", "0.3"]  # another torch: another key
     assert results.read_rows(dest / "autotuned" / "attention.csv")[0]["latency_ms_p50"] == "0.08"
     assert (dest / "summary.json").is_file() and (dest / "autotuned" / "summary.json").is_file()
+    assert "0.08" in (dest / "autotuned" / "README.md").read_text()  # results pages rebuilt
+    assert "- [autotuned/](autotuned/README.md)" in (dest / "README.md").read_text()
     assert "bench-autotuned" in (dest / device_check.SUMMARY_MD).read_text()
 
 

@@ -1,4 +1,4 @@
-"""Variate-parallel CASA on torch.distributed (DESIGN §11): one model over many processes.
+"""Variate-parallel CASA on torch.distributed (docs/design.md §12): one model over many processes.
 
 Variates are split over the ranks of a process group in contiguous balanced ranges
 (:func:`variate_range`). Each rank holds its variates' slices of the per-variate

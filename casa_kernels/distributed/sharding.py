@@ -74,7 +74,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _entry(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state_dict:
         raise ValueError(
-            f"state_dict: expected the official CASAModel key {key!r} (DESIGN §3), it is missing"
+            f"state_dict: expected the official CASAModel key {key!r} (docs/design.md §3), it is missing"
         )
     return state_dict[key]
 

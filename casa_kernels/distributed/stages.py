@@ -1,4 +1,4 @@
-"""The backend's stages of the op (DESIGN §5), chosen for a variate-parallel forward and made differentiable.
+"""The backend's stages of the op (docs/design.md §5.5, §12), chosen for a variate-parallel forward and made differentiable.
 
 The reference stages are plain PyTorch: autograd sees through them. A fused backend's
 stages are wrapped so that, as for the fused op itself, their forward is the backend's

@@ -1,0 +1,429 @@
+"""``python -m bench report [FOLDER ...]``: the results page of a folder of benchmark CSVs.
+
+Writes ``<folder>/README.md`` from the ``<suite>.csv`` files in it (the CSVs are the record;
+the page is derived, never edited by hand). Without arguments: every folder under
+``bench/results/`` that holds a suite CSV, nested folders included.
+
+Per suite, the rows are grouped by where they were measured (device, dtype, instruction-set
+tier ``isa``, threads, torch version); per group and sweep one table of p50 latency per
+provider with each fused backend's speed-up over ``casa-reference`` and ``casa-compile``
+(their p50 over its p50: above 1 is faster), and one table of peak extra memory. The
+scaling suite's N sweep adds its fitted slopes and crossovers (:mod:`bench.summary`), the
+distributed suite its per-rank columns. PNG plots in the folder are linked under their
+suite (``scaling_*.png``, ``distributed_*.png``). The output depends on the CSVs alone, so
+``tests/test_bench_report.py`` can hold every committed page to what this module writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .results import read_rows
+from .summary import scaling_summary
+
+SUITES = ("attention", "model", "scaling", "distributed")
+BASELINES = ("casa-reference", "casa-compile")
+PAGE = "README.md"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+SUITE_TITLES = {
+    "attention": "Attention op (`python -m bench attention`)",
+    "model": "Forecaster end to end (`python -m bench model`)",
+    "scaling": "Scaling (`python -m bench scaling`)",
+    "distributed": "Variate parallelism (`torchrun … -m bench distributed`)",
+}
+SWEEP_TITLES = {
+    "dataset": "dataset shapes",
+    "n": "N sweep",
+    "d": "D sweep",
+    "b": "B sweep",
+    "l": "L sweep, forecaster",
+    "strong": "strong scaling (N fixed)",
+    "weak": "weak scaling (N per rank fixed)",
+}
+# Sizes a table's caption names when they are the same in every row.
+SIZE_COLUMNS = (
+    ("batch", "B"),
+    ("n_vars", "N"),
+    ("d_model", "D"),
+    ("kernel", "k"),
+    ("seq_len", "L"),
+    ("e_layers", "e_layers"),
+)
+MIB = 2**20
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value: str | None) -> int:
+    number = _float(value)
+    return int(number) if number is not None else 0
+
+
+def _figure(value: float, digits: int) -> str:
+    """``digits`` significant digits, whole numbers from ``10**(digits-1)`` on (no exponent)."""
+    return f"{value:.0f}" if abs(value) >= 10 ** (digits - 1) else f"{value:.{digits}g}"
+
+
+def _ms(value: float) -> str:
+    return _figure(value, 4)
+
+
+def _mib(value: float) -> str:
+    return _figure(value / MIB, 3)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+def provider_order(name: str) -> tuple[int, str]:
+    """Column order: the two baselines, the fused CASA backends, then full attention."""
+    if name in BASELINES:
+        return (BASELINES.index(name), name)
+    return (2 if name.startswith("casa-") else 3, name)
+
+
+def is_fused(name: str) -> bool:
+    """A CASA provider that runs a fused backend (neither baseline nor full attention)."""
+    return name.startswith("casa-") and name not in BASELINES
+
+
+DTYPE_ORDER = ("float32", "bfloat16", "float16")
+
+
+def _setting(row: dict) -> tuple[str, int, str, str, int, str]:
+    """Where a row was measured: device, dtype (float32 first), ``isa``, threads, torch."""
+    dtype = row["dtype"]
+    rank = DTYPE_ORDER.index(dtype) if dtype in DTYPE_ORDER else len(DTYPE_ORDER)
+    return (
+        row["device_name"],
+        rank,
+        dtype,
+        row.get("isa", ""),
+        _int(row["threads"]),
+        row["torch_version"],
+    )
+
+
+def _setting_title(setting: tuple[str, int, str, str, int, str]) -> str:
+    _, _, dtype, isa, threads, torch_version = setting
+    tier = f", `isa` {isa}" if isa else ""
+    return f"{dtype}{tier}, threads={threads}, torch {torch_version}"
+
+
+def _point_key(row: dict) -> tuple[int, ...]:
+    return tuple(_int(row[c]) for c in ("n_vars", "d_model", "seq_len", "batch"))
+
+
+LABEL_SIZES = (("n_vars", "N"), ("d_model", "D"), ("batch", "B"))
+
+
+def _labeller(rows: list[dict]) -> Callable[[dict], str]:
+    """A row's label in a table of ``rows``: its config, then the sizes that vary in the
+    table and that the config does not name already."""
+    varying = [
+        (column, name)
+        for column, name in LABEL_SIZES
+        if len({r[column] for r in rows}) > 1
+        and not any(r["config"].startswith(f"{name}=") for r in rows)
+    ]
+
+    def label(row: dict) -> str:
+        sizes = ", ".join(f"{name}={row[column]}" for column, name in varying)
+        return f"{row['config']} {sizes}" if sizes else row["config"]
+
+    return label
+
+
+def _caption(rows: list[dict]) -> str:
+    fixed = []
+    for column, name in SIZE_COLUMNS:
+        values = {row.get(column, "") for row in rows}
+        if len(values) == 1 and (value := values.pop()):
+            fixed.append(f"{name}={value}")
+    return ", ".join(fixed)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return lines
+
+
+def _by_point(rows: list[dict], label: Callable[[dict], str]) -> dict[tuple, dict[str, dict]]:
+    points: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in sorted(rows, key=_point_key):
+        points[(_point_key(row), label(row))][row["provider"]] = row
+    return points
+
+
+def _cell(row: dict | None, column: str, fmt: Callable[[float], str]) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return row["status"]
+    value = _float(row.get(column))
+    return fmt(value) if value is not None else ""
+
+
+def _p50(row: dict | None) -> float | None:
+    return _float(row["latency_ms_p50"]) if row is not None and row["status"] == "ok" else None
+
+
+def provider_tables(rows: list[dict]) -> list[str]:
+    """p50 latency (ms) and peak extra memory (MiB) per point and provider, with the fused
+    backends' speed-ups over the two baselines, and which providers did not run and why."""
+    providers = sorted(
+        {r["provider"] for r in rows if r["status"] != "skipped"}, key=provider_order
+    )
+    fused = [p for p in providers if is_fused(p)]
+    baselines = [b for b in BASELINES if b in providers]
+    label = _labeller(rows)
+    points = _by_point(rows, label)
+    header = ["point", *providers] + [
+        f"{p} vs {b.removeprefix('casa-')}" for p in fused for b in baselines
+    ]
+    body = []
+    for (_, point), by_provider in points.items():
+        cells = [point] + [_cell(by_provider.get(p), "latency_ms_p50", _ms) for p in providers]
+        for p in fused:
+            for b in baselines:
+                mine, theirs = _p50(by_provider.get(p)), _p50(by_provider.get(b))
+                cells.append(_ratio(theirs / mine) if mine and theirs else "")
+        body.append(cells)
+    lines = ["p50 latency, ms:", "", *_table(header, body), ""]
+    memory = [
+        [point] + [_cell(by_provider.get(p), "peak_mem_bytes", _mib) for p in providers]
+        for (_, point), by_provider in points.items()
+    ]
+    lines += ["Peak extra memory, MiB:", "", *_table(["point", *providers], memory), ""]
+    lines += _timing_lines(rows, providers)
+    skipped = sorted(
+        {(r["provider"], r["note"]) for r in rows if r["status"] == "skipped"},
+        key=lambda item: provider_order(item[0]),
+    )
+    lines += [f"Not run: `{name}` ({note})." for name, note in skipped]
+    first_failure: dict[str, dict] = {}
+    for row in sorted(rows, key=_point_key):
+        if row["status"] in ("oom", "timeout", "error"):
+            first_failure.setdefault(row["provider"], row)
+    lines += [
+        f"`{name}`: {row['status']} from {label(row)} ({row['note']})."
+        for name, row in sorted(first_failure.items(), key=lambda item: provider_order(item[0]))
+    ]
+    failed = first_failure
+    if skipped or failed:
+        lines.append("")
+    return lines
+
+
+def _timing_lines(rows: list[dict], providers: list[str]) -> list[str]:
+    by_timing: dict[str, list[str]] = defaultdict(list)
+    for provider in providers:
+        timings = sorted(
+            {r.get("timing") or "sequential" for r in rows if r["provider"] == provider}
+        )
+        by_timing[" and ".join(timings)].append(f"`{provider}`")
+    if len(by_timing) < 2:
+        return []
+    parts = [f"{timing}: {', '.join(names)}" for timing, names in sorted(by_timing.items())]
+    return [
+        "Timing: " + "; ".join(parts) + " (ratios between providers timed interleaved "
+        "come from the same machine state).",
+        "",
+    ]
+
+
+def _provenance(rows: list[dict]) -> list[str]:
+    commits = sorted({r["git_commit"] for r in rows if r.get("git_commit")})
+    methods = sorted({r["mem_method"] for r in rows if r.get("mem_method")})
+    lines = []
+    if commits:
+        lines.append("Commits measured: " + ", ".join(f"`{c}`" for c in commits) + ".")
+    if methods:
+        lines.append("Memory: " + "; ".join(methods) + ".")
+    return [*lines, ""] if lines else []
+
+
+def scaling_fit_lines(rows: list[dict]) -> list[str]:
+    """The N sweep's fitted log–log slopes, largest N and crossovers (bench.summary)."""
+    lines = []
+    for group in scaling_summary(rows):
+        body = []
+        for name in sorted(group["providers"], key=provider_order):
+            fit = group["providers"][name]
+            stopped = fit["stopped"]
+            body.append(
+                [
+                    name,
+                    _slope(fit["latency_slope"]),
+                    _slope(fit["memory_slope"]),
+                    str(fit["largest_n"] or ""),
+                    f"{stopped['status']} at N={stopped['n_vars']}" if stopped else "",
+                ]
+            )
+        lines += [
+            f"Fitted log–log slopes over N ≥ 256 (1 linear, 2 quadratic), B={group['batch']}, "
+            f"D={group['d_model']}:",
+            "",
+            *_table(["provider", "latency slope", "memory slope", "largest N", "stopped"], body),
+            "",
+        ]
+        overtakes = [
+            f"{pair.replace(' vs ', ' faster than ')} from N={n}"
+            for pair, n in sorted(group["overtakes"].items())
+            if n is not None
+        ]
+        if overtakes:
+            lines += [
+                "Crossovers (faster at that N and every larger one): " + "; ".join(overtakes) + ".",
+                "",
+            ]
+    return lines
+
+
+def _slope(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else ""
+
+
+DISTRIBUTED_COLUMNS = (
+    ("p50 wall, ms", "latency_ms_p50", _ms),
+    ("p50 CPU per rank, ms", "cpu_ms_p50", _ms),
+    ("peak memory per rank, MiB", "peak_mem_bytes", _mib),
+    ("parameters per rank, MiB", "param_bytes_per_rank", _mib),
+    ("all-reduced per layer, KiB", "allreduce_bytes_per_layer", lambda v: f"{v / 2**10:.1f}"),
+    ("K/V all-gather per layer, MiB", "kv_allgather_bytes_per_layer", _mib),
+)
+
+
+def distributed_table(rows: list[dict]) -> list[str]:
+    """One row per provider and point: wall and CPU time, per-rank memory and bytes moved."""
+    body = [
+        [f"`{r['provider']}`", r["config"]]
+        + [_cell(r, column, fmt) for _, column, fmt in DISTRIBUTED_COLUMNS]
+        for r in sorted(rows, key=lambda r: (provider_order(r["provider"]), _point_key(r)))
+    ]
+    return [
+        *_table(["provider", "point", *(title for title, _, _ in DISTRIBUTED_COLUMNS)], body),
+        "",
+    ]
+
+
+def suite_section(suite: str, rows: list[dict], plots: list[str]) -> list[str]:
+    """The page's section for one suite's rows."""
+    lines = [f"## {SUITE_TITLES[suite]}", ""]
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        key = _setting(row)
+        if suite == "distributed":  # the ranks' rows of one run carry their backend's tier
+            key = (*key[:3], "", *key[4:])
+        by_setting[key].append(row)
+    for setting, setting_rows in sorted(by_setting.items()):
+        lines += [f"### {_setting_title(setting)}", ""]
+        by_sweep: dict[str, list[dict]] = defaultdict(list)
+        for row in setting_rows:
+            by_sweep[row["sweep"]].append(row)
+        for sweep, sweep_rows in sorted(
+            by_sweep.items(),
+            key=lambda item: (
+                list(SWEEP_TITLES).index(item[0]) if item[0] in SWEEP_TITLES else len(SWEEP_TITLES)
+            ),
+        ):
+            caption = _caption(sweep_rows)
+            lines += [
+                f"#### {SWEEP_TITLES.get(sweep, sweep)}" + (f" ({caption})" if caption else ""),
+                "",
+            ]
+            if suite == "distributed":
+                lines += distributed_table(sweep_rows)
+            else:
+                lines += provider_tables(sweep_rows)
+            if sweep == "n":
+                lines += scaling_fit_lines(sweep_rows)
+        lines += _provenance(setting_rows)
+    lines += [f"![{name}]({name})" for name in plots]
+    return [*lines, ""] if plots else lines
+
+
+def result_folders(root: Path = RESULTS_ROOT) -> list[Path]:
+    """Every folder under ``root`` (``root`` included) that holds a suite CSV, sorted."""
+    folders = {path.parent for suite in SUITES for path in root.rglob(f"{suite}.csv")}
+    return sorted(folders)
+
+
+def render(folder: Path) -> str:
+    """The results page of ``folder``: a function of its CSVs, PNG names and sub-folders."""
+    rows_by_suite = {suite: read_rows(folder / f"{suite}.csv") for suite in SUITES}
+    devices = sorted({r["device_name"] for rows in rows_by_suite.values() for r in rows})
+    pngs = sorted(path.name for path in folder.glob("*.png"))
+    lines = [
+        f"# Benchmark results: {', '.join(devices) or folder.name}",
+        "",
+        "Generated by `python -m bench report` from the CSVs in this folder; do not edit by hand "
+        "(`tests/test_bench_report.py` fails when this page and the CSVs disagree). "
+        "Every row of the tables is a row of a CSV; the method is in docs/design.md §8.",
+        "",
+    ]
+    placed = set()
+    for suite, rows in rows_by_suite.items():
+        if not rows:
+            continue
+        plots = [name for name in pngs if name.startswith(f"{suite}_")]
+        placed.update(plots)
+        lines += suite_section(suite, rows, plots)
+    others = [name for name in pngs if name not in placed]
+    lines += _link_section("Other plots", [f"![{name}]({name})" for name in others])
+    nested = [sub.relative_to(folder).as_posix() for sub in result_folders(folder) if sub != folder]
+    lines += _link_section("Sub-folders", [f"- [{name}/]({name}/{PAGE})" for name in nested])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _link_section(title: str, links: list[str]) -> list[str]:
+    return [f"## {title}", "", *links, ""] if links else []
+
+
+def write_page(folder: Path) -> Path:
+    """Writes ``folder/README.md`` (see :func:`render`) and returns its path."""
+    path = folder / PAGE
+    path.write_text(render(folder))
+    return path
+
+
+def write_pages(folders: Iterable[Path]) -> list[Path]:
+    return [write_page(folder) for folder in folders]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench report",
+        description="Writes <folder>/README.md, the results page, from the folder's suite CSVs.",
+    )
+    parser.add_argument(
+        "folders",
+        nargs="*",
+        type=Path,
+        help="result folders (default: every folder under bench/results/ holding a suite CSV)",
+    )
+    args = parser.parse_args(argv)
+    folders = args.folders or result_folders()
+    missing = [f for f in folders if not any((f / f"{s}.csv").is_file() for s in SUITES)]
+    if missing:
+        print(
+            f"report: {', '.join(map(str, missing))} holds no suite CSV "
+            f"(expected one of {', '.join(s + '.csv' for s in SUITES)})",
+            file=sys.stderr,
+        )
+        return 2
+    for path in write_pages(folders):
+        print(f"report: {path}")
+    return 0

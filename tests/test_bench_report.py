@@ -1,0 +1,157 @@
+"""The results pages (bench/report.py): derived from the CSVs, and the committed ones current."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import report, results, summary
+
+
+def _row(provider: str, p50: float | None, **kw) -> dict:
+    row = {
+        "suite": "attention",
+        "sweep": "dataset",
+        "provider": provider,
+        "device": "cpu",
+        "device_name": "Some CPU",
+        "dtype": "float32",
+        "batch": 16,
+        "n_vars": 862,
+        "d_model": 512,
+        "kernel": 3,
+        "torch_version": "2.13.0",
+        "threads": 2,
+        "isa": "amx",
+        "config": "Traffic",
+        "latency_ms_p50": p50,
+        "peak_mem_bytes": 3 * 2**20 if p50 else None,
+        "timing": "interleaved",
+        "status": "ok" if p50 else "skipped",
+        "note": "" if p50 else "needs a GPU",
+        "git_commit": "abc1234",
+    }
+    return {**row, **kw}
+
+
+@pytest.mark.parametrize("folder", report.result_folders(), ids=lambda f: f.name)
+def test_committed_results_page_is_what_the_report_writes_from_the_csvs(folder):
+    page = folder / report.PAGE
+    assert page.is_file(), f"{page} is missing: run python -m bench report {folder}"
+    assert page.read_text() == report.render(folder), (
+        f"{page} differs from its CSVs: run python -m bench report {folder}"
+    )
+
+
+def test_the_committed_results_are_found():
+    # The parametrised check above must not pass by finding nothing.
+    folders = report.result_folders()
+    assert report.RESULTS_ROOT / "intel-r-xeon-r-processor" in folders
+
+
+def test_page_gives_p50_and_the_fused_backends_ratios_against_both_baselines(tmp_path):
+    results.upsert_rows(
+        tmp_path / "attention.csv",
+        [
+            _row("casa-reference", 10.0),
+            _row("casa-compile", 8.0),
+            _row("casa-cpu", 5.0),
+            _row("full-sdpa", 40.0, timing=""),
+            _row("casa-triton", None),
+            _row("full-einsum", None, status="oom", note="estimated 9 GiB > cap", batch=1),
+        ],
+    )
+    (tmp_path / "scaling_latency.png").write_bytes(b"")
+    page = report.render(tmp_path)
+    header = (
+        "| point | casa-reference | casa-compile | casa-cpu | full-einsum | full-sdpa "
+        "| casa-cpu vs reference | casa-cpu vs compile |"
+    )
+    assert header in page
+    assert "| Traffic B=16 | 10 | 8 | 5 |  | 40 | 2.00× | 1.60× |" in page
+    assert "| Traffic B=1 |  |  |  | oom |  |  |  |" in page
+    assert "| Traffic B=16 | 3 | 3 | 3 |  | 3 |" in page  # MiB
+    assert "Not run: `casa-triton` (needs a GPU)." in page
+    assert "`full-einsum`: oom from Traffic B=1 (estimated 9 GiB > cap)." in page
+    assert "sequential: `full-sdpa`" in page and "interleaved: `casa-reference`" in page
+    assert "## Other plots" in page and "![scaling_latency.png](scaling_latency.png)" in page
+
+
+def test_scaling_page_has_the_fitted_slopes_and_crossovers(tmp_path):
+    rows = []
+    for n in (256, 512, 1024, 2048):
+        common = dict(suite="scaling", sweep="n", batch=1, n_vars=n, config=f"N={n}")
+        rows.append(_row("casa-cpu", n / 100, **common))  # linear
+        rows.append(_row("full-sdpa", n * n / 100_000, **common))  # quadratic
+    results.upsert_rows(tmp_path / "scaling.csv", rows)
+    page = report.render(tmp_path)
+    assert "#### N sweep (B=1, D=512, k=3)" in page
+    assert "| casa-cpu | 1.00 | 0.00 | 2048 |  |" in page
+    assert "| full-sdpa | 2.00 | 0.00 | 2048 |  |" in page
+    # casa-cpu is slower at 256 (2.56 vs 0.66) and 512 (5.12 vs 2.62), faster from 1024.
+    assert "casa-cpu faster than full-sdpa from N=1024" in page
+
+
+def test_bench_report_command_writes_the_page_of_a_named_folder(tmp_path, capsys):
+    results.upsert_rows(tmp_path / "model.csv", [_row("casa-cpu", 2.0, suite="model")])
+    nested = tmp_path / "variant"
+    results.upsert_rows(nested / "attention.csv", [_row("casa-cpu", 1.0)])
+    assert bench_main.main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / report.PAGE).read_text()
+    assert page == report.render(tmp_path)
+    assert "## Forecaster end to end" in page and "- [variant/](variant/README.md)" in page
+    assert str(tmp_path / report.PAGE) in capsys.readouterr().out
+
+
+def test_bench_report_rejects_a_folder_without_suite_csvs(tmp_path, capsys):
+    assert bench_main.main(["report", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert str(tmp_path) in error and "attention.csv" in error
+    assert not (tmp_path / report.PAGE).exists()
+
+
+# The README's headline table: its row label -> (suite, dtype, isa, dataset, batch) of the
+# CSV rows it quotes from the Xeon's results folder.
+README_HEADLINES = {
+    "attention op, fp32, B = 16": ("attention", "float32", "amx", "Traffic", "16"),
+    "attention op, bf16 (AMX), B = 16": ("attention", "bfloat16", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, fp32, B = 16": ("model", "float32", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, bf16 (AMX), B = 16": ("model", "bfloat16", "amx", "Traffic", "16"),
+}
+
+
+def test_readme_headline_results_are_the_committed_csvs():
+    readme = (report.RESULTS_ROOT.parent.parent / "README.md").read_text()
+    folder = report.RESULTS_ROOT / "intel-r-xeon-r-processor"
+    for label, (suite, dtype, isa, config, batch) in README_HEADLINES.items():
+        p50 = {
+            r["provider"]: float(r["latency_ms_p50"])
+            for r in results.read_rows(folder / f"{suite}.csv")
+            if (r["dtype"], r["isa"], r["config"], r["batch"], r["status"])
+            == (dtype, isa, config, batch, "ok")
+        }
+        cpu = p50["casa-cpu"]
+        row = (
+            f"| {label} | {f'{cpu:#.3g}'.rstrip('.')} ms "
+            f"| {p50['casa-reference'] / cpu:.2f}× | {p50['casa-compile'] / cpu:.2f}× |"
+        )
+        assert row in readme, (
+            f"README.md should have the row {row!r} (from {folder.name}/{suite}.csv)"
+        )
+
+
+def test_readme_scaling_figures_are_the_committed_csvs():
+    readme = " ".join((report.RESULTS_ROOT.parent.parent / "README.md").read_text().split())
+    folder = report.RESULTS_ROOT / "intel-r-xeon-r-processor"
+    (group,) = [
+        g
+        for g in summary.scaling_summary(results.read_rows(folder / "scaling.csv"))
+        if (g["dtype"], g["batch"], g["d_model"]) == ("float32", 1, 512)
+    ]
+    fits = group["providers"]
+    assert f"log–log slope of {fits['casa-cpu']['latency_slope']:.2f}" in readme
+    assert f"with a slope of {fits['full-einsum']['latency_slope']:.2f}" in readme
+    assert f"from N = {group['overtakes']['casa-cpu vs full-einsum']}" in readme
+    assert f"SDPA from N = {group['overtakes']['casa-cpu vs full-sdpa']}" in readme
+    assert f"memory from N = {fits['full-einsum']['stopped']['n_vars']}" in readme
+    assert f"time cap at N = {fits['full-sdpa']['stopped']['n_vars']}" in readme
