@@ -649,7 +649,13 @@ def record(
     pack(work, out)
 
 
-def unpack(archive: Path, into: Path | None) -> int:
+def unpack(archive: Path, into: Path | None, figures: Path | None = None) -> int:
+    """Upserts the archive's CSVs under ``into`` (default: bench/results/<gpu>/), rebuilds
+    the summaries, plots and pages, and writes the attention suite's CUDA figures into
+    ``figures`` (default: the package's measured_speedups.json, which decides ``auto`` on
+    that GPU model: casa_kernels/ops/measured.py)."""
+    from casa_kernels.ops import measured
+
     from . import plots, report, results, summary
 
     with tarfile.open(archive) as tar:
@@ -685,6 +691,14 @@ def unpack(archive: Path, into: Path | None) -> int:
         if (folder / "scaling.csv").is_file():  # device_check's scaling run: bf16, B=1
             written += plots.plot_scaling(folder, dtype="bfloat16", batch=1)
     written += report.write_pages(report.result_folders(into))
+    attention = into / "attention.csv"
+    if attention.is_file():
+        source = os.path.relpath(attention.resolve(), Path(__file__).resolve().parents[1])
+        devices = measured.speedups_from_rows(results.read_rows(attention), source)
+        if devices:
+            figures = figures or measured.FIGURES
+            measured.merge_into(figures, devices)
+            written.append(figures)
     for path in written:
         print(f"unpack: {path}")
     return 0
@@ -715,6 +729,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("unpack")
     p.add_argument("archive", type=Path)
     p.add_argument("--into", type=Path, default=None)
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help="the JSON of measured speed-ups to update (default: the package's, which decides auto)",
+    )
     args = parser.parse_args(argv)
     if args.command == "preflight":
         return preflight(args.work, args.dry_run)
@@ -726,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         record(args.work, args.out, args.step, args.status, args.seconds, args.cap, args.reason)
         return 0
     if args.command == "unpack":
-        return unpack(args.archive, args.into)
+        return unpack(args.archive, args.into, args.figures)
     print(summary_table(args.work))
     return 0
 

@@ -3,8 +3,9 @@
 Prints, one ``key: value`` per line, the versions of casa_kernels, torch, triton,
 CUDA and the compiler torch was built with, whether the C++ extension loaded and for
 which devices it registered kernels, the CPU's bfloat16 GEMM tier, the memory held by
-weights prepared once per weight version (``ops.weight_cache``), then every backend with
-``available`` or the reason it is not.
+weights prepared once per weight version (``ops.weight_cache``), the GPU models whose
+measured figures decide ``auto`` (``ops.measured``) and what ``auto`` does on this GPU, then
+every backend with ``available`` or the reason it is not.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import sys
 import torch
 
 from . import __version__
-from .ops import availability, weight_cache
+from .ops import availability, measured, weight_cache
 from .ops.backends.cpu import bf16_gemm_tier
 from .ops.extension import extension_error, has_kernel_for
+from .ops.registry import device_name
 
 
 def _triton_version() -> str:
@@ -66,6 +68,20 @@ def report() -> list[tuple[str, str]]:
             ", ".join(f"{d}: {n / 2**20:.2f} MiB" for d, n in cached.items()) or "none",
         )
     )
+    gpus = measured.measured_devices()
+    rows.append(("GPU models with measured figures", ", ".join(gpus) or "none"))
+    if torch.cuda.is_available():
+        name = device_name(torch.device("cuda"))
+        rows.append(
+            (
+                "auto on this GPU",
+                "a fused backend where the figures of this model show it faster than the "
+                "reference, per dtype and shape class"
+                if name in gpus
+                else f"the reference: no figures measured on {name} "
+                "(bash bench/device_check.sh, then python -m bench.device_check unpack)",
+            )
+        )
     for name, reason in availability().items():
         rows.append(
             (f"backend {name}", "available" if reason is None else f"unavailable: {reason}")

@@ -546,15 +546,53 @@ def test_unpack_upserts_the_archive_rows_beside_the_committed_ones(tmp_path):
     device_check.record(work, out, "bench-autotuned", "ok", 30, 40, "")
     committed = {**_bench_row("casa-triton", "Traffic", 16, 0.3), "torch_version": "2.10"}
     results.upsert_rows(dest / "attention.csv", [committed])
+    figures = tmp_path / "measured_speedups.json"
 
-    assert device_check.main(["unpack", str(out / device_check.ARCHIVE), "--into", str(dest)]) == 0
+    assert (
+        device_check.main(
+            [
+                "unpack",
+                str(out / device_check.ARCHIVE),
+                "--into",
+                str(dest),
+                "--figures",
+                str(figures),
+            ]
+        )
+        == 0
+    )
     rows = results.read_rows(dest / "attention.csv")
     assert sorted(r["latency_ms_p50"] for r in rows) == ["0.1", "0.3"]  # another torch: another key
+    assert not figures.exists()  # no reference row measured beside them: nothing decides auto
     assert results.read_rows(dest / "autotuned" / "attention.csv")[0]["latency_ms_p50"] == "0.08"
     assert (dest / "summary.json").is_file() and (dest / "autotuned" / "summary.json").is_file()
     assert "0.08" in (dest / "autotuned" / "README.md").read_text()  # results pages rebuilt
     assert "- [autotuned/](autotuned/README.md)" in (dest / "README.md").read_text()
     assert "bench-autotuned" in (dest / device_check.SUMMARY_MD).read_text()
+
+
+def test_unpack_writes_the_figures_that_decide_auto_on_that_gpu(tmp_path):
+    from casa_kernels.ops import measured
+
+    work, out, dest = tmp_path / "work", tmp_path / "out", tmp_path / "dest"
+    (work / "logs").mkdir(parents=True)
+    (work / "environment.json").write_text(json.dumps({"gpu": "GPU"}))
+    rows = [
+        _bench_row("casa-reference", "Traffic", 16, 0.30),
+        _bench_row("casa-triton", "Traffic", 16, 0.10),
+        _bench_row("casa-cuda", "Traffic", 16, 0.60),
+    ]
+    results.upsert_rows(work / "results" / "attention.csv", rows)
+    device_check.record(work, out, "bench", "ok", 30, 40, "")
+    figures = tmp_path / "measured_speedups.json"
+    archive = str(out / device_check.ARCHIVE)
+    assert (
+        device_check.main(["unpack", archive, "--into", str(dest), "--figures", str(figures)]) == 0
+    )
+    entry = json.loads(figures.read_text())["devices"]["GPU"]["bfloat16"]["B>1 N>512"]
+    assert entry["speedups"] == {"triton": 3.0, "cuda": 0.5}
+    assert entry["source"].endswith("dest/attention.csv")
+    assert measured.speedups_from_rows(results.read_rows(dest / "attention.csv"), "x")
 
 
 def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):

@@ -94,3 +94,8 @@ def test_every_design_citation_in_the_tree_names_an_existing_section():
         wrong += [f"{rel}: §{n}" for n in numbers if n not in known]
     assert cited > 20  # the scan sees the tree's citations
     assert not wrong, f"citations of sections docs/design.md does not have: {wrong}"
+
+
+def test_the_readme_is_a_front_page_of_at_most_200_lines():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; details belong in docs/design.md"

@@ -10,12 +10,15 @@ into one backend:
 * ``"auto"`` tries the backends with a priority for the tensor's device type, highest
   first, and takes the first that serves the input; when that is the ``reference``
   (``FALLBACK``, always tried last) after a faster backend was skipped, it warns once,
-  naming each skipped backend's reason.
+  naming each skipped backend's reason. On a GPU (``MEASURED_DEVICE_TYPES``) it tries only
+  the backends that figures measured on that GPU model show faster than the reference for
+  the call's dtype and shape class, fastest first (``measured``).
 * an explicit name that cannot serve the input raises, listing every backend's reason.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..weights import ScoreAttentionWeights
+from . import measured
 
 ForwardFn = Callable[[torch.Tensor, ScoreAttentionWeights], torch.Tensor]
 
@@ -70,6 +74,9 @@ class BlockEpilogue(NamedTuple):
 ENV_VAR = "CASA_BACKEND"
 FALLBACK = "reference"
 """The backend that serves every device, dtype and shape: ``auto``'s last resort."""
+MEASURED_DEVICE_TYPES = frozenset({"cuda"})
+"""Device types where ``auto`` picks a fused backend only where figures measured on the
+device model show it faster than the reference (``measured``)."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,10 @@ def resolve_backend(
             f"backend: {name!r} cannot run a {str(dtype).removeprefix('torch.')} tensor"
             f"{of_shape} on {device}. Backends:\n{reasons}"
         )
-    skipped = []
-    for candidate in auto_order(device.type):
+    candidates, skipped = auto_order(device.type), []
+    if device.type in MEASURED_DEVICE_TYPES:
+        candidates, skipped = _measured_candidates(candidates, device, dtype, shape)
+    for candidate in candidates:
         backend = _BACKENDS[candidate]
         reason = backend.reason_not_serving(device, dtype, shape)
         if reason is None:
@@ -189,6 +198,33 @@ def resolve_backend(
             return backend
         skipped.append(f"{candidate}: {reason}")
     raise AssertionError(f"the {FALLBACK} backend serves every device, dtype and shape")
+
+
+def device_name(device: torch.device) -> str:
+    """The model name of a CUDA device (what measured figures are keyed by)."""
+    return _cuda_device_name(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
+
+
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _measured_candidates(
+    candidates: list[str], device: torch.device, dtype: torch.dtype, shape: ProblemShape | None
+) -> tuple[list[str], list[str]]:
+    """``candidates`` cut to the backends measured faster than the reference on this device
+    model (fastest first, then the reference), and why each other one was passed over."""
+    faster, why = measured.faster_than_reference(device_name(device), dtype, shape)
+    kept = [name for name in faster if name in candidates and name != FALLBACK]
+    passed_over = [
+        f"{name}: not measured faster than the reference here ({why})"
+        for name in candidates
+        if name not in kept and name != FALLBACK
+    ]
+    return [*kept, FALLBACK], passed_over
 
 
 def _describe(shape: ProblemShape) -> str:

@@ -21,7 +21,7 @@ import torch
 
 import casa_kernels
 from casa_kernels import reference
-from casa_kernels.ops.registry import get_backend, resolve_backend
+from casa_kernels.ops.registry import ProblemShape, get_backend, resolve_backend
 from casa_kernels.reference import stages as ref_stages
 from casa_kernels.tolerance import assert_close_to_reference
 
@@ -66,9 +66,26 @@ def test_reason_without_cuda_or_interpreter(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="auto picks triton only for CUDA tensors")
-def test_auto_picks_triton_on_cuda(monkeypatch):
+def test_auto_picks_triton_on_cuda_where_measured_faster(monkeypatch, tmp_path):
+    # auto on a GPU follows the figures measured on its model (casa_kernels/ops/measured.py).
+    from casa_kernels.ops import measured
+
     monkeypatch.delenv("CASA_BACKEND", raising=False)
-    assert resolve_backend("auto", torch.device("cuda"), torch.float16).name == "triton"
+    monkeypatch.setattr(measured, "FIGURES", tmp_path / "measured_speedups.json")
+    measured._figures.cache_clear()
+    measured._decision.cache_clear()
+    entry = {"speedups": {"triton": 2.0}, "source": "test"}
+    name = torch.cuda.get_device_name()
+    measured.merge_into(measured.FIGURES, {name: {"float16": {"B>1 N>512": entry}}})
+    shape = ProblemShape(16, 862, 512, 3)
+    assert resolve_backend("auto", torch.device("cuda"), torch.float16, shape).name == "triton"
+    measured.merge_into(measured.FIGURES, {name: {}})
+    with pytest.warns(UserWarning, match="no figures measured"):
+        assert (
+            resolve_backend("auto", torch.device("cuda"), torch.float16, shape).name == "reference"
+        )
+    measured._figures.cache_clear()
+    measured._decision.cache_clear()
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
