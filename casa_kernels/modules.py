@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops import weight_cache
 from .ops.registry import Backend, check_backend_name
 from .ops.score_attention import attention_on_backend
 from .validation import (
@@ -68,6 +69,8 @@ class CASAAttention(nn.Module):
         self.n_vars, self.d_model, self.kernel, self.backend = n_vars, d_model, kernel, backend
         self.value = nn.Linear(d_model, d_model)
         self.score = ScoreNetwork(n_vars=n_vars, d_model=d_model, kernel=kernel)
+        # Inference tensors carry no version counter: a load into them must be announced.
+        self.register_load_state_dict_post_hook(_weights_loaded)
 
     def weights(self) -> ScoreAttentionWeights:
         """The parameters (live, not copies) in op order."""
@@ -215,6 +218,10 @@ class CASAModel(nn.Module):
 # Parameters and submodules are looked up in the module's own dicts on every call: its
 # attribute lookup (nn.Module.__getattr__) costs about 1 us each, 40 of them a block,
 # which was a tenth of a block's time at ETTh1 (N = 7, D = 128), B = 1.
+
+
+def _weights_loaded(module: nn.Module, incompatible_keys) -> None:
+    weight_cache.invalidate()
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:

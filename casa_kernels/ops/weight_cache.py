@@ -17,16 +17,18 @@ what can change under them (docs/design.md §9 lists what is and is not detected
   subclasses alike: torch.optim's global step hook) drops every entry's validity, since
   fused optimizers update parameters without touching their version counters.
 
-Sources that cannot be stamped are prepared on every call: views into a larger storage
-(``vector_to_parameters``, flat-parameter wrappers such as FSDP's: their storage is
-written through aliases whose version counters are their own), inference tensors (no
-version counter), and everything while tracing or inside :func:`disabled`. An entry is
-dropped as soon as one of its source tensors is freed, so the cache never outlives the
-weights.
+Inference tensors (made under ``torch.inference_mode``) have no version counter: they are
+stamped by storage, address and epoch, and the modules' ``load_state_dict`` bumps the
+epoch (:func:`invalidate`). Sources that cannot be stamped are prepared on every call:
+views into a larger storage (``vector_to_parameters``, flat-parameter wrappers such as
+FSDP's: their storage is written through aliases whose version counters are their own),
+and everything while tracing or inside :func:`disabled`. An entry is dropped as soon as
+one of its source tensors is freed, so the cache never outlives the weights.
 
 Not detected: writes through ``param.data`` (``param.data.copy_(…)``: ``.data`` is an
-alias with a version counter of its own) and writes from outside PyTorch (NumPy views,
-DLPack). Call :func:`clear` after them, or run such code inside :func:`disabled`.
+alias with a version counter of its own), other in-place writes to inference tensors,
+and writes from outside PyTorch (NumPy views, DLPack). Call :func:`clear` after them, or
+run such code inside :func:`disabled`.
 
 :func:`cache_bytes` is the memory the prepared tensors hold (``python -m
 casa_kernels.info`` reports it).
@@ -56,12 +58,15 @@ _optimizer_steps = itertools.count()
 _epoch = next(_optimizer_steps)
 
 
-def _on_optimizer_step(optimizer, args, kwargs) -> None:
+def invalidate() -> None:
+    """Makes every entry stale (each is prepared again at its next use): called after every
+    optimizer step and by the modules' ``load_state_dict``, for writes that version counters
+    do not see."""
     global _epoch
     _epoch = next(_optimizer_steps)
 
 
-register_optimizer_step_post_hook(_on_optimizer_step)
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: invalidate())
 
 
 def _owns_storage(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
@@ -71,7 +76,8 @@ def _owns_storage(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
 
 def _stamp(sources: Sequence[torch.Tensor]) -> tuple[_Stamp, list] | None:
     """The sources' stamp and storages; None where they are not to be cached: while
-    tracing, inside :func:`disabled` and for inference tensors."""
+    tracing and inside :func:`disabled`. An inference tensor has no version counter: its
+    stamp is its storage and address, and the epoch (:func:`invalidate`)."""
     if _disabled_depth or torch.compiler.is_compiling():
         return None
     epoch = _epoch  # read before the sources: a step racing this call invalidates the entry
@@ -79,9 +85,9 @@ def _stamp(sources: Sequence[torch.Tensor]) -> tuple[_Stamp, list] | None:
     try:  # one pass: this runs on every call of a backend, over up to 14 weights
         stamp = tuple([(t.data_ptr(), t._version) for t in sources])
     except RuntimeError:  # "Inference tensors do not track version counter"
-        if any(t.is_inference() for t in sources):
-            return None
-        raise
+        if not any(t.is_inference() for t in sources):
+            raise
+        stamp = tuple([(t.data_ptr(), None if t.is_inference() else t._version) for t in sources])
     return (epoch, stamp), storages
 
 

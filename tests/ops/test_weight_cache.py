@@ -54,7 +54,7 @@ def test_entries_die_with_their_weights_and_are_counted():
     assert weight_cache.cache_bytes() == {}
 
 
-def test_not_cached_where_versions_cannot_be_tracked():
+def test_not_cached_while_disabled_or_where_it_would_keep_its_source():
     weight_cache.clear()
     w = torch.randn(4)
     calls, prepare = _counting(w)
@@ -62,11 +62,6 @@ def test_not_cached_where_versions_cannot_be_tracked():
         weight_cache.cached("t", (w,), prepare)
         weight_cache.cached("t", (w,), prepare)
     assert len(calls) == 2
-    with torch.inference_mode():
-        frozen = torch.randn(4)  # an inference tensor has no version counter
-        weight_cache.cached("t", (frozen,), prepare)
-        weight_cache.cached("t", (frozen,), prepare)
-    assert len(calls) == 4
     # A result holding the source itself would keep it alive: prepared, not kept.
     weight_cache.cached("t", (w,), lambda: w)
     assert weight_cache.cache_bytes() == {}
@@ -267,3 +262,34 @@ def test_writes_through_data_need_clear():
     module.value.weight.data.mul_(2)
     weight_cache.clear()
     _assert_serves_current_weights(module, x)
+
+
+def test_inference_tensor_weights_are_cached_and_a_load_into_them_is_seen():
+    # Weights made under inference_mode have no version counter: cached by storage and
+    # epoch (no per-call checks of the weights), and the modules' load_state_dict bumps it.
+    weight_cache.clear()
+    with torch.inference_mode():
+        module, other = _attention(0), _attention(1)
+        x = torch.randn(2, 9, 16)
+        first = module(x)
+        held = weight_cache.cache_bytes()["cpu"]
+        calls = []
+        original = weight_cache.cached
+
+        def counting(tag, sources, prepare):
+            return original(tag, sources, lambda: calls.append(tag) or prepare())
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ck.ops.backends.cpu, "cached", counting)
+            torch.testing.assert_close(module(x), first)
+            assert calls == [] and weight_cache.cache_bytes()["cpu"] == held
+            module.load_state_dict(other.state_dict())  # copies into the inference tensors
+            loaded = module(x)
+            assert len(calls) == 1
+        torch.testing.assert_close(loaded, other(x), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(
+            loaded,
+            ck.casa_attention(x, module.weights(), backend="reference"),
+            rtol=2e-5,
+            atol=2e-5,
+        )
