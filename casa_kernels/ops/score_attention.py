@@ -45,7 +45,25 @@ def _forward_on(chosen: Backend, x: torch.Tensor, weights: ScoreAttentionWeights
     """The op's computation on a backend that serves the inputs (B = 0: empty)."""
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _forward_captured(chosen, x, weights)
     return chosen.forward(x, weights)
+
+
+def _forward_captured(
+    chosen: Backend, x: torch.Tensor, weights: ScoreAttentionWeights
+) -> torch.Tensor:
+    """The forward inside a CUDA graph capture, where a first call cannot autotune, compile
+    or check and pack its weights (each needs the host): a failure says to warm up."""
+    try:
+        return chosen.forward(x, weights)
+    except Exception as error:
+        raise RuntimeError(
+            f"casa_kernels: the {chosen.name!r} backend failed inside a CUDA graph capture "
+            f"({type(error).__name__}: {error}). A first call for a shape, dtype and set of "
+            "weights autotunes, compiles and prepares the weights, which a capture does not "
+            "allow: run one call outside the capture first (a warm-up), then capture."
+        ) from error
 
 
 @torch.library.register_kernel(OP_NAME, None)

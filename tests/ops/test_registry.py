@@ -251,3 +251,23 @@ def test_info_answers_help_and_rejects_unknown_flags():
     assert "backend cpu" not in shown.stdout  # help only, not the report
     wrong = subprocess.run([*command, "--bogus"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --bogus" in wrong.stderr
+
+
+def test_a_first_call_failing_inside_a_cuda_graph_capture_says_to_warm_up(
+    scratch_registry, monkeypatch
+):
+    # Without a GPU: a CUDA-like tensor on the meta device stands in, and a backend that
+    # fails the way a host synchronisation fails during capture.
+    from casa_kernels.ops import score_attention
+
+    def syncs(x, w):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    backend = _fake_backend("syncing", forward=syncs)
+    x = torch.empty(2, 4, 16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"'syncing' backend failed inside a CUDA graph") as info:
+        score_attention._forward_on(backend, x, None)
+    assert "run one call outside the capture first (a warm-up)" in str(info.value)
+    assert "operation not permitted" in str(info.value)
