@@ -2,7 +2,8 @@
 
 Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; model vs L),
 ``model`` (end-to-end forecasters), ``distributed`` (variate-parallel CASA, alone under
-``torchrun --nproc-per-node P``: :mod:`bench.distributed`). Results are upserted into
+``torchrun --nproc-per-node P``: :mod:`bench.distributed`). ``python -m bench estimate``
+is the static GPU cost model (:mod:`bench.cost_model.cli`, no GPU needed). Results are upserted into
 ``<out>/<suite>.csv``; ``summary.json`` and the scaling plots are rebuilt from the CSVs after each run.
 """
 
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["estimate"]:  # the static GPU cost model: its own options
+        from .cost_model import cli
+
+        return cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     if "distributed" in args.suites:
         from . import distributed
