@@ -51,7 +51,9 @@ constexpr int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2
 // shift banks between rows).
 constexpr int operand_vec(int elem_bytes) { return 16 / elem_bytes; }
 constexpr int operand_bk(int elem_bytes) { return 4 * operand_vec(elem_bytes); }
-constexpr int operand_ld(int elem_bytes) { return operand_bk(elem_bytes) + operand_vec(elem_bytes); }
+constexpr int operand_ld(int elem_bytes) {
+  return operand_bk(elem_bytes) + operand_vec(elem_bytes);
+}
 
 // Bytes of shared operand stages: `stages` x (rows_a + rows_b) rows of operand_ld elements.
 constexpr int operand_bytes(int elem_bytes, int rows_a, int rows_b, int stages) {
@@ -82,8 +84,7 @@ inline int64_t tail_tiles(int64_t N) { return ceil_div(N, kTailRows); }
 
 // Blocks of the head's grid for `splits`.
 inline int64_t head_blocks(const Problem& p, int64_t splits) {
-  return ceil_div(p.d_model / 2, kHeadCols) * ceil_div(p.d_model / 4, kHeadRows) * splits *
-         p.batch;
+  return ceil_div(p.d_model / 2, kHeadCols) * ceil_div(p.d_model / 4, kHeadRows) * splits * p.batch;
 }
 
 // Blocks of a tail launch.
@@ -137,9 +138,11 @@ inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype)
   const int64_t B = p.batch, D = p.d_model, C1 = D / 4, C2 = D / 2;
   const int e = dtype_bytes(dtype);
   const int conv_smem = operand_bytes(e, kConvRows, kConvCols, 2);
-  // A stride-2 conv C_in -> cout, length lin -> lin/2; a transposed one per output parity.
-  auto conv = [&](const char* name, int64_t lout_tiles_len, int64_t cout, int64_t parities) {
-    return Launch{name, ceil_div(lout_tiles_len, kConvCols) * ceil_div(cout, kConvRows) * parities * B,
+  // A bottleneck conv: column tiles over `cols` output positions (a transposed conv's per
+  // output parity, i.e. its input length), row tiles over `cout` channels, per parity and
+  // batch element.
+  auto conv = [&](const char* name, int64_t cols, int64_t cout, int64_t parities) {
+    return Launch{name, ceil_div(cols, kConvCols) * ceil_div(cout, kConvRows) * parities * B,
                   kConvThreads, conv_smem};
   };
   const int64_t tail = tail_blocks(p);
