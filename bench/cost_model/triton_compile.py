@@ -8,7 +8,8 @@ allocation) while every ``_launch`` is recorded instead of executed
 Triton's own binder, as ``JITFunction.run`` would on a GPU (integer arguments equal to 1
 become constants, multiples of 16 and aligned pointers get divisibility hints), and
 compiled for the target (:func:`compile_launch`). Grids come from the launcher's own
-grid functions at the chosen config.
+grid functions at the chosen config. Recording works under the interpreter too (with its
+tile sizes); compiling does not.
 
 Used by the static cost model (:mod:`bench.cost_model`) and by
 ``tests/ops/triton_compile_check.py``. Needs Triton, not a GPU; unset ``TRITON_INTERPRET``
@@ -18,6 +19,7 @@ Used by the static cost model (:mod:`bench.cost_model`) and by
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import pathlib
 import re
@@ -49,8 +51,20 @@ class Launch:
         return jit_function(self.kernel)
 
     @property
+    def source(self):
+        """The kernel's Python function (under autotuner and jit, or interpreter, wrappers)."""
+        fn = self.kernel
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+        return fn
+
+    @property
     def name(self) -> str:
-        return self.jit_function.__name__
+        return self.source.__name__
+
+    def bound_args(self) -> dict:
+        """``{parameter name: value}`` of the launch's positional arguments."""
+        return dict(zip(inspect.signature(self.source).parameters, self.args))
 
 
 @dataclass(frozen=True)
@@ -109,8 +123,6 @@ def op_launches(
 ) -> list[Launch]:
     """The launches of one ``triton_score_attention`` call, in order, for a GPU of
     ``sm_count`` SMs (the head's split count from the launcher's plan for it)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     x, weights = meta_problem(batch, n_vars, d_model, kernel, dtype)
     splits = tk.head_split_count(batch, n_vars, d_model, tk.program_target(sm_count))
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -144,8 +156,7 @@ def configs(launch: Launch, all_configs: bool = False) -> list[Config]:
 
 def grid(launch: Launch, config: Config) -> tuple[int, int, int]:
     """The launch's grid at ``config``, from the launcher's own grid (function)."""
-    bound = dict(zip(launch.jit_function.arg_names, launch.args))
-    meta = {**bound, **launch.kwargs, **config.kwargs}
+    meta = {**launch.bound_args(), **launch.kwargs, **config.kwargs}
     dims = tuple(launch.grid(meta) if callable(launch.grid) else launch.grid)
     return (*dims, *(1,) * (3 - len(dims)))
 
@@ -156,6 +167,8 @@ def compile_launch(launch: Launch, config: Config, target: GPUTarget):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     fn = launch.jit_function
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)

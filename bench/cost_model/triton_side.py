@@ -45,7 +45,7 @@ def _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl):
 
 def work(launch: Launch, config: Config) -> dict:
     """KernelWork fields of one launch at ``config`` (without name, grid and threads)."""
-    a = {**dict(zip(launch.jit_function.arg_names, launch.args)), **launch.kwargs, **config.kwargs}
+    a = {**launch.bound_args(), **launch.kwargs, **config.kwargs}
     name = launch.name
     k = a.get("KERNEL", 1)
     if name == "_head_kernel":
