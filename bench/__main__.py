@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
+            "  estimate   (alone) the static GPU cost model: per-kernel ESTIMATES for sm_90a without\n"
+            "             a GPU (python -m bench estimate --help)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
             "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png"
         ),

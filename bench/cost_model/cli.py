@@ -1,6 +1,6 @@
-"""``python -m bench estimate`` — the static GPU cost model (docs/design.md, "Static GPU
-cost model"): per kernel of the triton and cuda backends, compiled for sm_90a without a
-GPU, an ESTIMATE of its time on an H100/H200 SXM, never a measurement.
+"""``python -m bench estimate`` — the static GPU cost model (docs/design.md §12): per
+kernel of the triton and cuda backends, compiled for sm_90a without a GPU, an ESTIMATE of
+its time on an H100/H200 SXM, never a measurement.
 
 Writes ``<out>/estimate.json`` ({"triton": {"16": {"total_us", "kernels", ...}, "1": ...},
 "cuda": ...}) and ``<out>/estimate.md`` for the Traffic shape (the default; another
@@ -76,7 +76,10 @@ def _gpu_python(arg: str | None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench estimate", description=__doc__.splitlines()[0]
+        prog="python -m bench estimate",
+        description="The static GPU cost model (docs/design.md §12): per-kernel ESTIMATES of "
+        "the triton and cuda backends on an H100/H200 SXM, from code compiled for sm_90a "
+        "without a GPU; never measurements.",
     )
     parser.add_argument(
         "--shape",

@@ -17,7 +17,9 @@ def assumptions(gpu: Gpu) -> str:
         "one); async copies (cp.async/TMA) in a ≥ 2-stage pipeline cost only its fill. "
         "A program's time is its load rounds plus its MMA cycles; programs on one SM "
         "overlap their latencies but share its math units; a launch takes max(waves × "
-        "wave time, compulsory HBM bytes / bandwidth) plus the launch overhead."
+        "wave time, compulsory HBM bytes / bandwidth) plus the launch overhead. "
+        "Instruction counts and tensor-core shares are static (instructions in the code, "
+        "not executed); GFLOP are executed (padding and recomputation included)."
     )
 
 
@@ -59,7 +61,7 @@ def markdown(gpu: Gpu, shape, dtype: str, result: dict, others: dict, notes, ela
         f"# Static GPU cost model: ESTIMATES for N={n}, D={d}, k={k}, {dtype}",
         "",
         "Estimates from compiled code read without a GPU (`python -m bench estimate`), never "
-        'measurements; see docs/design.md, "Static GPU cost model".',
+        "measurements; see docs/design.md §12.",
         "",
         "Model: " + assumptions(gpu),
         "",
