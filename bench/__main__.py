@@ -5,7 +5,8 @@ Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; mo
 ``torchrun --nproc-per-node P``: :mod:`bench.distributed`). Results are upserted into
 ``<out>/<suite>.csv``; ``summary.json``, the scaling plots and the results page ``README.md``
 are rebuilt from the CSVs after each run. ``python -m bench report [FOLDER ...]`` rebuilds the
-results pages alone (:mod:`bench.report`).
+results pages alone (:mod:`bench.report`); ``python -m bench estimate`` is the static GPU cost
+model (:mod:`bench.cost_model.cli`, no GPU needed).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
+            "  estimate   (alone) the static GPU cost model: per-kernel ESTIMATES for sm_90a without\n"
+            "             a GPU (python -m bench estimate --help)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
             "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png,\n"
             "README.md (the results page; python -m bench report [FOLDER ...] rebuilds it alone)"
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import report
 
         return report.main(argv[1:])
+    if argv[:1] == ["estimate"]:  # the static GPU cost model: its own options
+        from .cost_model import cli
+
+        return cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     if "distributed" in args.suites:
         from . import distributed

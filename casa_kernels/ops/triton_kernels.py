@@ -842,21 +842,33 @@ def _common(dtype: torch.dtype, kernel: int) -> dict:
     }
 
 
+def program_target(sm_count: int) -> int:
+    """How many programs fill a device of ``sm_count`` SMs: two waves."""
+    return 2 * sm_count
+
+
 def _program_target(device: torch.device) -> int:
-    """How many programs fill the device: two waves of SMs, or a few under the interpreter."""
+    """How many programs fill the device, or a few under the interpreter."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return program_target(torch.cuda.get_device_properties(device).multi_processor_count)
     return 4
 
 
-def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> int:
-    """How many programs share the head's N reduction: enough to fill the device."""
+def head_split_count(batch: int, n_vars: int, d_model: int, programs: int) -> int:
+    """How many programs share the head's N reduction so that about ``programs`` programs
+    run: the launch plan, a pure function of the sizes (the static cost model,
+    bench/cost_model, calls it with an H100's SM count)."""
     chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
     c1, half = d_model // 4, d_model // 2
     # Output tiles at the first config's size: an estimate, the tuned config may differ.
     block = _head_configs()[0].kwargs
     tiles = batch * triton.cdiv(c1, block["BLOCK_C"]) * triton.cdiv(half, block["BLOCK_T"])
-    return max(1, min(chunks, triton.cdiv(_program_target(device), tiles)))
+    return max(1, min(chunks, triton.cdiv(programs, tiles)))
+
+
+def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> int:
+    """How many programs share the head's N reduction: enough to fill the device."""
+    return head_split_count(batch, n_vars, d_model, _program_target(device))
 
 
 def tail_block_n(n_vars: int) -> int:

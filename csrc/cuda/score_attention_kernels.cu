@@ -111,33 +111,13 @@ using namespace cute;
 // Tiles
 // ---------------------------------------------------------------------------------
 
-constexpr int kTailThreads = 256;       // 8 warps, 4 x 2 over the tile
-constexpr int kTailRows = 128;          // variates per tail CTA (BLOCK_N)
-constexpr int kTailCols = 128;          // contiguous output columns per tail CTA (BLOCK_D)
-constexpr int kTailLd = kTailCols + 4;  // fp32 row stride of the score/probability tile
-constexpr int kValueStages = 3;         // cp.async pipeline depth of the value projection
-constexpr int kHeadThreads = 256;       // head: 128 (channels) x 128 (positions) tiles
-constexpr int kHeadRows = 128;
-constexpr int kHeadCols = 128;
-constexpr int kConvThreads = 128;  // bottleneck: 64 x 64 tiles, 4 warps (2 x 2)
-constexpr int kConvRows = 64;
-constexpr int kConvCols = 64;
-constexpr int kReduceThreads = 256;
-
-// K step and shared row stride of T operands: 64 bytes of K per step, rows padded by 16
-// bytes (rows stay 16-byte aligned for cp.async and shift banks between rows).
+// Tile sizes and shared-memory sizes: launch_plan.h. The operand tiles of T:
 template <typename T>
 struct Tiling {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
-  static constexpr int kBK = 4 * kVec;                           // 32 (16-bit), 16 (fp32)
-  static constexpr int kLd = kBK + kVec;
+  static constexpr int kVec = operand_vec(static_cast<int>(sizeof(T)));  // elements per 16 B
+  static constexpr int kBK = operand_bk(static_cast<int>(sizeof(T)));    // 32 (16-bit), 16 (fp32)
+  static constexpr int kLd = operand_ld(static_cast<int>(sizeof(T)));
 };
-
-// Bytes of shared operand stages: `stages` x (rows_a + rows_b) rows of kLd elements.
-template <typename T>
-constexpr int operand_bytes(int rows_a, int rows_b, int stages) {
-  return stages * (rows_a + rows_b) * Tiling<T>::kLd * static_cast<int>(sizeof(T));
-}
 
 // (rows, BK, stages) K-major shared layout.
 template <typename T, int kRows, int kStages>
@@ -226,7 +206,7 @@ __device__ inline void for_each_acc(TiledMma const& mma, Acc const& acc, F&& f) 
 // acc += Σ_{g < K} A(m, g) · B(n, g) over the kBM x kBN tile, A(m, g) = load_a(m, g) and
 // B(n, g) = load_b(n, g) (T, zero outside the problem). The loaders are called with the
 // K index fastest across threads when a_k_fast/b_k_fast (operands contiguous in K), else
-// the row index. `smem`: operand_bytes<T>(kBM, kBN, 2) bytes. Synchronises the block
+// the row index. `smem`: operand_bytes(sizeof(T), kBM, kBN, 2) bytes. Synchronises the block
 // after its last use of `smem` (so the caller may reuse it); reads nothing else shared.
 template <typename T, int kBM, int kBN, class TiledMma, class Acc, class LoadA, class LoadB>
 __device__ void gather_gemm(TiledMma const& mma, Acc& acc, int K, const LoadA& load_a,
@@ -267,7 +247,7 @@ __device__ void gather_gemm(TiledMma const& mma, Acc& acc, int K, const LoadA& l
 // acc += A · Bᵀ over the kBM x kBN tile: A = rows [0, a_rows) of a, B = rows [0, b_rows)
 // of b, both row-major with K columns (K a multiple of Tiling<T>::kVec, rows 16-byte
 // aligned); rows beyond a_rows / b_rows read as zero. 16-byte cp.async copies in a
-// kStages-deep pipeline; `smem`: operand_bytes<T>(kBM, kBN, kStages) bytes. Synchronises
+// kStages-deep pipeline; `smem`: operand_bytes(sizeof(T), kBM, kBN, kStages) bytes. Synchronises
 // the block after its last use of `smem`.
 template <typename T, int kBM, int kBN, int kStages, class TiledMma, class Acc>
 __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_rows, const T* b,
@@ -507,16 +487,6 @@ struct TailArgs {
   bool w2_packed;
 };
 
-// Shared memory of the tail kernels: the fp32 tile P [kTailRows][kTailLd], the column
-// statistics [kTailCols], then the operand stages.
-constexpr int kTailPBytes = kTailRows * kTailLd * 4 + kTailCols * 8;
-template <typename T>
-constexpr int tail_smem_bytes(bool with_value) {
-  const int scores = operand_bytes<T>(kTailRows, kTailCols / 2, 2);
-  const int value = operand_bytes<T>(kTailRows, kTailCols, kValueStages);
-  return kTailPBytes + (with_value && value > scores ? value : scores);
-}
-
 // The tail CTA of blockIdx.x: batch b, rows [n0, n0 + rows), columns [o0, o0 + cols).
 struct TailTile {
   int b, n_tile, n0, rows, o0, cols;
@@ -682,14 +652,6 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 #endif
 }
 
-// Rows per split of N for `splits` splits: equal chunks, a multiple of `multiple`.
-int chunk_rows(int64_t N, int64_t splits, int64_t multiple) {
-  const int64_t chunk = (N + splits - 1) / splits;
-  return static_cast<int>((chunk + multiple - 1) / multiple * multiple);
-}
-
-int64_t tail_tiles(int64_t N) { return (N + kTailRows - 1) / kTailRows; }
-
 // Workspace regions, in floats, each a multiple of 32 floats (128 bytes).
 int64_t round_floats(int64_t n) { return (n + 31) / 32 * 32; }
 
@@ -715,37 +677,32 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   float2* stats = reinterpret_cast<float2*>(next);  // [B, n_tiles, D]
   float2* merged = reinterpret_cast<float2*>(next + round_floats(2LL * B * n_tiles * D));
 
+  // Grids and shared memory: the plan (launch_plan.h); its grids fit int (problem_supported).
+  const LaunchPlan lp = plan_launches(prm.problem, prm.plan, prm.dtype);
+  auto blocks = [](const Launch& launch) { return static_cast<int>(launch.blocks); };
   cudaError_t err = cudaSuccess;
   // 1. head
   {
-    constexpr int smem = operand_bytes<T>(kHeadRows, kHeadCols, 2);
+    const int smem = lp.head.smem_bytes;
     if ((err = allow_smem(head_kernel<T>, smem)) != cudaSuccess) return err;
-    const int blocks =
-        ceil_div_int(D / 2, kHeadCols) * ceil_div_int(C1, kHeadRows) * head_splits * B;
-    head_kernel<T><<<blocks, kHeadThreads, smem, stream>>>(
+    head_kernel<T><<<blocks(lp.head), kHeadThreads, smem, stream>>>(
         x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
-    const int reduce_blocks =
-        static_cast<int>(std::min<int64_t>((act + kReduceThreads - 1) / kReduceThreads, 65536));
-    head_reduce_kernel<T><<<reduce_blocks, kReduceThreads, 0, stream>>>(partial, w(kEnc0Bias), h[0],
-                                                                        B, C1, D / 2, head_splits);
+    head_reduce_kernel<T><<<blocks(lp.head_reduce), kReduceThreads, 0, stream>>>(
+        partial, w(kEnc0Bias), h[0], B, C1, D / 2, head_splits);
   }
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
   {
-    constexpr int smem = operand_bytes<T>(kConvRows, kConvCols, 2);
+    const int smem = lp.enc1.smem_bytes;  // the same for the four convs
     if ((err = allow_smem(conv_s2_relu_kernel<T>, smem)) != cudaSuccess) return err;
     if ((err = allow_smem(conv_transpose_s2_relu_kernel<T>, smem)) != cudaSuccess) return err;
-    const int enc1_blocks = ceil_div_int(D / 4, kConvCols) * ceil_div_int(C2, kConvRows) * B;
-    conv_s2_relu_kernel<T><<<enc1_blocks, kConvThreads, smem, stream>>>(
+    conv_s2_relu_kernel<T><<<blocks(lp.enc1), kConvThreads, smem, stream>>>(
         h[0], w(kEnc1Weight), w(kEnc1Bias), h[1], C1, D / 2, C2, k);
-    const int enc2_blocks = ceil_div_int(D / 8, kConvCols) * ceil_div_int(D, kConvRows) * B;
-    conv_s2_relu_kernel<T><<<enc2_blocks, kConvThreads, smem, stream>>>(
+    conv_s2_relu_kernel<T><<<blocks(lp.enc2), kConvThreads, smem, stream>>>(
         h[1], w(kEnc2Weight), w(kEnc2Bias), h[2], C2, D / 4, D, k);
-    const int dec0_blocks = ceil_div_int(D / 8, kConvCols) * ceil_div_int(C2, kConvRows) * 2 * B;
-    conv_transpose_s2_relu_kernel<T><<<dec0_blocks, kConvThreads, smem, stream>>>(
+    conv_transpose_s2_relu_kernel<T><<<blocks(lp.dec0), kConvThreads, smem, stream>>>(
         h[2], w(kDec0Weight), w(kDec0Bias), h[3], D, D / 8, C2, k);
-    const int dec1_blocks = ceil_div_int(D / 4, kConvCols) * ceil_div_int(C1, kConvRows) * 2 * B;
-    conv_transpose_s2_relu_kernel<T><<<dec1_blocks, kConvThreads, smem, stream>>>(
+    conv_transpose_s2_relu_kernel<T><<<blocks(lp.dec1), kConvThreads, smem, stream>>>(
         h[3], w(kDec1Weight), w(kDec1Bias), h[4], C2, D / 4, C1, k);
   }
   // 3. tail: row-tile stats, their merge, output
@@ -772,54 +729,19 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
                            w2_sn,
                            w2_sj,
                            packed};
-    constexpr int stats_smem = tail_smem_bytes<T>(false);
-    constexpr int output_smem = tail_smem_bytes<T>(true);
+    const int stats_smem = lp.tail_stats.smem_bytes;
+    const int output_smem = lp.tail_output.smem_bytes;
     if ((err = allow_smem(tail_stats_kernel<T>, stats_smem)) != cudaSuccess) return err;
     if ((err = allow_smem(tail_output_kernel<T>, output_smem)) != cudaSuccess) return err;
-    const int blocks = ceil_div_int(D, kTailCols) * n_tiles * B;
-    tail_stats_kernel<T><<<blocks, kTailThreads, stats_smem, stream>>>(args);
-    const int merge_blocks = static_cast<int>(std::min<int64_t>(
-        (static_cast<int64_t>(B) * D + kReduceThreads - 1) / kReduceThreads, 65536));
-    tail_merge_kernel<<<merge_blocks, kReduceThreads, 0, stream>>>(stats, merged, B, D, n_tiles);
-    tail_output_kernel<T><<<blocks, kTailThreads, output_smem, stream>>>(args);
+    tail_stats_kernel<T><<<blocks(lp.tail_stats), kTailThreads, stats_smem, stream>>>(args);
+    tail_merge_kernel<<<blocks(lp.tail_merge), kReduceThreads, 0, stream>>>(stats, merged, B, D,
+                                                                            n_tiles);
+    tail_output_kernel<T><<<blocks(lp.tail_output), kTailThreads, output_smem, stream>>>(args);
   }
   return cudaGetLastError();
 }
 
-// Blocks of the head's grid for `splits`.
-int64_t head_blocks(const Problem& p, int64_t splits) {
-  const int64_t D = p.d_model;
-  return ((D / 2 + kHeadCols - 1) / kHeadCols) * ((D / 4 + kHeadRows - 1) / kHeadRows) * splits *
-         p.batch;
-}
-
-// Blocks of a tail launch.
-int64_t tail_blocks(const Problem& p) {
-  return ((p.d_model + kTailCols - 1) / kTailCols) * tail_tiles(p.n_vars) * p.batch;
-}
-
-// Splits of N giving about `target` blocks (per_split blocks each), at least
-// `min_rows` rows per split, at most `most` splits, and no empty split.
-int64_t choose_splits(int64_t N, int64_t per_split, int64_t target, int64_t min_rows,
-                      int64_t most) {
-  const int64_t wanted = (target + per_split - 1) / per_split;
-  const int64_t splits = std::max<int64_t>(1, std::min({wanted, most, N / min_rows}));
-  const int64_t chunk = chunk_rows(N, splits, 1);
-  return (N + chunk - 1) / chunk;
-}
-
-constexpr int64_t kMaxHeadSplits = 32;
-
 }  // namespace
-
-Plan make_plan(const Problem& p, int sm_count) {
-  const int64_t target = 2 * static_cast<int64_t>(std::max(sm_count, 1));
-  Plan plan;
-  plan.head_splits =
-      static_cast<int>(choose_splits(p.n_vars, head_blocks(p, 1), target, 32, kMaxHeadSplits));
-  plan.tail_splits = static_cast<int>(tail_tiles(p.n_vars));
-  return plan;
-}
 
 size_t workspace_floats(const Problem& p, const Plan& plan) {
   const int64_t B = p.batch, D = p.d_model;
@@ -831,12 +753,7 @@ size_t workspace_floats(const Problem& p, const Plan& plan) {
 }
 
 size_t shared_memory_bytes(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32: return tail_smem_bytes<float>(true);
-    case DType::kFloat16: return tail_smem_bytes<half_t>(true);
-    case DType::kBFloat16: return tail_smem_bytes<bfloat16_t>(true);
-  }
-  return 0;
+  return static_cast<size_t>(tail_smem_bytes(dtype_bytes(dtype), true));
 }
 
 bool problem_supported(const Problem& p, const char** why) {

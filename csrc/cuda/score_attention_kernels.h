@@ -29,26 +29,10 @@
 #include <cstdint>
 
 #include "../weight_index.h"
+#include "launch_plan.h"  // DType, Problem, Plan, make_plan, plan_launches
 
 namespace casa {
 namespace gpu {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// Problem sizes; D % 8 == 0 and k odd (checked by the binding).
-struct Problem {
-  int64_t batch, n_vars, d_model, kernel;
-};
-
-// How N is split across blocks. head_splits: blocks sharing the N reduction of the
-// encoder head (each at least 32 variates, about two blocks per SM when B is small);
-// tail_splits: the tail's 128-row tiles, ⌈N/128⌉ (launch_fused_score_attention rejects
-// another value).
-struct Plan {
-  int head_splits, tail_splits;
-};
-
-Plan make_plan(const Problem& problem, int sm_count);
 
 // fp32 elements of the workspace (each region rounded up to 128 bytes): head_splits · B ·
 // D²/8 for the head partials, 5 · B · D²/8 for the bottleneck activations (stored in the

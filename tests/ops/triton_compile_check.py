@@ -1,5 +1,8 @@
 """Compiles the Triton kernels for NVIDIA targets without a GPU (down to cubin, via
 the ptxas shipped with triton), to catch lowering errors the interpreter cannot see.
+Each kernel is compiled as its launcher would launch it (bench/cost_model/triton_compile.py:
+the launchers run on meta tensors, Triton's binder specialises the arguments) for a
+small ragged problem, B=3, N=37, D=200, so no size is a multiple of 16.
 
 Run with the interpreter off::
 
@@ -15,152 +18,43 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import pathlib
-import re
-import subprocess
 import sys
-import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("triton_compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
-import triton  # noqa: E402
+import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
-from casa_kernels.ops import triton_kernels as tk  # noqa: E402
+from bench.cost_model.triton_compile import (  # noqa: E402
+    compile_launch,
+    configs,
+    op_launches,
+    ptxas_usage,
+)
 
-
-def _jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap the autotuner
-        kernel = kernel.fn
-    return kernel
-
-
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers per thread, spill store bytes, spill load bytes) as ``ptxas -v`` reports them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp, "kernel.ptx")
-        src.write_text(ptx)
-        suffix = "a" if arch == 90 else ""
-        done = subprocess.run(
-            [
-                get_ptxas(arch).path,
-                "-v",
-                f"--gpu-name=sm_{arch}{suffix}",
-                str(src),
-                "-o",
-                str(pathlib.Path(tmp, "kernel.cubin")),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    log = done.stdout + done.stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    stores, loads = (
-        int(v)
-        for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
-    )
-    return regs, stores, loads
-
-
-def _compile(kernel, signature, constexprs, target, num_warps, num_stages=3) -> str:
-    """Compiles one kernel to cubin; returns its resource line."""
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    fn = _jit_function(kernel)
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(
-        source, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    regs, stores, loads = _ptxas_usage(compiled.asm["ptx"], target.arch)
-    blocks = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
-    return (
-        f"    {fn.__name__:<22} {blocks:<40} warps={num_warps} stages={num_stages}: "
-        f"{regs} regs, {compiled.metadata.shared} B smem, spills {stores}/{loads} B (store/load)"
-    )
-
-
-def _configs(configs, all_configs: bool):
-    return configs if all_configs else configs[:1]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BATCH, N_VARS, D_MODEL = 3, 37, 200
+SM_COUNT = 132
 
 
 def compile_all(target, dtype: str, precision: str, k: int, all_configs: bool) -> list[str]:
-    """Compiles every kernel (first config, or all); returns one resource line per compile."""
-    p = "*" + dtype
-    common = {"KERNEL": k, "PRECISION": precision, "EMULATE_BF16": False}
+    """Compiles every launch of one call (first config, or all); one resource line each."""
     lines = []
-    for cfg in _configs(tk._head_configs(), all_configs):
-        sig = {
-            "x_ptr": p,
-            "w_ptr": p,
-            "out_ptr": "*fp32",
-            "B": "i32",
-            "N": "i32",
-            "D": "i32",
-            "C1": "i32",
-            "CHUNKS_PER_SPLIT": "i32",
-        }
-        consts = {**common, "BLOCK_N": tk.HEAD_BLOCK_N, **cfg.kwargs}
-        lines.append(_compile(tk._head_kernel, sig, consts, target, cfg.num_warps, cfg.num_stages))
-    sig = {"parts_ptr": "*fp32", "b0_ptr": p}
-    for i in range(1, 5):
-        sig[f"w{i}_ptr"] = p
-        sig[f"b{i}_ptr"] = p
-    sig.update(
-        {"scratch_ptr": "*fp32", "out_ptr": "*fp32", "SPLITS": "i32", "B": "i32", "D": "i32"}
+    launches = op_launches(
+        BATCH, N_VARS, D_MODEL, k, DTYPES[dtype], sm_count=SM_COUNT, allow_tf32=precision == "tf32"
     )
-    consts = {**common, **tk._BOTTLENECK_BLOCKS}
-    lines.append(
-        _compile(
-            tk._bottleneck_kernel, sig, consts, target, tk._BOTTLENECK_WARPS, tk._BOTTLENECK_STAGES
-        )
-    )
-    for cfg in _configs(tk._stats_configs(), all_configs):
-        sig = {
-            "x_ptr": p,
-            "h_ptr": "*fp32",
-            "w_ptr": p,
-            "bias_ptr": p,
-            "max_ptr": "*fp32",
-            "sum_ptr": "*fp32",
-            "N": "i32",
-            "D": "i32",
-            "C1": "i32",
-            "N_TILES": "i32",
-        }
-        consts = {**common, "BLOCK_N": tk.TAIL_BLOCK_N, **cfg.kwargs}
-        lines.append(
-            _compile(tk._tail_stats_kernel, sig, consts, target, cfg.num_warps, cfg.num_stages)
-        )
-    sig = {
-        "part_max_ptr": "*fp32",
-        "part_sum_ptr": "*fp32",
-        "max_ptr": "*fp32",
-        "sum_ptr": "*fp32",
-        "D": "i32",
-        "N_TILES": "i32",
-    }
-    lines.append(_compile(tk._stats_merge_kernel, sig, {"BLOCK_D": tk._MERGE_BLOCK_D}, target, 4))
-    for cfg in _configs(tk._output_configs(), all_configs):
-        sig = {
-            "x_ptr": p,
-            "h_ptr": "*fp32",
-            "w_ptr": p,
-            "bias_ptr": p,
-            "wvt_ptr": p,
-            "bv_ptr": p,
-            "max_ptr": "*fp32",
-            "sum_ptr": "*fp32",
-            "y_ptr": p,
-            "N": "i32",
-            "D": "i32",
-            "C1": "i32",
-        }
-        consts = {**common, "BLOCK_N": tk.TAIL_BLOCK_N, **cfg.kwargs}
-        lines.append(
-            _compile(tk._tail_output_kernel, sig, consts, target, cfg.num_warps, cfg.num_stages)
-        )
+    for launch in launches:
+        for config in configs(launch, all_configs):
+            compiled = compile_launch(launch, config, target)
+            regs, stores, loads = ptxas_usage(compiled.asm["ptx"], target.arch)
+            meta = {**launch.kwargs, **config.kwargs}
+            blocks = ",".join(f"{n}={v}" for n, v in meta.items() if n.startswith("BLOCK"))
+            lines.append(
+                f"    {launch.name:<22} {blocks:<40} warps={config.num_warps} "
+                f"stages={config.num_stages}: {regs} regs, {compiled.metadata.shared} B smem, "
+                f"spills {stores}/{loads} B (store/load)"
+            )
     return lines
 
 

@@ -1,0 +1,250 @@
+"""The cuda backend's launches for the cost model: csrc/cuda/score_attention_kernels.cu
+compiled with nvcc for sm_90a and read back (``cuobjdump -res-usage``, ``-sass``, with
+the cuobjdump Triton ships), the launch plan read from csrc/cuda/launch_plan.h (the
+launcher's own plan, built here with a host compiler into a small program), and each
+launch described as a :class:`.timing.KernelWork`.
+
+The work descriptions state each kernel's loop structure (steps per block and what a
+step loads and multiplies); they follow score_attention_kernels.cu and must be kept in
+step with it. The tile sizes come from the plan program.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+from casa_kernels.cutlass_headers import find_include
+
+from . import sass
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "csrc" / "cuda" / "score_attention_kernels.cu"
+PLAN_SOURCE = pathlib.Path(__file__).with_name("cuda_plan.cpp")
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+# How a dtype appears in the mangled names of the kernel templates.
+_MANGLED_TYPE = {"float32": "IfE", "float16": "6half_t", "bfloat16": "10bfloat16_t"}
+
+
+class ToolMissing(RuntimeError):
+    """A tool the CUDA half of the model needs is not installed; the message says which."""
+
+
+def find_nvcc() -> str:
+    """nvcc from $NVCC, PATH, $CUDA_HOME or /usr/local/cuda*, as .ci/compile_cuda.sh does."""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    candidates += [os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc")]
+    candidates += ["/usr/local/cuda/bin/nvcc", *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"))]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise ToolMissing("nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH)")
+
+
+def _cuobjdump() -> str:
+    try:
+        import triton
+    except ImportError as error:
+        raise ToolMissing(
+            f"cuobjdump: taken from Triton, which does not import ({error})"
+        ) from None
+    return triton.knobs.nvidia.cuobjdump.path
+
+
+def compile_kernels(out_dir: pathlib.Path) -> tuple[str, str]:
+    """nvcc -cubin of the kernels for sm_90a; returns (res-usage text, SASS text)."""
+    cutlass, how = find_include()
+    if cutlass is None:
+        raise ToolMissing(f"CUTLASS/CuTe headers: {how}")
+    cubin = out_dir / "kernels.cubin"
+    subprocess.run(
+        [
+            find_nvcc(),
+            "-cubin",
+            str(KERNELS),
+            "-o",
+            str(cubin),
+            "-std=c++17",
+            "-O3",
+            "-I",
+            str(ROOT / "csrc"),
+            "-isystem",
+            cutlass,
+            "-gencode",
+            "arch=compute_90a,code=sm_90a",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    tool = _cuobjdump()
+    dump = [
+        subprocess.run([tool, flag, str(cubin)], check=True, capture_output=True, text=True).stdout
+        for flag in ("-res-usage", "-sass")
+    ]
+    return dump[0], dump[1]
+
+
+def launch_plan(out_dir: pathlib.Path, dtype: str, batch, n_vars, d_model, kernel, sms) -> dict:
+    """The launcher's plan (launch_plan.h) for one problem, via the plan program."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise ToolMissing("no C++ compiler (g++ or $CXX) to build the launch-plan program")
+    exe = out_dir / "cuda_plan"
+    if not exe.exists():
+        subprocess.run(
+            [
+                cxx,
+                "-std=c++17",
+                "-O1",
+                "-I",
+                str(ROOT / "csrc" / "cuda"),
+                str(PLAN_SOURCE),
+                "-o",
+                str(exe),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    args = [DTYPE_CODES[dtype], batch, n_vars, d_model, kernel, sms]
+    done = subprocess.run([str(exe), *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _taps(kernel: int, parity: int) -> int:
+    """Taps of a stride-2 transposed conv (pad k//2) that reach output parity r."""
+    first = (parity + kernel // 2) % 2
+    return (kernel - first + 1) // 2
+
+
+def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -> dict:
+    """KernelWork fields (without name, grid, threads) of one planned launch."""
+    e = 4 if dtype == "float32" else 2
+    B, N, D, k = batch, n_vars, d_model, kernel
+    C1, C2 = D // 4, D // 2
+    act = B * D * D // 8  # every activation of the bottleneck: [B, D²/8]
+    bk = plan["tiles"]["bk"]
+    threads = launch["threads"]
+    name = launch["name"]
+    x_bytes = B * N * D * e
+    if name == "head":
+        rows, cols = plan["tiles"]["head"]
+        steps = _cdiv(plan["head_chunk_rows"] * k, bk)
+        return dict(
+            phases=((steps, (rows + cols) * bk * e),),
+            macs=steps * rows * cols * bk,
+            hbm_bytes=x_bytes + C1 * N * k * e + plan["head_splits"] * act * 4,
+        )
+    if name == "head_reduce":
+        per_thread = _cdiv(act, launch["blocks"] * threads)  # grid-stride iterations
+        return dict(
+            phases=((per_thread, threads * plan["head_splits"] * 4),),
+            macs=0,
+            hbm_bytes=plan["head_splits"] * act * 4 + act * e,
+        )
+    layers = {"enc1": (C1, D // 2, C2, False), "enc2": (C2, D // 4, D, False)}
+    layers |= {"dec0": (D, D // 8, C2, True), "dec1": (C2, D // 4, C1, True)}
+    if name in layers:
+        cin, lin, cout, transposed = layers[name]
+        rows, cols = plan["tiles"]["conv"]
+        depth = cin * (max(_taps(k, 0), _taps(k, 1)) if transposed else k)
+        steps = _cdiv(depth, bk)
+        return dict(
+            phases=((steps, (rows + cols) * bk * e),),
+            macs=steps * rows * cols * bk,
+            hbm_bytes=(B * cin * lin + cout * cin * k + act) * e,
+        )
+    rows, cols = plan["tiles"]["tail"]
+    tiles = plan["tail_splits"]
+    if name in ("tail_stats", "tail_output"):
+        score_steps = sum(_cdiv(C1 * _taps(k, r), bk) for r in (0, 1))
+        score = (score_steps, (rows + cols // 2) * bk * e)
+        x_pass = (1, rows * cols * e)  # the row-major pass adding bias, sigmoid and x
+        fields = dict(
+            phases=(score, x_pass),
+            macs=score_steps * rows * (cols // 2) * bk,
+            hbm_bytes=x_bytes + act * e + C1 * N * k * e + B * tiles * D * 8,
+        )
+        if name == "tail_stats":
+            return fields
+        value_steps = _cdiv(D, bk)
+        fields.update(
+            phases=((1, cols * 8), score, x_pass),  # the merged statistics first
+            async_steps=value_steps,
+            async_bytes_per_step=(rows + cols) * bk * e,
+            stages=plan["tiles"]["value_stages"],
+            macs=fields["macs"] + value_steps * rows * cols * bk,
+            # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics
+            hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * D * 8,
+        )
+        return fields
+    if name == "tail_merge":
+        per_thread = _cdiv(B * D, launch["blocks"] * threads)
+        return dict(
+            phases=((per_thread * 2 * tiles, threads * 8),),  # a max pass, then a sum pass
+            macs=0,
+            hbm_bytes=B * tiles * D * 8 + B * D * 8,
+        )
+    raise ValueError(f"{name}: no work description for this CUDA launch")
+
+
+def _function(names, kernel: str, dtype: str) -> str:
+    """The mangled name of ``kernel`` (instantiated for ``dtype`` where templated)."""
+    hits = [n for n in names if f"{len(kernel)}{kernel}" in n]
+    typed = [n for n in hits if _MANGLED_TYPE[dtype] in n.split(kernel, 1)[1]]
+    found = typed or [n for n in hits if "I" not in n.split(kernel, 1)[1][:1]]
+    if len(found) != 1:
+        raise ValueError(f"{kernel} ({dtype}): expected one compiled function, found {found}")
+    return found[0]
+
+
+def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
+    """``{batch: [launch description, ...]}`` for the cuda backend (one nvcc compile)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = pathlib.Path(tmp)
+        res_text, sass_text = compile_kernels(out_dir)
+        resources = sass.parse_resources(res_text)
+        functions = sass.split_functions(sass_text)
+        described = {}
+        for batch in batches:
+            plan = launch_plan(out_dir, dtype, batch, n_vars, d_model, kernel, sms)
+            launches = []
+            for launch in plan["launches"]:
+                fn = _function(resources, launch["kernel"], dtype)
+                res = resources[fn]
+                fields = work(plan, launch, dtype, batch, n_vars, d_model, kernel)
+                launches.append(
+                    {
+                        "name": launch["name"],
+                        "grid": [launch["blocks"], 1, 1],
+                        "programs": launch["blocks"],
+                        "threads": launch["threads"],
+                        "registers": res.registers,
+                        "shared_bytes": launch["smem_bytes"] + res.shared,
+                        "local_bytes": res.local,
+                        "mix": sass.instruction_mix(functions[fn]).as_dict(),
+                        "work": {**fields, "flops": 2.0 * launch["blocks"] * fields["macs"]},
+                    }
+                )
+            described[str(batch)] = launches
+        return described
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_version() -> str:
+    """``nvcc 13.0.88`` (from ``nvcc --version``), or ``nvcc`` when it does not say."""
+    text = subprocess.run([find_nvcc(), "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release [\d.]+, V([\d.]+)", text)
+    return f"nvcc {found.group(1)}" if found else "nvcc"

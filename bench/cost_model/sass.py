@@ -1,0 +1,190 @@
+"""Reading compiled GPU code: SASS text (``cuobjdump -sass``) and resource usage
+(``cuobjdump -res-usage``), as printed by the cuobjdump that Triton ships.
+
+Pure text parsing, no GPU and no tools needed: the functions take the printed text.
+What the cost model reads from it (:func:`instruction_mix`):
+
+* the static instruction mix: tensor-core instructions (``HGMMA`` = wgmma, ``HMMA`` =
+  mma.sync), CUDA-core floating-point math (``FFMA``, ``FMUL``, ``FADD``, ``HFMA2`` ...),
+  synchronous global loads (``LDG``), asynchronous global→shared copies (``LDGSTS`` =
+  cp.async, ``UTMALDG`` = TMA), shared loads/stores, barriers;
+* the mean width in bytes of the synchronous global loads (``LDG.E.U16`` = 2,
+  ``LDG.E`` = 4, ``LDG.E.64`` = 8, ``LDG.E.128`` = 16);
+* the loads in flight per thread (:func:`loads_in_flight`): how many synchronous global
+  loads a thread issues, on average, before it uses the result of one of them.
+
+All counts are static (instructions in the code, not executions).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+# `/*0a30*/  @!P1 LDG.E.U16 R12, desc[UR4][R2.64] ;`: address, optional predicate,
+# opcode with modifiers, operands.
+_INSTRUCTION = re.compile(
+    r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);"
+)
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$", re.M)
+_REGISTER = re.compile(r"\bR(\d+)\b")
+_RESOURCES = re.compile(r"Function (\S+?):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+TENSOR_CORE = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA")
+FP_MATH = ("FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "DFMA", "DMUL", "DADD")
+ASYNC_COPY = ("LDGSTS", "UTMALDG", "UBLKCP")
+# Synchronous global (and generic) loads: the thread's registers wait for them.
+SYNC_LOAD = ("LDG", "LD")
+_LOAD_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    opcode: str  # e.g. "LDG"
+    modifiers: tuple[str, ...]  # e.g. ("E", "U16", "CONSTANT")
+    operands: str  # the text after the opcode, without the ";"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-thread registers, stack and local (spilled) bytes and static shared bytes."""
+
+    registers: int
+    stack: int
+    shared: int
+    local: int
+
+
+@dataclass(frozen=True)
+class InstructionMix:
+    total: int
+    tensor_core: int
+    wgmma: int  # of which HGMMA (warpgroup MMA, sm_90a)
+    fp_math: int
+    sync_loads: int
+    async_copies: int
+    shared_loads: int
+    shared_stores: int
+    barriers: int
+    sync_load_bytes: float  # mean width of a synchronous global load, bytes
+    loads_in_flight: float  # see loads_in_flight()
+
+    @property
+    def tensor_core_share(self) -> float:
+        """Tensor-core instructions over all math instructions (tensor core + FP math)."""
+        math = self.tensor_core + self.fp_math
+        return self.tensor_core / math if math else 0.0
+
+    @property
+    def tensor_core_of_all(self) -> float:
+        """Tensor-core instructions over all instructions."""
+        return self.tensor_core / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict:
+        """The counts, with the shares rounded, JSON-ready (:meth:`from_dict` reads it)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["sync_load_bytes"] = round(self.sync_load_bytes, 2)
+        out["loads_in_flight"] = round(self.loads_in_flight, 2)
+        out["tensor_core_share"] = round(self.tensor_core_share, 3)
+        out["tensor_core_of_all"] = round(self.tensor_core_of_all, 4)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InstructionMix:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def split_functions(sass: str) -> dict[str, str]:
+    """``{function name: its SASS text}`` for every ``Function :`` section."""
+    marks = list(_FUNCTION.finditer(sass))
+    return {
+        m.group(1): sass[m.end() : marks[i + 1].start() if i + 1 < len(marks) else len(sass)]
+        for i, m in enumerate(marks)
+    }
+
+
+def instructions(sass: str) -> list[Instruction]:
+    """The instructions of one function's SASS text, in address order."""
+    return [
+        Instruction(m.group(1), tuple(filter(None, m.group(2).split("."))), m.group(3).strip())
+        for m in _INSTRUCTION.finditer(sass)
+    ]
+
+
+def parse_resources(text: str) -> dict[str, Resources]:
+    """``{function name: Resources}`` from ``cuobjdump -res-usage`` output."""
+    return {
+        m.group(1): Resources(*(int(v) for v in m.group(2, 3, 4, 5)))
+        for m in _RESOURCES.finditer(text)
+    }
+
+
+def _destination_registers(ins: Instruction) -> set[int]:
+    """Registers a load writes: its first operand, widened by the load's vector size."""
+    first = _REGISTER.search(ins.operands.split(",")[0])
+    if first is None:
+        return set()
+    words = max(1, load_bytes(ins) // 4)
+    return set(range(int(first.group(1)), int(first.group(1)) + words))
+
+
+def _source_registers(ins: Instruction) -> set[int]:
+    """Registers an instruction reads. Stores and branches read every operand; others
+    read all operands but the first (their destination)."""
+    parts = ins.operands.split(",")
+    reads_all = ins.opcode.startswith(("ST", "RED", "ATOM", "BRA", "RET")) or ins.opcode in (
+        "STS",
+        "STG",
+    )
+    text = ",".join(parts if reads_all else parts[1:])
+    return {int(r) for r in _REGISTER.findall(text)}
+
+
+def load_bytes(ins: Instruction) -> int:
+    """Bytes one thread moves with the load ``ins`` (4 without a size modifier)."""
+    for mod in ins.modifiers:
+        if mod in _LOAD_BYTES:
+            return _LOAD_BYTES[mod]
+    return 4
+
+
+def loads_in_flight(code: list[Instruction]) -> float:
+    """Synchronous global loads a thread has in flight, on average, when it issues one.
+
+    Walks the code in order; loads issued before the first instruction that reads the
+    register of an earlier, unconsumed load form one group (they overlap in memory, so a
+    group costs one memory latency). Returns loads / groups: 1 where each load is used
+    before the next is issued (a per-element gather into shared memory), 16 where 16
+    loads go out back to back. 1 when there are no such loads.
+    """
+    groups, size, pending = [], 0, set()
+    for ins in code:
+        if pending and _source_registers(ins) & pending:
+            groups.append(size)
+            size, pending = 0, set()
+        if ins.opcode in SYNC_LOAD:
+            size += 1
+            pending |= _destination_registers(ins)
+    if size:
+        groups.append(size)
+    return sum(groups) / len(groups) if groups else 1.0
+
+
+def instruction_mix(sass: str) -> InstructionMix:
+    """The static instruction mix of one function's SASS text."""
+    code = instructions(sass)
+    ops = [ins.opcode for ins in code]
+    loads = [ins for ins in code if ins.opcode in SYNC_LOAD]
+    return InstructionMix(
+        total=len(code),
+        tensor_core=sum(op in TENSOR_CORE for op in ops),
+        wgmma=sum(op == "HGMMA" for op in ops),
+        fp_math=sum(op in FP_MATH for op in ops),
+        sync_loads=len(loads),
+        async_copies=sum(op in ASYNC_COPY for op in ops),
+        shared_loads=sum(op in ("LDS", "LDSM") for op in ops),
+        shared_stores=sum(op == "STS" for op in ops),
+        barriers=sum(op == "BAR" for op in ops),
+        sync_load_bytes=sum(map(load_bytes, loads)) / len(loads) if loads else 0.0,
+        loads_in_flight=loads_in_flight(code),
+    )

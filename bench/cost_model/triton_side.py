@@ -1,0 +1,181 @@
+"""The triton backend's launches for the cost model: compiled for sm_90a with the
+specialisation their launchers give (:mod:`.triton_compile`), read back (resources,
+SASS), and each described as a :class:`.timing.KernelWork` from its launch arguments,
+grid and config.
+
+The work descriptions state each kernel's loop structure (steps per program and what a
+step loads and multiplies); they follow casa_kernels/ops/triton_kernels.py and must be
+kept in step with it.
+
+``python -m bench.cost_model.triton_side --batch 16 1 --shape N D K`` prints, as JSON, the
+compiled facts of every launch (for the cost model to run under another Triton release,
+in another virtual environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from . import sass
+from .triton_compile import Config, Launch, compile_launch, configs, cuobjdump, grid, op_launches
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl):
+    """(steps, macs, operand bytes) of one bottleneck conv by one program: per output
+    tile, per BLOCK_K chunk of input channels, per tap, one dot (a transposed conv's
+    dots are per output parity, BLOCK_L/2 wide, the taps of both parities summing to k)."""
+    lout = 2 * lin if transposed else lin // 2
+    width = bl // 2 if transposed else bl
+    steps = _cdiv(cout, bo) * _cdiv(lout, bl) * _cdiv(cin, bk) * k
+    return steps, steps * bo * bk * width, (steps * bo * bk, steps * bk * width)
+
+
+def work(launch: Launch, config: Config) -> dict:
+    """KernelWork fields of one launch at ``config`` (without name, grid and threads)."""
+    a = {**launch.bound_args(), **launch.kwargs, **config.kwargs}
+    name = launch.name
+    k = a.get("KERNEL", 1)
+    if name == "_head_kernel":
+        x, w, out = a["x_ptr"], a["w_ptr"], a["out_ptr"]
+        e = x.element_size()
+        bn, bc, bt = a["BLOCK_N"], a["BLOCK_C"], a["BLOCK_T"]
+        steps = a["CHUNKS_PER_SPLIT"] * k
+        return dict(
+            phases=((steps, (bc * bn + bn * bt) * e),),
+            macs=steps * bc * bn * bt,
+            hbm_bytes=_bytes(x) + _bytes(w) + _bytes(out),
+        )
+    if name == "_bottleneck_kernel":
+        parts, out, D = a["parts_ptr"], a["out_ptr"], a["D"]
+        e = a["w1_ptr"].element_size()
+        bk, bo, bl = a["BLOCK_K"], a["BLOCK_O"], a["BLOCK_L"]
+        c1, c2 = D // 4, D // 2
+        layers = [
+            (c1, c2, D // 2, False),
+            (c2, D, D // 4, False),
+            (D, c2, D // 8, True),
+            (c2, c1, D // 4, True),
+        ]
+        steps = macs = 0
+        operand_bytes = 0.0
+        for cin, cout, lin, transposed in layers:
+            s, m, (w_el, x_el) = _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl)
+            steps, macs = steps + s, macs + m
+            operand_bytes += w_el * e + x_el * 4  # activations: the fp32 scratch
+        weights = sum(_bytes(a[f"w{i}_ptr"]) + _bytes(a[f"b{i}_ptr"]) for i in range(1, 5))
+        splits = parts.shape[0]
+        return dict(
+            phases=(
+                # the split sum, per BLOCK_O·BLOCK_L slice of h1; then the four convs
+                (_cdiv(c1 * (D // 2), bo * bl), bo * bl * splits * 4),
+                (steps, operand_bytes / steps),
+            ),
+            macs=macs,
+            hbm_bytes=_bytes(parts) + weights + _bytes(out),
+        )
+    if name in ("_tail_stats_kernel", "_tail_output_kernel"):
+        x, h, w = a["x_ptr"], a["h_ptr"], a["w_ptr"]
+        e = x.element_size()
+        bn, bd, bc, C1 = a["BLOCK_N"], a["BLOCK_D"], a["BLOCK_C"], a["C1"]
+        steps = _cdiv(C1, bc) * k  # the transposed conv's dots, both parities
+        score = (steps, bn * bc * e + bc * (bd // 2) * 4)
+        epilogue = (1, bn * bd * e)  # bias and the x tile
+        fields = dict(phases=(score, epilogue), macs=steps * bn * bc * (bd // 2))
+        if name == "_tail_stats_kernel":
+            stats = _bytes(a["max_ptr"]) + _bytes(a["sum_ptr"])
+            fields["hbm_bytes"] = _bytes(x) + _bytes(h) + _bytes(w) + stats
+            return fields
+        D, be = a["D"], a["BLOCK_E"]
+        fields.update(
+            async_steps=_cdiv(D, be),
+            async_bytes_per_step=(bn * be + be * bd) * e,
+            stages=config.num_stages,
+            macs=fields["macs"] + _cdiv(D, be) * bn * be * bd,
+            phases=((1, 3 * bd * 4), score, epilogue),  # value bias and statistics first
+            hbm_bytes=2 * _bytes(x) + _bytes(h) + _bytes(w) + _bytes(a["wvt_ptr"]),
+        )
+        return fields
+    if name == "_stats_merge_kernel":
+        part_max, col_max = a["part_max_ptr"], a["max_ptr"]
+        tiles, bd = a["N_TILES"], a["BLOCK_D"]
+        return dict(
+            phases=((tiles, bd * 4), (tiles, 2 * bd * 4)),  # a max pass, then a sum pass
+            macs=0,
+            hbm_bytes=2 * _bytes(part_max) + 2 * _bytes(col_max),
+        )
+    raise ValueError(f"{name}: no work description for this Triton kernel")
+
+
+def describe(launch: Launch, config: Config, target) -> dict:
+    """The compiled facts and the work of one launch at ``config``: JSON-ready."""
+    compiled = compile_launch(launch, config, target)
+    cubin = compiled.asm["cubin"]
+    resources = next(iter(sass.parse_resources(cuobjdump(cubin, "-res-usage")).values()))
+    mix = sass.instruction_mix(cuobjdump(cubin, "-sass"))
+    dims = grid(launch, config)
+    threads = config.num_warps * 32
+    fields = work(launch, config)
+    programs = math.prod(dims)
+    return {
+        "name": launch.name,
+        "grid": list(dims),
+        "programs": programs,
+        "threads": threads,
+        "num_stages": config.num_stages,
+        "config": config.kwargs,
+        "registers": resources.registers,
+        "shared_bytes": compiled.metadata.shared + resources.shared,
+        "local_bytes": resources.local,
+        "mix": mix.as_dict(),
+        "work": {**fields, "flops": 2.0 * programs * fields["macs"]},
+    }
+
+
+def describe_op(
+    batch: int, n_vars: int, d_model: int, kernel: int, dtype: torch.dtype, sm_count: int
+) -> list[dict]:
+    """Every launch of one call (first config of each autotuned kernel), described."""
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", 90, 32)
+    return [
+        describe(launch, config, target)
+        for launch in op_launches(batch, n_vars, d_model, kernel, dtype, sm_count=sm_count)
+        for config in configs(launch)
+    ]
+
+
+def main(argv=None) -> int:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[16, 1])
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "D", "K"), required=True)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--sms", type=int, default=132)
+    args = parser.parse_args(argv)
+    n, d, k = args.shape
+    dtype = getattr(torch, args.dtype)
+    out = {
+        "triton_version": triton.__version__,
+        "launches": {str(b): describe_op(b, n, d, k, dtype, args.sms) for b in args.batch},
+    }
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
