@@ -37,7 +37,8 @@ CPU_TESTS = (
 EMULATION_TESTS = ("tests/ops/test_cuda_emulation.py",)
 # The Triton kernels run under the interpreter (slow): each Triton mutant names the test
 # file and -k filter that guard its code, not the whole suite.
-TRITON = "casa_kernels/ops/triton_kernels.py"
+TRITON_TILES = "casa_kernels/ops/triton_kernels/tiles.py"
+TRITON_KERNELS = "casa_kernels/ops/triton_kernels/kernels.py"
 TRITON_TESTS = ("tests/ops/test_triton.py",)
 TRITON_CONFORMANCE_TESTS = ("tests/ops/test_conformance.py",)
 TRITON_ENV = (("TRITON_INTERPRET", "1"),)
@@ -188,7 +189,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: softmax without its max shift",
-        TRITON,
+        TRITON_KERNELS,
         "prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]",
         "prob = tl.exp(score) / (col_sum * tl.exp(col_max))[None, :]",
         TRITON_CONFORMANCE_TESTS,
@@ -197,7 +198,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: stats merge ignores the first N tile's maximum",
-        TRITON,
+        TRITON_KERNELS,
         "for t in range(0, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
         "mask=o_mask, other=0.0)\n        col_max",
         "for t in range(1, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
@@ -208,7 +209,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: padding rows of the last N tile counted in the softmax",
-        TRITON,
+        TRITON_KERNELS,
         '    score = tl.where(n_mask[:, None], score, float("-inf"))\n',
         "",
         TRITON_TESTS,
@@ -217,7 +218,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: stride-2 conv reads one column past the row end",
-        TRITON,
+        TRITON_TILES,
         "col_ok = t_mask & (cols >= 0) & (cols < LIN)",
         "col_ok = t_mask & (cols >= 0) & (cols <= LIN)",
         TRITON_CONFORMANCE_TESTS,
@@ -226,7 +227,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: value bias dropped",
-        TRITON,
+        TRITON_KERNELS,
         "out = prob * (value + bv[None, :]) + xv",
         "out = prob * value + xv",
         TRITON_CONFORMANCE_TESTS,
@@ -235,7 +236,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: head partials summed with the [B, S] stride, not [S, B]",
-        TRITON,
+        TRITON_TILES,
         "acc += tl.load(parts_ptr + (s * B + b) * size + offs",
         "acc += tl.load(parts_ptr + (b * SPLITS + s) * size + offs",
         (*TRITON_CONFORMANCE_TESTS, *TRITON_TESTS),
@@ -244,7 +245,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: GEMM accumulator rounded to the input dtype (fp16/bf16 accumulation)",
-        TRITON,
+        TRITON_TILES,
         'return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")\n'
         "    return tl.dot(a, b, acc, input_precision=PRECISION)",
         'acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")\n'
@@ -256,7 +257,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: ReLU that turns NaN into 0 (tl.maximum)",
-        TRITON,
+        TRITON_TILES,
         "return tl.where(a < 0.0, 0.0, a)",
         "return tl.maximum(a, 0.0)",
         TRITON_TESTS,
@@ -265,7 +266,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: transposed-conv taps outside the input multiplied (0 * w)",
-        TRITON,
+        TRITON_TILES,
         "acc += tl.where(col_ok[None, :], part, 0.0)",
         "acc += part",
         TRITON_TESTS,
@@ -274,7 +275,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: an all -inf tile column shifted by -inf",
-        TRITON,
+        TRITON_KERNELS,
         'shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)',
         "shift = tile_max",
         TRITON_TESTS,

@@ -296,7 +296,7 @@ def test_parity_taps_of_the_transposed_conv():
 def test_the_triton_launchers_are_captured_with_their_plan_on_meta_tensors():
     pytest.importorskip("triton")
     from bench.cost_model import triton_compile as tc
-    from casa_kernels.ops import triton_kernels as tk
+    from casa_kernels.ops.triton_kernels import launch as tk
 
     B, N, D, k = 2, 37, 64, 3
     real = tk._launch

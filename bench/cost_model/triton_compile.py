@@ -1,7 +1,7 @@
 """Compiling the triton backend's kernels for an NVIDIA target without a GPU, with the
 run-time specialisation their launchers give them.
 
-The launchers of :mod:`casa_kernels.ops.triton_kernels` run on ``meta`` tensors (shapes
+The launchers of :mod:`casa_kernels.ops.triton_kernels.launch` run on ``meta`` tensors (shapes
 and dtypes, no storage; their data pointers are 0, i.e. 16-byte aligned like a CUDA
 allocation) while every ``_launch`` is recorded instead of executed
 (:func:`record_launches`). Each recorded launch is then bound and specialised by
@@ -32,7 +32,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from casa_kernels.ops import triton_kernels as tk
+from casa_kernels.ops.triton_kernels import launch as tk
 from casa_kernels.weights import ScoreAttentionWeights, weight_shapes
 
 

@@ -4,7 +4,7 @@ SASS), and each described as a :class:`.timing.KernelWork` from its launch argum
 grid and config.
 
 The work descriptions state each kernel's loop structure (steps per program and what a
-step loads and multiplies); they follow casa_kernels/ops/triton_kernels.py and must be
+step loads and multiplies); they follow casa_kernels/ops/triton_kernels/ and must be
 kept in step with it.
 
 ``python -m bench.cost_model.triton_side --batch 16 1 --shape N D K`` prints, as JSON, the

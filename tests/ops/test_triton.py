@@ -38,8 +38,10 @@ if not (CUDA or INTERPRET):
         allow_module_level=True,
     )
 
-from casa_kernels.ops import triton_kernels as tk  # noqa: E402
 from casa_kernels.ops.triton_kernels import HEAD_BLOCK_N, triton_score_attention  # noqa: E402
+from casa_kernels.ops.triton_kernels import kernels as tkernels  # noqa: E402
+from casa_kernels.ops.triton_kernels import launch as tk  # noqa: E402
+from casa_kernels.ops.triton_kernels import tiles as ttiles  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -228,10 +230,10 @@ def test_empty_batch_through_the_stages(launches):
 
 
 def test_single_config_switch(monkeypatch):
-    monkeypatch.setattr(tk, "SINGLE_CONFIG", True)
-    assert tk._tuned(["first", "second"]) == ["first"]
-    monkeypatch.setattr(tk, "SINGLE_CONFIG", False)
-    assert tk._tuned(["first", "second"]) == ["first", "second"]
+    monkeypatch.setattr(tkernels, "SINGLE_CONFIG", True)
+    assert tkernels._tuned(["first", "second"]) == ["first"]
+    monkeypatch.setattr(tkernels, "SINGLE_CONFIG", False)
+    assert tkernels._tuned(["first", "second"]) == ["first", "second"]
 
 
 def test_weights_packed_once_per_version(monkeypatch):
@@ -391,7 +393,9 @@ def test_nan_weight_pattern(field, index):
 def _round_kernel(src_ptr, dst_ptr, n, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     v = tl.load(src_ptr + offs, mask=offs < n)
-    tl.store(dst_ptr + offs, tk._round_to(v, dst_ptr.dtype.element_ty, EMULATE_BF16), mask=offs < n)
+    tl.store(
+        dst_ptr + offs, ttiles._round_to(v, dst_ptr.dtype.element_ty, EMULATE_BF16), mask=offs < n
+    )
 
 
 def test_bf16_stores_round_to_nearest_even():

@@ -1,0 +1,59 @@
+"""Triton kernels of ``casa::score_attention`` (docs/design.md §5), as the four stages of
+:mod:`casa_kernels.reference.stages`, and the single-device op as their composition.
+
+Shapes: ``x: [B, N, D]``, ``C1 = D/4``, ``C2 = D/2``, k odd, ``p = k // 2``.
+
+Stages and launches (five per call, no host synchronisation, no ``.item()``: a call
+is capturable in a CUDA graph):
+
+1. ``head_partial`` — ``_head_kernel``: the first conv without bias, a split-K
+   implicit GEMM over N·k. Programs = (B × C1 tiles) × D/2 tiles × splits; split s
+   reduces its own range of variates into fp32 partials ``[S, B, C1, D/2]`` (S is
+   chosen from the shape alone so the device fills; one launch).
+2. ``bottleneck`` — ``_bottleneck_kernel``: sums the S head partials, adds the bias,
+   ReLU, then the four N-independent convs with bias and ReLU, one program per batch
+   element, each conv a tap-wise ``tl.dot`` in the input dtype with fp32
+   accumulation, for every D (activations in an fp32 scratch of ``[4, B, D²/8]``,
+   a block barrier between convs; one launch).
+3. ``tail_stats`` — ``_tail_stats_kernel``: programs = ⌈N/BLOCK_N⌉ × ⌈D/BLOCK_D⌉ × B;
+   each computes its score tile ``s = sigmoid(convT(h5) + b) + x`` (the transposed
+   conv by output parity: K = C1 × the taps reaching each parity, no structural zeros)
+   and writes the tile's column max and ``Σ exp(s − max)`` to fp32 partials
+   ``[B, ⌈N/BLOCK_N⌉, D]``; ``_stats_merge_kernel`` merges them over the N tiles
+   (log-sum-exp) into ``[B, D]`` (two launches).
+4. ``tail_output`` — ``_tail_output_kernel``: same grid; recomputes the score tile,
+   computes the value tile ``x Wvᵀ`` as one ``[BLOCK_N, BLOCK_D]`` ``tl.dot`` over K = D
+   and writes ``exp(s − max)/sum · (v + bv) + x`` (one launch).
+
+Layers: :mod:`.tiles` (tile helpers: ``@triton.jit`` device functions), :mod:`.kernels`
+(the stage kernels and their autotune configs), :mod:`.launch` (launch plans, weight
+packing, the launchers: the public functions below).
+"""
+
+from .launch import (
+    HEAD_BLOCK_N,
+    TAIL_BLOCK_N,
+    bottleneck,
+    head_partial,
+    head_split_count,
+    head_splits,
+    program_target,
+    tail_block_n,
+    tail_output,
+    tail_stats,
+    triton_score_attention,
+)
+
+__all__ = [
+    "HEAD_BLOCK_N",
+    "TAIL_BLOCK_N",
+    "bottleneck",
+    "head_partial",
+    "head_split_count",
+    "head_splits",
+    "program_target",
+    "tail_block_n",
+    "tail_output",
+    "tail_stats",
+    "triton_score_attention",
+]

@@ -1,0 +1,370 @@
+"""Launch plans, weight packing and the launchers of the Triton backend: the stage
+functions the backend (casa_kernels/ops/backends/triton.py) and the static cost model
+(bench/cost_model) call. Every launch goes through :func:`_launch`.
+
+Weights are prepared once per weight version (:func:`.weight_cache.cached`), in their
+own dtype (no per-call casts: the op's weights share x's dtype): every conv weight
+packed tap-major ``[k, COUT, CIN]`` (the head's ``enc0`` as ``[k, C1, N]``, the tail's
+``dec2`` as ``[k, N, C1]``), so each tap's weight tile loads along contiguous rows, and
+the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from ...weights import ScoreAttentionWeights
+from ..weight_cache import cached
+from .kernels import (
+    _INTERPRET,
+    _bottleneck_kernel,
+    _head_configs,
+    _head_kernel,
+    _stats_merge_kernel,
+    _tail_output_kernel,
+    _tail_stats_kernel,
+)
+
+# Rows of N reduced per step by the head; fixed (not tuned) so the split count,
+# hence the partial buffer, does not depend on the tuned config.
+HEAD_BLOCK_N = 16 if _INTERPRET else 32
+# Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
+# partials must agree on it); smaller N get the next power of two >= 16. 64 rows:
+# a 128 x 128 output tile spills ~0.9-1.3 KB per thread on sm_90 (ptxas, 8 warps),
+# 64 x 128 ~0.1 KB (see tests/ops/triton_compile_check.py).
+TAIL_BLOCK_N = 16 if _INTERPRET else 64
+_MERGE_BLOCK_D = 32 if _INTERPRET else 128
+_BOTTLENECK_BLOCKS = (
+    {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16}
+    if _INTERPRET
+    else {"BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
+)
+# 64 x 64 tiles, 8 warps, no software pipelining: no spills on sm_90 bf16 (with 2-3 stages
+# ptxas spills 0.3-0.5 KB per thread; the bottleneck's short loops gain little from it).
+_BOTTLENECK_WARPS, _BOTTLENECK_STAGES = (1, 1) if _INTERPRET else (8, 1)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Every kernel launch of this module goes through here (tests count them)."""
+    kernel[grid](*args, **kwargs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _emulate_bf16(dtype: torch.dtype) -> bool:
+    """Under the interpreter bf16 dots run on fp32 copies of the operands (numpy has no
+    bfloat16: it would multiply the raw 16-bit patterns) and fp32→bf16 rounding is done
+    by integer ops (its own cast truncates). Natively neither is needed."""
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _common(dtype: torch.dtype, kernel: int) -> dict:
+    return {
+        "KERNEL": kernel,
+        "PRECISION": _dot_precision(dtype),
+        "EMULATE_BF16": _emulate_bf16(dtype),
+    }
+
+
+def program_target(sm_count: int) -> int:
+    """How many programs fill a device of ``sm_count`` SMs: two waves."""
+    return 2 * sm_count
+
+
+def _program_target(device: torch.device) -> int:
+    """How many programs fill the device, or a few under the interpreter."""
+    if device.type == "cuda":
+        return program_target(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 4
+
+
+def head_split_count(batch: int, n_vars: int, d_model: int, programs: int) -> int:
+    """How many programs share the head's N reduction so that about ``programs`` programs
+    run: the launch plan, a pure function of the sizes (the static cost model,
+    bench/cost_model, calls it with an H100's SM count)."""
+    chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
+    c1, half = d_model // 4, d_model // 2
+    # Output tiles at the first config's size: an estimate, the tuned config may differ.
+    block = _head_configs()[0].kwargs
+    tiles = batch * triton.cdiv(c1, block["BLOCK_C"]) * triton.cdiv(half, block["BLOCK_T"])
+    return max(1, min(chunks, triton.cdiv(programs, tiles)))
+
+
+def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> int:
+    """How many programs share the head's N reduction: enough to fill the device."""
+    return head_split_count(batch, n_vars, d_model, _program_target(device))
+
+
+def tail_block_n(n_vars: int) -> int:
+    """The tail's tile height: ``TAIL_BLOCK_N``, or the next power of two >= 16 below it."""
+    return min(TAIL_BLOCK_N, max(16, triton.next_power_of_2(n_vars)))
+
+
+def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A conv weight ``[COUT, CIN, k]`` (``transposed``: ``[CIN, COUT, k]``) packed tap-major,
+    ``[k, COUT, CIN]`` contiguous, so a weight tile loads along CIN; prepared once per
+    weight version."""
+    order = (2, 1, 0) if transposed else (2, 0, 1)
+    tag = "triton.packed_transposed" if transposed else "triton.packed"
+    return cached(tag, (weight,), lambda: weight.permute(order).contiguous())
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | None) -> torch.Tensor:
+    """fp32 ``[S, B, C1, D/2]``: partial sums of the first conv over S ranges of variates
+    (``enc0_packed``: ``[k, C1, N]``)."""
+    B, N, D = x.shape
+    C1, half = D // 4, D // 2
+    if splits is None:
+        splits = head_splits(B, N, D, x.device)
+    chunks = triton.cdiv(N, HEAD_BLOCK_N)
+    chunks_per_split = triton.cdiv(chunks, max(1, min(splits, chunks)))
+    splits = triton.cdiv(chunks, chunks_per_split)  # no empty split
+    out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)
+
+    _launch(
+        _head_kernel,
+        grid,
+        x,
+        enc0_packed,
+        out,
+        B,
+        N,
+        D,
+        C1,
+        chunks_per_split,
+        BLOCK_N=HEAD_BLOCK_N,
+        **_common(x.dtype, enc0_packed.shape[0]),
+    )
+    return out
+
+
+def head_partial(
+    x: torch.Tensor, enc0_weight: torch.Tensor, *, splits: int | None = None
+) -> torch.Tensor:
+    """Stage 1: ``conv1d(x, enc0_weight, stride 2, pad k//2)`` without bias, summed over
+    the variates of ``x: [B, N, D]`` (``enc0_weight: [C1, N, k]``); fp32 ``[B, C1, D/2]``."""
+    B, _, D = x.shape
+    if B == 0:
+        return x.new_empty((0, D // 4, D // 2), dtype=torch.float32)
+    x = x.contiguous()
+    with _device_guard(x):
+        parts = _head_partials(x, _packed(enc0_weight, False), splits)
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
+def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    """h5 fp32 ``[B, C1, D/2]`` from head partials ``[S, B, C1, D/2]`` (one launch)."""
+    S, B = parts.shape[:2]
+    D = w.d_model
+    scratch = torch.empty((4, B, D * D // 8), device=parts.device, dtype=torch.float32)
+    out = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
+    packed = (
+        _packed(w.enc1_weight, False),
+        w.enc1_bias,
+        _packed(w.enc2_weight, False),
+        w.enc2_bias,
+        _packed(w.dec0_weight, True),
+        w.dec0_bias,
+        _packed(w.dec1_weight, True),
+        w.dec1_bias,
+    )
+    _launch(
+        _bottleneck_kernel,
+        (B,),
+        parts,
+        w.enc0_bias,
+        *packed,
+        scratch,
+        out,
+        S,
+        B,
+        D,
+        num_warps=_BOTTLENECK_WARPS,
+        num_stages=_BOTTLENECK_STAGES,
+        **_BOTTLENECK_BLOCKS,
+        **_common(w.value_weight.dtype, w.kernel),
+    )
+    return out
+
+
+def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    """Stage 2: ``h5 = relu(dec1(relu(dec0(relu(enc2(relu(enc1(relu(h1 + b0)))))))))``
+    for fp32 ``h1_partial: [B, C1, D/2]`` (the summed head); fp32 ``[B, C1, D/2]``."""
+    if h1_partial.shape[0] == 0:
+        return h1_partial.new_empty(h1_partial.shape, dtype=torch.float32)
+    with _device_guard(h1_partial):
+        return _bottleneck_from_parts(h1_partial.float().contiguous()[None], w)
+
+
+def _tail_partial_stats(x, h5, dec2_packed, dec2_bias, block_n):
+    """Per-N-tile column (max, Σexp), each fp32 ``[B, ⌈N/block_n⌉, D]`` (one launch;
+    ``dec2_packed``: ``[k, N, C1]``)."""
+    B, N, D = x.shape
+    n_tiles = triton.cdiv(N, block_n)
+    part_max = torch.empty((B, n_tiles, D), device=x.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    grid = lambda meta: (n_tiles, triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
+    _launch(
+        _tail_stats_kernel,
+        grid,
+        x,
+        h5,
+        dec2_packed,
+        dec2_bias,
+        part_max,
+        part_sum,
+        N,
+        D,
+        D // 4,
+        n_tiles,
+        BLOCK_N=block_n,
+        **_common(x.dtype, dec2_packed.shape[0]),
+    )
+    return part_max, part_sum
+
+
+def _merge_tile_stats(
+    part_max: torch.Tensor, part_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T, D]`` per-tile statistics merged over T into ``[B, D]`` each (one launch)."""
+    B, T, D = part_max.shape
+    col_max = torch.empty((B, D), device=part_max.device, dtype=torch.float32)
+    col_sum = torch.empty_like(col_max)
+    _launch(
+        _stats_merge_kernel,
+        (triton.cdiv(D, _MERGE_BLOCK_D), B),
+        part_max,
+        part_sum,
+        col_max,
+        col_sum,
+        D,
+        T,
+        BLOCK_D=_MERGE_BLOCK_D,
+    )
+    return col_max, col_sum
+
+
+def tail_stats(
+    x: torch.Tensor,
+    h5: torch.Tensor,
+    dec2_weight: torch.Tensor,
+    dec2_bias: torch.Tensor,
+    *,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: per column, ``max_N s`` and ``Σ_N exp(s − max)`` over the variates of
+    ``x: [B, N, D]`` (``s = sigmoid(convT(h5, dec2) + b) + x``); each fp32 ``[B, D]``.
+    ``block_n`` (a power of two >= 16) overrides the tile height."""
+    if x.shape[0] == 0:
+        empty = x.new_empty((0, x.shape[2]), dtype=torch.float32)
+        return empty, empty.clone()
+    x, h5 = x.contiguous(), h5.float().contiguous()
+    with _device_guard(x):
+        parts = _tail_partial_stats(
+            x,
+            h5,
+            _packed(dec2_weight, True),
+            dec2_bias.contiguous(),
+            block_n or tail_block_n(x.shape[1]),
+        )
+        return _merge_tile_stats(*parts)
+
+
+def _value_weight_t(value_weight: torch.Tensor) -> torch.Tensor:
+    """``Wvᵀ`` contiguous, prepared once per version of ``value_weight``."""
+    return cached("triton.value_weight_t", (value_weight,), lambda: value_weight.t().contiguous())
+
+
+def tail_output(
+    x: torch.Tensor,
+    h5: torch.Tensor,
+    dec2_weight: torch.Tensor,
+    dec2_bias: torch.Tensor,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor,
+    col_max: torch.Tensor,
+    col_sum: torch.Tensor,
+    *,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Stage 4: ``exp(s − col_max)/col_sum · (x Wvᵀ + bv) + x`` for ``x: [B, N, D]`` with
+    merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous."""
+    x = x.contiguous()
+    B, N, D = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if B == 0:
+        return y
+    block_n = block_n or tail_block_n(N)
+    grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
+    with _device_guard(x):
+        _launch(
+            _tail_output_kernel,
+            grid,
+            x,
+            h5.float().contiguous(),
+            _packed(dec2_weight, True),
+            dec2_bias.contiguous(),
+            _value_weight_t(value_weight),
+            value_bias.contiguous(),
+            col_max.float().contiguous(),
+            col_sum.float().contiguous(),
+            y,
+            N,
+            D,
+            D // 4,
+            BLOCK_N=block_n,
+            **_common(x.dtype, dec2_weight.shape[2]),
+        )
+    return y
+
+
+def triton_score_attention(
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    *,
+    splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """``softmax_over_N(score(x)) * (x Wvᵀ + bv) + x`` for ``x: [B, N, D]``; returns
+    ``[B, N, D]``, contiguous. The composition of the four stages in five launches;
+    B = 0 returns an empty result without a launch.
+
+    ``splits`` overrides how many programs share the head's N reduction and
+    ``block_n`` the tail's tile height (a power of two >= 16).
+    """
+    if x.shape[0] == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = x.contiguous()
+    w = weights
+    with _device_guard(x):
+        h5 = _bottleneck_from_parts(_head_partials(x, _packed(w.enc0_weight, False), splits), w)
+        block_n = block_n or tail_block_n(x.shape[1])
+        parts = _tail_partial_stats(
+            x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n
+        )
+        col_max, col_sum = _merge_tile_stats(*parts)
+        return tail_output(
+            x,
+            h5,
+            w.dec2_weight,
+            w.dec2_bias,
+            w.value_weight,
+            w.value_bias,
+            col_max,
+            col_sum,
+            block_n=block_n,
+        )
