@@ -215,9 +215,8 @@ class CASAModel(nn.Module):
         return head(h).permute(0, 2, 1) * std + mean
 
 
-# Parameters and submodules are looked up in the module's own dicts on every call: its
-# attribute lookup (nn.Module.__getattr__) costs about 1 us each, 40 of them a block,
-# which was a tenth of a block's time at ETTh1 (N = 7, D = 128), B = 1.
+# Parameters and submodules are looked up in the module's own dicts on every call:
+# nn.Module.__getattr__ costs about 1 us each, some 40 a block (docs/design.md §11.5).
 
 
 def _weights_loaded(module: nn.Module, incompatible_keys) -> None:

@@ -32,11 +32,8 @@ void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   }
 }
 
-// fp32 GEMMs up to this many multiply-adds run on brgemm, larger ones on ATen's matmul
-// (MKL), which blocks for the caches itself: one brgemm call over a whole bottleneck
-// GEMM's column share at B = 16 (e.g. 256 x 1024 x 384) made the op 1.2-1.3x slower
-// (Weather, N = 21, B = 16), while below it brgemm's lower overhead wins (ETTh1 B = 1:
-// the op 0.08 vs 0.10 ms; Solar B = 1: 1.59 vs 1.68 ms).
+// fp32 GEMMs up to this many multiply-adds run on brgemm (lower overhead), larger ones on
+// ATen's matmul (MKL), which blocks for the caches itself (docs/design.md §5.3).
 constexpr int64_t kMaxBrgemmMacs = int64_t{1} << 24;
 
 }  // namespace

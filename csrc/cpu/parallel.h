@@ -16,8 +16,8 @@ namespace cpu {
 constexpr int64_t kMinMacsPerThread = 1 << 18;  // threads_for: work worth a thread
 
 // The threads a piece of work of `macs` multiply-adds is worth: one per kMinMacsPerThread,
-// at most all of them. Below that a parallel region costs more than it saves (ETTh1,
-// N = 7, D = 128, B = 1: the op took 188 us on 2 threads and 119 us on 1).
+// at most all of them. Below that a parallel region costs more than it saves
+// (docs/design.md §5.3).
 inline int64_t threads_for(int64_t macs) {
   return std::clamp<int64_t>(macs / kMinMacsPerThread, 1, at::get_num_threads());
 }

@@ -3,7 +3,7 @@
 // The CPU kernel calls GEMMs from inside at::parallel_for workers. MKL, which torch's
 // x86 builds link, does not see that it is nested in torch's OpenMP region and would
 // start its own threads in every worker: 2 workers x 2 MKL threads on 2 cores, spinning
-// against each other (measured here: 4-9x slower under load). The guard sets MKL's
+// against each other. The guard sets MKL's
 // thread-local count to 1 and restores it. MKL_Set_Num_Threads_Local (the C entry point;
 // the lower-case symbol is the Fortran one, taking a pointer) is looked up as a
 // weak symbol, so builds of torch without MKL (e.g. OpenBLAS on aarch64) get a no-op.
