@@ -1,7 +1,7 @@
 """``python -m casa_kernels.verify``: every available backend against the float64 reference.
 
 Runs each backend × dtype over a fixed set of shapes (ragged N, small D, every kernel size
-1/3/5/7, B = 1 and 3, one non-contiguous input, N past every backend's head split) through
+1/3/5/7, B = 1 to 8, one non-contiguous input, N past every backend's head split) through
 the public :func:`casa_kernels.casa_attention`, and checks the output with the accuracy
 contract of :mod:`casa_kernels.tolerance` (fixed tolerance for fp32/fp64, and the attention
 term against the reference's relative to itself; for fp16/bf16 relative to the error of
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -56,16 +57,20 @@ class Case:
 
     def __str__(self) -> str:
         text = f"B={self.batch} N={self.n_vars} D={self.d_model} k={self.kernel}"
-        return (
-            text + (" non-contig" if not self.contiguous else "") + (" block" if self.block else "")
-        )
+        if not self.contiguous:
+            text += " non-contig"
+        if self.block:
+            text += " block"
+        return text
 
 
-# Together: N in {1, 7, 37, 130, 300} (no tile multiple), D in {8, 16, 24, 40, 64, 128},
-# k in {1, 3, 5, 7}, B in {1, 2, 3}, one non-contiguous input; N = 300 at B = 1 splits the
-# head over N on every fused backend (the CPU's chunks of 256 rows and its worker groups,
-# Triton's and CUDA's split-K programs); the block case has 74 rows (B·N), past one 64-row
-# block of the CPU's fused epilogue.
+# Together: N in {1, 7, 37, 130, 300, 800} (no tile multiple), D in {8, 16, 24, 40, 64,
+# 128}, k in {1, 3, 5, 7}, B in {1, 2, 3, 8}, one non-contiguous input. The head is split
+# over N on every fused backend (Triton's and CUDA's split-K programs) and on the CPU,
+# whose head reduces N in chunks of at most 256 rows shared by up to ⌈threads / B⌉ worker
+# groups: N = 300 at B = 1 gives two chunks in two groups (with 2 threads or more), N = 800
+# at B = 8 four chunks, so that each group sums several (up to 24 threads). The block case
+# has 74 rows (B·N), past one 64-row block of the CPU's fused epilogue.
 CASES = (
     Case(1, 1, 8, 1),
     Case(3, 7, 24, 3),
@@ -78,6 +83,7 @@ CASES = (
     Case(1, 130, 128, 5),
     Case(3, 7, 8, 7),
     Case(1, 300, 16, 3),
+    Case(8, 800, 16, 1),
     Case(2, 37, 40, 3, block=True),
 )
 QUICK_CASES = CASES[:3]
@@ -136,16 +142,24 @@ def _compare_attention(out, x, weights) -> Comparison:
     return dataclasses.replace(results[0], rule=rule)
 
 
-def _compare_block(backend, dtype, case, device) -> tuple[torch.Tensor, torch.Tensor, Comparison]:
-    """(x, output, comparison) of case's block on ``backend`` with the float64 eager block
-    (``compare_with_exact``, against the eager block in ``dtype``)."""
+def _run_attention(backend, dtype, case, device):
+    """(x, output, its comparison as a function) of the op on case's inputs."""
+    x, weights = make_inputs(case, dtype, device)
+    with torch.no_grad():
+        out = casa_attention(x, weights, backend=backend)
+    return x, out, functools.partial(_compare_attention, out, x, weights)
+
+
+def _run_block(backend, dtype, case, device):
+    """(x, output, its comparison as a function) of case's block on ``backend``: against the
+    float64 eager block, relative to the eager block in ``dtype`` (``compare_with_exact``)."""
     x64, _ = make_inputs(case, torch.float64, "cpu")
     x = x64.to(device=device, dtype=dtype)
     with torch.no_grad():
         exact = make_block(case, "reference", torch.float64, "cpu")(x64)
         same_dtype = make_block(case, "reference", dtype, device)(x)
         out = make_block(case, backend, dtype, device)(x)
-    return x, out, compare_with_exact(out, same_dtype, exact)
+    return x, out, functools.partial(compare_with_exact, out, same_dtype, exact)
 
 
 @dataclass(frozen=True)
@@ -162,13 +176,8 @@ class Outcome:
 def run_case(backend: str, dtype: torch.dtype, case: Case, device: str) -> Outcome:
     name = str(dtype).removeprefix("torch.")
     try:
-        if case.block:
-            x, out, result = _compare_block(backend, dtype, case, device)
-        else:
-            x, weights = make_inputs(case, dtype, device)
-            with torch.no_grad():
-                out = casa_attention(x, weights, backend=backend)
-            result = None
+        run = _run_block if case.block else _run_attention
+        x, out, comparison = run(backend, dtype, case, device)
         if out.shape != x.shape or out.dtype != x.dtype:
             return Outcome(
                 backend,
@@ -179,8 +188,7 @@ def run_case(backend: str, dtype: torch.dtype, case: Case, device: str) -> Outco
                 f"output {tuple(out.shape)} {out.dtype}, expected {tuple(x.shape)} {x.dtype}",
                 "FAIL",
             )
-        if result is None:
-            result = _compare_attention(out, x, weights)
+        result = comparison()
     except Exception as error:  # noqa: BLE001 - a crash is a failure, reported in the table
         first = (str(error).strip().splitlines() or [""])[0][:120]
         return Outcome(

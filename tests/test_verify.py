@@ -97,16 +97,31 @@ def _cpu_constant(name: str) -> int:
 
 
 def test_verify_cases_split_the_head_over_n():
-    # The CPU's head reduces N in chunks of kHeadChunk rows (and splits them over worker
-    # groups when B < threads); Triton's in split-K programs (head_splits). verify must
-    # reach both, not only the single-chunk head.
+    # The CPU's head reduces N in chunks of at most kHeadChunk rows, shared by up to
+    # ⌈threads / B⌉ worker groups whose partial sums are then added; Triton's in split-K
+    # programs (head_splits). verify must reach each: chunks in several groups (B = 1,
+    # N past one chunk) and several chunks per group (more chunks than groups, up to 24
+    # threads), not only the single-chunk head.
     attention = [c for c in verify.CASES if not c.block]
-    assert any(c.n_vars > _cpu_constant("kHeadChunk") and c.batch == 1 for c in attention)
+    chunk = _cpu_constant("kHeadChunk")
+    assert any(c.n_vars > chunk and c.batch == 1 for c in attention)
+    assert any(c.n_vars > 3 * chunk and c.batch >= 8 for c in attention)
     if registry.availability().get("triton") is None:
         from casa_kernels.ops.triton_kernels import head_splits
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         assert any(head_splits(c.batch, c.n_vars, c.d_model, device) > 1 for c in attention)
+
+
+def test_verify_passes_the_head_split_cases():
+    # verify's cases past one head chunk, on the reference and the cpu backend (where
+    # available): a kernel that drops or double-counts a chunk or a group's sum fails here.
+    chunk = _cpu_constant("kHeadChunk")
+    cases = [c for c in verify.CASES if c.n_vars > chunk and not c.block]
+    names = [n for n in ("reference", "cpu") if registry.availability().get(n) is None]
+    outcomes = verify.verify(names, "cpu", cases)
+    assert len(outcomes) == len(names) * len(verify.DTYPES["cpu"]) * len(cases)
+    assert all(o.verdict == "PASS" for o in outcomes), [o for o in outcomes if o.verdict != "PASS"]
 
 
 @pytest.fixture

@@ -199,9 +199,10 @@ def test_block_epilogue_matches_the_eager_block(dtype, relu, rows):
 
 
 def _flat_rows(D, dtype):
-    """Rows where LayerNorm's eps decides the result: constants (variance exactly 0, output
-    the norm's bias) and rows varying by 1e-4 and 1e-7 (variance 1e-8 and 1e-14, below
-    eps = 1e-5), about 0 and 2; the constants and centres sum exactly in fp32 and bf16."""
+    """Rows where LayerNorm's eps decides the result: constants whose sums are exact in fp32
+    and bf16 (variance exactly 0: the output is the norm's bias) and rows varying by 1e-4
+    and 1e-7 (variance 1e-8 and 1e-14, below eps = 1e-5) about 0 and 2 (about 2, bf16
+    rounds them to constants)."""
     g = torch.Generator().manual_seed(D)
     constants = [torch.full((D,), c) for c in (0.0, 1.0, -3.0, 2.5)]
     varying = [
