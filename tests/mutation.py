@@ -135,8 +135,8 @@ MUTANTS = [
     Mutant(
         "cpu: head chunk offset by one row",
         "csrc/cpu/score_attention_cpu.cpp",
-        "head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0, rows, scratch,",
-        "head_chunk(x[b].data_ptr<scalar_t>() + n0 * D, n0 > 0 ? n0 - 1 : 0, rows, scratch,",
+        "head_chunk(x.data_ptr<scalar_t>() + (b * N + n0) * D, n0, rows, scratch,",
+        "head_chunk(x.data_ptr<scalar_t>() + (b * N + n0) * D, n0 > 0 ? n0 - 1 : 0, rows, scratch,",
         CPU_TESTS,
     ),
     Mutant(
