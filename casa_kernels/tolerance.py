@@ -37,6 +37,10 @@ LOW_PRECISION_ULPS = 2
 # An absolute eps per low-precision dtype (a few units in the last place at 1.0), for the
 # comparisons of whole blocks and models, where there is no attention term to scale by.
 LOW_PRECISION_EPS = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# The attention term's own relative tolerance for the full-precision dtypes
+# (compare_attention_term). Measured on the cpu, triton (interpreter) and reference
+# backends, fp32, N = 7 to 1100, D = 16 to 512: at most 8e-7 is needed.
+ATTENTION_TERM_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,71 @@ def compare(
         )
     passed = bool((error <= bound).all()) and bool(torch.isfinite(got).all())
     return Comparison(max_abs, max_rel, passed, rule)
+
+
+def compare_attention_term(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    ref64: torch.Tensor | None = None,
+) -> Comparison:
+    """Checks the attention term of ``out`` (fp32 or fp64), ``out - x``, against the float64
+    reference's, ``a = ref64 - x = softmax(score) * (x Wv^T + bv)``, elementwise::
+
+        |(out - x) - a| <= 2 * u * |ref64| + rtol * (|a| + mean |a|)
+
+    ``u`` the unit roundoff of out's dtype (y is rounded once to it), ``rtol`` =
+    ``ATTENTION_TERM_RTOL``; ``mean |a|`` over the whole tensor stands in where v + bv
+    crosses zero. The attention term is ~1/N of y, so at large N :func:`compare`'s fixed
+    tolerance on y is many times the term itself: an error in the scores (a wrong bias, a
+    ReLU before its bias) moves the term by a fraction of it, which only this rule sees.
+    """
+    if out.dtype not in ATTENTION_TERM_RTOL:
+        raise ValueError(
+            f"out: expected dtype float32 or float64 (the attention term's tolerance), "
+            f"received {out.dtype}"
+        )
+    if ref64 is None:
+        ref64 = reference_float64(x, weights)
+    attention = ref64 - x.detach().to("cpu", torch.float64)
+    got = out.detach().to("cpu", torch.float64) - x.detach().to("cpu", torch.float64)
+    error = (got - attention).abs()
+    rtol, unit = ATTENTION_TERM_RTOL[out.dtype], torch.finfo(out.dtype).eps / 2
+    bound = 2 * unit * ref64.abs() + rtol * (attention.abs() + attention.abs().mean())
+    passed = bool((error <= bound).all()) and bool(torch.isfinite(got).all())
+    max_rel = (error / attention.abs().clamp_min(1e-12)).max().item()
+    rule = f"|err(y - x)| <= 2*{unit:.3g}*|ref64| + {rtol:g}*(|ref64 - x| + mean|ref64 - x|)"
+    return Comparison(error.max().item(), max_rel, passed, rule)
+
+
+def compare_with_exact(
+    out: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor
+) -> Comparison:
+    """Checks ``out`` against ``exact`` (the same computation in float64) where there is no
+    attention term to scale by (whole blocks and models), relative to the error of
+    ``same_dtype``, PyTorch's eager computation in out's dtype, elementwise::
+
+        |out - exact| <= 2 * |same_dtype - exact| + eps
+
+    eps: ``atol + rtol * |exact|`` (``FIXED_TOLERANCE``) for fp32/fp64, ``LOW_PRECISION_EPS
+    * max(|exact|, 1)`` for fp16/bf16 (relative above 1: LayerNorm outputs reach several
+    units, where one bfloat16 ulp is eps). PyTorch's own error counts because LayerNorm
+    amplifies the rounding of near-constant rows by up to 1/sqrt(eps) in any dtype.
+    """
+    got, exact = out.detach().to("cpu", torch.float64), exact.detach().to("cpu", torch.float64)
+    error = (got - exact).abs()
+    torch_error = (same_dtype.detach().to("cpu", torch.float64) - exact).abs()
+    name = str(out.dtype).removeprefix("torch.")
+    if out.dtype in FIXED_TOLERANCE:
+        atol, rtol = FIXED_TOLERANCE[out.dtype]
+        eps = atol + rtol * exact.abs()
+        rule = f"|err| <= 2*|eager {name} err| + {atol:g} + {rtol:g}*|exact|"
+    else:
+        eps = LOW_PRECISION_EPS[out.dtype] * exact.abs().clamp_min(1.0)
+        rule = f"|err| <= 2*|eager {name} err| + {LOW_PRECISION_EPS[out.dtype]:g}*max(|exact|, 1)"
+    passed = bool((error <= 2 * torch_error + eps).all()) and bool(torch.isfinite(got).all())
+    max_rel = (error / exact.abs().clamp_min(1e-6)).max().item()
+    return Comparison(error.max().item(), max_rel, passed, rule)
 
 
 def assert_close_to_reference(

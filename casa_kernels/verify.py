@@ -1,11 +1,14 @@
 """``python -m casa_kernels.verify``: every available backend against the float64 reference.
 
 Runs each backend × dtype over a fixed set of shapes (ragged N, small D, every kernel size
-1/3/5/7, B = 1 and 3, one non-contiguous input) through the public
-:func:`casa_kernels.casa_attention`, and checks the output with the accuracy contract of
-:mod:`casa_kernels.tolerance` (fixed tolerance for fp32/fp64; for fp16/bf16 relative to
-the error of PyTorch's own computation in that dtype). Prints one line per case and exits
-with status 1 if any case fails (0 otherwise; 2 for bad arguments or when nothing ran).
+1/3/5/7, B = 1 to 8, one non-contiguous input, N past every backend's head split) through
+the public :func:`casa_kernels.casa_attention`, and checks the output with the accuracy
+contract of :mod:`casa_kernels.tolerance` (fixed tolerance for fp32/fp64, and the attention
+term against the reference's relative to itself; for fp16/bf16 relative to the error of
+PyTorch's own computation in that dtype). One block case runs a :class:`CASABlock` on the
+backend under ``no_grad`` (the fused block epilogue where the backend has one) against the
+float64 eager block. Prints one line per case and exits with status 1 if any case fails
+(0 otherwise; 2 for bad arguments or when nothing ran).
 
 Dtypes: on a CPU float32, bfloat16, float64; on a CUDA device float32, float16, bfloat16
 (each only where the backend declares it). Backends that cannot run here are listed as
@@ -15,14 +18,24 @@ SKIP with their reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from . import availability, backend_names, casa_attention
+from .modules import CASABlock
 from .ops.registry import get_backend
-from .tolerance import compare
+from .tolerance import (
+    ATTENTION_TERM_RTOL,
+    Comparison,
+    compare,
+    compare_attention_term,
+    compare_with_exact,
+    reference_float64,
+)
 from .weights import ScoreAttentionWeights
 
 DTYPES = {
@@ -33,19 +46,31 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class Case:
+    """``[batch, n_vars, d_model]`` input and kernel size; ``block``: a whole CASABlock."""
+
     batch: int
     n_vars: int
     d_model: int
     kernel: int
     contiguous: bool = True
+    block: bool = False
 
     def __str__(self) -> str:
         text = f"B={self.batch} N={self.n_vars} D={self.d_model} k={self.kernel}"
-        return text if self.contiguous else text + " non-contig"
+        if not self.contiguous:
+            text += " non-contig"
+        if self.block:
+            text += " block"
+        return text
 
 
-# Together: N in {1, 7, 37, 130} (no tile multiple), D in {8, 24, 64, 128},
-# k in {1, 3, 5, 7}, B in {1, 3}, and one non-contiguous input.
+# Together: N in {1, 7, 37, 130, 300, 800} (no tile multiple), D in {8, 16, 24, 40, 64,
+# 128}, k in {1, 3, 5, 7}, B in {1, 2, 3, 8}, one non-contiguous input. The head is split
+# over N on every fused backend (Triton's and CUDA's split-K programs) and on the CPU,
+# whose head reduces N in chunks of at most 256 rows shared by up to ⌈threads / B⌉ worker
+# groups: N = 300 at B = 1 gives two chunks in two groups (with 2 threads or more), N = 800
+# at B = 8 four chunks, so that each group sums several (up to 24 threads). The block case
+# has 74 rows (B·N), past one 64-row block of the CPU's fused epilogue.
 CASES = (
     Case(1, 1, 8, 1),
     Case(3, 7, 24, 3),
@@ -57,6 +82,9 @@ CASES = (
     Case(3, 130, 64, 3),
     Case(1, 130, 128, 5),
     Case(3, 7, 8, 7),
+    Case(1, 300, 16, 3),
+    Case(8, 800, 16, 1),
+    Case(2, 37, 40, 3, block=True),
 )
 QUICK_CASES = CASES[:3]
 
@@ -79,6 +107,61 @@ def make_inputs(
     return x, weights
 
 
+def make_block(case: Case, backend: str, dtype: torch.dtype, device: str) -> CASABlock:
+    """A seeded CASABlock on ``backend``: the attention weights of :func:`make_inputs`, the
+    MLP drawn like PyTorch's default init, the LayerNorm's weight in [0.5, 1.5] and bias in
+    [-0.5, 0.5] (not 1 and 0, so that the epilogue's use of them shows)."""
+    _, weights = make_inputs(case, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(7919 * case.n_vars + 31 * case.d_model + 1)
+    with torch.random.fork_rng(devices=[]):  # the module's own init draws are replaced below
+        block = CASABlock(
+            n_vars=case.n_vars, d_model=case.d_model, kernel=case.kernel, backend=backend
+        ).double()
+    bound = case.d_model**-0.5
+    with torch.no_grad():
+        for param, value in zip(block.weights(), weights):
+            param.copy_(value)
+        for param in block.mlp.parameters():
+            param.uniform_(-bound, bound, generator=g)
+        block.norm.weight.uniform_(0.5, 1.5, generator=g)
+        block.norm.bias.uniform_(-0.5, 0.5, generator=g)
+    return block.to(device=device, dtype=dtype)
+
+
+def _compare_attention(out, x, weights) -> Comparison:
+    """tolerance.compare, and for fp32/fp64 the attention term's rule too (the first failing
+    rule is reported, or both)."""
+    ref64 = reference_float64(x, weights)
+    results = [compare(out, x, weights, ref64)]
+    if out.dtype in ATTENTION_TERM_RTOL:
+        results.append(compare_attention_term(out, x, weights, ref64))
+    failed = [r for r in results if not r.passed]
+    if failed or len(results) == 1:
+        return failed[0] if failed else results[0]
+    rule = f"{results[0].rule}; y - x: rtol {ATTENTION_TERM_RTOL[out.dtype]:g}"
+    return dataclasses.replace(results[0], rule=rule)
+
+
+def _run_attention(backend, dtype, case, device):
+    """(x, output, its comparison as a function) of the op on case's inputs."""
+    x, weights = make_inputs(case, dtype, device)
+    with torch.no_grad():
+        out = casa_attention(x, weights, backend=backend)
+    return x, out, functools.partial(_compare_attention, out, x, weights)
+
+
+def _run_block(backend, dtype, case, device):
+    """(x, output, its comparison as a function) of case's block on ``backend``: against the
+    float64 eager block, relative to the eager block in ``dtype`` (``compare_with_exact``)."""
+    x64, _ = make_inputs(case, torch.float64, "cpu")
+    x = x64.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        exact = make_block(case, "reference", torch.float64, "cpu")(x64)
+        same_dtype = make_block(case, "reference", dtype, device)(x)
+        out = make_block(case, backend, dtype, device)(x)
+    return x, out, functools.partial(compare_with_exact, out, same_dtype, exact)
+
+
 @dataclass(frozen=True)
 class Outcome:
     backend: str
@@ -92,10 +175,9 @@ class Outcome:
 
 def run_case(backend: str, dtype: torch.dtype, case: Case, device: str) -> Outcome:
     name = str(dtype).removeprefix("torch.")
-    x, weights = make_inputs(case, dtype, device)
     try:
-        with torch.no_grad():
-            out = casa_attention(x, weights, backend=backend)
+        run = _run_block if case.block else _run_attention
+        x, out, comparison = run(backend, dtype, case, device)
         if out.shape != x.shape or out.dtype != x.dtype:
             return Outcome(
                 backend,
@@ -106,7 +188,7 @@ def run_case(backend: str, dtype: torch.dtype, case: Case, device: str) -> Outco
                 f"output {tuple(out.shape)} {out.dtype}, expected {tuple(x.shape)} {x.dtype}",
                 "FAIL",
             )
-        result = compare(out, x, weights)
+        result = comparison()
     except Exception as error:  # noqa: BLE001 - a crash is a failure, reported in the table
         first = (str(error).strip().splitlines() or [""])[0][:120]
         return Outcome(

@@ -29,7 +29,7 @@ import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.registry import FALLBACK, backend_names, get_backend
-from casa_kernels.tolerance import compare
+from casa_kernels.tolerance import compare, compare_attention_term
 from tests.conftest import make_problem
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -289,6 +289,53 @@ def test_row_blocks_with_distant_maxima(case):
     blocks = torch.arange(N)[:, None] // torch.where(cols % 2 == 0, 16, 64)
     x = x + (40.0 * ((blocks + cols) % 3 - 1)).to(case.dtype).to(case.device)
     assert_conforms(case.run(x, w), x, w, case)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter
+@pytest.mark.parametrize("case", cases())
+def test_sigmoid_input_far_beyond_exp_range(case):
+    # Last-decoder biases of ±100 and ±1000 push the sigmoid's input z past exp's range
+    # (|z| > 88 in fp32 and bf16, > 709 in fp64), in rows spread over the row tiles: the
+    # sigmoid must saturate to exactly 1 and 0 as torch.sigmoid does. exp(z) / (1 + exp(z))
+    # gives inf / inf = NaN for large z, a clamp of z short of the range a value off 0 or 1.
+    N, D = (40, 16) if case.test_only else (200, 32)
+    x, w = case.problem(2, N, D, 3, seed=14)
+    biases = torch.tensor([100.0, -100.0, 1000.0, -1000.0, 0.0], dtype=torch.float64)
+    w = w._replace(dec2_bias=biases.repeat(N)[:N].to(w.dec2_bias))
+    out = case.run(x, w)
+    assert bool(torch.isfinite(out).all()), f"{int((~torch.isfinite(out)).sum())} non-finite"
+    assert_conforms(out, x, w, case)
+
+
+def _scores_and_attention_that_show(w, n_vars, seed):
+    """``w`` with the attention term of the order of x and every bias of order 1: the value
+    weight scaled by N/4 (p·v is ~1/N of y otherwise) and the biases drawn in [-1, 1]
+    (default init draws the head's and the tail's within ±1/sqrt(N·k), where a wrong bias
+    or a ReLU before its bias moves y by less than fp32 resolves)."""
+    g = torch.Generator().manual_seed(seed)
+    biases = {
+        name: (torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 - 1).to(t)
+        for name, t in zip(w._fields, w)
+        if name.endswith("_bias")
+    }
+    return w._replace(value_weight=w.value_weight * (n_vars / 4), **biases)
+
+
+@pytest.mark.parametrize("case", cases(dtypes=(torch.float32,)))
+@pytest.mark.parametrize("n_vars", [300, 862])
+def test_attention_term_at_large_n(case, n_vars):
+    # At large N the attention term y - x is ~1/N of y, below compare's fixed tolerance on
+    # y, and default-init biases shrink as 1/sqrt(N): a wrong bias or ReLU order in the
+    # scores passes the fp32 cases there. Here the term and the biases are of order 1 and
+    # the term is checked against the float64 reference's, relative to itself. N = 300 and
+    # 862 at B = 1 split the head over N on every fused backend (the CPU's 256-row chunks
+    # and worker groups, Triton's and CUDA's split-K programs).
+    x, w = case.problem(1, n_vars, 16, 3, seed=n_vars)
+    w = _scores_and_attention_that_show(w, n_vars, seed=n_vars)
+    out = case.run(x, w)
+    assert_conforms(out, x, w, case)
+    result = compare_attention_term(out, x, w)
+    assert result.passed, f"{case.id} N={n_vars}: {result}"
 
 
 @pytest.mark.parametrize("case", cases(dtypes=LOW_PRECISION))

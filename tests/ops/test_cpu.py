@@ -17,7 +17,11 @@ import torch
 import casa_kernels as ck
 from casa_kernels.ops import registry
 from casa_kernels.ops.backends.cpu import block_epilogue
-from casa_kernels.tolerance import LOW_PRECISION_EPS, assert_close_to_reference
+from casa_kernels.tolerance import (
+    LOW_PRECISION_EPS,
+    assert_close_to_reference,
+    compare_with_exact,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -194,6 +198,40 @@ def test_block_epilogue_matches_the_eager_block(dtype, relu, rows):
         eps = LOW_PRECISION_EPS[dtype] * exact.abs().clamp_min(1.0)
         bound = 2 * (eager.double() - exact).abs() + eps
         assert bool(((ours.double() - exact).abs() <= bound).all())
+
+
+def _flat_rows(D, dtype):
+    """Rows where LayerNorm's eps decides the result: constants whose sums are exact in fp32
+    and bf16 (variance exactly 0: the output is the norm's bias) and rows varying by 1e-4
+    and 1e-7 (variance 1e-8 and 1e-14, below eps = 1e-5) about 0 and 2 (about 2, bf16
+    rounds them to constants)."""
+    g = torch.Generator().manual_seed(D)
+    constants = [torch.full((D,), c) for c in (0.0, 1.0, -3.0, 2.5)]
+    varying = [
+        centre + spread * torch.randn(D, generator=g)
+        for spread in (1e-4, 1e-7)
+        for centre in (0.0, 2.0)
+    ]
+    return torch.stack(constants + varying).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_epilogue_on_constant_and_near_constant_rows(dtype):
+    # LayerNorm divides by sqrt(var + eps): on these rows eps is most of it, so eps dropped
+    # (0/0 = NaN), added outside the square root or to the sum of squares shows here.
+    torch.manual_seed(3)
+    block = ck.CASABlock(n_vars=3, d_model=40)
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.uniform_(-0.5, 0.5)
+    y = _flat_rows(40, dtype)
+    with torch.no_grad():
+        exact = _eager_epilogue(y.double(), block.norm.double(), block.mlp.double(), False)
+        block.to(dtype)
+        eager = _eager_epilogue(y, block.norm, block.mlp, False)
+        ours = block_epilogue(y, *_epilogue_params(block), False)
+    result = compare_with_exact(ours, eager, exact)
+    assert result.passed, f"{dtype}: {result}"
 
 
 def test_block_epilogue_keeps_nan_rows_and_empty_input():

@@ -29,8 +29,10 @@ BACKENDS = [
 NONFINITE_SHAPE = (2, 70, 32, 3)
 
 
-def _autocast_dtypes(name, device):
-    dtypes = [torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+def _autocast_dtypes(name, device, *, on_cpu_too=False):
+    """The low-precision autocast dtypes ``name`` serves on ``device``: bfloat16, and float16
+    on a GPU (and on the CPU too with ``on_cpu_too``)."""
+    dtypes = [torch.bfloat16] + ([torch.float16] if device == "cuda" or on_cpu_too else [])
     return [
         d for d in dtypes if get_backend(name).reason_not_serving(torch.device(device), d) is None
     ]
@@ -102,6 +104,30 @@ def test_autocast_of_the_model_matches_the_reference_model(backend, device):
                 f"{dtype}: max error {(ours.float() - exact).abs().max():.3g}, "
                 f"the reference's {(ref.float() - exact).abs().max():.3g}"
             )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_module_under_autocast_dtypes_in_turn(backend, device):
+    # One set of weights under each autocast dtype the backend serves, in turn, then
+    # without autocast (fp32), then the first dtype again, in one process: the weight
+    # casts and the backends' prepared weights are cached per dtype, and none may be
+    # served to a call of another dtype. Each call against the reference under the same
+    # autocast (no_grad: the cached path).
+    torch.manual_seed(5)
+    module = ck.CASAAttention(n_vars=20, d_model=16, backend=backend).to(device)
+    x = torch.randn(2, 20, 16, device=device)
+    weights = module.weights()
+    low = _autocast_dtypes(backend, device, on_cpu_too=True)
+    with torch.no_grad():
+        for dtype in [*low, torch.float32, low[0]]:
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                out = module(x)
+                ref = ck.casa_attention(x, weights, backend="reference")
+            # The fused backends give the autocast dtype, the reference its own ops' dtypes.
+            assert out.dtype == (ref.dtype if backend == "reference" else dtype)
+            for name, y in (("ours", out), ("reference under autocast", ref)):
+                result = compare(y.to(dtype), x.to(dtype), weights.to(dtype))
+                assert result.passed, f"{name}, {dtype} after {low}: {result}"
 
 
 def test_autocast_casts_each_weight_once_per_version():
