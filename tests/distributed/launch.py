@@ -5,7 +5,10 @@ torch thread, joins them in a gloo process group through a file store (no port t
 pick), calls ``fn(rank, world_size, *args)`` and returns the P results in rank order.
 An exception on a rank comes back as :class:`RankError` with its traceback; a rank
 that has not answered within ``timeout_s`` is killed and reported, so a bug can never
-hang the test run.
+hang the test run. A rank listed in ``may_die`` that dies gives :class:`Died`.
+
+A scenario that ends its group (a failure test) runs in a group of its own,
+:func:`fresh_group`, so that one session of processes can run several.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import datetime
 import queue
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +31,25 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 class RankError(Exception):
     """A rank raised, or did not answer in time; the message holds its traceback."""
+
+
+@dataclass(frozen=True)
+class Died:
+    """A rank's process ended without an answer; ``exitcode`` as multiprocessing reports it (-9: SIGKILL)."""
+
+    exitcode: int | None
+
+
+def fresh_group(
+    rank: int, world_size: int, store_path: str, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT
+) -> None:
+    """Makes a new default gloo group through the file store at ``store_path`` (unused so far),
+    ending the current one if there is one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timeout
+    )
 
 
 def _worker(
@@ -49,8 +72,19 @@ def _worker(
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) -> list:
-    """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process."""
+def _died_without_answer(procs, answers: dict) -> list[int]:
+    return [r for r, p in enumerate(procs) if r not in answers and p.exitcode is not None]
+
+
+def run_ranks(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout_s: float = 120.0,
+    may_die: Collection[int] = (),
+) -> list:
+    """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process;
+    :class:`Died` for a rank in ``may_die`` whose process ended without an answer."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,13 +101,29 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) ->
             while len(answers) < world_size:
                 left = (deadline - datetime.datetime.now()).total_seconds()
                 try:
-                    rank, ok, value = results.get(timeout=max(left, 0.01))
+                    rank, ok, value = results.get(timeout=min(max(left, 0.01), 0.2))
+                    answers[rank] = (ok, value)
+                    continue
                 except queue.Empty:
+                    pass
+                dead = _died_without_answer(procs, answers)
+                while True:  # a process that answered and then ended has its answer queued by now
+                    try:
+                        rank, ok, value = results.get_nowait()
+                    except queue.Empty:
+                        break
+                    answers[rank] = (ok, value)
+                for rank in (r for r in dead if r not in answers):
+                    if rank not in may_die:
+                        raise RankError(
+                            f"rank {rank} of {world_size} died (exit code {procs[rank].exitcode})"
+                        )
+                    answers[rank] = (True, Died(procs[rank].exitcode))
+                if left <= 0:
                     missing = sorted(set(range(world_size)) - set(answers))
                     raise RankError(
                         f"ranks {missing} of {world_size} gave no result within {timeout_s} s"
-                    ) from None
-                answers[rank] = (ok, value)
+                    )
         finally:
             for p in procs:
                 p.join(timeout=10)

@@ -1,0 +1,109 @@
+"""A rank that fails or dies in any phase of a training step ends every rank promptly (P = 2 and 3, gloo).
+
+The phases: forward, loss, backward, ``sync_replicated_grads``, optimizer step. The failing
+rank raises inside ``model.ends_group_on_failure()`` and lives on, or is killed (SIGKILL);
+every other rank must raise ``VariateParallelFailure`` within ``BOUND_S`` of the failure,
+far below the group's 30 s timeout. Without the guard, a failure the rank survives is seen
+only at the group's timeout, and is reported as a timeout.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .failure_scenarios import PHASES, UNGUARDED_TIMEOUT, session
+from .launch import COLLECTIVE_TIMEOUT, Died, run_ranks
+
+N_VARS = {2: 7, 3: 8}
+FAILING_RANK = 1
+BOUND_S = 5.0
+assert BOUND_S < COLLECTIVE_TIMEOUT.total_seconds() / 4
+# where the other ranks wait when the failing rank fails in each phase
+WAITING_IN = {
+    "forward": "the all-reduce of the encoder head's partial sums",  # the second layer's
+    "loss": "the all-reduce of the gradient of the softmax column sums",  # the last layer's
+    "backward": "the all-reduce of the gradient of the softmax column sums",  # the first layer's
+    "sync": "the all-reduce of the replicated parameters' gradients",
+    "optimizer step": "the all-reduce of the call descriptors (the agreement check)",  # next forward
+}
+
+
+@pytest.fixture(scope="module", params=sorted(N_VARS), ids=lambda p: f"P{p}")
+def raised(request, tmp_path_factory):
+    """``(P, {scenario: [rank 0's result, ...]})``: a guarded failure in each phase, then an unguarded one."""
+    world_size = request.param
+    scenarios = [(phase, FAILING_RANK, "raise", True) for phase in PHASES]
+    scenarios.append(("loss", FAILING_RANK, "raise", False))
+    results = run_ranks(
+        session,
+        world_size,
+        N_VARS[world_size],
+        str(tmp_path_factory.mktemp(f"fail-p{world_size}")),
+        scenarios,
+        timeout_s=120,
+    )
+    return world_size, {key: [r[key] for r in results] for key in scenarios}
+
+
+def _assert_others_end_promptly(
+    world_size: int, per_rank: list, failing_rank: int, phase: str
+) -> None:
+    for rank, r in enumerate(per_rank):
+        if rank == failing_rank:
+            continue
+        kind, message = r["error"]
+        assert kind == "VariateParallelFailure", f"rank {rank}: {r}"
+        assert f"{WAITING_IN[phase]} failed on rank {rank} of {world_size}" in message, message
+        assert "another rank failed or left the process group" in message, message
+        assert 0 <= r["after_failure_s"] < BOUND_S, (
+            f"rank {rank}: ended {r['after_failure_s']:.2f} s after the failure"
+        )
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_rank_failing_in_a_guarded_phase_ends_every_rank_promptly(raised, phase):
+    world_size, results = raised
+    per_rank = results[(phase, FAILING_RANK, "raise", True)]
+    kind, message = per_rank[FAILING_RANK]["error"]
+    assert kind == "VariateParallelFailure", per_rank[FAILING_RANK]
+    assert f"rank {FAILING_RANK} of {world_size}" in message
+    assert f"InjectedFailure: injected failure in the {phase}" in message
+    assert "process group was ended" in message
+    _assert_others_end_promptly(world_size, per_rank, FAILING_RANK, phase)
+
+
+def test_an_unguarded_failure_is_seen_at_the_group_timeout_and_reported_as_a_timeout(raised):
+    """The failing rank catches its own error outside any guard and lives on: the others wait
+    for the group's timeout (3 s here), no longer, and at least one reports a timeout (a third
+    rank may see the timed-out rank leave first)."""
+    world_size, results = raised
+    per_rank = results[("loss", FAILING_RANK, "raise", False)]
+    assert per_rank[FAILING_RANK]["error"] == ("InjectedFailure", "injected failure in the loss")
+    timeout_s = UNGUARDED_TIMEOUT.total_seconds()
+    others = [r for rank, r in enumerate(per_rank) if rank != FAILING_RANK]
+    for r in others:
+        assert r["error"][0] in ("VariateParallelTimeout", "VariateParallelFailure"), r
+        assert r["after_failure_s"] < timeout_s + BOUND_S, r
+    timed_out = [r for r in others if r["error"][0] == "VariateParallelTimeout"]
+    assert timed_out, others
+    for r in timed_out:
+        assert "timed out on rank" in r["error"][1] and "model.ends_group_on_failure()" in r["error"][1]
+        assert r["after_failure_s"] > timeout_s - 1.0, r
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("world_size", sorted(N_VARS), ids=lambda p: f"P{p}")
+def test_a_rank_killed_in_any_phase_ends_every_other_rank_promptly(world_size, phase, tmp_path):
+    scenario = (phase, FAILING_RANK, "kill", True)
+    results = run_ranks(
+        session,
+        world_size,
+        N_VARS[world_size],
+        str(tmp_path),
+        [scenario],
+        timeout_s=90,
+        may_die={FAILING_RANK},
+    )
+    assert results[FAILING_RANK] == Died(-9)
+    per_rank = [r if isinstance(r, Died) else r[scenario] for r in results]
+    _assert_others_end_promptly(world_size, per_rank, FAILING_RANK, phase)
