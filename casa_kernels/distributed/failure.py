@@ -122,4 +122,3 @@ def ends_group_on_failure(shard: VariateShard, what: str) -> Iterator[None]:
         ) from error
     finally:
         _inside_guard.reset(token)
-

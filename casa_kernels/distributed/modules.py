@@ -97,9 +97,7 @@ class VariateParallel(nn.Module):
                 "n_vars": self.shard.n_vars,
                 "world_size": self.shard.world_size,
                 **self._config(),
-                "replicated weights digest": replicated_digest(
-                    self._named_replicated_parameters()
-                ),
+                "replicated weights digest": replicated_digest(self._named_replicated_parameters()),
             }
         return self._static_descriptor
 
@@ -111,7 +109,9 @@ class VariateParallel(nn.Module):
             {
                 **self._module_descriptor(),
                 "parameter dtypes": ",".join(sorted({str(p.dtype) for p in params})),
-                "parameters requiring grad": "".join("1" if p.requires_grad else "0" for p in params),
+                "parameters requiring grad": "".join(
+                    "1" if p.requires_grad else "0" for p in params
+                ),
                 "training": self.training,
             },
             self._first_attention().backend,

@@ -68,6 +68,21 @@ def _training_step(model, optimizer, x_local, w_local, in_loss: Callable[[], Non
     optimizer.zero_grad()
 
 
+def _in_a_child(run: Callable[[], object]) -> dict:
+    """Runs ``run`` in a forked child of this process, the rank that is killed (so that this
+    process lives on for the next scenario); returns ``{"killed_by": signal or None}``."""
+    if dist.is_initialized():  # the child makes its own group; none may be open at the fork
+        dist.destroy_process_group()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run()
+        finally:
+            os._exit(1)  # it was not killed: the parent reports None
+    _, status = os.waitpid(pid, 0)
+    return {"killed_by": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+
+
 def phase_failure(
     rank: int,
     world_size: int,
@@ -81,8 +96,25 @@ def phase_failure(
     """Steps until an error; ``how`` is "raise" or "kill" (SIGKILL) on ``failing_rank`` in ``phase``.
 
     Returns ``{"error": (type name, message), "after_failure_s": seconds from the failure
-    to this rank's error, "step": the step that raised}``.
+    to this rank's error, "step": the step that raised}``; for the killed rank, how its
+    process (a child of this one) ended.
     """
+    args = (rank, world_size, n_vars, directory, phase, failing_rank, how, guarded)
+    if how == "kill" and rank == failing_rank:
+        return _in_a_child(lambda: _steps_until_error(*args))
+    return _steps_until_error(*args)
+
+
+def _steps_until_error(
+    rank: int,
+    world_size: int,
+    n_vars: int,
+    directory: str,
+    phase: str,
+    failing_rank: int,
+    how: str,
+    guarded: bool,
+) -> dict:
     name = f"{phase.replace(' ', '-')}-{how}-{'guarded' if guarded else 'unguarded'}"
     timeout = dict(timeout=UNGUARDED_TIMEOUT) if not guarded else {}
     fresh_group(rank, world_size, str(Path(directory) / f"{name}.group"), **timeout)

@@ -48,7 +48,11 @@ def fresh_group(
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timeout
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
     )
 
 
