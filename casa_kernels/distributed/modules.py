@@ -85,36 +85,43 @@ class VariateParallel(nn.Module):
         """``d_model, kernel, seq_len, pred_len, e_layers`` (0 where the module has none)."""
         raise NotImplementedError
 
-    def _first_attention(self) -> VariateParallelCASAAttention:
-        return next(m for m in self.modules() if isinstance(m, VariateParallelCASAAttention))
-
-    def _module_descriptor(self) -> dict[str, int | str]:
-        """The module's fields of the agreement check that do not change: its configuration and
-        the digest of the replicated weights, computed at the first call and kept."""
-        if getattr(self, "_static_descriptor", None) is None:
-            self._static_descriptor = {
+    def _agreement_basis(
+        self,
+    ) -> tuple[dict[str, int | str], list[nn.Parameter], VariateParallelCASAAttention]:
+        """What the agreement descriptor is made of, fixed at the module's first call: the fields
+        that do not change (configuration, digest of the replicated weights), the parameters
+        (their dtypes and ``requires_grad`` are read on every call) and the attention whose
+        backend runs."""
+        basis = self.__dict__.get("_agreement_basis_of_first_call")
+        if basis is None:
+            static = {
                 "module": type(self).__name__,
                 "n_vars": self.shard.n_vars,
                 "world_size": self.shard.world_size,
                 **self._config(),
                 "replicated weights digest": replicated_digest(self._named_replicated_parameters()),
             }
-        return self._static_descriptor
+            attention = next(
+                m for m in self.modules() if isinstance(m, VariateParallelCASAAttention)
+            )
+            basis = (static, list(self.parameters()), attention)
+            self._agreement_basis_of_first_call = basis
+        return basis
 
     def _call_descriptor(self, x: torch.Tensor, variate_dim_of_x: int) -> dict:
         """This rank's agreement descriptor for a call on ``x`` (checked locally first)."""
         self._check_input(x)
-        params = list(self.parameters())
+        static, params, attention = self._agreement_basis()
         return call_descriptor(
             {
-                **self._module_descriptor(),
+                **static,
                 "parameter dtypes": ",".join(sorted({str(p.dtype) for p in params})),
                 "parameters requiring grad": "".join(
                     "1" if p.requires_grad else "0" for p in params
                 ),
                 "training": self.training,
             },
-            self._first_attention().backend,
+            attention.backend,
             x,
             variate_dim_of_x,
         )
@@ -306,7 +313,7 @@ class VariateParallelCASAModel(VariateParallel, CASAModel):
         check_series(x, self.seq_len, self.n_vars)
 
     def _config(self) -> dict[str, int]:
-        attention = self._first_attention()
+        attention = self.model[2][0]
         return dict(
             d_model=attention.d_model,
             kernel=attention.kernel,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from casa_kernels.distributed import VariateParallelFailure, shard_model, variate_range
 
-from .launch import fresh_group
+from .launch import end_current_group, fresh_group
 from .scenarios import problem, single_process_model
 
 PHASES = ("forward", "loss", "backward", "sync", "optimizer step")
@@ -71,8 +71,7 @@ def _training_step(model, optimizer, x_local, w_local, in_loss: Callable[[], Non
 def _in_a_child(run: Callable[[], object]) -> dict:
     """Runs ``run`` in a forked child of this process, the rank that is killed (so that this
     process lives on for the next scenario); returns ``{"killed_by": signal or None}``."""
-    if dist.is_initialized():  # the child makes its own group; none may be open at the fork
-        dist.destroy_process_group()
+    end_current_group()  # the child makes its own group; none may be open at the fork
     pid = os.fork()
     if pid == 0:
         try:

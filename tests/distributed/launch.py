@@ -13,6 +13,7 @@ A scenario that ends its group (a failure test) runs in a group of its own,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import queue
 import tempfile
@@ -40,13 +41,23 @@ class Died:
     exitcode: int | None
 
 
+def end_current_group() -> None:
+    """Ends the default group, if any, once every rank is connected in it (a rank that ended a
+    group while a peer was still connecting would fail the peer's connection), or at once if
+    it is broken already."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(RuntimeError):
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def fresh_group(
     rank: int, world_size: int, store_path: str, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT
 ) -> None:
     """Makes a new default gloo group through the file store at ``store_path`` (unused so far),
-    ending the current one if there is one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    ending the current one first; returns when every rank is connected in it."""
+    end_current_group()
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store_path}",
@@ -54,6 +65,7 @@ def fresh_group(
         world_size=world_size,
         timeout=timeout,
     )
+    dist.barrier()
 
 
 def _worker(
