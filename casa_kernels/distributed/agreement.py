@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ..ops.registry import resolve_backend
 from .collectives import collective
+from .failure import ended_group_failure, group_is_open
 from .partition import VariateShard
 
 PROTOCOL = 1  # bumped when FIELDS change: ranks on different library versions disagree on it
@@ -136,14 +137,13 @@ def check_agreement(shard: VariateShard, descriptor: dict[str, int | bool | str]
     device type, e.g. the current CUDA device for NCCL); on disagreement one
     ``all_gather_object`` for the message.
     """
+    what = "all-reduce of the call descriptors (the agreement check)"
+    if not group_is_open(shard):
+        raise ended_group_failure(shard, what)
     codes = [_code(descriptor[field]) for field in FIELDS]
     on = "cpu" if dist.get_backend(shard.group) == "gloo" else descriptor["device type"]
     both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=on)
-    collective(
-        lambda: dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group),
-        shard,
-        "all-reduce of the call descriptors (the agreement check)",
-    )
+    collective(lambda: dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group), shard, what)
     if torch.equal(both[: len(FIELDS)], -both[len(FIELDS) :]):
         return
     descriptors: list = [None] * shard.world_size
