@@ -3,10 +3,10 @@
 Per configuration (the distributed suite's, D = 128, L = H = 96, two layers, and the
 tests' small one), on every rank, inference mode:
 
-* the forward with the check, and with ``check_agreement`` replaced by a no-op on every
-  rank: interleaved rounds, each call started after a barrier and timed on the slowest
-  rank; medians;
-* the check alone (``check_agreement`` on a prepared descriptor), median;
+* the forward with the check, and with ``start_check`` replaced by a no-op on every rank:
+  interleaved rounds, each call started after a barrier and timed on the slowest rank;
+  medians;
+* the check alone (``start_check`` on a prepared descriptor, then awaited), median;
 * the one-time digest of the replicated weights (first call), median of a few.
 
 Prints one line per configuration (rank 0); writes nothing.
@@ -38,12 +38,12 @@ CONFIGS = {
 
 @contextlib.contextmanager
 def check_disabled() -> Iterator[None]:
-    real = agreement.check_agreement
-    agreement.check_agreement = lambda shard, descriptor: None
+    real = agreement.start_check
+    agreement.start_check = lambda shard, descriptor: lambda: None
     try:
         yield
     finally:
-        agreement.check_agreement = real
+        agreement.start_check = real
 
 
 def slowest_ms(fn: Callable[[], object]) -> float:
@@ -71,7 +71,7 @@ def measure(config: dict, backend: str, rounds: int, calls: int) -> dict[str, fl
                 without += [slowest_ms(lambda: model(x)) for _ in range(calls)]
         descriptor = model._call_descriptor(x, 2)
         check = [
-            slowest_ms(lambda: agreement.check_agreement(model.shard, descriptor))
+            slowest_ms(lambda: agreement.start_check(model.shard, descriptor)())
             for _ in range(rounds * calls)
         ]
         digest = [

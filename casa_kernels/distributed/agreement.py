@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.registry import resolve_backend
-from .collectives import collective
+from .collectives import before_next_collective, collective
 from .failure import ended_group_failure, group_is_open
 from .partition import VariateShard
 
@@ -130,11 +130,13 @@ def _mismatch_message(shard: VariateShard, descriptors: list[dict]) -> str:
     )
 
 
-def check_agreement(shard: VariateShard, descriptor: dict[str, int | bool | str]) -> None:
-    """Raises :class:`VariateParallelMismatch` on every rank unless all ranks' ``descriptor`` are equal.
+def start_check(shard: VariateShard, descriptor: dict[str, int | bool | str]) -> Callable[[], None]:
+    """Starts the check that all ranks' ``descriptor`` are equal; returns ``settle``, which waits
+    for it and raises :class:`VariateParallelMismatch` on every rank if they are not (a second
+    call does nothing).
 
-    One all-reduce of ``2·len(FIELDS)`` int64 (on the CPU for gloo, else on the input's
-    device type, e.g. the current CUDA device for NCCL); on disagreement one
+    One all-reduce of ``2·len(FIELDS)`` int64, asynchronous (on the CPU for gloo, else on the
+    input's device type, e.g. the current CUDA device for NCCL); on disagreement one
     ``all_gather_object`` for the message.
     """
     what = "all-reduce of the call descriptors (the agreement check)"
@@ -143,29 +145,49 @@ def check_agreement(shard: VariateShard, descriptor: dict[str, int | bool | str]
     codes = [_code(descriptor[field]) for field in FIELDS]
     on = "cpu" if dist.get_backend(shard.group) == "gloo" else descriptor["device type"]
     both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=on)
-    collective(lambda: dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group), shard, what)
-    if torch.equal(both[: len(FIELDS)], -both[len(FIELDS) :]):
-        return
-    descriptors: list = [None] * shard.world_size
+    work = []
     collective(
-        lambda: dist.all_gather_object(descriptors, descriptor, group=shard.group),
+        lambda: work.append(
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group, async_op=True)
+        ),
         shard,
-        "gather of the call descriptors (the agreement check)",
+        what,
     )
-    raise VariateParallelMismatch(_mismatch_message(shard, descriptors))
+
+    def settle() -> None:
+        if not work:
+            return
+        collective(work.pop().wait, shard, what)
+        if torch.equal(both[: len(FIELDS)], -both[len(FIELDS) :]):
+            return
+        descriptors: list = [None] * shard.world_size
+        collective(
+            lambda: dist.all_gather_object(descriptors, descriptor, group=shard.group),
+            shard,
+            "gather of the call descriptors (the agreement check)",
+        )
+        raise VariateParallelMismatch(_mismatch_message(shard, descriptors))
+
+    return settle
 
 
 @contextlib.contextmanager
 def agreed_call(shard: VariateShard, descriptor: Callable[[], dict]) -> Iterator[None]:
-    """Checks the ranks' agreement on ``descriptor()`` (evaluated only here), then runs the
-    body. Nested uses are transparent: only the outermost call (a model around its layers)
-    checks."""
+    """Runs the body with the ranks' agreement on ``descriptor()`` (evaluated only here)
+    checked: started first, awaited before the body's first collective, so that it overlaps
+    the local work before that (or at the end of a body without one). If the body raises, the
+    check is awaited too (a disagreement is then the error raised: it explains the rest).
+    Nested uses are transparent: only the outermost call (a model around its layers) checks."""
     if _inside_checked_call.get():
         yield
         return
-    check_agreement(shard, descriptor())
+    settle = start_check(shard, descriptor())
     token = _inside_checked_call.set(True)
     try:
-        yield
+        with before_next_collective(settle):
+            try:
+                yield
+            finally:
+                settle()
     finally:
         _inside_checked_call.reset(token)

@@ -17,7 +17,9 @@ passed; a collective called after the group was ended raises at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,10 +27,29 @@ import torch.distributed as dist
 from .failure import collective_failure, end_group, ended_group_failure, group_is_open
 from .partition import VariateShard
 
+_before_next_collective: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "casa_variate_parallel_before_next_collective", default=None
+)
+
+
+@contextlib.contextmanager
+def before_next_collective(settle: Callable[[], None]) -> Iterator[None]:
+    """Runs the body with ``settle()`` called just before its first :func:`collective` (the
+    agreement check's result is awaited there, after the local work that precedes it)."""
+    token = _before_next_collective.set(settle)
+    try:
+        yield
+    finally:
+        _before_next_collective.reset(token)
+
 
 def collective(call: Callable[[], object], shard: VariateShard, what: str) -> None:
     """Runs ``call``, a collective ``what`` over ``shard.group``; a failure ends the group and
     raises :class:`~casa_kernels.distributed.failure.VariateParallelFailure`."""
+    settle = _before_next_collective.get()
+    if settle is not None:
+        _before_next_collective.set(None)
+        settle()
     if not group_is_open(shard):
         raise ended_group_failure(shard, what)
     try:

@@ -22,12 +22,14 @@ N_VARS_OFFSET = 1  # the odd rank's model has this many more variates
 
 
 def _counting_layer_all_reduces() -> tuple[list[int], contextlib.AbstractContextManager]:
-    """A counter of the layers' all-reduces (``collectives.all_reduce_``) and the context that counts."""
+    """A counter of the layers' all-reduces that ran (``collectives.all_reduce_`` returned) and the
+    context that counts."""
     count, real = [0], collectives.all_reduce_
 
     def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
         count[0] += 1
-        return real(*args, **kwargs)
+        return result
 
     @contextlib.contextmanager
     def counting():
