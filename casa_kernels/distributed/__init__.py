@@ -11,9 +11,14 @@ Typical use (under ``torchrun``)::
     torch.distributed.init_process_group("gloo")
     model = VariateParallelCASAModel.from_state_dict("casa.pt")   # this rank's slices only
     x_local = x[:, :, model.shard.variates.start:model.shard.variates.stop]
-    y_local = model(x_local)                                     # [B, H, N_local]
-    with model.ends_group_on_failure():                          # a failure ends every rank
-        loss(y_local).backward(); model.sync_replicated_grads()  # then the optimiser step
+    with model.ends_group_on_failure():       # a failure in the step ends every rank at once
+        y_local = model(x_local)              # [B, H, N_local]
+        loss(y_local).backward()
+        model.sync_replicated_grads()
+        optimizer.step()
+
+The ranks must agree (configuration, replicated weights, each call's batch size, dtype
+and mode): every call checks that first (:class:`VariateParallelMismatch` on every rank).
 """
 
 from .agreement import VariateParallelMismatch

@@ -7,15 +7,17 @@ non-variate extent, in the same grad/autocast/train mode. If they do not, the la
 all-reduces either differ in size (gloo aborts the process from C++; NCCL hangs) or
 agree in size and silently mix unrelated numbers.
 
-So the outermost variate-parallel call on each rank first reduces a *call descriptor*:
-K integers (:data:`FIELDS`), each a number or a 56-bit hash of a string, all-reduced
-once with MAX over ``[codes, -codes]`` — equal on every rank iff ``max == min`` for every
+So the outermost variate-parallel call on each rank reduces a *call descriptor*: K
+integers (:data:`FIELDS`), each a number or a 56-bit hash of a string, all-reduced once
+with MAX over ``[codes, -codes]`` — equal on every rank iff ``max == min`` for every
 field. The all-reduce has the same size on every rank whatever they disagree on, so it
-cannot itself mismatch; it runs on every call (not once per signature: a rank whose
-batch size alone changed would otherwise run the check while the others run a layer's
-all-reduce, exactly the mismatch it is there to prevent). On disagreement every rank
-gathers the readable descriptors (``all_gather_object``) and raises the same
-:class:`VariateParallelMismatch` naming each differing field and every rank's value.
+cannot itself mismatch; it is started as the call begins and awaited just before the
+call's first collective, overlapping the local work before it. It runs on every call,
+not once per signature: a rank whose batch size alone changed would otherwise run the
+check while the others run a layer's all-reduce, exactly the mismatch it is there to
+prevent. On disagreement every rank gathers the readable descriptors
+(``all_gather_object``) and raises the same :class:`VariateParallelMismatch` naming each
+differing field and every rank's value.
 
 The replicated weights enter as a digest (BLAKE2b over their bytes) computed once, at
 the module's first call, and cached: later changes to them are not re-checked.
@@ -34,7 +36,7 @@ import torch.distributed as dist
 
 from ..ops.registry import resolve_backend
 from .collectives import before_next_collective, collective
-from .failure import ended_group_failure, group_is_open
+from .failure import VariateParallelFailure, ended_group_failure, group_is_open
 from .partition import VariateShard
 
 PROTOCOL = 1  # bumped when FIELDS change: ranks on different library versions disagree on it
@@ -66,8 +68,9 @@ FIELDS = (
 _inside_checked_call = contextvars.ContextVar("casa_variate_parallel_checked_call", default=False)
 
 
-class VariateParallelMismatch(ValueError):
-    """The ranks of a variate-parallel module disagree on its configuration or on a call's input."""
+class VariateParallelMismatch(VariateParallelFailure, ValueError):
+    """The ranks of a variate-parallel module disagree on its configuration or on a call's input
+    (raised on every rank, whose groups end as for any failure)."""
 
 
 @functools.lru_cache(maxsize=1024)

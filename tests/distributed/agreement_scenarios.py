@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from casa_kernels import CASAAttention, CASAModel
 from casa_kernels.distributed import VariateParallelFailure, collectives, shard_model, variate_range
@@ -67,18 +68,22 @@ def _model_call(rank: int, world_size: int, n_vars: int, odd: bool, what: str):
 
 
 def disagreement(rank: int, world_size: int, n_vars: int, directory: str, what: str) -> dict:
-    """The odd rank differs in ``what``: ``{"error": (type, message), "cause": type name,
+    """The odd rank differs in ``what``: ``{"error": (type, message), "group_ended": bool,
     "layer_all_reduces": how many ran}``."""
     fresh_group(rank, world_size, str(Path(directory) / f"{what.replace(' ', '-')}.group"))
     model, x, context = _model_call(rank, world_size, n_vars, rank == world_size - 1, what)
     count, counting = _counting_layer_all_reduces()
-    error, cause = ("", ""), ""
+    error = ("", "")
     with counting, context:
         try:
             model(x)
         except VariateParallelFailure as e:
-            error, cause = (type(e).__name__, str(e)), type(e.__cause__).__name__
-    return {"error": error, "cause": cause, "layer_all_reduces": count[0]}
+            error = (type(e).__name__, str(e))
+    return {
+        "error": error,
+        "group_ended": not dist.is_initialized(),
+        "layer_all_reduces": count[0],
+    }
 
 
 def batch_size_changes(rank: int, world_size: int, n_vars: int, directory: str) -> dict:
