@@ -59,6 +59,8 @@ def _model_call(rank: int, world_size: int, n_vars: int, odd: bool, what: str):
     full = CASAModel(n_vars=n_vars_here, backend=backend, **config)
     dtype = torch.float64 if odd and what == "dtype" else torch.float32
     model = shard_model(full.to(dtype))
+    if odd and what == "frozen parameter":  # sync_replicated_grads would reduce fewer values
+        model.model[-1].weight.requires_grad_(False)
     cols = variate_range(n_vars_here, world_size, rank)
     x = problem(n_vars_here)[0][:, :, cols.start : cols.stop].to(dtype)
     if odd and what == "batch size":

@@ -22,6 +22,7 @@ DISAGREEMENTS = {
     "backend": ["backend"],
     "weights": ["replicated weights digest"],
     "grad mode": ["grad enabled"],
+    "frozen parameter": ["parameters requiring grad"],
     "attention d_model": ["d_model", "input shape without the variate dim"],
 }
 
