@@ -36,7 +36,7 @@ def ranks(request, tmp_path_factory):
         N_VARS[world_size],
         str(tmp_path_factory.mktemp(f"agree-p{world_size}")),
         list(DISAGREEMENTS),
-        timeout_s=120,
+        timeout_s=240,
     )
     return world_size, results
 

@@ -19,8 +19,8 @@ from .launch import COLLECTIVE_TIMEOUT, run_ranks
 
 N_VARS = {2: 7, 3: 8}
 FAILING_RANK = 1
-BOUND_S = 5.0
-assert BOUND_S < COLLECTIVE_TIMEOUT.total_seconds() / 4
+BOUND_S = 8.0  # generous for a loaded CI machine: 0.01-0.1 s measured on a loaded 2-core one
+assert BOUND_S < COLLECTIVE_TIMEOUT.total_seconds() / 3
 # where the other ranks wait when the failing rank fails in each phase
 WAITING_IN = {
     "forward": "the all-reduce of the encoder head's partial sums",  # the second layer's
@@ -43,7 +43,7 @@ def raised(request, tmp_path_factory):
         N_VARS[world_size],
         str(tmp_path_factory.mktemp(f"fail-p{world_size}")),
         scenarios,
-        timeout_s=120,
+        timeout_s=240,
     )
     return world_size, {key: [r[key] for r in results] for key in scenarios}
 
