@@ -118,6 +118,12 @@ def call_descriptor(
     }
 
 
+def construction_descriptor(fields: dict[str, int | bool | str]) -> dict[str, int | bool | str]:
+    """The descriptor checked when a module is built directly, before its replicated weights are
+    broadcast (whose sizes must agree): ``fields``, and a placeholder for the fields of a call."""
+    return {**dict.fromkeys(FIELDS, "(construction)"), "protocol": PROTOCOL, **fields}
+
+
 def _mismatch_message(shard: VariateShard, descriptors: list[dict]) -> str:
     lines = [
         f"{field}: "

@@ -11,7 +11,8 @@ embedding, MLP, LayerNorm and head act on each variate's row) and runs locally.
 Built directly (not from a checkpoint or :func:`shard_model`), a module draws its
 per-variate parameters (and the first conv's bias) as the single-process module does,
 uniform in ±1/sqrt(N·k) with N all the variates, and takes every replicated parameter
-from the group's first rank, so that the replicas agree whatever each rank's RNG state.
+from the group's first rank, so that the replicas agree whatever each rank's RNG state
+(after checking that the ranks' configurations agree).
 
 Training: the all-reduces carry gradients, so after ``backward`` the per-variate
 parameters' gradients are the slices of the single-process gradients; the replicated
@@ -37,7 +38,13 @@ from torch import nn
 from ..modules import CASAAttention, CASABlock, CASAModel
 from ..validation import check_series, check_tokens
 from . import failure
-from .agreement import agreed_call, call_descriptor, replicated_digest
+from .agreement import (
+    agreed_call,
+    call_descriptor,
+    construction_descriptor,
+    replicated_digest,
+    start_check,
+)
 from .attention import variate_parallel_attention
 from .collectives import all_reduce_, broadcast_from_first_
 from .partition import VariateShard
@@ -85,6 +92,26 @@ class VariateParallel(nn.Module):
         """``d_model, kernel, seq_len, pred_len, e_layers`` (0 where the module has none)."""
         raise NotImplementedError
 
+    def _static_fields(self) -> dict[str, int | str]:
+        """The agreement fields of the module's configuration."""
+        return {
+            "module": type(self).__name__,
+            "n_vars": self.shard.n_vars,
+            "world_size": self.shard.world_size,
+            **self._config(),
+        }
+
+    @staticmethod
+    def _parameter_fields(params: list[nn.Parameter]) -> dict[str, str]:
+        """The agreement fields of the parameters: their dtypes and ``requires_grad`` pattern."""
+        return {
+            "parameter dtypes": ",".join(sorted({str(p.dtype) for p in params})),
+            "parameters requiring grad": "".join("1" if p.requires_grad else "0" for p in params),
+        }
+
+    def _first_attention(self) -> VariateParallelCASAAttention:
+        return next(m for m in self.modules() if isinstance(m, VariateParallelCASAAttention))
+
     def _agreement_basis(
         self,
     ) -> tuple[dict[str, int | str], list[nn.Parameter], VariateParallelCASAAttention]:
@@ -95,16 +122,10 @@ class VariateParallel(nn.Module):
         basis = self.__dict__.get("_agreement_basis_of_first_call")
         if basis is None:
             static = {
-                "module": type(self).__name__,
-                "n_vars": self.shard.n_vars,
-                "world_size": self.shard.world_size,
-                **self._config(),
+                **self._static_fields(),
                 "replicated weights digest": replicated_digest(self._named_replicated_parameters()),
             }
-            attention = next(
-                m for m in self.modules() if isinstance(m, VariateParallelCASAAttention)
-            )
-            basis = (static, list(self.parameters()), attention)
+            basis = (static, list(self.parameters()), self._first_attention())
             self._agreement_basis_of_first_call = basis
         return basis
 
@@ -113,17 +134,22 @@ class VariateParallel(nn.Module):
         self._check_input(x)
         static, params, attention = self._agreement_basis()
         return call_descriptor(
-            {
-                **static,
-                "parameter dtypes": ",".join(sorted({str(p.dtype) for p in params})),
-                "parameters requiring grad": "".join(
-                    "1" if p.requires_grad else "0" for p in params
-                ),
-                "training": self.training,
-            },
+            {**static, **self._parameter_fields(params), "training": self.training},
             attention.backend,
             x,
             variate_dim_of_x,
+        )
+
+    def _construction_descriptor(self) -> dict:
+        """This rank's agreement descriptor before its replicated weights are made equal."""
+        params = list(self.parameters())
+        return construction_descriptor(
+            {
+                **self._static_fields(),
+                **self._parameter_fields(params),
+                "backend": self._first_attention().backend,
+                "device type": params[0].device.type,
+            }
         )
 
     @contextlib.contextmanager
@@ -153,10 +179,15 @@ class VariateParallel(nn.Module):
 
     def _finish_init(self) -> None:
         """Initialises the module as described in the module docstring, unless it is a part of a
-        larger variate-parallel module (which does it) or on the meta device (loaded next)."""
+        larger variate-parallel module (which does it) or on the meta device (loaded next).
+        The ranks' configurations are checked first (the broadcast's sizes depend on them)."""
         if _building_parts.get() or any(p.is_meta for p in self.parameters()):
             return
-        with torch.no_grad():
+        with (
+            failure.ends_group_on_failure(self.shard, f"{type(self).__name__}.__init__"),
+            torch.no_grad(),
+        ):
+            start_check(self.shard, self._construction_descriptor())()
             for m in self.modules():
                 if isinstance(m, VariateParallelCASAAttention):
                     bound = (m.shard.n_vars * m.kernel) ** -0.5

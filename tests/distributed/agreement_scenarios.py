@@ -14,7 +14,13 @@ import torch
 import torch.distributed as dist
 
 from casa_kernels import CASAAttention, CASAModel
-from casa_kernels.distributed import VariateParallelFailure, collectives, shard_model, variate_range
+from casa_kernels.distributed import (
+    VariateParallelCASAModel,
+    VariateParallelFailure,
+    collectives,
+    shard_model,
+    variate_range,
+)
 
 from .launch import fresh_group
 from .scenarios import CONFIG, problem, single_process_model
@@ -48,7 +54,7 @@ def _model_call(rank: int, world_size: int, n_vars: int, odd: bool, what: str):
     n_vars_here = n_vars + N_VARS_OFFSET if odd and what == "n_vars" else n_vars
     backend = "cpu" if odd and what == "backend" else "reference"
     seed = 1 if odd and what == "weights" else 0
-    config = dict(CONFIG, d_model=32) if odd and what == "d_model" else CONFIG
+    config = dict(CONFIG, d_model=32) if odd and "d_model" in what else CONFIG
     torch.manual_seed(seed)
     if what == "attention d_model":
         d_model = 32 if odd else CONFIG["d_model"]
@@ -56,6 +62,8 @@ def _model_call(rank: int, world_size: int, n_vars: int, odd: bool, what: str):
         cols = variate_range(n_vars, world_size, rank)
         x = torch.randn(2, n_vars, d_model, generator=torch.Generator().manual_seed(2))
         return shard_model(full), x[:, cols.start : cols.stop], contextlib.nullcontext()
+    if what == "direct construction d_model":  # fails in the constructor
+        return VariateParallelCASAModel(n_vars=n_vars, **config), None, contextlib.nullcontext()
     full = CASAModel(n_vars=n_vars_here, backend=backend, **config)
     dtype = torch.float64 if odd and what == "dtype" else torch.float32
     model = shard_model(full.to(dtype))
@@ -73,12 +81,13 @@ def disagreement(rank: int, world_size: int, n_vars: int, directory: str, what: 
     """The odd rank differs in ``what``: ``{"error": (type, message), "group_ended": bool,
     "layer_all_reduces": how many ran}``."""
     fresh_group(rank, world_size, str(Path(directory) / f"{what.replace(' ', '-')}.group"))
-    model, x, context = _model_call(rank, world_size, n_vars, rank == world_size - 1, what)
     count, counting = _counting_layer_all_reduces()
     error = ("", "")
-    with counting, context:
+    with counting:
         try:
-            model(x)
+            model, x, context = _model_call(rank, world_size, n_vars, rank == world_size - 1, what)
+            with context:
+                model(x)
         except VariateParallelFailure as e:
             error = (type(e).__name__, str(e))
     return {

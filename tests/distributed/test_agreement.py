@@ -24,6 +24,7 @@ DISAGREEMENTS = {
     "grad mode": ["grad enabled"],
     "frozen parameter": ["parameters requiring grad"],
     "attention d_model": ["d_model", "input shape without the variate dim"],
+    "direct construction d_model": ["d_model"],  # caught before the replicas' broadcast
 }
 
 
