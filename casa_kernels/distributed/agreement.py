@@ -8,7 +8,8 @@ all-reduces either differ in size (gloo aborts the process from C++; NCCL hangs)
 agree in size and silently mix unrelated numbers.
 
 So the outermost variate-parallel call on each rank reduces a *call descriptor*: K
-integers (:data:`FIELDS`), each a number or a 56-bit hash of a string, all-reduced once
+integers (:data:`FIELDS`, padded to :data:`SLOTS`), each a number or a 56-bit hash of a
+string, all-reduced once
 with MAX over ``[codes, -codes]`` — equal on every rank iff ``max == min`` for every
 field. The all-reduce has the same size on every rank whatever they disagree on, so it
 cannot itself mismatch; it is started as the call begins and awaited just before the
@@ -40,6 +41,7 @@ from .failure import VariateParallelFailure, ended_group_failure, group_is_open
 from .partition import VariateShard
 
 PROTOCOL = 1  # bumped when FIELDS change: ranks on different library versions disagree on it
+SLOTS = 32  # the all-reduced codes, FIELDS padded with zeros: the same size in every version
 
 FIELDS = (
     "protocol",
@@ -127,7 +129,7 @@ def construction_descriptor(fields: dict[str, int | bool | str]) -> dict[str, in
 def _mismatch_message(shard: VariateShard, descriptors: list[dict]) -> str:
     lines = [
         f"{field}: "
-        + ", ".join(f"rank {rank} has {d[field]!r}" for rank, d in enumerate(descriptors))
+        + ", ".join(f"rank {rank} has {d.get(field)!r}" for rank, d in enumerate(descriptors))
         for field in FIELDS
         if len({repr(d.get(field)) for d in descriptors}) > 1
     ]
@@ -144,14 +146,14 @@ def start_check(shard: VariateShard, descriptor: dict[str, int | bool | str]) ->
     for it and raises :class:`VariateParallelMismatch` on every rank if they are not (a second
     call does nothing).
 
-    One all-reduce of ``2·len(FIELDS)`` int64, asynchronous (on the CPU for gloo, else on the
+    One all-reduce of ``2·SLOTS`` int64, asynchronous (on the CPU for gloo, else on the
     input's device type, e.g. the current CUDA device for NCCL); on disagreement one
     ``all_gather_object`` for the message.
     """
     what = "all-reduce of the call descriptors (the agreement check)"
     if not group_is_open(shard):
         raise ended_group_failure(shard, what)
-    codes = [_code(descriptor[field]) for field in FIELDS]
+    codes = [_code(descriptor[field]) for field in FIELDS] + [0] * (SLOTS - len(FIELDS))
     on = "cpu" if dist.get_backend(shard.group) == "gloo" else descriptor["device type"]
     both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=on)
     work = []
@@ -167,7 +169,7 @@ def start_check(shard: VariateShard, descriptor: dict[str, int | bool | str]) ->
         if not work:
             return
         collective(work.pop().wait, shard, what)
-        if torch.equal(both[: len(FIELDS)], -both[len(FIELDS) :]):
+        if torch.equal(both[:SLOTS], -both[SLOTS:]):
             return
         descriptors: list = [None] * shard.world_size
         collective(
