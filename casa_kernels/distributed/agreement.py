@@ -9,9 +9,8 @@ agree in size and silently mix unrelated numbers.
 
 So the outermost variate-parallel call on each rank reduces a *call descriptor*: K
 integers (:data:`FIELDS`, padded to :data:`SLOTS`), each a number or a 56-bit hash of a
-string, all-reduced once
-with MAX over ``[codes, -codes]`` — equal on every rank iff ``max == min`` for every
-field. The all-reduce has the same size on every rank whatever they disagree on, so it
+string, all-reduced once with MAX over ``[codes, -codes]`` — equal on every rank iff
+``max == min`` for every field. The all-reduce has the same size on every rank whatever they disagree on, so it
 cannot itself mismatch; it is started as the call begins and awaited just before the
 call's first collective, overlapping the local work before it. It runs on every call,
 not once per signature: a rank whose batch size alone changed would otherwise run the
@@ -21,7 +20,9 @@ prevent. On disagreement every rank gathers the readable descriptors
 differing field and every rank's value.
 
 The replicated weights enter as a digest (BLAKE2b over their bytes) computed once, at
-the module's first call, and cached: later changes to them are not re-checked.
+the module's first call, and cached: later changes to them are not re-checked. A module
+built directly runs the check in its constructor too, on the fields known then
+(:func:`construction_descriptor`), before broadcasting its replicated parameters.
 """
 
 from __future__ import annotations
