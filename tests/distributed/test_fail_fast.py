@@ -90,11 +90,9 @@ def test_an_unguarded_failure_is_seen_at_the_group_timeout_and_reported_as_a_tim
     timed_out = [r for r in others if r["error"][0] == "VariateParallelTimeout"]
     assert timed_out, others
     for r in timed_out:
-        assert (
-            "timed out on rank" in r["error"][1]
-            and "model.ends_group_on_failure()" in r["error"][1]
-        )
-        assert r["after_failure_s"] > timeout_s - 1.0, r
+        message = r["error"][1]
+        assert "timed out on rank" in message and "model.ends_group_on_failure()" in message
+        assert "Timed out waiting 3000ms" in message, message  # gloo's, at the group's timeout
 
 
 @pytest.mark.parametrize("phase", PHASES)
