@@ -5,7 +5,8 @@ torch thread, joins them in a gloo process group through a file store (no port t
 pick), calls ``fn(rank, world_size, *args)`` and returns the P results in rank order.
 An exception on a rank comes back as :class:`RankError` with its traceback; a rank
 that has not answered within ``timeout_s`` is killed and reported, so a bug can never
-hang the test run. A rank listed in ``may_die`` that dies gives :class:`Died`.
+hang the test run; a rank whose process ends without an answer (a C++ abort, a kill) is
+reported as soon as it is seen.
 
 A scenario that ends its group (a failure test) runs in a group of its own,
 :func:`fresh_group`, so that one session of processes can run several.
@@ -18,8 +19,7 @@ import datetime
 import queue
 import tempfile
 import traceback
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,13 +32,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 class RankError(Exception):
     """A rank raised, or did not answer in time; the message holds its traceback."""
-
-
-@dataclass(frozen=True)
-class Died:
-    """A rank's process ended without an answer; ``exitcode`` as multiprocessing reports it (-9: SIGKILL)."""
-
-    exitcode: int | None
 
 
 def end_current_group() -> None:
@@ -92,15 +85,8 @@ def _died_without_answer(procs, answers: dict) -> list[int]:
     return [r for r, p in enumerate(procs) if r not in answers and p.exitcode is not None]
 
 
-def run_ranks(
-    fn: Callable,
-    world_size: int,
-    *args,
-    timeout_s: float = 120.0,
-    may_die: Collection[int] = (),
-) -> list:
-    """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process;
-    :class:`Died` for a rank in ``may_die`` whose process ended without an answer."""
+def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) -> list:
+    """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,12 +115,10 @@ def run_ranks(
                     except queue.Empty:
                         break
                     answers[rank] = (ok, value)
-                for rank in (r for r in dead if r not in answers):
-                    if rank not in may_die:
-                        raise RankError(
-                            f"rank {rank} of {world_size} died (exit code {procs[rank].exitcode})"
-                        )
-                    answers[rank] = (True, Died(procs[rank].exitcode))
+                lost = [r for r in dead if r not in answers]
+                if lost:
+                    codes = [procs[r].exitcode for r in lost]
+                    raise RankError(f"ranks {lost} of {world_size} died (exit codes {codes})")
                 if left <= 0:
                     missing = sorted(set(range(world_size)) - set(answers))
                     raise RankError(
