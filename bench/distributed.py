@@ -82,12 +82,15 @@ def casa_allreduce_bytes(batch: int, d_model: int, dtype: torch.dtype) -> int:
 
 @contextlib.contextmanager
 def counting_all_reduce() -> Iterator[list[int]]:
-    """Counts the bytes of every tensor passed to ``torch.distributed.all_reduce`` in the block."""
+    """Counts the bytes of every floating-point tensor passed to ``torch.distributed.all_reduce``
+    in the block: the layers' payloads. The agreement check's int64 call descriptor (one
+    per call, not per layer; :mod:`casa_kernels.distributed.agreement`) is left out."""
     counted = [0]
     real = dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
-        counted[0] += tensor.numel() * tensor.element_size()
+        if tensor.is_floating_point():
+            counted[0] += tensor.numel() * tensor.element_size()
         return real(tensor, *args, **kwargs)
 
     dist.all_reduce = counting

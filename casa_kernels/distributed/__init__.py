@@ -11,12 +11,19 @@ Typical use (under ``torchrun``)::
     torch.distributed.init_process_group("gloo")
     model = VariateParallelCASAModel.from_state_dict("casa.pt")   # this rank's slices only
     x_local = x[:, :, model.shard.variates.start:model.shard.variates.stop]
-    y_local = model(x_local)                                     # [B, H, N_local]
-    loss(y_local).backward(); model.sync_replicated_grads()      # then the optimiser step
+    with model.ends_group_on_failure():       # a failure in the step ends every rank at once
+        y_local = model(x_local)              # [B, H, N_local]
+        loss(y_local).backward()
+        model.sync_replicated_grads()
+        optimizer.step()
+
+The ranks must agree (configuration, replicated weights, each call's batch size, dtype
+and mode): every call checks that first (:class:`VariateParallelMismatch` on every rank).
 """
 
+from .agreement import VariateParallelMismatch
 from .attention import communicated_elements, variate_parallel_attention
-from .failure import VariateParallelFailure
+from .failure import VariateParallelFailure, VariateParallelTimeout
 from .modules import (
     VariateParallel,
     VariateParallelCASAAttention,
@@ -32,6 +39,8 @@ __all__ = [
     "VariateParallelCASABlock",
     "VariateParallelCASAModel",
     "VariateParallelFailure",
+    "VariateParallelMismatch",
+    "VariateParallelTimeout",
     "VariateShard",
     "communicated_elements",
     "shard_model",

@@ -9,37 +9,61 @@
   carries no gradient (it is computed from detached maxima); the gradient of S, through
   ``s_r`` and ``m_r``, is derived by autograd from the differentiable sum.
 
-A failed all-reduce (another rank failed or left the group) raises
-:class:`~casa_kernels.distributed.failure.VariateParallelFailure` naming the reduction.
+A failed collective ends this rank's process group (so that a third rank waiting on this
+one fails too) and raises :class:`~casa_kernels.distributed.failure.VariateParallelFailure`
+naming the reduction, or its subclass ``VariateParallelTimeout`` when the group's timeout
+passed; a collective called after the group was ended raises at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .failure import VariateParallelFailure
+from .failure import collective_failure, end_group, ended_group_failure, group_is_open
 from .partition import VariateShard
 
+_before_next_collective: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "casa_variate_parallel_before_next_collective", default=None
+)
 
-def _collective(call: Callable[[], object], shard: VariateShard, what: str) -> None:
-    """Runs ``call`` (a collective over ``shard.group``); a failure becomes :class:`VariateParallelFailure`."""
+
+@contextlib.contextmanager
+def before_next_collective(settle: Callable[[], None]) -> Iterator[None]:
+    """Runs the body with ``settle()`` called just before its first :func:`collective` (the
+    agreement check's result is awaited there, after the local work that precedes it)."""
+    token = _before_next_collective.set(settle)
+    try:
+        yield
+    finally:
+        _before_next_collective.reset(token)
+
+
+def collective(call: Callable[[], object], shard: VariateShard, what: str) -> None:
+    """Runs ``call``, a collective ``what`` over ``shard.group``; a failure ends the group and
+    raises :class:`~casa_kernels.distributed.failure.VariateParallelFailure`."""
+    settle = _before_next_collective.get()
+    if settle is not None:
+        _before_next_collective.set(None)
+        settle()
+    if not group_is_open(shard):
+        raise ended_group_failure(shard, what)
     try:
         call()
     except Exception as error:
-        raise VariateParallelFailure(
-            f"the {what} failed on {shard.describe()}: another rank failed or left "
-            f"the process group (its own error says why). {type(error).__name__}: {error}"
-        ) from error
+        end_group(shard)
+        raise collective_failure(error, shard, what) from error
 
 
 def all_reduce_(
     tensor: torch.Tensor, op: dist.ReduceOp, shard: VariateShard, what: str
 ) -> torch.Tensor:
     """All-reduces the contiguous ``tensor`` in place over ``shard.group`` (no autograd); returns it."""
-    _collective(
+    collective(
         lambda: dist.all_reduce(tensor, op=op, group=shard.group), shard, f"all-reduce of {what}"
     )
     return tensor
@@ -48,7 +72,7 @@ def all_reduce_(
 def broadcast_from_first_(tensor: torch.Tensor, shard: VariateShard, what: str) -> torch.Tensor:
     """Overwrites the contiguous ``tensor`` with the group's first rank's, in place; returns it."""
     first = 0 if shard.group is None else dist.get_global_rank(shard.group, 0)
-    _collective(
+    collective(
         lambda: dist.broadcast(tensor, src=first, group=shard.group), shard, f"broadcast of {what}"
     )
     return tensor

@@ -5,11 +5,16 @@ torch thread, joins them in a gloo process group through a file store (no port t
 pick), calls ``fn(rank, world_size, *args)`` and returns the P results in rank order.
 An exception on a rank comes back as :class:`RankError` with its traceback; a rank
 that has not answered within ``timeout_s`` is killed and reported, so a bug can never
-hang the test run.
+hang the test run; a rank whose process ends without an answer (a C++ abort, a kill) is
+reported as soon as it is seen.
+
+A scenario that ends its group (a failure test) runs in a group of its own,
+:func:`fresh_group`, so that one session of processes can run several.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import queue
 import tempfile
@@ -27,6 +32,33 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 class RankError(Exception):
     """A rank raised, or did not answer in time; the message holds its traceback."""
+
+
+def end_current_group() -> None:
+    """Ends the default group, if any, once every rank is connected in it (a rank that ended a
+    group while a peer was still connecting would fail the peer's connection), or at once if
+    it is broken already."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(RuntimeError):
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def fresh_group(
+    rank: int, world_size: int, store_path: str, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT
+) -> None:
+    """Makes a new default gloo group through the file store at ``store_path`` (unused so far),
+    ending the current one first; returns when every rank is connected in it."""
+    end_current_group()
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+    dist.barrier()
 
 
 def _worker(
@@ -49,6 +81,10 @@ def _worker(
             dist.destroy_process_group()
 
 
+def _died_without_answer(procs, answers: dict) -> list[int]:
+    return [r for r, p in enumerate(procs) if r not in answers and p.exitcode is not None]
+
+
 def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) -> list:
     """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each computed in its own process."""
     ctx = mp.get_context("spawn")
@@ -67,13 +103,27 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0) ->
             while len(answers) < world_size:
                 left = (deadline - datetime.datetime.now()).total_seconds()
                 try:
-                    rank, ok, value = results.get(timeout=max(left, 0.01))
+                    rank, ok, value = results.get(timeout=min(max(left, 0.01), 0.2))
+                    answers[rank] = (ok, value)
+                    continue
                 except queue.Empty:
+                    pass
+                dead = _died_without_answer(procs, answers)
+                while True:  # a process that answered and then ended has its answer queued by now
+                    try:
+                        rank, ok, value = results.get_nowait()
+                    except queue.Empty:
+                        break
+                    answers[rank] = (ok, value)
+                lost = [r for r in dead if r not in answers]
+                if lost:
+                    codes = [procs[r].exitcode for r in lost]
+                    raise RankError(f"ranks {lost} of {world_size} died (exit codes {codes})")
+                if left <= 0:
                     missing = sorted(set(range(world_size)) - set(answers))
                     raise RankError(
                         f"ranks {missing} of {world_size} gave no result within {timeout_s} s"
-                    ) from None
-                answers[rank] = (ok, value)
+                    )
         finally:
             for p in procs:
                 p.join(timeout=10)

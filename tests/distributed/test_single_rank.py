@@ -47,6 +47,31 @@ def test_wrong_local_input_names_the_argument_and_ends_the_group(group_of_one):
     assert not dist.is_initialized()
 
 
+def test_a_call_after_a_failure_ended_the_group_says_so(group_of_one):
+    sharded = shard_model(_model())
+    with pytest.raises(VariateParallelFailure):
+        sharded(torch.randn(2, 12, 4, dtype=torch.float64))
+    with pytest.raises(
+        VariateParallelFailure,
+        match=r"agreement check\) cannot run on rank 0 of 1 .*: its process group was ended by "
+        r"an earlier failure",
+    ):
+        sharded(torch.randn(2, 12, 5, dtype=torch.float64))
+
+
+def test_the_callers_guard_ends_the_group_and_names_the_failure(group_of_one):
+    sharded = shard_model(_model())
+    with pytest.raises(
+        VariateParallelFailure,
+        match=r"the loss: rank 0 of 1 \(variates 0..4 of 5\) failed with ZeroDivisionError",
+    ) as info:
+        with sharded.ends_group_on_failure("the loss"):
+            sharded(torch.randn(2, 12, 5, dtype=torch.float64))
+            raise ZeroDivisionError("in the loss")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert not dist.is_initialized()
+
+
 def test_shard_model_rejects_other_modules(group_of_one):
     with pytest.raises(
         TypeError, match="module: expected a CASAModel, CASABlock or CASAAttention, received Linear"
