@@ -39,7 +39,7 @@ def _shape_list(shapes: dict[str, tuple[int, int, int]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
-    from .suites import DATASETS, EXTRA_SHAPES, SUITES
+    from .suites import DATASETS, EXTRA_SHAPES, SUITES, TRAIN_DATASETS_QUICK
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  train      training: the op's forward+backward (x and all weights) and the forecaster's\n"
             "             step (forward, MSE loss, backward, AdamW), at the dataset shapes (B=16 and B=1),\n"
             "             vs N (8 .. 16384, x2; B=1) and vs L (48, 96, 192, 336, 720 at Traffic, B=16);\n"
-            "             --quick: N 8, 64, 512 and L 48, 720 at B=1, dataset shapes at B=1\n"
+            "             (--quick: N 8 and 512, L 48 and 720, ETTh1, all at B=1)\n"
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
@@ -113,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--datasets",
         default=None,
-        help="comma list of dataset shapes for attention/model (default: all of "
+        help="comma list of dataset shapes for attention/model/train (default: all of "
         + ", ".join(DATASETS)
         + "; also "
         + ", ".join(EXTRA_SHAPES)
+        + "; train --quick: "
+        + ", ".join(TRAIN_DATASETS_QUICK)
         + ")",
     )
     parser.add_argument(
@@ -207,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=out_dir,
             quick=args.quick,
             batches=[int(b) for b in batch.split(",") if b.strip()],
-            datasets=datasets,
+            datasets=datasets
+            if args.datasets or not (suite == "train" and args.quick)
+            else suites.TRAIN_DATASETS_QUICK,
             interleave=args.interleave,
         )
         started = time.perf_counter()
