@@ -3,9 +3,9 @@
 A provider builds, for one benchmark point, a zero-argument callable running the forward
 (the op alone for the ``attention``/``scaling`` suites, the whole forecaster for
 ``model``), or at a point of the ``train`` suite its training variant
-(:mod:`bench.training`: the op's forward+backward, the forecaster's training step). Every provider says upfront whether it can run on a device/dtype (a reason
-when not) and estimates the memory it needs, so that the runner can skip it instead of
-crashing.
+(:mod:`bench.training`: the op's forward+backward, the forecaster's training step). Every
+provider says upfront whether it can run on a device/dtype (a reason when not) and
+estimates the memory it needs, so that the runner can skip it instead of crashing.
 
 =================  ==========================================================================
 provider           what runs

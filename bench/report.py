@@ -12,8 +12,9 @@ scaling suite's N sweep adds its fitted slopes and crossovers (:mod:`bench.summa
 train suite a table of p99 latency, its fused backends' memory as a fraction of the
 baselines' and the memory CASA saves against full attention, and its N sweeps' slopes;
 the distributed suite its per-rank columns. PNG plots in the folder are linked under their
-suite (``scaling_*.png``, ``train_*.png``, ``distributed_*.png``). The output depends on the CSVs alone, so
-``tests/test_bench_report.py`` can hold every committed page to what this module writes.
+suite (``scaling_*.png``, ``train_*.png``, ``distributed_*.png``). The output depends on
+the CSVs alone, so ``tests/test_bench_report.py`` can hold every committed page to what
+this module writes.
 """
 
 from __future__ import annotations

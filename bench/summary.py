@@ -198,7 +198,10 @@ def dataset_summary(rows: list[dict], suite: str, sweep: str = "dataset") -> lis
 def write_summary(out_dir: Path) -> Path:
     """Builds ``summary.json`` from every ``<suite>.csv`` in ``out_dir``."""
     summary = {}
-    slope_fit = f"least squares of log p50 latency / log peak memory on log N, ok points with N >= {SLOPE_MIN_N}"
+    slope_fit = (
+        "least squares of log p50 latency / log peak memory on log N, "
+        f"ok points with N >= {SLOPE_MIN_N}"
+    )
     for suite in ("attention", "scaling", "model", "train"):
         rows = read_rows(out_dir / f"{suite}.csv")
         if not rows:
