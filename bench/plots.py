@@ -147,8 +147,8 @@ def _newest(groups: dict[tuple, dict[str, list[dict]]], dtype: str | None, batch
 
 def plot_training(out_dir: Path, dtype: str | None = None) -> list[Path]:
     """Writes the train suite's memory figures (module docstring): ``train_memory_<sweep>.png``
-    for the newest group of ``dtype`` in each sweep, a suffixed name for every other group;
-    none without matplotlib."""
+    for the newest group of ``dtype`` in each sweep, a suffixed name for every other group
+    with a point measured; none without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -158,6 +158,8 @@ def plot_training(out_dir: Path, dtype: str | None = None) -> list[Path]:
         groups = sweep_groups(rows, "train", sweep, axis[0])
         newest = _newest(groups, dtype, None)
         for key, by_provider in sorted(groups.items()):
+            if not any(r["status"] == "ok" for rs in by_provider.values() for r in rs):
+                continue  # nothing measured: no empty figure
             dev, dt, b, d, threads, torch_version = key
             mem_method = _mem_method(by_provider)
             sizes = by_provider[next(iter(by_provider))][0]

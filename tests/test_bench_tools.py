@@ -822,6 +822,9 @@ def test_training_memory_plots_against_n_and_l(tmp_path, monkeypatch):
         real(plt, path, title, by_provider, metric, axis)
 
     monkeypatch.setattr(plots, "_plot_group", spy)
+    # a group where nothing ran (all timed out) draws no empty figure
+    timed_out = {**_train_row("casa-cpu", "step-l", 862, "", 96, "timeout"), "batch": 16}
+    results.upsert_rows(tmp_path / "train.csv", [timed_out])
     written = plots.plot_training(tmp_path, dtype="float32")
     names = ["train_memory_op-n.png", "train_memory_step-n.png", "train_memory_step-l.png"]
     assert [p.name for p in written] == names
