@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
             "  train      training: the op's forward+backward (x and all weights) and the forecaster's\n"
             "             step (forward, MSE loss, backward, AdamW), at the dataset shapes (B=16 and B=1),\n"
-            "             vs N (8 .. 16384, x2; B=1) and vs L (48, 96, 192, 336, 720 at Traffic, B=16);\n"
+            "             vs N (8 .. 16384, x2; B=1) and vs L (48, 96, 192, 336, 720 at Traffic, B=16)\n"
             "             (--quick: N 8 and 512, L 48 and 720, ETTh1, all at B=1)\n"
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
             "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png,\n"
-            "train_memory_*.png,\n"
+            "train_memory_*.png (training memory vs N and L),\n"
             "README.md (the results page; python -m bench report [FOLDER ...] rebuilds it alone)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -856,3 +856,20 @@ def test_train_summary_has_its_dataset_tables_and_n_slopes(tmp_path):
     assert group["providers"]["casa-cpu"]["memory_slope"] == pytest.approx(1.0)
     assert group["providers"]["full-einsum"]["memory_slope"] == pytest.approx(2.0)
     assert [e["config"] for e in train["op-dataset"]] == ["Traffic"] and train["step-n"] == []
+
+
+def test_bench_train_command_defaults(tmp_path, monkeypatch):
+    from bench import __main__ as bench_main
+
+    runs = []
+    monkeypatch.setattr(
+        suites, "run_suite", lambda suite, chosen, opts, progress: runs.append((suite, opts)) or []
+    )
+    args = ["train", "--out", str(tmp_path), "--no-progress"]
+    assert bench_main.main([*args, "--quick"]) == 0
+    assert bench_main.main(args) == 0
+    assert bench_main.main([*args, "--quick", "--datasets", "Solar", "--batch", "4"]) == 0
+    quick, full, chosen = (opts for _, opts in runs)
+    assert (quick.batches, quick.datasets, quick.quick) == ([1], ("ETTh1",), True)
+    assert (full.batches, full.datasets, full.quick) == ([16, 1], tuple(suites.DATASETS), False)
+    assert (chosen.batches, chosen.datasets) == ([4], ("Solar",))
