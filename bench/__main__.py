@@ -1,10 +1,12 @@
 """``python -m bench SUITE [SUITE ...] [options]`` — benchmarks of CASA against full attention.
 
 Suites: ``attention`` (op at the dataset shapes), ``scaling`` (op vs N, D, B; model vs L),
-``model`` (end-to-end forecasters), ``distributed`` (variate-parallel CASA, alone under
-``torchrun --nproc-per-node P``: :mod:`bench.distributed`). Results are upserted into
-``<out>/<suite>.csv``; ``summary.json``, the scaling plots and the results page ``README.md``
-are rebuilt from the CSVs after each run. ``python -m bench report [FOLDER ...]`` rebuilds the
+``model`` (end-to-end forecasters), ``train`` (the op's forward+backward and the forecaster's
+training step at the dataset shapes, vs N and vs L: :mod:`bench.training`), ``distributed``
+(variate-parallel CASA, alone under ``torchrun --nproc-per-node P``:
+:mod:`bench.distributed`). Results are upserted into ``<out>/<suite>.csv``; ``summary.json``,
+the scaling suite's and the train suite's plots and the results page ``README.md`` are
+rebuilt from the CSVs after each run. ``python -m bench report [FOLDER ...]`` rebuilds the
 results pages alone (:mod:`bench.report`); ``python -m bench estimate`` is the static GPU cost
 model (:mod:`bench.cost_model.cli`, no GPU needed).
 """
@@ -38,24 +40,30 @@ def _shape_list(shapes: dict[str, tuple[int, int, int]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
-    from .suites import DATASETS, EXTRA_SHAPES, SUITES
+    from .suites import DATASETS, EXTRA_SHAPES, SUITES, TRAIN_DATASETS_QUICK
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Benchmarks of CASA against full attention (forward, inference mode).\n"
+            "Benchmarks of CASA against full attention (forward in inference mode; the train\n"
+            "suite: forward+backward and training steps).\n"
             "suites:\n"
             "  attention  the op [B,N,D]->[B,N,D] at the dataset shapes, B=16 and B=1:\n"
             "             " + _shape_list(DATASETS) + "\n"
             "  scaling    the op vs N (8 .. 131072, x2; --quick: .. 4096), vs D, vs B; the forecaster vs L\n"
             "             (L only enters the embedding Linear(L->D), so it is swept at the model level)\n"
             "  model      CASAModel vs ITransformerModel end to end at the dataset configurations\n"
+            "  train      training: the op's forward+backward (x and all weights) and the forecaster's\n"
+            "             step (forward, MSE loss, backward, AdamW), at the dataset shapes (B=16 and B=1),\n"
+            "             vs N (8 .. 16384, x2; B=1) and vs L (48, 96, 192, 336, 720 at Traffic, B=16)\n"
+            "             (--quick: N 8 and 512, L 48 and 720, ETTh1, all at B=1)\n"
             "  distributed  variate-parallel CASAModel, strong and weak scaling in N, bytes per layer\n"
             "             (alone, under torchrun --nproc-per-node P; rows in distributed.csv)\n"
             "  estimate   (alone) the static GPU cost model: per-kernel ESTIMATES for sm_90a without\n"
             "             a GPU (python -m bench estimate --help)\n"
             "output (--out): <suite>.csv upserted (key: suite, sweep, provider, device, dtype, sizes,\n"
             "versions, threads), summary.json (slopes, crossovers, largest N), scaling_*.png,\n"
+            "train_memory_*.png (training memory vs N and L),\n"
             "README.md (the results page; python -m bench report [FOLDER ...] rebuilds it alone)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,16 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch",
         default=None,
-        help="comma list of batch sizes (default: 16,1 for attention/model; 1 for scaling; "
-        "the scaling suite's B sweep ignores it)",
+        help="comma list of batch sizes (default: 16,1 for attention/model/train, 1 with train "
+        "--quick; 1 for scaling; the scaling suite's B sweep and the train suite's N and L "
+        "sweeps ignore it)",
     )
     parser.add_argument(
         "--datasets",
         default=None,
-        help="comma list of dataset shapes for attention/model (default: all of "
+        help="comma list of dataset shapes for attention/model/train (default: all of "
         + ", ".join(DATASETS)
         + "; also "
         + ", ".join(EXTRA_SHAPES)
+        + "; train --quick: "
+        + ", ".join(TRAIN_DATASETS_QUICK)
         + ")",
     )
     parser.add_argument(
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     for suite in args.suites:
-        batch = args.batch or ("1" if suite == "scaling" else "16,1")
+        batch = args.batch or _default_batches(suite, args.quick)
         opts = suites.RunOptions(
             device=device,
             dtype=DTYPES[args.dtype],
@@ -205,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=out_dir,
             quick=args.quick,
             batches=[int(b) for b in batch.split(",") if b.strip()],
-            datasets=datasets,
+            datasets=datasets
+            if args.datasets or not (suite == "train" and args.quick)
+            else suites.TRAIN_DATASETS_QUICK,
             interleave=args.interleave,
         )
         started = time.perf_counter()
@@ -216,13 +229,22 @@ def main(argv: list[str] | None = None) -> int:
         if suite == "scaling":
             for path in plots.plot_scaling(out_dir, dtype=args.dtype, batch=opts.batches[0]):
                 print(f"plot: {path}")
+        if suite == "train":
+            for path in plots.plot_training(out_dir, dtype=args.dtype):
+                print(f"plot: {path}")
     print(f"summary: {summary.write_summary(out_dir)}")
     print(f"results page: {report.write_page(out_dir)}")
     return 0
 
 
+def _default_batches(suite: str, quick: bool) -> str:
+    if suite == "scaling" or (suite == "train" and quick):
+        return "1"
+    return "16,1"
+
+
 def _print_rows(rows: list[dict]) -> None:
-    header = f"{'provider':<15} {'config':<9} {'B':>3} {'N':>6} {'D':>5} {'p50 ms':>10} {'peak MiB':>9}  status"
+    header = f"{'provider':<15} {'sweep':<12} {'config':<9} {'B':>3} {'N':>6} {'D':>5} {'p50 ms':>10} {'peak MiB':>9}  status"
     print(header)
     for r in rows:
         p50 = r.get("latency_ms_p50") or ""
@@ -233,7 +255,7 @@ def _print_rows(rows: list[dict]) -> None:
         )
         status = r["status"] + (f" ({r['note'][:60]})" if r["status"] != "ok" else "")
         print(
-            f"{r['provider']:<15} {r['config']:<9} {r['batch']:>3} {r['n_vars']:>6} {r['d_model']:>5} "
+            f"{r['provider']:<15} {r['sweep']:<12} {r['config']:<9} {r['batch']:>3} {r['n_vars']:>6} {r['d_model']:>5} "
             f"{p50:>10} {mem:>9}  {status}"
         )
 

@@ -2,9 +2,10 @@
 
 A provider builds, for one benchmark point, a zero-argument callable running the forward
 (the op alone for the ``attention``/``scaling`` suites, the whole forecaster for
-``model``). Every provider says upfront whether it can run on a device/dtype (a reason
-when not) and estimates the memory it needs, so that the runner can skip it instead of
-crashing.
+``model``), or at a point of the ``train`` suite its training variant
+(:mod:`bench.training`: the op's forward+backward, the forecaster's training step). Every
+provider says upfront whether it can run on a device/dtype (a reason when not) and
+estimates the memory it needs, so that the runner can skip it instead of crashing.
 
 =================  ==========================================================================
 provider           what runs
@@ -31,10 +32,20 @@ from casa_kernels import CASAModel, ScoreAttentionWeights, casa_attention
 from casa_kernels.baselines import FullAttention, ITransformerModel
 from casa_kernels.ops import registry
 
+from . import training
+from .training import Subject
+
 N_HEADS = 8
 # Copies of the [B, H, N, N] score tensor alive at once in the einsum path
 # (scores, scaled scores, softmax output).
 EINSUM_SCORE_COPIES = 3
+# Training: [B, N, D]-sized activations autograd saves per layer (a generous count), and
+# one [B, H, N, N] softmax output per einsum layer.
+SAVED_PER_LAYER = 20
+
+
+# Sweeps over the dataset shapes: the inference suites' and the train suite's.
+SHAPE_SWEEPS = ("dataset", "op-dataset", "step-dataset")
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,18 @@ class Point:
     seq_len: int | None = None
     pred_len: int | None = None
     e_layers: int | None = None
+    # The ``train`` suite's points: the op's forward+backward, the forecaster's training step.
+    training: bool = False
 
     @property
     def model_level(self) -> bool:
         return self.seq_len is not None
+
+    @property
+    def grows(self) -> bool:
+        """Whether the point is on a sweep along which a provider stops growing after an oom
+        or timeout (every sweep but the dataset shapes)."""
+        return self.sweep not in SHAPE_SWEEPS
 
 
 @dataclass(frozen=True)
@@ -65,8 +84,9 @@ class Provider:
     estimate_bytes: Callable[[Point, torch.dtype], int]
 
 
-def _seeded(point: Point) -> torch.Generator:
-    return torch.Generator().manual_seed(1000 * point.n_vars + point.d_model)
+def _seeded(point: Point, stream: int = 0) -> torch.Generator:
+    """A generator for the point's random tensors; ``stream`` numbers independent ones."""
+    return torch.Generator().manual_seed(1000 * point.n_vars + point.d_model + 7919 * stream)
 
 
 def _op_input(point: Point, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -90,43 +110,11 @@ def _casa_model(point: Point, backend: str, device: str, dtype: torch.dtype) -> 
         e_layers=point.e_layers,
         backend=backend,
     )
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).train(point.training)
 
 
-def _casa_builder(backend: str):
-    def build(point: Point, device: str, dtype: torch.dtype):
-        if point.model_level:
-            model, x = (
-                _casa_model(point, backend, device, dtype),
-                _model_input(point, device, dtype),
-            )
-            return lambda: model(x)
-        weights = ScoreAttentionWeights.random(
-            point.n_vars,
-            point.d_model,
-            point.kernel,
-            dtype=dtype,
-            device=device,
-            generator=_seeded(point),
-        )
-        x = _op_input(point, device, dtype)
-        return lambda: casa_attention(x, weights, backend=backend)
-
-    return build
-
-
-def _compile_builder(point: Point, device: str, dtype: torch.dtype):
-    from casa_kernels import reference
-
-    torch._dynamo.reset()  # every point compiles afresh: no recompile limit, no stale guards
-    if point.model_level:
-        model, x = (
-            _casa_model(point, "reference", device, dtype),
-            _model_input(point, device, dtype),
-        )
-        compiled = torch.compile(model, dynamic=False)
-        return lambda: compiled(x)
-    weights = ScoreAttentionWeights.random(
+def _op_weights(point: Point, device: str, dtype: torch.dtype) -> ScoreAttentionWeights:
+    return ScoreAttentionWeights.random(
         point.n_vars,
         point.d_model,
         point.kernel,
@@ -134,13 +122,43 @@ def _compile_builder(point: Point, device: str, dtype: torch.dtype):
         device=device,
         generator=_seeded(point),
     )
-    x = _op_input(point, device, dtype)
+
+
+def _module_subject(model: torch.nn.Module, x: torch.Tensor, run=None) -> Subject:
+    """``run`` (default: ``model`` itself) on ``x``, learning ``model``'s parameters."""
+    return Subject(model if run is None else run, x, tuple(model.parameters()))
+
+
+def _casa_subject(backend: str):
+    def subject(point: Point, device: str, dtype: torch.dtype) -> Subject:
+        if point.model_level:
+            model = _casa_model(point, backend, device, dtype)
+            return _module_subject(model, _model_input(point, device, dtype))
+        weights = _op_weights(point, device, dtype)
+        return Subject(
+            lambda x: casa_attention(x, weights, backend=backend),
+            _op_input(point, device, dtype),
+            tuple(weights),
+        )
+
+    return subject
+
+
+def _compile_subject(point: Point, device: str, dtype: torch.dtype) -> Subject:
+    from casa_kernels import reference
+
+    torch._dynamo.reset()  # every point compiles afresh: no recompile limit, no stale guards
+    if point.model_level:
+        model = _casa_model(point, "reference", device, dtype)
+        compiled = torch.compile(model, dynamic=False)
+        return _module_subject(model, _model_input(point, device, dtype), compiled)
+    weights = _op_weights(point, device, dtype)
     compiled = torch.compile(reference.score_attention, dynamic=False)
-    return lambda: compiled(x, weights)
+    return Subject(lambda x: compiled(x, weights), _op_input(point, device, dtype), tuple(weights))
 
 
-def _full_builder(implementation: str):
-    def build(point: Point, device: str, dtype: torch.dtype):
+def _full_subject(implementation: str):
+    def subject(point: Point, device: str, dtype: torch.dtype) -> Subject:
         torch.manual_seed(0)
         if point.model_level:
             model = ITransformerModel(
@@ -158,8 +176,28 @@ def _full_builder(implementation: str):
                 d_model=point.d_model, n_heads=N_HEADS, implementation=implementation
             )
             x = _op_input(point, device, dtype)
-        model = model.to(device=device, dtype=dtype).eval()
-        return lambda: model(x)
+        model = model.to(device=device, dtype=dtype).train(point.training)
+        return _module_subject(model, x)
+
+    return subject
+
+
+def _measured(subject_of: Callable[[Point, str, torch.dtype], Subject]):
+    """A provider's ``build``: the forward of its subject, or at a training point the op's
+    forward+backward or the forecaster's training step (:mod:`bench.training`)."""
+
+    def build(point: Point, device: str, dtype: torch.dtype) -> Callable[[], object]:
+        subject = subject_of(point, device, dtype)
+        if not point.training:
+            return lambda: subject.run(subject.x)
+        if point.model_level:
+            target = torch.randn(
+                point.batch, point.pred_len, point.n_vars, generator=_seeded(point, 1)
+            )
+            return training.training_step(subject, target.to(device=device, dtype=dtype))
+        # The op (CASA or full attention) maps [B, N, D] to [B, N, D].
+        grad_output = torch.randn(subject.x.shape, generator=_seeded(point, 1))
+        return training.forward_backward(subject, grad_output.to(device=device, dtype=dtype))
 
     return build
 
@@ -192,7 +230,7 @@ def _casa_provider(backend: str) -> Provider:
     return Provider(
         f"casa-{backend}",
         "casa",
-        _casa_builder(backend),
+        _measured(_casa_subject(backend)),
         _backend_unavailable(backend),
         _casa_estimate,
     )
@@ -205,27 +243,45 @@ def _activation_bytes(point: Point, dtype: torch.dtype, copies: int) -> int:
     )
 
 
+def _saved_layers(point: Point) -> int:
+    """Layers whose activations autograd keeps for the backward (0 for a forward)."""
+    if not point.training:
+        return 0
+    return point.e_layers if point.model_level else 1
+
+
 def _casa_estimate(point: Point, dtype: torch.dtype) -> int:
-    return _activation_bytes(point, dtype, 10)
+    return _activation_bytes(point, dtype, 10 + SAVED_PER_LAYER * _saved_layers(point))
 
 
 def _einsum_estimate(point: Point, dtype: torch.dtype) -> int:
     scores = point.batch * N_HEADS * point.n_vars**2 * 4  # fp32 [B, H, N, N]
-    return EINSUM_SCORE_COPIES * scores + _activation_bytes(point, dtype, 8)
+    layers = _saved_layers(point)
+    return (EINSUM_SCORE_COPIES + layers) * scores + _activation_bytes(
+        point, dtype, 8 + SAVED_PER_LAYER * layers
+    )
 
 
 def _sdpa_estimate(point: Point, dtype: torch.dtype) -> int:
     # Flash / memory-efficient kernels keep no [N, N] tensor; the time cap stops them.
-    return _activation_bytes(point, dtype, 8)
+    return _activation_bytes(point, dtype, 8 + SAVED_PER_LAYER * _saved_layers(point))
 
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         *(_casa_provider(name) for name in casa_kernels.backend_names()),
-        Provider("casa-compile", "casa", _compile_builder, _compile_unavailable, _casa_estimate),
-        Provider("full-einsum", "full", _full_builder("einsum"), _always, _einsum_estimate),
-        Provider("full-sdpa", "full", _full_builder("sdpa"), _always, _sdpa_estimate),
+        Provider(
+            "casa-compile",
+            "casa",
+            _measured(_compile_subject),
+            _compile_unavailable,
+            _casa_estimate,
+        ),
+        Provider(
+            "full-einsum", "full", _measured(_full_subject("einsum")), _always, _einsum_estimate
+        ),
+        Provider("full-sdpa", "full", _measured(_full_subject("sdpa")), _always, _sdpa_estimate),
     )
 }
 

@@ -8,10 +8,13 @@ Per suite, the rows are grouped by where they were measured (device, dtype, inst
 tier ``isa``, threads, torch version); per group and sweep one table of p50 latency per
 provider with each fused backend's speed-up over ``casa-reference`` and ``casa-compile``
 (their p50 over its p50: above 1 is faster), and one table of peak extra memory. The
-scaling suite's N sweep adds its fitted slopes and crossovers (:mod:`bench.summary`), the
-distributed suite its per-rank columns. PNG plots in the folder are linked under their
-suite (``scaling_*.png``, ``distributed_*.png``). The output depends on the CSVs alone, so
-``tests/test_bench_report.py`` can hold every committed page to what this module writes.
+scaling suite's N sweep adds its fitted slopes and crossovers (:mod:`bench.summary`); the
+train suite a table of p99 latency, its fused backends' memory as a fraction of the
+baselines' and the memory CASA saves against full attention, and its N sweeps' slopes;
+the distributed suite its per-rank columns. PNG plots in the folder are linked under their
+suite (``scaling_*.png``, ``train_*.png``, ``distributed_*.png``). The output depends on
+the CSVs alone, so ``tests/test_bench_report.py`` can hold every committed page to what
+this module writes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from .results import read_rows
 from .summary import scaling_summary
 
-SUITES = ("attention", "model", "scaling", "distributed")
+SUITES = ("attention", "model", "scaling", "train", "distributed")
 BASELINES = ("casa-reference", "casa-compile")
 PAGE = "README.md"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -34,6 +37,7 @@ SUITE_TITLES = {
     "attention": "Attention op (`python -m bench attention`)",
     "model": "Forecaster end to end (`python -m bench model`)",
     "scaling": "Scaling (`python -m bench scaling`)",
+    "train": "Training (`python -m bench train`)",
     "distributed": "Variate parallelism (`torchrun … -m bench distributed`)",
 }
 SWEEP_TITLES = {
@@ -42,6 +46,11 @@ SWEEP_TITLES = {
     "d": "D sweep",
     "b": "B sweep",
     "l": "L sweep, forecaster",
+    "op-dataset": "op forward+backward, dataset shapes",
+    "step-dataset": "forecaster training step, dataset shapes",
+    "op-n": "op forward+backward, N sweep",
+    "step-n": "forecaster training step, N sweep",
+    "step-l": "forecaster training step, L sweep",
     "strong": "strong scaling (N fixed)",
     "weak": "weak scaling (N per rank fixed)",
 }
@@ -84,6 +93,10 @@ def _mib(value: float) -> str:
 
 def _ratio(value: float) -> str:
     return f"{value:.2f}×"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
 
 
 def provider_order(name: str) -> tuple[int, str]:
@@ -180,9 +193,18 @@ def _p50(row: dict | None) -> float | None:
     return _float(row["latency_ms_p50"]) if row is not None and row["status"] == "ok" else None
 
 
-def provider_tables(rows: list[dict]) -> list[str]:
+def _memory(row: dict | None) -> float | None:
+    return _float(row["peak_mem_bytes"]) if row is not None and row["status"] == "ok" else None
+
+
+def provider_tables(rows: list[dict], training: bool = False) -> list[str]:
     """p50 latency (ms) and peak extra memory (MiB) per point and provider, with the fused
-    backends' speed-ups over the two baselines, and which providers did not run and why."""
+    backends' speed-ups over the two baselines, and which providers did not run and why.
+
+    ``training`` (the train suite) adds a table of p99 latency, and to the memory table each
+    fused backend's peak memory as a fraction of the baselines' (below 1 is less) and the
+    memory the CASA reference and the fused backends save against each full-attention
+    provider (1 - theirs / full's)."""
     providers = sorted(
         {r["provider"] for r in rows if r["status"] != "skipped"}, key=provider_order
     )
@@ -202,11 +224,25 @@ def provider_tables(rows: list[dict]) -> list[str]:
                 cells.append(_ratio(theirs / mine) if mine and theirs else "")
         body.append(cells)
     lines = ["p50 latency, ms:", "", *_table(header, body), ""]
-    memory = [
-        [point] + [_cell(by_provider.get(p), "peak_mem_bytes", _mib) for p in providers]
-        for (_, point), by_provider in points.items()
+    if training:
+        p99 = [
+            [point] + [_cell(by_provider.get(p), "latency_ms_p99", _ms) for p in providers]
+            for (_, point), by_provider in points.items()
+        ]
+        lines += ["p99 latency, ms:", "", *_table(["point", *providers], p99), ""]
+    pairs = _memory_pairs(providers, fused, baselines) if training else []
+    memory = []
+    for (_, point), by_provider in points.items():
+        cells = [point] + [_cell(by_provider.get(p), "peak_mem_bytes", _mib) for p in providers]
+        for mine, theirs, fmt in pairs:
+            mem, base = _memory(by_provider.get(mine)), _memory(by_provider.get(theirs))
+            cells.append(fmt(mem, base) if mem is not None and base else "")
+        memory.append(cells)
+    memory_header = ["point", *providers] + [
+        f"{mine} {'/' if fmt is _fraction else 'saves vs'} {theirs.removeprefix('casa-')}"
+        for mine, theirs, fmt in pairs
     ]
-    lines += ["Peak extra memory, MiB:", "", *_table(["point", *providers], memory), ""]
+    lines += ["Peak extra memory, MiB:", "", *_table(memory_header, memory), ""]
     lines += _timing_lines(rows, providers)
     skipped = sorted(
         {(r["provider"], r["note"]) for r in rows if r["status"] == "skipped"},
@@ -225,6 +261,26 @@ def provider_tables(rows: list[dict]) -> list[str]:
     if skipped or failed:
         lines.append("")
     return lines
+
+
+def _fraction(mine: float, theirs: float) -> str:
+    return _ratio(mine / theirs)
+
+
+def _saved(mine: float, theirs: float) -> str:
+    return _percent(1 - mine / theirs)
+
+
+def _memory_pairs(
+    providers: list[str], fused: list[str], baselines: list[str]
+) -> list[tuple[str, str, Callable[[float, float], str]]]:
+    """The memory table's comparison columns: (provider, against, how), the fused backends
+    against the baselines, then the reference and the fused backends against full attention."""
+    full = [p for p in providers if p.startswith("full-")]
+    casa = [p for p in ("casa-reference", *fused) if p in providers]
+    return [(p, b, _fraction) for p in fused for b in baselines] + [
+        (p, f, _saved) for p in casa for f in full
+    ]
 
 
 def _timing_lines(rows: list[dict], providers: list[str]) -> list[str]:
@@ -255,10 +311,10 @@ def _provenance(rows: list[dict]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def scaling_fit_lines(rows: list[dict]) -> list[str]:
-    """The N sweep's fitted log–log slopes, largest N and crossovers (bench.summary)."""
+def scaling_fit_lines(rows: list[dict], suite: str = "scaling", sweep: str = "n") -> list[str]:
+    """An N sweep's fitted log–log slopes, largest N and crossovers (bench.summary)."""
     lines = []
-    for group in scaling_summary(rows):
+    for group in scaling_summary(rows, suite, sweep):
         body = []
         for name in sorted(group["providers"], key=provider_order):
             fit = group["providers"][name]
@@ -347,9 +403,9 @@ def suite_section(suite: str, rows: list[dict], plots: list[str]) -> list[str]:
             if suite == "distributed":
                 lines += distributed_table(sweep_rows)
             else:
-                lines += provider_tables(sweep_rows)
-            if sweep == "n":
-                lines += scaling_fit_lines(sweep_rows)
+                lines += provider_tables(sweep_rows, training=suite == "train")
+            if sweep in ("n", "op-n", "step-n"):
+                lines += scaling_fit_lines(sweep_rows, suite, sweep)
         lines += _provenance(setting_rows)
     lines += [f"![{name}]({name})" for name in plots]
     return [*lines, ""] if plots else lines

@@ -9,6 +9,9 @@ Suites (docs/design.md §8):
   the attention op.
 * ``model`` — the whole forecaster ``[B, L, N] -> [B, H, N]``: CASAModel per CASA provider,
   ITransformerModel (einsum / sdpa attention) per full provider.
+* ``train`` — training: the op's forward+backward (sweeps ``op-dataset``, ``op-n``) and the
+  forecaster's training step, forward, MSE loss, backward, AdamW step (``step-dataset``,
+  ``step-n``, ``step-l``), per provider (:mod:`bench.training`).
 
 Within a sweep the points are in ascending order; a provider that hits ``oom`` or
 ``timeout`` stops growing: its larger points of that sweep are recorded with the same
@@ -44,6 +47,16 @@ SHAPES = {**DATASETS, **EXTRA_SHAPES}
 SEQ_LEN = PRED_LEN = 96
 N_MAX, N_MAX_QUICK = 131072, 4096
 SWEEP_AT = DATASETS["Traffic"]  # the fixed sizes of the d, b and l sweeps
+# The train suite: N doubling from 8, the seq_len of the paper's Figure 6 (at Traffic), and
+# the batch size of its sweeps: N at B = 1 like the scaling suite, L at B = 16, the official
+# Traffic training batch. --quick (every point compiles casa-compile afresh, forward and
+# backward): two N, two L, the dataset shapes of TRAIN_DATASETS_QUICK, all at B = 1.
+TRAIN_N_MAX = 16384
+TRAIN_N_QUICK = (8, 512)
+TRAIN_DATASETS_QUICK = ("ETTh1",)
+TRAIN_SEQ_LENS = (48, 96, 192, 336, 720)
+TRAIN_SEQ_LENS_QUICK = (48, 720)
+TRAIN_SWEEP_BATCH = {"n": 1, "l": 16}
 
 
 @dataclass
@@ -95,10 +108,7 @@ def scaling_points(opts: RunOptions) -> list[tuple[str, Point]]:
     n_fix, d_fix, e_fix = SWEEP_AT
     points = []
     for b in opts.batches:
-        n = 8
-        while n <= n_top:
-            points.append((f"N={n}", Point("scaling", "n", b, n, 512)))
-            n *= 2
+        points += [(f"N={n}", Point("scaling", "n", b, n, 512)) for n in _doubling(8, n_top)]
         for d in (64, 128, 256, 512) if opts.quick else (64, 128, 256, 512, 1024, 2048):
             points.append((f"D={d}", Point("scaling", "d", b, n_fix, d)))
         for seq_len in (96, 336) if opts.quick else (96, 192, 336, 720, 1440):
@@ -122,7 +132,65 @@ def scaling_points(opts: RunOptions) -> list[tuple[str, Point]]:
     return points
 
 
-SUITES = {"attention": attention_points, "scaling": scaling_points, "model": model_points}
+def train_points(opts: RunOptions) -> list[tuple[str, Point]]:
+    """The op's forward+backward (sweeps ``op-*``) and the forecaster's training step
+    (``step-*``): at the dataset shapes at every batch size; as N grows (D = 512; the step
+    at Traffic's L, H and e_layers) at ``TRAIN_SWEEP_BATCH["n"]``; as L grows at Traffic
+    (``TRAIN_SEQ_LENS``) at ``TRAIN_SWEEP_BATCH["l"]``."""
+    quick = opts.quick
+    n_fix, d_fix, e_fix = SWEEP_AT
+
+    def op(sweep: str, b: int, n: int, d: int) -> Point:
+        return Point("train", f"op-{sweep}", b, n, d, training=True)
+
+    def step(sweep: str, b: int, n: int, d: int, seq_len: int, e_layers: int) -> Point:
+        return Point(
+            "train",
+            f"step-{sweep}",
+            b,
+            n,
+            d,
+            seq_len=seq_len,
+            pred_len=PRED_LEN,
+            e_layers=e_layers,
+            training=True,
+        )
+
+    points = []
+    for b in opts.batches:
+        for name in opts.datasets:
+            n, d, e_layers = SHAPES[name]
+            points += [
+                (name, op("dataset", b, n, d)),
+                (name, step("dataset", b, n, d, SEQ_LEN, e_layers)),
+            ]
+    n_sweep = TRAIN_N_QUICK if quick else _doubling(8, TRAIN_N_MAX)
+    b = 1 if quick else TRAIN_SWEEP_BATCH["n"]
+    points += [(f"N={n}", op("n", b, n, d_fix)) for n in n_sweep]
+    points += [(f"N={n}", step("n", b, n, d_fix, SEQ_LEN, e_fix)) for n in n_sweep]
+    b = 1 if quick else TRAIN_SWEEP_BATCH["l"]
+    points += [
+        (f"L={seq_len}", step("l", b, n_fix, d_fix, seq_len, e_fix))
+        for seq_len in (TRAIN_SEQ_LENS_QUICK if quick else TRAIN_SEQ_LENS)
+    ]
+    return points
+
+
+def _doubling(first: int, last: int) -> list[int]:
+    """``first, 2·first, …`` up to ``last``."""
+    values = []
+    while first <= last:
+        values.append(first)
+        first *= 2
+    return values
+
+
+SUITES = {
+    "attention": attention_points,
+    "scaling": scaling_points,
+    "model": model_points,
+    "train": train_points,
+}
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -144,7 +212,11 @@ def _free(device: str) -> None:
 def _base_row(provider: Provider, config: str, point: Point, opts: RunOptions) -> dict:
     return {
         **environment_columns(opts.device),
-        **{k: ("" if v is None else v) for k, v in asdict(point).items() if k != "pred_len"},
+        **{
+            k: ("" if v is None else v)
+            for k, v in asdict(point).items()
+            if k not in ("pred_len", "training")
+        },
         "provider": provider.name,
         "dtype": str(opts.dtype).removeprefix("torch."),
         "config": config,
@@ -224,7 +296,8 @@ def measure_points(
                 fns[provider.name] = provider.build(point, opts.device, opts.dtype)
             except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
                 done[provider.name] = _failed_row(row, error)
-        with torch.inference_mode():
+        # Inference mode for the forward suites; the train suite needs autograd.
+        with torch.inference_mode(not point.training):
             if "casa-compile" in fns:
                 try:
                     fns["casa-compile"]()  # compilation is not part of the time cap
@@ -297,7 +370,7 @@ def run_suite(
         to_run = []
         for provider in providers:
             lane = _lane(provider, point)
-            if lane in stopped and point.sweep != "dataset":
+            if lane in stopped and point.grows:
                 status, where = stopped[lane]
                 point_rows[provider.name] = measure_point_stub(
                     provider, config, point, opts, status, where
@@ -310,7 +383,7 @@ def run_suite(
             bar.set_postfix_str(f"{'+'.join(p.name for p in group)} {config} B={point.batch}")
             for provider, row in zip(group, measure_points(group, config, point, opts)):
                 point_rows[provider.name] = row
-                if row["status"] in ("oom", "timeout") and point.sweep != "dataset":
+                if row["status"] in ("oom", "timeout") and point.grows:
                     stopped[_lane(provider, point)] = (row["status"], config)
             upsert_rows(csv_path, [point_rows[p.name] for p in group])
             bar.update(len(group))

@@ -11,7 +11,9 @@ For the ``scaling`` suite's N sweep, grouped by (device name, dtype, batch, D):
   provider that hit oom/timeout counts as slower); ``null`` if never.
 
 For ``attention`` and ``model``: p50 latency and peak memory per dataset and batch, and
-each CASA provider's speed-up over each full-attention provider.
+each CASA provider's speed-up over each full-attention provider. For ``train``: the same
+for its dataset sweeps (``op-dataset``, ``step-dataset``) and the N sweep's figures for
+``op-n`` and ``step-n``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .providers import PROVIDERS
 from .results import read_rows
 
 SLOPE_MIN_N = 256
+# The train suite's sweeps summarised like the dataset shapes and like the N sweep.
+TRAIN_SHAPE_SWEEPS = ("op-dataset", "step-dataset")
+TRAIN_N_SWEEPS = ("op-n", "step-n")
 
 
 def fit_slope(xs: list[float], ys: list[float]) -> float | None:
@@ -51,12 +56,14 @@ def _f(value: str) -> float | None:
         return None
 
 
-def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
-    """N-sweep rows by (device_name, dtype, batch, d_model, threads, torch_version), then
-    provider, ascending N."""
+def sweep_groups(
+    rows: list[dict], suite: str = "scaling", sweep: str = "n", size: str = "n_vars"
+) -> dict[tuple, dict[str, list[dict]]]:
+    """The rows of one sweep of one suite by (device_name, dtype, batch, d_model, threads,
+    torch_version), then provider, ascending in the swept ``size`` column."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r.get("suite") == "scaling" and r.get("sweep") == "n":
+        if r.get("suite") == suite and r.get("sweep") == sweep:
             key = (
                 r["device_name"],
                 r["dtype"],
@@ -68,14 +75,15 @@ def n_sweep_groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
             groups[key][r["provider"]].append(r)
     for by_provider in groups.values():
         for rs in by_provider.values():
-            rs.sort(key=lambda r: int(r["n_vars"]))
+            rs.sort(key=lambda r: int(r[size]))
     return groups
 
 
-def scaling_summary(rows: list[dict]) -> list[dict]:
+def scaling_summary(rows: list[dict], suite: str = "scaling", sweep: str = "n") -> list[dict]:
+    """Slopes, largest N and crossovers of an N sweep (by default the scaling suite's)."""
     out = []
     for (dev, dtype, batch, d, threads, torch_version), by_provider in sorted(
-        n_sweep_groups(rows).items()
+        sweep_groups(rows, suite, sweep).items()
     ):
         providers = {}
         for name, rs in by_provider.items():
@@ -146,10 +154,10 @@ def _overtake_n(casa_rows: list[dict], full_rows: list[dict]) -> int | None:
     return crossover
 
 
-def dataset_summary(rows: list[dict], suite: str) -> list[dict]:
+def dataset_summary(rows: list[dict], suite: str, sweep: str = "dataset") -> list[dict]:
     table: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        if r.get("suite") != suite:
+        if r.get("suite") != suite or r.get("sweep") != sweep:
             continue
         key = (r["device_name"], r["dtype"], r["config"], int(r["batch"]), int(r["threads"] or 0))
         table[key][r["provider"]] = r
@@ -190,14 +198,21 @@ def dataset_summary(rows: list[dict], suite: str) -> list[dict]:
 def write_summary(out_dir: Path) -> Path:
     """Builds ``summary.json`` from every ``<suite>.csv`` in ``out_dir``."""
     summary = {}
-    for suite in ("attention", "scaling", "model"):
+    slope_fit = (
+        "least squares of log p50 latency / log peak memory on log N, "
+        f"ok points with N >= {SLOPE_MIN_N}"
+    )
+    for suite in ("attention", "scaling", "model", "train"):
         rows = read_rows(out_dir / f"{suite}.csv")
         if not rows:
             continue
         if suite == "scaling":
+            summary[suite] = {"n_sweep": scaling_summary(rows), "slope_fit": slope_fit}
+        elif suite == "train":
             summary[suite] = {
-                "n_sweep": scaling_summary(rows),
-                "slope_fit": f"least squares of log p50 latency / log peak memory on log N, ok points with N >= {SLOPE_MIN_N}",
+                **{sweep: dataset_summary(rows, suite, sweep) for sweep in TRAIN_SHAPE_SWEEPS},
+                **{sweep: scaling_summary(rows, suite, sweep) for sweep in TRAIN_N_SWEEPS},
+                "slope_fit": slope_fit,
             }
         else:
             summary[suite] = dataset_summary(rows, suite)

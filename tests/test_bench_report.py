@@ -155,3 +155,55 @@ def test_readme_scaling_figures_are_the_committed_csvs():
     assert f"SDPA from N = {group['overtakes']['casa-cpu vs full-sdpa']}" in readme
     assert f"memory from N = {fits['full-einsum']['stopped']['n_vars']}" in readme
     assert f"time cap at N = {fits['full-sdpa']['stopped']['n_vars']}" in readme
+
+
+def test_train_section_has_p99_and_the_memory_casa_saves(tmp_path):
+    def train(provider, p50, mem, sweep="op-dataset", **kw):
+        return _row(
+            provider,
+            p50,
+            suite="train",
+            sweep=sweep,
+            latency_ms_p99=2 * p50,
+            peak_mem_bytes=mem * 2**20,
+            **kw,
+        )
+
+    rows = [
+        train("casa-reference", 30.0, 10),
+        train("casa-compile", 20.0, 8),
+        train("casa-cpu", 10.0, 4),
+        train("full-einsum", 60.0, 40),
+        train("full-sdpa", 40.0, 16),
+    ]
+    rows += [
+        train(
+            p, 100.0 * k, 10 * k, sweep="step-l", seq_len=seq_len, e_layers=4, config=f"L={seq_len}"
+        )
+        for seq_len in (48, 720)
+        for p, k in (("casa-reference", 2), ("casa-cpu", 1), ("full-einsum", 4))
+    ]
+    results.upsert_rows(tmp_path / "train.csv", rows)
+    (tmp_path / "train_memory_step-l.png").write_bytes(b"")
+    page = report.render(tmp_path)
+    assert "## Training (`python -m bench train`)" in page
+    assert "#### op forward+backward, dataset shapes (B=16, N=862, D=512, k=3)" in page
+    assert "#### forecaster training step, L sweep (B=16, N=862, D=512, k=3, e_layers=4)" in page
+    assert "| Traffic | 30 | 20 | 10 | 60 | 40 | 3.00× | 2.00× |" in page  # p50, speed-ups
+    assert "| Traffic | 60 | 40 | 20 | 120 | 80 |" in page  # p99
+    header = (
+        "| point | casa-reference | casa-compile | casa-cpu | full-einsum | full-sdpa "
+        "| casa-cpu / reference | casa-cpu / compile "
+        "| casa-reference saves vs full-einsum | casa-reference saves vs full-sdpa "
+        "| casa-cpu saves vs full-einsum | casa-cpu saves vs full-sdpa |"
+    )
+    assert header in page
+    assert (
+        "| Traffic | 10 | 8 | 4 | 40 | 16 | 0.40× | 0.50× | 75.0% | 37.5% | 90.0% | 75.0% |" in page
+    )
+    assert "| L=48 | 20 | 10 | 40 | 0.50× | 50.0% | 75.0% |" in page
+    assert "![train_memory_step-l.png](train_memory_step-l.png)" in page
+    # the inference suites' pages keep their tables: no p99, no memory comparisons
+    results.upsert_rows(tmp_path / "attention.csv", [_row("casa-cpu", 5.0)])
+    attention = report.render(tmp_path).split("## Training")[0]
+    assert "p99" not in attention and "saves vs" not in attention

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import casa_kernels
-from bench import device_check, measure, providers, results, suites, summary
+from bench import device_check, measure, plots, providers, results, suites, summary
 from casa_kernels.ops import registry
 
 
@@ -616,3 +616,260 @@ def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("CUTLASS_PATH", str(tmp_path / "nowhere"))
     include, how = device_check.find_cutlass(work)
     assert include is None and "nowhere" in how
+
+
+# --- the train suite ---------------------------------------------------------------------
+
+
+def test_train_points_cover_the_dataset_shapes_and_the_n_and_l_sweeps(tmp_path):
+    opts = _options(tmp_path, quick=False, batches=[16, 1], datasets=tuple(suites.DATASETS))
+    points = [point for _, point in suites.train_points(opts)]
+    assert all(p.suite == "train" and p.training for p in points)
+    by_sweep = {}
+    for p in points:
+        by_sweep.setdefault(p.sweep, []).append(p)
+    assert set(by_sweep) == {"op-dataset", "step-dataset", "op-n", "step-n", "step-l"}
+    # op points are the op alone; step points the forecaster, with the dataset's e_layers
+    assert not any(p.model_level for s in ("op-dataset", "op-n") for p in by_sweep[s])
+    for n, d, e_layers in suites.DATASETS.values():
+        for b in (16, 1):
+            assert providers.Point("train", "op-dataset", b, n, d, training=True) in points
+            step = providers.Point(
+                "train",
+                "step-dataset",
+                b,
+                n,
+                d,
+                seq_len=96,
+                pred_len=96,
+                e_layers=e_layers,
+                training=True,
+            )
+            assert step in points
+    for sweep in ("op-n", "step-n"):
+        ns = [p.n_vars for p in by_sweep[sweep]]
+        assert ns[0] == 8 and ns[-1] >= 16384
+        assert all(b == 2 * a for a, b in zip(ns, ns[1:]))
+        assert {(p.batch, p.d_model) for p in by_sweep[sweep]} == {(1, 512)}
+    assert [p.seq_len for p in by_sweep["step-l"]] == [48, 96, 192, 336, 720]
+    assert {(p.n_vars, p.d_model, p.e_layers, p.batch) for p in by_sweep["step-l"]} == {
+        (*suites.DATASETS["Traffic"], 16)
+    }
+    quick = suites.train_points(_options(tmp_path, datasets=("ETTh1",)))
+    assert len(quick) < len(points) and max(p.n_vars for _, p in quick) <= 1024
+    assert {p.batch for _, p in quick} == {1}
+
+
+def _tiny_subject(requires_grad: bool = False):
+    from bench.training import Subject
+
+    weights = casa_kernels.ScoreAttentionWeights.random(5, 8, 3, dtype=torch.float64)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    return Subject(
+        lambda x_: casa_kernels.casa_attention(x_, weights, backend="reference"), x, tuple(weights)
+    )
+
+
+def test_forward_backward_computes_every_gradient_of_the_reference_and_frees_them():
+    from bench import training
+    from casa_kernels import reference
+
+    subject = _tiny_subject()
+    grad_output = torch.randn(subject.x.shape, dtype=torch.float64)
+    call = training.forward_backward(subject, grad_output)
+    leaves = (subject.x, *subject.parameters)
+    seen = {}
+    for i, leaf in enumerate(leaves):
+        leaf.register_hook(lambda g, i=i: seen.__setitem__(i, g.clone()))
+    call()
+    assert all(leaf.grad is None for leaf in leaves)  # freed: the next call starts alike
+    expected = torch.autograd.grad(
+        reference.score_attention(
+            subject.x, casa_kernels.ScoreAttentionWeights(*subject.parameters)
+        ),
+        leaves,
+        grad_output,
+    )
+    assert sorted(seen) == list(range(15))  # x and all 14 weights
+    for i, grad in enumerate(expected):
+        torch.testing.assert_close(seen[i], grad)
+
+
+def test_training_step_trains_the_forecaster_with_adamw():
+    from bench import training
+
+    torch.manual_seed(0)
+    model = casa_kernels.CASAModel(
+        n_vars=5, d_model=8, seq_len=12, pred_len=4, e_layers=1, backend="reference"
+    )
+    x, target = torch.randn(3, 12, 5), torch.randn(3, 4, 5)
+    step = training.training_step(training.Subject(model, x, tuple(model.parameters())), target)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(x), target).item()
+
+    before = loss()
+    for _ in range(20):
+        step()
+        assert all(p.grad is None for p in model.parameters())
+    assert loss() < 0.9 * before
+
+
+def test_train_rows_measure_the_op_and_the_step_of_every_provider(tmp_path):
+    chosen = [providers.PROVIDERS[n] for n in ("casa-reference", "casa-cpu", "full-einsum")]
+    opts = _options(tmp_path, reps=2, datasets=("ETTh1",), interleave=True)
+    op, step = [p for _, p in suites.train_points(opts)][:2]
+    rows = suites.measure_points(chosen, "ETTh1", op, opts)
+    rows += suites.measure_points(chosen, "ETTh1", step, opts)
+    for row in rows:
+        assert row["status"] == "ok", row["note"]
+        assert row["suite"] == "train" and row["timing"] == "interleaved"
+        assert float(row["latency_ms_p99"]) >= float(row["latency_ms_p50"]) > 0
+        assert int(row["peak_mem_bytes"]) > 0 and "training" not in row
+    assert [r["sweep"] for r in rows] == ["op-dataset"] * 3 + ["step-dataset"] * 3
+    assert {(r["seq_len"], r["e_layers"]) for r in rows[:3]} == {("", "")}
+    assert {(r["seq_len"], r["e_layers"]) for r in rows[3:]} == {(96, 2)}
+    results.upsert_rows(tmp_path / "train.csv", rows)
+    assert len(results.read_rows(tmp_path / "train.csv")) == 6  # op and step keep their rows
+
+
+def test_training_estimates_grow_with_the_saved_layers():
+    point = providers.Point("train", "step-n", 1, 4096, 512, seq_len=96, pred_len=96, e_layers=4)
+    forward = dataclasses.replace(point, training=False)
+    for name in ("casa-reference", "full-einsum", "full-sdpa"):
+        estimate = providers.PROVIDERS[name].estimate_bytes
+        assert estimate(dataclasses.replace(point, training=True), torch.float32) > estimate(
+            forward, torch.float32
+        )
+    # einsum keeps one [B, H, N, N] softmax output per layer for the backward
+    einsum = providers.PROVIDERS["full-einsum"].estimate_bytes
+    scores = 8 * 4096**2 * 4
+    assert einsum(dataclasses.replace(point, training=True), torch.float32) > 7 * scores
+
+
+def test_train_suite_stops_the_op_and_the_step_lanes_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        suites, "measure_peak_memory", lambda fn, device: (0, "not measured (test)")
+    )
+
+    def build(point, device, dtype):
+        if point.sweep == "op-n":
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return lambda: torch.zeros(1)
+
+    fake = providers.Provider("full-fake", "full", build, lambda d, t: None, lambda p, t: 0)
+    rows = suites.run_suite("train", [fake], _options(tmp_path, datasets=("ETTh1",)), False)
+    by_point = {(r["sweep"], r["config"]): r for r in rows}
+    assert by_point[("op-n", "N=8")]["status"] == "oom"
+    assert by_point[("op-n", "N=512")]["note"].startswith("not run: stopped growing")
+    assert all(by_point[("step-n", f"N={n}")]["status"] == "ok" for n in (8, 512))
+    assert by_point[("op-dataset", "ETTh1")]["status"] == "ok"
+    assert len(results.read_rows(tmp_path / "train.csv")) == len(rows)
+
+
+def _train_row(provider, sweep, n, mem, seq_len="", status="ok"):
+    row = {c: "" for c in results.COLUMNS}
+    row.update(
+        suite="train",
+        sweep=sweep,
+        provider=provider,
+        device="cpu",
+        device_name="X",
+        dtype="float32",
+        batch=1,
+        n_vars=n,
+        d_model=512,
+        kernel=3,
+        seq_len=seq_len,
+        e_layers=4 if seq_len else "",
+        threads=2,
+        torch_version="2.13.0",
+        config=f"L={seq_len}" if sweep == "step-l" else f"N={n}",
+        status=status,
+        latency_ms_p20=1,
+        latency_ms_p50=2,
+        latency_ms_p80=3,
+        latency_ms_p99=4,
+        peak_mem_bytes=mem if status == "ok" else "",
+        timestamp="2026-01-01T00:00:00",
+    )
+    return row
+
+
+def test_training_memory_plots_against_n_and_l(tmp_path, monkeypatch):
+    rows = [
+        _train_row(p, sweep, n, n * k, seq_len=96 if sweep == "step-n" else "")
+        for sweep in ("op-n", "step-n")
+        for n in (256, 512, 1024)
+        for p, k in (("casa-reference", 10), ("casa-cpu", 5), ("casa-compile", 9), ("full-sdpa", 7))
+    ]
+    rows += [
+        _train_row("full-einsum", "op-n", 256, 10**9),
+        _train_row("full-einsum", "op-n", 512, "", status="oom"),
+    ]
+    rows += [
+        _train_row(p, "step-l", 862, 1000 + seq_len, seq_len=seq_len)
+        for seq_len in (48, 96, 720)
+        for p in ("casa-reference", "casa-cpu", "full-einsum")
+    ]
+    results.upsert_rows(tmp_path / "train.csv", rows)
+    drawn = {}
+    real = plots._plot_group
+
+    def spy(plt, path, title, by_provider, metric, axis=plots.N_AXIS):
+        drawn[path.name] = (sorted(by_provider), axis[0], metric, title)
+        real(plt, path, title, by_provider, metric, axis)
+
+    monkeypatch.setattr(plots, "_plot_group", spy)
+    # a group where nothing ran (all timed out) draws no empty figure
+    timed_out = {**_train_row("casa-cpu", "step-l", 862, "", 96, "timeout"), "batch": 16}
+    results.upsert_rows(tmp_path / "train.csv", [timed_out])
+    written = plots.plot_training(tmp_path, dtype="float32")
+    names = ["train_memory_op-n.png", "train_memory_step-n.png", "train_memory_step-l.png"]
+    assert [p.name for p in written] == names
+    assert all((tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    assert drawn["train_memory_op-n.png"][:3] == (
+        ["casa-cpu", "casa-reference", "full-einsum", "full-sdpa"],
+        "n_vars",
+        "memory",
+    )
+    assert (
+        drawn["train_memory_step-l.png"][1] == "seq_len"
+        and "N=862" in drawn["train_memory_step-l.png"][3]
+    )
+
+
+def test_train_summary_has_its_dataset_tables_and_n_slopes(tmp_path):
+    rows = [
+        _train_row(p, "op-n", n, n * k)
+        for n in (256, 512, 1024)
+        for p, k in (("casa-cpu", 5), ("full-einsum", 0))
+    ]
+    for r in rows:
+        if r["provider"] == "full-einsum":
+            r["peak_mem_bytes"] = int(r["n_vars"]) ** 2
+    rows.append({**_train_row("casa-cpu", "op-dataset", 862, 100), "config": "Traffic"})
+    results.upsert_rows(tmp_path / "train.csv", rows)
+    train = json.loads(summary.write_summary(tmp_path).read_text())["train"]
+    (group,) = train["op-n"]
+    assert group["providers"]["casa-cpu"]["memory_slope"] == pytest.approx(1.0)
+    assert group["providers"]["full-einsum"]["memory_slope"] == pytest.approx(2.0)
+    assert [e["config"] for e in train["op-dataset"]] == ["Traffic"] and train["step-n"] == []
+
+
+def test_bench_train_command_defaults(tmp_path, monkeypatch):
+    from bench import __main__ as bench_main
+
+    runs = []
+    monkeypatch.setattr(
+        suites, "run_suite", lambda suite, chosen, opts, progress: runs.append((suite, opts)) or []
+    )
+    args = ["train", "--out", str(tmp_path), "--no-progress"]
+    assert bench_main.main([*args, "--quick"]) == 0
+    assert bench_main.main(args) == 0
+    assert bench_main.main([*args, "--quick", "--datasets", "Solar", "--batch", "4"]) == 0
+    quick, full, chosen = (opts for _, opts in runs)
+    assert (quick.batches, quick.datasets, quick.quick) == ([1], ("ETTh1",), True)
+    assert (full.batches, full.datasets, full.quick) == ([16, 1], tuple(suites.DATASETS), False)
+    assert (chosen.batches, chosen.datasets) == ([4], ("Solar",))
