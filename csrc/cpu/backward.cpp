@@ -1,0 +1,557 @@
+// Fused backward of the CPU kernel: casa::cpu_score_attention_backward (docs/design.md §5.8,
+// §12). For one batch element, with P = softmax over N of the scores s (per column),
+// v = x Wv^T + bv, y = P ⊙ v + x and g = dL/dy:
+//   dv = P ⊙ g              -> dWv = Σ dv^T x, dbv = Σ dv, dx += dv Wv
+//   dP = v ⊙ g, ds = P ⊙ (dP − colsum_N(P ⊙ dP)), dx += g + ds
+//   dt = ds ⊙ σ(t)(1 − σ(t)) for the last transposed conv's output t (s = σ(t) + x)
+//   -> d dec2_weight, d dec2_bias, dh5
+// then dh5 back through the bottleneck's four convs and the first conv (ATen's
+// convolution_backward on the saved activations, O(B·D²) each; the first conv's also gives
+// its share of dx).
+//
+// The tail part runs per (batch element, tile of T output columns), as the forward's tail
+// does (tail_layout.h): the scores S[N, T] are recomputed from h5 by one GEMM per output
+// parity, P from them and the forward's column statistics (col_max, col_sum), the value
+// tile V[N, T] by one GEMM; one elementwise pass gives dv, dP and the column sums of P ⊙ dP,
+// a second gives ds and dt. From there GEMMs: dWv rows of the tile (dv^T x), dx rows (dv Wv,
+// kRows rows at a time), d dec2 by parity (dt rhs^T) and dh5 (dec2^T dt, scattered back to
+// h5's columns). Nothing [B, N, D] is stored but dx itself (and, for bfloat16, its fp32
+// accumulator). Each worker holds four [N, T] buffers and, for the parameters it adds to,
+// its own accumulators, summed once at its end; dx rows and dh5 of one batch element are
+// added under that element's lock (tiles of one element can run on different workers).
+//
+// Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
+// dt without a score-network gradient, no convolution_backward below the lowest layer whose
+// parameters (or x) need one. Arithmetic in the accumulation type: fp32 for fp32 and
+// bfloat16 input (rounded once at the end), fp64 for fp64.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../score_attention_args.h"
+#include "channels_last.h"
+#include "gemm.h"
+#include "parallel.h"
+#include "tail_layout.h"
+
+namespace casa {
+namespace {
+
+using cpu::parallel_for_aten;
+
+constexpr int64_t kRows = 64;  // rows of dx added per lock of their batch element
+
+// The forward's activations saved for the backward, [B, channels, length] in the
+// accumulation dtype, in this order.
+enum ActivationIndex : int {
+  kH1,       // relu(enc0(x)),     [B, D/4, D/2]
+  kEnc1Out,  // relu(enc1(h1)),    [B, D/2, D/4]
+  kEnc2Out,  // relu(enc2(..)),    [B, D, D/8]
+  kDec0Out,  // relu(dec0(..)),    [B, D/2, D/4]
+  kH5,       // relu(dec1(..)),    [B, D/4, D/2]
+  kNumActivations
+};
+
+// Which gradients a call computes: x and each weight (the op's needs_input_grad), and
+// what they imply.
+struct Needs {
+  bool x;
+  std::array<bool, kNumWeights> w;
+  bool any_of(std::initializer_list<int> weights) const {
+    return std::any_of(weights.begin(), weights.end(), [&](int i) { return w[i]; });
+  }
+  // dh5: x or a parameter of the head or the bottleneck.
+  bool dh5() const {
+    return x || any_of({kEnc0Weight, kEnc0Bias, kEnc1Weight, kEnc1Bias, kEnc2Weight, kEnc2Bias,
+                        kDec0Weight, kDec0Bias, kDec1Weight, kDec1Bias});
+  }
+  bool dt() const { return dh5() || any_of({kDec2Weight, kDec2Bias}); }
+  bool ds() const { return x || dt(); }
+  bool dv() const { return x || any_of({kValueWeight, kValueBias}); }
+};
+
+// One worker's buffers for a tile of T columns (acc_t), and its own parameter accumulators.
+template <typename acc_t>
+struct TileScratch {
+  at::Tensor memory;
+  acc_t* rhs[2];   // [taps · D/4, T/2]: h5's columns read by each output parity
+  acc_t* scores;   // [N, T]: S, then P
+  acc_t* values;   // [N, T]: V, then σ'(t)
+  acc_t* dv;       // [N, T]: P ⊙ g
+  acc_t* dp;       // [N, T]: v ⊙ g, then dt
+  acc_t* colsum;   // [T]: Σ_N P ⊙ dP
+  acc_t* dx_tile;  // [kRows, T]: g + ds for a block of rows
+  acc_t* dx_rows;  // [kRows, D]: dv Wv for a block of rows
+  acc_t* dh5;      // [taps · D/4, T/2]: dec2^T dt for one parity
+  acc_t* x_rows;   // [N, D]: x[b] in acc_t (bfloat16 input)
+};
+
+template <typename acc_t>
+struct ParameterGrads {                 // in the tile parity order where a layout says so
+  at::Tensor value_weight, value_bias;  // [D, D] rows in tile_parity_order, [D] likewise
+  at::Tensor dec2[2];                   // [N, taps(q) · D/4]: (n, (jj, c)) as dec2 by parity
+  at::Tensor dec2_bias;                 // [N]
+
+  ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc) {
+    const at::TensorOptions options(acc);
+    if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
+    if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
+    for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) dec2[q] = at::zeros({N, K[q]}, options);
+    if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
+  }
+
+  void add_to(ParameterGrads& total) const {
+    const auto add = [](at::Tensor& to, const at::Tensor& from) {
+      if (from.defined()) to.add_(from);
+    };
+    add(total.value_weight, value_weight);
+    add(total.value_bias, value_bias);
+    add(total.dec2[0], dec2[0]);
+    add(total.dec2[1], dec2[1]);
+    add(total.dec2_bias, dec2_bias);
+  }
+};
+
+// A row-major [rows, cols] view of acc_t memory with row stride ld.
+template <typename acc_t>
+at::Tensor view(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(data, {rows, cols}, {ld, 1},
+                       at::TensorOptions(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+template <typename scalar_t, typename acc_t>
+struct Backward {
+  Sizes s;
+  Needs needs;
+  at::ScalarType acc;
+  int64_t tile;
+  std::vector<int64_t> taps[2];
+  int64_t K[2];                // taps(q) · D/4
+  std::vector<int64_t> order;  // tile_parity_order
+  at::Tensor dec2[2];     // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
+  at::Tensor dec2_bias;   // [N]
+  at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
+  at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
+  at::Tensor value_bias;  // [D]: bv in tile_parity_order
+  const acc_t* col_max;
+  const acc_t* col_sum;
+
+  Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
+           const at::Tensor& stats_sum)
+      : s(sizes),
+        needs(n),
+        acc(c10::CppTypeToScalarType<acc_t>::value),
+        tile(cpu::tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
+        order(cpu::tile_parity_order(sizes.d_model, tile)),
+        col_max(stats_max.data_ptr<acc_t>()),
+        col_sum(stats_sum.data_ptr<acc_t>()) {
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
+    const at::Tensor by_tap = w[kDec2Weight].to(acc).permute({1, 2, 0});  // [N, k, C1]
+    for (int q = 0; q < 2; ++q) {
+      taps[q] = cpu::parity_taps(s.kernel, q);
+      K[q] = static_cast<int64_t>(taps[q].size()) * C1;
+      dec2[q] =
+          by_tap.index_select(1, at::tensor(taps[q], at::kLong)).reshape({N, K[q]}).contiguous();
+    }
+    dec2_bias = w[kDec2Bias].to(acc).contiguous();
+    const at::Tensor ordered = at::tensor(order, at::kLong);
+    value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
+    value_t = value.t().contiguous();
+    value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
+  }
+
+  TileScratch<acc_t> scratch() const {
+    const int64_t N = s.n_vars, D = s.d_model, T = tile;
+    const int64_t window = std::max(K[0], K[1]) * (T / 2);
+    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : N * D;
+    TileScratch<acc_t> sc;
+    sc.memory =
+        at::empty({3 * window + 4 * N * T + T + kRows * (T + D) + x_rows}, at::TensorOptions(acc));
+    acc_t* next = sc.memory.template data_ptr<acc_t>();
+    const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
+    sc.rhs[0] = take(window);
+    sc.rhs[1] = take(window);
+    sc.scores = take(N * T);
+    sc.values = take(N * T);
+    sc.dv = take(N * T);
+    sc.dp = take(N * T);
+    sc.colsum = take(T);
+    sc.dx_tile = take(kRows * T);
+    sc.dx_rows = take(kRows * D);
+    sc.dh5 = take(window);
+    sc.x_rows = take(x_rows);
+    return sc;
+  }
+
+  // The first input column of h5 that output parity q's tap jj reads for the tile at o0.
+  int64_t first_input(int64_t q, size_t jj, int64_t o0) const {
+    return o0 / 2 + (q + s.padding - taps[q][jj]) / 2;
+  }
+
+  // rhs[(jj, c), u] = h5_b[c, first_input(q, jj, o0) + u] for u < half, zero outside
+  // [0, D/2): the right operand of the last transposed conv for the tile's outputs of
+  // parity q. h5_b: [D/4, D/2] contiguous.
+  void gather_window(const acc_t* h5_b, int64_t q, int64_t o0, int64_t half, acc_t* rhs) const {
+    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
+    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
+      const int64_t first = first_input(q, jj, o0);
+      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
+      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      for (int64_t c = 0; c < C1; ++c) {
+        acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * half;
+        std::fill(row, row + u0, acc_t(0));
+        std::copy(h5_b + c * L + first + u0, h5_b + c * L + first + u1, row + u0);
+        std::fill(row + u1, row + half, acc_t(0));
+      }
+    }
+  }
+
+  // The adjoint of gather_window: dh5_b[c, first_input(q, jj, o0) + u] += d[(jj, c), u].
+  void scatter_window(const acc_t* d, int64_t q, int64_t o0, int64_t half, acc_t* dh5_b) const {
+    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
+    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
+      const int64_t first = first_input(q, jj, o0);
+      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
+      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      for (int64_t c = 0; c < C1; ++c) {
+        const acc_t* row = d + (static_cast<int64_t>(jj) * C1 + c) * half;
+        acc_t* out = dh5_b + c * L + first;
+        for (int64_t u = u0; u < u1; ++u) out[u] += row[u];
+      }
+    }
+  }
+
+  // The tile's column of output position i (parity order): o0 + 2i or o0 + 2(i − half) + 1.
+  static int64_t column(int64_t o0, int64_t half, int64_t i) {
+    return i < half ? o0 + 2 * i : o0 + 2 * (i - half) + 1;
+  }
+
+  // The backward of the tail for batch element b, output columns [o0, o0 + T).
+  void tile_backward(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
+                     const acc_t* h5, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads,
+                     acc_t* dx, acc_t* dh5, std::mutex& lock) const {
+    const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
+    const int64_t ld = T;  // of the [N, T] buffers
+    const scalar_t* x_b = x_all + b * N * D;
+    const scalar_t* g_b = g_all + b * N * D;
+    const acc_t* h5_b = h5 + b * (D / 4) * (D / 2);
+    const bool want_ds = needs.ds(), want_dv = needs.dv(), want_dt = needs.dt();
+    const acc_t* xa = x_b_acc(x_b, sc.x_rows);
+
+    // Scores S = dec2 by parity · h5's window, and the values V = x Wv^T for the tile.
+    for (int64_t q = 0; q < 2; ++q) {
+      acc_t* S_q = sc.scores + q * half;
+      if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
+        for (int64_t n = 0; n < N; ++n) std::fill(S_q + n * ld, S_q + n * ld + half, acc_t(0));
+        continue;
+      }
+      gather_window(h5_b, q, o0, half, sc.rhs[q]);
+      cpu::gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half, S_q, ld,
+                /*accumulate=*/false);
+    }
+    if (want_ds) {
+      cpu::gemm(N, T, D, xa, D, value_t.template data_ptr<acc_t>() + o0, D, sc.values, ld,
+                /*accumulate=*/false);
+    }
+
+    // Pass 1: P, dv = P g, dP = v g and colsum = Σ_N P dP; S becomes P, V becomes σ'.
+    const acc_t* bias = dec2_bias.template data_ptr<acc_t>();
+    const acc_t* vbias = value_bias.template data_ptr<acc_t>() + o0;
+    const acc_t* m = col_max + b * D;
+    const acc_t* l = col_sum + b * D;
+    std::fill(sc.colsum, sc.colsum + T, acc_t(0));
+    for (int64_t n = 0; n < N; ++n) {
+      acc_t* S = sc.scores + n * ld;
+      acc_t* V = sc.values + n * ld;
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t o = column(o0, half, i);
+        const acc_t sigma = acc_t(1) / (acc_t(1) + std::exp(-(S[i] + bias[n])));
+        const acc_t p = std::exp(sigma + static_cast<acc_t>(x_b[n * D + o]) - m[o]) / l[o];
+        const acc_t g = static_cast<acc_t>(g_b[n * D + o]);
+        if (want_dv) sc.dv[n * ld + i] = p * g;
+        if (want_ds) {
+          const acc_t dp = (V[i] + vbias[i]) * g;
+          sc.dp[n * ld + i] = dp;
+          sc.colsum[i] += p * dp;
+          V[i] = sigma * (acc_t(1) - sigma);
+        }
+        S[i] = p;
+      }
+    }
+
+    // Pass 2, kRows rows at a time: ds = P (dP − colsum); dp becomes dt = ds σ'; dx rows get
+    // g + ds in the tile's columns and dv Wv in all of them.
+    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
+      const int64_t rows = std::min(kRows, N - r0);
+      for (int64_t r = 0; r < rows && want_ds; ++r) {
+        const int64_t n = r0 + r;
+        for (int64_t i = 0; i < T; ++i) {
+          const acc_t ds = sc.scores[n * ld + i] * (sc.dp[n * ld + i] - sc.colsum[i]);
+          if (needs.x)
+            sc.dx_tile[r * T + i] = static_cast<acc_t>(g_b[n * D + column(o0, half, i)]) + ds;
+          sc.dp[n * ld + i] = ds * sc.values[n * ld + i];
+        }
+      }
+      if (!needs.x) continue;
+      cpu::gemm(rows, D, T, sc.dv + r0 * ld, ld, value.template data_ptr<acc_t>() + o0 * D, D,
+                sc.dx_rows, D, /*accumulate=*/false);
+      const std::lock_guard<std::mutex> guard(lock);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* dx_n = dx + (b * N + r0 + r) * D;
+        const acc_t* add = sc.dx_rows + r * D;
+        for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];
+        for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * T + i];
+      }
+    }
+
+    // The parameters' GEMMs over all N rows.
+    const at::Tensor dv = view(sc.dv, N, T, ld);
+    if (grads.value_weight.defined()) {
+      view(grads.value_weight.template data_ptr<acc_t>() + o0 * D, T, D, D)
+          .addmm_(dv.t(), view(const_cast<acc_t*>(xa), N, D, D));
+    }
+    if (grads.value_bias.defined()) {
+      acc_t* db = grads.value_bias.template data_ptr<acc_t>() + o0;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < T; ++i) db[i] += sc.dv[n * ld + i];
+      }
+    }
+    if (!want_dt) return;
+    if (grads.dec2_bias.defined()) {
+      acc_t* db = grads.dec2_bias.template data_ptr<acc_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        acc_t total = 0;
+        for (int64_t i = 0; i < T; ++i) total += sc.dp[n * ld + i];
+        db[n] += total;
+      }
+    }
+    for (int64_t q = 0; q < 2; ++q) {
+      if (K[q] == 0) continue;
+      const at::Tensor dt_q = view(sc.dp + q * half, N, half, ld);
+      if (grads.dec2[q].defined()) {
+        grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
+      }
+      if (!needs.dh5()) continue;
+      at::Tensor dwindow = view(sc.dh5, K[q], half, half);
+      at::mm_out(dwindow, dec2[q].t(), dt_q);
+      const std::lock_guard<std::mutex> guard(lock);
+      scatter_window(sc.dh5, q, o0, half, dh5 + b * (D / 4) * (D / 2));
+    }
+  }
+
+  // x[b] in acc_t: in place for fp32/fp64, converted into `buffer` for bfloat16.
+  const acc_t* x_b_acc(const scalar_t* x_b, acc_t* buffer) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return x_b;
+    } else {
+      const int64_t n = s.n_vars * s.d_model;
+      std::transform(x_b, x_b + n, buffer, [](scalar_t v) { return static_cast<acc_t>(v); });
+      return buffer;
+    }
+  }
+
+  // The tail's backward over every (batch element, tile): adds to dx [B, N, D] and dh5
+  // [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills `total`.
+  void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
+            at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
+    const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
+    const int64_t tiles = (D + tile - 1) / tile, items = B * tiles;
+    const int64_t macs = B * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
+    const bool parallel = cpu::threads_for(macs) > 1;
+    std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
+    std::mutex total_lock;
+    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
+    parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
+      const TileScratch<acc_t> sc = scratch();
+      ParameterGrads<acc_t> own(needs, N, D, K, acc);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / tiles;
+        tile_backward(b, (item % tiles) * tile, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                      h5.data_ptr<acc_t>(), sc, own, dx_data, dh5_data, locks[b]);
+      }
+      const std::lock_guard<std::mutex> guard(total_lock);
+      own.add_to(total);
+    });
+  }
+};
+
+// One conv of the score network, for the backward through it.
+struct ConvLayer {
+  int weight;  // WeightIndex of its weight (the bias follows)
+  int input;   // ActivationIndex of its input; -1: x
+  int output;  // ActivationIndex of its (ReLU'd) output
+  bool transposed;
+};
+
+// From the top (h5) down to x: dec1, dec0, enc2, enc1, enc0.
+constexpr ConvLayer kLayers[] = {
+    {kDec1Weight, kDec0Out, kH5, true},
+    {kDec0Weight, kEnc2Out, kDec0Out, true},
+    {kEnc2Weight, kEnc1Out, kEnc2Out, false},
+    {kEnc1Weight, kH1, kEnc1Out, false},
+    {kEnc0Weight, -1, kH1, false},
+};
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const Weights& w,
+                                      const std::vector<at::Tensor>& act, const at::Tensor& col_max,
+                                      const at::Tensor& col_sum, const Needs& needs,
+                                      const Sizes& s) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
+  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum);
+  at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
+  at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
+  ParameterGrads<acc_t> total(needs, N, D, plan.K, acc);
+  if (needs.ds() || needs.dv()) {
+    RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
+    plan.tail(x, grad, act[kH5], dx, dh5, total);
+  }
+
+  std::vector<at::Tensor> out(1 + kNumWeights);
+  const at::TensorOptions like_x = x.options();
+  const at::Tensor ordered = at::tensor(plan.order, at::kLong);
+  if (needs.w[kValueWeight]) {
+    out[1 + kValueWeight] = at::empty({D, D}, at::TensorOptions(acc))
+                                .index_copy_(0, ordered, total.value_weight)
+                                .to(x.scalar_type());
+  }
+  if (needs.w[kValueBias]) {
+    out[1 + kValueBias] = at::empty({D}, at::TensorOptions(acc))
+                              .index_copy_(0, ordered, total.value_bias)
+                              .to(x.scalar_type());
+  }
+  if (needs.w[kDec2Weight]) {
+    const at::Tensor dw = at::empty({C1, N, s.kernel}, at::TensorOptions(acc));
+    const at::Tensor by_tap = dw.permute({1, 2, 0});  // [N, k, C1]
+    for (int q = 0; q < 2; ++q) {
+      const int64_t taps = static_cast<int64_t>(plan.taps[q].size());
+      const at::Tensor part = total.dec2[q].view({N, taps, C1});
+      for (size_t jj = 0; jj < plan.taps[q].size(); ++jj) {
+        by_tap.select(1, plan.taps[q][jj]).copy_(part.select(1, static_cast<int64_t>(jj)));
+      }
+    }
+    out[1 + kDec2Weight] = dw.to(x.scalar_type());
+  }
+  if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(x.scalar_type());
+
+  // The bottleneck and the head: each layer's ReLU, then convolution_backward, as far down
+  // as a gradient is needed.
+  if (dh5.defined()) {
+    RECORD_FUNCTION("casa::cpu backward bottleneck and head", std::vector<c10::IValue>());
+    const int64_t p = s.padding;
+    at::Tensor d_out = dh5;
+    for (size_t i = 0; i < std::size(kLayers); ++i) {
+      const ConvLayer& layer = kLayers[i];
+      bool below = needs.x;  // whether anything under this layer needs its input's gradient
+      for (size_t j = i + 1; j < std::size(kLayers); ++j) {
+        below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
+      }
+      const bool on_x = layer.input < 0;
+      const at::Tensor input = on_x ? x.to(acc) : act[layer.input];
+      const at::Tensor pre = at::threshold_backward(d_out, act[layer.output], 0);
+      const at::Tensor weight = w[layer.weight].to(acc);
+      const int64_t out_channels = weight.size(layer.transposed ? 1 : 0);
+      const std::array<bool, 3> mask = {below, needs.w[layer.weight], needs.w[layer.weight + 1]};
+      auto [d_in, d_weight, d_bias] =
+          at::convolution_backward(pre, input, weight, at::IntArrayRef(out_channels), {2}, {p}, {1},
+                                   layer.transposed, {layer.transposed ? 1 : 0}, 1, mask);
+      if (mask[1]) out[1 + layer.weight] = d_weight.to(x.scalar_type());
+      if (mask[2]) out[1 + layer.weight + 1] = d_bias.to(x.scalar_type());
+      if (!below) break;
+      if (on_x) {
+        dx.add_(d_in);
+      } else {
+        d_out = d_in;
+      }
+    }
+  }
+  if (needs.x) out[0] = dx.to(x.scalar_type());
+  for (at::Tensor& t : out) {
+    if (!t.defined()) t = at::empty({0}, like_x);
+  }
+  return out;
+}
+
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", received ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", received ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, received ", t.device());
+}
+
+// casa::cpu_score_attention_backward: the gradients of the op at x (weights in schema
+// order) for grad_y = dL/dy, from the forward's saved activations (ActivationIndex) and
+// column statistics (casa::cpu_tail_fused's). needs: 1 + 14 flags, x then the weights.
+// Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
+std::vector<at::Tensor> score_attention_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                                 at::TensorList weights, at::TensorList activations,
+                                                 const at::Tensor& col_max,
+                                                 const at::Tensor& col_sum,
+                                                 const c10::List<bool>& needs) {
+  TORCH_CHECK(weights.size() == kNumWeights, "weights: expected ", kNumWeights,
+              " tensors in schema order, received ", weights.size());
+  Weights w;
+  for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const Sizes s = check_args(x, w);
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
+  check_like(grad_y, "grad_y", x.sizes(), x.scalar_type());
+  TORCH_CHECK(needs.size() == 1 + kNumWeights, "needs: expected ", 1 + kNumWeights,
+              " flags (x, then the weights), received ", needs.size());
+  TORCH_CHECK(activations.size() == kNumActivations, "activations: expected ", kNumActivations,
+              " tensors (h1, enc1, enc2, dec0 outputs, h5), received ", activations.size());
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = s.batch, D = s.d_model;
+  const int64_t shapes[kNumActivations][2] = {
+      {D / 4, D / 2}, {D / 2, D / 4}, {D, D / 8}, {D / 2, D / 4}, {D / 4, D / 2}};
+  std::vector<at::Tensor> act(kNumActivations);
+  for (int i = 0; i < kNumActivations; ++i) {
+    check_like(activations[i], "activations", {B, shapes[i][0], shapes[i][1]}, acc);
+    act[i] = activations[i].contiguous();
+  }
+  check_like(col_max, "col_max", {B, D}, acc);
+  check_like(col_sum, "col_sum", {B, D}, acc);
+  Needs flags{needs.get(0), {}};
+  for (int i = 0; i < kNumWeights; ++i) flags.w[i] = needs.get(1 + i);
+  const at::Tensor grad = grad_y.contiguous();
+  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return backward_impl<float, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    case at::kDouble:
+      return backward_impl<double, double>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    case at::kBFloat16:
+      return backward_impl<c10::BFloat16, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    default:
+      TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
+                  x.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(casa, m) {
+  m.def(
+      "cpu_score_attention_backward(Tensor grad_y, Tensor x, Tensor[] weights, "
+      "Tensor[] activations, Tensor col_max, Tensor col_sum, bool[] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(casa, CPU, m) {
+  m.impl("cpu_score_attention_backward", &score_attention_backward);
+}
+
+}  // namespace casa
