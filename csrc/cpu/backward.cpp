@@ -44,13 +44,15 @@
 #include "gemm.h"
 #include "parallel.h"
 #include "tail_layout.h"
+#include "vectorised.h"
 
 namespace casa {
 namespace {
 
 using cpu::parallel_for_aten;
 
-constexpr int64_t kRows = 64;  // rows of dx added per lock of their batch element
+constexpr int64_t kRows = 64;       // rows of dx added per lock of their batch element
+constexpr int64_t kHeadRows = 256;  // rows of x per im2col chunk of the first conv's backward
 
 // The forward's activations saved for the backward, [B, channels, length] in the
 // accumulation dtype, in this order.
@@ -361,6 +363,59 @@ struct Backward {
     }
   }
 
+  // The first conv's backward from dpre = dL/d(enc0(x) + bias) [B, D/4, D/2] (acc_t): adds
+  // its share to dx [B, N, D] (where defined) and returns d enc0_weight [D/4, N, k] (where
+  // wanted, else undefined). Per (batch element, chunk of at most kHeadRows rows of x), as
+  // the forward's head: the chunk's im2col columns cols [rows·k, D/2] give
+  // dW[:, chunk] += dpre_b cols^T, and dcols = W[:, chunk]^T dpre_b is added back to the
+  // chunk's rows of dx (the adjoint of im2col; distinct rows per item, so no lock).
+  at::Tensor head(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dpre,
+                  at::Tensor& dx, bool want_weight) const {
+    const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4, L = D / 2, k = s.kernel;
+    const int64_t threads = at::get_num_threads();
+    const int64_t chunks =
+        std::max((N + kHeadRows - 1) / kHeadRows, std::min<int64_t>(N, (threads + B - 1) / B));
+    const auto chunk_start = [&](int64_t c) { return c * N / chunks; };
+    const int64_t most_rows = (N + chunks - 1) / chunks;
+    const at::Tensor w_t = weight.to(acc).reshape({C1, N * k}).t().contiguous();  // [N·k, C1]
+    at::Tensor total = want_weight ? at::zeros({C1, N * k}, at::TensorOptions(acc)) : at::Tensor();
+    std::mutex total_lock;
+    const bool parallel = cpu::threads_for(2 * B * N * k * C1 * L) > 1;
+    parallel_for_aten(B * chunks, parallel ? 1 : B * chunks, [&](int64_t begin, int64_t end) {
+      const at::Tensor cols = at::empty({most_rows * k, L}, at::TensorOptions(acc));
+      const at::Tensor dcols = dx.defined() ? at::empty_like(cols) : at::Tensor();
+      at::Tensor own = want_weight ? at::zeros({C1, N * k}, at::TensorOptions(acc)) : at::Tensor();
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / chunks, n0 = chunk_start(item % chunks);
+        const int64_t rows = chunk_start(item % chunks + 1) - n0, K = rows * k;
+        acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * C1 * L;
+        if (want_weight) {
+          cpu::im2col_s2(x.data_ptr<scalar_t>() + (b * N + n0) * D, D, rows, D, k,
+                         cols.data_ptr<acc_t>(), L);
+          own.narrow(1, n0 * k, K).addmm_(view(dpre_b, C1, L, L), cols.narrow(0, 0, K).t());
+        }
+        if (!dx.defined()) continue;
+        acc_t* dc = dcols.data_ptr<acc_t>();
+        cpu::gemm(K, L, C1, w_t.data_ptr<acc_t>() + n0 * k * C1, C1, dpre_b, L, dc, L,
+                  /*accumulate=*/false);
+        acc_t* dx_rows = dx.data_ptr<acc_t>() + (b * N + n0) * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < k; ++j) {  // dx[n, 2t + j - p] += dcols[(n, j), t]
+            const acc_t* from = dc + (r * k + j) * L;
+            acc_t* to = dx_rows + r * D + j - s.padding;
+            const int64_t t0 = std::max<int64_t>(0, (s.padding - j + 1) / 2);
+            const int64_t t1 = std::min<int64_t>(L, (D - j + s.padding + 1) / 2);
+            for (int64_t t = t0; t < t1; ++t) to[2 * t] += from[t];
+          }
+        }
+      }
+      if (!want_weight) return;
+      const std::lock_guard<std::mutex> guard(total_lock);
+      total.add_(own);
+    });
+    return want_weight ? total.view({C1, N, k}) : total;
+  }
+
   // The tail's backward over every (batch element, tile): adds to dx [B, N, D] and dh5
   // [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills `total`.
   void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
@@ -395,13 +450,13 @@ struct ConvLayer {
   bool transposed;
 };
 
-// From the top (h5) down to x: dec1, dec0, enc2, enc1, enc0.
+// The bottleneck from the top (h5) down to h1: dec1, dec0, enc2, enc1 (then the first conv,
+// Backward::head).
 constexpr ConvLayer kLayers[] = {
     {kDec1Weight, kDec0Out, kH5, true},
     {kDec0Weight, kEnc2Out, kDec0Out, true},
     {kEnc2Weight, kEnc1Out, kEnc2Out, false},
     {kEnc1Weight, kH1, kEnc1Out, false},
-    {kEnc0Weight, -1, kH1, false},
 };
 
 template <typename scalar_t, typename acc_t>
@@ -447,35 +502,36 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   }
   if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(x.scalar_type());
 
-  // The bottleneck and the head: each layer's ReLU, then convolution_backward, as far down
-  // as a gradient is needed.
+  // The bottleneck: each layer's ReLU, then convolution_backward, as far down as a gradient
+  // is needed; then the first conv (Backward::head).
   if (dh5.defined()) {
     RECORD_FUNCTION("casa::cpu backward bottleneck and head", std::vector<c10::IValue>());
     const int64_t p = s.padding;
+    const bool head_needed = needs.x || needs.any_of({kEnc0Weight, kEnc0Bias});
     at::Tensor d_out = dh5;
     for (size_t i = 0; i < std::size(kLayers); ++i) {
       const ConvLayer& layer = kLayers[i];
-      bool below = needs.x;  // whether anything under this layer needs its input's gradient
+      bool below = head_needed;  // whether anything under this layer needs its input's gradient
       for (size_t j = i + 1; j < std::size(kLayers); ++j) {
         below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
       }
-      const bool on_x = layer.input < 0;
-      const at::Tensor input = on_x ? x.to(acc) : act[layer.input];
       const at::Tensor pre = at::threshold_backward(d_out, act[layer.output], 0);
       const at::Tensor weight = w[layer.weight].to(acc);
       const int64_t out_channels = weight.size(layer.transposed ? 1 : 0);
       const std::array<bool, 3> mask = {below, needs.w[layer.weight], needs.w[layer.weight + 1]};
-      auto [d_in, d_weight, d_bias] =
-          at::convolution_backward(pre, input, weight, at::IntArrayRef(out_channels), {2}, {p}, {1},
-                                   layer.transposed, {layer.transposed ? 1 : 0}, 1, mask);
+      auto [d_in, d_weight, d_bias] = at::convolution_backward(
+          pre, act[layer.input], weight, at::IntArrayRef(out_channels), {2}, {p}, {1},
+          layer.transposed, {layer.transposed ? 1 : 0}, 1, mask);
       if (mask[1]) out[1 + layer.weight] = d_weight.to(x.scalar_type());
       if (mask[2]) out[1 + layer.weight + 1] = d_bias.to(x.scalar_type());
       if (!below) break;
-      if (on_x) {
-        dx.add_(d_in);
-      } else {
-        d_out = d_in;
-      }
+      d_out = d_in;
+    }
+    if (head_needed) {
+      const at::Tensor pre = at::threshold_backward(d_out, act[kH1], 0).contiguous();
+      if (needs.w[kEnc0Bias]) out[1 + kEnc0Bias] = pre.sum({0, 2}).to(x.scalar_type());
+      const at::Tensor dw = plan.head(x, w[kEnc0Weight], pre, dx, needs.w[kEnc0Weight]);
+      if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
     }
   }
   if (needs.x) out[0] = dx.to(x.scalar_type());

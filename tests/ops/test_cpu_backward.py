@@ -32,15 +32,16 @@ SHAPES = {
     "N<rows,D=16,k=7": (3, 9, 16, 7, 3),
     "N=2x64+2,D=16,tiles-6+6+4": (1, 130, 16, 3, 3),
 }
-# The convolutions of the score network from the top (h5) down, with their weights: a
-# gradient costs a convolution_backward of every layer from the top to its own.
+# The bottleneck's convolutions from the top (h5) down, with their weights: a gradient of
+# the bottleneck, of the first conv or of x costs a convolution_backward of every layer from
+# the top down to its own (the first conv's backward, below them all, is the kernel's own).
 LAYERS = (
     ("dec1_weight", "dec1_bias"),
     ("dec0_weight", "dec0_bias"),
     ("enc2_weight", "enc2_bias"),
     ("enc1_weight", "enc1_bias"),
-    ("enc0_weight", "enc0_bias"),
 )
+HEAD = ("x", "enc0_weight", "enc0_bias")
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def _subsets():
 
 def _convolution_backwards(wanted) -> int:
     """How many convolution_backward calls the gradients ``wanted`` need."""
-    if "x" in wanted:
+    if set(HEAD) & set(wanted):
         return len(LAYERS)
     lowest = [i for i, layer in enumerate(LAYERS) if set(layer) & set(wanted)]
     return lowest[-1] + 1 if lowest else 0
