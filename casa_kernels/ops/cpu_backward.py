@@ -30,14 +30,14 @@ def _bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple
     p = w.kernel // 2
 
     def conv(h, weight, bias):
-        return F.relu(F.conv1d(h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p))
+        out = F.conv1d(h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p)
+        return out.relu_()  # in place: one allocation fewer per layer (no autograd here)
 
     def conv_t(h, weight, bias):
-        return F.relu(
-            F.conv_transpose1d(
-                h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p, output_padding=1
-            )
+        out = F.conv_transpose1d(
+            h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p, output_padding=1
         )
+        return out.relu_()
 
     enc1 = conv(h1, w.enc1_weight, w.enc1_bias)
     enc2 = conv(enc1, w.enc2_weight, w.enc2_bias)
@@ -56,7 +56,7 @@ def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):
     w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
     kernels = _kernels()
     acc = accumulation_dtype(x.dtype)
-    h1 = F.relu(kernels.cpu_head_partial(x, w.enc0_weight) + w.enc0_bias.to(acc)[:, None])
+    h1 = kernels.cpu_head_partial(x, w.enc0_weight).add_(w.enc0_bias.to(acc)[:, None]).relu_()
     activations = (h1, *_bottleneck_activations(h1, w))
     prepared, tile, tier = _tail_prepared(
         x, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias

@@ -87,16 +87,17 @@ struct Needs {
 template <typename acc_t>
 struct TileScratch {
   at::Tensor memory;
-  acc_t* rhs[2];   // [taps · D/4, T/2]: h5's columns read by each output parity
-  acc_t* scores;   // [N, T]: S, then P
-  acc_t* values;   // [N, T]: V, then σ'(t)
-  acc_t* dv;       // [N, T]: P ⊙ g
-  acc_t* dp;       // [N, T]: v ⊙ g, then dt
-  acc_t* colsum;   // [T]: Σ_N P ⊙ dP
-  acc_t* dx_tile;  // [kRows, T]: g + ds for a block of rows
-  acc_t* dx_rows;  // [kRows, D]: dv Wv for a block of rows
-  acc_t* dh5;      // [taps · D/4, T/2]: dec2^T dt for one parity
-  acc_t* x_rows;   // [N, D]: x[b] in acc_t (bfloat16 input)
+  acc_t* rhs[2];       // [taps · D/4, T/2]: h5's columns read by each output parity
+  acc_t* dh5;          // [taps · D/4, T/2]: dec2^T dt for one parity
+  acc_t* scores;       // [N, T]: S, then P
+  acc_t* dp;           // [N, T]: v ⊙ g, then dt
+  acc_t* sigma_prime;  // [N, T]: σ'(t) = σ(1 − σ)
+  acc_t* colsum;       // [3·T]: Σ_N P ⊙ dP, then the tile's col_max and col_sum
+  acc_t* block;        // [kRows, T]: a block of V (pass 1), then of dv = P ⊙ g (pass 2)
+  acc_t* dv_t;         // [T, kRows]: the block of dv transposed
+  acc_t* dx_tile;      // [kRows, T]: g + ds for a block of rows
+  acc_t* dx_rows;      // [kRows, D]: dv Wv for a block of rows
+  acc_t* x_rows;       // [kRows, D]: a block of x[b] rows in acc_t (bfloat16 input)
 };
 
 template <typename acc_t>
@@ -176,22 +177,23 @@ struct Backward {
   TileScratch<acc_t> scratch() const {
     const int64_t N = s.n_vars, D = s.d_model, T = tile;
     const int64_t window = std::max(K[0], K[1]) * (T / 2);
-    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : N * D;
+    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
     TileScratch<acc_t> sc;
-    sc.memory =
-        at::empty({3 * window + 4 * N * T + T + kRows * (T + D) + x_rows}, at::TensorOptions(acc));
+    sc.memory = at::empty({3 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows},
+                          at::TensorOptions(acc));
     acc_t* next = sc.memory.template data_ptr<acc_t>();
     const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
     sc.rhs[0] = take(window);
     sc.rhs[1] = take(window);
+    sc.dh5 = take(window);
     sc.scores = take(N * T);
-    sc.values = take(N * T);
-    sc.dv = take(N * T);
     sc.dp = take(N * T);
-    sc.colsum = take(T);
+    sc.sigma_prime = take(N * T);
+    sc.colsum = take(3 * T);
+    sc.block = take(kRows * T);
+    sc.dv_t = take(kRows * T);
     sc.dx_tile = take(kRows * T);
     sc.dx_rows = take(kRows * D);
-    sc.dh5 = take(window);
     sc.x_rows = take(x_rows);
     return sc;
   }
@@ -244,14 +246,13 @@ struct Backward {
                      const acc_t* h5, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads,
                      acc_t* dx, acc_t* dh5, std::mutex& lock) const {
     const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
-    const int64_t ld = T;  // of the [N, T] buffers
+    const int64_t ld = T;  // of the [N, T] and [kRows, T] buffers
     const scalar_t* x_b = x_all + b * N * D;
     const scalar_t* g_b = g_all + b * N * D;
     const acc_t* h5_b = h5 + b * (D / 4) * (D / 2);
     const bool want_ds = needs.ds(), want_dv = needs.dv(), want_dt = needs.dt();
-    const acc_t* xa = x_b_acc(x_b, sc.x_rows);
 
-    // Scores S = dec2 by parity · h5's window, and the values V = x Wv^T for the tile.
+    // The scores S = dec2 by parity · h5's window, all N rows.
     for (int64_t q = 0; q < 2; ++q) {
       acc_t* S_q = sc.scores + q * half;
       if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
@@ -262,73 +263,63 @@ struct Backward {
       cpu::gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half, S_q, ld,
                 /*accumulate=*/false);
     }
-    if (want_ds) {
-      cpu::gemm(N, T, D, xa, D, value_t.template data_ptr<acc_t>() + o0, D, sc.values, ld,
-                /*accumulate=*/false);
-    }
 
-    // Pass 1: P, dv = P g, dP = v g and colsum = Σ_N P dP; S becomes P, V becomes σ'.
-    const acc_t* bias = dec2_bias.template data_ptr<acc_t>();
+    // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
+    // due dP = v g, σ' and colsum = Σ_N P dP.
     const acc_t* vbias = value_bias.template data_ptr<acc_t>() + o0;
-    const acc_t* m = col_max + b * D;
-    const acc_t* l = col_sum + b * D;
-    std::fill(sc.colsum, sc.colsum + T, acc_t(0));
-    for (int64_t n = 0; n < N; ++n) {
-      acc_t* S = sc.scores + n * ld;
-      acc_t* V = sc.values + n * ld;
-      for (int64_t i = 0; i < T; ++i) {
-        const int64_t o = column(o0, half, i);
-        const acc_t sigma = acc_t(1) / (acc_t(1) + std::exp(-(S[i] + bias[n])));
-        const acc_t p = std::exp(sigma + static_cast<acc_t>(x_b[n * D + o]) - m[o]) / l[o];
-        const acc_t g = static_cast<acc_t>(g_b[n * D + o]);
-        if (want_dv) sc.dv[n * ld + i] = p * g;
-        if (want_ds) {
-          const acc_t dp = (V[i] + vbias[i]) * g;
-          sc.dp[n * ld + i] = dp;
-          sc.colsum[i] += p * dp;
-          V[i] = sigma * (acc_t(1) - sigma);
-        }
-        S[i] = p;
-      }
+    acc_t* m = sc.colsum + T;  // the statistics of the tile's columns, in parity order
+    acc_t* l = m + T;
+    for (int64_t i = 0; i < T; ++i) {
+      m[i] = col_max[b * D + column(o0, half, i)];
+      l[i] = col_sum[b * D + column(o0, half, i)];
     }
-
-    // Pass 2, kRows rows at a time: ds = P (dP − colsum); dp becomes dt = ds σ'; dx rows get
-    // g + ds in the tile's columns and dv Wv in all of them.
+    std::fill(sc.colsum, sc.colsum + T, acc_t(0));
     for (int64_t r0 = 0; r0 < N; r0 += kRows) {
       const int64_t rows = std::min(kRows, N - r0);
-      for (int64_t r = 0; r < rows && want_ds; ++r) {
-        const int64_t n = r0 + r;
-        for (int64_t i = 0; i < T; ++i) {
-          const acc_t ds = sc.scores[n * ld + i] * (sc.dp[n * ld + i] - sc.colsum[i]);
-          if (needs.x)
-            sc.dx_tile[r * T + i] = static_cast<acc_t>(g_b[n * D + column(o0, half, i)]) + ds;
-          sc.dp[n * ld + i] = ds * sc.values[n * ld + i];
+      if (want_ds) {
+        cpu::gemm(rows, T, D, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
+                  value_t.template data_ptr<acc_t>() + o0, D, sc.block, ld, /*accumulate=*/false);
+      }
+      cpu::softmax_backward_weights(
+          sc.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
+          x_b + r0 * D + o0, g_b + r0 * D + o0, D, m, l, want_ds ? sc.block : nullptr, vbias,
+          sc.dp + r0 * ld, sc.sigma_prime + r0 * ld, sc.colsum);
+    }
+
+    // Pass 2, kRows rows at a time: dv = P g; ds = P (dP − colsum) and dp becomes dt = ds σ';
+    // dx rows get g + ds in the tile's columns and dv Wv in all of them; dWv's tile rows get
+    // dv^T x, dbv's dv's column sums.
+    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
+      const int64_t rows = std::min(kRows, N - r0);
+      cpu::softmax_backward_grads(sc.scores + r0 * ld, ld, rows, T, g_b + r0 * D + o0, D, sc.colsum,
+                                  sc.sigma_prime + r0 * ld, want_ds ? sc.dp + r0 * ld : nullptr,
+                                  want_dv ? sc.block : nullptr, needs.x ? sc.dx_tile : nullptr);
+      if (grads.value_weight.defined()) {  // dWv[tile rows] += dv^T x, dv^T laid out for the GEMM
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * ld + i];
+        }
+        cpu::gemm(T, D, rows, sc.dv_t, kRows, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
+                  grads.value_weight.template data_ptr<acc_t>() + o0 * D, D, /*accumulate=*/true);
+      }
+      if (grads.value_bias.defined()) {
+        acc_t* db = grads.value_bias.template data_ptr<acc_t>() + o0;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < T; ++i) db[i] += sc.block[r * ld + i];
         }
       }
       if (!needs.x) continue;
-      cpu::gemm(rows, D, T, sc.dv + r0 * ld, ld, value.template data_ptr<acc_t>() + o0 * D, D,
-                sc.dx_rows, D, /*accumulate=*/false);
+      cpu::gemm(rows, D, T, sc.block, ld, value.template data_ptr<acc_t>() + o0 * D, D, sc.dx_rows,
+                D, /*accumulate=*/false);
       const std::lock_guard<std::mutex> guard(lock);
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* dx_n = dx + (b * N + r0 + r) * D;
         const acc_t* add = sc.dx_rows + r * D;
         for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];
-        for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * T + i];
+        for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * ld + i];
       }
     }
 
-    // The parameters' GEMMs over all N rows.
-    const at::Tensor dv = view(sc.dv, N, T, ld);
-    if (grads.value_weight.defined()) {
-      view(grads.value_weight.template data_ptr<acc_t>() + o0 * D, T, D, D)
-          .addmm_(dv.t(), view(const_cast<acc_t*>(xa), N, D, D));
-    }
-    if (grads.value_bias.defined()) {
-      acc_t* db = grads.value_bias.template data_ptr<acc_t>() + o0;
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t i = 0; i < T; ++i) db[i] += sc.dv[n * ld + i];
-      }
-    }
+    // The last transposed conv's parameters and dh5, GEMMs over all N rows of dt.
     if (!want_dt) return;
     if (grads.dec2_bias.defined()) {
       acc_t* db = grads.dec2_bias.template data_ptr<acc_t>();
@@ -352,13 +343,14 @@ struct Backward {
     }
   }
 
-  // x[b] in acc_t: in place for fp32/fp64, converted into `buffer` for bfloat16.
-  const acc_t* x_b_acc(const scalar_t* x_b, acc_t* buffer) const {
+  // `rows` rows of x[b] (D apart) in acc_t: in place for fp32/fp64, converted into `buffer`
+  // ([kRows, D]) for bfloat16.
+  const acc_t* rows_acc(const scalar_t* x_rows, int64_t rows, acc_t* buffer) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return x_b;
+      return x_rows;
     } else {
-      const int64_t n = s.n_vars * s.d_model;
-      std::transform(x_b, x_b + n, buffer, [](scalar_t v) { return static_cast<acc_t>(v); });
+      std::transform(x_rows, x_rows + rows * s.d_model, buffer,
+                     [](scalar_t v) { return static_cast<acc_t>(v); });
       return buffer;
     }
   }
@@ -515,7 +507,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       for (size_t j = i + 1; j < std::size(kLayers); ++j) {
         below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
       }
-      const at::Tensor pre = at::threshold_backward(d_out, act[layer.output], 0);
+      // ReLU's backward in place (d_out is this function's own): as threshold_backward, the
+      // gradient where the output is > 0 or NaN, else 0.
+      const at::Tensor pre = d_out.masked_fill_(act[layer.output] <= 0, 0);
       const at::Tensor weight = w[layer.weight].to(acc);
       const int64_t out_channels = weight.size(layer.transposed ? 1 : 0);
       const std::array<bool, 3> mask = {below, needs.w[layer.weight], needs.w[layer.weight + 1]};
@@ -528,7 +522,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       d_out = d_in;
     }
     if (head_needed) {
-      const at::Tensor pre = at::threshold_backward(d_out, act[kH1], 0).contiguous();
+      const at::Tensor pre = d_out.masked_fill_(act[kH1] <= 0, 0).contiguous();
       if (needs.w[kEnc0Bias]) out[1 + kEnc0Bias] = pre.sum({0, 2}).to(x.scalar_type());
       const at::Tensor dw = plan.head(x, w[kEnc0Weight], pre, dx, needs.w[kEnc0Weight]);
       if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
