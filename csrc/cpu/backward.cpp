@@ -5,25 +5,27 @@
 //   dP = v ⊙ g, ds = P ⊙ (dP − colsum_N(P ⊙ dP)), dx += g + ds
 //   dt = ds ⊙ σ(t)(1 − σ(t)) for the last transposed conv's output t (s = σ(t) + x)
 //   -> d dec2_weight, d dec2_bias, dh5
-// then dh5 back through the bottleneck's four convs and the first conv (ATen's
-// convolution_backward on the saved activations, O(B·D²) each; the first conv's also gives
-// its share of dx).
+// then dh5 back through the bottleneck's four convs (ATen's convolution_backward on the
+// saved activations, O(B·D²) each) and the first conv (Backward::head, which also gives its
+// share of dx).
 //
 // The tail part runs per (batch element, tile of T output columns), as the forward's tail
 // does (tail_layout.h): the scores S[N, T] are recomputed from h5 by one GEMM per output
-// parity, P from them and the forward's column statistics (col_max, col_sum), the value
-// tile V[N, T] by one GEMM; one elementwise pass gives dv, dP and the column sums of P ⊙ dP,
-// a second gives ds and dt. From there GEMMs: dWv rows of the tile (dv^T x), dx rows (dv Wv,
-// kRows rows at a time), d dec2 by parity (dt rhs^T) and dh5 (dec2^T dt, scattered back to
-// h5's columns). Nothing [B, N, D] is stored but dx itself (and, for bfloat16, its fp32
-// accumulator). Each worker holds four [N, T] buffers and, for the parameters it adds to,
-// its own accumulators, summed once at its end; dx rows and dh5 of one batch element are
-// added under that element's lock (tiles of one element can run on different workers).
+// parity; pass 1, kRows rows at a time, runs the value GEMM on the block and turns S into P
+// (from the forward's column statistics col_max, col_sum), with dP, σ' and the column sums
+// of P ⊙ dP; pass 2, kRows rows at a time, gives dv, ds and dt, dWv's tile rows (dv^T x),
+// dbv and dx's rows (g + ds in the tile's columns, dv Wv in all). Then over all N: d dec2 by
+// parity (dt window^T) and dh5 (dec2^T dt, scattered back to h5's columns). Nothing
+// [B, N, D] is stored but dx itself (for bfloat16, its fp32 accumulator). Each worker holds
+// three [N, T] buffers and, for the parameters it adds to, its own accumulators, summed
+// once at its end; dx rows and dh5 of one batch element are added under that element's
+// lock (tiles of one element can run on different workers).
 //
 // Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
 // dt without a score-network gradient, no convolution_backward below the lowest layer whose
-// parameters (or x) need one. Arithmetic in the accumulation type: fp32 for fp32 and
-// bfloat16 input (rounded once at the end), fp64 for fp64.
+// parameters (or x) need one, no first-conv backward without x or enc0's parameters.
+// Arithmetic in the accumulation type: fp32 for fp32 and bfloat16 input (rounded once at
+// the end), fp64 for fp64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -114,9 +116,12 @@ struct ParameterGrads {                 // in the tile parity order where a layo
     if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
   }
 
+  ParameterGrads() = default;  // none: the total before the first worker's (add_to)
+
+  // Adds these to `total`; the first worker's become the total (no copy).
   void add_to(ParameterGrads& total) const {
     const auto add = [](at::Tensor& to, const at::Tensor& from) {
-      if (from.defined()) to.add_(from);
+      if (from.defined()) to = to.defined() ? to.add_(from) : from;
     };
     add(total.value_weight, value_weight);
     add(total.value_bias, value_bias);
@@ -370,7 +375,7 @@ struct Backward {
     const auto chunk_start = [&](int64_t c) { return c * N / chunks; };
     const int64_t most_rows = (N + chunks - 1) / chunks;
     const at::Tensor w_t = weight.to(acc).reshape({C1, N * k}).t().contiguous();  // [N·k, C1]
-    at::Tensor total = want_weight ? at::zeros({C1, N * k}, at::TensorOptions(acc)) : at::Tensor();
+    at::Tensor total;  // the workers' sum: the first one's, then the others added
     std::mutex total_lock;
     const bool parallel = cpu::threads_for(2 * B * N * k * C1 * L) > 1;
     parallel_for_aten(B * chunks, parallel ? 1 : B * chunks, [&](int64_t begin, int64_t end) {
@@ -403,7 +408,7 @@ struct Backward {
       }
       if (!want_weight) return;
       const std::lock_guard<std::mutex> guard(total_lock);
-      total.add_(own);
+      total = total.defined() ? total.add_(own) : own;
     });
     return want_weight ? total.view({C1, N, k}) : total;
   }
@@ -461,7 +466,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum);
   at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
   at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
-  ParameterGrads<acc_t> total(needs, N, D, plan.K, acc);
+  ParameterGrads<acc_t> total;
   if (needs.ds() || needs.dv()) {
     RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
     plan.tail(x, grad, act[kH5], dx, dh5, total);
