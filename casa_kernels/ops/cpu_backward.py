@@ -9,7 +9,8 @@ outputs and h5 (``[B, channels, length]``, ``B·5·D²/8`` elements, in the accu
 dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
 
 Backward: ``casa::cpu_score_attention_backward`` (csrc/cpu/backward.cpp) recomputes the
-scores tile by tile from h5 and the statistics, and runs the whole chain back to x.
+scores tile by tile from h5 and the statistics, and runs the whole chain back to x
+(the convolutions as GEMMs on the saved activations).
 fp32, bfloat16 (computed in fp32, rounded once) and fp64. Weights with a NaN or inf run
 on the reference, forward and backward (``finite_weights``).
 """

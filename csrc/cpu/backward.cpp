@@ -5,9 +5,9 @@
 //   dP = v ⊙ g, ds = P ⊙ (dP − colsum_N(P ⊙ dP)), dx += g + ds
 //   dt = ds ⊙ σ(t)(1 − σ(t)) for the last transposed conv's output t (s = σ(t) + x)
 //   -> d dec2_weight, d dec2_bias, dh5
-// then dh5 back through the bottleneck's four convs (ATen's convolution_backward on the
-// saved activations, O(B·D²) each) and the first conv (Backward::head, which also gives its
-// share of dx).
+// then dh5 back through the bottleneck's four convs and the first conv, as GEMMs on the
+// saved activations (conv_s2_backward, conv_transpose_s2_backward; the first conv's also
+// gives its share of dx).
 //
 // The tail part runs per (batch element, tile of T output columns), as the forward's tail
 // does (tail_layout.h): the scores S[N, T] are recomputed from h5 by one GEMM per output
@@ -22,8 +22,8 @@
 // lock (tiles of one element can run on different workers).
 //
 // Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
-// dt without a score-network gradient, no convolution_backward below the lowest layer whose
-// parameters (or x) need one, no first-conv backward without x or enc0's parameters.
+// dt without a score-network gradient, no conv backward below the lowest layer whose
+// parameters (or x) need one, no input gradient of a layer nothing below needs.
 // Arithmetic in the accumulation type: fp32 for fp32 and bfloat16 input (rounded once at
 // the end), fp64 for fp64.
 
@@ -53,8 +53,8 @@ namespace {
 
 using cpu::parallel_for_aten;
 
-constexpr int64_t kRows = 64;       // rows of dx added per lock of their batch element
-constexpr int64_t kHeadRows = 256;  // rows of x per im2col chunk of the first conv's backward
+constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
+constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
 
 // The forward's activations saved for the backward, [B, channels, length] in the
 // accumulation dtype, in this order.
@@ -360,59 +360,6 @@ struct Backward {
     }
   }
 
-  // The first conv's backward from dpre = dL/d(enc0(x) + bias) [B, D/4, D/2] (acc_t): adds
-  // its share to dx [B, N, D] (where defined) and returns d enc0_weight [D/4, N, k] (where
-  // wanted, else undefined). Per (batch element, chunk of at most kHeadRows rows of x), as
-  // the forward's head: the chunk's im2col columns cols [rows·k, D/2] give
-  // dW[:, chunk] += dpre_b cols^T, and dcols = W[:, chunk]^T dpre_b is added back to the
-  // chunk's rows of dx (the adjoint of im2col; distinct rows per item, so no lock).
-  at::Tensor head(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dpre,
-                  at::Tensor& dx, bool want_weight) const {
-    const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4, L = D / 2, k = s.kernel;
-    const int64_t threads = at::get_num_threads();
-    const int64_t chunks =
-        std::max((N + kHeadRows - 1) / kHeadRows, std::min<int64_t>(N, (threads + B - 1) / B));
-    const auto chunk_start = [&](int64_t c) { return c * N / chunks; };
-    const int64_t most_rows = (N + chunks - 1) / chunks;
-    const at::Tensor w_t = weight.to(acc).reshape({C1, N * k}).t().contiguous();  // [N·k, C1]
-    at::Tensor total;  // the workers' sum: the first one's, then the others added
-    std::mutex total_lock;
-    const bool parallel = cpu::threads_for(2 * B * N * k * C1 * L) > 1;
-    parallel_for_aten(B * chunks, parallel ? 1 : B * chunks, [&](int64_t begin, int64_t end) {
-      const at::Tensor cols = at::empty({most_rows * k, L}, at::TensorOptions(acc));
-      const at::Tensor dcols = dx.defined() ? at::empty_like(cols) : at::Tensor();
-      at::Tensor own = want_weight ? at::zeros({C1, N * k}, at::TensorOptions(acc)) : at::Tensor();
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / chunks, n0 = chunk_start(item % chunks);
-        const int64_t rows = chunk_start(item % chunks + 1) - n0, K = rows * k;
-        acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * C1 * L;
-        if (want_weight) {
-          cpu::im2col_s2(x.data_ptr<scalar_t>() + (b * N + n0) * D, D, rows, D, k,
-                         cols.data_ptr<acc_t>(), L);
-          own.narrow(1, n0 * k, K).addmm_(view(dpre_b, C1, L, L), cols.narrow(0, 0, K).t());
-        }
-        if (!dx.defined()) continue;
-        acc_t* dc = dcols.data_ptr<acc_t>();
-        cpu::gemm(K, L, C1, w_t.data_ptr<acc_t>() + n0 * k * C1, C1, dpre_b, L, dc, L,
-                  /*accumulate=*/false);
-        acc_t* dx_rows = dx.data_ptr<acc_t>() + (b * N + n0) * D;
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < k; ++j) {  // dx[n, 2t + j - p] += dcols[(n, j), t]
-            const acc_t* from = dc + (r * k + j) * L;
-            acc_t* to = dx_rows + r * D + j - s.padding;
-            const int64_t t0 = std::max<int64_t>(0, (s.padding - j + 1) / 2);
-            const int64_t t1 = std::min<int64_t>(L, (D - j + s.padding + 1) / 2);
-            for (int64_t t = t0; t < t1; ++t) to[2 * t] += from[t];
-          }
-        }
-      }
-      if (!want_weight) return;
-      const std::lock_guard<std::mutex> guard(total_lock);
-      total = total.defined() ? total.add_(own) : own;
-    });
-    return want_weight ? total.view({C1, N, k}) : total;
-  }
-
   // The tail's backward over every (batch element, tile): adds to dx [B, N, D] and dh5
   // [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills `total`.
   void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
@@ -439,21 +386,132 @@ struct Backward {
   }
 };
 
+// Runs body(b, group, own) for every (batch element, group of `groups`) under
+// at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros; undefined
+// without `accumulates`), and returns the workers' accumulators summed (the first one's,
+// the others added to it). macs: the work's multiply-adds (threads_for).
+template <typename Body>
+at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulates,
+                         at::IntArrayRef own_shape, at::ScalarType acc, const Body& body) {
+  at::Tensor total;
+  std::mutex total_lock;
+  const bool parallel = cpu::threads_for(macs) > 1;
+  parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
+    at::Tensor own = accumulates ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
+    for (int64_t item = begin; item < end; ++item) body(item / groups, item % groups, own);
+    if (!accumulates) return;
+    const std::lock_guard<std::mutex> guard(total_lock);
+    total = total.defined() ? total.add_(own) : own;
+  });
+  return total;
+}
+
+// Groups of input channels per batch element: at most kChunkRows channels each, and
+// enough items for the threads when B is small.
+int64_t channel_groups(int64_t B, int64_t channels) {
+  const int64_t threads = at::get_num_threads();
+  return std::max((channels + kChunkRows - 1) / kChunkRows,
+                  std::min<int64_t>(channels, (threads + B - 1) / B));
+}
+
+// Backward of a stride-2 conv (weight [Cout, Cin, k] in acc_t, padding k/2) on input
+// [B, Cin, L] (contiguous) from dpre = dL/d(its output before bias and ReLU) [B, Cout, L/2]
+// (acc_t, contiguous): adds Wᵀ's share to d_in [B, Cin, L] where given and returns
+// dL/dweight [Cout, Cin, k] where want_weight (else undefined). Per (batch element, group
+// of input channels): the group's im2col columns cols [rows·k, L/2] give
+// dW[:, group] += dpre_b cols^T, and col2im(W[:, group]^T dpre_b), the adjoint of im2col,
+// goes to the group's rows of d_in (distinct rows per item, so no lock).
+template <typename in_t, typename acc_t>
+at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L,
+                            const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
+                            bool want_weight) {
+  const int64_t Cout = weight.size(0), k = weight.size(2), p = k / 2, half = L / 2;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = channel_groups(B, Cin);
+  const auto group_start = [&](int64_t g) { return g * Cin / groups; };
+  const int64_t most_rows = (Cin + groups - 1) / groups;
+  const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
+  const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
+  const at::Tensor dw = for_each_item(
+      B, groups, macs, want_weight, {Cout, Cin * k}, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own) {
+        thread_local std::vector<acc_t> cols;
+        cols.resize(most_rows * k * half);
+        const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0, K = rows * k;
+        acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * Cout * half;
+        if (want_weight) {
+          cpu::im2col_s2(input + (b * Cin + c0) * L, L, rows, L, k, cols.data(), half);
+          own.narrow(1, c0 * k, K)
+              .addmm_(view(dpre_b, Cout, half, half), view(cols.data(), K, half, half).t());
+        }
+        if (d_in == nullptr) return;
+        cpu::gemm(K, half, Cout, w_t.data_ptr<acc_t>() + c0 * k * Cout, Cout, dpre_b, half,
+                  cols.data(), half, /*accumulate=*/false);
+        acc_t* in_rows = d_in + (b * Cin + c0) * L;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < k; ++j) {  // d_in[c, 2t + j - p] += cols[(c, j), t]
+            const acc_t* from = cols.data() + (r * k + j) * half;
+            acc_t* to = in_rows + r * L + j - p;
+            const int64_t t0 = std::max<int64_t>(0, (p - j + 1) / 2);
+            const int64_t t1 = std::min<int64_t>(half, (L - j + p + 1) / 2);
+            for (int64_t t = t0; t < t1; ++t) to[2 * t] += from[t];
+          }
+        }
+      });
+  return want_weight ? dw.view({Cout, Cin, k}) : dw;
+}
+
+// Backward of a stride-2 transposed conv (weight [Cin, Cout, k] in acc_t, padding k/2,
+// output_padding 1) on input [B, Cin, Lin] from dpre [B, Cout, 2·Lin] (acc_t, contiguous):
+// writes d_in [B, Cin, Lin] where given and returns dL/dweight [Cin, Cout, k] where
+// want_weight. The transposed conv is the adjoint of a stride-2 conv with the same weight,
+// so with cols = im2col_s2(dpre_b) [Cout·k, Lin]: d_in_b = W [Cin, Cout·k] cols and
+// dW += in_b cols^T. Per (batch element, group of input channels).
+template <typename acc_t>
+at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin, int64_t Lin,
+                                      const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
+                                      bool want_weight) {
+  const int64_t Cout = weight.size(1), k = weight.size(2), Lout = 2 * Lin;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = channel_groups(B, Cin);
+  const auto group_start = [&](int64_t g) { return g * Cin / groups; };
+  const at::Tensor w_flat = weight.reshape({Cin, Cout * k});
+  const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * Lin;
+  const at::Tensor dw = for_each_item(
+      B, groups, macs, want_weight, {Cin, Cout * k}, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own) {
+        thread_local std::vector<acc_t> cols;
+        cols.resize(Cout * k * Lin);
+        const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0;
+        cpu::im2col_s2(dpre.data_ptr<acc_t>() + b * Cout * Lout, Lout, Cout, Lout, k, cols.data(),
+                       Lin);
+        if (want_weight) {
+          own.narrow(0, c0, rows)
+              .addmm_(view(const_cast<acc_t*>(input) + (b * Cin + c0) * Lin, rows, Lin, Lin),
+                      view(cols.data(), Cout * k, Lin, Lin).t());
+        }
+        if (d_in == nullptr) return;
+        cpu::gemm(rows, Lin, Cout * k, w_flat.data_ptr<acc_t>() + c0 * Cout * k, Cout * k,
+                  cols.data(), Lin, d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false);
+      });
+  return want_weight ? dw.view({Cin, Cout, k}) : dw;
+}
+
 // One conv of the score network, for the backward through it.
 struct ConvLayer {
   int weight;  // WeightIndex of its weight (the bias follows)
-  int input;   // ActivationIndex of its input; -1: x
+  int input;   // ActivationIndex of its input
   int output;  // ActivationIndex of its (ReLU'd) output
   bool transposed;
+  const char* name;  // of its range in profiler traces
 };
 
-// The bottleneck from the top (h5) down to h1: dec1, dec0, enc2, enc1 (then the first conv,
-// Backward::head).
+// The bottleneck from the top (h5) down to h1: dec1, dec0, enc2, enc1 (then the first conv).
 constexpr ConvLayer kLayers[] = {
-    {kDec1Weight, kDec0Out, kH5, true},
-    {kDec0Weight, kEnc2Out, kDec0Out, true},
-    {kEnc2Weight, kEnc1Out, kEnc2Out, false},
-    {kEnc1Weight, kH1, kEnc1Out, false},
+    {kDec1Weight, kDec0Out, kH5, true, "casa::cpu backward dec1"},
+    {kDec0Weight, kEnc2Out, kDec0Out, true, "casa::cpu backward dec0"},
+    {kEnc2Weight, kEnc1Out, kEnc2Out, false, "casa::cpu backward enc2"},
+    {kEnc1Weight, kH1, kEnc1Out, false, "casa::cpu backward enc1"},
 };
 
 template <typename scalar_t, typename acc_t>
@@ -499,37 +557,48 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   }
   if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(x.scalar_type());
 
-  // The bottleneck: each layer's ReLU, then convolution_backward, as far down as a gradient
-  // is needed; then the first conv (Backward::head).
+  // The bottleneck, each layer's ReLU then its conv's backward, as far down as a gradient
+  // is needed; then the first conv.
   if (dh5.defined()) {
-    RECORD_FUNCTION("casa::cpu backward bottleneck and head", std::vector<c10::IValue>());
-    const int64_t p = s.padding;
     const bool head_needed = needs.x || needs.any_of({kEnc0Weight, kEnc0Bias});
     at::Tensor d_out = dh5;
+    // ReLU's backward in place (d_out is this function's own), then the bias's gradient: as
+    // threshold_backward, the gradient where the output is > 0 or NaN, else 0.
+    const auto pre_activation = [&](int output, int bias) {
+      d_out.masked_fill_(act[output] <= 0, 0);
+      if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(x.scalar_type());
+      return d_out;
+    };
     for (size_t i = 0; i < std::size(kLayers); ++i) {
       const ConvLayer& layer = kLayers[i];
       bool below = head_needed;  // whether anything under this layer needs its input's gradient
       for (size_t j = i + 1; j < std::size(kLayers); ++j) {
         below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
       }
-      // ReLU's backward in place (d_out is this function's own): as threshold_backward, the
-      // gradient where the output is > 0 or NaN, else 0.
-      const at::Tensor pre = d_out.masked_fill_(act[layer.output] <= 0, 0);
-      const at::Tensor weight = w[layer.weight].to(acc);
-      const int64_t out_channels = weight.size(layer.transposed ? 1 : 0);
-      const std::array<bool, 3> mask = {below, needs.w[layer.weight], needs.w[layer.weight + 1]};
-      auto [d_in, d_weight, d_bias] = at::convolution_backward(
-          pre, act[layer.input], weight, at::IntArrayRef(out_channels), {2}, {p}, {1},
-          layer.transposed, {layer.transposed ? 1 : 0}, 1, mask);
-      if (mask[1]) out[1 + layer.weight] = d_weight.to(x.scalar_type());
-      if (mask[2]) out[1 + layer.weight + 1] = d_bias.to(x.scalar_type());
+      RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
+      const at::Tensor pre = pre_activation(layer.output, layer.weight + 1);
+      const at::Tensor weight = w[layer.weight].to(acc).contiguous();
+      const at::Tensor& input = act[layer.input];
+      const int64_t Cin = input.size(1), L = input.size(2);
+      at::Tensor d_in;
+      if (below) d_in = layer.transposed ? at::empty_like(input) : at::zeros_like(input);
+      acc_t* d_in_data = below ? d_in.data_ptr<acc_t>() : nullptr;
+      const at::Tensor dw =
+          layer.transposed
+              ? conv_transpose_s2_backward<acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                                  d_in_data, needs.w[layer.weight])
+              : conv_s2_backward<acc_t, acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                               d_in_data, needs.w[layer.weight]);
+      if (dw.defined()) out[1 + layer.weight] = dw.to(x.scalar_type());
       if (!below) break;
       d_out = d_in;
     }
     if (head_needed) {
-      const at::Tensor pre = d_out.masked_fill_(act[kH1] <= 0, 0).contiguous();
-      if (needs.w[kEnc0Bias]) out[1 + kEnc0Bias] = pre.sum({0, 2}).to(x.scalar_type());
-      const at::Tensor dw = plan.head(x, w[kEnc0Weight], pre, dx, needs.w[kEnc0Weight]);
+      RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
+      const at::Tensor pre = pre_activation(kH1, kEnc0Bias);
+      const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
+          x.data_ptr<scalar_t>(), B, N, D, w[kEnc0Weight].to(acc).contiguous(), pre,
+          needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight]);
       if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
     }
   }
