@@ -41,6 +41,7 @@ torch.library.define(
     OP_NAME,
     "(Tensor x, " + ", ".join(f"Tensor {f}" for f in _FIELDS) + ", str backend) -> Tensor",
 )
+_OP = torch.ops.casa.score_attention.default
 
 
 def _run(x: torch.Tensor, weights: ScoreAttentionWeights, backend: str) -> torch.Tensor:
@@ -78,15 +79,15 @@ class _ScoreAttentionFunction(torch.autograd.Function):
     that backward needs), else the reference's, recomputed from the saved inputs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *weights_and_backend):
-        *weights, backend = weights_and_backend
+    def forward(ctx, x: torch.Tensor, *weights_backend_keyset):
+        *weights, backend, keyset = weights_backend_keyset
         with torch._C._AutoDispatchBelowAutograd():
             chosen = _with_fused_backward(x, weights, backend)
             run = None
             if chosen is not None:
                 run = chosen.fused_backward.forward(x, ScoreAttentionWeights(*weights))
             if run is None:
-                y, saved, chosen = torch.ops.casa.score_attention(x, *weights, backend), (), None
+                y, saved, chosen = _below_autograd(keyset, (x, *weights, backend)), (), None
             else:
                 y, saved = run
         ctx.fused = None if chosen is None else chosen.fused_backward
@@ -100,7 +101,7 @@ class _ScoreAttentionFunction(torch.autograd.Function):
         weights = ScoreAttentionWeights(*rest[: len(_FIELDS)])
         needs = ctx.needs_input_grad[: 1 + len(_FIELDS)]
         if ctx.fused is None:
-            return (*_reference_backward(grad_output, x, weights, needs), None)
+            return (*_reference_backward(grad_output, x, weights, needs), None, None)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "casa::score_attention: double backward (create_graph=True) is not supported "
@@ -108,7 +109,7 @@ class _ScoreAttentionFunction(torch.autograd.Function):
                 "use backend='reference' to differentiate twice"
             )
         saved = tuple(rest[len(_FIELDS) :])
-        return (*ctx.fused.backward(grad_output, x, weights, saved, needs), None)
+        return (*ctx.fused.backward(grad_output, x, weights, saved, needs), None, None)
 
 
 def _reference_backward(grad_output, x, weights, needs):
@@ -121,11 +122,16 @@ def _reference_backward(grad_output, x, weights, needs):
     return tuple(next(grads) if need else None for need in needs)
 
 
-def _autograd_kernel(x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *weights_and_backend[:-1]):
-        return _ScoreAttentionFunction.apply(x, *weights_and_backend)
+def _below_autograd(keyset, args) -> torch.Tensor:
+    """The op's kernel below the Autograd key (as torch.library.register_autograd's)."""
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.casa.score_attention(x, *weights_and_backend)
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _autograd_kernel(keyset, x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *weights_and_backend[:-1]):
+        return _ScoreAttentionFunction.apply(x, *weights_and_backend, keyset)
+    return _below_autograd(keyset, (x, *weights_and_backend))
 
 
 def _autocasts(t: torch.Tensor) -> bool:
@@ -150,7 +156,7 @@ def _autocast_kernel(device_type: str, x: torch.Tensor, *weights_and_backend):
 
 
 _autocast_lib = torch.library.Library("casa", "IMPL")
-_autocast_lib.impl("score_attention", _autograd_kernel, "Autograd")
+_autocast_lib.impl("score_attention", _autograd_kernel, "Autograd", with_keyset=True)
 _autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cpu", *a), "AutocastCPU")
 _autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cuda", *a), "AutocastCUDA")
 
@@ -203,7 +209,7 @@ def _needs_dispatcher(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
     function and dispatch modes (FakeTensor, FlopCounterMode, ...) and the profiler's
     record of the op. Eager inference on plain tensors skips the dispatch (measured:
     about 20 us a call, 15% of the cpu backend's time at N = 7, D = 128, B = 1)."""
-    if torch._C._autograd._profiler_enabled() or not _plain_eager(x, weights):
+    if not _plain_eager(x, weights) or torch._C._autograd._profiler_enabled():
         return True
     grad = torch.is_grad_enabled()
     return any(grad and t.requires_grad for t in (x, *weights))
