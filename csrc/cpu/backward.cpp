@@ -386,19 +386,24 @@ struct Backward {
   }
 };
 
-// Runs body(b, group, own) for every (batch element, group of `groups`) under
+// Runs body(b, group, own, scratch) for every (batch element, group of `groups`) under
 // at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros; undefined
-// without `accumulates`), and returns the workers' accumulators summed (the first one's,
-// the others added to it). macs: the work's multiply-adds (threads_for).
+// without `accumulates`) and `scratch` its buffer of `scratch_elements`, and returns the
+// workers' accumulators summed (the first one's, the others added to it). macs: the work's
+// multiply-adds (threads_for).
 template <typename Body>
 at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulates,
-                         at::IntArrayRef own_shape, at::ScalarType acc, const Body& body) {
+                         at::IntArrayRef own_shape, int64_t scratch_elements, at::ScalarType acc,
+                         const Body& body) {
   at::Tensor total;
   std::mutex total_lock;
   const bool parallel = cpu::threads_for(macs) > 1;
   parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
     at::Tensor own = accumulates ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
-    for (int64_t item = begin; item < end; ++item) body(item / groups, item % groups, own);
+    const at::Tensor scratch = at::empty({scratch_elements}, at::TensorOptions(acc));
+    for (int64_t item = begin; item < end; ++item) {
+      body(item / groups, item % groups, own, scratch);
+    }
     if (!accumulates) return;
     const std::lock_guard<std::mutex> guard(total_lock);
     total = total.defined() ? total.add_(own) : own;
@@ -433,24 +438,23 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
   const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
   const at::Tensor dw = for_each_item(
-      B, groups, macs, want_weight, {Cout, Cin * k}, acc,
-      [&](int64_t b, int64_t g, at::Tensor& own) {
-        thread_local std::vector<acc_t> cols;
-        cols.resize(most_rows * k * half);
+      B, groups, macs, want_weight, {Cout, Cin * k}, most_rows * k * half, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+        acc_t* cols = scratch.data_ptr<acc_t>();  // [rows·k, L/2]
         const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0, K = rows * k;
         acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * Cout * half;
         if (want_weight) {
-          cpu::im2col_s2(input + (b * Cin + c0) * L, L, rows, L, k, cols.data(), half);
+          cpu::im2col_s2(input + (b * Cin + c0) * L, L, rows, L, k, cols, half);
           own.narrow(1, c0 * k, K)
-              .addmm_(view(dpre_b, Cout, half, half), view(cols.data(), K, half, half).t());
+              .addmm_(view(dpre_b, Cout, half, half), view(cols, K, half, half).t());
         }
         if (d_in == nullptr) return;
-        cpu::gemm(K, half, Cout, w_t.data_ptr<acc_t>() + c0 * k * Cout, Cout, dpre_b, half,
-                  cols.data(), half, /*accumulate=*/false);
+        cpu::gemm(K, half, Cout, w_t.data_ptr<acc_t>() + c0 * k * Cout, Cout, dpre_b, half, cols,
+                  half, /*accumulate=*/false);
         acc_t* in_rows = d_in + (b * Cin + c0) * L;
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < k; ++j) {  // d_in[c, 2t + j - p] += cols[(c, j), t]
-            const acc_t* from = cols.data() + (r * k + j) * half;
+            const acc_t* from = cols + (r * k + j) * half;
             acc_t* to = in_rows + r * L + j - p;
             const int64_t t0 = std::max<int64_t>(0, (p - j + 1) / 2);
             const int64_t t1 = std::min<int64_t>(half, (L - j + p + 1) / 2);
@@ -478,21 +482,19 @@ at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin
   const at::Tensor w_flat = weight.reshape({Cin, Cout * k});
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * Lin;
   const at::Tensor dw = for_each_item(
-      B, groups, macs, want_weight, {Cin, Cout * k}, acc,
-      [&](int64_t b, int64_t g, at::Tensor& own) {
-        thread_local std::vector<acc_t> cols;
-        cols.resize(Cout * k * Lin);
+      B, groups, macs, want_weight, {Cin, Cout * k}, Cout * k * Lin, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+        acc_t* cols = scratch.data_ptr<acc_t>();  // [Cout·k, Lin]
         const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0;
-        cpu::im2col_s2(dpre.data_ptr<acc_t>() + b * Cout * Lout, Lout, Cout, Lout, k, cols.data(),
-                       Lin);
+        cpu::im2col_s2(dpre.data_ptr<acc_t>() + b * Cout * Lout, Lout, Cout, Lout, k, cols, Lin);
         if (want_weight) {
           own.narrow(0, c0, rows)
               .addmm_(view(const_cast<acc_t*>(input) + (b * Cin + c0) * Lin, rows, Lin, Lin),
-                      view(cols.data(), Cout * k, Lin, Lin).t());
+                      view(cols, Cout * k, Lin, Lin).t());
         }
         if (d_in == nullptr) return;
-        cpu::gemm(rows, Lin, Cout * k, w_flat.data_ptr<acc_t>() + c0 * Cout * k, Cout * k,
-                  cols.data(), Lin, d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false);
+        cpu::gemm(rows, Lin, Cout * k, w_flat.data_ptr<acc_t>() + c0 * Cout * k, Cout * k, cols,
+                  Lin, d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false);
       });
   return want_weight ? dw.view({Cin, Cout, k}) : dw;
 }
