@@ -18,6 +18,13 @@
   is ~1/N of y, so a value read one row off or a dropped bias moves y by less than one ulp
   of y, yet by many ulps of the attention term — visible where x and the attention term
   cancel, where PyTorch's own error is small. (docs/design.md §7 gives the evidence.)
+
+Gradients (``compare_gradient``) are sums over the batch and the variates: their rounding
+error scales with the largest terms of the sum, not with each element, so one tensor's
+scale is its largest float64 reference element. fp32/fp64: ``|ours - ref64| <= atol *
+max|ref64| + rtol * |ref64|`` (the fixed tolerances above); fp16/bf16:
+``|ours - ref64| <= 2 * |ref_dtype - ref64| + c * u * (|ref64| + max|ref64|)``, with
+``ref_dtype`` the reference's autograd in the same low precision.
 """
 
 from __future__ import annotations
@@ -164,3 +171,41 @@ def assert_close_to_reference(
         f"{out.dtype} output off the float64 reference: max abs {result.max_abs_error:.3g}, "
         f"max rel {result.max_rel_error:.3g}, rule {result.rule}"
     )
+
+
+def compare_gradient(
+    got: torch.Tensor, ref64: torch.Tensor, ref_dtype: torch.Tensor | None = None
+) -> Comparison:
+    """Checks ``got`` (a backend's gradient of x or of one weight) against the float64
+    reference's gradient ``ref64``; ``ref_dtype``, the reference's gradient in ``got``'s
+    dtype, is needed for fp16/bf16. Non-finite elements must sit where ``ref64``'s are,
+    with the same values (NaN, +inf, -inf)."""
+    got64 = got.detach().to("cpu", torch.float64)
+    ref64 = ref64.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(ref64)
+    same_pattern = torch.equal(torch.isfinite(got64), finite) and torch.equal(
+        got64[~finite].nan_to_num(), ref64[~finite].nan_to_num()
+    )
+    error = (got64 - ref64).abs()[finite]
+    ref = ref64[finite]
+    scale = ref.abs().max() if ref.numel() else ref.new_zeros(())
+    max_abs = error.max().item() if error.numel() else 0.0
+    max_rel = (error / scale.clamp_min(1e-30)).max().item() if error.numel() else 0.0
+    if got.dtype in FIXED_TOLERANCE:
+        atol, rtol = FIXED_TOLERANCE[got.dtype]
+        bound = atol * scale + rtol * ref.abs()
+        rule = f"|err| <= {atol:g}*max|ref64| + {rtol:g}*|ref64|"
+    else:
+        if ref_dtype is None:
+            raise ValueError(
+                f"ref_dtype: expected the reference's {got.dtype} gradient, received None"
+            )
+        torch_error = (ref_dtype.detach().to("cpu", torch.float64) - ref64).abs()[finite]
+        eps = LOW_PRECISION_ULPS * UNIT_ROUNDOFF[got.dtype]
+        bound = 2 * torch_error.nan_to_num(posinf=0.0) + eps * (ref.abs() + scale)
+        rule = (
+            f"|err| <= 2*|torch_{str(got.dtype).removeprefix('torch.')} err| "
+            f"+ {eps:g}*(|ref64| + max|ref64|)"
+        )
+    passed = same_pattern and bool((error <= bound).all())
+    return Comparison(max_abs, max_rel, passed, rule)

@@ -43,6 +43,25 @@ class Stages(NamedTuple):
     tail_output: Callable[..., torch.Tensor]
 
 
+class FusedBackward(NamedTuple):
+    """A backend's own backward of the op (docs/design.md §12), used by the op's autograd
+    instead of differentiating the reference for the inputs this backend served.
+
+    ``forward(x, weights)`` runs the op and returns ``(y, saved)``: y as the backend's
+    forward gives it and the tensors its backward needs (beyond x and the weights, which
+    autograd keeps anyway); or None where this call is left to the reference's backward
+    (e.g. weights the backend's forward hands to the reference).
+    ``backward(grad_y, x, weights, saved, needs)`` returns the gradients of x and the 14
+    weights, in schema order, None where ``needs`` (15 flags, the op's
+    ``ctx.needs_input_grad``) is False.
+    """
+
+    forward: Callable[
+        [torch.Tensor, ScoreAttentionWeights], tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None
+    ]
+    backward: Callable[..., tuple[torch.Tensor | None, ...]]
+
+
 class ProblemShape(NamedTuple):
     """The sizes of one call: ``x`` is ``[batch, n_vars, d_model]``, the convs' width ``kernel``."""
 
@@ -96,6 +115,8 @@ class Backend:
     """None when the backend serves a problem of this shape, else why not; None: any shape."""
     block_epilogue: BlockEpilogue | None = None
     """The fused work after the attention in a block, where the backend has it."""
+    fused_backward: FusedBackward | None = None
+    """The backend's own backward; None: the op's autograd differentiates the reference."""
 
     def reason_not_serving(
         self, device: torch.device, dtype: torch.dtype, shape: ProblemShape | None = None

@@ -9,8 +9,11 @@ The weights come in the order of :class:`~casa_kernels.weights.ScoreAttentionWei
 One kernel, registered for every device, hands the call to the named backend of the
 registry (raising, with every backend's reason, if it cannot serve the input); an
 empty batch returns an empty result without calling a backend. The fake kernel gives
-``empty_like(x)``; the backward recomputes the reference from the saved inputs (only
-the inputs are saved), so every backend's gradients are the reference's.
+``empty_like(x)``. The op's autograd (``_ScoreAttentionFunction``) uses the served
+backend's own backward where it has one (``Backend.fused_backward``: the cpu backend's,
+docs/design.md §5.8) for eager calls on plain tensors, saving what that backward needs;
+otherwise (other backends, tracing and compiling, B = 0) it saves the inputs and
+differentiates the reference recomputed from them.
 ``casa_attention`` resolves the backend once, with the problem's shape, and runs that
 kernel's body itself (``_forward_on``) in eager inference on plain tensors, where nothing
 needs the dispatch (``_needs_dispatcher``).
@@ -39,6 +42,7 @@ torch.library.define(
     OP_NAME,
     "(Tensor x, " + ", ".join(f"Tensor {f}" for f in _FIELDS) + ", str backend) -> Tensor",
 )
+_OP = torch.ops.casa.score_attention.default
 
 
 def _forward_on(chosen: Backend, x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
@@ -79,22 +83,75 @@ def _score_attention_fake(x: torch.Tensor, *weights_and_backend) -> torch.Tensor
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:-1])
+def _with_fused_backward(x: torch.Tensor, weights, backend: str) -> Backend | None:
+    """The backend serving this call where it has its own backward, else None (the
+    reference's backward). Only for plain tensors in eager mode (under tracing, compiling,
+    fake tensors and dispatch modes the op differentiates the reference) and B > 0."""
+    if x.dim() != 3 or x.shape[0] == 0 or not _plain_eager(x, weights):
+        return None
+    w = ScoreAttentionWeights(*weights)
+    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, w))
+    return chosen if chosen.fused_backward is not None else None
 
 
-def _backward(ctx, grad_output: torch.Tensor):
-    saved = ctx.saved_tensors
-    needs = ctx.needs_input_grad[: len(saved)]
+class _ScoreAttentionFunction(torch.autograd.Function):
+    """The op's autograd: the served backend's fused backward where it has one (saving what
+    that backward needs), else the reference's, recomputed from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights_backend_keyset):
+        *weights, backend, keyset = weights_backend_keyset
+        with torch._C._AutoDispatchBelowAutograd():
+            chosen = _with_fused_backward(x, weights, backend)
+            run = None
+            if chosen is not None:
+                run = chosen.fused_backward.forward(x, ScoreAttentionWeights(*weights))
+            if run is None:
+                y, saved, chosen = _below_autograd(keyset, (x, *weights, backend)), (), None
+            else:
+                y, saved = run
+        ctx.fused = None if chosen is None else chosen.fused_backward
+        ctx.backend = None if chosen is None else chosen.name
+        ctx.save_for_backward(x, *weights, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, *rest = ctx.saved_tensors
+        weights = ScoreAttentionWeights(*rest[: len(_FIELDS)])
+        needs = ctx.needs_input_grad[: 1 + len(_FIELDS)]
+        if ctx.fused is None:
+            return (*_reference_backward(grad_output, x, weights, needs), None, None)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "casa::score_attention: double backward (create_graph=True) is not supported "
+                f"by the {ctx.backend} backend's fused backward, which served this call; "
+                "use backend='reference' to differentiate twice"
+            )
+        saved = tuple(rest[len(_FIELDS) :])
+        return (*ctx.fused.backward(grad_output, x, weights, saved, needs), None, None)
+
+
+def _reference_backward(grad_output, x, weights, needs):
+    """The gradients (None where not needed) of the reference op at the saved inputs."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, needs)]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, *weights), needs)]
         out = reference.score_attention(leaves[0], ScoreAttentionWeights(*leaves[1:]))
         wanted = [leaf for leaf, need in zip(leaves, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_output) if wanted else ())
-    return (*(next(grads) if need else None for need in needs), None)
+    return tuple(next(grads) if need else None for need in needs)
 
 
-torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+def _below_autograd(keyset, args) -> torch.Tensor:
+    """The op's kernel below the Autograd key (as torch.library.register_autograd's)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _autograd_kernel(keyset, x: torch.Tensor, *weights_and_backend) -> torch.Tensor:
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *weights_and_backend[:-1]):
+        return _ScoreAttentionFunction.apply(x, *weights_and_backend, keyset)
+    return _below_autograd(keyset, (x, *weights_and_backend))
 
 
 def _autocasts(t: torch.Tensor) -> bool:
@@ -119,6 +176,7 @@ def _autocast_kernel(device_type: str, x: torch.Tensor, *weights_and_backend):
 
 
 _autocast_lib = torch.library.Library("casa", "IMPL")
+_autocast_lib.impl("score_attention", _autograd_kernel, "Autograd", with_keyset=True)
 _autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cpu", *a), "AutocastCPU")
 _autocast_lib.impl("score_attention", lambda *a: _autocast_kernel("cuda", *a), "AutocastCUDA")
 
@@ -189,17 +247,24 @@ def _needs_dispatcher(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
     function and dispatch modes (FakeTensor, FlopCounterMode, ...) and the profiler's
     record of the op. Eager inference on plain tensors skips the dispatch (about 20 us a
     call: docs/design.md §6)."""
+    if not _plain_eager(x, weights) or torch._C._autograd._profiler_enabled():
+        return True
+    grad = torch.is_grad_enabled()
+    return any(grad and t.requires_grad for t in (x, *weights))
+
+
+def _plain_eager(x: torch.Tensor, weights) -> bool:
+    """Whether this is an eager call on plain tensors: no compiling or tracing, no torch
+    function or dispatch mode, no functorch transform, no tensor subclass."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
-        or torch._C._autograd._profiler_enabled()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._are_functorch_transforms_active()
     ):
-        return True
-    grad = torch.is_grad_enabled()
-    return any(type(t) not in _PLAIN or (grad and t.requires_grad) for t in (x, *weights))
+        return False
+    return all(type(t) in _PLAIN for t in (x, *weights))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

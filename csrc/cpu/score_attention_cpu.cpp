@@ -54,6 +54,7 @@
 #include "channels_last.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "tail_layout.h"
 #include "vectorised.h"
 
 namespace casa {
@@ -61,38 +62,13 @@ namespace {
 
 using cpu::parallel_for_aten;
 using cpu::parity_taps;
+using cpu::tail_tile_width;
 using cpu::threads_for;
+using cpu::tile_parity_order;
 
 constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM columns at a time
 constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
 constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
-
-// Tail tile width T (even, at most D): the whole width when the batch alone keeps the
-// threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
-// the widest that splits the D columns into enough tiles, with at most 1/8 of the
-// threads' time idle. A worker's scores, N·T values, stay within one [N, D] buffer.
-int64_t tail_tile_width(int64_t B, int64_t D, int64_t threads) {
-  for (int64_t tiles = 1;; ++tiles) {
-    const int64_t T = ((D + tiles - 1) / tiles + 1) / 2 * 2;
-    const int64_t items = B * ((D + T - 1) / T);
-    const int64_t slots = (items + threads - 1) / threads * threads;
-    if (T == 2 || 8 * (slots - items) <= slots) return T;
-  }
-}
-
-// For each tail tile [o0, o0 + T) of the D output columns: o0 + 2c at position o0 + c
-// and o0 + 2c + 1 at position o0 + T/2 + c (c < T/2), the order of the tail's GEMMs.
-std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
-  std::vector<int64_t> order(D);
-  for (int64_t o0 = 0; o0 < D; o0 += tile) {
-    const int64_t half = std::min(tile, D - o0) / 2;
-    for (int64_t c = 0; c < half; ++c) {
-      order[o0 + c] = o0 + 2 * c;
-      order[o0 + half + c] = o0 + 2 * c + 1;
-    }
-  }
-  return order;
-}
 
 // out[r, c] = src[row_of[c]·ld + column_of[r]] for r < column_of.size(), c < row_of.size():
 // selected columns of src become rows of out (a gather and a transpose in one pass),
@@ -587,9 +563,10 @@ struct Plan {
   // parity order (even output columns, then odd), as the softmax functions take them,
   // kTailRows rows at a time so that each block's GEMM output is used while in cache:
   // pass 1 turns the scores into softmax numerators and sums them, pass 2 computes the
-  // value block and writes y. The column statistics are the tile's own (TailMode::kFused),
-  // or pass 1 only writes them to stats (kStats), or pass 2 takes them from stats
-  // (kOutput). stats: col_max and col_sum, each [B, D] in natural column order. x_b, y_b:
+  // value block and writes y. The column statistics are the tile's own (TailMode::kFused,
+  // which also writes them to stats unless stats[0] is null: the backward's), or pass 1
+  // only writes them to stats (kStats), or pass 2 takes them from stats (kOutput).
+  // stats: col_max and col_sum, each [B, D] in natural column order. x_b, y_b:
   // x[b] and y[b], [N, D] contiguous (y_b unused for kStats).
   void tail_tile(const scalar_t* x_b, const acc_t* h5_b, int64_t h5_ld, int64_t b, int64_t o0,
                  const TailScratch<acc_t>& scratch, TailMode mode, acc_t* const stats[2],
@@ -636,11 +613,12 @@ struct Plan {
     acc_t* const* common = scratch.common;
     if (mode != TailMode::kOutput)
       cpu::softmax_merge_blocks(shift, sum, blocks, T, common[0], common[1]);
-    for (int i = 0; mode != TailMode::kFused && i < 2; ++i) {  // tile parity order <-> natural
-      acc_t* row = stats[i] + b * D + o0;
+    const bool writes_stats = mode != TailMode::kOutput && stats[0] != nullptr;
+    for (int i = 0; (writes_stats || mode == TailMode::kOutput) && i < 2; ++i) {  // parity order
+      acc_t* row = stats[i] + b * D + o0;                                         // <-> natural
       for (int64_t c = 0; c < half; ++c) {
         for (int64_t q = 0; q < 2; ++q) {
-          if (mode == TailMode::kStats)
+          if (writes_stats)
             row[2 * c + q] = common[i][q * half + c];
           else
             common[i][q * half + c] = row[2 * c + q];
@@ -920,6 +898,21 @@ at::Tensor tail_output(const at::Tensor& x, const at::Tensor& h5, const at::Tens
   return y;
 }
 
+// casa::cpu_tail_fused: the single-device tail (each tile's own statistics) on h5, returning
+// y and the statistics it used, (col_max, col_sum) each [B, D] in the accumulation dtype:
+// what the backward (backward.cpp) recomputes the softmax from.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tail_fused(
+    const at::Tensor& x, const at::Tensor& h5, const at::Tensor& dec2_weight,
+    const at::Tensor& dec2_bias, const at::Tensor& value_weight, const at::Tensor& value_bias,
+    at::TensorList prepared, int64_t tile, const std::string& bf16_gemm) {
+  at::Tensor stats =
+      at::empty({2, x.size(0), x.size(2)}, x.options().dtype(accumulation_type(x.scalar_type())));
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  run_tail(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, prepared, tile, bf16_gemm,
+           TailMode::kFused, stats, y);
+  return {y, stats[0], stats[1]};
+}
+
 int64_t tail_tile(int64_t batch, int64_t d_model) {
   return tail_tile_width(batch, d_model, at::get_num_threads());
 }
@@ -955,6 +948,10 @@ TORCH_LIBRARY_FRAGMENT(casa, m) {
       "cpu_tail_output(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
       "Tensor value_weight, Tensor value_bias, Tensor[] prepared, int tile, str bf16_gemm, "
       "Tensor col_max, Tensor col_sum) -> Tensor");
+  m.def(
+      "cpu_tail_fused(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
+      "Tensor value_weight, Tensor value_bias, Tensor[] prepared, int tile, str bf16_gemm) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(casa, CPU, m) {
@@ -965,6 +962,7 @@ TORCH_LIBRARY_IMPL(casa, CPU, m) {
   m.impl("cpu_prepare_tail", &prepare_tail);
   m.impl("cpu_tail_stats", &tail_stats);
   m.impl("cpu_tail_output", &tail_output);
+  m.impl("cpu_tail_fused", &tail_fused);
 }
 
 }  // namespace casa

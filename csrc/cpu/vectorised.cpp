@@ -258,6 +258,64 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
   }
 }
 
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_backward_weights_impl(
+    acc_t* __restrict scores, int64_t ld, const acc_t* __restrict score_bias, int64_t rows,
+    int64_t T, const scalar_t* __restrict x, const scalar_t* __restrict g, int64_t D,
+    const acc_t* __restrict col_max, const acc_t* __restrict col_sum,
+    const acc_t* __restrict values, const acc_t* __restrict value_bias, acc_t* __restrict dp,
+    acc_t* __restrict sigma_prime, acc_t* __restrict colsum) {
+  const int64_t half = T / 2;
+  for (int64_t n = 0; n < rows; ++n) {
+    acc_t* __restrict s = scores + n * ld;
+    const acc_t b = score_bias[n];
+    const scalar_t* __restrict xr = x + n * D;
+    const scalar_t* __restrict gr = g + n * D;
+    for (int64_t c = 0; c < half; ++c) {
+      acc_t x_pair[2], g_pair[2];
+      load_pair(xr, c, x_pair[0], x_pair[1]);
+      load_pair(gr, c, g_pair[0], g_pair[1]);
+      for (int64_t q = 0; q < 2; ++q) {
+        const int64_t i = q * half + c;
+        const acc_t sigma = acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[i] + b)));
+        const acc_t p = exp_vectorisable(sigma + x_pair[q] - col_max[i]) / col_sum[i];
+        s[i] = p;
+        if (values == nullptr) continue;
+        const acc_t d = (values[n * ld + i] + value_bias[i]) * g_pair[q];
+        dp[n * ld + i] = d;
+        sigma_prime[n * ld + i] = sigma * (acc_t(1) - sigma);
+        colsum[i] += p * d;
+      }
+    }
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_backward_grads_impl(const acc_t* __restrict P, int64_t ld, int64_t rows,
+                                             int64_t T, const scalar_t* __restrict g, int64_t D,
+                                             const acc_t* __restrict colsum,
+                                             const acc_t* __restrict sigma_prime,
+                                             acc_t* __restrict dp, acc_t* __restrict dv,
+                                             acc_t* __restrict dx) {
+  const int64_t half = T / 2;
+  for (int64_t n = 0; n < rows; ++n) {
+    const scalar_t* __restrict gr = g + n * D;
+    for (int64_t c = 0; c < half; ++c) {
+      acc_t g_pair[2];
+      load_pair(gr, c, g_pair[0], g_pair[1]);
+      for (int64_t q = 0; q < 2; ++q) {
+        const int64_t i = n * ld + q * half + c;
+        const acc_t p = P[i];
+        if (dv != nullptr) dv[i] = p * g_pair[q];
+        if (dp == nullptr) continue;
+        const acc_t ds = p * (dp[i] - colsum[q * half + c]);
+        if (dx != nullptr) dx[i] = g_pair[q] + ds;
+        dp[i] = ds * sigma_prime[i];
+      }
+    }
+  }
+}
+
 // Σ v[c] for c < D, in kLanes independent partial sums so that the compiler vectorises
 // the loop (a single running sum is a serial dependency it may not reorder).
 constexpr int64_t kLanes = 16;
@@ -476,6 +534,24 @@ CASA_ADD_BIAS_RELU(, double)
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, float)
 CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
 CASA_SOFTMAX(, double, double)
+
+#define CASA_SOFTMAX_BACKWARD(attr, acc_t, scalar_t)                                               \
+  attr void softmax_backward_weights(                                                              \
+      acc_t* scores, int64_t ld, const acc_t* score_bias, int64_t rows, int64_t T,                 \
+      const scalar_t* x, const scalar_t* g, int64_t D, const acc_t* col_max, const acc_t* col_sum, \
+      const acc_t* values, const acc_t* value_bias, acc_t* dp, acc_t* sigma_prime,                 \
+      acc_t* colsum) {                                                                             \
+    softmax_backward_weights_impl(scores, ld, score_bias, rows, T, x, g, D, col_max, col_sum,      \
+                                  values, value_bias, dp, sigma_prime, colsum);                    \
+  }                                                                                                \
+  attr void softmax_backward_grads(const acc_t* P, int64_t ld, int64_t rows, int64_t T,            \
+                                   const scalar_t* g, int64_t D, const acc_t* colsum,              \
+                                   const acc_t* sigma_prime, acc_t* dp, acc_t* dv, acc_t* dx) {    \
+    softmax_backward_grads_impl(P, ld, rows, T, g, D, colsum, sigma_prime, dp, dv, dx);            \
+  }
+CASA_SOFTMAX_BACKWARD(CASA_TARGET_CLONES, float, float)
+CASA_SOFTMAX_BACKWARD(CASA_TARGET_CLONES, float, c10::BFloat16)
+CASA_SOFTMAX_BACKWARD(, double, double)
 
 #define CASA_BLOCK_SCALES(attr, acc_t)                                                            \
   attr void softmax_merge_blocks(const acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T, \

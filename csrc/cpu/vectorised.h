@@ -91,6 +91,43 @@ void softmax_output(const double* numerators, int64_t ld, const double* values, 
                     const double* value_bias, const double* scale, int64_t rows, int64_t T,
                     const double* x, double* y, int64_t D);
 
+// The softmax end of the backward (backward.cpp) for `rows` rows of one tile of T columns,
+// per-column arrays and [rows, ld] buffers in the tail's parity order (as above), x and g
+// (dL/dy) in natural order, rows D apart.
+//
+// softmax_backward_weights: scores (the last transposed conv without its bias) become the
+// softmax weights P = exp(σ(t) + x − col_max) / col_sum, t = scores + score_bias[n]. Where
+// values (x Wv^T without its bias, [rows, ld]) is given, also dp = (values + value_bias)·g,
+// sigma_prime = σ(t)(1 − σ(t)) and colsum += P·dp; else dp, sigma_prime, colsum unused.
+void softmax_backward_weights(float* scores, int64_t ld, const float* score_bias, int64_t rows,
+                              int64_t T, const float* x, const float* g, int64_t D,
+                              const float* col_max, const float* col_sum, const float* values,
+                              const float* value_bias, float* dp, float* sigma_prime,
+                              float* colsum);
+void softmax_backward_weights(float* scores, int64_t ld, const float* score_bias, int64_t rows,
+                              int64_t T, const c10::BFloat16* x, const c10::BFloat16* g, int64_t D,
+                              const float* col_max, const float* col_sum, const float* values,
+                              const float* value_bias, float* dp, float* sigma_prime,
+                              float* colsum);
+void softmax_backward_weights(double* scores, int64_t ld, const double* score_bias, int64_t rows,
+                              int64_t T, const double* x, const double* g, int64_t D,
+                              const double* col_max, const double* col_sum, const double* values,
+                              const double* value_bias, double* dp, double* sigma_prime,
+                              double* colsum);
+
+// softmax_backward_grads: from P, dv = P·g where dv is given; where dp (= v·g) is given,
+// ds = P·(dp − colsum[c]), then dp becomes dt = ds·sigma_prime and, where dx is given,
+// dx = g + ds. Null outputs are skipped.
+void softmax_backward_grads(const float* P, int64_t ld, int64_t rows, int64_t T, const float* g,
+                            int64_t D, const float* colsum, const float* sigma_prime, float* dp,
+                            float* dv, float* dx);
+void softmax_backward_grads(const float* P, int64_t ld, int64_t rows, int64_t T,
+                            const c10::BFloat16* g, int64_t D, const float* colsum,
+                            const float* sigma_prime, float* dp, float* dv, float* dx);
+void softmax_backward_grads(const double* P, int64_t ld, int64_t rows, int64_t T, const double* g,
+                            int64_t D, const double* colsum, const double* sigma_prime, double* dp,
+                            double* dv, double* dx);
+
 // The bfloat16 GEMMs' packing (gemm.h, pack_bf16): B [K, N] (row stride ldb, K even) into
 // blocks of `block` columns, element (k, c) of block n0 at n0·K + ((k / 2)·block + c)·2 +
 // k % 2; columns past N are zero.

@@ -29,7 +29,7 @@ import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.registry import FALLBACK, backend_names, get_backend
-from casa_kernels.tolerance import compare, compare_attention_term
+from casa_kernels.tolerance import compare, compare_attention_term, compare_gradient
 from tests.conftest import make_problem
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -193,15 +193,20 @@ def _leaves(x, w):
 
 @pytest.mark.parametrize("case", cases(where=lambda case: case.backend != FALLBACK))
 def test_gradients_are_the_references(case):
-    # The op's backward (any backend) and plain autograd through the reference, same dtype.
+    # The op's backward (a backend's own, or the reference's recomputed) against autograd
+    # through the reference in float64, under tolerance.compare_gradient (fp16/bf16: relative
+    # to the reference's autograd in the same dtype).
     x, w = case.problem(2, 13, 16, 3, seed=10)
     grad_out = torch.randn_like(x)
-    ours, ref = _leaves(x, w), _leaves(x, w)
+    ours, same_dtype = _leaves(x, w), _leaves(x, w)
+    ref64 = [t.detach().double().requires_grad_() for t in (x, *w)]
     case.run(ours[0], ck.ScoreAttentionWeights(*ours[1:])).backward(grad_out)
-    reference.score_attention(ref[0], ck.ScoreAttentionWeights(*ref[1:])).backward(grad_out)
-    for name, got, want in zip(("x", *w._fields), ours, ref):
+    for leaves, grad in ((same_dtype, grad_out), (ref64, grad_out.double())):
+        reference.score_attention(leaves[0], ck.ScoreAttentionWeights(*leaves[1:])).backward(grad)
+    for name, got, want, want_dtype in zip(("x", *w._fields), ours, ref64, same_dtype):
         assert got.grad is not None, f"no gradient for {name}"
-        torch.testing.assert_close(got.grad, want.grad, msg=lambda m, n=name: f"{n}: {m}")
+        result = compare_gradient(got.grad, want.grad, want_dtype.grad)
+        assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
 
 
 @pytest.mark.parametrize("case", cases(dtypes=(torch.float64,)))

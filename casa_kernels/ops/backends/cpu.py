@@ -10,6 +10,8 @@ bfloat16 GEMMs run on the best unit the CPU has (``casa::cpu_bf16_gemm``: ``"amx
 on bfloat16 data), capped like PyTorch's own by ``ONEDNN_MAX_CPU_ISA``, switched off with
 ``torch.backends.mkldnn`` and forced with ``CASA_CPU_BF16_GEMM`` (docs/design.md §11.4).
 
+Training: the op's autograd uses the backend's fused backward (``cpu_backward``).
+
 Weights with a NaN or inf run on the reference (``finite_weights``, checked in the same
 cache entry as the preparation): the kernel's GEMMs over zero-padded columns would give
 NaN where PyTorch's convolutions skip the padding.
@@ -28,6 +30,7 @@ from ..extension import kernel_missing_reason
 from ..finite_weights import prepared_if_finite
 from ..registry import Backend, BlockEpilogue, Stages, register_backend
 from ..weight_cache import cached
+from .cpu_backward import FUSED_BACKWARD
 
 _MISSING_HINT = "csrc/cpu was not compiled"
 
@@ -173,5 +176,6 @@ register_backend(
         auto_priority={"cpu": 1},
         stages=STAGES,
         block_epilogue=BlockEpilogue(frozenset({torch.float32, torch.bfloat16}), block_epilogue),
+        fused_backward=FUSED_BACKWARD,
     )
 )

@@ -1,0 +1,102 @@
+"""The ``cpu`` backend's fused backward (docs/design.md §5.8): what the op's autograd runs
+for inputs the cpu backend served (``Backend.fused_backward``).
+
+Forward for training: the head on the kernel (``casa::cpu_head_partial``), the four
+bottleneck convs in ATen, keeping their outputs, and the kernel's fused tail
+(``casa::cpu_tail_fused``), which also returns the softmax's column statistics. Saved for
+the backward, besides x and the weights: the five activations h1, enc1's, enc2's, dec0's
+outputs and h5 (``[B, channels, length]``, ``B·5·D²/8`` elements, in the accumulation
+dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
+
+Backward: ``casa::cpu_score_attention_backward`` (csrc/cpu/backward.cpp) recomputes the
+scores tile by tile from h5 and the statistics, and runs the whole chain back to x
+(the convolutions as GEMMs on the saved activations).
+fp32, bfloat16 (computed in fp32, rounded once) and fp64. Weights with a NaN or inf run
+on the reference, forward and backward (``finite_weights``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...reference.stages import accumulation_dtype
+from ...weights import ScoreAttentionWeights
+from ..finite_weights import weights_all_finite
+from ..registry import FusedBackward
+
+
+def _bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
+    """(enc1's, enc2's, dec0's outputs, h5) from h1, each after its ReLU, in h1's dtype."""
+    p = w.kernel // 2
+
+    def conv(h, weight, bias):
+        out = F.conv1d(h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p)
+        return out.relu_()  # in place: one allocation fewer per layer (no autograd here)
+
+    def conv_t(h, weight, bias):
+        out = F.conv_transpose1d(
+            h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p, output_padding=1
+        )
+        return out.relu_()
+
+    enc1 = conv(h1, w.enc1_weight, w.enc1_bias)
+    enc2 = conv(enc1, w.enc2_weight, w.enc2_bias)
+    dec0 = conv_t(enc2, w.dec0_weight, w.dec0_bias)
+    return enc1, enc2, dec0, conv_t(dec0, w.dec1_weight, w.dec1_bias)
+
+
+def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):
+    """``(y, saved)`` with saved = (h1, enc1, enc2, dec0 outputs, h5, col_max, col_sum), or
+    None for non-finite weights (the reference serves those)."""
+    from .cpu import _kernels, _tail_prepared  # the backend module imports this one
+
+    if not weights_all_finite(weights):
+        return None
+    x = x.contiguous()
+    w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
+    kernels = _kernels()
+    acc = accumulation_dtype(x.dtype)
+    h1 = kernels.cpu_head_partial(x, w.enc0_weight).add_(w.enc0_bias.to(acc)[:, None]).relu_()
+    activations = (h1, *_bottleneck_activations(h1, w))
+    prepared, tile, tier = _tail_prepared(
+        x, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias
+    )
+    y, col_max, col_sum = kernels.cpu_tail_fused(
+        x,
+        activations[-1],
+        w.dec2_weight,
+        w.dec2_bias,
+        w.value_weight,
+        w.value_bias,
+        prepared,
+        tile,
+        tier,
+    )
+    return y, (*activations, col_max, col_sum)
+
+
+def backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    saved: tuple[torch.Tensor, ...],
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of x and the 14 weights (None where ``needs`` is False) for grad_y."""
+    from .cpu import _kernels
+
+    *activations, col_max, col_sum = saved
+    grads = _kernels().cpu_score_attention_backward(
+        grad_y.to(x.dtype).contiguous(),
+        x.contiguous(),
+        [t.contiguous() for t in weights],
+        activations,
+        col_max,
+        col_sum,
+        list(needs),
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+FUSED_BACKWARD = FusedBackward(forward_saving, backward)

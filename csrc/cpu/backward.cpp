@@ -1,0 +1,683 @@
+// Fused backward of the CPU kernel: casa::cpu_score_attention_backward (docs/design.md §5.8,
+// §12). For one batch element, with P = softmax over N of the scores s (per column),
+// v = x Wv^T + bv, y = P ⊙ v + x and g = dL/dy:
+//   dv = P ⊙ g              -> dWv = Σ dv^T x, dbv = Σ dv, dx += dv Wv
+//   dP = v ⊙ g, ds = P ⊙ (dP − colsum_N(P ⊙ dP)), dx += g + ds
+//   dt = ds ⊙ σ(t)(1 − σ(t)) for the last transposed conv's output t (s = σ(t) + x)
+//   -> d dec2_weight, d dec2_bias, dh5
+// then dh5 back through the bottleneck's four convs and the first conv, as GEMMs on the
+// saved activations (conv_s2_backward, conv_transpose_s2_backward; the first conv's also
+// gives its share of dx).
+//
+// The tail part runs per (batch element, tile of T output columns), as the forward's tail
+// does (tail_layout.h): the scores S[N, T] are recomputed from h5 by one GEMM per output
+// parity; pass 1, kRows rows at a time, runs the value GEMM on the block and turns S into P
+// (from the forward's column statistics col_max, col_sum), with dP, σ' and the column sums
+// of P ⊙ dP; pass 2, kRows rows at a time, gives dv, ds and dt, dWv's tile rows (dv^T x),
+// dbv and dx's rows (g + ds in the tile's columns, dv Wv in all). Then over all N: d dec2 by
+// parity (dt window^T) and dh5 (dec2^T dt, scattered back to h5's columns). Nothing
+// [B, N, D] is stored but dx itself (for bfloat16, its fp32 accumulator). Each worker holds
+// three [N, T] buffers and, for the parameters it adds to, its own accumulators, summed
+// once at its end; dx rows and dh5 of one batch element are added under that element's
+// lock (tiles of one element can run on different workers).
+//
+// Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
+// dt without a score-network gradient, no conv backward below the lowest layer whose
+// parameters (or x) need one, no input gradient of a layer nothing below needs.
+// Arithmetic in the accumulation type: fp32 for fp32 and bfloat16 input (rounded once at
+// the end), fp64 for fp64.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../score_attention_args.h"
+#include "channels_last.h"
+#include "gemm.h"
+#include "parallel.h"
+#include "tail_layout.h"
+#include "vectorised.h"
+
+namespace casa {
+namespace {
+
+using cpu::parallel_for_aten;
+
+constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
+constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
+
+// The forward's activations saved for the backward, [B, channels, length] in the
+// accumulation dtype, in this order.
+enum ActivationIndex : int {
+  kH1,       // relu(enc0(x)),     [B, D/4, D/2]
+  kEnc1Out,  // relu(enc1(h1)),    [B, D/2, D/4]
+  kEnc2Out,  // relu(enc2(..)),    [B, D, D/8]
+  kDec0Out,  // relu(dec0(..)),    [B, D/2, D/4]
+  kH5,       // relu(dec1(..)),    [B, D/4, D/2]
+  kNumActivations
+};
+
+// Which gradients a call computes: x and each weight (the op's needs_input_grad), and
+// what they imply.
+struct Needs {
+  bool x;
+  std::array<bool, kNumWeights> w;
+  bool any_of(std::initializer_list<int> weights) const {
+    return std::any_of(weights.begin(), weights.end(), [&](int i) { return w[i]; });
+  }
+  // dh5: x or a parameter of the head or the bottleneck.
+  bool dh5() const {
+    return x || any_of({kEnc0Weight, kEnc0Bias, kEnc1Weight, kEnc1Bias, kEnc2Weight, kEnc2Bias,
+                        kDec0Weight, kDec0Bias, kDec1Weight, kDec1Bias});
+  }
+  bool dt() const { return dh5() || any_of({kDec2Weight, kDec2Bias}); }
+  bool ds() const { return x || dt(); }
+  bool dv() const { return x || any_of({kValueWeight, kValueBias}); }
+};
+
+// One worker's buffers for a tile of T columns (acc_t), and its own parameter accumulators.
+template <typename acc_t>
+struct TileScratch {
+  at::Tensor memory;
+  acc_t* rhs[2];       // [taps · D/4, T/2]: h5's columns read by each output parity
+  acc_t* dh5;          // [taps · D/4, T/2]: dec2^T dt for one parity
+  acc_t* scores;       // [N, T]: S, then P
+  acc_t* dp;           // [N, T]: v ⊙ g, then dt
+  acc_t* sigma_prime;  // [N, T]: σ'(t) = σ(1 − σ)
+  acc_t* colsum;       // [3·T]: Σ_N P ⊙ dP, then the tile's col_max and col_sum
+  acc_t* block;        // [kRows, T]: a block of V (pass 1), then of dv = P ⊙ g (pass 2)
+  acc_t* dv_t;         // [T, kRows]: the block of dv transposed
+  acc_t* dx_tile;      // [kRows, T]: g + ds for a block of rows
+  acc_t* dx_rows;      // [kRows, D]: dv Wv for a block of rows
+  acc_t* x_rows;       // [kRows, D]: a block of x[b] rows in acc_t (bfloat16 input)
+};
+
+template <typename acc_t>
+struct ParameterGrads {                 // in the tile parity order where a layout says so
+  at::Tensor value_weight, value_bias;  // [D, D] rows in tile_parity_order, [D] likewise
+  at::Tensor dec2[2];                   // [N, taps(q) · D/4]: (n, (jj, c)) as dec2 by parity
+  at::Tensor dec2_bias;                 // [N]
+
+  ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc) {
+    const at::TensorOptions options(acc);
+    if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
+    if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
+    for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) dec2[q] = at::zeros({N, K[q]}, options);
+    if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
+  }
+
+  ParameterGrads() = default;  // none: the total before the first worker's (add_to)
+
+  // Adds these to `total`; the first worker's become the total (no copy).
+  void add_to(ParameterGrads& total) const {
+    const auto add = [](at::Tensor& to, const at::Tensor& from) {
+      if (from.defined()) to = to.defined() ? to.add_(from) : from;
+    };
+    add(total.value_weight, value_weight);
+    add(total.value_bias, value_bias);
+    add(total.dec2[0], dec2[0]);
+    add(total.dec2[1], dec2[1]);
+    add(total.dec2_bias, dec2_bias);
+  }
+};
+
+// A row-major [rows, cols] view of acc_t memory with row stride ld.
+template <typename acc_t>
+at::Tensor view(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(data, {rows, cols}, {ld, 1},
+                       at::TensorOptions(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+template <typename scalar_t, typename acc_t>
+struct Backward {
+  Sizes s;
+  Needs needs;
+  at::ScalarType acc;
+  int64_t tile;
+  std::vector<int64_t> taps[2];
+  int64_t K[2];                // taps(q) · D/4
+  std::vector<int64_t> order;  // tile_parity_order
+  at::Tensor dec2[2];     // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
+  at::Tensor dec2_bias;   // [N]
+  at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
+  at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
+  at::Tensor value_bias;  // [D]: bv in tile_parity_order
+  const acc_t* col_max;
+  const acc_t* col_sum;
+
+  Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
+           const at::Tensor& stats_sum)
+      : s(sizes),
+        needs(n),
+        acc(c10::CppTypeToScalarType<acc_t>::value),
+        tile(cpu::tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
+        order(cpu::tile_parity_order(sizes.d_model, tile)),
+        col_max(stats_max.data_ptr<acc_t>()),
+        col_sum(stats_sum.data_ptr<acc_t>()) {
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
+    const at::Tensor by_tap = w[kDec2Weight].to(acc).permute({1, 2, 0});  // [N, k, C1]
+    for (int q = 0; q < 2; ++q) {
+      taps[q] = cpu::parity_taps(s.kernel, q);
+      K[q] = static_cast<int64_t>(taps[q].size()) * C1;
+      dec2[q] =
+          by_tap.index_select(1, at::tensor(taps[q], at::kLong)).reshape({N, K[q]}).contiguous();
+    }
+    dec2_bias = w[kDec2Bias].to(acc).contiguous();
+    const at::Tensor ordered = at::tensor(order, at::kLong);
+    value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
+    value_t = value.t().contiguous();
+    value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
+  }
+
+  TileScratch<acc_t> scratch() const {
+    const int64_t N = s.n_vars, D = s.d_model, T = tile;
+    const int64_t window = std::max(K[0], K[1]) * (T / 2);
+    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
+    TileScratch<acc_t> sc;
+    sc.memory = at::empty({3 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows},
+                          at::TensorOptions(acc));
+    acc_t* next = sc.memory.template data_ptr<acc_t>();
+    const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
+    sc.rhs[0] = take(window);
+    sc.rhs[1] = take(window);
+    sc.dh5 = take(window);
+    sc.scores = take(N * T);
+    sc.dp = take(N * T);
+    sc.sigma_prime = take(N * T);
+    sc.colsum = take(3 * T);
+    sc.block = take(kRows * T);
+    sc.dv_t = take(kRows * T);
+    sc.dx_tile = take(kRows * T);
+    sc.dx_rows = take(kRows * D);
+    sc.x_rows = take(x_rows);
+    return sc;
+  }
+
+  // The first input column of h5 that output parity q's tap jj reads for the tile at o0.
+  int64_t first_input(int64_t q, size_t jj, int64_t o0) const {
+    return o0 / 2 + (q + s.padding - taps[q][jj]) / 2;
+  }
+
+  // rhs[(jj, c), u] = h5_b[c, first_input(q, jj, o0) + u] for u < half, zero outside
+  // [0, D/2): the right operand of the last transposed conv for the tile's outputs of
+  // parity q. h5_b: [D/4, D/2] contiguous.
+  void gather_window(const acc_t* h5_b, int64_t q, int64_t o0, int64_t half, acc_t* rhs) const {
+    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
+    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
+      const int64_t first = first_input(q, jj, o0);
+      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
+      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      for (int64_t c = 0; c < C1; ++c) {
+        acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * half;
+        std::fill(row, row + u0, acc_t(0));
+        std::copy(h5_b + c * L + first + u0, h5_b + c * L + first + u1, row + u0);
+        std::fill(row + u1, row + half, acc_t(0));
+      }
+    }
+  }
+
+  // The adjoint of gather_window: dh5_b[c, first_input(q, jj, o0) + u] += d[(jj, c), u].
+  void scatter_window(const acc_t* d, int64_t q, int64_t o0, int64_t half, acc_t* dh5_b) const {
+    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
+    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
+      const int64_t first = first_input(q, jj, o0);
+      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
+      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      for (int64_t c = 0; c < C1; ++c) {
+        const acc_t* row = d + (static_cast<int64_t>(jj) * C1 + c) * half;
+        acc_t* out = dh5_b + c * L + first;
+        for (int64_t u = u0; u < u1; ++u) out[u] += row[u];
+      }
+    }
+  }
+
+  // The tile's column of output position i (parity order): o0 + 2i or o0 + 2(i − half) + 1.
+  static int64_t column(int64_t o0, int64_t half, int64_t i) {
+    return i < half ? o0 + 2 * i : o0 + 2 * (i - half) + 1;
+  }
+
+  // The backward of the tail for batch element b, output columns [o0, o0 + T).
+  void tile_backward(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
+                     const acc_t* h5, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads,
+                     acc_t* dx, acc_t* dh5, std::mutex& lock) const {
+    const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
+    const int64_t ld = T;  // of the [N, T] and [kRows, T] buffers
+    const scalar_t* x_b = x_all + b * N * D;
+    const scalar_t* g_b = g_all + b * N * D;
+    const acc_t* h5_b = h5 + b * (D / 4) * (D / 2);
+    const bool want_ds = needs.ds(), want_dv = needs.dv(), want_dt = needs.dt();
+
+    // The scores S = dec2 by parity · h5's window, all N rows.
+    for (int64_t q = 0; q < 2; ++q) {
+      acc_t* S_q = sc.scores + q * half;
+      if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
+        for (int64_t n = 0; n < N; ++n) std::fill(S_q + n * ld, S_q + n * ld + half, acc_t(0));
+        continue;
+      }
+      gather_window(h5_b, q, o0, half, sc.rhs[q]);
+      cpu::gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half, S_q, ld,
+                /*accumulate=*/false);
+    }
+
+    // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
+    // due dP = v g, σ' and colsum = Σ_N P dP.
+    const acc_t* vbias = value_bias.template data_ptr<acc_t>() + o0;
+    acc_t* m = sc.colsum + T;  // the statistics of the tile's columns, in parity order
+    acc_t* l = m + T;
+    for (int64_t i = 0; i < T; ++i) {
+      m[i] = col_max[b * D + column(o0, half, i)];
+      l[i] = col_sum[b * D + column(o0, half, i)];
+    }
+    std::fill(sc.colsum, sc.colsum + T, acc_t(0));
+    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
+      const int64_t rows = std::min(kRows, N - r0);
+      if (want_ds) {
+        cpu::gemm(rows, T, D, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
+                  value_t.template data_ptr<acc_t>() + o0, D, sc.block, ld, /*accumulate=*/false);
+      }
+      cpu::softmax_backward_weights(
+          sc.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
+          x_b + r0 * D + o0, g_b + r0 * D + o0, D, m, l, want_ds ? sc.block : nullptr, vbias,
+          sc.dp + r0 * ld, sc.sigma_prime + r0 * ld, sc.colsum);
+    }
+
+    // Pass 2, kRows rows at a time: dv = P g; ds = P (dP − colsum) and dp becomes dt = ds σ';
+    // dx rows get g + ds in the tile's columns and dv Wv in all of them; dWv's tile rows get
+    // dv^T x, dbv's dv's column sums.
+    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
+      const int64_t rows = std::min(kRows, N - r0);
+      cpu::softmax_backward_grads(sc.scores + r0 * ld, ld, rows, T, g_b + r0 * D + o0, D, sc.colsum,
+                                  sc.sigma_prime + r0 * ld, want_ds ? sc.dp + r0 * ld : nullptr,
+                                  want_dv ? sc.block : nullptr, needs.x ? sc.dx_tile : nullptr);
+      if (grads.value_weight.defined()) {  // dWv[tile rows] += dv^T x, dv^T laid out for the GEMM
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * ld + i];
+        }
+        cpu::gemm(T, D, rows, sc.dv_t, kRows, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
+                  grads.value_weight.template data_ptr<acc_t>() + o0 * D, D, /*accumulate=*/true);
+      }
+      if (grads.value_bias.defined()) {
+        acc_t* db = grads.value_bias.template data_ptr<acc_t>() + o0;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < T; ++i) db[i] += sc.block[r * ld + i];
+        }
+      }
+      if (!needs.x) continue;
+      cpu::gemm(rows, D, T, sc.block, ld, value.template data_ptr<acc_t>() + o0 * D, D, sc.dx_rows,
+                D, /*accumulate=*/false);
+      const std::lock_guard<std::mutex> guard(lock);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* dx_n = dx + (b * N + r0 + r) * D;
+        const acc_t* add = sc.dx_rows + r * D;
+        for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];
+        for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * ld + i];
+      }
+    }
+
+    // The last transposed conv's parameters and dh5, GEMMs over all N rows of dt.
+    if (!want_dt) return;
+    if (grads.dec2_bias.defined()) {
+      acc_t* db = grads.dec2_bias.template data_ptr<acc_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        acc_t total = 0;
+        for (int64_t i = 0; i < T; ++i) total += sc.dp[n * ld + i];
+        db[n] += total;
+      }
+    }
+    for (int64_t q = 0; q < 2; ++q) {
+      if (K[q] == 0) continue;
+      const at::Tensor dt_q = view(sc.dp + q * half, N, half, ld);
+      if (grads.dec2[q].defined()) {
+        grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
+      }
+      if (!needs.dh5()) continue;
+      at::Tensor dwindow = view(sc.dh5, K[q], half, half);
+      at::mm_out(dwindow, dec2[q].t(), dt_q);
+      const std::lock_guard<std::mutex> guard(lock);
+      scatter_window(sc.dh5, q, o0, half, dh5 + b * (D / 4) * (D / 2));
+    }
+  }
+
+  // `rows` rows of x[b] (D apart) in acc_t: in place for fp32/fp64, converted into `buffer`
+  // ([kRows, D]) for bfloat16.
+  const acc_t* rows_acc(const scalar_t* x_rows, int64_t rows, acc_t* buffer) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return x_rows;
+    } else {
+      std::transform(x_rows, x_rows + rows * s.d_model, buffer,
+                     [](scalar_t v) { return static_cast<acc_t>(v); });
+      return buffer;
+    }
+  }
+
+  // The tail's backward over every (batch element, tile): adds to dx [B, N, D] and dh5
+  // [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills `total`.
+  void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
+            at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
+    const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
+    const int64_t tiles = (D + tile - 1) / tile, items = B * tiles;
+    const int64_t macs = B * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
+    const bool parallel = cpu::threads_for(macs) > 1;
+    std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
+    std::mutex total_lock;
+    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
+    parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
+      const TileScratch<acc_t> sc = scratch();
+      ParameterGrads<acc_t> own(needs, N, D, K, acc);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / tiles;
+        tile_backward(b, (item % tiles) * tile, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                      h5.data_ptr<acc_t>(), sc, own, dx_data, dh5_data, locks[b]);
+      }
+      const std::lock_guard<std::mutex> guard(total_lock);
+      own.add_to(total);
+    });
+  }
+};
+
+// Runs body(b, group, own, scratch) for every (batch element, group of `groups`) under
+// at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros; undefined
+// without `accumulates`) and `scratch` its buffer of `scratch_elements`, and returns the
+// workers' accumulators summed (the first one's, the others added to it). macs: the work's
+// multiply-adds (threads_for).
+template <typename Body>
+at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulates,
+                         at::IntArrayRef own_shape, int64_t scratch_elements, at::ScalarType acc,
+                         const Body& body) {
+  at::Tensor total;
+  std::mutex total_lock;
+  const bool parallel = cpu::threads_for(macs) > 1;
+  parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
+    at::Tensor own = accumulates ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
+    const at::Tensor scratch = at::empty({scratch_elements}, at::TensorOptions(acc));
+    for (int64_t item = begin; item < end; ++item) {
+      body(item / groups, item % groups, own, scratch);
+    }
+    if (!accumulates) return;
+    const std::lock_guard<std::mutex> guard(total_lock);
+    total = total.defined() ? total.add_(own) : own;
+  });
+  return total;
+}
+
+// Groups of input channels per batch element: at most kChunkRows channels each, and
+// enough items for the threads when B is small.
+int64_t channel_groups(int64_t B, int64_t channels) {
+  const int64_t threads = at::get_num_threads();
+  return std::max((channels + kChunkRows - 1) / kChunkRows,
+                  std::min<int64_t>(channels, (threads + B - 1) / B));
+}
+
+// Backward of a stride-2 conv (weight [Cout, Cin, k] in acc_t, padding k/2) on input
+// [B, Cin, L] (contiguous) from dpre = dL/d(its output before bias and ReLU) [B, Cout, L/2]
+// (acc_t, contiguous): adds Wᵀ's share to d_in [B, Cin, L] where given and returns
+// dL/dweight [Cout, Cin, k] where want_weight (else undefined). Per (batch element, group
+// of input channels): the group's im2col columns cols [rows·k, L/2] give
+// dW[:, group] += dpre_b cols^T, and col2im(W[:, group]^T dpre_b), the adjoint of im2col,
+// goes to the group's rows of d_in (distinct rows per item, so no lock).
+template <typename in_t, typename acc_t>
+at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L,
+                            const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
+                            bool want_weight) {
+  const int64_t Cout = weight.size(0), k = weight.size(2), p = k / 2, half = L / 2;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = channel_groups(B, Cin);
+  const auto group_start = [&](int64_t g) { return g * Cin / groups; };
+  const int64_t most_rows = (Cin + groups - 1) / groups;
+  const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
+  const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
+  const at::Tensor dw = for_each_item(
+      B, groups, macs, want_weight, {Cout, Cin * k}, most_rows * k * half, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+        acc_t* cols = scratch.data_ptr<acc_t>();  // [rows·k, L/2]
+        const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0, K = rows * k;
+        acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * Cout * half;
+        if (want_weight) {
+          cpu::im2col_s2(input + (b * Cin + c0) * L, L, rows, L, k, cols, half);
+          own.narrow(1, c0 * k, K)
+              .addmm_(view(dpre_b, Cout, half, half), view(cols, K, half, half).t());
+        }
+        if (d_in == nullptr) return;
+        cpu::gemm(K, half, Cout, w_t.data_ptr<acc_t>() + c0 * k * Cout, Cout, dpre_b, half, cols,
+                  half, /*accumulate=*/false);
+        acc_t* in_rows = d_in + (b * Cin + c0) * L;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < k; ++j) {  // d_in[c, 2t + j - p] += cols[(c, j), t]
+            const acc_t* from = cols + (r * k + j) * half;
+            acc_t* to = in_rows + r * L + j - p;
+            const int64_t t0 = std::max<int64_t>(0, (p - j + 1) / 2);
+            const int64_t t1 = std::min<int64_t>(half, (L - j + p + 1) / 2);
+            for (int64_t t = t0; t < t1; ++t) to[2 * t] += from[t];
+          }
+        }
+      });
+  return want_weight ? dw.view({Cout, Cin, k}) : dw;
+}
+
+// Backward of a stride-2 transposed conv (weight [Cin, Cout, k] in acc_t, padding k/2,
+// output_padding 1) on input [B, Cin, Lin] from dpre [B, Cout, 2·Lin] (acc_t, contiguous):
+// writes d_in [B, Cin, Lin] where given and returns dL/dweight [Cin, Cout, k] where
+// want_weight. The transposed conv is the adjoint of a stride-2 conv with the same weight,
+// so with cols = im2col_s2(dpre_b) [Cout·k, Lin]: d_in_b = W [Cin, Cout·k] cols and
+// dW += in_b cols^T. Per (batch element, group of input channels).
+template <typename acc_t>
+at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin, int64_t Lin,
+                                      const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
+                                      bool want_weight) {
+  const int64_t Cout = weight.size(1), k = weight.size(2), Lout = 2 * Lin;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = channel_groups(B, Cin);
+  const auto group_start = [&](int64_t g) { return g * Cin / groups; };
+  const at::Tensor w_flat = weight.reshape({Cin, Cout * k});
+  const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * Lin;
+  const at::Tensor dw = for_each_item(
+      B, groups, macs, want_weight, {Cin, Cout * k}, Cout * k * Lin, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+        acc_t* cols = scratch.data_ptr<acc_t>();  // [Cout·k, Lin]
+        const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0;
+        cpu::im2col_s2(dpre.data_ptr<acc_t>() + b * Cout * Lout, Lout, Cout, Lout, k, cols, Lin);
+        if (want_weight) {
+          own.narrow(0, c0, rows)
+              .addmm_(view(const_cast<acc_t*>(input) + (b * Cin + c0) * Lin, rows, Lin, Lin),
+                      view(cols, Cout * k, Lin, Lin).t());
+        }
+        if (d_in == nullptr) return;
+        cpu::gemm(rows, Lin, Cout * k, w_flat.data_ptr<acc_t>() + c0 * Cout * k, Cout * k, cols,
+                  Lin, d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false);
+      });
+  return want_weight ? dw.view({Cin, Cout, k}) : dw;
+}
+
+// One conv of the score network, for the backward through it.
+struct ConvLayer {
+  int weight;  // WeightIndex of its weight (the bias follows)
+  int input;   // ActivationIndex of its input
+  int output;  // ActivationIndex of its (ReLU'd) output
+  bool transposed;
+  const char* name;  // of its range in profiler traces
+};
+
+// The bottleneck from the top (h5) down to h1: dec1, dec0, enc2, enc1 (then the first conv).
+constexpr ConvLayer kLayers[] = {
+    {kDec1Weight, kDec0Out, kH5, true, "casa::cpu backward dec1"},
+    {kDec0Weight, kEnc2Out, kDec0Out, true, "casa::cpu backward dec0"},
+    {kEnc2Weight, kEnc1Out, kEnc2Out, false, "casa::cpu backward enc2"},
+    {kEnc1Weight, kH1, kEnc1Out, false, "casa::cpu backward enc1"},
+};
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const Weights& w,
+                                      const std::vector<at::Tensor>& act, const at::Tensor& col_max,
+                                      const at::Tensor& col_sum, const Needs& needs,
+                                      const Sizes& s) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
+  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum);
+  at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
+  at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
+  ParameterGrads<acc_t> total;
+  if (needs.ds() || needs.dv()) {
+    RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
+    plan.tail(x, grad, act[kH5], dx, dh5, total);
+  }
+
+  std::vector<at::Tensor> out(1 + kNumWeights);
+  const at::TensorOptions like_x = x.options();
+  const at::Tensor ordered = at::tensor(plan.order, at::kLong);
+  if (needs.w[kValueWeight]) {
+    out[1 + kValueWeight] = at::empty({D, D}, at::TensorOptions(acc))
+                                .index_copy_(0, ordered, total.value_weight)
+                                .to(x.scalar_type());
+  }
+  if (needs.w[kValueBias]) {
+    out[1 + kValueBias] = at::empty({D}, at::TensorOptions(acc))
+                              .index_copy_(0, ordered, total.value_bias)
+                              .to(x.scalar_type());
+  }
+  if (needs.w[kDec2Weight]) {
+    const at::Tensor dw = at::empty({C1, N, s.kernel}, at::TensorOptions(acc));
+    const at::Tensor by_tap = dw.permute({1, 2, 0});  // [N, k, C1]
+    for (int q = 0; q < 2; ++q) {
+      const int64_t taps = static_cast<int64_t>(plan.taps[q].size());
+      const at::Tensor part = total.dec2[q].view({N, taps, C1});
+      for (size_t jj = 0; jj < plan.taps[q].size(); ++jj) {
+        by_tap.select(1, plan.taps[q][jj]).copy_(part.select(1, static_cast<int64_t>(jj)));
+      }
+    }
+    out[1 + kDec2Weight] = dw.to(x.scalar_type());
+  }
+  if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(x.scalar_type());
+
+  // The bottleneck, each layer's ReLU then its conv's backward, as far down as a gradient
+  // is needed; then the first conv.
+  if (dh5.defined()) {
+    const bool head_needed = needs.x || needs.any_of({kEnc0Weight, kEnc0Bias});
+    at::Tensor d_out = dh5;
+    // ReLU's backward in place (d_out is this function's own), then the bias's gradient: as
+    // threshold_backward, the gradient where the output is > 0 or NaN, else 0.
+    const auto pre_activation = [&](int output, int bias) {
+      d_out.masked_fill_(act[output] <= 0, 0);
+      if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(x.scalar_type());
+      return d_out;
+    };
+    for (size_t i = 0; i < std::size(kLayers); ++i) {
+      const ConvLayer& layer = kLayers[i];
+      bool below = head_needed;  // whether anything under this layer needs its input's gradient
+      for (size_t j = i + 1; j < std::size(kLayers); ++j) {
+        below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
+      }
+      RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
+      const at::Tensor pre = pre_activation(layer.output, layer.weight + 1);
+      const at::Tensor weight = w[layer.weight].to(acc).contiguous();
+      const at::Tensor& input = act[layer.input];
+      const int64_t Cin = input.size(1), L = input.size(2);
+      at::Tensor d_in;
+      if (below) d_in = layer.transposed ? at::empty_like(input) : at::zeros_like(input);
+      acc_t* d_in_data = below ? d_in.data_ptr<acc_t>() : nullptr;
+      const at::Tensor dw =
+          layer.transposed
+              ? conv_transpose_s2_backward<acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                                  d_in_data, needs.w[layer.weight])
+              : conv_s2_backward<acc_t, acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                               d_in_data, needs.w[layer.weight]);
+      if (dw.defined()) out[1 + layer.weight] = dw.to(x.scalar_type());
+      if (!below) break;
+      d_out = d_in;
+    }
+    if (head_needed) {
+      RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
+      const at::Tensor pre = pre_activation(kH1, kEnc0Bias);
+      const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
+          x.data_ptr<scalar_t>(), B, N, D, w[kEnc0Weight].to(acc).contiguous(), pre,
+          needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight]);
+      if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
+    }
+  }
+  if (needs.x) out[0] = dx.to(x.scalar_type());
+  for (at::Tensor& t : out) {
+    if (!t.defined()) t = at::empty({0}, like_x);
+  }
+  return out;
+}
+
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", received ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", received ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, received ", t.device());
+}
+
+// casa::cpu_score_attention_backward: the gradients of the op at x (weights in schema
+// order) for grad_y = dL/dy, from the forward's saved activations (ActivationIndex) and
+// column statistics (casa::cpu_tail_fused's). needs: 1 + 14 flags, x then the weights.
+// Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
+std::vector<at::Tensor> score_attention_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                                 at::TensorList weights, at::TensorList activations,
+                                                 const at::Tensor& col_max,
+                                                 const at::Tensor& col_sum,
+                                                 const c10::List<bool>& needs) {
+  TORCH_CHECK(weights.size() == kNumWeights, "weights: expected ", kNumWeights,
+              " tensors in schema order, received ", weights.size());
+  Weights w;
+  for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const Sizes s = check_args(x, w);
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
+  check_like(grad_y, "grad_y", x.sizes(), x.scalar_type());
+  TORCH_CHECK(needs.size() == 1 + kNumWeights, "needs: expected ", 1 + kNumWeights,
+              " flags (x, then the weights), received ", needs.size());
+  TORCH_CHECK(activations.size() == kNumActivations, "activations: expected ", kNumActivations,
+              " tensors (h1, enc1, enc2, dec0 outputs, h5), received ", activations.size());
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = s.batch, D = s.d_model;
+  const int64_t shapes[kNumActivations][2] = {
+      {D / 4, D / 2}, {D / 2, D / 4}, {D, D / 8}, {D / 2, D / 4}, {D / 4, D / 2}};
+  std::vector<at::Tensor> act(kNumActivations);
+  for (int i = 0; i < kNumActivations; ++i) {
+    check_like(activations[i], "activations", {B, shapes[i][0], shapes[i][1]}, acc);
+    act[i] = activations[i].contiguous();
+  }
+  check_like(col_max, "col_max", {B, D}, acc);
+  check_like(col_sum, "col_sum", {B, D}, acc);
+  Needs flags{needs.get(0), {}};
+  for (int i = 0; i < kNumWeights; ++i) flags.w[i] = needs.get(1 + i);
+  const at::Tensor grad = grad_y.contiguous();
+  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return backward_impl<float, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    case at::kDouble:
+      return backward_impl<double, double>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    case at::kBFloat16:
+      return backward_impl<c10::BFloat16, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
+    default:
+      TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
+                  x.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(casa, m) {
+  m.def(
+      "cpu_score_attention_backward(Tensor grad_y, Tensor x, Tensor[] weights, "
+      "Tensor[] activations, Tensor col_max, Tensor col_sum, bool[] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(casa, CPU, m) {
+  m.impl("cpu_score_attention_backward", &score_attention_backward);
+}
+
+}  // namespace casa

@@ -1,0 +1,234 @@
+"""The cpu backend's fused backward (csrc/cpu/backward.cpp, casa_kernels/ops/backends/cpu_backward.py,
+docs/design.md §5.8) against autograd through the reference: every input's gradient at
+ragged shapes and thread counts, each gradient alone and in groups (and the convolutions it
+skips), bfloat16 under the tolerance rule, gradcheck in float64, NaN/inf in x, what is
+saved for the backward, and the error on double backward.
+
+Shapes: (batch, n_vars, d_model, kernel, threads). The tail's tiles are 64 rows
+(``kRows``) by T columns, T from the batch, D and the threads (``tail_tile_width``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from casa_kernels import ScoreAttentionWeights, reference
+from casa_kernels.ops import weight_cache
+from casa_kernels.ops.registry import get_backend
+from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
+from tests.conftest import make_problem
+
+pytestmark = pytest.mark.skipif(
+    get_backend("cpu").unavailable_reason() is not None,
+    reason=f"the cpu backend is unavailable: {get_backend('cpu').unavailable_reason()}",
+)
+
+FIELDS = ("x", *ScoreAttentionWeights._fields)
+SHAPES = {
+    "N<rows,D=8,k=1": (1, 5, 8, 1, 1),
+    "N=64+6,D=16,two-tiles,k=3": (3, 70, 16, 3, 2),
+    "N=3x64+8,D=24,three-tiles,k=5": (1, 200, 24, 5, 3),
+    "N<rows,D=16,k=7": (3, 9, 16, 7, 3),
+    "N=2x64+2,D=16,tiles-6+6+4": (1, 130, 16, 3, 3),
+}
+# The score network's convolutions from the top (h5) down, with their weights: a gradient
+# of a layer's weights or bias, or of x, costs the backward of every layer from the top down
+# to it (each a range "casa::cpu backward <layer>" in profiler traces).
+LAYERS = {
+    "dec1": ("dec1_weight", "dec1_bias"),
+    "dec0": ("dec0_weight", "dec0_bias"),
+    "enc2": ("enc2_weight", "enc2_bias"),
+    "enc1": ("enc1_weight", "enc1_bias"),
+    "enc0": ("x", "enc0_weight", "enc0_bias"),
+}
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op threads for the test, restoring the caller's afterwards."""
+    caller = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(caller)
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in tensors]
+
+
+def _op(leaves):
+    return torch.ops.casa.score_attention(*leaves, "cpu")
+
+
+def _reference_grads(inputs, grad, dtype, wanted=FIELDS):
+    """Autograd through the reference in ``dtype`` at ``inputs``, for the ``wanted`` inputs."""
+    leaves = _leaves(inputs, dtype)
+    out = reference.score_attention(leaves[0], ScoreAttentionWeights(*leaves[1:]))
+    chosen = [leaf for name, leaf in zip(FIELDS, leaves) if name in wanted]
+    return torch.autograd.grad(out, chosen, grad.to(dtype))
+
+
+def _grad_out(x, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_every_gradient_matches_the_float64_reference(threads, shape, dtype):
+    batch, n_vars, d_model, kernel, n_threads = shape
+    threads(n_threads)
+    x, w = make_problem(batch, n_vars, d_model, kernel, dtype=dtype, seed=3)
+    grad = _grad_out(x)
+    leaves = _leaves((x, *w))
+    y = _op(leaves)
+    assert_close_to_reference(y, x, w)
+    ours = torch.autograd.grad(y, leaves, grad)
+    ref64 = _reference_grads((x, *w), grad, torch.float64)
+    same = _reference_grads((x, *w), grad, dtype) if dtype == torch.bfloat16 else ref64
+    for name, got, want, want_dtype in zip(FIELDS, ours, ref64, same):
+        result = compare_gradient(got, want, want_dtype)
+        assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
+
+
+def _subsets():
+    singles = [(name,) for name in FIELDS]
+    groups = [
+        ("value_weight", "value_bias"),
+        ("dec2_weight", "dec2_bias"),
+        ("x", "value_weight"),
+        ("enc0_weight", "dec2_bias"),
+        FIELDS[1:],  # every weight, not x
+    ]
+    return singles + groups
+
+
+def _layers_run(wanted) -> list[str]:
+    """The layers whose backward the gradients ``wanted`` need, top down."""
+    names = list(LAYERS)
+    needed = [i for i, name in enumerate(names) if set(LAYERS[name]) & set(wanted)]
+    return names[: needed[-1] + 1] if needed else []
+
+
+@pytest.mark.parametrize(
+    "wanted", _subsets(), ids=lambda s: "+".join(s) if len(s) < 4 else "weights"
+)
+def test_each_subset_of_gradients_costs_only_what_it_needs(threads, wanted):
+    threads(2)
+    x, w = make_problem(1, 70, 16, 3, dtype=torch.float64, seed=4)
+    grad = _grad_out(x)
+    leaves = [t.detach().clone().requires_grad_(name in wanted) for name, t in zip(FIELDS, (x, *w))]
+    y = _op(leaves)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ours = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad)
+    names = [event.name for event in prof.events()]
+    assert names.count("casa::cpu_score_attention_backward") == 1
+    ran = [name.removeprefix("casa::cpu backward ") for name in names]
+    assert [layer for layer in ran if layer in LAYERS] == _layers_run(wanted)
+    ref = _reference_grads((x, *w), grad, torch.float64, wanted)
+    for name, got, want in zip([n for n in FIELDS if n in wanted], ours, ref):
+        result = compare_gradient(got, want)
+        assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 3, 2), (1, 3, 16, 1, 2)], ids=["two-tiles", "k=1"])
+def test_gradcheck_in_float64(threads, shape):
+    batch, n_vars, d_model, kernel, n_threads = shape
+    threads(n_threads)
+    x, w = make_problem(batch, n_vars, d_model, kernel, dtype=torch.float64, seed=6)
+    # fast_mode: a random projection of the Jacobian, a few forwards instead of one per
+    # element (tests/ops/test_conformance.py runs the full check on a smaller problem).
+    with weight_cache.disabled():  # gradcheck perturbs the weights in place
+        assert torch.autograd.gradcheck(lambda *a: _op(a), _leaves((x, *w)), fast_mode=True)
+
+
+def _pattern(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+
+
+NONFINITE = {
+    "nan": [((0, 3, 5), float("nan"))],
+    "inf": [((1, 60, 7), float("inf"))],
+    "-inf": [((0, 10, 0), float("-inf"))],
+    "mixed": [((0, 3, 5), float("nan")), ((1, 60, 7), float("inf")), ((1, 2, 15), float("-inf"))],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("values", NONFINITE.values(), ids=NONFINITE.keys())
+def test_nonfinite_x_gives_the_references_gradient_pattern(threads, values, dtype):
+    # Against the reference's autograd in float64 (the definition; in fp32 and bfloat16 the
+    # reference's oneDNN convolutions put 0·inf elsewhere: their pattern is theirs).
+    threads(2)
+    x, w = make_problem(2, 70, 16, 3, dtype=dtype, seed=7)
+    x = x.clone()
+    for index, value in values:
+        x[index] = value
+    grad = _grad_out(x)
+    leaves = _leaves((x, *w))
+    ours = torch.autograd.grad(_op(leaves), leaves, grad)
+    ref = _reference_grads((x, *w), grad, torch.float64)
+    for name, got, want in zip(FIELDS, ours, ref):
+        got = got.double()
+        for got_mask, want_mask in zip(_pattern(got), _pattern(want)):
+            assert torch.equal(got_mask, want_mask), f"{name}: non-finite pattern differs"
+        finite = torch.isfinite(want)
+        if not finite.any():  # NaN in x reaches every gradient through the head
+            continue
+        scale = want[finite].abs().max()
+        assert (got[finite] - want[finite]).abs().max() <= 2e-2 * scale, name
+
+
+def test_saves_no_batch_sized_intermediate(threads):
+    # Saved for the backward besides x and the weights: the five activations of
+    # [B, channels, length] (B·5·D²/8 elements) and the column statistics (2·B·D).
+    threads(2)
+    batch, n_vars, d_model = 2, 70, 16
+    x, w = make_problem(batch, n_vars, d_model, 3, seed=8)
+    leaves = _leaves((x, *w))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _op(leaves)
+    inputs = {t.data_ptr() for t in leaves}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert len(saved) == len(leaves) + len(extra)
+    assert all(t.shape != x.shape for t in extra)
+    assert sum(t.numel() for t in extra) == batch * 5 * d_model**2 // 8 + 2 * batch * d_model
+
+
+def test_double_backward_raises_naming_the_backend(threads):
+    threads(1)
+    x, w = make_problem(1, 5, 8, 3, dtype=torch.float64, seed=9)
+    leaves = _leaves((x, *w))
+    y = _op(leaves)
+    with pytest.raises(RuntimeError, match=r"double backward.*cpu backend"):
+        torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
+
+
+def test_nonfinite_weights_use_the_references_backward(threads):
+    # The forward hands NaN weights to the reference; so does the backward.
+    threads(1)
+    x, w = make_problem(2, 9, 16, 3, seed=10)
+    w = w._replace(
+        enc1_weight=w.enc1_weight.clone().index_fill_(0, torch.tensor([1]), float("nan"))
+    )
+    grad = _grad_out(x)
+    leaves = _leaves((x, *w))
+    ours = torch.autograd.grad(_op(leaves), leaves, grad)
+    for name, got, want in zip(FIELDS, ours, _reference_grads((x, *w), grad, torch.float32)):
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_gradients_do_not_depend_on_thread_count(threads):
+    # B = 1 on 3 threads splits the tail into tiles whose dx rows and dh5 columns overlap.
+    x, w = make_problem(1, 130, 40, 5, seed=11)
+    grad = _grad_out(x)
+    results = []
+    for n_threads in (1, 3):
+        threads(n_threads)
+        leaves = _leaves((x, *w))
+        results.append(torch.autograd.grad(_op(leaves), leaves, grad))
+    for name, one, many in zip(FIELDS, *results):
+        torch.testing.assert_close(
+            one, many, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
