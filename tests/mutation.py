@@ -236,9 +236,9 @@ MUTANTS = [
     ),
     Mutant(
         "triton: head partials summed with the [B, S] stride, not [S, B]",
-        TRITON_TILES,
-        "acc += tl.load(parts_ptr + (s * B + b) * size + offs",
-        "acc += tl.load(parts_ptr + (b * SPLITS + s) * size + offs",
+        TRITON_KERNELS,
+        "parts_ptr + (s * B + b) * C1 * HALF + src,",
+        "parts_ptr + (b * SPLITS + s) * C1 * HALF + src,",
         (*TRITON_CONFORMANCE_TESTS, *TRITON_TESTS),
         ("-k", "(matches_the_reference and triton) or head_split_over_n"),
         TRITON_ENV,

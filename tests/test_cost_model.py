@@ -304,7 +304,8 @@ def test_the_triton_launchers_are_captured_with_their_plan_on_meta_tensors():
     assert tk._launch is real  # restored after the capture
     assert [launch.name for launch in launches] == [
         "_head_kernel",
-        "_bottleneck_kernel",
+        "_h1_kernel",
+        *["_bottleneck_layer_kernel"] * 4,
         "_tail_stats_kernel",
         "_stats_merge_kernel",
         "_tail_output_kernel",
@@ -317,4 +318,9 @@ def test_the_triton_launchers_are_captured_with_their_plan_on_meta_tensors():
     assert out.device.type == "meta" and out.shape[0] == grid[2] <= splits
     assert grid[0] == B * math.ceil(D // 4 / config.kwargs["BLOCK_C"])
     assert grid[1] == math.ceil(D // 2 / config.kwargs["BLOCK_T"])
-    assert tc.grid(launches[1], tc.configs(launches[1])[0]) == (B, 1, 1)
+    # Each bottleneck layer tiled over (positions, output channels, batch) by the plan.
+    block_l, block_o = tk.bottleneck_tile(B, D, 132)
+    for layer, (_, cout, lin, transposed) in zip(launches[2:6], tk.bottleneck_layers(D)):
+        lout = 2 * lin if transposed else lin // 2
+        want = (math.ceil(lout / block_l), math.ceil(cout / block_o), B)
+        assert tc.grid(layer, tc.configs(layer)[0]) == want

@@ -33,16 +33,6 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl):
-    """(steps, macs, operand bytes) of one bottleneck conv by one program: per output
-    tile, per BLOCK_K chunk of input channels, per tap, one dot (a transposed conv's
-    dots are per output parity, BLOCK_L/2 wide, the taps of both parities summing to k)."""
-    lout = 2 * lin if transposed else lin // 2
-    width = bl // 2 if transposed else bl
-    steps = _cdiv(cout, bo) * _cdiv(lout, bl) * _cdiv(cin, bk) * k
-    return steps, steps * bo * bk * width, (steps * bo * bk, steps * bk * width)
-
-
 def work(launch: Launch, config: Config) -> dict:
     """KernelWork fields of one launch at ``config`` (without name, grid and threads)."""
     a = {**launch.bound_args(), **launch.kwargs, **config.kwargs}
@@ -58,33 +48,34 @@ def work(launch: Launch, config: Config) -> dict:
             macs=steps * bc * bn * bt,
             hbm_bytes=_bytes(x) + _bytes(w) + _bytes(out),
         )
-    if name == "_bottleneck_kernel":
-        parts, out, D = a["parts_ptr"], a["out_ptr"], a["D"]
-        e = a["w1_ptr"].element_size()
-        bk, bo, bl = a["BLOCK_K"], a["BLOCK_O"], a["BLOCK_L"]
-        c1, c2 = D // 4, D // 2
-        layers = [
-            (c1, c2, D // 2, False),
-            (c2, D, D // 4, False),
-            (D, c2, D // 8, True),
-            (c2, c1, D // 4, True),
-        ]
-        steps = macs = 0
-        operand_bytes = 0.0
-        for cin, cout, lin, transposed in layers:
-            s, m, (w_el, x_el) = _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl)
-            steps, macs = steps + s, macs + m
-            operand_bytes += w_el * e + x_el * 4  # activations: the fp32 scratch
-        weights = sum(_bytes(a[f"w{i}_ptr"]) + _bytes(a[f"b{i}_ptr"]) for i in range(1, 5))
-        splits = parts.shape[0]
+    if name == "_h1_kernel":
+        parts, out = a["parts_ptr"], a["out_ptr"]
+        tile = a["BLOCK_L"] * a["BLOCK_C"]
         return dict(
+            # the split sum, SPLIT_UNROLL [BLOCK_L, BLOCK_C] fp32 tiles per step; the store
             phases=(
-                # the split sum, per BLOCK_O·BLOCK_L slice of h1; then the four convs
-                (_cdiv(c1 * (D // 2), bo * bl), bo * bl * splits * 4),
-                (steps, operand_bytes / steps),
+                (_cdiv(a["SPLITS"], a["SPLIT_UNROLL"]), a["SPLIT_UNROLL"] * tile * 4),
+                (1, tile * out.element_size()),
             ),
-            macs=macs,
-            hbm_bytes=_bytes(parts) + weights + _bytes(out),
+            macs=0,
+            hbm_bytes=_bytes(parts) + _bytes(out),
+        )
+    if name == "_bottleneck_layer_kernel":
+        x, w, out = a["in_ptr"], a["w_ptr"], a["out_ptr"]
+        e = x.element_size()
+        bk, bl, bo = a["BLOCK_K"], a["BLOCK_L"], a["BLOCK_O"]
+        chunks = _cdiv(a["CIN"], bk)
+        rows = bl // 2 if a["TRANSPOSED"] else bl  # rows per dot (a parity's, transposed)
+        # Per BLOCK_K chunk (one pipelined loop step), every tap's activation slab and
+        # weight block (a transposed conv: a loop per output parity, taps summing to k).
+        loops = 2 if a["TRANSPOSED"] else 1
+        return dict(
+            phases=((1, bo * 4), (loops, rows * bo * out.element_size())),  # bias; stores
+            async_steps=loops * chunks,
+            async_bytes_per_step=k / loops * (rows * bk + bk * bo) * e,
+            stages=config.num_stages,
+            macs=chunks * k * rows * bk * bo,
+            hbm_bytes=_bytes(x) + _bytes(w) + _bytes(a["bias_ptr"]) + _bytes(out),
         )
     if name in ("_tail_stats_kernel", "_tail_output_kernel"):
         x, h, w = a["x_ptr"], a["h_ptr"], a["w_ptr"]

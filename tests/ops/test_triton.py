@@ -196,10 +196,10 @@ def launches(monkeypatch):
     return seen
 
 
-def test_five_launches_per_call(launches):
+def test_nine_launches_per_call(launches):
     x, w = _problem((2, 40, 16, 3), seed=11)
     triton_score_attention(x, w, block_n=16)
-    assert len(launches) == 5, launches
+    assert len(launches) == 9, launches
 
 
 def test_empty_batch_returns_empty_without_launch(launches):

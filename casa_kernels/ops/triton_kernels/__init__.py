@@ -3,18 +3,23 @@
 
 Shapes: ``x: [B, N, D]``, ``C1 = D/4``, ``C2 = D/2``, k odd, ``p = k // 2``.
 
-Stages and launches (five per call, no host synchronisation, no ``.item()``: a call
+Stages and launches (nine per call, no host synchronisation, no ``.item()``: a call
 is capturable in a CUDA graph):
 
 1. ``head_partial`` — ``_head_kernel``: the first conv without bias, a split-K
    implicit GEMM over N·k. Programs = (B × C1 tiles) × D/2 tiles × splits; split s
    reduces its own range of variates into fp32 partials ``[S, B, C1, D/2]`` (S is
    chosen from the shape alone so the device fills; one launch).
-2. ``bottleneck`` — ``_bottleneck_kernel``: sums the S head partials, adds the bias,
-   ReLU, then the four N-independent convs with bias and ReLU, one program per batch
-   element, each conv a tap-wise ``tl.dot`` in the input dtype with fp32
-   accumulation, for every D (activations in an fp32 scratch of ``[4, B, D²/8]``,
-   a block barrier between convs; one launch).
+2. ``bottleneck`` — ``_h1_kernel`` sums the S head partials, adds the bias, applies
+   ReLU and stores h1 channels-last (``[B, D/2, C1]``) in the activations' dtype; then
+   ``_bottleneck_layer_kernel`` once per middle conv (enc1, enc2, dec0, dec1), each
+   with bias and ReLU, tiled over (positions, output channels, batch) so that every
+   layer runs at least one program per SM where the shape allows
+   (:func:`.launch.bottleneck_tile`). A layer reads channels-last slabs of its input
+   (each tap a row offset, each row BLOCK_K contiguous channels), K = BLOCK_K ≥ 64
+   per dot where CIN allows, fp32 accumulation, operand loads pipelined
+   (num_stages ≥ 3), and writes its output channels-last in the activations' dtype
+   (the last: h5 fp32 ``[B, C1, D/2]``). Five launches.
 3. ``tail_stats`` — ``_tail_stats_kernel``: programs = ⌈N/BLOCK_N⌉ × ⌈D/BLOCK_D⌉ × B;
    each computes its score tile ``s = sigmoid(convT(h5) + b) + x`` (the transposed
    conv by output parity: K = C1 × the taps reaching each parity, no structural zeros)

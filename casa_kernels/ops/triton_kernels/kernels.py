@@ -1,12 +1,12 @@
 """The stage kernels of the Triton backend (``@triton.jit``, autotuned where tiles are
 tuned), built from :mod:`.tiles`; launched by :mod:`.launch`.
 
-The bottleneck's parallelism is B programs. At D = 512, k = 3 each runs 3kD³/16 =
-75 M MACs on one SM (~20 µs at an H100 SM's ~7.5 TFLOP/s dense bf16 peak, several
-times that in practice), whatever B is: it, not the tail, bounds small-batch latency.
-Spreading each conv over output tiles needs a device-wide handoff between convs,
-i.e. a launch per conv (eight launches per call, over the budget of six); two launches
-of two convs each, recomputing the halo columns, is the next step.
+The bottleneck is N-independent: 3kD³/16 MACs per batch element (75 M at D = 512,
+k = 3). Each middle conv needs the whole previous activation, so each is its own launch
+(the device-wide handoff between layers), tiled over (positions, output channels,
+batch): at B = 16, D = 512 every layer runs 256 programs of 64 × 32 outputs; at B = 1,
+128 programs of 16 × 16. The activations between layers are channels-last in the
+input dtype: rounding them when stored is what rounding them at the dot would do.
 
 Recompute rather than rescale. The output pass needs the score tile again. Recomputing
 it costs the last transposed conv a second time, N·D²·k/8 MACs (k = 3: 0.375·N·D², +18%
@@ -18,7 +18,7 @@ compute-bound (15.1 GFLOP ≈ 19 µs vs 28 MB compulsory traffic ≈ 9 µs), so 
 recompute is the cheaper of the two; it also gives the stage contract (stats, then
 output from the merged stats) directly.
 
-Autotuning: each kernel tunes over a few configs per (N, D, k) key. With the
+Autotuning: each kernel tunes over a few configs per key (N, D, k; a bottleneck layer its sizes and B). With the
 environment variable ``CASA_TRITON_SINGLE_CONFIG=1`` (read at import) every kernel
 uses its first config only — for tests and ``verify`` on a GPU, where each new key
 would otherwise cost seconds of tuning. Under ``TRITON_INTERPRET=1`` the kernels run on
@@ -31,13 +31,13 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    _conv_s2_relu_stage,
+    _conv_s2_rows,
     _conv_s2_tile,
-    _conv_transpose_relu_stage,
+    _conv_transpose_rows,
     _mma,
+    _relu,
     _round_to,
     _score_tile,
-    _sum_splits_relu,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,6 +63,16 @@ def _head_configs() -> list:
                 (128, 128, 8, 3),
             ]
         ]
+    )
+
+
+def _layer_configs() -> list:
+    """The bottleneck layers' launch options; their tiles come from the launch plan
+    (launch.bottleneck_tile), so a config never changes the grid."""
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=1)]
+    return _tuned(
+        [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 3), (4, 4), (8, 3), (2, 3)]]
     )
 
 
@@ -141,104 +151,160 @@ def _head_kernel(
 
 
 @triton.jit
-def _bottleneck_kernel(
-    parts_ptr,  # head partial sums [SPLITS, B, C1, D/2] fp32 (no bias)
-    b0_ptr,  # enc0 bias [C1]
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    b2_ptr,
-    w3_ptr,
-    b3_ptr,
-    w4_ptr,
-    b4_ptr,  # enc1, enc2, dec0, dec1, weights packed [k, COUT, CIN]
-    scratch_ptr,  # [4, B, D²/8] fp32
-    out_ptr,  # h5 [B, C1, D/2] fp32
+def _h1_kernel(
+    parts_ptr,  # head partial sums [SPLITS, B, C1, HALF] fp32 (no bias)
+    bias_ptr,  # enc0 bias [C1]
+    out_ptr,  # h1 [B, HALF, C1], channels-last, the activations' dtype
     SPLITS,
     B,
-    D,
+    C1,
+    HALF,
+    EMULATE_BF16: tl.constexpr,
+    SPLIT_UNROLL: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """h1 = relu(Σ_s parts[s] + b0) for a [BLOCK_L, BLOCK_C] tile of (position, channel),
+    stored channels-last for the first bottleneck layer. Programs: L tiles × C1 tiles × B."""
+    l_offs = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    c_mask = c_offs < C1
+    mask = (l_offs < HALF)[:, None] & c_mask[None, :]
+    src = c_offs[None, :] * HALF + l_offs[:, None]
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for s0 in range(0, SPLITS, SPLIT_UNROLL):  # SPLIT_UNROLL loads in flight, summed in order
+        for i in tl.static_range(SPLIT_UNROLL):
+            s = s0 + i
+            split_ok = tl.full((BLOCK_L, BLOCK_C), s, tl.int32) < SPLITS
+            acc += tl.load(
+                parts_ptr + (s * B + b) * C1 * HALF + src, mask=mask & split_ok, other=0.0
+            )
+    bias = tl.load(bias_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    h = _relu(acc + bias[None, :])
+    dst = out_ptr + b * HALF * C1 + l_offs[:, None] * C1 + c_offs[None, :]
+    tl.store(dst, _round_to(h, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+@triton.jit
+def _store_layer_tile(
+    out_ptr,
+    b,
+    rows,
+    LOUT,
+    o_offs,
+    o_mask,
+    COUT,
+    v,
+    OUT_CHANNELS_FIRST: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """Stores the activated tile ``v [rows, BLOCK_O]`` (fp32) of batch element b: to
+    ``[B, LOUT, COUT]`` channels-last in the output's dtype, or (OUT_CHANNELS_FIRST) to
+    fp32 ``[B, COUT, LOUT]``."""
+    mask = (rows < LOUT)[:, None] & o_mask[None, :]
+    if OUT_CHANNELS_FIRST:
+        dst = out_ptr + b * COUT * LOUT + o_offs[None, :] * LOUT + rows[:, None]
+        tl.store(dst, v, mask=mask)
+    else:
+        dst = out_ptr + b * LOUT * COUT + rows[:, None] * COUT + o_offs[None, :]
+        tl.store(dst, _round_to(v, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+@triton.autotune(configs=_layer_configs(), key=["B", "CIN", "COUT", "LIN", "KERNEL", "TRANSPOSED"])
+@triton.jit
+def _bottleneck_layer_kernel(
+    in_ptr,  # [B, LIN, CIN], channels-last, the activations' dtype
+    w_ptr,  # weight packed [k, CIN, COUT]
+    bias_ptr,  # [COUT]
+    out_ptr,  # [B, LOUT, COUT] channels-last; OUT_CHANNELS_FIRST: fp32 [B, COUT, LOUT]
+    B,
+    CIN,
+    COUT,
+    LIN,
+    TRANSPOSED: tl.constexpr,
+    OUT_CHANNELS_FIRST: tl.constexpr,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
-    """One program per batch element: h1 = relu(Σ partials + b0), then the four middle
-    convs in turn; a block-wide barrier separates a stage's stores from the next's loads."""
-    b = tl.program_id(0).to(tl.int64)
-    C1 = D // 4
-    C2 = D // 2
-    size = C1 * (D // 2)  # every activation here holds D²/8 elements per batch element
-    s1 = scratch_ptr + b * size
-    s2 = scratch_ptr + (B + b) * size
-    s3 = scratch_ptr + (2 * B + b) * size
-    s4 = scratch_ptr + (3 * B + b) * size
-    _sum_splits_relu(parts_ptr, b0_ptr, s1, SPLITS, B, C1, D // 2, b, BLOCK_O * BLOCK_L)
-    tl.debug_barrier()
-    _conv_s2_relu_stage(
-        s1,
-        w1_ptr,
-        b1_ptr,
-        s2,
-        C1,
-        C2,
-        D // 2,
-        KERNEL,
-        PRECISION,
-        EMULATE_BF16,
-        BLOCK_K,
-        BLOCK_O,
-        BLOCK_L,
-    )
-    tl.debug_barrier()
-    _conv_s2_relu_stage(
-        s2,
-        w2_ptr,
-        b2_ptr,
-        s3,
-        C2,
-        D,
-        D // 4,
-        KERNEL,
-        PRECISION,
-        EMULATE_BF16,
-        BLOCK_K,
-        BLOCK_O,
-        BLOCK_L,
-    )
-    tl.debug_barrier()
-    _conv_transpose_relu_stage(
-        s3,
-        w3_ptr,
-        b3_ptr,
-        s4,
-        D,
-        C2,
-        D // 8,
-        KERNEL,
-        PRECISION,
-        EMULATE_BF16,
-        BLOCK_K,
-        BLOCK_O,
-        BLOCK_L,
-    )
-    tl.debug_barrier()
-    _conv_transpose_relu_stage(
-        s4,
-        w4_ptr,
-        b4_ptr,
-        out_ptr + b * size,
-        C2,
-        C1,
-        D // 4,
-        KERNEL,
-        PRECISION,
-        EMULATE_BF16,
-        BLOCK_K,
-        BLOCK_O,
-        BLOCK_L,
-    )
+    """One bottleneck layer, relu(conv + bias): a stride-2 conv (LOUT = LIN/2) or, with
+    TRANSPOSED, a stride-2 transposed conv (LOUT = 2·LIN). Programs: LOUT tiles × COUT
+    tiles × B; each computes a [BLOCK_L, BLOCK_O] output tile (a transposed conv as its
+    two output parities, BLOCK_L/2 rows each) as tap-wise dots over K = CIN in
+    BLOCK_K chunks, fp32 accumulation."""
+    pid_l = tl.program_id(0)
+    o_offs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    b = tl.program_id(2).to(tl.int64)
+    o_mask = o_offs < COUT
+    in_base = in_ptr + b * LIN * CIN
+    bias = tl.load(bias_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
+    if TRANSPOSED:
+        BLOCK_U: tl.constexpr = BLOCK_L // 2
+        u_offs = pid_l * BLOCK_U + tl.arange(0, BLOCK_U)
+        for r in tl.static_range(2):
+            acc = _conv_transpose_rows(
+                in_base,
+                w_ptr,
+                u_offs,
+                o_offs,
+                o_mask,
+                CIN,
+                COUT,
+                LIN,
+                r,
+                KERNEL,
+                PRECISION,
+                EMULATE_BF16,
+                BLOCK_K,
+                BLOCK_U,
+                BLOCK_O,
+            )
+            _store_layer_tile(
+                out_ptr,
+                b,
+                2 * u_offs + r,
+                2 * LIN,
+                o_offs,
+                o_mask,
+                COUT,
+                _relu(acc + bias[None, :]),
+                OUT_CHANNELS_FIRST,
+                EMULATE_BF16,
+            )
+    else:
+        t_offs = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        acc = _conv_s2_rows(
+            in_base,
+            w_ptr,
+            t_offs,
+            o_offs,
+            o_mask,
+            CIN,
+            COUT,
+            LIN,
+            KERNEL,
+            PRECISION,
+            EMULATE_BF16,
+            BLOCK_K,
+            BLOCK_L,
+            BLOCK_O,
+        )
+        _store_layer_tile(
+            out_ptr,
+            b,
+            t_offs,
+            LIN // 2,
+            o_offs,
+            o_mask,
+            COUT,
+            _relu(acc + bias[None, :]),
+            OUT_CHANNELS_FIRST,
+            EMULATE_BF16,
+        )
 
 
 @triton.autotune(configs=_stats_configs(), key=["N", "D", "KERNEL"])
