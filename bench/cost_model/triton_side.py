@@ -81,29 +81,51 @@ def work(launch: Launch, config: Config) -> dict:
         x, h, w = a["x_ptr"], a["h_ptr"], a["w_ptr"]
         e = x.element_size()
         bn, bd, bc, C1 = a["BLOCK_N"], a["BLOCK_D"], a["BLOCK_C"], a["C1"]
-        steps = _cdiv(C1, bc) * k  # the transposed conv's dots, both parities
-        score = (steps, bn * bc * e + bc * (bd // 2) * 4)
+        stages = config.num_stages
+        # The score tile's transposed conv: a pipelined loop per output parity over
+        # BLOCK_C chunks of C1; a step loads its taps' dec2 block and fp32 h5 block (the
+        # taps of both parities summing to k).
+        chunks = _cdiv(C1, bc)
+        score_steps, score_bytes = 2 * chunks, k / 2 * (bn * bc * e + bc * (bd // 2) * 4)
+        score_macs = chunks * k * bn * bc * (bd // 2)
         epilogue = (1, bn * bd * e)  # bias and the x tile
-        fields = dict(phases=(score, epilogue), macs=steps * bn * bc * (bd // 2))
         if name == "_tail_stats_kernel":
             stats = _bytes(a["max_ptr"]) + _bytes(a["sum_ptr"])
-            fields["hbm_bytes"] = _bytes(x) + _bytes(h) + _bytes(w) + stats
-            return fields
-        D, be = a["D"], a["BLOCK_E"]
-        fields.update(
-            async_steps=_cdiv(D, be),
-            async_bytes_per_step=(bn * be + be * bd) * e,
-            stages=config.num_stages,
-            macs=fields["macs"] + _cdiv(D, be) * bn * be * bd,
-            phases=((1, 3 * bd * 4), score, epilogue),  # value bias and statistics first
+            return dict(
+                # the second parity loop's pipeline fill (the model counts the first)
+                phases=((stages - 1, 0), epilogue, (1, 2 * bd * 4)),
+                async_steps=score_steps,
+                async_bytes_per_step=score_bytes,
+                stages=stages,
+                macs=score_macs,
+                hbm_bytes=_bytes(x) + _bytes(h) + _bytes(w) + stats,
+            )
+        # Persistent: a program takes every programs-th tile; per tile the value GEMM's
+        # pipelined loop over BLOCK_E chunks of D, then the score tile's two.
+        D, B, be = a["D"], a["B"], a["BLOCK_E"]
+        tiles = _cdiv(a["N"], bn) * _cdiv(D, bd) * B
+        per_program = _cdiv(tiles, math.prod(grid(launch, config)))
+        value_steps, value_bytes = _cdiv(D, be), (bn * be + be * bd) * e
+        steps = value_steps + score_steps
+        return dict(
+            phases=(
+                (per_program, 3 * bd * 4),  # value bias and statistics
+                (per_program, epilogue[1]),
+                # every tile's three pipeline fills but the first (counted by the model)
+                (per_program * 3 * (stages - 1) - (stages - 1), 0),
+            ),
+            async_steps=per_program * steps,
+            async_bytes_per_step=(value_steps * value_bytes + score_steps * score_bytes) / steps,
+            stages=stages,
+            macs=per_program * (score_macs + value_steps * bn * be * bd),
             hbm_bytes=2 * _bytes(x) + _bytes(h) + _bytes(w) + _bytes(a["wvt_ptr"]),
         )
-        return fields
     if name == "_stats_merge_kernel":
         part_max, col_max = a["part_max_ptr"], a["max_ptr"]
-        tiles, bd = a["N_TILES"], a["BLOCK_D"]
+        tiles, bt, bd = a["N_TILES"], a["BLOCK_T"], a["BLOCK_D"]
+        steps = _cdiv(tiles, bt)  # BLOCK_T tiles' statistics per step
         return dict(
-            phases=((tiles, bd * 4), (tiles, 2 * bd * 4)),  # a max pass, then a sum pass
+            phases=((steps, bt * bd * 4), (steps, 2 * bt * bd * 4)),  # max pass, sum pass
             macs=0,
             hbm_bytes=2 * _bytes(part_max) + 2 * _bytes(col_max),
         )

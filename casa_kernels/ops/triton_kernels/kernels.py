@@ -82,7 +82,7 @@ def _stats_configs() -> list:
     return _tuned(
         [
             triton.Config({"BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-            for bd, bc, w, s in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
+            for bd, bc, w, s in [(64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3)]
         ]
     )
 
@@ -93,12 +93,12 @@ def _output_configs() -> list:
     return _tuned(
         [
             triton.Config({"BLOCK_D": bd, "BLOCK_C": bc, "BLOCK_E": be}, num_warps=w, num_stages=s)
-            for bd, bc, be, w, s in [(128, 16, 32, 8, 3), (128, 32, 64, 8, 3), (64, 32, 64, 8, 2)]
+            for bd, bc, be, w, s in [(64, 32, 64, 8, 3), (64, 32, 64, 8, 4), (128, 32, 64, 8, 3)]
         ]
     )
 
 
-@triton.autotune(configs=_head_configs(), key=["N", "D", "KERNEL"])
+@triton.autotune(configs=_head_configs(), key=["B", "N", "D", "KERNEL"])
 @triton.jit
 def _head_kernel(
     x_ptr,  # [B, N, D], contiguous
@@ -307,7 +307,7 @@ def _bottleneck_layer_kernel(
         )
 
 
-@triton.autotune(configs=_stats_configs(), key=["N", "D", "KERNEL"])
+@triton.autotune(configs=_stats_configs(), key=["B", "N", "D", "KERNEL"])
 @triton.jit
 def _tail_stats_kernel(
     x_ptr,  # [B, N, D], contiguous
@@ -316,6 +316,7 @@ def _tail_stats_kernel(
     bias_ptr,  # dec2 bias [N]
     max_ptr,  # [B, N_TILES, D] fp32: per N tile, column max of the scores
     sum_ptr,  # [B, N_TILES, D] fp32: per N tile, Σ exp(score − tile max)
+    B,
     N,
     D,
     C1,
@@ -372,39 +373,51 @@ def _stats_merge_kernel(
     sum_ptr,  # [B, D] fp32
     D,
     N_TILES,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The reference's ``merge_stats`` over the N tiles, per column: max (NaN wins),
-    then Σ_t sum_t · exp(max_t − max)."""
+    """The reference's ``merge_stats`` over the N tiles, per column, BLOCK_T tiles' statistics
+    loaded at once: max (NaN wins), then Σ_t sum_t · exp(max_t − max)."""
     o_offs = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     o_mask = o_offs < D
     b = tl.program_id(1).to(tl.int64)
-    base = b * N_TILES * D + o_offs
     col_max = tl.full((BLOCK_D,), float("-inf"), dtype=tl.float32)
-    for t in range(0, N_TILES):
-        m = tl.load(part_max_ptr + base + t * D, mask=o_mask, other=0.0)
-        col_max = tl.maximum(col_max, m, propagate_nan=tl.PropagateNan.ALL)
+    for t0 in range(0, N_TILES, BLOCK_T):
+        t_offs = t0 + tl.arange(0, BLOCK_T)
+        mask = (t_offs < N_TILES)[:, None] & o_mask[None, :]
+        offs = (b * N_TILES + t_offs[:, None]) * D + o_offs[None, :]
+        m = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
+        has_nan = tl.max((m != m).to(tl.int32), axis=0) > 0
+        block_max = tl.where(has_nan, float("nan"), tl.max(m, axis=0))
+        col_max = tl.maximum(col_max, block_max, propagate_nan=tl.PropagateNan.ALL)
     col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t in range(0, N_TILES):
-        m = tl.load(part_max_ptr + base + t * D, mask=o_mask, other=0.0)
-        s = tl.load(part_sum_ptr + base + t * D, mask=o_mask, other=0.0)
-        col_sum += s * tl.exp(m - col_max)
+    for t0 in range(0, N_TILES, BLOCK_T):
+        t_offs = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t_offs < N_TILES
+        offs = (b * N_TILES + t_offs[:, None]) * D + o_offs[None, :]
+        mask = t_ok[:, None] & o_mask[None, :]
+        m = tl.load(part_max_ptr + offs, mask=mask, other=0.0)
+        s = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
+        terms = tl.where(t_ok[:, None], s * tl.exp(m - col_max[None, :]), 0.0)
+        col_sum += tl.sum(terms, axis=0)
     tl.store(max_ptr + b * D + o_offs, col_max, mask=o_mask)
     tl.store(sum_ptr + b * D + o_offs, col_sum, mask=o_mask)
 
 
-@triton.autotune(configs=_output_configs(), key=["N", "D", "KERNEL"])
 @triton.jit
-def _tail_output_kernel(
-    x_ptr,  # [B, N, D], contiguous
-    h_ptr,  # h5 [B, C1, D/2] fp32
-    w_ptr,  # dec2 weight packed [k, N, C1]
-    bias_ptr,  # dec2 bias [N]
-    wvt_ptr,  # value weight transposed, Wvᵀ [D(in), D(out)]
-    bv_ptr,  # value bias [D]
+def _tail_output_tile(
+    x_ptr,
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    wvt_ptr,
+    bv_ptr,
     max_ptr,
-    sum_ptr,  # merged column statistics [B, D] fp32
-    y_ptr,  # [B, N, D]
+    sum_ptr,
+    y_ptr,
+    b,
+    tile,
+    o0,
     N,
     D,
     C1,
@@ -416,9 +429,8 @@ def _tail_output_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    o0 = tl.program_id(1) * BLOCK_D
-    b = tl.program_id(2).to(tl.int64)
+    """One ``[BLOCK_N, BLOCK_D]`` output tile: rows ``tile·BLOCK_N + ...`` of batch
+    element b, columns ``o0 + ...``."""
     n_offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
     o_offs = o0 + tl.arange(0, BLOCK_D)
@@ -470,3 +482,62 @@ def _tail_output_kernel(
         _round_to(out, y_ptr.dtype.element_ty, EMULATE_BF16),
         mask=n_mask[:, None] & o_mask[None, :],
     )
+
+
+@triton.autotune(configs=_output_configs(), key=["B", "N", "D", "KERNEL"])
+@triton.jit
+def _tail_output_kernel(
+    x_ptr,  # [B, N, D], contiguous
+    h_ptr,  # h5 [B, C1, D/2] fp32
+    w_ptr,  # dec2 weight packed [k, N, C1]
+    bias_ptr,  # dec2 bias [N]
+    wvt_ptr,  # value weight transposed, Wvᵀ [D(in), D(out)]
+    bv_ptr,  # value bias [D]
+    max_ptr,
+    sum_ptr,  # merged column statistics [B, D] fp32
+    y_ptr,  # [B, N, D]
+    B,
+    N,
+    D,
+    C1,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Persistent: each program takes the output tiles pid, pid + programs, ... of the
+    ⌈N/BLOCK_N⌉ × ⌈D/BLOCK_D⌉ × B tiles (N tiles fastest, so programs running together
+    share Wvᵀ's column block)."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    d_tiles = tl.cdiv(D, BLOCK_D)
+    for tile_id in range(tl.program_id(0), n_tiles * d_tiles * B, tl.num_programs(0)):
+        tile = tile_id % n_tiles
+        o0 = (tile_id // n_tiles) % d_tiles * BLOCK_D
+        b = (tile_id // (n_tiles * d_tiles)).to(tl.int64)
+        _tail_output_tile(
+            x_ptr,
+            h_ptr,
+            w_ptr,
+            bias_ptr,
+            wvt_ptr,
+            bv_ptr,
+            max_ptr,
+            sum_ptr,
+            y_ptr,
+            b,
+            tile,
+            o0,
+            N,
+            D,
+            C1,
+            KERNEL,
+            PRECISION,
+            EMULATE_BF16,
+            BLOCK_N,
+            BLOCK_D,
+            BLOCK_C,
+            BLOCK_E,
+        )

@@ -33,11 +33,12 @@ from .kernels import (
 # hence the partial buffer, does not depend on the tuned config.
 HEAD_BLOCK_N = 16 if _INTERPRET else 32
 # Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
-# partials must agree on it); smaller N get the next power of two >= 16. 64 rows:
-# a 128 x 128 output tile spills ~0.9-1.3 KB per thread on sm_90 (ptxas, 8 warps),
-# 64 x 128 ~0.1 KB (see tests/ops/triton_compile_check.py).
-TAIL_BLOCK_N = 16 if _INTERPRET else 64
-_MERGE_BLOCK_D = 32 if _INTERPRET else 128
+# partials agree on it); smaller N get the next power of two >= 16. 128 rows, with
+# 64-column tiles: a 128 x 128 output tile spills on sm_90 (ptxas, 8 warps; see
+# tests/ops/triton_compile_check.py).
+TAIL_BLOCK_N = 16 if _INTERPRET else 128
+_MERGE_BLOCK_D = 32 if _INTERPRET else 64
+_MERGE_BLOCK_T = 4 if _INTERPRET else 16  # N tiles' statistics merged per step
 # The bottleneck layers' output tiles (BLOCK_L positions, BLOCK_O channels), largest first:
 # the plan (bottleneck_tile) takes the largest with which every layer fills the device.
 _LAYER_TILES = ((16, 16),) if _INTERPRET else ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
@@ -289,6 +290,7 @@ def _tail_partial_stats(x, h5, dec2_packed, dec2_bias, block_n):
         dec2_bias,
         part_max,
         part_sum,
+        B,
         N,
         D,
         D // 4,
@@ -315,6 +317,7 @@ def _merge_tile_stats(
         col_sum,
         D,
         T,
+        BLOCK_T=min(_MERGE_BLOCK_T, triton.next_power_of_2(T)),
         BLOCK_D=_MERGE_BLOCK_D,
     )
     return col_max, col_sum
@@ -362,16 +365,24 @@ def tail_output(
     col_sum: torch.Tensor,
     *,
     block_n: int | None = None,
+    sm_count: int | None = None,
 ) -> torch.Tensor:
     """Stage 4: ``exp(s − col_max)/col_sum · (x Wvᵀ + bv) + x`` for ``x: [B, N, D]`` with
-    merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous."""
+    merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous. A
+    persistent launch: one program per SM (``sm_count``, default the device's), each
+    taking every programs-th ``[block_n, BLOCK_D]`` output tile."""
     x = x.contiguous()
     B, N, D = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if B == 0:
         return y
     block_n = block_n or tail_block_n(N)
-    grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
+    programs = sm_count or _sm_count(x.device)
+
+    def grid(meta):
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(D, meta["BLOCK_D"]) * B
+        return (min(tiles, programs),)
+
     with _device_guard(x):
         _launch(
             _tail_output_kernel,
@@ -385,6 +396,7 @@ def tail_output(
             col_max.float().contiguous(),
             col_sum.float().contiguous(),
             y,
+            B,
             N,
             D,
             D // 4,
@@ -435,4 +447,5 @@ def triton_score_attention(
             col_max,
             col_sum,
             block_n=block_n,
+            sm_count=sm_count,
         )

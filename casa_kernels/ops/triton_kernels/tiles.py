@@ -120,8 +120,8 @@ def _conv_transpose_parity(
 
     Only the taps j with R + p - j even reach these columns, reading input column
     u + (R + p - j) / 2 — no structural zeros. A tap's input column outside
-    [0, LIN) contributes nothing (col2im semantics): in a tile that reaches the
-    edge the tap's product is formed apart and selected per column."""
+    [0, LIN) contributes nothing (col2im semantics): a shifted tap's product is formed
+    apart and selected per column (no branch in the loop, so its loads pipeline)."""
     P: tl.constexpr = KERNEL // 2
     u_offs = u0 + tl.arange(0, BLOCK_U)
     acc = tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32)
@@ -143,7 +143,7 @@ def _conv_transpose_parity(
                     mask=o_mask[:, None] & c_mask[None, :],
                     other=0.0,
                 )
-                if (u0 + shift >= 0) & (u0 + BLOCK_U + shift <= LIN):
+                if shift == 0:  # columns past LIN only reach outputs past 2·LIN
                     acc = _mma(wv, hv, acc, PRECISION, EMULATE_BF16)
                 else:
                     part = _mma(
@@ -283,7 +283,7 @@ def _conv_transpose_rows(
 
     Only the taps j with ``R + p - j`` even reach these positions, each reading the slab
     of input rows ``u + (R + p - j) / 2`` (the tap a row offset). An input row outside
-    ``[0, LIN)`` contributes nothing (col2im semantics, not ``0 · w``): each tap's
+    ``[0, LIN)`` contributes nothing (col2im semantics, not ``0 · w``): a shifted tap's
     product is formed apart and selected per row."""
     P: tl.constexpr = KERNEL // 2
     acc = tl.zeros((BLOCK_U, BLOCK_O), dtype=tl.float32)
@@ -304,10 +304,17 @@ def _conv_transpose_rows(
                     mask=c_mask[:, None] & o_mask[None, :],
                     other=0.0,
                 )
-                part = _mma(
-                    xv, wv, tl.zeros((BLOCK_U, BLOCK_O), dtype=tl.float32), PRECISION, EMULATE_BF16
-                )
-                acc += tl.where(row_ok[:, None], part, 0.0)
+                if (R + P - j) // 2 == 0:  # rows past LIN only reach outputs past 2·LIN
+                    acc = _mma(xv, wv, acc, PRECISION, EMULATE_BF16)
+                else:
+                    part = _mma(
+                        xv,
+                        wv,
+                        tl.zeros((BLOCK_U, BLOCK_O), dtype=tl.float32),
+                        PRECISION,
+                        EMULATE_BF16,
+                    )
+                    acc += tl.where(row_ok[:, None], part, 0.0)
     return acc
 
 
