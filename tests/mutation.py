@@ -218,8 +218,8 @@ MUTANTS = [
     Mutant(
         "triton: stride-2 conv reads one column past the row end",
         TRITON_TILES,
-        "col_ok = t_mask & (cols >= 0) & (cols < LIN)",
-        "col_ok = t_mask & (cols >= 0) & (cols <= LIN)",
+        "in_ok = (cols >= 0) & (cols < LIN)",
+        "in_ok = (cols >= 0) & (cols <= LIN)",
         TRITON_CONFORMANCE_TESTS,
         ("-k", "matches_the_reference and triton"),
         TRITON_ENV,

@@ -42,10 +42,16 @@ def work(launch: Launch, config: Config) -> dict:
         x, w, out = a["x_ptr"], a["w_ptr"], a["out_ptr"]
         e = x.element_size()
         bn, bc, bt = a["BLOCK_N"], a["BLOCK_C"], a["BLOCK_T"]
-        steps = a["CHUNKS_PER_SPLIT"] * k
+        p = k // 2
+        shifts = (k - 1 - p) // 2 + (p + 1) // 2 + 1  # contiguous slabs per chunk
+        # Per BLOCK_N chunk of variates (one pipelined loop step): the slabs
+        # [BLOCK_N, 2·BLOCK_T] and every tap's weight block [BLOCK_C, BLOCK_N].
         return dict(
-            phases=((steps, (bc * bn + bn * bt) * e),),
-            macs=steps * bc * bn * bt,
+            phases=((1, bc * bt * 4),),  # the partials' store
+            async_steps=a["CHUNKS_PER_SPLIT"],
+            async_bytes_per_step=(shifts * bn * 2 * bt + k * bc * bn) * e,
+            stages=config.num_stages,
+            macs=a["CHUNKS_PER_SPLIT"] * k * bc * bn * bt,
             hbm_bytes=_bytes(x) + _bytes(w) + _bytes(out),
         )
     if name == "_h1_kernel":

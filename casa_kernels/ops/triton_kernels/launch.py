@@ -22,7 +22,6 @@ from .kernels import (
     _INTERPRET,
     _bottleneck_layer_kernel,
     _h1_kernel,
-    _head_configs,
     _head_kernel,
     _stats_merge_kernel,
     _tail_output_kernel,
@@ -32,6 +31,9 @@ from .kernels import (
 # Rows of N reduced per step by the head; fixed (not tuned) so the split count,
 # hence the partial buffer, does not depend on the tuned config.
 HEAD_BLOCK_N = 16 if _INTERPRET else 32
+# The head's output tile (BLOCK_C channels, BLOCK_T positions); fixed (not tuned) so the
+# split count planned for it is the one that runs.
+HEAD_TILE = {"BLOCK_C": 16, "BLOCK_T": 16} if _INTERPRET else {"BLOCK_C": 64, "BLOCK_T": 64}
 # Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
 # partials agree on it); smaller N get the next power of two >= 16. 128 rows, with
 # 64-column tiles: a 128 x 128 output tile spills on sm_90 (ptxas, 8 warps; see
@@ -90,9 +92,7 @@ def head_split_count(batch: int, n_vars: int, d_model: int, programs: int) -> in
     bench/cost_model, calls it with an H100's SM count)."""
     chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
     c1, half = d_model // 4, d_model // 2
-    # Output tiles at the first config's size: an estimate, the tuned config may differ.
-    block = _head_configs()[0].kwargs
-    tiles = batch * triton.cdiv(c1, block["BLOCK_C"]) * triton.cdiv(half, block["BLOCK_T"])
+    tiles = batch * triton.cdiv(c1, HEAD_TILE["BLOCK_C"]) * triton.cdiv(half, HEAD_TILE["BLOCK_T"])
     return max(1, min(chunks, triton.cdiv(programs, tiles)))
 
 
@@ -166,9 +166,11 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
     splits = triton.cdiv(chunks, chunks_per_split)  # no empty split
     out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
 
-    def grid(meta):
-        return (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)
-
+    grid = (
+        B * triton.cdiv(C1, HEAD_TILE["BLOCK_C"]),
+        triton.cdiv(half, HEAD_TILE["BLOCK_T"]),
+        splits,
+    )
     _launch(
         _head_kernel,
         grid,
@@ -181,6 +183,7 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
         C1,
         chunks_per_split,
         BLOCK_N=HEAD_BLOCK_N,
+        **HEAD_TILE,
         **_common(x.dtype, enc0_packed.shape[0]),
     )
     return out

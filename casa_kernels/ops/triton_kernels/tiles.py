@@ -51,13 +51,22 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tap_weight(w_ptr, j, o_offs, o_mask, c_offs, c_mask, COUT, CIN):
+    """Tap j's weight block ``[BLOCK_O, BLOCK_K]`` of a weight packed ``[k, COUT, CIN]``."""
+    return tl.load(
+        w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
+        mask=o_mask[:, None] & c_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _conv_s2_tile(
     in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
     w_ptr,  # Conv1d weight packed tap-major, [k, COUT, CIN]
     o_offs,
     o_mask,
-    t_offs,
-    t_mask,
+    t0,
     cin_start,
     n_chunks,
     CIN,
@@ -68,32 +77,39 @@ def _conv_s2_tile(
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """acc + stride-2 conv (pad k//2, no bias) over the input rows
-    [cin_start, cin_start + n_chunks·BLOCK_K) ∩ [0, CIN): output rows o_offs,
-    columns t_offs; acc: [BLOCK_O, BLOCK_T] fp32.
+    [cin_start, cin_start + n_chunks·BLOCK_K) ∩ [0, CIN): output rows o_offs, columns
+    t0 + [0, BLOCK_T); acc: [BLOCK_O, BLOCK_T] fp32.
 
-    Implicit GEMM: per tap j, weights [BLOCK_O, BLOCK_K] times the gather
-    in[c, 2t + j - p] ([BLOCK_K, BLOCK_T], zero outside [0, LIN) — padding is
-    multiplied, as in the library's im2col)."""
+    Implicit GEMM without gathers: tap j reads in[c, 2t + j - p] = column parity r of
+    the slab in[c, 2(t0 + s) + [0, 2·BLOCK_T)) with j - p = 2s + r. Per chunk of rows and
+    shift s, one contiguous slab load (zero outside [0, LIN): padding is multiplied, as
+    in the library's im2col) split into its even and odd columns, the operands of the
+    taps p + 2s and p + 2s + 1."""
     P: tl.constexpr = KERNEL // 2
+    S_LO: tl.constexpr = -((P + 1) // 2)
+    SHIFTS: tl.constexpr = (KERNEL - 1 - P) // 2 - S_LO + 1
     for i in range(0, n_chunks):
         c_offs = cin_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
         c_mask = c_offs < CIN
-        for j in tl.static_range(KERNEL):
-            w = tl.load(
-                w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
-                mask=o_mask[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            cols = 2 * t_offs + (j - P)
-            col_ok = t_mask & (cols >= 0) & (cols < LIN)
-            xv = tl.load(
+        for sh in tl.static_range(SHIFTS):
+            cols = 2 * (t0 + S_LO + sh) + tl.arange(0, 2 * BLOCK_T)
+            in_ok = (cols >= 0) & (cols < LIN)
+            slab = tl.load(
                 in_base + c_offs[:, None].to(tl.int64) * LIN + cols[None, :],
-                mask=c_mask[:, None] & col_ok[None, :],
+                mask=c_mask[:, None] & in_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(w, xv, acc, PRECISION, EMULATE_BF16)
+            even, odd = tl.split(tl.reshape(slab, (BLOCK_K, BLOCK_T, 2)))
+            j = P + 2 * (S_LO + sh)  # the even columns' tap; j + 1 the odd's
+            if j >= 0:
+                w = _tap_weight(w_ptr, j, o_offs, o_mask, c_offs, c_mask, COUT, CIN)
+                acc = _mma(w, even, acc, PRECISION, EMULATE_BF16)
+            if j + 1 < KERNEL:
+                w = _tap_weight(w_ptr, j + 1, o_offs, o_mask, c_offs, c_mask, COUT, CIN)
+                acc = _mma(w, odd, acc, PRECISION, EMULATE_BF16)
     return acc
 
 
