@@ -273,6 +273,15 @@ MUTANTS = [
         TRITON_ENV,
     ),
     Mutant(
+        "triton: bottleneck transposed-conv rows outside the input multiplied (0 * w)",
+        TRITON_TILES,
+        "acc += tl.where(row_ok[:, None], part, 0.0)",
+        "acc += part",
+        TRITON_TESTS,
+        ("-k", "nan_weight_pattern"),
+        TRITON_ENV,
+    ),
+    Mutant(
         "triton: an all -inf tile column shifted by -inf",
         TRITON_KERNELS,
         'shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)',

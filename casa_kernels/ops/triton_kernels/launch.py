@@ -3,10 +3,10 @@ functions the backend (casa_kernels/ops/backends/triton.py) and the static cost 
 (bench/cost_model) call. Every launch goes through :func:`_launch`.
 
 Weights are prepared once per weight version (:func:`.weight_cache.cached`), in their
-own dtype (no per-call casts: the op's weights share x's dtype): every conv weight
-packed tap-major ``[k, COUT, CIN]`` (the head's ``enc0`` as ``[k, C1, N]``, the tail's
-``dec2`` as ``[k, N, C1]``), so each tap's weight tile loads along contiguous rows, and
-the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
+own dtype (no per-call casts: the op's weights share x's dtype): the head's ``enc0`` and
+the tail's ``dec2`` packed tap-major ``[k, COUT, CIN]`` (``[k, C1, N]``, ``[k, N, C1]``),
+the bottleneck's four ``[k, CIN, COUT]``, so each tap's weight tile loads along
+contiguous rows, and the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ HEAD_BLOCK_N = 16 if _INTERPRET else 32
 # split count planned for it is the one that runs.
 HEAD_TILE = {"BLOCK_C": 16, "BLOCK_T": 16} if _INTERPRET else {"BLOCK_C": 64, "BLOCK_T": 64}
 # Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
-# partials agree on it); smaller N get the next power of two >= 16. 128 rows, with
-# 64-column tiles: a 128 x 128 output tile spills on sm_90 (ptxas, 8 warps; see
-# tests/ops/triton_compile_check.py).
+# partials agree on it); smaller N get the next power of two >= 16. 128 rows with the
+# first configs' 64 columns: no spills on sm_90 (python -m bench estimate).
 TAIL_BLOCK_N = 16 if _INTERPRET else 128
 _MERGE_BLOCK_D = 32 if _INTERPRET else 64
 _MERGE_BLOCK_T = 4 if _INTERPRET else 16  # N tiles' statistics merged per step
 # The bottleneck layers' output tiles (BLOCK_L positions, BLOCK_O channels), largest first:
 # the plan (bottleneck_tile) takes the largest with which every layer fills the device.
-_LAYER_TILES = ((16, 16),) if _INTERPRET else ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+GPU_LAYER_TILES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+_LAYER_TILES = ((16, 16),) if _INTERPRET else GPU_LAYER_TILES
 _LAYER_BLOCK_K = 16 if _INTERPRET else 64  # input channels per dot
 _H1_SPLIT_UNROLL = 4  # head partials summed per step of the h1 kernel
 
@@ -113,18 +113,20 @@ def bottleneck_layers(d_model: int) -> tuple[tuple[int, int, int, bool], ...]:
     )
 
 
-def bottleneck_tile(batch: int, d_model: int, sm_count: int) -> tuple[int, int]:
-    """``(BLOCK_L, BLOCK_O)`` of the bottleneck layers: the largest tile with which every
-    layer runs at least ``sm_count`` programs (one per SM), else the smallest. A pure
+def bottleneck_tile(
+    batch: int, d_model: int, sm_count: int, tiles: tuple = _LAYER_TILES
+) -> tuple[int, int]:
+    """``(BLOCK_L, BLOCK_O)`` of the bottleneck layers: the largest of ``tiles`` with which
+    every layer runs at least ``sm_count`` programs (one per SM), else the smallest. A pure
     function of the sizes (the static cost model calls it with an H100's SM count)."""
-    for block_l, block_o in _LAYER_TILES:
+    for block_l, block_o in tiles:
         if all(
             batch * triton.cdiv(2 * lin if t else lin // 2, block_l) * triton.cdiv(cout, block_o)
             >= sm_count
             for _, cout, lin, t in bottleneck_layers(d_model)
         ):
             return block_l, block_o
-    return _LAYER_TILES[-1]
+    return tiles[-1]
 
 
 def tail_block_n(n_vars: int) -> int:
