@@ -20,15 +20,17 @@ is capturable in a CUDA graph):
    per dot where CIN allows, fp32 accumulation, operand loads pipelined
    (num_stages ≥ 3), and writes its output channels-last in the activations' dtype
    (the last: h5 fp32 ``[B, C1, D/2]``). Five launches.
-3. ``tail_stats`` — ``_tail_stats_kernel``: programs = ⌈N/BLOCK_N⌉ × ⌈D/BLOCK_D⌉ × B;
+3. ``tail_stats`` — ``_tail_stats_kernel``: programs = ⌈N/BLOCK_N⌉ × ⌈D/BLOCK_D⌉ × B
+   (BLOCK_N = 128 rows, fewer for small N);
    each computes its score tile ``s = sigmoid(convT(h5) + b) + x`` (the transposed
    conv by output parity: K = C1 × the taps reaching each parity, no structural zeros)
    and writes the tile's column max and ``Σ exp(s − max)`` to fp32 partials
    ``[B, ⌈N/BLOCK_N⌉, D]``; ``_stats_merge_kernel`` merges them over the N tiles
    (log-sum-exp) into ``[B, D]`` (two launches).
-4. ``tail_output`` — ``_tail_output_kernel``: same grid; recomputes the score tile,
-   computes the value tile ``x Wvᵀ`` as one ``[BLOCK_N, BLOCK_D]`` ``tl.dot`` over K = D
-   and writes ``exp(s − max)/sum · (v + bv) + x`` (one launch).
+4. ``tail_output`` — ``_tail_output_kernel``: the same ``[BLOCK_N, BLOCK_D]`` tiles on a
+   persistent grid (one program per SM, each taking every programs-th tile); per tile
+   it recomputes the score tile, computes the value tile ``x Wvᵀ`` by a pipelined
+   ``tl.dot`` loop over K = D and writes ``exp(s − max)/sum · (v + bv) + x`` (one launch).
 
 Layers: :mod:`.tiles` (tile helpers: ``@triton.jit`` device functions), :mod:`.kernels`
 (the stage kernels and their autotune configs), :mod:`.launch` (launch plans, weight
