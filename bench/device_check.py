@@ -311,7 +311,8 @@ def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) ->
     checks.add("triton", triton_version is not None, triton_version or error, gpu=True)
     env["PF_NO_TRITON"] = "" if triton_version else f"triton does not import ({error})"
     single = any(
-        SINGLE_CONFIG_VAR in Path(p).read_text() for p in glob.glob("casa_kernels/ops/triton*.py")
+        SINGLE_CONFIG_VAR in Path(p).read_text()
+        for p in glob.glob("casa_kernels/ops/triton_kernels/*.py")
     )
     checks.add(
         SINGLE_CONFIG_VAR,

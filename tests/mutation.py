@@ -199,10 +199,9 @@ MUTANTS = [
     Mutant(
         "triton: stats merge ignores the first N tile's maximum",
         TRITON_KERNELS,
-        "for t in range(0, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
-        "mask=o_mask, other=0.0)\n        col_max",
-        "for t in range(1, N_TILES):\n        m = tl.load(part_max_ptr + base + t * D, "
-        "mask=o_mask, other=0.0)\n        col_max",
+        'block_max = tl.where(has_nan, float("nan"), tl.max(m, axis=0))',
+        'block_max = tl.where(has_nan, float("nan"), '
+        'tl.max(tl.where(t_offs[:, None] >= 1, m, float("-inf")), axis=0))',
         TRITON_CONFORMANCE_TESTS,
         ("-k", "far_beyond and triton"),
         TRITON_ENV,
@@ -219,8 +218,8 @@ MUTANTS = [
     Mutant(
         "triton: stride-2 conv reads one column past the row end",
         TRITON_TILES,
-        "col_ok = t_mask & (cols >= 0) & (cols < LIN)",
-        "col_ok = t_mask & (cols >= 0) & (cols <= LIN)",
+        "in_ok = (cols >= 0) & (cols < LIN)",
+        "in_ok = (cols >= 0) & (cols <= LIN)",
         TRITON_CONFORMANCE_TESTS,
         ("-k", "matches_the_reference and triton"),
         TRITON_ENV,
@@ -236,9 +235,9 @@ MUTANTS = [
     ),
     Mutant(
         "triton: head partials summed with the [B, S] stride, not [S, B]",
-        TRITON_TILES,
-        "acc += tl.load(parts_ptr + (s * B + b) * size + offs",
-        "acc += tl.load(parts_ptr + (b * SPLITS + s) * size + offs",
+        TRITON_KERNELS,
+        "parts_ptr + (s * B + b) * C1 * HALF + src,",
+        "parts_ptr + (b * SPLITS + s) * C1 * HALF + src,",
         (*TRITON_CONFORMANCE_TESTS, *TRITON_TESTS),
         ("-k", "(matches_the_reference and triton) or head_split_over_n"),
         TRITON_ENV,
@@ -268,6 +267,15 @@ MUTANTS = [
         "triton: transposed-conv taps outside the input multiplied (0 * w)",
         TRITON_TILES,
         "acc += tl.where(col_ok[None, :], part, 0.0)",
+        "acc += part",
+        TRITON_TESTS,
+        ("-k", "nan_weight_pattern"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton: bottleneck transposed-conv rows outside the input multiplied (0 * w)",
+        TRITON_TILES,
+        "acc += tl.where(row_ok[:, None], part, 0.0)",
         "acc += part",
         TRITON_TESTS,
         ("-k", "nan_weight_pattern"),

@@ -522,6 +522,7 @@ def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(
     assert env["PF_GPU_SLUG"] == "nvidia-h100-80gb-hbm3" and env["PF_GPU_ARCH"] == "9.0"
     assert env["PF_NO_GPU"] == "''" and env["PF_SANITIZER"] == "''"
     out = capsys.readouterr().out
+    assert "read by the Triton kernels: tests and verify use one config" in out
     if nvcc_release == "13.0":
         assert env["PF_NO_NVCC"] == "''" and env["PF_CUDA_HOME"] == str(tmp_path / "cuda")
     else:

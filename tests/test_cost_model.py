@@ -304,7 +304,8 @@ def test_the_triton_launchers_are_captured_with_their_plan_on_meta_tensors():
     assert tk._launch is real  # restored after the capture
     assert [launch.name for launch in launches] == [
         "_head_kernel",
-        "_bottleneck_kernel",
+        "_h1_kernel",
+        *["_bottleneck_layer_kernel"] * 4,
         "_tail_stats_kernel",
         "_stats_merge_kernel",
         "_tail_output_kernel",
@@ -315,6 +316,13 @@ def test_the_triton_launchers_are_captured_with_their_plan_on_meta_tensors():
     out = head.args[2]  # the partials [S, B, C1, D/2]
     splits = tk.head_split_count(B, N, D, tk.program_target(132))
     assert out.device.type == "meta" and out.shape[0] == grid[2] <= splits
-    assert grid[0] == B * math.ceil(D // 4 / config.kwargs["BLOCK_C"])
-    assert grid[1] == math.ceil(D // 2 / config.kwargs["BLOCK_T"])
-    assert tc.grid(launches[1], tc.configs(launches[1])[0]) == (B, 1, 1)
+    # The head's tile is the plan's under every config, so is the split count it ran for.
+    assert all(not c.kwargs for c in tc.configs(head, all_configs=True))
+    assert grid[0] == B * math.ceil(D // 4 / tk.HEAD_TILE["BLOCK_C"])
+    assert grid[1] == math.ceil(D // 2 / tk.HEAD_TILE["BLOCK_T"])
+    # Each bottleneck layer tiled over (positions, output channels, batch) by the plan.
+    block_l, block_o = tk.bottleneck_tile(B, D, 132)
+    for layer, (_, cout, lin, transposed) in zip(launches[2:6], tk.bottleneck_layers(D)):
+        lout = 2 * lin if transposed else lin // 2
+        want = (math.ceil(lout / block_l), math.ceil(cout / block_o), B)
+        assert tc.grid(layer, tc.configs(layer)[0]) == want

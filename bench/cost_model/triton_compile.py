@@ -122,14 +122,13 @@ def op_launches(
     allow_tf32: bool = False,
 ) -> list[Launch]:
     """The launches of one ``triton_score_attention`` call, in order, for a GPU of
-    ``sm_count`` SMs (the head's split count from the launcher's plan for it)."""
+    ``sm_count`` SMs (the launcher's plans made for it)."""
     x, weights = meta_problem(batch, n_vars, d_model, kernel, dtype)
-    splits = tk.head_split_count(batch, n_vars, d_model, tk.program_target(sm_count))
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
         with record_launches() as seen:
-            tk.triton_score_attention(x, weights, splits=splits)
+            tk.triton_score_attention(x, weights, sm_count=sm_count)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return seen

@@ -33,16 +33,6 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl):
-    """(steps, macs, operand bytes) of one bottleneck conv by one program: per output
-    tile, per BLOCK_K chunk of input channels, per tap, one dot (a transposed conv's
-    dots are per output parity, BLOCK_L/2 wide, the taps of both parities summing to k)."""
-    lout = 2 * lin if transposed else lin // 2
-    width = bl // 2 if transposed else bl
-    steps = _cdiv(cout, bo) * _cdiv(lout, bl) * _cdiv(cin, bk) * k
-    return steps, steps * bo * bk * width, (steps * bo * bk, steps * bk * width)
-
-
 def work(launch: Launch, config: Config) -> dict:
     """KernelWork fields of one launch at ``config`` (without name, grid and threads)."""
     a = {**launch.bound_args(), **launch.kwargs, **config.kwargs}
@@ -52,67 +42,96 @@ def work(launch: Launch, config: Config) -> dict:
         x, w, out = a["x_ptr"], a["w_ptr"], a["out_ptr"]
         e = x.element_size()
         bn, bc, bt = a["BLOCK_N"], a["BLOCK_C"], a["BLOCK_T"]
-        steps = a["CHUNKS_PER_SPLIT"] * k
+        p = k // 2
+        shifts = (k - 1 - p) // 2 + (p + 1) // 2 + 1  # contiguous slabs per chunk
+        # Per BLOCK_N chunk of variates (one pipelined loop step): the slabs
+        # [BLOCK_N, 2·BLOCK_T] and every tap's weight block [BLOCK_C, BLOCK_N].
         return dict(
-            phases=((steps, (bc * bn + bn * bt) * e),),
-            macs=steps * bc * bn * bt,
+            phases=((1, bc * bt * 4),),  # the partials' store
+            async_steps=a["CHUNKS_PER_SPLIT"],
+            async_bytes_per_step=(shifts * bn * 2 * bt + k * bc * bn) * e,
+            stages=config.num_stages,
+            macs=a["CHUNKS_PER_SPLIT"] * k * bc * bn * bt,
             hbm_bytes=_bytes(x) + _bytes(w) + _bytes(out),
         )
-    if name == "_bottleneck_kernel":
-        parts, out, D = a["parts_ptr"], a["out_ptr"], a["D"]
-        e = a["w1_ptr"].element_size()
-        bk, bo, bl = a["BLOCK_K"], a["BLOCK_O"], a["BLOCK_L"]
-        c1, c2 = D // 4, D // 2
-        layers = [
-            (c1, c2, D // 2, False),
-            (c2, D, D // 4, False),
-            (D, c2, D // 8, True),
-            (c2, c1, D // 4, True),
-        ]
-        steps = macs = 0
-        operand_bytes = 0.0
-        for cin, cout, lin, transposed in layers:
-            s, m, (w_el, x_el) = _conv_steps(cin, cout, lin, transposed, k, bk, bo, bl)
-            steps, macs = steps + s, macs + m
-            operand_bytes += w_el * e + x_el * 4  # activations: the fp32 scratch
-        weights = sum(_bytes(a[f"w{i}_ptr"]) + _bytes(a[f"b{i}_ptr"]) for i in range(1, 5))
-        splits = parts.shape[0]
+    if name == "_h1_kernel":
+        parts, out = a["parts_ptr"], a["out_ptr"]
+        tile = a["BLOCK_L"] * a["BLOCK_C"]
         return dict(
+            # the split sum, SPLIT_UNROLL [BLOCK_L, BLOCK_C] fp32 tiles per step; the store
             phases=(
-                # the split sum, per BLOCK_O·BLOCK_L slice of h1; then the four convs
-                (_cdiv(c1 * (D // 2), bo * bl), bo * bl * splits * 4),
-                (steps, operand_bytes / steps),
+                (_cdiv(a["SPLITS"], a["SPLIT_UNROLL"]), a["SPLIT_UNROLL"] * tile * 4),
+                (1, tile * out.element_size()),
             ),
-            macs=macs,
-            hbm_bytes=_bytes(parts) + weights + _bytes(out),
+            macs=0,
+            hbm_bytes=_bytes(parts) + _bytes(out),
+        )
+    if name == "_bottleneck_layer_kernel":
+        x, w, out = a["in_ptr"], a["w_ptr"], a["out_ptr"]
+        e = x.element_size()
+        bk, bl, bo = a["BLOCK_K"], a["BLOCK_L"], a["BLOCK_O"]
+        chunks = _cdiv(a["CIN"], bk)
+        rows = bl // 2 if a["TRANSPOSED"] else bl  # rows per dot (a parity's, transposed)
+        # Per BLOCK_K chunk (one pipelined loop step), every tap's activation slab and
+        # weight block (a transposed conv: a loop per output parity, taps summing to k).
+        loops = 2 if a["TRANSPOSED"] else 1
+        return dict(
+            phases=((1, bo * 4), (loops, rows * bo * out.element_size())),  # bias; stores
+            async_steps=loops * chunks,
+            async_bytes_per_step=k / loops * (rows * bk + bk * bo) * e,
+            stages=config.num_stages,
+            macs=chunks * k * rows * bk * bo,
+            hbm_bytes=_bytes(x) + _bytes(w) + _bytes(a["bias_ptr"]) + _bytes(out),
         )
     if name in ("_tail_stats_kernel", "_tail_output_kernel"):
         x, h, w = a["x_ptr"], a["h_ptr"], a["w_ptr"]
         e = x.element_size()
         bn, bd, bc, C1 = a["BLOCK_N"], a["BLOCK_D"], a["BLOCK_C"], a["C1"]
-        steps = _cdiv(C1, bc) * k  # the transposed conv's dots, both parities
-        score = (steps, bn * bc * e + bc * (bd // 2) * 4)
+        stages = config.num_stages
+        # The score tile's transposed conv: a pipelined loop per output parity over
+        # BLOCK_C chunks of C1; a step loads its taps' dec2 block and fp32 h5 block (the
+        # taps of both parities summing to k).
+        chunks = _cdiv(C1, bc)
+        score_steps, score_bytes = 2 * chunks, k / 2 * (bn * bc * e + bc * (bd // 2) * 4)
+        score_macs = chunks * k * bn * bc * (bd // 2)
         epilogue = (1, bn * bd * e)  # bias and the x tile
-        fields = dict(phases=(score, epilogue), macs=steps * bn * bc * (bd // 2))
         if name == "_tail_stats_kernel":
             stats = _bytes(a["max_ptr"]) + _bytes(a["sum_ptr"])
-            fields["hbm_bytes"] = _bytes(x) + _bytes(h) + _bytes(w) + stats
-            return fields
-        D, be = a["D"], a["BLOCK_E"]
-        fields.update(
-            async_steps=_cdiv(D, be),
-            async_bytes_per_step=(bn * be + be * bd) * e,
-            stages=config.num_stages,
-            macs=fields["macs"] + _cdiv(D, be) * bn * be * bd,
-            phases=((1, 3 * bd * 4), score, epilogue),  # value bias and statistics first
+            return dict(
+                # the second parity loop's pipeline fill (the model counts the first)
+                phases=((stages - 1, 0), epilogue, (1, 2 * bd * 4)),
+                async_steps=score_steps,
+                async_bytes_per_step=score_bytes,
+                stages=stages,
+                macs=score_macs,
+                hbm_bytes=_bytes(x) + _bytes(h) + _bytes(w) + stats,
+            )
+        # Persistent: a program takes every programs-th tile; per tile the value GEMM's
+        # pipelined loop over BLOCK_E chunks of D, then the score tile's two.
+        D, B, be = a["D"], a["B"], a["BLOCK_E"]
+        tiles = _cdiv(a["N"], bn) * _cdiv(D, bd) * B
+        per_program = _cdiv(tiles, math.prod(grid(launch, config)))
+        value_steps, value_bytes = _cdiv(D, be), (bn * be + be * bd) * e
+        steps = value_steps + score_steps
+        return dict(
+            phases=(
+                (per_program, 3 * bd * 4),  # value bias and statistics
+                (per_program, epilogue[1]),
+                # every tile's three pipeline fills but the first (counted by the model)
+                (per_program * 3 * (stages - 1) - (stages - 1), 0),
+            ),
+            async_steps=per_program * steps,
+            async_bytes_per_step=(value_steps * value_bytes + score_steps * score_bytes) / steps,
+            stages=stages,
+            macs=per_program * (score_macs + value_steps * bn * be * bd),
             hbm_bytes=2 * _bytes(x) + _bytes(h) + _bytes(w) + _bytes(a["wvt_ptr"]),
         )
-        return fields
     if name == "_stats_merge_kernel":
         part_max, col_max = a["part_max_ptr"], a["max_ptr"]
-        tiles, bd = a["N_TILES"], a["BLOCK_D"]
+        tiles, bt, bd = a["N_TILES"], a["BLOCK_T"], a["BLOCK_D"]
+        steps = _cdiv(tiles, bt)  # BLOCK_T tiles' statistics per step
         return dict(
-            phases=((tiles, bd * 4), (tiles, 2 * bd * 4)),  # a max pass, then a sum pass
+            phases=((steps, bt * bd * 4), (steps, 2 * bt * bd * 4)),  # max pass, sum pass
             macs=0,
             hbm_bytes=2 * _bytes(part_max) + 2 * _bytes(col_max),
         )

@@ -110,6 +110,24 @@ def test_bottleneck_stage_every_width(shape):
     )
 
 
+def _layer_programs(batch, d_model, tile):
+    block_l, block_o = tile
+    return [
+        batch * -(-(2 * lin if transposed else lin // 2) // block_l) * -(-cout // block_o)
+        for _, cout, lin, transposed in tk.bottleneck_layers(d_model)
+    ]
+
+
+@pytest.mark.parametrize("batch,at_least", [(16, 132), (1, 64)])
+def test_bottleneck_plan_fills_an_h100(batch, at_least):
+    # Traffic (D = 512) on 132 SMs: every layer runs at least 132 programs at B = 16 and
+    # 64 at B = 1 with the GPU tiles; at B = 16 the largest tile that does.
+    tile = tk.bottleneck_tile(batch, 512, 132, tiles=tk.GPU_LAYER_TILES)
+    assert min(_layer_programs(batch, 512, tile)) >= at_least
+    larger = [t for t in tk.GPU_LAYER_TILES if t[0] * t[1] > tile[0] * tile[1]]
+    assert all(min(_layer_programs(batch, 512, t)) < 132 for t in larger)
+
+
 # (batch, n_vars, d_model, kernel), tail tile height 16: N inside one tile, ragged
 # over two, across seven tiles; D = 40 ends mid column tile; every k.
 TAIL_SPLITS = [(2, 1, 16, 3), (1, 17, 40, 1), (1, 100, 16, 5), (2, 33, 24, 7), (1, 16, 8, 3)]
@@ -196,10 +214,10 @@ def launches(monkeypatch):
     return seen
 
 
-def test_five_launches_per_call(launches):
+def test_nine_launches_per_call(launches):
     x, w = _problem((2, 40, 16, 3), seed=11)
     triton_score_attention(x, w, block_n=16)
-    assert len(launches) == 5, launches
+    assert len(launches) == 9, launches
 
 
 def test_empty_batch_returns_empty_without_launch(launches):
@@ -440,8 +458,10 @@ def test_low_precision_split_tail(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_graph_capture_replay_equals_eager():
-    x, w = _problem((2, 300, 64, 3), dtype=torch.bfloat16, seed=20)
+@pytest.mark.parametrize("shape", [(2, 300, 64, 3), (1, 130, 64, 3)], ids=str)
+def test_cuda_graph_capture_replay_equals_eager(shape):
+    # B = 1 compiles its own specialisation (a constant B) and plans its own tiles.
+    x, w = _problem(shape, dtype=torch.bfloat16, seed=20)
     eager = triton_score_attention(x, w)  # tunes and compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

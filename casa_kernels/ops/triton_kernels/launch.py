@@ -3,10 +3,10 @@ functions the backend (casa_kernels/ops/backends/triton.py) and the static cost 
 (bench/cost_model) call. Every launch goes through :func:`_launch`.
 
 Weights are prepared once per weight version (:func:`.weight_cache.cached`), in their
-own dtype (no per-call casts: the op's weights share x's dtype): every conv weight
-packed tap-major ``[k, COUT, CIN]`` (the head's ``enc0`` as ``[k, C1, N]``, the tail's
-``dec2`` as ``[k, N, C1]``), so each tap's weight tile loads along contiguous rows, and
-the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
+own dtype (no per-call casts: the op's weights share x's dtype): the head's ``enc0`` and
+the tail's ``dec2`` packed tap-major ``[k, COUT, CIN]`` (``[k, C1, N]``, ``[k, N, C1]``),
+the bottleneck's four ``[k, CIN, COUT]``, so each tap's weight tile loads along
+contiguous rows, and the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from ...weights import ScoreAttentionWeights
 from ..weight_cache import cached
 from .kernels import (
     _INTERPRET,
-    _bottleneck_kernel,
-    _head_configs,
+    _bottleneck_layer_kernel,
+    _h1_kernel,
     _head_kernel,
     _stats_merge_kernel,
     _tail_output_kernel,
@@ -31,20 +31,21 @@ from .kernels import (
 # Rows of N reduced per step by the head; fixed (not tuned) so the split count,
 # hence the partial buffer, does not depend on the tuned config.
 HEAD_BLOCK_N = 16 if _INTERPRET else 32
+# The head's output tile (BLOCK_C channels, BLOCK_T positions); fixed (not tuned) so the
+# split count planned for it is the one that runs.
+HEAD_TILE = {"BLOCK_C": 16, "BLOCK_T": 16} if _INTERPRET else {"BLOCK_C": 64, "BLOCK_T": 64}
 # Largest tail tile in N (fixed, not tuned: both tail kernels and the statistics
-# partials must agree on it); smaller N get the next power of two >= 16. 64 rows:
-# a 128 x 128 output tile spills ~0.9-1.3 KB per thread on sm_90 (ptxas, 8 warps),
-# 64 x 128 ~0.1 KB (see tests/ops/triton_compile_check.py).
-TAIL_BLOCK_N = 16 if _INTERPRET else 64
-_MERGE_BLOCK_D = 32 if _INTERPRET else 128
-_BOTTLENECK_BLOCKS = (
-    {"BLOCK_K": 16, "BLOCK_O": 16, "BLOCK_L": 16}
-    if _INTERPRET
-    else {"BLOCK_K": 32, "BLOCK_O": 64, "BLOCK_L": 64}
-)
-# 64 x 64 tiles, 8 warps, no software pipelining: no spills on sm_90 bf16 (with 2-3 stages
-# ptxas spills 0.3-0.5 KB per thread; the bottleneck's short loops gain little from it).
-_BOTTLENECK_WARPS, _BOTTLENECK_STAGES = (1, 1) if _INTERPRET else (8, 1)
+# partials agree on it); smaller N get the next power of two >= 16. 128 rows with the
+# first configs' 64 columns: no spills on sm_90 (python -m bench estimate).
+TAIL_BLOCK_N = 16 if _INTERPRET else 128
+_MERGE_BLOCK_D = 32 if _INTERPRET else 64
+_MERGE_BLOCK_T = 4 if _INTERPRET else 16  # N tiles' statistics merged per step
+# The bottleneck layers' output tiles (BLOCK_L positions, BLOCK_O channels), largest first:
+# the plan (bottleneck_tile) takes the largest with which every layer fills the device.
+GPU_LAYER_TILES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+_LAYER_TILES = ((16, 16),) if _INTERPRET else GPU_LAYER_TILES
+_LAYER_BLOCK_K = 16 if _INTERPRET else 64  # input channels per dot
+_H1_SPLIT_UNROLL = 4  # head partials summed per step of the h1 kernel
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -78,11 +79,11 @@ def program_target(sm_count: int) -> int:
     return 2 * sm_count
 
 
-def _program_target(device: torch.device) -> int:
-    """How many programs fill the device, or a few under the interpreter."""
+def _sm_count(device: torch.device) -> int:
+    """The device's SM count, or a few under the interpreter."""
     if device.type == "cuda":
-        return program_target(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
 
 
 def head_split_count(batch: int, n_vars: int, d_model: int, programs: int) -> int:
@@ -91,20 +92,55 @@ def head_split_count(batch: int, n_vars: int, d_model: int, programs: int) -> in
     bench/cost_model, calls it with an H100's SM count)."""
     chunks = triton.cdiv(n_vars, HEAD_BLOCK_N)
     c1, half = d_model // 4, d_model // 2
-    # Output tiles at the first config's size: an estimate, the tuned config may differ.
-    block = _head_configs()[0].kwargs
-    tiles = batch * triton.cdiv(c1, block["BLOCK_C"]) * triton.cdiv(half, block["BLOCK_T"])
+    tiles = batch * triton.cdiv(c1, HEAD_TILE["BLOCK_C"]) * triton.cdiv(half, HEAD_TILE["BLOCK_T"])
     return max(1, min(chunks, triton.cdiv(programs, tiles)))
 
 
 def head_splits(batch: int, n_vars: int, d_model: int, device: torch.device) -> int:
     """How many programs share the head's N reduction: enough to fill the device."""
-    return head_split_count(batch, n_vars, d_model, _program_target(device))
+    return head_split_count(batch, n_vars, d_model, program_target(_sm_count(device)))
+
+
+def bottleneck_layers(d_model: int) -> tuple[tuple[int, int, int, bool], ...]:
+    """``(CIN, COUT, LIN, transposed)`` of the four middle convs at width ``d_model``:
+    enc1, enc2 (stride 2, LOUT = LIN/2), dec0, dec1 (transposed, LOUT = 2·LIN)."""
+    d = d_model
+    return (
+        (d // 4, d // 2, d // 2, False),
+        (d // 2, d, d // 4, False),
+        (d, d // 2, d // 8, True),
+        (d // 2, d // 4, d // 4, True),
+    )
+
+
+def bottleneck_tile(
+    batch: int, d_model: int, sm_count: int, tiles: tuple = _LAYER_TILES
+) -> tuple[int, int]:
+    """``(BLOCK_L, BLOCK_O)`` of the bottleneck layers: the largest of ``tiles`` with which
+    every layer runs at least ``sm_count`` programs (one per SM), else the smallest. A pure
+    function of the sizes (the static cost model calls it with an H100's SM count)."""
+    for block_l, block_o in tiles:
+        if all(
+            batch * triton.cdiv(2 * lin if t else lin // 2, block_l) * triton.cdiv(cout, block_o)
+            >= sm_count
+            for _, cout, lin, t in bottleneck_layers(d_model)
+        ):
+            return block_l, block_o
+    return tiles[-1]
 
 
 def tail_block_n(n_vars: int) -> int:
     """The tail's tile height: ``TAIL_BLOCK_N``, or the next power of two >= 16 below it."""
     return min(TAIL_BLOCK_N, max(16, triton.next_power_of_2(n_vars)))
+
+
+def _packed_in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A conv weight ``[COUT, CIN, k]`` (``transposed``: ``[CIN, COUT, k]``) packed
+    ``[k, CIN, COUT]`` contiguous, so a tap's ``[BLOCK_K, BLOCK_O]`` operand loads along
+    COUT (the bottleneck layers); prepared once per weight version."""
+    order = (2, 0, 1) if transposed else (2, 1, 0)
+    tag = "triton.packed_in_out_transposed" if transposed else "triton.packed_in_out"
+    return cached(tag, (weight,), lambda: weight.permute(order).contiguous())
 
 
 def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -132,9 +168,11 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
     splits = triton.cdiv(chunks, chunks_per_split)  # no empty split
     out = torch.empty((splits, B, C1, half), device=x.device, dtype=torch.float32)
 
-    def grid(meta):
-        return (B * triton.cdiv(C1, meta["BLOCK_C"]), triton.cdiv(half, meta["BLOCK_T"]), splits)
-
+    grid = (
+        B * triton.cdiv(C1, HEAD_TILE["BLOCK_C"]),
+        triton.cdiv(half, HEAD_TILE["BLOCK_T"]),
+        splits,
+    )
     _launch(
         _head_kernel,
         grid,
@@ -147,6 +185,7 @@ def _head_partials(x: torch.Tensor, enc0_packed: torch.Tensor, splits: int | Non
         C1,
         chunks_per_split,
         BLOCK_N=HEAD_BLOCK_N,
+        **HEAD_TILE,
         **_common(x.dtype, enc0_packed.shape[0]),
     )
     return out
@@ -166,39 +205,68 @@ def head_partial(
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
-def _bottleneck_from_parts(parts: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
-    """h5 fp32 ``[B, C1, D/2]`` from head partials ``[S, B, C1, D/2]`` (one launch)."""
+def _bottleneck_from_parts(
+    parts: torch.Tensor, w: ScoreAttentionWeights, sm_count: int | None = None
+) -> torch.Tensor:
+    """h5 fp32 ``[B, C1, D/2]`` from head partials ``[S, B, C1, D/2]``: h1 (the split sum,
+    bias and ReLU, channels-last in the weights' dtype), then one launch per layer; each
+    launch tiled over (positions, channels, batch) by :func:`bottleneck_tile` for
+    ``sm_count`` SMs (default: the device's). Five launches."""
     S, B = parts.shape[:2]
     D = w.d_model
-    scratch = torch.empty((4, B, D * D // 8), device=parts.device, dtype=torch.float32)
-    out = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
-    packed = (
-        _packed(w.enc1_weight, False),
-        w.enc1_bias,
-        _packed(w.enc2_weight, False),
-        w.enc2_bias,
-        _packed(w.dec0_weight, True),
-        w.dec0_bias,
-        _packed(w.dec1_weight, True),
-        w.dec1_bias,
-    )
+    dtype, device = w.value_weight.dtype, parts.device
+    common = _common(dtype, w.kernel)
+    h = torch.empty((B, D // 2, D // 4), device=device, dtype=dtype)
+    block_l, block_o = bottleneck_tile(B, D, sm_count or _sm_count(device))
     _launch(
-        _bottleneck_kernel,
-        (B,),
+        _h1_kernel,
+        (triton.cdiv(D // 2, block_l), triton.cdiv(D // 4, block_o), B),
         parts,
         w.enc0_bias,
-        *packed,
-        scratch,
-        out,
+        h,
         S,
         B,
-        D,
-        num_warps=_BOTTLENECK_WARPS,
-        num_stages=_BOTTLENECK_STAGES,
-        **_BOTTLENECK_BLOCKS,
-        **_common(w.value_weight.dtype, w.kernel),
+        D // 4,
+        D // 2,
+        EMULATE_BF16=common["EMULATE_BF16"],
+        SPLIT_UNROLL=_H1_SPLIT_UNROLL,
+        BLOCK_L=block_l,
+        BLOCK_C=block_o,
+        num_warps=4,
     )
-    return out
+    layers = zip(
+        bottleneck_layers(D),
+        (w.enc1_weight, w.enc2_weight, w.dec0_weight, w.dec1_weight),
+        (w.enc1_bias, w.enc2_bias, w.dec0_bias, w.dec1_bias),
+    )
+    for i, ((cin, cout, lin, transposed), weight, bias) in enumerate(layers):
+        last = i == 3
+        lout = 2 * lin if transposed else lin // 2
+        out = torch.empty(
+            (B, cout, lout) if last else (B, lout, cout),
+            device=device,
+            dtype=torch.float32 if last else dtype,
+        )
+        _launch(
+            _bottleneck_layer_kernel,
+            (triton.cdiv(lout, block_l), triton.cdiv(cout, block_o), B),
+            h,
+            _packed_in_out(weight, transposed),
+            bias,
+            out,
+            B,
+            cin,
+            cout,
+            lin,
+            TRANSPOSED=transposed,
+            OUT_CHANNELS_FIRST=last,
+            BLOCK_K=_LAYER_BLOCK_K,
+            BLOCK_L=block_l,
+            BLOCK_O=block_o,
+            **common,
+        )
+        h = out
+    return h
 
 
 def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
@@ -227,6 +295,7 @@ def _tail_partial_stats(x, h5, dec2_packed, dec2_bias, block_n):
         dec2_bias,
         part_max,
         part_sum,
+        B,
         N,
         D,
         D // 4,
@@ -253,6 +322,7 @@ def _merge_tile_stats(
         col_sum,
         D,
         T,
+        BLOCK_T=min(_MERGE_BLOCK_T, triton.next_power_of_2(T)),
         BLOCK_D=_MERGE_BLOCK_D,
     )
     return col_max, col_sum
@@ -300,16 +370,24 @@ def tail_output(
     col_sum: torch.Tensor,
     *,
     block_n: int | None = None,
+    sm_count: int | None = None,
 ) -> torch.Tensor:
     """Stage 4: ``exp(s − col_max)/col_sum · (x Wvᵀ + bv) + x`` for ``x: [B, N, D]`` with
-    merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous."""
+    merged statistics ``[B, D]``; returns ``[B, N, D]`` of x's dtype, contiguous. A
+    persistent launch: one program per SM (``sm_count``, default the device's), each
+    taking every programs-th ``[block_n, BLOCK_D]`` output tile."""
     x = x.contiguous()
     B, N, D = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if B == 0:
         return y
     block_n = block_n or tail_block_n(N)
-    grid = lambda meta: (triton.cdiv(N, block_n), triton.cdiv(D, meta["BLOCK_D"]), B)  # noqa: E731
+    programs = sm_count or _sm_count(x.device)
+
+    def grid(meta):
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(D, meta["BLOCK_D"]) * B
+        return (min(tiles, programs),)
+
     with _device_guard(x):
         _launch(
             _tail_output_kernel,
@@ -323,6 +401,7 @@ def tail_output(
             col_max.float().contiguous(),
             col_sum.float().contiguous(),
             y,
+            B,
             N,
             D,
             D // 4,
@@ -338,20 +417,26 @@ def triton_score_attention(
     *,
     splits: int | None = None,
     block_n: int | None = None,
+    sm_count: int | None = None,
 ) -> torch.Tensor:
     """``softmax_over_N(score(x)) * (x Wvᵀ + bv) + x`` for ``x: [B, N, D]``; returns
-    ``[B, N, D]``, contiguous. The composition of the four stages in five launches;
+    ``[B, N, D]``, contiguous. The composition of the four stages in nine launches;
     B = 0 returns an empty result without a launch.
 
     ``splits`` overrides how many programs share the head's N reduction and
-    ``block_n`` the tail's tile height (a power of two >= 16).
+    ``block_n`` the tail's tile height (a power of two >= 16); ``sm_count`` is the SM
+    count the launch plans are made for (default: x's device's; the static cost model
+    plans for a GPU it does not have).
     """
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     x = x.contiguous()
     w = weights
     with _device_guard(x):
-        h5 = _bottleneck_from_parts(_head_partials(x, _packed(w.enc0_weight, False), splits), w)
+        if splits is None and sm_count is not None:
+            splits = head_split_count(*x.shape[:2], x.shape[2], program_target(sm_count))
+        parts = _head_partials(x, _packed(w.enc0_weight, False), splits)
+        h5 = _bottleneck_from_parts(parts, w, sm_count)
         block_n = block_n or tail_block_n(x.shape[1])
         parts = _tail_partial_stats(
             x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n
@@ -367,4 +452,5 @@ def triton_score_attention(
             col_max,
             col_sum,
             block_n=block_n,
+            sm_count=sm_count,
         )

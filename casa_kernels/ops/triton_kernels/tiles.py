@@ -1,6 +1,7 @@
 """Tile helpers of the Triton kernels (``@triton.jit`` device functions): ReLU, rounding,
-the dot with fp32 accumulation, the stride-2 conv and transposed-conv tiles, the
-bottleneck's per-program conv stages and the tail's score tile.
+the dot with fp32 accumulation, the stride-2 conv and transposed-conv tiles (over
+channels-first inputs for the head and the tail, over channels-last slabs for the
+bottleneck's layers) and the tail's score tile.
 
 Non-finite values follow the reference exactly: ReLU is ``where(a < 0, 0, a)`` (NaN
 stays NaN), the column max propagates NaN, a tile whose column is all −inf contributes
@@ -50,13 +51,22 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tap_weight(w_ptr, j, o_offs, o_mask, c_offs, c_mask, COUT, CIN):
+    """Tap j's weight block ``[BLOCK_O, BLOCK_K]`` of a weight packed ``[k, COUT, CIN]``."""
+    return tl.load(
+        w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
+        mask=o_mask[:, None] & c_mask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _conv_s2_tile(
     in_base,  # input [CIN, LIN] of one batch element, rows LIN apart
     w_ptr,  # Conv1d weight packed tap-major, [k, COUT, CIN]
     o_offs,
     o_mask,
-    t_offs,
-    t_mask,
+    t0,
     cin_start,
     n_chunks,
     CIN,
@@ -67,32 +77,39 @@ def _conv_s2_tile(
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """acc + stride-2 conv (pad k//2, no bias) over the input rows
-    [cin_start, cin_start + n_chunks·BLOCK_K) ∩ [0, CIN): output rows o_offs,
-    columns t_offs; acc: [BLOCK_O, BLOCK_T] fp32.
+    [cin_start, cin_start + n_chunks·BLOCK_K) ∩ [0, CIN): output rows o_offs, columns
+    t0 + [0, BLOCK_T); acc: [BLOCK_O, BLOCK_T] fp32.
 
-    Implicit GEMM: per tap j, weights [BLOCK_O, BLOCK_K] times the gather
-    in[c, 2t + j - p] ([BLOCK_K, BLOCK_T], zero outside [0, LIN) — padding is
-    multiplied, as in the library's im2col)."""
+    Implicit GEMM without gathers: tap j reads in[c, 2t + j - p] = column parity r of
+    the slab in[c, 2(t0 + s) + [0, 2·BLOCK_T)) with j - p = 2s + r. Per chunk of rows and
+    shift s, one contiguous slab load (zero outside [0, LIN): padding is multiplied, as
+    in the library's im2col) split into its even and odd columns, the operands of the
+    taps p + 2s and p + 2s + 1."""
     P: tl.constexpr = KERNEL // 2
+    S_LO: tl.constexpr = -((P + 1) // 2)
+    SHIFTS: tl.constexpr = (KERNEL - 1 - P) // 2 - S_LO + 1
     for i in range(0, n_chunks):
         c_offs = cin_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
         c_mask = c_offs < CIN
-        for j in tl.static_range(KERNEL):
-            w = tl.load(
-                w_ptr + (j * COUT + o_offs[:, None]) * CIN + c_offs[None, :],
-                mask=o_mask[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            cols = 2 * t_offs + (j - P)
-            col_ok = t_mask & (cols >= 0) & (cols < LIN)
-            xv = tl.load(
+        for sh in tl.static_range(SHIFTS):
+            cols = 2 * (t0 + S_LO + sh) + tl.arange(0, 2 * BLOCK_T)
+            in_ok = (cols >= 0) & (cols < LIN)
+            slab = tl.load(
                 in_base + c_offs[:, None].to(tl.int64) * LIN + cols[None, :],
-                mask=c_mask[:, None] & col_ok[None, :],
+                mask=c_mask[:, None] & in_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(w, xv, acc, PRECISION, EMULATE_BF16)
+            even, odd = tl.split(tl.reshape(slab, (BLOCK_K, BLOCK_T, 2)))
+            j = P + 2 * (S_LO + sh)  # the even columns' tap; j + 1 the odd's
+            if j >= 0:
+                w = _tap_weight(w_ptr, j, o_offs, o_mask, c_offs, c_mask, COUT, CIN)
+                acc = _mma(w, even, acc, PRECISION, EMULATE_BF16)
+            if j + 1 < KERNEL:
+                w = _tap_weight(w_ptr, j + 1, o_offs, o_mask, c_offs, c_mask, COUT, CIN)
+                acc = _mma(w, odd, acc, PRECISION, EMULATE_BF16)
     return acc
 
 
@@ -119,8 +136,8 @@ def _conv_transpose_parity(
 
     Only the taps j with R + p - j even reach these columns, reading input column
     u + (R + p - j) / 2 — no structural zeros. A tap's input column outside
-    [0, LIN) contributes nothing (col2im semantics): in a tile that reaches the
-    edge the tap's product is formed apart and selected per column."""
+    [0, LIN) contributes nothing (col2im semantics): a shifted tap's product is formed
+    apart and selected per column (no branch in the loop, so its loads pipeline)."""
     P: tl.constexpr = KERNEL // 2
     u_offs = u0 + tl.arange(0, BLOCK_U)
     acc = tl.zeros((BLOCK_O, BLOCK_U), dtype=tl.float32)
@@ -142,7 +159,7 @@ def _conv_transpose_parity(
                     mask=o_mask[:, None] & c_mask[None, :],
                     other=0.0,
                 )
-                if (u0 + shift >= 0) & (u0 + BLOCK_U + shift <= LIN):
+                if shift == 0:  # columns past LIN only reach outputs past 2·LIN
                     acc = _mma(wv, hv, acc, PRECISION, EMULATE_BF16)
                 else:
                     part = _mma(
@@ -214,25 +231,12 @@ def _conv_transpose_tile(
 
 
 @triton.jit
-def _sum_splits_relu(parts_ptr, b_ptr, out_base, SPLITS, B, C1, HALF, b, BLOCK: tl.constexpr):
-    """out [C1, HALF] = relu(Σ_s parts[s, b] + bias) for batch element b, fp32."""
-    size = C1 * HALF
-    for i0 in range(0, size, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        mask = offs < size
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLITS):
-            acc += tl.load(parts_ptr + (s * B + b) * size + offs, mask=mask, other=0.0)
-        bias = tl.load(b_ptr + offs // HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_base + offs, _relu(acc + bias), mask=mask)
-
-
-@triton.jit
-def _conv_s2_relu_stage(
-    in_base,
-    w_ptr,
-    b_ptr,
-    out_base,
+def _conv_s2_rows(
+    in_base,  # input [LIN, CIN] of one batch element, channels-last (rows CIN apart)
+    w_ptr,  # Conv1d weight packed [k, CIN, COUT]
+    t_offs,
+    o_offs,
+    o_mask,
     CIN,
     COUT,
     LIN,
@@ -240,89 +244,94 @@ def _conv_s2_relu_stage(
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
-    """out [COUT, LIN/2] = relu(conv_s2(in [CIN, LIN]) + bias), fp32, by one program."""
-    LOUT = LIN // 2
-    for o0 in range(0, COUT, BLOCK_O):
-        o_offs = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o_offs < COUT
-        bias = tl.load(b_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
-        for t0 in range(0, LOUT, BLOCK_L):
-            t_offs = t0 + tl.arange(0, BLOCK_L)
-            t_mask = t_offs < LOUT
-            acc = tl.zeros((BLOCK_O, BLOCK_L), dtype=tl.float32)
-            acc = _conv_s2_tile(
-                in_base,
-                w_ptr,
-                o_offs,
-                o_mask,
-                t_offs,
-                t_mask,
-                0,
-                tl.cdiv(CIN, BLOCK_K),
-                CIN,
-                COUT,
-                LIN,
-                acc,
-                KERNEL,
-                PRECISION,
-                EMULATE_BF16,
-                BLOCK_K,
+    """Stride-2 conv (pad k//2, no bias) at output positions t_offs, channels o_offs:
+    ``[BLOCK_L, BLOCK_O]`` fp32, ``Σ_j in[2t + j - p, :] · W[j]``.
+
+    Per BLOCK_K chunk of input channels and tap j, the activation operand is the slab of
+    rows ``2t + j - p`` (each row BLOCK_K contiguous channels; the tap is a row offset),
+    zero outside ``[0, LIN)`` (padding is multiplied, as in the library's im2col), and
+    the weight operand the contiguous ``[BLOCK_K, BLOCK_O]`` block of tap j."""
+    P: tl.constexpr = KERNEL // 2
+    acc = tl.zeros((BLOCK_L, BLOCK_O), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_K):
+        c_offs = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c_offs < CIN
+        for j in tl.static_range(KERNEL):
+            rows = 2 * t_offs + (j - P)
+            row_ok = (rows >= 0) & (rows < LIN)
+            xv = tl.load(
+                in_base + rows[:, None] * CIN + c_offs[None, :],
+                mask=row_ok[:, None] & c_mask[None, :],
+                other=0.0,
             )
-            tl.store(
-                out_base + o_offs[:, None] * LOUT + t_offs[None, :],
-                _relu(acc + bias[:, None]),
-                mask=o_mask[:, None] & t_mask[None, :],
+            wv = tl.load(
+                w_ptr + (j * CIN + c_offs[:, None]) * COUT + o_offs[None, :],
+                mask=c_mask[:, None] & o_mask[None, :],
+                other=0.0,
             )
+            acc = _mma(xv, wv, acc, PRECISION, EMULATE_BF16)
+    return acc
 
 
 @triton.jit
-def _conv_transpose_relu_stage(
-    in_base,
-    w_ptr,
-    b_ptr,
-    out_base,
+def _conv_transpose_rows(
+    in_base,  # input [LIN, CIN] of one batch element, channels-last
+    w_ptr,  # ConvTranspose1d weight packed [k, CIN, COUT]
+    u_offs,
+    o_offs,
+    o_mask,
     CIN,
     COUT,
     LIN,
+    R: tl.constexpr,
     KERNEL: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_U: tl.constexpr,
     BLOCK_O: tl.constexpr,
-    BLOCK_L: tl.constexpr,
 ):
-    """out [COUT, 2·LIN] = relu(conv_transpose_s2(in [CIN, LIN]) + bias), fp32, by one program."""
-    LOUT = 2 * LIN
-    for o0 in range(0, COUT, BLOCK_O):
-        o_offs = o0 + tl.arange(0, BLOCK_O)
-        o_mask = o_offs < COUT
-        bias = tl.load(b_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
-        for t0 in range(0, LOUT, BLOCK_L):
-            t_offs = t0 + tl.arange(0, BLOCK_L)
-            acc = _conv_transpose_tile(
-                in_base,
-                w_ptr,
-                o_offs,
-                o_mask,
-                t0 // 2,
-                CIN,
-                COUT,
-                LIN,
-                KERNEL,
-                PRECISION,
-                EMULATE_BF16,
-                BLOCK_K,
-                BLOCK_O,
-                BLOCK_L,
-            )
-            tl.store(
-                out_base + o_offs[:, None] * LOUT + t_offs[None, :],
-                _relu(acc + bias[:, None]),
-                mask=o_mask[:, None] & (t_offs < LOUT)[None, :],
-            )
+    """Stride-2 transposed conv (pad k//2, output_padding 1, no bias) at output positions
+    ``2u + R`` for u in u_offs, channels o_offs: ``[BLOCK_U, BLOCK_O]`` fp32.
+
+    Only the taps j with ``R + p - j`` even reach these positions, each reading the slab
+    of input rows ``u + (R + p - j) / 2`` (the tap a row offset). An input row outside
+    ``[0, LIN)`` contributes nothing (col2im semantics, not ``0 · w``): a shifted tap's
+    product is formed apart and selected per row."""
+    P: tl.constexpr = KERNEL // 2
+    acc = tl.zeros((BLOCK_U, BLOCK_O), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_K):
+        c_offs = c0 + tl.arange(0, BLOCK_K)
+        c_mask = c_offs < CIN
+        for j in tl.static_range(KERNEL):
+            if (R + P - j) % 2 == 0:
+                rows = u_offs + (R + P - j) // 2
+                row_ok = (rows >= 0) & (rows < LIN)
+                xv = tl.load(
+                    in_base + rows[:, None] * CIN + c_offs[None, :],
+                    mask=row_ok[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                wv = tl.load(
+                    w_ptr + (j * CIN + c_offs[:, None]) * COUT + o_offs[None, :],
+                    mask=c_mask[:, None] & o_mask[None, :],
+                    other=0.0,
+                )
+                if (R + P - j) // 2 == 0:  # rows past LIN only reach outputs past 2·LIN
+                    acc = _mma(xv, wv, acc, PRECISION, EMULATE_BF16)
+                else:
+                    part = _mma(
+                        xv,
+                        wv,
+                        tl.zeros((BLOCK_U, BLOCK_O), dtype=tl.float32),
+                        PRECISION,
+                        EMULATE_BF16,
+                    )
+                    acc += tl.where(row_ok[:, None], part, 0.0)
+    return acc
 
 
 @triton.jit
