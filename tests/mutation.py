@@ -143,8 +143,8 @@ MUTANTS = [
     Mutant(
         "cpu: tail statistics in the wrong parity",
         "csrc/cpu/score_attention_cpu.cpp",
-        "if (mode == TailMode::kStats)\n            row[2 * c + q] = common[i][q * half + c];",
-        "if (mode == TailMode::kStats)\n            row[2 * c + q] = common[i][(1 - q) * half + c];",
+        "if (writes_stats)\n            row[2 * c + q] = common[i][q * half + c];",
+        "if (writes_stats)\n            row[2 * c + q] = common[i][(1 - q) * half + c];",
         ("tests/ops/test_stages.py",),
     ),
     Mutant(
@@ -348,7 +348,7 @@ MUTANTS = [
     ),
     Mutant(
         "triton: sigmoid as exp(z) / (1 + exp(z)) (inf / inf past exp's range)",
-        TRITON,
+        TRITON_TILES,
         "return 1.0 / (1.0 + tl.exp(-z)) + xv, xv",
         "return tl.exp(z) / (1.0 + tl.exp(z)) + xv, xv",
         TRITON_CONFORMANCE_TESTS,
@@ -357,9 +357,9 @@ MUTANTS = [
     ),
     Mutant(
         "triton: ReLU before the head bias",
-        TRITON,
-        "tl.store(out_base + offs, _relu(acc + bias), mask=mask)",
-        "tl.store(out_base + offs, _relu(acc) + bias, mask=mask)",
+        TRITON_KERNELS,
+        "    h = _relu(acc + bias[None, :])\n",
+        "    h = _relu(acc) + bias[None, :]\n",
         TRITON_CONFORMANCE_TESTS,
         ("-k", "attention_term and triton"),
         TRITON_ENV,
