@@ -14,7 +14,7 @@ import casa_kernels as ck
 from casa_kernels import reference
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.registry import backend_names, get_backend
-from casa_kernels.tolerance import LOW_PRECISION_EPS, compare
+from casa_kernels.tolerance import LOW_PRECISION_EPS, compare, compare_gradient
 
 from ..conftest import make_problem
 
@@ -225,3 +225,34 @@ def test_zero_variates_or_features_stay_errors(shape, match):
     _, w = make_problem(1, 5, 16, 3)
     with pytest.raises(ValueError, match=match):
         ck.casa_attention(torch.empty(shape), w)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_training_under_autocast_matches_the_reference_under_the_same_autocast(backend, device):
+    # The gradients of x and of every fp32 weight through the autocast casts, against the
+    # float64 reference of the cast inputs, by the low-precision gradient rule (the
+    # reference under the same autocast gives the same-dtype error).
+    for dtype in _autocast_dtypes(backend, device):
+        x, w = make_problem(2, 37, 64, 3, device=device)
+        g = torch.Generator().manual_seed(3)
+        grad_y = torch.randn(x.shape, generator=g).to(device)
+        grads = {}
+        for name in (backend, "reference"):
+            leaves = [t.clone().requires_grad_(True) for t in (x, *w)]
+            with torch.autocast(device, dtype=dtype):
+                y = ck.casa_attention(
+                    leaves[0], ck.ScoreAttentionWeights(*leaves[1:]), backend=name
+                )
+            # the reference's own ops choose their autocast dtypes (softmax: fp32)
+            assert y.dtype == dtype or name == "reference"
+            y.backward(grad_y.to(y.dtype))
+            grads[name] = [t.grad for t in leaves]
+        # float64 gradients of the op at the autocast-cast inputs
+        leaves64 = [t.to(dtype).double().requires_grad_(True) for t in (x, *w)]
+        y64 = reference.score_attention(leaves64[0], ck.ScoreAttentionWeights(*leaves64[1:]))
+        y64.backward(grad_y.to(dtype).double())
+        names = ("x", *ck.ScoreAttentionWeights._fields)
+        for name, ours, ref, ref64 in zip(names, grads[backend], grads["reference"], leaves64):
+            assert ours.dtype == torch.float32  # back through the cast to the fp32 leaf
+            result = compare_gradient(ours.to(dtype), ref64.grad, ref.to(dtype))
+            assert result.passed, f"{backend} {dtype} d{name}: {result}"
