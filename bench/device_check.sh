@@ -16,7 +16,7 @@
 #       --test-calls .triton_aot/test_calls.jsonl
 #
 # Steps and caps (seconds of 480; another TOTAL_S scales them; they add up to TOTAL_S):
-#   preflight 20   torch sees a GPU, triton, nvcc's CUDA major = torch's, setuptools
+#   preflight 25   torch sees a GPU, triton, nvcc's CUDA major = torch's, setuptools
 #                  (borrowed from a wheel or another Python if the venv has none), the
 #                  CUTLASS headers (CUTLASS_PATH, the nvidia-cutlass wheel installed, or
 #                  .whl/nvidia_cutlass-*.whl carried to the machine), ninja,
@@ -26,7 +26,7 @@
 #                  Triton, GPU arch and ptxas match the build's; else nothing is installed and
 #                  the kernels compile here. Its summary row also says, at the end, how many
 #                  kernels and launcher modules this machine compiled itself.
-#   build 100      FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
+#   build 95       FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
 #                  TORCH_CUDA_ARCH_LIST = the GPU's (9.0a on a Hopper GPU), MAX_JOBS = all
 #                  cores; fails unless casa::fused_score_attention then has a CUDA kernel;
 #                  names the architectures the library embeds
@@ -88,7 +88,7 @@ START=$(date +%s)
 
 NAMES=(preflight triton-cache build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
        racecheck-cuda bench-attention bench-scaling bench-autotuned summary)
-SHARES=(20 10 100 10 35 55 30 25 25 20 20 45 40 40 5)  # seconds of 480
+SHARES=(25 10 95 10 35 55 30 25 25 20 20 45 40 40 5)  # seconds of 480
 declare -A CAP DEADLINE ORDER
 cumulative=0 shares=0
 for i in "${!NAMES[@]}"; do

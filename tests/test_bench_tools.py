@@ -653,7 +653,9 @@ launch = Launch(double, (1,), (torch.empty(64, device="meta"), 64), {"BLOCK": 64
 config = Config({}, 4, 3)
 installation, rest = cache_key(launch, config, target)
 name = cache.entry_name(installation + rest)
-entries = {name: {"rest": rest, "kernel": "double", "launch": launch, "config": config}}
+launcher = cache.launcher_digest(launch, config, target)
+entries = {name: {"rest": rest, "kernel": "double", "launch": launch, "config": config,
+                  "launcher": launcher}}
 steps = {"verify": {"calls": 1, "launches": 1, "entries": [name]}}
 manifest = cache.build(tmp / "carried", entries, steps, 90, log=lambda line: None)
 
@@ -676,8 +678,10 @@ print(json.dumps({
 def test_triton_aot_cache_is_rekeyed_and_hit_by_another_triton_build(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "scratch")
+    script = tmp_path / "round_trip.py"  # a file: Triton reads a jit function's source
+    script.write_text(_AOT_ROUND_TRIP)
     done = subprocess.run(
-        [sys.executable, "-c", _AOT_ROUND_TRIP, str(tmp_path)],
+        [sys.executable, str(script), str(tmp_path)],
         cwd=ROOT,
         env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -775,6 +779,13 @@ def test_recorded_calls_replay_to_the_launches_the_call_made():
     )
 
 
+def _script_step(script: str, name: str) -> str:
+    """The command of ``step NAME ...`` in device_check.sh, its continuation lines joined."""
+    lines = script[script.index(f"step {name} ") :].splitlines()
+    end = next(i for i, line in enumerate(lines) if not line.endswith("\\"))
+    return " ".join(line.rstrip("\\").strip() for line in lines[: end + 1]) + " "
+
+
 def test_device_steps_calls_follow_the_modules_and_the_script():
     from bench.triton_aot import steps
     from casa_kernels.verify import DTYPES, QUICK_CASES
@@ -785,7 +796,7 @@ def test_device_steps_calls_follow_the_modules_and_the_script():
     )
     script = (ROOT / "bench" / "device_check.sh").read_text()
     for name, step in steps.BENCH_STEPS.items():
-        command = script[script.index(f"step {name} ") :].split("\n\n")[0]
+        command = _script_step(script, name)
         assert f"-m bench {step.suite} " in command
         assert ("--quick" in command) == step.quick
         if step.datasets:
@@ -803,7 +814,5 @@ def test_device_steps_calls_follow_the_modules_and_the_script():
 def test_recorded_tests_are_the_ones_the_device_step_runs():
     from bench.triton_aot import steps
 
-    script = (ROOT / "bench" / "device_check.sh").read_text()
-    command = script[script.index("step tests-triton ") :].split("\n")
-    command = " ".join(line.rstrip("\\") for line in command[:2])
-    assert " ".join(steps.TESTS_TRITON) in " ".join(command.split())
+    command = _script_step((ROOT / "bench" / "device_check.sh").read_text(), "tests-triton")
+    assert f'"${{PYTEST[@]}}" {" ".join(steps.TESTS_TRITON)} ' in command

@@ -2,7 +2,7 @@
 
 * ``record-tests FILE`` — runs the tests-triton step's tests under the Triton interpreter
   (any Triton release; needs pytest) and writes the launcher calls they make to FILE.
-* ``build OUT [--test-python PY | --test-calls FILE] [--no-tests] [--sm-count 132] [--arch 90]`` — with the
+* ``build OUT [--test-python PY | --test-calls FILE] [--no-tests] [--plan-only] [--sm-count 132] [--arch 90]`` — with the
   Triton release of the GPU machine (3.6.0 for the H200 image) and the interpreter off:
   plans the kernels every device_check step launches and compiles the missing ones into
   OUT (kept: OUT's entries that this Triton built and the plan still needs); prints per
@@ -48,6 +48,9 @@ def _build(args) -> int:
         f"{len(entries)} kernels to carry",
         flush=True,
     )
+    if args.plan_only:
+        print(step_table({"entries": entries, "steps": plan}))
+        return 0
     manifest = cache.build(
         args.out, entries, plan, args.arch, log=lambda line: print(line, flush=True)
     )
@@ -60,7 +63,7 @@ def _build(args) -> int:
 def step_table(manifest: dict) -> str:
     """Per step, in run order: calls, launches, the kernels it compiles on a cold GPU
     machine (all; new: not compiled by an earlier step, which the disk cache keeps), the
-    compile seconds those new ones took here, and the new launcher modules (gcc)."""
+    compile seconds those new ones took here (when built), and the launcher modules (gcc)."""
     entries = manifest["entries"]
     lines = [
         f"{'step':<16} {'calls':>5} {'launches':>8} {'kernels':>7} {'new':>4} "
@@ -71,17 +74,16 @@ def step_table(manifest: dict) -> str:
     for step, row in manifest["steps"].items():
         new = [e for e in row["entries"] if e not in seen]
         seen |= set(new)
-        launchers = {entries[e]["launcher"] for e in row["entries"]}
+        launchers = {entries[e]["launcher"] for e in row["entries"]} - {None}
         new_launchers = launchers - seen_launchers
         seen_launchers |= launchers
         lines.append(
             f"{step:<16} {row['calls']:>5} {row['launches']:>8} {len(row['entries']):>7} "
-            f"{len(new):>4} {sum(entries[e]['compile_s'] for e in new):>10.0f} "
+            f"{len(new):>4} {_seconds(entries, new):>10} "
             f"{len(launchers):>9} {len(new_launchers):>4}"
         )
-    total = sum(e["compile_s"] for e in entries.values())
     lines.append(
-        f"{'all':<16} {'':>5} {'':>8} {len(entries):>7} {'':>4} {total:>10.0f} "
+        f"{'all':<16} {'':>5} {'':>8} {len(entries):>7} {'':>4} {_seconds(entries, entries):>10} "
         f"{len(seen_launchers):>9}"
     )
     return "\n".join(lines)
@@ -95,6 +97,11 @@ def _record_tests(args) -> int:
     args.file.write_text("".join(call.to_json() + "\n" for call in calls))
     print(f"{PREFIX} {len(calls)} distinct calls of {' '.join(steps.TESTS_TRITON)} in {args.file}")
     return 0
+
+
+def _seconds(entries: dict, names) -> str:
+    times = [entries[n].get("compile_s") for n in names]
+    return "-" if None in times else f"{sum(times):.0f}"
 
 
 def _install(args) -> int:
@@ -168,6 +175,9 @@ def main(argv=None) -> int:
         "--test-calls", default=None, help="the tests' calls recorded before (JSON lines)"
     )
     p.add_argument("--no-tests", action="store_true", help="leave out the tests' calls")
+    p.add_argument(
+        "--plan-only", action="store_true", help="print what each step compiles; compile nothing"
+    )
     p.add_argument("--sm-count", type=int, default=132)
     p.add_argument("--arch", type=int, default=90)
     p = sub.add_parser("install")

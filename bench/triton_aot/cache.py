@@ -55,10 +55,14 @@ def source_fingerprint() -> str:
     return h.hexdigest()
 
 
-def launcher_digest(launch, config, target) -> str:
+def launcher_digest(launch, config, target) -> str | None:
     """sha256 of the C launcher Triton's CUDA driver builds (gcc, on the GPU machine, for
-    its Python) for this launch's signature; one build per distinct digest."""
-    from triton.backends.nvidia.driver import make_launcher
+    its Python) for this launch's signature, one build per distinct digest; None for a
+    Triton that builds no launcher per signature."""
+    try:
+        from triton.backends.nvidia.driver import make_launcher
+    except ImportError:
+        return None
 
     from ..cost_model.triton_compile import prepare
 
