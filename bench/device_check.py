@@ -672,7 +672,10 @@ def record(
         "key_figure": key_figure(step, status, log, work / "results", reason),
         "log": str(log.relative_to(work)) if log.is_file() else "",
     }
-    steps = [s for s in _steps(work) if s["step"] != step] + [row]
+    steps = _steps(work)
+    # A step recorded again (the triton-cache row, at the end) keeps its place.
+    at = next((i for i, s in enumerate(steps) if s["step"] == step), len(steps))
+    steps[at : at + 1] = [row]
     (work / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
     print(f"{step}: {status} ({seconds}s of {cap}s) {row['key_figure']}")
     pack(work, out)

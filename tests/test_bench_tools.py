@@ -816,3 +816,21 @@ def test_recorded_tests_are_the_ones_the_device_step_runs():
 
     command = _script_step((ROOT / "bench" / "device_check.sh").read_text(), "tests-triton")
     assert f'"${{PYTEST[@]}}" {" ".join(steps.TESTS_TRITON)} ' in command
+
+
+def test_a_step_recorded_again_keeps_its_place(tmp_path):
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    for step in ("preflight", "triton-cache", "build"):
+        device_check.record(work, tmp_path / "out", step, "ok", 1, 10, "")
+    (work / "logs" / "01-triton-cache.log").write_text(
+        "triton cache: installed 3 kernels\ntriton cache: compiled here: 1 kernels\n"
+    )
+    device_check.record(work, tmp_path / "out", "triton-cache", "ok", 2, 10, "")
+    steps = json.loads((work / "steps.json").read_text())
+    assert [(s["step"], s["seconds"]) for s in steps] == [
+        ("preflight", 1),
+        ("triton-cache", 2),
+        ("build", 1),
+    ]
+    assert steps[1]["key_figure"] == "installed 3 kernels; compiled here: 1 kernels"
