@@ -834,3 +834,46 @@ def test_a_step_recorded_again_keeps_its_place(tmp_path):
         ("build", 1),
     ]
     assert steps[1]["key_figure"] == "installed 3 kernels; compiled here: 1 kernels"
+
+
+_PRECOMPILE = r"""
+import pathlib, sys
+import torch, triton, triton.language as tl
+from bench.cost_model.triton_compile import Config, Launch
+from bench.triton_aot import cache, precompile, steps
+
+@triton.jit
+def double(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+launches = [Launch(double, (1,), (torch.empty(64, device="meta"), 64), {"BLOCK": b}) for b in (32, 64)]
+precompile.gpu_facts = lambda: (90, 132)
+steps.step_calls = lambda *args: {}
+cache.plan = lambda *args: (
+    {str(i): {"kernel": "double", "launch": l, "config": Config({}, 4, 3)} for i, l in enumerate(launches)},
+    {},
+)
+lines = []
+print(precompile.precompile(None, 2, log=lines.append))
+print(lines[-1])
+"""
+
+
+def test_triton_aot_precompile_fills_the_cache_on_every_core(tmp_path):
+    script = tmp_path / "precompile.py"
+    script.write_text(_PRECOMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    failed, line = done.stdout.splitlines()[-2:]
+    assert failed == "0" and line.startswith("triton cache: precompiled 2 kernels for sm_90a")
+    assert "on 2 processes" in line
+    assert len(list((tmp_path / "cache").glob("*/double.cubin"))) == 2

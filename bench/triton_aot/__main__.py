@@ -14,6 +14,10 @@
   entries into CACHE_DIR (the run's ``TRITON_CACHE_DIR``) when its Triton, GPU arch and
   ptxas match the build's; otherwise installs nothing, says why, and the kernels compile
   there. Exit 0 either way (2: bad arguments).
+* ``precompile CARRIED`` — the fallback, on the GPU machine where ``install`` installed
+  nothing: plans the steps' kernels there (the tests' from CARRIED/test_calls.jsonl when
+  carried) and compiles them into ``TRITON_CACHE_DIR`` with one process per core
+  (MAX_JOBS). Exit 1 when a kernel failed to compile.
 * ``compiled CACHE_DIR`` — what that machine compiled itself (kernels, launcher modules).
 
 Every output line starts with ``triton cache:``.
@@ -27,6 +31,7 @@ import pathlib
 import sys
 
 PREFIX = "triton cache:"
+TEST_CALLS = "test_calls.jsonl"  # in the built folder: the tests' calls, for the fallback
 
 
 def _build(args) -> int:
@@ -54,6 +59,10 @@ def _build(args) -> int:
     manifest = cache.build(
         args.out, entries, plan, args.arch, log=lambda line: print(line, flush=True)
     )
+    if "tests-triton" in calls:
+        (args.out / TEST_CALLS).write_text(
+            "".join(c.to_json() + "\n" for c in calls["tests-triton"])
+        )
     print(step_table(manifest))
     size = cache.size_bytes(args.out)
     print(f"{PREFIX} {args.out}: {len(manifest['entries'])} kernels, {size / 2**20:.1f} MiB")
@@ -148,6 +157,16 @@ def _install(args) -> int:
     return 0
 
 
+def _precompile(args) -> int:
+    os.environ.pop("CASA_TRITON_SINGLE_CONFIG", None)  # before the kernels are imported
+    from . import precompile
+
+    failed = precompile.precompile(
+        args.carried / TEST_CALLS, precompile.jobs(), log=lambda line: print(line, flush=True)
+    )
+    return 1 if failed else 0
+
+
 def _compiled(args) -> int:
     from . import cache
 
@@ -184,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("carried", type=pathlib.Path)
     p.add_argument("cache_dir", type=pathlib.Path)
     p.add_argument("--dry-run", action="store_true", help="check the manifest, assume no GPU")
+    p = sub.add_parser("precompile")
+    p.add_argument("carried", type=pathlib.Path)
     p = sub.add_parser("compiled")
     p.add_argument("cache_dir", type=pathlib.Path)
     args = parser.parse_args(argv)
@@ -191,6 +212,7 @@ def main(argv=None) -> int:
         "record-tests": _record_tests,
         "build": _build,
         "install": _install,
+        "precompile": _precompile,
         "compiled": _compiled,
     }
     return commands[args.command](args)
