@@ -21,7 +21,7 @@
 #                  CUTLASS headers (CUTLASS_PATH, the nvidia-cutlass wheel installed, or
 #                  .whl/nvidia_cutlass-*.whl carried to the machine), ninja,
 #                  pytest, compute-sanitizer; optional: hypothesis, tqdm, matplotlib
-#   triton-cache 10 python -m bench.triton_aot install TRITON_AOT (default .triton_aot): the
+#   triton-cache 15 python -m bench.triton_aot install TRITON_AOT (default .triton_aot): the
 #                  kernels compiled ahead of time, re-keyed into this run's Triton cache when
 #                  Triton, GPU arch and ptxas match the build's; else nothing is installed and
 #                  the kernels compile here: on every core, in the background, while the build
@@ -36,7 +36,7 @@
 #   tests-cuda 35, tests-triton 55
 #                  pytest -x tests/ops/test_cuda.py, then tests/ops/test_triton.py (a failure
 #                  in one does not stop the other), each without its CPU-only compile check
-#   verify 30      python -m casa_kernels.verify --device cuda --quick
+#   verify 25      python -m casa_kernels.verify --device cuda --quick
 #   memcheck-triton 25, racecheck-triton 25, memcheck-cuda 20, racecheck-cuda 20
 #                  compute-sanitizer on `python -m bench.device_check sanitize BACKEND`
 #   bench-attention 45   bf16, Traffic and Wide20k, B=16 and B=1, BENCH_PROVIDERS
@@ -90,7 +90,7 @@ START=$(date +%s)
 
 NAMES=(preflight triton-cache build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
        racecheck-cuda bench-attention bench-scaling bench-autotuned summary)
-SHARES=(25 10 95 10 35 55 30 25 25 20 20 45 40 40 5)  # seconds of 480
+SHARES=(25 15 95 10 35 55 25 25 25 20 20 45 40 40 5)  # seconds of 480
 declare -A CAP DEADLINE ORDER
 cumulative=0 shares=0
 for i in "${!NAMES[@]}"; do
@@ -198,7 +198,7 @@ step triton-cache "" "${INSTALL[@]}"
 TRITON_CACHE_STATUS=$STATUS TRITON_CACHE_TOOK=$TOOK
 TRITON_CACHE_LOG="$WORK/logs/$(printf '%02d' "${ORDER[triton-cache]}")-triton-cache.log"
 PRECOMPILE_PID=""
-if [[ -z $NO_GPU ]] && grep -Eq "^triton cache: (not installed|none carried)" "$TRITON_CACHE_LOG"; then
+if [[ -z $NO_GPU ]] && grep -q "^triton cache: .*compile here" "$TRITON_CACHE_LOG"; then
   # The fallback: the kernels compiled here on every core while the CUDA build runs,
   # finished (or stopped) before the Triton tests start.
   limit=$(( START + DEADLINE[tests-cuda] - $(date +%s) ))

@@ -877,3 +877,22 @@ def test_triton_aot_precompile_fills_the_cache_on_every_core(tmp_path):
     assert failed == "0" and line.startswith("triton cache: precompiled 2 kernels for sm_90a")
     assert "on 2 processes" in line
     assert len(list((tmp_path / "cache").glob("*/double.cubin"))) == 2
+
+
+def test_triton_aot_probe_finds_verify_kernels_missing_from_an_empty_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = (
+        "import pathlib, sys; from bench.triton_aot.__main__ import probe_line; "
+        "print(probe_line(pathlib.Path(sys.argv[1]), 90, 132))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = done.stdout.splitlines()[-1]
+    assert line.startswith("only 0 of the ") and line.endswith("kernels compile here")

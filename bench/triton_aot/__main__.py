@@ -128,13 +128,13 @@ def _install(args) -> int:
     except Exception as error:  # noqa: BLE001 - the reason is reported
         print(f"{PREFIX} not installed: triton does not import ({type(error).__name__}: {error})")
         return 0
-    arch = backend_hash = None
+    arch = backend_hash = sm_count = None
     if not args.dry_run:
         import torch
 
         if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            arch = 10 * major + minor
+            props = torch.cuda.get_device_properties(0)
+            arch, sm_count = 10 * props.major + props.minor, props.multi_processor_count
             backend_hash = make_backend(GPUTarget("cuda", arch, 32)).hash()
     problem = cache.install_problem(manifest, triton.__version__, arch, backend_hash)
     stale = manifest["sources"] != cache.source_fingerprint()
@@ -154,7 +154,23 @@ def _install(args) -> int:
         f"{cache.arch_name(manifest['arch'])}, "
         f"{how}){note}"
     )
+    print(f"{PREFIX} {probe_line(args.cache_dir, arch, sm_count)}")
     return 0
+
+
+def probe_line(cache_dir: pathlib.Path, arch: int, sm_count: int) -> str:
+    """Whether the kernels verify's calls launch on this GPU, keyed here, were installed:
+    the check that this machine's keys (environment, SM count, sources) match."""
+    from . import cache, steps
+
+    entries, _ = cache.plan({"verify": steps.verify_calls()}, set(), sm_count, arch)
+    found = sum((cache_dir / name).is_dir() for name in entries)
+    if found == len(entries):
+        return f"all {found} kernels verify launches here are among them"
+    return (
+        f"only {found} of the {len(entries)} kernels verify launches here are among them "
+        "(this machine keys them differently): kernels compile here"
+    )
 
 
 def _precompile(args) -> int:
