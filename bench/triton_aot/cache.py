@@ -140,9 +140,9 @@ def build(out: pathlib.Path, entries: dict, steps: dict, arch: int, log=print) -
                 if name in kept and folder.is_dir():
                     manifest_entries[name] = {**kept[name], "launcher": entry["launcher"]}
                     continue
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), _cpu_seconds()
                 compiled = compile_launch(entry["launch"], entry["config"], target)
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
                 folder.mkdir(exist_ok=True)
                 files = []
                 for path in compiled.metadata_group.values():
@@ -161,8 +161,9 @@ def build(out: pathlib.Path, entries: dict, steps: dict, arch: int, log=print) -
                     "files": sorted(files),
                     "launcher": entry["launcher"],
                     "compile_s": round(seconds, 2),
+                    "compile_cpu_s": round(cpu, 2),
                 }
-                log(f"  [{n + 1}/{len(entries)}] {entry['kernel']} {seconds:.1f}s")
+                log(f"  [{n + 1}/{len(entries)}] {entry['kernel']} {seconds:.1f}s ({cpu:.1f}s CPU)")
         finally:
             triton.knobs.cache.dir = saved_dir
     for stale in set(p.name for p in (out / "entries").iterdir()) - set(manifest_entries):
@@ -178,6 +179,17 @@ def build(out: pathlib.Path, entries: dict, steps: dict, arch: int, log=print) -
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas)."""
+    import resource
+
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def digest(text: str) -> str:
