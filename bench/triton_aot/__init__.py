@@ -1,5 +1,5 @@
 """The Triton kernels of a GPU run compiled ahead of time on the CPU, carried to the GPU
-machine as a cache (docs/design.md §16).
+machine as a cache (docs/design.md §7).
 
 ``python -m bench.triton_aot build OUT`` (here, with the GPU machine's Triton release)
 plans every kernel the device check's steps launch (:mod:`.steps`, :mod:`.calls`) and
