@@ -28,7 +28,7 @@
 #                  and the CUDA tests run (python -m bench.triton_aot precompile). Its summary
 #                  row also says, at the end, how many kernels and launcher modules this
 #                  machine compiled itself.
-#   build 95       FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
+#   build 110      FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
 #                  TORCH_CUDA_ARCH_LIST = the GPU's (9.0a on a Hopper GPU), MAX_JOBS = all
 #                  cores; fails unless casa::fused_score_attention then has a CUDA kernel;
 #                  names the architectures the library embeds
@@ -39,9 +39,9 @@
 #   verify 25      python -m casa_kernels.verify --device cuda --quick
 #   memcheck-triton 25, racecheck-triton 25, memcheck-cuda 20, racecheck-cuda 20
 #                  compute-sanitizer on `python -m bench.device_check sanitize BACKEND`
-#   bench-attention 45   bf16, Traffic and Wide20k, B=16 and B=1, BENCH_PROVIDERS
-#   bench-scaling 40     bf16, --quick
-#   bench-autotuned 40   casa-triton autotuned (without CASA_TRITON_SINGLE_CONFIG), Traffic
+#   bench-attention 40   bf16, Traffic and Wide20k, B=16 and B=1, BENCH_PROVIDERS
+#   bench-scaling 35     bf16, --quick
+#   bench-autotuned 35   casa-triton autotuned (without CASA_TRITON_SINGLE_CONFIG), Traffic
 #   summary 5            reserved for the last summary and archive
 # A step may run until its deadline (START + its cap + the caps before it): time an early
 # step leaves over goes to the later ones. CASA_TRITON_SINGLE_CONFIG=1 (one config per
@@ -90,7 +90,7 @@ START=$(date +%s)
 
 NAMES=(preflight triton-cache build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
        racecheck-cuda bench-attention bench-scaling bench-autotuned summary)
-SHARES=(25 15 95 10 35 55 25 25 25 20 20 45 40 40 5)  # seconds of 480
+SHARES=(25 15 110 10 35 55 25 25 25 20 20 40 35 35 5)  # seconds of 480
 declare -A CAP DEADLINE ORDER
 cumulative=0 shares=0
 for i in "${!NAMES[@]}"; do
