@@ -54,6 +54,9 @@ STATUSES = ("ok", "failed", "timeout", "skipped")
 # A log above this size goes into the archive as its head and tail.
 LOG_KEEP_BYTES = 2 << 20
 SINGLE_CONFIG_VAR = "CASA_TRITON_SINGLE_CONFIG"
+# The sanitize workload: (batch, n_vars, d_model, kernel) x dtype, small and ragged.
+SANITIZE_SHAPES = ((2, 37, 64, 3), (1, 7, 128, 5))
+SANITIZE_DTYPES = ("float32", "bfloat16")
 
 
 # --- preflight --------------------------------------------------------------------------
@@ -202,6 +205,13 @@ def _module_version(name: str) -> tuple[str | None, str]:
     return str(getattr(module, "__version__", "?")), ""
 
 
+def build_arch(major: int, minor: int) -> str:
+    """TORCH_CUDA_ARCH_LIST for the GPU of compute capability major.minor: its own
+    architecture only, Hopper's as 9.0a (sm_90a: the arch-specific instructions, as
+    .ci/compile_cuda.sh and the cost model compile)."""
+    return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
 class Checks:
     """Preflight rows: (check, verdict, detail); verdict ok / MISSING / note / skipped.
 
@@ -295,7 +305,9 @@ def _run_checks(work: Path, checks: Checks, env: dict[str, str], facts: dict) ->
                 gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
                 gpu_multiprocessors=str(props.multi_processor_count),
             )
-            env.update(PF_GPU_SLUG=_slug(props.name), PF_GPU_ARCH=f"{props.major}.{props.minor}")
+            env.update(
+                PF_GPU_SLUG=_slug(props.name), PF_GPU_ARCH=build_arch(props.major, props.minor)
+            )
     checks.add(
         "CUDA device",
         not gpu_reason,
@@ -414,8 +426,22 @@ def cuda_kernel() -> int:
             "no CUDA sources or did not use them (setup.py: FORCE_CUDA=1 and csrc/cuda/*.cu)"
         )
         return 1
-    print(f"build: {FUSED_OP} has a CUDA kernel ({_C.__file__})")
+    print(f"build: {FUSED_OP} has a CUDA kernel ({_C.__file__}); {embedded_archs(_C.__file__)}")
     return 0
+
+
+def embedded_archs(library: str) -> str:
+    """The GPU architectures ``library`` embeds machine code for, as cuobjdump lists them."""
+    tool = _find_tool("cuobjdump", os.environ.get("CUDA_HOME"))
+    if tool is None:
+        return "cuobjdump not found: architectures not listed"
+    listing = subprocess.run([tool, "--list-elf", library], capture_output=True, text=True)
+    return "cubins for " + (", ".join(archs_in_listing(listing.stdout)) or "no architecture")
+
+
+def archs_in_listing(listing: str) -> list[str]:
+    """``sm_XX[a]`` names in a ``cuobjdump --list-elf`` listing, sorted, once each."""
+    return sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", listing)))
 
 
 def sanitize(backend: str, device: str) -> int:
@@ -428,8 +454,8 @@ def sanitize(backend: str, device: str) -> int:
 
     g = torch.Generator().manual_seed(0)
     calls = failures = 0
-    for batch, n_vars, d_model, kernel in ((2, 37, 64, 3), (1, 7, 128, 5)):
-        for dtype in (torch.float32, torch.bfloat16):
+    for batch, n_vars, d_model, kernel in SANITIZE_SHAPES:
+        for dtype in (getattr(torch, name) for name in SANITIZE_DTYPES):
             w = ScoreAttentionWeights.random(
                 n_vars, d_model, kernel, dtype=dtype, device=device, generator=g
             )
@@ -549,6 +575,9 @@ def key_figure(step: str, status: str, log: Path, results: Path, reason: str = "
         figure = _bench_figure(step, results)
     elif step == "info":
         figure = _info_figure(text)
+    elif step == "triton-cache":
+        lines = re.findall(r"^triton cache: (.*)$", text, flags=re.MULTILINE)
+        figure = "; ".join(lines) or None
     else:
         pattern = FIGURE_PATTERNS.get(step.split("-")[0])
         figure = _last_match(pattern, text) if pattern else None
@@ -644,7 +673,10 @@ def record(
         "key_figure": key_figure(step, status, log, work / "results", reason),
         "log": str(log.relative_to(work)) if log.is_file() else "",
     }
-    steps = [s for s in _steps(work) if s["step"] != step] + [row]
+    steps = _steps(work)
+    # A step recorded again (the triton-cache row, at the end) keeps its place.
+    at = next((i for i, s in enumerate(steps) if s["step"] == step), len(steps))
+    steps[at : at + 1] = [row]
     (work / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
     print(f"{step}: {status} ({seconds}s of {cap}s) {row['key_figure']}")
     pack(work, out)

@@ -8,25 +8,40 @@
 #   bash bench/device_check.sh --dry-run   # any machine, seconds: the preflight, the step
 #                                          # plumbing, info, packing and summary; GPU steps skipped
 #
+# Before the run, on a development machine (no GPU), with the GPU machine's Triton release
+# (3.6.0 on the H200 image) and the interpreter off, compile the Triton kernels the steps
+# launch into the folder the run carries (~25 MiB for 131 kernels; name it in the device tool's carry):
+#   python -m bench.triton_aot record-tests .triton_aot/test_calls.jsonl   # needs pytest
+#   <python with triton 3.6.0> -m bench.triton_aot build .triton_aot \
+#       --test-calls .triton_aot/test_calls.jsonl
+#
 # Steps and caps (seconds of 480; another TOTAL_S scales them; they add up to TOTAL_S):
 #   preflight 25   torch sees a GPU, triton, nvcc's CUDA major = torch's, setuptools
 #                  (borrowed from a wheel or another Python if the venv has none), the
 #                  CUTLASS headers (CUTLASS_PATH, the nvidia-cutlass wheel installed, or
 #                  .whl/nvidia_cutlass-*.whl carried to the machine), ninja,
 #                  pytest, compute-sanitizer; optional: hypothesis, tqdm, matplotlib
+#   triton-cache 15 python -m bench.triton_aot install TRITON_AOT (default .triton_aot): the
+#                  kernels compiled ahead of time, re-keyed into this run's Triton cache when
+#                  Triton, GPU arch and ptxas match the build's; else nothing is installed and
+#                  the kernels compile here: on every core, in the background, while the build
+#                  and the CUDA tests run (python -m bench.triton_aot precompile). Its summary
+#                  row also says, at the end, how many kernels and launcher modules this
+#                  machine compiled itself.
 #   build 110      FORCE_CUDA=1 python setup.py build_ext --inplace (no pip, no network),
-#                  TORCH_CUDA_ARCH_LIST = the GPU's; fails unless casa::fused_score_attention
-#                  then has a CUDA kernel
+#                  TORCH_CUDA_ARCH_LIST = the GPU's (9.0a on a Hopper GPU), MAX_JOBS = all
+#                  cores; fails unless casa::fused_score_attention then has a CUDA kernel;
+#                  names the architectures the library embeds
 #   info 10        python -m casa_kernels.info
 #   tests-cuda 35, tests-triton 55
 #                  pytest -x tests/ops/test_cuda.py, then tests/ops/test_triton.py (a failure
-#                  in one does not stop the other)
-#   verify 35      python -m casa_kernels.verify --device cuda --quick
+#                  in one does not stop the other), each without its CPU-only compile check
+#   verify 25      python -m casa_kernels.verify --device cuda --quick
 #   memcheck-triton 25, racecheck-triton 25, memcheck-cuda 20, racecheck-cuda 20
 #                  compute-sanitizer on `python -m bench.device_check sanitize BACKEND`
 #   bench-attention 40   bf16, Traffic and Wide20k, B=16 and B=1, BENCH_PROVIDERS
 #   bench-scaling 35     bf16, --quick
-#   bench-autotuned 40   casa-triton autotuned (without CASA_TRITON_SINGLE_CONFIG), Traffic
+#   bench-autotuned 35   casa-triton autotuned (without CASA_TRITON_SINGLE_CONFIG), Traffic
 #   summary 5            reserved for the last summary and archive
 # A step may run until its deadline (START + its cap + the caps before it): time an early
 # step leaves over goes to the later ones. CASA_TRITON_SINGLE_CONFIG=1 (one config per
@@ -41,8 +56,8 @@
 # `python -m bench.device_check unpack device_check.tar.gz` upserts the benchmark rows
 # into bench/results/<gpu-name>/.
 #
-# Environment: PYTHON (default python3), TOTAL_S, OUT_DIR, BENCH_PROVIDERS (default
-# casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa), MAX_JOBS (default: all
+# Environment: PYTHON (default python3), TOTAL_S, OUT_DIR, TRITON_AOT, BENCH_PROVIDERS
+# (default casa-reference,casa-triton,casa-cuda,full-einsum,full-sdpa), MAX_JOBS (default: all
 # cores), TORCH_CUDA_ARCH_LIST (default: the GPU's).
 # Exit status: 0 when no step failed or timed out (a dry run skips the GPU steps), 1
 # otherwise, 2 for a bad argument.
@@ -73,9 +88,9 @@ BENCH_PROVIDERS=${BENCH_PROVIDERS:-casa-reference,casa-triton,casa-cuda,full-ein
 export PYTHONUNBUFFERED=1 CASA_TRITON_SINGLE_CONFIG=1
 START=$(date +%s)
 
-NAMES=(preflight build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
+NAMES=(preflight triton-cache build info tests-cuda tests-triton verify memcheck-triton racecheck-triton memcheck-cuda
        racecheck-cuda bench-attention bench-scaling bench-autotuned summary)
-SHARES=(25 110 10 35 55 35 25 25 20 20 40 35 40 5)  # seconds of 480
+SHARES=(25 15 110 10 35 55 25 25 25 20 20 40 35 35 5)  # seconds of 480
 declare -A CAP DEADLINE ORDER
 cumulative=0 shares=0
 for i in "${!NAMES[@]}"; do
@@ -91,7 +106,12 @@ for name in "${NAMES[@]}"; do caps+="$name ${CAP[$name]}, "; done
 echo "device_check: ${TOTAL_S}s in all$( ((DRY_RUN)) && echo ', dry run'); caps: ${caps%, } (sum $cumulative)"
 
 WORK=$(mktemp -d -t casa_device_check.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+# This run's own Triton cache (outside WORK, which is archived): what it holds at the end
+# beyond the installed entries was compiled here.
+export TRITON_CACHE_DIR
+TRITON_CACHE_DIR=$(mktemp -d -t casa_device_check_triton.XXXXXX)
+trap 'rm -rf "$WORK" "$TRITON_CACHE_DIR"' EXIT
+TRITON_AOT=${TRITON_AOT:-.triton_aot}
 mkdir -p "$WORK/logs" "$WORK/results"
 FAILED=()
 
@@ -171,6 +191,22 @@ if (( DRY_RUN )); then NO_GPU="dry run${PF_NO_GPU:+ ($PF_NO_GPU)}"; fi
 NO_SANITIZER=""
 if [[ -z $PF_SANITIZER ]]; then NO_SANITIZER="compute-sanitizer not found"; fi
 
+# --- the Triton kernels compiled ahead of time --------------------------------------------
+INSTALL=("$PY" -m bench.triton_aot install "$TRITON_AOT" "$TRITON_CACHE_DIR")
+if (( DRY_RUN )); then INSTALL+=(--dry-run); fi
+step triton-cache "" "${INSTALL[@]}"
+TRITON_CACHE_STATUS=$STATUS TRITON_CACHE_TOOK=$TOOK
+TRITON_CACHE_LOG="$WORK/logs/$(printf '%02d' "${ORDER[triton-cache]}")-triton-cache.log"
+PRECOMPILE_PID=""
+if [[ -z $NO_GPU ]] && grep -q "^triton cache: .*compile here" "$TRITON_CACHE_LOG"; then
+  # The fallback: the kernels compiled here on every core while the CUDA build runs,
+  # finished (or stopped) before the Triton tests start.
+  limit=$(( START + DEADLINE[tests-cuda] - $(date +%s) ))
+  nice -n 5 timeout "$(( limit > 1 ? limit : 1 ))" "$PY" -m bench.triton_aot precompile "$TRITON_AOT" \
+    >>"$TRITON_CACHE_LOG" 2>&1 &
+  PRECOMPILE_PID=$!
+fi
+
 # --- build ------------------------------------------------------------------------------
 BUILD_PROBLEM=$(first_of "$PF_NO_NVCC" "$PF_NO_SETUPTOOLS" "$PF_NO_CUTLASS")
 if [[ -n $BUILD_PROBLEM ]]; then
@@ -178,7 +214,8 @@ if [[ -n $BUILD_PROBLEM ]]; then
 else
   step build "$NO_GPU" env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$PF_GPU_ARCH}" \
-    bash -c '"$0" setup.py build_ext --inplace && "$0" -m bench.device_check cuda-kernel' "$PY"
+    bash -c 'echo "build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" &&
+      "$0" setup.py build_ext --inplace && "$0" -m bench.device_check cuda-kernel' "$PY"
 fi
 NO_CUDA_KERNEL=""
 case $STATUS in
@@ -192,7 +229,10 @@ PYTEST=("$PY" -m pytest -x -q -rs --durations=10 -p no:cacheprovider)
 # test_cuda_sources_compile repeats the build's nvcc work for two more architectures.
 step tests-cuda "$(first_of "$NO_GPU" "$PF_NO_PYTEST")" "${PYTEST[@]}" tests/ops/test_cuda.py \
   --deselect tests/ops/test_cuda.py::test_cuda_sources_compile
-step tests-triton "$(first_of "$NO_GPU" "$PF_NO_PYTEST")" "${PYTEST[@]}" tests/ops/test_triton.py
+if [[ -n $PRECOMPILE_PID ]]; then wait "$PRECOMPILE_PID"; fi
+# test_kernels_compile_for_sm90_without_gpu compiles every kernel afresh on the CPU (CI does).
+step tests-triton "$(first_of "$NO_GPU" "$PF_NO_PYTEST")" "${PYTEST[@]}" tests/ops/test_triton.py \
+  --deselect tests/ops/test_triton.py::test_kernels_compile_for_sm90_without_gpu
 step verify "$NO_GPU" "$PY" -m casa_kernels.verify --device cuda --quick
 for backend in triton cuda; do
   if [[ $backend == triton ]]; then no_backend=$PF_NO_TRITON; else no_backend=$NO_CUDA_KERNEL; fi
@@ -215,6 +255,12 @@ step bench-scaling "$NO_GPU" "$PY" -m bench scaling --device cuda --dtype bfloat
 step bench-autotuned "$(first_of "$NO_GPU" "$PF_NO_TRITON")" env -u CASA_TRITON_SINGLE_CONFIG \
   "$PY" -m bench attention --device cuda --dtype bfloat16 --datasets Traffic --batch 16,1 \
   --providers casa-triton --out "$WORK/results/autotuned" --no-progress
+
+# The triton-cache row gets what this machine compiled itself.
+"$PY" -m bench.triton_aot compiled "$TRITON_CACHE_DIR" >>"$TRITON_CACHE_LOG" 2>&1
+STATUS=$TRITON_CACHE_STATUS TOOK=$TRITON_CACHE_TOOK REASON=""
+"$PY" -m bench.device_check record "$WORK" "$OUT_DIR" triton-cache "$STATUS" "$TOOK" "${CAP[triton-cache]}" "" >/dev/null \
+  || echo "device_check: could not record what this machine compiled" >&2
 
 echo
 echo "device_check: $(( $(date +%s) - START ))s of ${TOTAL_S}s; ${#FAILED[@]} step(s) failed or timed out${FAILED[*]:+: ${FAILED[*]}}"

@@ -97,7 +97,37 @@ class Mutant:
         return ((self.original, self.mutated), *self.more)
 
 
+CPU_BACKWARD_TESTS = ("tests/ops/test_cpu_backward.py",)
+
 MUTANTS = [
+    Mutant(
+        "cpu backward: softmax backward without the colsum term",
+        "csrc/cpu/vectorised.cpp",
+        "const acc_t ds = p * (dp[i] - colsum[q * half + c]);",
+        "const acc_t ds = p * dp[i];",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: the column sums keep only each row block's last row",
+        "csrc/cpu/vectorised.cpp",
+        "colsum[i] += p * d;",
+        "colsum[i] = p * d;",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: a column tile's dx rows overwrite the other tiles' partial sums",
+        "csrc/cpu/backward.cpp",
+        "for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];",
+        "for (int64_t c = 0; c < D; ++c) dx_n[c] = add[c];",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: the value weight's gradient transposed",
+        "casa_kernels/ops/backends/cpu_backward.py",
+        "return tuple(g if need else None for g, need in zip(grads, needs))",
+        "return tuple((g.mT if g.dim() == 2 else g) if need else None for g, need in zip(grads, needs))",
+        CPU_BACKWARD_TESTS,
+    ),
     Mutant(
         "cpu: softmax without its shift",
         "csrc/cpu/vectorised.cpp",

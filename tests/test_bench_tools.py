@@ -466,17 +466,28 @@ def test_device_check_dry_run_skips_the_gpu_steps_and_packs(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable},
+        env={
+            **os.environ,
+            "OUT_DIR": str(tmp_path / "out"),
+            "PYTHON": sys.executable,
+            "TRITON_AOT": str(tmp_path / "not-carried"),
+        },
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    tmp_path = tmp_path / "out"
     assert len(list(tmp_path.rglob("*"))) == 3  # the device tool returns at most 8 files
     steps = {
         s["step"]: s
         for s in json.loads((tmp_path / device_check.SUMMARY_JSON).read_text())["steps"]
     }
     assert steps["preflight"]["status"] == "ok" and steps["info"]["status"] == "ok"
-    gpu_steps = set(steps) - {"preflight", "info"}
+    assert steps["triton-cache"]["status"] == "ok"
+    assert steps["triton-cache"]["key_figure"] == (
+        f"none carried ({tmp_path.parent / 'not-carried'} has no manifest): kernels compile here; "
+        "compiled here: 0 kernels, 0 launcher modules"
+    )
+    gpu_steps = set(steps) - {"preflight", "info", "triton-cache"}
     assert {
         "build",
         "tests-cuda",
@@ -519,7 +530,7 @@ def test_preflight_on_a_gpu_machine_checks_nvcc_against_torch(
     monkeypatch.delenv("CUDA_HOME", raising=False)
     device_check.preflight(tmp_path, dry_run=False)
     env = dict(line.split("=", 1) for line in (tmp_path / "preflight.env").read_text().splitlines())
-    assert env["PF_GPU_SLUG"] == "nvidia-h100-80gb-hbm3" and env["PF_GPU_ARCH"] == "9.0"
+    assert env["PF_GPU_SLUG"] == "nvidia-h100-80gb-hbm3" and env["PF_GPU_ARCH"] == "9.0a"
     assert env["PF_NO_GPU"] == "''" and env["PF_SANITIZER"] == "''"
     out = capsys.readouterr().out
     assert "read by the Triton kernels: tests and verify use one config" in out
@@ -874,3 +885,272 @@ def test_bench_train_command_defaults(tmp_path, monkeypatch):
     assert (quick.batches, quick.datasets, quick.quick) == ([1], ("ETTh1",), True)
     assert (full.batches, full.datasets, full.quick) == ([16, 1], tuple(suites.DATASETS), False)
     assert (chosen.batches, chosen.datasets) == ([4], ("Solar",))
+
+
+# --- the Triton kernels compiled ahead of time for the device run (bench/triton_aot) -----
+
+# Run with the interpreter off (it compiles nothing): one tiny kernel is built into a
+# carried folder, installed under another Triton build's key, and compiled again through
+# triton.compile with that build's key in force, which must be a cache hit.
+_AOT_ROUND_TRIP = r"""
+import json, pathlib, sys
+import torch, triton, triton.language as tl
+import triton.runtime.cache as triton_cache
+from triton.backends.compiler import GPUTarget
+from bench.cost_model.triton_compile import Config, Launch, cache_key, prepare
+from bench.triton_aot import cache
+
+@triton.jit
+def double(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+tmp = pathlib.Path(sys.argv[1])
+target = GPUTarget("cuda", 90, 32)
+launch = Launch(double, (1,), (torch.empty(64, device="meta"), 64), {"BLOCK": 64})
+config = Config({}, 4, 3)
+installation, rest = cache_key(launch, config, target)
+name = cache.entry_name(installation + rest)
+launcher = cache.launcher_digest(launch, config, target)
+entries = {name: {"rest": rest, "kernel": "double", "launch": launch, "config": config,
+                  "launcher": launcher}}
+steps = {"verify": {"calls": 1, "launches": 1, "entries": [name]}}
+manifest = cache.build(tmp / "carried", entries, steps, 90, log=lambda line: None)
+
+device_build = "triton-as-built-for-another-python"
+installed = cache.install(tmp / "carried", tmp / "device", device_build)
+hits = []
+triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+triton.knobs.cache.dir = str(tmp / "device")
+triton_cache.triton_key = lambda: device_build
+source, options = prepare(launch, config, target)
+triton.compile(source, target=target, options=options)
+print(json.dumps({
+    "manifest": manifest, "name": name, "installed": installed, "hits": hits,
+    "rekeyed": cache.entry_name(device_build + rest),
+    "compiled": cache.device_compiles(tmp / "device"),
+}))
+"""
+
+
+def test_triton_aot_cache_is_rekeyed_and_hit_by_another_triton_build(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "scratch")
+    script = tmp_path / "round_trip.py"  # a file: Triton reads a jit function's source
+    script.write_text(_AOT_ROUND_TRIP)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    entry = out["manifest"]["entries"][out["name"]]
+    assert entry["files"] == ["double.cubin", "double.json"]  # only what a cache hit reads
+    assert sorted(p.name for p in (tmp_path / "carried" / "entries" / out["name"]).iterdir()) == [
+        "double.cubin",
+        "double.json",
+    ]
+    assert out["installed"] == 1 and out["hits"] == [True]
+    device = tmp_path / "device" / out["rekeyed"]
+    assert out["rekeyed"] != out["name"] and device.is_dir()
+    group = json.loads((device / "__grp__double.json").read_text())["child_paths"]
+    assert all(Path(p).is_file() and Path(p).parent == device for p in group.values())
+    assert out["compiled"] == [0, 0, []]  # the hit compiled nothing
+
+
+def test_triton_aot_installs_only_where_triton_arch_and_ptxas_match():
+    from bench.triton_aot import cache
+
+    manifest = {"triton": "3.6.0", "arch": 90, "backend": "ptxas 12.8-90"}
+    assert cache.install_problem(manifest, "3.6.0", 90, "ptxas 12.8-90") == ""
+    assert "3.9.0" in cache.install_problem(manifest, "3.9.0", 90, "ptxas 12.8-90")
+    assert "sm_100" in cache.install_problem(manifest, "3.6.0", 100, "ptxas 12.8-100")
+    assert "ptxas" in cache.install_problem(manifest, "3.6.0", 90, "ptxas 13.0-90")
+    assert cache.install_problem(manifest, "3.6.0", None, None) == "no GPU"
+    assert "no manifest" in cache.install_problem({}, "3.6.0", 90, "ptxas 12.8-90")
+
+
+def test_triton_aot_counts_what_the_device_compiled(tmp_path):
+    from bench.triton_aot import cache
+
+    for name, files in {
+        "CARRIED": ["_head_kernel.cubin", "_head_kernel.json"],
+        "NEW1": ["_tail_kernel.cubin", "_tail_kernel.json"],
+        "NEW2": ["_tail_kernel.cubin"],
+        "LAUNCHER": ["__triton_launcher.cpython-312-x86_64-linux-gnu.so"],
+    }.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("x")
+    (tmp_path / cache.INSTALLED).write_text(json.dumps(["CARRIED"]))
+    assert cache.device_compiles(tmp_path) == (2, 1, ["_tail_kernel", "_tail_kernel"])
+    assert cache.device_compiles(tmp_path / "absent") == (0, 0, [])
+
+
+def test_triton_aot_install_without_a_usable_cache_says_kernels_compile_there(tmp_path, capsys):
+    from bench.triton_aot import __main__ as aot
+
+    assert aot.main(["install", str(tmp_path / "none"), str(tmp_path / "cache")]) == 0
+    assert "none carried" in capsys.readouterr().out
+    (tmp_path / "carried").mkdir()
+    (tmp_path / "carried" / "manifest.json").write_text(
+        json.dumps({"triton": "0.0.1", "arch": 90, "backend": "x", "sources": "y", "entries": {}})
+    )
+    assert (
+        aot.main(["install", str(tmp_path / "carried"), str(tmp_path / "cache"), "--dry-run"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("triton cache: not installed (built with Triton 0.0.1")
+    assert "kernels compile here" in out and "sources changed" in out
+    assert not (tmp_path / "cache").exists()
+
+
+def test_recorded_calls_replay_to_the_launches_the_call_made():
+    pytest.importorskip("triton")
+    from bench.cost_model.triton_compile import record_launches
+    from bench.triton_aot import calls as aot_calls
+    from casa_kernels.ops import triton_kernels as tk
+    from casa_kernels.weights import ScoreAttentionWeights
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = ScoreAttentionWeights.random(7, 16, 3, dtype=torch.float32, device=device)
+    x = torch.randn(2, 7, 16, device=device)
+    with aot_calls.record_calls() as seen, record_launches() as launched:
+        tk.triton_score_attention(x, w, block_n=16)
+    assert [c.function for c in seen] == ["triton_score_attention"]  # the stages are inner
+    call = aot_calls.Call.from_json(seen[0].to_json())
+    assert call == seen[0] and call.kwargs == {"block_n": 16}
+    replayed = aot_calls.replay(call, sm_count=132)
+    assert [launch.name for launch in replayed] == [launch.name for launch in launched]
+    assert all(
+        a.device.type == "meta"
+        for launch in replayed
+        for a in launch.args
+        if isinstance(a, torch.Tensor)
+    )
+    assert tk.triton_score_attention is not None and not hasattr(
+        tk.triton_score_attention, "__wrapped__"
+    )
+
+
+def _script_step(script: str, name: str) -> str:
+    """The command of ``step NAME ...`` in device_check.sh, its continuation lines joined."""
+    lines = script[script.index(f"step {name} ") :].splitlines()
+    end = next(i for i, line in enumerate(lines) if not line.endswith("\\"))
+    return " ".join(line.rstrip("\\").strip() for line in lines[: end + 1]) + " "
+
+
+def test_device_steps_calls_follow_the_modules_and_the_script():
+    from bench.triton_aot import steps
+    from casa_kernels.verify import DTYPES, QUICK_CASES
+
+    assert len(steps.verify_calls()) == len(QUICK_CASES) * len(DTYPES["cuda"])
+    assert len(steps.sanitize_calls()) == len(device_check.SANITIZE_SHAPES) * len(
+        device_check.SANITIZE_DTYPES
+    )
+    script = (ROOT / "bench" / "device_check.sh").read_text()
+    for name, step in steps.BENCH_STEPS.items():
+        command = _script_step(script, name)
+        assert f"-m bench {step.suite} " in command
+        assert ("--quick" in command) == step.quick
+        if step.datasets:
+            assert f"--datasets {','.join(step.datasets)} " in command
+        if step.batches:
+            assert f"--batch {','.join(map(str, step.batches))} " in command
+        assert ("-u CASA_TRITON_SINGLE_CONFIG" in command) == (name in steps.ALL_CONFIG_STEPS)
+    shapes = {
+        tuple(c.args[0]["tensor"][0])
+        for c in steps.bench_calls(steps.BENCH_STEPS["bench-attention"])
+    }
+    assert shapes == {(b, *suites.SHAPES[d][:2]) for b in (16, 1) for d in ("Traffic", "Wide20k")}
+
+
+def test_recorded_tests_are_the_ones_the_device_step_runs():
+    from bench.triton_aot import steps
+
+    command = _script_step((ROOT / "bench" / "device_check.sh").read_text(), "tests-triton")
+    assert f'"${{PYTEST[@]}}" {" ".join(steps.TESTS_TRITON)} ' in command
+
+
+def test_a_step_recorded_again_keeps_its_place(tmp_path):
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    for step in ("preflight", "triton-cache", "build"):
+        device_check.record(work, tmp_path / "out", step, "ok", 1, 10, "")
+    (work / "logs" / "01-triton-cache.log").write_text(
+        "triton cache: installed 3 kernels\ntriton cache: compiled here: 1 kernels\n"
+    )
+    device_check.record(work, tmp_path / "out", "triton-cache", "ok", 2, 10, "")
+    steps = json.loads((work / "steps.json").read_text())
+    assert [(s["step"], s["seconds"]) for s in steps] == [
+        ("preflight", 1),
+        ("triton-cache", 2),
+        ("build", 1),
+    ]
+    assert steps[1]["key_figure"] == "installed 3 kernels; compiled here: 1 kernels"
+
+
+_PRECOMPILE = r"""
+import pathlib, sys
+import torch, triton, triton.language as tl
+from bench.cost_model.triton_compile import Config, Launch
+from bench.triton_aot import cache, precompile, steps
+
+@triton.jit
+def double(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+launches = [Launch(double, (1,), (torch.empty(64, device="meta"), 64), {"BLOCK": b}) for b in (32, 64)]
+precompile.gpu_facts = lambda: (90, 132)
+steps.step_calls = lambda *args: {}
+cache.plan = lambda *args: (
+    {str(i): {"kernel": "double", "launch": l, "config": Config({}, 4, 3)} for i, l in enumerate(launches)},
+    {},
+)
+lines = []
+print(precompile.precompile(None, 2, log=lines.append))
+print(lines[-1])
+"""
+
+
+def test_triton_aot_precompile_fills_the_cache_on_every_core(tmp_path):
+    script = tmp_path / "precompile.py"
+    script.write_text(_PRECOMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    failed, line = done.stdout.splitlines()[-2:]
+    assert failed == "0" and line.startswith("triton cache: precompiled 2 kernels for sm_90a")
+    assert "on 2 processes" in line
+    assert len(list((tmp_path / "cache").glob("*/double.cubin"))) == 2
+
+
+def test_triton_aot_probe_finds_verify_kernels_missing_from_an_empty_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = (
+        "import pathlib, sys; from bench.triton_aot.__main__ import probe_line; "
+        "print(probe_line(pathlib.Path(sys.argv[1]), 90, 132))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = done.stdout.splitlines()[-1]
+    assert line.startswith("only 0 of the ") and line.endswith("kernels compile here")

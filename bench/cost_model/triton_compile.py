@@ -160,9 +160,9 @@ def grid(launch: Launch, config: Config) -> tuple[int, int, int]:
     return (*dims, *(1,) * (3 - len(dims)))
 
 
-def compile_launch(launch: Launch, config: Config, target: GPUTarget):
-    """The launch compiled for ``target`` at ``config`` (a Triton CompiledKernel), bound
-    and specialised by Triton's binder as ``JITFunction.run`` does."""
+def prepare(launch: Launch, config: Config, target: GPUTarget):
+    """``(source, options)`` that ``triton.compile`` gets for the launch at ``config`` on
+    ``target``: bound and specialised by Triton's binder as ``JITFunction.run`` does."""
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -181,8 +181,36 @@ def compile_launch(launch: Launch, config: Config, target: GPUTarget):
     options, signature, constexprs, attrs = fn._pack_args(
         backend, kwargs, bound, specialization, options
     )
-    source = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(source, target=target, options=options.__dict__)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__
+
+
+def compile_launch(launch: Launch, config: Config, target: GPUTarget):
+    """The launch compiled for ``target`` at ``config`` (a Triton CompiledKernel), bound
+    and specialised by Triton's binder as ``JITFunction.run`` does."""
+    source, options = prepare(launch, config, target)
+    return triton.compile(source, target=target, options=options)
+
+
+def cache_key(launch: Launch, config: Config, target: GPUTarget) -> tuple[str, str]:
+    """``(installation, rest)``: the two parts of the key ``triton.compile`` hashes into
+    the launch's cache entry name (``sha256(installation + rest)``). ``installation``
+    is ``triton_key()``, a digest of this Triton's files, its native library included (so
+    it differs between builds of one release, e.g. for two Python versions); ``rest``
+    is the kernel source, specialisation, backend (ptxas version, arch) and options."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import make_backend
+    from triton.runtime.cache import get_cache_key, triton_key
+
+    source, options = prepare(launch, config, target)
+    backend = make_backend(target)
+    parsed = backend.parse_options(dict(options, **source.parse_options()))
+    key = get_cache_key(source, backend, parsed, env_vars=get_cache_invalidating_env_vars())
+    installation = triton_key()
+    if not key.startswith(installation):
+        raise RuntimeError(
+            f"triton {triton.__version__}: its cache key no longer starts with triton_key()"
+        )
+    return installation, key[len(installation) :]
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str:
