@@ -319,7 +319,7 @@ struct Backward {
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* dx_n = dx + (b * N + r0 + r) * D;
         const acc_t* add = sc.dx_rows + r * D;
-        for (int64_t c = 0; c < D; ++c) dx_n[c] = add[c];
+        for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];
         for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * ld + i];
       }
     }
