@@ -54,6 +54,7 @@
 #include "channels_last.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "score_attention_ops.h"
 #include "tail_layout.h"
 #include "vectorised.h"
 
@@ -711,6 +712,10 @@ cpu::Bf16Gemm gemm_tier_for(at::ScalarType dtype, const std::string& bf16_gemm) 
   return dtype == at::kBFloat16 ? tier : cpu::Bf16Gemm::kNone;
 }
 
+}  // namespace
+
+namespace cpu_ops {
+
 // casa::cpu_prepare_weights: the prepared list (PreparedIndex) for `weights` and tile width.
 std::vector<at::Tensor> prepare_weights(at::TensorList weights, int64_t tile,
                                         const std::string& bf16_gemm) {
@@ -928,41 +933,6 @@ at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
   return score_attention_prepared(x, weights, prepare_weights(weights, tile, tier), tile, tier);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(casa, m) {
-  m.def("cpu_bf16_gemm() -> str", &bf16_gemm_now);
-  m.def("cpu_tail_tile(int batch, int d_model) -> int", &tail_tile);
-  m.def("cpu_prepare_weights(Tensor[] weights, int tile, str bf16_gemm) -> Tensor[]");
-  m.def(
-      "cpu_score_attention(Tensor x, Tensor[] weights, Tensor[] prepared, int tile, "
-      "str bf16_gemm) -> Tensor");
-  m.def("cpu_head_partial(Tensor x, Tensor enc0_weight) -> Tensor");
-  m.def(
-      "cpu_prepare_tail(Tensor dec2_weight, Tensor dec2_bias, Tensor? value_weight, "
-      "Tensor? value_bias, int tile, str bf16_gemm) -> Tensor[]");
-  m.def(
-      "cpu_tail_stats(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
-      "Tensor[] prepared, int tile, str bf16_gemm) -> (Tensor, Tensor)");
-  m.def(
-      "cpu_tail_output(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
-      "Tensor value_weight, Tensor value_bias, Tensor[] prepared, int tile, str bf16_gemm, "
-      "Tensor col_max, Tensor col_sum) -> Tensor");
-  m.def(
-      "cpu_tail_fused(Tensor x, Tensor h5, Tensor dec2_weight, Tensor dec2_bias, "
-      "Tensor value_weight, Tensor value_bias, Tensor[] prepared, int tile, str bf16_gemm) -> "
-      "(Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(casa, CPU, m) {
-  m.impl("fused_score_attention", &with_weights<&fused_score_attention_cpu>);
-  m.impl("cpu_prepare_weights", &prepare_weights);
-  m.impl("cpu_score_attention", &score_attention_prepared);
-  m.impl("cpu_head_partial", &head_partial);
-  m.impl("cpu_prepare_tail", &prepare_tail);
-  m.impl("cpu_tail_stats", &tail_stats);
-  m.impl("cpu_tail_output", &tail_output);
-  m.impl("cpu_tail_fused", &tail_fused);
-}
+}  // namespace cpu_ops
 
 }  // namespace casa
