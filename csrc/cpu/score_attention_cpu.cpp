@@ -165,12 +165,9 @@ void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::
 // For the channels-last convs (AMX, channels_last.h), three bfloat16 activations follow io:
 //   rows[0] [B, D/2, D/4]: h1; rows[1] [B, D/4, D/2]: enc1's output, then dec0's;
 //   rows[2] [B, D/8, D]: enc2's output.
-// dec1's output h5, which the tail reads, has an allocation of its own. Why one block:
-// glibc's malloc keeps freed memory for reuse up to twice the largest block it has freed,
-// and returns the rest to the system; with one allocation per activation (six of 2-3 MB at
-// D = 512, B = 16) it returned about 7 MB after every call and the next call faulted it
-// back in (N = 21, B = 16, bfloat16: 3400 page faults and about 5 ms of system time per
-// call, on an op of 4 ms). The single block stays.
+// dec1's output h5, which the tail reads, has an allocation of its own. One block, because
+// with one allocation per activation glibc returned the memory after every call and the
+// next call faulted it back in (docs/design.md §5.6).
 template <typename acc_t>
 struct Activations {
   at::Tensor memory;
@@ -256,8 +253,7 @@ struct Plan {
   // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
   bool bf16_gemm;
   // The bottleneck in bfloat16 too, channels-last (channels_last.h), on AMX only: on the
-  // avx512_bf16 tier its bfloat16 GEMMs ran at half the speed of the fp32 ones (N = 21:
-  // 0.76x the reference).
+  // avx512_bf16 tier its bfloat16 GEMMs are slower than fp32 ones (docs/design.md §11.4).
   bool bf16_bottleneck;
   std::vector<int64_t> taps[2];      // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
