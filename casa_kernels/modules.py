@@ -80,7 +80,11 @@ class CASAAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return attention_on_backend(x, self.weights(), self.backend)[0]
+        return self.attend(x)[0]
+
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, Backend]:
+        """The attention and the backend that ran it (whose capabilities a block may use)."""
+        return attention_on_backend(x, self.weights(), self.backend)
 
     def extra_repr(self) -> str:
         return f"n_vars={self.n_vars}, d_model={self.d_model}, kernel={self.kernel}, backend={self.backend!r}"
@@ -119,7 +123,7 @@ class CASABlock(CASAAttention):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        y, backend = attention_on_backend(x, self.weights(), self.backend)
+        y, backend = self.attend(x)
         fused = self._fused_epilogue(y, backend)
         if fused is not None:
             return backend.block_epilogue.run(y, *fused, relu)

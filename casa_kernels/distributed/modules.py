@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..modules import CASAAttention, CASABlock, CASAModel
+from ..ops.registry import Backend, resolve_backend
 from ..validation import check_series, check_tokens
 from . import failure
 from .agreement import (
@@ -251,7 +252,13 @@ class VariateParallelCASAAttention(VariateParallel, CASAAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._collective_call(x, variate_dim_of_x=1):
-            return variate_parallel_attention(x, self.weights(), self.shard, backend=self.backend)
+            return self.attend(x)[0]
+
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, Backend]:
+        """The variate-parallel attention and the backend whose stages ran it (a block's
+        fused epilogue, per row, is the same on a rank's rows)."""
+        y = variate_parallel_attention(x, self.weights(), self.shard, backend=self.backend)
+        return y, resolve_backend(self.backend, x.device, y.dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_tokens(x, self.n_vars, self.d_model)
