@@ -203,20 +203,13 @@ struct Backward {
     return sc;
   }
 
-  // The first input column of h5 that output parity q's tap jj reads for the tile at o0.
-  int64_t first_input(int64_t q, size_t jj, int64_t o0) const {
-    return o0 / 2 + (q + s.padding - taps[q][jj]) / 2;
-  }
-
-  // rhs[(jj, c), u] = h5_b[c, first_input(q, jj, o0) + u] for u < half, zero outside
+  // rhs[(jj, c), u] = h5_b[c, first + u] for u < half (first: cpu::parity_window), zero outside
   // [0, D/2): the right operand of the last transposed conv for the tile's outputs of
   // parity q. h5_b: [D/4, D/2] contiguous.
   void gather_window(const acc_t* h5_b, int64_t q, int64_t o0, int64_t half, acc_t* rhs) const {
     const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
     for (size_t jj = 0; jj < taps[q].size(); ++jj) {
-      const int64_t first = first_input(q, jj, o0);
-      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
-      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      const auto [first, u0, u1] = cpu::parity_window(o0, q, s.padding, taps[q][jj], half, L);
       for (int64_t c = 0; c < C1; ++c) {
         acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * half;
         std::fill(row, row + u0, acc_t(0));
@@ -226,13 +219,11 @@ struct Backward {
     }
   }
 
-  // The adjoint of gather_window: dh5_b[c, first_input(q, jj, o0) + u] += d[(jj, c), u].
+  // The adjoint of gather_window: dh5_b[c, first + u] += d[(jj, c), u].
   void scatter_window(const acc_t* d, int64_t q, int64_t o0, int64_t half, acc_t* dh5_b) const {
     const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
     for (size_t jj = 0; jj < taps[q].size(); ++jj) {
-      const int64_t first = first_input(q, jj, o0);
-      const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
-      const int64_t u1 = std::clamp<int64_t>(L - first, u0, half);
+      const auto [first, u0, u1] = cpu::parity_window(o0, q, s.padding, taps[q][jj], half, L);
       for (int64_t c = 0; c < C1; ++c) {
         const acc_t* row = d + (static_cast<int64_t>(jj) * C1 + c) * half;
         acc_t* out = dh5_b + c * L + first;

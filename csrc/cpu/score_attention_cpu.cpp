@@ -490,9 +490,7 @@ struct Plan {
                      acc_t* rhs, int64_t ld) const {
     const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
     for (size_t jj = 0; jj < taps[q].size(); ++jj) {
-      const int64_t first = o0 / 2 + (q + s.padding - taps[q][jj]) / 2;  // input of c = 0
-      const int64_t c0 = std::clamp<int64_t>(-first, 0, half);
-      const int64_t c1 = std::clamp<int64_t>(L - first, c0, half);
+      const auto [first, c0, c1] = cpu::parity_window(o0, q, s.padding, taps[q][jj], half, L);
       for (int64_t c = 0; c < C1; ++c) {
         acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * ld;
         std::fill(row, row + c0, acc_t(0));

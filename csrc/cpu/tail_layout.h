@@ -39,5 +39,19 @@ inline std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
   return order;
 }
 
+// The h5 columns that output parity q's tap `tap` reads for the tile at o0: output
+// o0 + 2u + q reads input first + u, and only u in [u0, u1) lie inside [0, L) (L = D/2);
+// the rest are the transposed conv's zero padding. Shared by the forward's right operand
+// (parity_rhs) and the backward's gather and its adjoint.
+struct ParityWindow {
+  int64_t first, u0, u1;
+};
+inline ParityWindow parity_window(int64_t o0, int64_t q, int64_t padding, int64_t tap, int64_t half,
+                                  int64_t L) {
+  const int64_t first = o0 / 2 + (q + padding - tap) / 2;
+  const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
+  return {first, u0, std::clamp<int64_t>(L - first, u0, half)};
+}
+
 }  // namespace cpu
 }  // namespace casa
