@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .ops import weight_cache
+from .ops.backends.cpu import linear as cpu_linear
 from .ops.registry import Backend, check_backend_name
 from .ops.score_attention import attention_on_backend
 from .validation import (
@@ -196,6 +197,8 @@ class CASAModel(nn.Module):
         self.model = nn.Sequential(
             nn.Linear(seq_len, d_model), nn.ReLU(), *blocks, nn.Linear(d_model, pred_len)
         )
+        # backend="reference" keeps PyTorch's own Linears for the embedding and the head.
+        self._plain_linears = backend == "reference"
 
     def forward(
         self,
@@ -213,10 +216,26 @@ class CASAModel(nn.Module):
             return x.new_empty(0, self.pred_len, self.n_vars)
         var, mean = torch.var_mean(x, dim=1, keepdim=True)  # one pass; var unbiased
         std = torch.sqrt(var + 1e-5)
-        h = embed(((x - mean) / std).permute(0, 2, 1)).relu_()
+        h = self._linear(embed, ((x - mean) / std).permute(0, 2, 1)).relu_()
         for block, _ in layers:  # each layer is (CASABlock, ReLU): the block applies the ReLU
             h = block(h, relu=True)
-        return head(h).permute(0, 2, 1) * std + mean
+        return self._linear(head, h).permute(0, 2, 1) * std + mean
+
+    def _linear(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``layer(h)``; a plain ``nn.Linear`` on bfloat16 CPU input goes through the cpu
+        backend's ``linear`` (fp32 GEMMs where the CPU has no bfloat16 ones)."""
+        plain = (
+            self._plain_linears
+            or h.dtype != torch.bfloat16
+            or h.device.type != "cpu"
+            or type(layer) is not nn.Linear
+            or layer._forward_hooks
+            or layer._forward_pre_hooks
+            or torch.is_autocast_enabled("cpu")
+        )
+        if plain:
+            return layer(h)
+        return cpu_linear(h, _param(layer, "weight"), _param(layer, "bias"))
 
 
 # Parameters and submodules are looked up in the module's own dicts on every call:

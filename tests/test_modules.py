@@ -146,3 +146,25 @@ def test_gradcheck_float64(kernel):
     )
     block = CASABlock(n_vars=3, d_model=8, kernel=kernel, backend="reference").double()
     assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize("backend, through_cpu_linear", [("cpu", 2), ("reference", 0)])
+def test_model_embedding_and_head_in_bfloat16_go_through_the_cpu_linear(
+    monkeypatch, backend, through_cpu_linear
+):
+    # bfloat16 on the CPU: the forecaster's two Linears take the cpu backend's linear
+    # (fp32 GEMMs where the CPU has no bfloat16 ones), except with backend="reference".
+    from casa_kernels import modules
+
+    calls = []
+    original = modules.cpu_linear
+    monkeypatch.setattr(modules, "cpu_linear", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = CASAModel(n_vars=5, d_model=16, seq_len=12, pred_len=4, e_layers=1, backend=backend)
+    model = model.bfloat16()
+    x = torch.randn(2, 12, 5).bfloat16()
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == through_cpu_linear
+    expected = model.float()(x.float())
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)

@@ -331,3 +331,20 @@ def test_bf16_gemm_override_errors_name_the_variable(requested, isa, message):
     out = _tier_check(**env)
     assert out.returncode != 0
     assert "CASA_CPU_BF16_GEMM" in out.stderr and message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tier", ["none", "amx"])
+def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(monkeypatch, tier):
+    # The forecaster's embedding and head (cpu backend's `linear`): on a CPU without
+    # bfloat16 GEMMs, fp32 GEMMs on the exact conversion, rounded once; elsewhere F.linear.
+    from casa_kernels.ops.backends import cpu
+
+    monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: tier)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((5, 7, 96), (64, 96), (64,)))
+    out = cpu.linear(x, w, b)
+    in_fp32 = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
+    expected = in_fp32 if tier == "none" else torch.nn.functional.linear(x, w, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), in_fp32.float(), rtol=2**-7, atol=1e-2)  # 2 ulps

@@ -50,6 +50,18 @@ def bf16_gemm_tier() -> str:
     return _kernels().cpu_bf16_gemm()
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for the forecaster's own Linears (embedding, head) on
+    the cpu backend: bfloat16 on a CPU without bfloat16 GEMMs (``bf16_gemm_tier() ==
+    "none"``, e.g. AVX2 only) runs in fp32 on the exactly converted operands and is
+    rounded once (docs/design.md §11.4), as PyTorch's bfloat16 GEMM would accumulate, at
+    fp32 GEMM speed. Anything else is ``F.linear`` itself."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or bf16_gemm_tier() != "none":
+        return torch.nn.functional.linear(x, weight, bias)
+    fp32 = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), weight.float(), fp32).to(torch.bfloat16)
+
+
 @functools.lru_cache(maxsize=256)
 def _tail_tile(batch: int, d_model: int, threads: int) -> int:
     return _kernels().cpu_tail_tile(batch, d_model)  # a function of the three
