@@ -130,7 +130,8 @@ def checkout_state(root: Path) -> str:
 def isa(device: str) -> str:
     """The instruction-set tier the kernels run on: on a GPU its ``sm_XY``; on a CPU the
     bfloat16 GEMM unit (``amx``, ``avx512_bf16``) or else ATen's vector tier, with the
-    cap ``ONEDNN_MAX_CPU_ISA`` puts on oneDNN (and so on PyTorch's GEMMs) where set."""
+    caps ``ONEDNN_MAX_CPU_ISA`` puts on oneDNN and ``MKL_ENABLE_INSTRUCTIONS`` on MKL
+    (PyTorch's fp32 GEMMs) where set: ``"avx2 (onednn<=avx2, mkl<=avx2)"``."""
     if device.startswith("cuda") and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         return f"sm_{major}{minor}"
@@ -139,8 +140,15 @@ def isa(device: str) -> str:
     tier = bf16_gemm_tier()
     if tier == "none":
         tier = torch.backends.cpu.get_cpu_capability().lower()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()
-    return f"{tier} (onednn<={cap})" if cap else tier
+    caps = [
+        f"{library}<={cap}"
+        for library, variable in (
+            ("onednn", "ONEDNN_MAX_CPU_ISA"),
+            ("mkl", "MKL_ENABLE_INSTRUCTIONS"),
+        )
+        if (cap := os.environ.get(variable, "").strip().lower())
+    ]
+    return f"{tier} ({', '.join(caps)})" if caps else tier
 
 
 def environment_columns(device: str) -> dict[str, object]:

@@ -1154,3 +1154,24 @@ def test_triton_aot_probe_finds_verify_kernels_missing_from_an_empty_cache(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     line = done.stdout.splitlines()[-1]
     assert line.startswith("only 0 of the ") and line.endswith("kernels compile here")
+
+
+@pytest.mark.parametrize(
+    "caps, suffix",
+    [
+        ({}, ""),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, " (onednn<=avx2)"),
+        (
+            {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+            " (onednn<=avx2, mkl<=avx2)",
+        ),
+    ],
+)
+def test_isa_column_names_the_library_caps(monkeypatch, caps, suffix):
+    # The tier a row ran on, with every cap that reached its GEMMs (part of the row's key).
+    for variable in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(variable, raising=False)
+    base = results.isa("cpu")
+    for variable, value in caps.items():
+        monkeypatch.setenv(variable, value)
+    assert results.isa("cpu") == base + suffix
