@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import __version__
-from .ops import availability, measured, weight_cache
+from .ops import availability, measured, probe, weight_cache
 from .ops.backends.cpu import bf16_gemm_tier
 from .ops.extension import extension_error, has_kernel_for
 from .ops.registry import device_name
@@ -66,6 +66,21 @@ def report() -> list[tuple[str, str]]:
         (
             "prepared weights (this process)",
             ", ".join(f"{d}: {n / 2**20:.2f} MiB" for d, n in cached.items()) or "none",
+        )
+    )
+    probes = probe.probes()
+    rows.append(
+        (
+            "auto on this CPU",
+            "; ".join(
+                f"{p.backend if p.fused_wins else 'reference'} runs: {p.describe()}" for p in probes
+            )
+            if probes
+            else "a fused backend unless a timed probe, once per process, dtype and shape "
+            "class, finds it slower than the reference (none run yet in this process; "
+            f"{probe.ENV_VAR}=0 switches it off)"
+            if probe.enabled()
+            else f"a fused backend wherever one serves the call ({probe.ENV_VAR}=0: no probe)",
         )
     )
     gpus = measured.measured_devices()

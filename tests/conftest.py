@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" on the CPU without its timed probe (casa_kernels/ops/probe.py): the tests
+# know which backend serves them; tests/ops/test_probe.py tests the probe itself.
+os.environ["CASA_CPU_PROBE"] = "0"
 
 import pytest  # noqa: E402
 

@@ -12,7 +12,9 @@ into one backend:
   (``FALLBACK``, always tried last) after a faster backend was skipped, it warns once,
   naming each skipped backend's reason. On a GPU (``MEASURED_DEVICE_TYPES``) it tries only
   the backends that figures measured on that GPU model show faster than the reference for
-  the call's dtype and shape class, fastest first (``measured``).
+  the call's dtype and shape class, fastest first (``measured``). On a CPU
+  (``PROBED_DEVICE_TYPES``) it passes over a fused backend that a one-time timed probe
+  found slower than the reference for the call's dtype and shape class (``probe``).
 * an explicit name that cannot serve the input raises, listing every backend's reason.
 """
 
@@ -28,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..weights import ScoreAttentionWeights
-from . import measured
+from . import measured, probe
 
 ForwardFn = Callable[[torch.Tensor, ScoreAttentionWeights], torch.Tensor]
 
@@ -96,6 +98,9 @@ FALLBACK = "reference"
 MEASURED_DEVICE_TYPES = frozenset({"cuda"})
 """Device types where ``auto`` picks a fused backend only where figures measured on the
 device model show it faster than the reference (``measured``)."""
+PROBED_DEVICE_TYPES = frozenset({"cpu"})
+"""Device types where ``auto`` passes over a fused backend that a timed probe, run once per
+process, dtype and shape class, found slower than the reference (``probe``)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,8 @@ def resolve_backend(
     for candidate in candidates:
         backend = _BACKENDS[candidate]
         reason = backend.reason_not_serving(device, dtype, shape)
+        if reason is None and candidate != FALLBACK and device.type in PROBED_DEVICE_TYPES:
+            reason = _probe_reason(backend, dtype, shape)
         if reason is None:
             if candidate == FALLBACK and skipped:
                 _warn_once(device, dtype, skipped)
@@ -246,6 +253,15 @@ def _measured_candidates(
         if name not in kept and name != FALLBACK
     ]
     return [*kept, FALLBACK], passed_over
+
+
+def _probe_reason(backend: Backend, dtype: torch.dtype, shape: ProblemShape | None) -> str | None:
+    """Why ``auto`` passes over ``backend`` here: a probe timed it slower than the reference
+    (None where it did not, or where no probe runs: switched off, no static shape, no work)."""
+    if not probe.enabled() or shape is None or shape.batch == 0:
+        return None
+    found = probe.probe(backend, dtype, shape)
+    return None if found.fused_wins else f"slower than the reference here ({found.describe()})"
 
 
 def _describe(shape: ProblemShape) -> str:
