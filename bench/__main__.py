@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "their ratios come from the same machine state (shared, noisy machines); rows say "
         "timing=interleaved",
     )
+    parser.add_argument(
+        "--sweeps",
+        default=None,
+        help="comma list: only the points of these sweeps (the sweep column: dataset, n, d, "
+        "b, l; train: op-dataset, step-dataset, op-n, step-n, step-l; default: all)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
 
@@ -196,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    sweeps = (
+        None
+        if args.sweeps is None
+        else tuple(s.strip() for s in args.sweeps.split(",") if s.strip())
+    )
     mem_cap = (
         args.mem_cap * 2**30
         if args.mem_cap
@@ -220,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.datasets or not (suite == "train" and args.quick)
             else suites.TRAIN_DATASETS_QUICK,
             interleave=args.interleave,
+            sweeps=sweeps,
         )
+        if sweeps is not None and not any(
+            point.sweep in sweeps for _, point in suites.SUITES[suite](opts)
+        ):
+            print(f"--sweeps: {suite} has none of {list(sweeps)}", file=sys.stderr)
+            return 2
         started = time.perf_counter()
         rows = suites.run_suite(suite, chosen, opts, progress=not args.no_progress)
         elapsed = time.perf_counter() - started

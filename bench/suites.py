@@ -74,6 +74,9 @@ class RunOptions:
     # Time the providers of a point interleaved (measure.measure_latencies) rather than
     # one after another.
     interleave: bool = False
+    # Only the points of these sweeps (``Point.sweep``: dataset, n, d, b, l, op-dataset,
+    # step-dataset, op-n, step-n, step-l); None: every sweep of the suite.
+    sweeps: tuple[str, ...] | None = None
 
 
 def attention_points(opts: RunOptions) -> list[tuple[str, Point]]:
@@ -360,7 +363,11 @@ def run_suite(
     suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True
 ) -> list[dict]:
     """Measures every provider at every point of ``suite``; upserts ``<suite>.csv`` after each row."""
-    points = SUITES[suite](opts)
+    points = [
+        (config, point)
+        for config, point in SUITES[suite](opts)
+        if opts.sweeps is None or point.sweep in opts.sweeps
+    ]
     csv_path = opts.out_dir / f"{suite}.csv"
     stopped: dict[tuple, str] = {}  # (provider, sweep, batch) -> why it stopped growing
     rows = []

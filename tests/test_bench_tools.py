@@ -1175,3 +1175,20 @@ def test_isa_column_names_the_library_caps(monkeypatch, caps, suffix):
     for variable, value in caps.items():
         monkeypatch.setenv(variable, value)
     assert results.isa("cpu") == base + suffix
+
+
+def test_sweeps_option_runs_only_the_named_sweeps(tmp_path, monkeypatch, capsys):
+    from bench import __main__ as bench_main
+
+    timed = []
+
+    def measure(group, config, point, opts):
+        timed.append(point.sweep)
+        return [suites.measure_point_stub(p, config, point, opts, "skipped", "test") for p in group]
+
+    monkeypatch.setattr(suites, "measure_points", measure)
+    args = ["train", "--out", str(tmp_path), "--no-progress", "--quick", "--providers", "casa-cpu"]
+    assert bench_main.main([*args, "--sweeps", "op-dataset,step-l"]) == 0
+    assert set(timed) == {"op-dataset", "step-l"}
+    assert bench_main.main([*args, "--sweeps", "n"]) == 2
+    assert "--sweeps: train has none of ['n']" in capsys.readouterr().err
