@@ -14,8 +14,10 @@ model (:mod:`bench.cost_model.cli`, no GPU needed).
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _inductor_cache_per_tier()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         from . import report
@@ -252,6 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary: {summary.write_summary(out_dir)}")
     print(f"results page: {report.write_page(out_dir)}")
     return 0
+
+
+def _inductor_cache_per_tier() -> None:
+    """torch.compile's CPU kernels cached apart per ATen vector tier, unless
+    TORCHINDUCTOR_CACHE_DIR is set: with one cache shared by runs under
+    ATEN_CPU_CAPABILITY=avx2 and uncapped runs, an uncapped casa-compile crashed (heap
+    corruption) inside a cached kernel. Called first: importing triton fixes the cache
+    directory."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        tier = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{tier}"
+        )
 
 
 def _default_batches(suite: str, quick: bool) -> str:

@@ -1192,3 +1192,15 @@ def test_sweeps_option_runs_only_the_named_sweeps(tmp_path, monkeypatch, capsys)
     assert set(timed) == {"op-dataset", "step-l"}
     assert bench_main.main([*args, "--sweeps", "n"]) == 2
     assert "--sweeps: train has none of ['n']" in capsys.readouterr().err
+
+
+def test_inductor_cache_is_kept_apart_per_vector_tier(monkeypatch):
+    from bench import __main__ as bench_main
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    bench_main._inductor_cache_per_tier()
+    tier = torch.backends.cpu.get_cpu_capability().lower()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(f"_{tier}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen/by/the/user")
+    bench_main._inductor_cache_per_tier()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen/by/the/user"
