@@ -26,6 +26,8 @@ backward (``finite_weights``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...weights import ScoreAttentionWeights
@@ -33,9 +35,9 @@ from ..finite_weights import weights_all_finite
 from ..registry import FusedBackward
 
 _FIELDS = ScoreAttentionWeights._fields
-# The score network's convolutions below h5, top down: (weight name, transposed).
-# Activation i is layer i's input (h1, enc1's, enc2's, dec0's outputs; h5 is index 4).
-_BOTTLENECK = (("dec1", True), ("dec0", True), ("enc2", False), ("enc1", False))
+# The score network's convolutions from the top (the tail's dec2) down to the head's enc0;
+# a name starting with "dec" is a transposed conv.
+_CONVS = ("dec2", "dec1", "dec0", "enc2", "enc1", "enc0")
 
 
 def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):
@@ -49,24 +51,37 @@ def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):
     return out.y, (*out.activations, out.col_max, out.col_sum)
 
 
-def _conv_backward(d_out, inp, weight, transposed: bool, mask):
-    """``(d_in, d_weight)`` (None where ``mask`` says) of a stride-2 conv (``transposed``:
-    transposed conv, output_padding 1) with padding k//2 and no bias, at ``inp``."""
-    p = weight.shape[2] // 2
-    d_in, d_weight, _ = torch.ops.aten.convolution_backward(
+def _weight_grad(d_out: torch.Tensor, inp: torch.Tensor, k: int, transposed: bool) -> torch.Tensor:
+    """dL/dweight of a stride-2 conv with padding k//2 at ``inp: [B, Cin, L]`` from
+    ``d_out: [B, Cout, L/2]`` (weight ``[Cout, Cin, k]``), or of a stride-2 transposed conv
+    (output_padding 1) from ``d_out: [B, Cout, 2L]`` (weight ``[Cin, Cout, k]``). As an
+    im2col GEMM per tap: the zero padding is multiplied, as in the float64 reference's
+    convolutions (0 · inf is NaN there; the library's fp32 convolutions skip the padding)."""
+    p = k // 2
+    strided, other = (d_out, inp) if transposed else (inp, d_out)
+    padded = torch.nn.functional.pad(strided, (p, p))
+    length = other.shape[2]
+    taps = [
+        torch.einsum("bol,bcl->oc", other, padded[:, :, j : j + 2 * length : 2]) for j in range(k)
+    ]
+    return torch.stack(taps, dim=2)
+
+
+def _input_grad(d_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, transposed: bool):
+    """dL/d``inp`` of the conv of :func:`_weight_grad` with ``weight`` (library op)."""
+    return torch.ops.aten.convolution_backward(
         d_out,
         inp,
         weight,
         None,
         [2],
-        [p],
+        [weight.shape[2] // 2],
         [1],
         transposed,
         [1 if transposed else 0],
         1,
-        [mask[0], mask[1], False],
-    )
-    return d_in, d_weight
+        [True, False, False],
+    )[0]
 
 
 def _relu_backward(d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -89,16 +104,9 @@ def backward(
     w = weights
     want = dict(zip(("x", *_FIELDS), needs))
     grads = dict.fromkeys(want)
-    # The convolutions below h5, top down: the bottleneck's four, then enc0 (index 4).
-    chain = [name for name, _ in _BOTTLENECK] + ["enc0"]
-    wanted = [
-        want[f"{name}_weight"] or want[f"{name}_bias"] or (name == "enc0" and want["x"])
-        for name in chain
-    ]
+    wanted = [want[f"{name}_weight"] or want[f"{name}_bias"] for name in _CONVS]
+    wanted[-1] = wanted[-1] or want["x"]
     lowest = max((i for i, wanted_here in enumerate(wanted) if wanted_here), default=-1)
-    want_dh5 = lowest >= 0
-    want_dt = want_dh5 or want["dec2_weight"] or want["dec2_bias"]
-    want_dv = want["x"] or want["value_weight"] or want["value_bias"]
 
     x = x.contiguous()
     B, N, D = x.shape
@@ -110,67 +118,45 @@ def backward(
         col_max,
         col_sum,
         want_dx=want["x"],
-        want_dv=want_dv,
-        want_dt=want_dt,
+        want_dv=want["x"] or want["value_weight"] or want["value_bias"],
+        want_dt=lowest >= 0,
     )
     rows = B * N
     if want["value_weight"]:
         grads["value_weight"] = tail.dv.view(rows, D).t() @ x.view(rows, D)
     if want["value_bias"]:
         grads["value_bias"] = tail.dv.sum((0, 1))
-    dx = tail.dx
-    if dx is not None:
-        dx.view(rows, D).addmm_(tail.dv.view(rows, D), w.value_weight)
-    if not want_dt:
-        return tuple(grads[name] for name in want)
+    if want["x"]:
+        tail.dx.view(rows, D).addmm_(tail.dv.view(rows, D), w.value_weight)
 
-    d_h5, grads["dec2_weight"], grads["dec2_bias"] = torch.ops.aten.convolution_backward(
-        tail.dt,
-        h5.to(x.dtype),
-        w.dec2_weight,
-        [N],
-        [2],
-        [w.kernel // 2],
-        [1],
-        True,
-        [1],
-        1,
-        [want_dh5, want["dec2_weight"], want["dec2_bias"]],
-    )
-    if not want["dec2_weight"]:
-        grads["dec2_weight"] = None
-    if not want["dec2_bias"]:
-        grads["dec2_bias"] = None
-    if not want_dh5:
-        return tuple(grads[name] for name in want)
+    @functools.cache
+    def activation(j: int) -> torch.Tensor:
+        """h1, enc1's, enc2's, dec0's outputs, h5 (j = 0 … 4): fp32 ``[B, channels, length]``."""
+        a = activations[j]
+        return a.float() if j == 4 else a.transpose(1, 2).float().contiguous()
 
-    # The bottleneck in fp32 on the saved activations, channels-first: h1, enc1's, enc2's,
-    # dec0's outputs, h5; layer i (top down) reads activation 3 - i and gives 4 - i.
-    act = [a.transpose(1, 2).float().contiguous() for a in activations[:-1]] + [h5.float()]
-    d_out = d_h5.float()
-    for i, (name, transposed) in enumerate(_BOTTLENECK):
-        pre = _relu_backward(d_out, act[4 - i])
-        if want[f"{name}_bias"]:
-            grads[f"{name}_bias"] = pre.sum((0, 2)).to(x.dtype)
-        weight = getattr(w, f"{name}_weight").float()
-        d_in, d_weight = _conv_backward(
-            pre, act[3 - i], weight, transposed, (lowest > i, want[f"{name}_weight"])
-        )
-        if d_weight is not None:
-            grads[f"{name}_weight"] = d_weight.to(x.dtype)
-        if lowest == i:
-            return tuple(grads[name] for name in want)
-        d_out = d_in
-
-    pre = _relu_backward(d_out, act[0])  # h1
-    if want["enc0_bias"]:
-        grads["enc0_bias"] = pre.sum((0, 2)).to(x.dtype)
-    dx_head, grads["enc0_weight"] = _conv_backward(
-        pre.to(x.dtype), x, w.enc0_weight, False, (want["x"], want["enc0_weight"])
-    )
-    if dx is not None:
-        dx.add_(dx_head)
-    grads["x"] = dx
+    # The convolutions from dec2 down to the lowest one wanted, each from its output's
+    # gradient (dt for dec2, else through its ReLU): the bottleneck's four in fp32, dec2 and
+    # enc0 (K over N) in x's dtype. Layer i reads activation 4 - i and gives 5 - i.
+    d_out = tail.dt
+    for i, name in enumerate(_CONVS[: lowest + 1]):
+        with torch.profiler.record_function(f"casa::triton backward {name}"):
+            if i > 0:
+                d_out = _relu_backward(d_out.float(), activation(5 - i))
+            if want[f"{name}_bias"]:
+                grads[f"{name}_bias"] = d_out.sum((0, 2)).to(x.dtype)
+            dtype = torch.float32 if 0 < i < 5 else x.dtype
+            inp = h5.to(x.dtype) if i == 0 else x if i == 5 else activation(4 - i)
+            d_out = d_out.to(dtype)
+            weight = getattr(w, f"{name}_weight").to(dtype)
+            transposed = name.startswith("dec")
+            if want[f"{name}_weight"]:
+                grad = _weight_grad(d_out, inp, w.kernel, transposed)
+                grads[f"{name}_weight"] = grad.to(x.dtype)
+            if i < lowest or (i == 5 and want["x"]):
+                d_out = _input_grad(d_out, inp, weight, transposed)
+    if want["x"]:
+        grads["x"] = tail.dx.add_(d_out)
     return tuple(grads[name] for name in want)
 
 
