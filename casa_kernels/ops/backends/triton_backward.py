@@ -15,8 +15,9 @@ Backward, no host synchronisation (capturable in a CUDA graph once warmed up):
 - the value projection's GEMMs on dv (``dx += dv Wv``, ``dWv = dvᵀ x``, ``dbv = Σ dv``) and
   the last transposed conv's backward on dt (dh5, d dec2), as library ops;
 - the bottleneck's four convs (O(B·D³), independent of N) in fp32 and the first conv (dx's
-  last share, d enc0) as library convolution backwards on the saved activations, each
-  after its ReLU's backward (the gradient where the output is > 0 or NaN, as autograd's).
+  last share, d enc0) on the saved activations, each after its ReLU's backward (the
+  gradient where the output is > 0 or NaN, as autograd's): input gradients by the
+  library's convolution backward, weight gradients as im2col GEMMs per tap.
 
 Any subset of gradients (needs) costs only what it needs: no tail launch without dv or
 ds, no value projection without ds, no convolution below the lowest layer whose parameters
