@@ -42,6 +42,8 @@ TRITON_KERNELS = "casa_kernels/ops/triton_kernels/kernels.py"
 TRITON_TESTS = ("tests/ops/test_triton.py",)
 TRITON_CONFORMANCE_TESTS = ("tests/ops/test_conformance.py",)
 TRITON_ENV = (("TRITON_INTERPRET", "1"),)
+TRITON_BACKWARD_KERNELS = "casa_kernels/ops/triton_kernels/backward_kernels.py"
+TRITON_BACKWARD_TESTS = ("tests/ops/test_triton_backward.py",)
 
 
 # The tail's per-tile stats store through the merge kernel's loop (csrc/cuda), and the
@@ -218,6 +220,33 @@ MUTANTS = [
         more=((MERGE_ALL_TILES, MERGE_LAST_TILE),),
     ),
     Mutant(
+        "triton backward: softmax backward without the colsum term",
+        TRITON_BACKWARD_KERNELS,
+        "ds = prob * (dp - colsum[None, :])",
+        "ds = prob * dp",
+        TRITON_BACKWARD_TESTS,
+        ("-k", "every_gradient and fp32"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton backward: the column-sum merge drops the first N tile's partial sum",
+        TRITON_BACKWARD_KERNELS,
+        "mask = (t_offs < N_TILES)[:, None] & o_mask[None, :]",
+        "mask = ((t_offs < N_TILES) & (t_offs > 0))[:, None] & o_mask[None, :]",
+        TRITON_BACKWARD_TESTS,
+        ("-k", "every_gradient and fp32"),
+        TRITON_ENV,
+    ),
+    Mutant(
+        "triton backward: the value weight's gradient transposed",
+        "casa_kernels/ops/backends/triton_backward.py",
+        'grads["value_weight"] = tail.dv.view(rows, D).t() @ x.view(rows, D)',
+        'grads["value_weight"] = x.view(rows, D).t() @ tail.dv.view(rows, D)',
+        TRITON_BACKWARD_TESTS,
+        ("-k", "every_gradient and fp32"),
+        TRITON_ENV,
+    ),
+    Mutant(
         "triton: softmax without its max shift",
         TRITON_KERNELS,
         "prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]",
@@ -379,8 +408,8 @@ MUTANTS = [
     Mutant(
         "triton: sigmoid as exp(z) / (1 + exp(z)) (inf / inf past exp's range)",
         TRITON_TILES,
-        "return 1.0 / (1.0 + tl.exp(-z)) + xv, xv",
-        "return tl.exp(z) / (1.0 + tl.exp(z)) + xv, xv",
+        "return 1.0 / (1.0 + tl.exp(-z))",
+        "return tl.exp(z) / (1.0 + tl.exp(z))",
         TRITON_CONFORMANCE_TESTS,
         ("-k", "sigmoid_input and triton"),
         TRITON_ENV,

@@ -33,6 +33,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from casa_kernels.ops.triton_kernels import launch as tk
+from casa_kernels.ops.triton_kernels.backward import tail_backward
 from casa_kernels.weights import ScoreAttentionWeights, weight_shapes
 
 
@@ -111,6 +112,17 @@ def meta_problem(
     return torch.empty((batch, n_vars, d_model), dtype=dtype, device="meta"), weights
 
 
+@contextlib.contextmanager
+def _tf32(allow: bool) -> Iterator[None]:
+    """``torch.backends.cuda.matmul.allow_tf32`` set to ``allow`` within the block."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def op_launches(
     batch: int,
     n_vars: int,
@@ -124,13 +136,27 @@ def op_launches(
     """The launches of one ``triton_score_attention`` call, in order, for a GPU of
     ``sm_count`` SMs (the launcher's plans made for it)."""
     x, weights = meta_problem(batch, n_vars, d_model, kernel, dtype)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    try:
-        with record_launches() as seen:
-            tk.triton_score_attention(x, weights, sm_count=sm_count)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    with _tf32(allow_tf32), record_launches() as seen:
+        tk.triton_score_attention(x, weights, sm_count=sm_count)
+    return seen
+
+
+def backward_launches(
+    batch: int,
+    n_vars: int,
+    d_model: int,
+    kernel: int,
+    dtype: torch.dtype,
+    *,
+    allow_tf32: bool = False,
+) -> list[Launch]:
+    """The Triton launches of the op's fused backward (the tail's three:
+    ``triton_kernels.tail_backward``) with every gradient wanted, in order."""
+    x, weights = meta_problem(batch, n_vars, d_model, kernel, dtype)
+    h5 = torch.empty((batch, d_model // 4, d_model // 2), dtype=torch.float32, device="meta")
+    stats = torch.empty((batch, d_model), dtype=torch.float32, device="meta")
+    with _tf32(allow_tf32), record_launches() as seen:
+        tail_backward(x, x, h5, weights, stats, stats, want_dx=True, want_dv=True, want_dt=True)
     return seen
 
 

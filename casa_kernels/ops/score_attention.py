@@ -11,7 +11,7 @@ registry (raising, with every backend's reason, if it cannot serve the input); a
 empty batch returns an empty result without calling a backend. The fake kernel gives
 ``empty_like(x)``. The op's autograd (``_ScoreAttentionFunction``) uses the served
 backend's own backward where it has one (``Backend.fused_backward``: the cpu backend's,
-docs/design.md §5.8) for eager calls on plain tensors, saving what that backward needs;
+docs/design.md §5.8, and the triton backend's, §5.9) for eager calls on plain tensors, saving what that backward needs;
 otherwise (other backends, tracing and compiling, B = 0) it saves the inputs and
 differentiates the reference recomputed from them.
 ``casa_attention`` resolves the backend once, with the problem's shape, and runs that

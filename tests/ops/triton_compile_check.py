@@ -1,6 +1,7 @@
 """Compiles the Triton kernels for NVIDIA targets without a GPU (down to cubin, via
 the ptxas shipped with triton), to catch lowering errors the interpreter cannot see.
-Each kernel is compiled as its launcher would launch it (bench/cost_model/triton_compile.py:
+Each kernel of the forward and of the fused backward's tail is compiled as its launcher
+would launch it (bench/cost_model/triton_compile.py:
 the launchers run on meta tensors, Triton's binder specialises the arguments) for a
 small ragged problem, B=3, N=37, D=200, so no size is a multiple of 16.
 
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from bench.cost_model.triton_compile import (  # noqa: E402
+    backward_launches,
     compile_launch,
     configs,
     op_launches,
@@ -39,11 +41,13 @@ SM_COUNT = 132
 
 
 def compile_all(target, dtype: str, precision: str, k: int, all_configs: bool) -> list[str]:
-    """Compiles every launch of one call (first config, or all); one resource line each."""
+    """Compiles every launch of one call and of its backward (first config, or all); one
+    resource line each."""
     lines = []
+    tf32 = precision == "tf32"
     launches = op_launches(
-        BATCH, N_VARS, D_MODEL, k, DTYPES[dtype], sm_count=SM_COUNT, allow_tf32=precision == "tf32"
-    )
+        BATCH, N_VARS, D_MODEL, k, DTYPES[dtype], sm_count=SM_COUNT, allow_tf32=tf32
+    ) + backward_launches(BATCH, N_VARS, D_MODEL, k, DTYPES[dtype], allow_tf32=tf32)
     for launch in launches:
         for config in configs(launch, all_configs):
             compiled = compile_launch(launch, config, target)

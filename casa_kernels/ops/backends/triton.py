@@ -16,6 +16,7 @@ import torch
 from ...weights import ScoreAttentionWeights
 from ..finite_weights import reference_for_nonfinite_weights
 from ..registry import Backend, Stages, register_backend
+from .triton_backward import FUSED_BACKWARD
 
 
 def _interpreter_on() -> bool:
@@ -70,5 +71,6 @@ register_backend(
         # First on a GPU; never auto-chosen on the CPU (the interpreter is for tests).
         auto_priority={"cuda": 2},
         stages=Stages(*(_stage(name) for name in Stages._fields)),
+        fused_backward=FUSED_BACKWARD,
     )
 )

@@ -37,10 +37,13 @@ Layers: :mod:`.tiles` (tile helpers: ``@triton.jit`` device functions), :mod:`.k
 packing, the launchers: the public functions below).
 """
 
+from .backward import BACKWARD_BLOCK_N, TailGrads, tail_backward
 from .launch import (
     HEAD_BLOCK_N,
     TAIL_BLOCK_N,
+    ForwardSaved,
     bottleneck,
+    forward_saving,
     head_partial,
     head_split_count,
     head_splits,
@@ -52,13 +55,18 @@ from .launch import (
 )
 
 __all__ = [
+    "BACKWARD_BLOCK_N",
     "HEAD_BLOCK_N",
     "TAIL_BLOCK_N",
+    "ForwardSaved",
+    "TailGrads",
     "bottleneck",
+    "forward_saving",
     "head_partial",
     "head_split_count",
     "head_splits",
     "program_target",
+    "tail_backward",
     "tail_block_n",
     "tail_output",
     "tail_stats",

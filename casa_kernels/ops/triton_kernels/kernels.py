@@ -34,10 +34,10 @@ from .tiles import (
     _conv_s2_rows,
     _conv_s2_tile,
     _conv_transpose_rows,
-    _mma,
     _relu,
     _round_to,
     _score_tile,
+    _value_tile,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -429,22 +429,20 @@ def _tail_output_tile(
     o_offs = o0 + tl.arange(0, BLOCK_D)
     o_mask = o_offs < D
     x_base = x_ptr + b * N * D
-    # Value tile x Wvᵀ: [BLOCK_N, BLOCK_D], K = D in BLOCK_E chunks.
-    value = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for e0 in range(0, D, BLOCK_E):
-        e_offs = e0 + tl.arange(0, BLOCK_E)
-        e_mask = e_offs < D
-        xe = tl.load(
-            x_base + n_offs[:, None].to(tl.int64) * D + e_offs[None, :],
-            mask=n_mask[:, None] & e_mask[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            wvt_ptr + e_offs[:, None] * D + o_offs[None, :],
-            mask=e_mask[:, None] & o_mask[None, :],
-            other=0.0,
-        )
-        value = _mma(xe, wt, value, PRECISION, EMULATE_BF16)
+    value = _value_tile(
+        x_base,
+        wvt_ptr,
+        n_offs,
+        n_mask,
+        o_offs,
+        o_mask,
+        D,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_N,
+        BLOCK_D,
+        BLOCK_E,
+    )
     bv = tl.load(bv_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
     col_max = tl.load(max_ptr + b * D + o_offs, mask=o_mask, other=0.0)
     col_sum = tl.load(sum_ptr + b * D + o_offs, mask=o_mask, other=1.0)

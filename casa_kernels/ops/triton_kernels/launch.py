@@ -12,6 +12,7 @@ contiguous rows, and the value weight transposed to ``Wvᵀ [D(in), D(out)]``.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -208,10 +209,20 @@ def head_partial(
 def _bottleneck_from_parts(
     parts: torch.Tensor, w: ScoreAttentionWeights, sm_count: int | None = None
 ) -> torch.Tensor:
-    """h5 fp32 ``[B, C1, D/2]`` from head partials ``[S, B, C1, D/2]``: h1 (the split sum,
-    bias and ReLU, channels-last in the weights' dtype), then one launch per layer; each
-    launch tiled over (positions, channels, batch) by :func:`bottleneck_tile` for
-    ``sm_count`` SMs (default: the device's). Five launches."""
+    """h5 fp32 ``[B, C1, D/2]`` from head partials ``[S, B, C1, D/2]`` (see
+    :func:`_bottleneck_activations`)."""
+    return _bottleneck_activations(parts, w, sm_count)[-1]
+
+
+def _bottleneck_activations(
+    parts: torch.Tensor, w: ScoreAttentionWeights, sm_count: int | None = None
+) -> list[torch.Tensor]:
+    """The score network's activations after each ReLU from head partials
+    ``[S, B, C1, D/2]``: h1 (the split sum, bias and ReLU), enc1's, enc2's and dec0's
+    outputs, each channels-last ``[B, length, channels]`` in the weights' dtype, and h5,
+    fp32 ``[B, C1, D/2]``. One launch for h1, then one per layer; each launch tiled over
+    (positions, channels, batch) by :func:`bottleneck_tile` for ``sm_count`` SMs (default:
+    the device's). Five launches."""
     S, B = parts.shape[:2]
     D = w.d_model
     dtype, device = w.value_weight.dtype, parts.device
@@ -234,6 +245,7 @@ def _bottleneck_from_parts(
         BLOCK_C=block_o,
         num_warps=4,
     )
+    activations = [h]
     layers = zip(
         bottleneck_layers(D),
         (w.enc1_weight, w.enc2_weight, w.dec0_weight, w.dec1_weight),
@@ -266,7 +278,8 @@ def _bottleneck_from_parts(
             **common,
         )
         h = out
-    return h
+        activations.append(h)
+    return activations
 
 
 def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
@@ -430,19 +443,45 @@ def triton_score_attention(
     """
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return forward_saving(x, weights, splits=splits, block_n=block_n, sm_count=sm_count).y
+
+
+class ForwardSaved(NamedTuple):
+    """The output of :func:`forward_saving` and what the backward needs of the forward:
+    the score network's five activations (:func:`_bottleneck_activations`: h1, enc1's,
+    enc2's, dec0's outputs channels-last in x's dtype, h5 fp32 ``[B, D/4, D/2]``) and the
+    merged column statistics (fp32 ``[B, D]`` each)."""
+
+    y: torch.Tensor
+    activations: list[torch.Tensor]
+    col_max: torch.Tensor
+    col_sum: torch.Tensor
+
+
+def forward_saving(
+    x: torch.Tensor,
+    weights: ScoreAttentionWeights,
+    *,
+    splits: int | None = None,
+    block_n: int | None = None,
+    sm_count: int | None = None,
+) -> ForwardSaved:
+    """:func:`triton_score_attention` (same launches and arguments; B > 0), keeping the
+    activations and statistics it computes on the way."""
     x = x.contiguous()
     w = weights
     with _device_guard(x):
         if splits is None and sm_count is not None:
             splits = head_split_count(*x.shape[:2], x.shape[2], program_target(sm_count))
         parts = _head_partials(x, _packed(w.enc0_weight, False), splits)
-        h5 = _bottleneck_from_parts(parts, w, sm_count)
+        activations = _bottleneck_activations(parts, w, sm_count)
+        h5 = activations[-1]
         block_n = block_n or tail_block_n(x.shape[1])
         parts = _tail_partial_stats(
             x, h5, _packed(w.dec2_weight, True), w.dec2_bias.contiguous(), block_n
         )
         col_max, col_sum = _merge_tile_stats(*parts)
-        return tail_output(
+        y = tail_output(
             x,
             h5,
             w.dec2_weight,
@@ -454,3 +493,4 @@ def triton_score_attention(
             block_n=block_n,
             sm_count=sm_count,
         )
+    return ForwardSaved(y, activations, col_max, col_sum)

@@ -335,6 +335,55 @@ def _conv_transpose_rows(
 
 
 @triton.jit
+def _decoder_sigmoid_tile(
+    h_base,
+    w_ptr,
+    bias_ptr,
+    n_offs,
+    n_mask,
+    o0,
+    C1,
+    N,
+    D,
+    KERNEL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """σ(t), t = convT(h5) + bias, the score network's output, for rows n_offs, columns
+    o0 + [0, BLOCK_D): [BLOCK_N, BLOCK_D] fp32."""
+    z = _conv_transpose_tile(
+        h_base,
+        w_ptr,
+        n_offs,
+        n_mask,
+        o0 // 2,
+        C1,
+        N,
+        D // 2,
+        KERNEL,
+        PRECISION,
+        EMULATE_BF16,
+        BLOCK_C,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    bias = tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    z = z + bias[:, None]
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _rows_tile(base, n_offs, n_mask, o_offs, o_mask, D):
+    """The fp32 tile ``[n_offs, o_offs]`` of a ``[N, D]`` row-major matrix at ``base``
+    (zero outside the masks)."""
+    ptrs = base + n_offs[:, None].to(tl.int64) * D + o_offs[None, :]
+    return tl.load(ptrs, mask=n_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _score_tile(
     x_base,
     h_base,
@@ -357,15 +406,16 @@ def _score_tile(
 ):
     """score = sigmoid(convT(h5) + bias) + x for rows n_offs, columns o_offs:
     [BLOCK_N, BLOCK_D] fp32, and the x tile (fp32) for the residual."""
-    z = _conv_transpose_tile(
+    sigma = _decoder_sigmoid_tile(
         h_base,
         w_ptr,
+        bias_ptr,
         n_offs,
         n_mask,
-        o0 // 2,
+        o0,
         C1,
         N,
-        D // 2,
+        D,
         KERNEL,
         PRECISION,
         EMULATE_BF16,
@@ -373,9 +423,40 @@ def _score_tile(
         BLOCK_N,
         BLOCK_D,
     )
-    bias = tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)
-    z = z + bias[:, None]
-    mask = n_mask[:, None] & o_mask[None, :]
-    xv = tl.load(x_base + n_offs[:, None].to(tl.int64) * D + o_offs[None, :], mask=mask, other=0.0)
-    xv = xv.to(tl.float32)
-    return 1.0 / (1.0 + tl.exp(-z)) + xv, xv
+    xv = _rows_tile(x_base, n_offs, n_mask, o_offs, o_mask, D)
+    return sigma + xv, xv
+
+
+@triton.jit
+def _value_tile(
+    x_base,
+    wvt_ptr,
+    n_offs,
+    n_mask,
+    o_offs,
+    o_mask,
+    D,
+    PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """The value projection without bias, ``x Wvᵀ`` for rows n_offs, columns o_offs:
+    [BLOCK_N, BLOCK_D] fp32, K = D in BLOCK_E chunks (``wvt_ptr``: Wvᵀ, [D(in), D(out)])."""
+    value = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for e0 in range(0, D, BLOCK_E):
+        e_offs = e0 + tl.arange(0, BLOCK_E)
+        e_mask = e_offs < D
+        xe = tl.load(
+            x_base + n_offs[:, None].to(tl.int64) * D + e_offs[None, :],
+            mask=n_mask[:, None] & e_mask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            wvt_ptr + e_offs[:, None] * D + o_offs[None, :],
+            mask=e_mask[:, None] & o_mask[None, :],
+            other=0.0,
+        )
+        value = _mma(xe, wt, value, PRECISION, EMULATE_BF16)
+    return value
