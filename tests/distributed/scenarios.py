@@ -24,6 +24,7 @@ from casa_kernels.distributed import (
     shard_model,
     variate_range,
 )
+from casa_kernels.distributed import attention as attention_module
 from casa_kernels.distributed import stages as stages_module
 from casa_kernels.distributed.sharding import variate_dim
 from casa_kernels.ops.registry import get_backend, register_backend
@@ -117,6 +118,18 @@ def backward_paths():
         stages_module._reference_gradients = differentiate
     counts["fused"] = sum(e.name == FUSED_STAGES_RANGE for e in prof.function_events)
     counts["reference"] = len(calls)
+
+
+def mixed_paths(rank: int, world_size: int, n_vars: int) -> dict:
+    """forward_and_gradients on the cpu backend in float64 with rank 0 alone on the reference's
+    gradients (the backend's own backward declined there, as for weights it does not serve)."""
+    decide = attention_module._runs_fused_backward
+    if rank == 0:
+        attention_module._runs_fused_backward = lambda *args: False
+    try:
+        return forward_and_gradients(rank, world_size, n_vars, "cpu", torch.float64)
+    finally:
+        attention_module._runs_fused_backward = decide
 
 
 # Which of x and the attention's weights need a gradient, per case of `needs_subsets`.
@@ -386,6 +399,7 @@ def session(
         "attention_and_block": (sharded_attention_and_block, (n_vars,)),
         "nonfinite": (nonfinite_attention, (n_vars,)),
         "needs_subsets": (needs_subsets, (n_vars,)),
+        "mixed_paths": (mixed_paths, (n_vars,)),
         "direct_construction": (direct_construction, (n_vars,)),
         "load": (load_from_file, (max(n_vars, 2000), str(Path(tmp) / "casa.pt"))),
         "failure": (failure_mid_forward, (n_vars, failing_rank)),

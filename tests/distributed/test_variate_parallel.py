@@ -96,6 +96,22 @@ def test_a_subset_of_gradients_on_the_cpu_backends_own_backward(ranks, case):
         assert r["paths"] == {"fused": 1, "reference": 0}, f"rank {rank}: {r['paths']}"
 
 
+def test_ranks_on_either_backward_path_stay_in_step(ranks):
+    """Rank 0 on the reference's gradients, the others on the cpu backend's own backward: the
+    all-reduced tensors mean the same on both paths, so the gradients still equal the
+    single-process model's (float64)."""
+    for rank, result in enumerate(scenario(ranks, "mixed_paths")):
+        paths = result["backward_paths"]
+        if rank == 0:
+            assert paths["fused"] == 0 and paths["reference"] > 0, paths
+        else:
+            assert paths == {"fused": CONFIG["e_layers"], "reference": 0}, f"rank {rank}: {paths}"
+        name, max_abs, excess = result["grad_worst"]
+        assert result["grad_shapes_ok"] and excess <= 0, (
+            f"rank {rank}: gradient of {name} off the single-process float64 one by {max_abs:.3g}"
+        )
+
+
 def test_official_call_form_gives_the_same_output(ranks):
     for rank, result in enumerate(scenario(ranks, "model/reference/float32")):
         assert result["official_call_equal"], (
