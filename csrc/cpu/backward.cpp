@@ -21,6 +21,13 @@
 // once at its end; dx rows and dh5 of one batch element are added under that element's
 // lock (tiles of one element can run on different workers).
 //
+// The variate-parallel layer (docs/design.md §12.4) runs the same pieces split at its two
+// all-reduces: casa::cpu_tail_backward_colsum (per tile the scores and pass 1, P, dP and σ'
+// kept in the caller's `state`, 3·B·N·D values, and this rank's colsum), then
+// casa::cpu_tail_backward_rows (pass 2 from the state and the global colsum, the last conv's
+// gradients and the bottleneck down to h1's pre-activation gradient), then
+// casa::cpu_head_backward (the first conv's backward from that gradient summed over ranks).
+//
 // Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
 // dt without a score-network gradient, no conv backward below the lowest layer whose
 // parameters (or x) need one, no input gradient of a layer nothing below needs.
