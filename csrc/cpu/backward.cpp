@@ -651,11 +651,22 @@ void store_tail_grads(const Backward<scalar_t, acc_t>& plan, const ParameterGrad
 // Whether the first conv's backward runs: x or its weight needs it.
 bool head_needed(const Needs& needs) { return needs.x || needs.w[kEnc0Weight]; }
 
+// A layer's ReLU backward in place on d_out (the caller's own), then its bias's gradient
+// out[1 + bias] (dtype) where needed: as threshold_backward, the gradient where the
+// layer's output is > 0 or NaN, else 0. Returns d_out, now dL/d(the pre-activation).
+at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int bias,
+                              const Needs& needs, at::ScalarType dtype,
+                              std::vector<at::Tensor>& out) {
+  d_out.masked_fill_(output <= 0, 0);
+  if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(dtype);
+  return d_out;
+}
+
 // The score network's backward from dh5 [B, D/4, D/2] (acc_t, this function's own: changed
 // in place) down to h1, each layer's ReLU then its conv's backward, as far down as a
-// gradient is needed: out[1 + i] (dtype) for enc0_bias and the four middle convs'
-// parameters where needed. Returns dL/d(the first conv's output before its bias and ReLU),
-// [B, D/4, D/2] acc_t, where head_needed (else undefined).
+// gradient is needed: out[1 + i] (dtype) for the four middle convs' parameters where
+// needed. Returns dL/dh1 [B, D/4, D/2] (acc_t) where the first conv's bias, its weight or
+// x needs it (else undefined).
 template <typename acc_t>
 at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vector<at::Tensor>& act,
                                const Needs& needs, at::ScalarType dtype,
@@ -664,13 +675,6 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
   const int64_t B = dh5.size(0);
   const bool below_h1 = head_needed(needs) || needs.w[kEnc0Bias];
   at::Tensor d_out = dh5;
-  // ReLU's backward in place (d_out is this function's own), then the bias's gradient: as
-  // threshold_backward, the gradient where the output is > 0 or NaN, else 0.
-  const auto pre_activation = [&](int output, int bias) {
-    d_out.masked_fill_(act[output] <= 0, 0);
-    if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(dtype);
-    return d_out;
-  };
   for (size_t i = 0; i < std::size(kLayers); ++i) {
     const ConvLayer& layer = kLayers[i];
     bool below = below_h1;  // whether anything under this layer needs its input's gradient
@@ -678,7 +682,8 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
       below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
     }
     RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
-    const at::Tensor pre = pre_activation(layer.output, layer.weight + 1);
+    const at::Tensor pre =
+        relu_bias_backward(d_out, act[layer.output], layer.weight + 1, needs, dtype, out);
     const at::Tensor weight = w[layer.weight].to(acc).contiguous();
     const at::Tensor& input = act[layer.input];
     const int64_t Cin = input.size(1), L = input.size(2);
@@ -695,16 +700,15 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
     if (!below) return at::Tensor();
     d_out = d_in;
   }
-  const at::Tensor pre = pre_activation(kH1, kEnc0Bias);
-  return head_needed(needs) ? pre : at::Tensor();
+  return d_out;
 }
 
-// The first conv's backward from dpre1 (bottleneck_backward's result): out[1 + kEnc0Weight]
-// (dtype) where needed, and its share added to dx [B, N, D] (acc_t) where x needs it.
+// The first conv's backward from dpre1, dL/d(its output before bias and ReLU): out[1 +
+// kEnc0Weight] (dtype) where needed, and its share added to dx [B, N, D] (acc_t) where x
+// needs it.
 template <typename scalar_t, typename acc_t>
 void head_backward(const at::Tensor& dpre1, const at::Tensor& x, const at::Tensor& enc0_weight,
                    const Needs& needs, at::Tensor& dx, std::vector<at::Tensor>& out) {
-  RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
       x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), enc0_weight.to(acc).contiguous(),
@@ -737,9 +741,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   }
   std::vector<at::Tensor> out(1 + kNumWeights);
   store_tail_grads(plan, total, x.scalar_type(), out);
-  if (dh5.defined()) {
-    const at::Tensor dpre1 = bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(), out);
-    if (dpre1.defined()) head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, dx, out);
+  at::Tensor dh1 = dh5.defined()
+                       ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(), out)
+                       : at::Tensor();
+  if (dh1.defined()) {
+    RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
+    const at::Tensor dpre1 =
+        relu_bias_backward(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
+    if (head_needed(needs))
+      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, dx, out);
   }
   if (needs.x) out[0] = dx.to(x.scalar_type());
   fill_empty(out, x);
@@ -915,9 +925,13 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
       plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
     }
     store_tail_grads(plan, total, a.x.scalar_type(), out);
-    if (dh5.defined()) {
-      out[1 + kNumWeights] =
-          bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(), out);
+    at::Tensor dh1 =
+        dh5.defined() ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(), out)
+                      : at::Tensor();
+    if (dh1.defined()) {
+      const at::Tensor dpre1 =
+          relu_bias_backward(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);
+      if (head_needed(a.needs)) out[1 + kNumWeights] = dpre1;
     }
     out[0] = dx;
     return 0;
@@ -954,6 +968,7 @@ std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tens
   by_dtype(x.scalar_type(), [&](auto scalar, auto accumulate) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
+    RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
     head_backward<scalar_t, acc_t>(dpre1.contiguous(), x, enc0_weight, flags, dx_acc, out);
     return 0;
   });
