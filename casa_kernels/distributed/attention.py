@@ -80,10 +80,11 @@ def _runs_fused_backward(
     fused: StagesBackward | None, x: torch.Tensor, weights: ScoreAttentionWeights
 ) -> bool:
     """Whether this call runs the backend's own backward of its stages: it has one, the
-    call needs a gradient and is an eager one on plain tensors outside autocast, and the
-    backend serves these weights."""
+    call needs a gradient and is an eager one on plain tensors outside autocast with B > 0,
+    and the backend serves these weights."""
     return (
         fused is not None
+        and x.shape[0] > 0
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in (x, *weights))
         and _plain_eager(x, weights)
