@@ -1,10 +1,11 @@
 """The backend's stages of the op (docs/design.md §5.5, §12), chosen for a variate-parallel forward and made differentiable.
 
 The reference stages are plain PyTorch: autograd sees through them. A fused backend's
-stages are wrapped so that, as for the fused op itself, their forward is the backend's
-and their backward differentiates the reference recomputed from the saved inputs (the
-gradients are the reference's). A backend without stages falls back to the reference
-stages with one warning.
+stages are wrapped so that their forward is the backend's and their backward
+differentiates the reference recomputed from the saved inputs (the gradients are the
+reference's): the path for a backend without its own backward of the stages
+(``Stages.backward``, kept on the wrapped stages; §12.4), and for the calls that one does
+not serve. A backend without stages falls back to the reference stages with one warning.
 
 The tail statistics need care: a backend may return any shift ``m`` at least the column
 maximum (the cpu kernel returns a bound from x), with ``l = Σ_N exp(s − m)``. They are used
@@ -111,6 +112,7 @@ def with_reference_gradient(fast: Stages) -> Stages:
         bottleneck=lambda h1, w: wrapped_bottleneck(h1, *w),
         tail_stats=lambda *inputs: _TailStatsWithReferenceGradient.apply(fast.tail_stats, *inputs),
         tail_output=wrap(fast.tail_output, ref.tail_output),
+        backward=fast.backward,
     )
 
 

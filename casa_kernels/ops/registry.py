@@ -35,14 +35,48 @@ from . import measured, probe
 ForwardFn = Callable[[torch.Tensor, ScoreAttentionWeights], torch.Tensor]
 
 
+class RankReductions(NamedTuple):
+    """The two reductions over the ranks of a variate-parallel layer, without autograd.
+
+    ``sum_(tensor, what)`` sums the contiguous ``tensor`` over the ranks in place and returns
+    it (``what`` names it in failure messages); ``merge_stats(col_max, col_sum)`` gives the
+    global column statistics ``(M, S)`` from this rank's (the log-sum-exp merge).
+    """
+
+    sum_: Callable[[torch.Tensor, str], torch.Tensor]
+    merge_stats: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class StagesBackward(NamedTuple):
+    """A backend's own backward of its stages as one variate-parallel layer runs them
+    (docs/design.md §12.4), used instead of differentiating the reference stages.
+
+    ``serves(weights)`` says whether it takes the call (else the stages run with the
+    reference's gradients); the caller makes the decision agree over the ranks' needs.
+    ``forward(x_local, weights, reductions)`` runs the four stages with the reductions
+    between them and returns ``(y_local, saved)``; ``backward(grad_y, x_local, weights,
+    saved, needs, reductions)`` returns the gradients of x_local and the 14 weights (None
+    where ``needs``, 15 flags, is False): the per-variate weights' whole, the replicated
+    weights' this rank's share. Each all-reduces what the reference stages' autograd would
+    (the same tensors' sizes, in the same order, with the same meaning), so ranks on either
+    path stay in step.
+    """
+
+    serves: Callable[[ScoreAttentionWeights], bool]
+    forward: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+    backward: Callable[..., tuple[torch.Tensor | None, ...]]
+
+
 class Stages(NamedTuple):
     """A backend's implementation of the four stages of the op (contract and reference:
-    :mod:`casa_kernels.reference.stages`), used where the variates are split over processes."""
+    :mod:`casa_kernels.reference.stages`), used where the variates are split over processes,
+    and optionally its own backward of them (else autograd differentiates the reference's)."""
 
     head_partial: Callable[..., torch.Tensor]
     bottleneck: Callable[..., torch.Tensor]
     tail_stats: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     tail_output: Callable[..., torch.Tensor]
+    backward: StagesBackward | None = None
 
 
 class FusedBackward(NamedTuple):

@@ -21,6 +21,13 @@
 // once at its end; dx rows and dh5 of one batch element are added under that element's
 // lock (tiles of one element can run on different workers).
 //
+// The variate-parallel layer (docs/design.md §12.4) runs the same pieces split at its two
+// all-reduces: casa::cpu_tail_backward_colsum (per tile the scores and pass 1, P, dP and σ'
+// kept in the caller's `state`, 3·B·N·D values, and this rank's colsum), then
+// casa::cpu_tail_backward_rows (pass 2 from the state and the global colsum, the last conv's
+// gradients and the bottleneck down to h1's pre-activation gradient), then
+// casa::cpu_head_backward (the first conv's backward from that gradient summed over ranks).
+//
 // Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
 // dt without a score-network gradient, no conv backward below the lowest layer whose
 // parameters (or x) need one, no input gradient of a layer nothing below needs.
@@ -37,6 +44,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -155,12 +163,13 @@ struct Backward {
   const acc_t* col_max;
   const acc_t* col_sum;
 
+  // tile: the tail tile width (cpu::tail_tile_width for this B, D and thread count).
   Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
-           const at::Tensor& stats_sum)
+           const at::Tensor& stats_sum, int64_t tile_width)
       : s(sizes),
         needs(n),
         acc(c10::CppTypeToScalarType<acc_t>::value),
-        tile(cpu::tail_tile_width(sizes.batch, sizes.d_model, at::get_num_threads())),
+        tile(tile_width),
         order(cpu::tile_parity_order(sizes.d_model, tile)),
         col_max(stats_max.data_ptr<acc_t>()),
         col_sum(stats_sum.data_ptr<acc_t>()) {
@@ -179,8 +188,10 @@ struct Backward {
     value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
   }
 
-  TileScratch<acc_t> scratch() const {
-    const int64_t N = s.n_vars, D = s.d_model, T = tile;
+  // A worker's buffers; without own_rows the three [N, T] ones are left out (TileRows in
+  // the caller's memory instead).
+  TileScratch<acc_t> scratch(bool own_rows) const {
+    const int64_t N = own_rows ? s.n_vars : 0, D = s.d_model, T = tile;
     const int64_t window = std::max(K[0], K[1]) * (T / 2);
     const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
     TileScratch<acc_t> sc;
@@ -237,20 +248,33 @@ struct Backward {
     return i < half ? o0 + 2 * i : o0 + 2 * (i - half) + 1;
   }
 
-  // The backward of the tail for batch element b, output columns [o0, o0 + T).
-  void tile_backward(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
-                     const acc_t* h5, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads,
-                     acc_t* dx, acc_t* dh5, std::mutex& lock) const {
-    const int64_t N = s.n_vars, D = s.d_model, T = std::min(tile, D - o0), half = T / 2;
+  // The tile's [N, T] buffers: the scores, then P; dP, then dt; σ'. In a worker's scratch
+  // (the single-process backward) or in the caller's memory across the colsum's all-reduce.
+  struct TileRows {
+    acc_t* scores;
+    acc_t* dp;
+    acc_t* sigma_prime;
+  };
+
+  // The width of the tile of output columns from o0.
+  int64_t width(int64_t o0) const { return std::min(tile, s.d_model - o0); }
+
+  // The tail's backward, part 1, for batch element b, output columns [o0, o0 + T): the
+  // scores (rows_buf.scores), then pass 1: P, dP, σ' in rows_buf and, where ds is due,
+  // sc.colsum[0, T) = Σ_N P ⊙ dP of this element's N rows (parity order). sc.rhs holds the
+  // tile's h5 windows after it.
+  void tile_colsum(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
+                   const acc_t* h5, const TileScratch<acc_t>& sc, const TileRows& rows_buf) const {
+    const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2;
     const int64_t ld = T;  // of the [N, T] and [kRows, T] buffers
     const scalar_t* x_b = x_all + b * N * D;
     const scalar_t* g_b = g_all + b * N * D;
     const acc_t* h5_b = h5 + b * (D / 4) * (D / 2);
-    const bool want_ds = needs.ds(), want_dv = needs.dv(), want_dt = needs.dt();
+    const bool want_ds = needs.ds();
 
     // The scores S = dec2 by parity · h5's window, all N rows.
     for (int64_t q = 0; q < 2; ++q) {
-      acc_t* S_q = sc.scores + q * half;
+      acc_t* S_q = rows_buf.scores + q * half;
       if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
         for (int64_t n = 0; n < N; ++n) std::fill(S_q + n * ld, S_q + n * ld + half, acc_t(0));
         continue;
@@ -277,18 +301,34 @@ struct Backward {
                   value_t.template data_ptr<acc_t>() + o0, D, sc.block, ld, /*accumulate=*/false);
       }
       cpu::softmax_backward_weights(
-          sc.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
+          rows_buf.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
           x_b + r0 * D + o0, g_b + r0 * D + o0, D, m, l, want_ds ? sc.block : nullptr, vbias,
-          sc.dp + r0 * ld, sc.sigma_prime + r0 * ld, sc.colsum);
+          rows_buf.dp + r0 * ld, rows_buf.sigma_prime + r0 * ld, sc.colsum);
     }
+  }
+
+  // The tail's backward, part 2, for the same tile, from tile_colsum's rows_buf and the
+  // column sums `colsum` [T] (parity order; over all N, of every rank in a variate-parallel
+  // backward): pass 2 and the last transposed conv's gradients. window_ready: sc.rhs still
+  // holds this tile's h5 windows (else they are gathered again where needed).
+  void tile_rows(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
+                 const acc_t* h5, const TileScratch<acc_t>& sc, const TileRows& rows_buf,
+                 const acc_t* colsum, bool window_ready, ParameterGrads<acc_t>& grads, acc_t* dx,
+                 acc_t* dh5, std::mutex& lock) const {
+    const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2;
+    const int64_t ld = T;
+    const scalar_t* x_b = x_all + b * N * D;
+    const scalar_t* g_b = g_all + b * N * D;
+    const bool want_ds = needs.ds(), want_dv = needs.dv(), want_dt = needs.dt();
 
     // Pass 2, kRows rows at a time: dv = P g; ds = P (dP − colsum) and dp becomes dt = ds σ';
     // dx rows get g + ds in the tile's columns and dv Wv in all of them; dWv's tile rows get
     // dv^T x, dbv's dv's column sums.
     for (int64_t r0 = 0; r0 < N; r0 += kRows) {
       const int64_t rows = std::min(kRows, N - r0);
-      cpu::softmax_backward_grads(sc.scores + r0 * ld, ld, rows, T, g_b + r0 * D + o0, D, sc.colsum,
-                                  sc.sigma_prime + r0 * ld, want_ds ? sc.dp + r0 * ld : nullptr,
+      cpu::softmax_backward_grads(rows_buf.scores + r0 * ld, ld, rows, T, g_b + r0 * D + o0, D,
+                                  colsum, rows_buf.sigma_prime + r0 * ld,
+                                  want_ds ? rows_buf.dp + r0 * ld : nullptr,
                                   want_dv ? sc.block : nullptr, needs.x ? sc.dx_tile : nullptr);
       if (grads.value_weight.defined()) {  // dWv[tile rows] += dv^T x, dv^T laid out for the GEMM
         for (int64_t r = 0; r < rows; ++r) {
@@ -317,17 +357,20 @@ struct Backward {
 
     // The last transposed conv's parameters and dh5, GEMMs over all N rows of dt.
     if (!want_dt) return;
+    for (int64_t q = 0; q < 2 && !window_ready && grads.dec2[0].defined(); ++q) {
+      if (K[q] > 0) gather_window(h5 + b * (D / 4) * (D / 2), q, o0, half, sc.rhs[q]);
+    }
     if (grads.dec2_bias.defined()) {
       acc_t* db = grads.dec2_bias.template data_ptr<acc_t>();
       for (int64_t n = 0; n < N; ++n) {
         acc_t total = 0;
-        for (int64_t i = 0; i < T; ++i) total += sc.dp[n * ld + i];
+        for (int64_t i = 0; i < T; ++i) total += rows_buf.dp[n * ld + i];
         db[n] += total;
       }
     }
     for (int64_t q = 0; q < 2; ++q) {
       if (K[q] == 0) continue;
-      const at::Tensor dt_q = view(sc.dp + q * half, N, half, ld);
+      const at::Tensor dt_q = view(rows_buf.dp + q * half, N, half, ld);
       if (grads.dec2[q].defined()) {
         grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
       }
@@ -351,29 +394,94 @@ struct Backward {
     }
   }
 
-  // The tail's backward over every (batch element, tile): adds to dx [B, N, D] and dh5
-  // [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills `total`.
-  void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
-            at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
+  // Runs body(b, o0, scratch, own, lock) for every (batch element, tile) under
+  // at::parallel_for, `own` a worker's parameter accumulators (added to `total` at its
+  // end, where given) and `lock` the batch element's; own_rows: the scratch holds [N, T] rows.
+  template <typename Body>
+  void for_each_tile(bool own_rows, ParameterGrads<acc_t>* total, const Body& body) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
     const int64_t tiles = (D + tile - 1) / tile, items = B * tiles;
     const int64_t macs = B * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
     const bool parallel = cpu::threads_for(macs) > 1;
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
-    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
-    acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
     parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
-      const TileScratch<acc_t> sc = scratch();
-      ParameterGrads<acc_t> own(needs, N, D, K, acc);
+      const TileScratch<acc_t> sc = scratch(own_rows);
+      ParameterGrads<acc_t> own =
+          total ? ParameterGrads<acc_t>(needs, N, D, K, acc) : ParameterGrads<acc_t>();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
-        tile_backward(b, (item % tiles) * tile, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                      h5.data_ptr<acc_t>(), sc, own, dx_data, dh5_data, locks[b]);
+        body(b, (item % tiles) * tile, sc, own, locks[b]);
       }
+      if (total == nullptr) return;
       const std::lock_guard<std::mutex> guard(total_lock);
-      own.add_to(total);
+      own.add_to(*total);
     });
+  }
+
+  // The tail's backward over every (batch element, tile), both parts per tile: adds to dx
+  // [B, N, D] and dh5 [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills
+  // `total`.
+  void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
+            at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
+    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
+    for_each_tile(true, &total,
+                  [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc,
+                      ParameterGrads<acc_t>& own, std::mutex& lock) {
+                    const TileRows rows_buf{sc.scores, sc.dp, sc.sigma_prime};
+                    const scalar_t* x_all = x.data_ptr<scalar_t>();
+                    const scalar_t* g_all = grad.data_ptr<scalar_t>();
+                    tile_colsum(b, o0, x_all, g_all, h5.data_ptr<acc_t>(), sc, rows_buf);
+                    tile_rows(b, o0, x_all, g_all, h5.data_ptr<acc_t>(), sc, rows_buf, sc.colsum,
+                              true, own, dx_data, dh5_data, lock);
+                  });
+  }
+
+  // The rows of tile (b, o0) in `state` (3·B·N·D elements): 3·N·T from (b·D + o0)·3·N.
+  TileRows state_rows(acc_t* state, int64_t b, int64_t o0) const {
+    const int64_t N = s.n_vars, T = width(o0);
+    acc_t* at_tile = state + (b * s.d_model + o0) * 3 * N;
+    return {at_tile, at_tile + N * T, at_tile + 2 * N * T};
+  }
+
+  // Part 1 of every tile, its rows kept in `state` (3·B·N·D, acc_t): colsum [B, D] (acc_t)
+  // gets Σ_N P ⊙ dP over this call's N rows where ds is due.
+  void tail_colsum(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5,
+                   at::Tensor& state, at::Tensor& colsum) const {
+    acc_t* out = colsum.data_ptr<acc_t>();
+    for_each_tile(false, nullptr,
+                  [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>&,
+                      std::mutex&) {
+                    tile_colsum(b, o0, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                h5.data_ptr<acc_t>(), sc,
+                                state_rows(state.data_ptr<acc_t>(), b, o0));
+                    if (!needs.ds()) return;
+                    const int64_t T = width(o0), half = T / 2;
+                    for (int64_t i = 0; i < T; ++i)
+                      out[b * s.d_model + column(o0, half, i)] = sc.colsum[i];
+                  });
+  }
+
+  // Part 2 of every tile from tail_colsum's `state` and the column sums `colsum` [B, D]
+  // (acc_t, over all variates): as tail() for dx, dh5 and `total`.
+  void tail_given_colsum(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5,
+                         const at::Tensor& state, const at::Tensor& colsum, at::Tensor& dx,
+                         at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
+    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
+    const acc_t* sums = colsum.data_ptr<acc_t>();
+    for_each_tile(false, &total,
+                  [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc,
+                      ParameterGrads<acc_t>& own, std::mutex& lock) {
+                    const int64_t T = width(o0), half = T / 2;
+                    for (int64_t i = 0; i < T && needs.ds(); ++i) {
+                      sc.colsum[i] = sums[b * s.d_model + column(o0, half, i)];
+                    }
+                    tile_rows(b, o0, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                              h5.data_ptr<acc_t>(), sc, state_rows(state.data_ptr<acc_t>(), b, o0),
+                              sc.colsum, false, own, dx_data, dh5_data, lock);
+                  });
   }
 };
 
@@ -507,37 +615,26 @@ constexpr ConvLayer kLayers[] = {
     {kEnc1Weight, kH1, kEnc1Out, false, "casa::cpu backward enc1"},
 };
 
+// The tail's parameter gradients from the workers' `total`, in x's dtype and the weights'
+// layouts: out[1 + i] for value_weight, value_bias, dec2_weight, dec2_bias where needed.
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const Weights& w,
-                                      const std::vector<at::Tensor>& act, const at::Tensor& col_max,
-                                      const at::Tensor& col_sum, const Needs& needs,
-                                      const Sizes& s) {
+void store_tail_grads(const Backward<scalar_t, acc_t>& plan, const ParameterGrads<acc_t>& total,
+                      at::ScalarType dtype, std::vector<at::Tensor>& out) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
-  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum);
-  at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
-  at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
-  ParameterGrads<acc_t> total;
-  if (needs.ds() || needs.dv()) {
-    RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
-    plan.tail(x, grad, act[kH5], dx, dh5, total);
-  }
-
-  std::vector<at::Tensor> out(1 + kNumWeights);
-  const at::TensorOptions like_x = x.options();
+  const Needs& needs = plan.needs;
+  const int64_t N = plan.s.n_vars, D = plan.s.d_model, C1 = D / 4;
   const at::Tensor ordered = at::tensor(plan.order, at::kLong);
   if (needs.w[kValueWeight]) {
     out[1 + kValueWeight] = at::empty({D, D}, at::TensorOptions(acc))
                                 .index_copy_(0, ordered, total.value_weight)
-                                .to(x.scalar_type());
+                                .to(dtype);
   }
   if (needs.w[kValueBias]) {
-    out[1 + kValueBias] = at::empty({D}, at::TensorOptions(acc))
-                              .index_copy_(0, ordered, total.value_bias)
-                              .to(x.scalar_type());
+    out[1 + kValueBias] =
+        at::empty({D}, at::TensorOptions(acc)).index_copy_(0, ordered, total.value_bias).to(dtype);
   }
   if (needs.w[kDec2Weight]) {
-    const at::Tensor dw = at::empty({C1, N, s.kernel}, at::TensorOptions(acc));
+    const at::Tensor dw = at::empty({C1, N, plan.s.kernel}, at::TensorOptions(acc));
     const at::Tensor by_tap = dw.permute({1, 2, 0});  // [N, k, C1]
     for (int q = 0; q < 2; ++q) {
       const int64_t taps = static_cast<int64_t>(plan.taps[q].size());
@@ -546,59 +643,116 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
         by_tap.select(1, plan.taps[q][jj]).copy_(part.select(1, static_cast<int64_t>(jj)));
       }
     }
-    out[1 + kDec2Weight] = dw.to(x.scalar_type());
+    out[1 + kDec2Weight] = dw.to(dtype);
   }
-  if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(x.scalar_type());
+  if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(dtype);
+}
 
-  // The bottleneck, each layer's ReLU then its conv's backward, as far down as a gradient
-  // is needed; then the first conv.
-  if (dh5.defined()) {
-    const bool head_needed = needs.x || needs.any_of({kEnc0Weight, kEnc0Bias});
-    at::Tensor d_out = dh5;
-    // ReLU's backward in place (d_out is this function's own), then the bias's gradient: as
-    // threshold_backward, the gradient where the output is > 0 or NaN, else 0.
-    const auto pre_activation = [&](int output, int bias) {
-      d_out.masked_fill_(act[output] <= 0, 0);
-      if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(x.scalar_type());
-      return d_out;
-    };
-    for (size_t i = 0; i < std::size(kLayers); ++i) {
-      const ConvLayer& layer = kLayers[i];
-      bool below = head_needed;  // whether anything under this layer needs its input's gradient
-      for (size_t j = i + 1; j < std::size(kLayers); ++j) {
-        below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
-      }
-      RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
-      const at::Tensor pre = pre_activation(layer.output, layer.weight + 1);
-      const at::Tensor weight = w[layer.weight].to(acc).contiguous();
-      const at::Tensor& input = act[layer.input];
-      const int64_t Cin = input.size(1), L = input.size(2);
-      at::Tensor d_in;
-      if (below) d_in = layer.transposed ? at::empty_like(input) : at::zeros_like(input);
-      acc_t* d_in_data = below ? d_in.data_ptr<acc_t>() : nullptr;
-      const at::Tensor dw =
-          layer.transposed
-              ? conv_transpose_s2_backward<acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
-                                                  d_in_data, needs.w[layer.weight])
-              : conv_s2_backward<acc_t, acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
-                                               d_in_data, needs.w[layer.weight]);
-      if (dw.defined()) out[1 + layer.weight] = dw.to(x.scalar_type());
-      if (!below) break;
-      d_out = d_in;
+// Whether the first conv's backward runs: x or its weight needs it.
+bool head_needed(const Needs& needs) { return needs.x || needs.w[kEnc0Weight]; }
+
+// A layer's ReLU backward in place on d_out (the caller's own), then its bias's gradient
+// out[1 + bias] (dtype) where needed: as threshold_backward, the gradient where the
+// layer's output is > 0 or NaN, else 0. Returns d_out, now dL/d(the pre-activation).
+at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int bias,
+                              const Needs& needs, at::ScalarType dtype,
+                              std::vector<at::Tensor>& out) {
+  d_out.masked_fill_(output <= 0, 0);
+  if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(dtype);
+  return d_out;
+}
+
+// The score network's backward from dh5 [B, D/4, D/2] (acc_t, this function's own: changed
+// in place) down to h1, each layer's ReLU then its conv's backward, as far down as a
+// gradient is needed: out[1 + i] (dtype) for the four middle convs' parameters where
+// needed. Returns dL/dh1 [B, D/4, D/2] (acc_t) where the first conv's bias, its weight or
+// x needs it (else undefined).
+template <typename acc_t>
+at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vector<at::Tensor>& act,
+                               const Needs& needs, at::ScalarType dtype,
+                               std::vector<at::Tensor>& out) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = dh5.size(0);
+  const bool below_h1 = head_needed(needs) || needs.w[kEnc0Bias];
+  at::Tensor d_out = dh5;
+  for (size_t i = 0; i < std::size(kLayers); ++i) {
+    const ConvLayer& layer = kLayers[i];
+    bool below = below_h1;  // whether anything under this layer needs its input's gradient
+    for (size_t j = i + 1; j < std::size(kLayers); ++j) {
+      below = below || needs.any_of({kLayers[j].weight, kLayers[j].weight + 1});
     }
-    if (head_needed) {
-      RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
-      const at::Tensor pre = pre_activation(kH1, kEnc0Bias);
-      const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
-          x.data_ptr<scalar_t>(), B, N, D, w[kEnc0Weight].to(acc).contiguous(), pre,
-          needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight]);
-      if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
-    }
+    RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
+    const at::Tensor pre =
+        relu_bias_backward(d_out, act[layer.output], layer.weight + 1, needs, dtype, out);
+    const at::Tensor weight = w[layer.weight].to(acc).contiguous();
+    const at::Tensor& input = act[layer.input];
+    const int64_t Cin = input.size(1), L = input.size(2);
+    at::Tensor d_in;
+    if (below) d_in = layer.transposed ? at::empty_like(input) : at::zeros_like(input);
+    acc_t* d_in_data = below ? d_in.data_ptr<acc_t>() : nullptr;
+    const at::Tensor dw =
+        layer.transposed
+            ? conv_transpose_s2_backward<acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                                d_in_data, needs.w[layer.weight])
+            : conv_s2_backward<acc_t, acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
+                                             d_in_data, needs.w[layer.weight]);
+    if (dw.defined()) out[1 + layer.weight] = dw.to(dtype);
+    if (!below) return at::Tensor();
+    d_out = d_in;
+  }
+  return d_out;
+}
+
+// The first conv's backward from dpre1, dL/d(its output before bias and ReLU): out[1 +
+// kEnc0Weight] (dtype) where needed, and its share added to dx [B, N, D] (acc_t) where x
+// needs it.
+template <typename scalar_t, typename acc_t>
+void head_backward(const at::Tensor& dpre1, const at::Tensor& x, const at::Tensor& enc0_weight,
+                   const Needs& needs, at::Tensor& dx, std::vector<at::Tensor>& out) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
+      x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), enc0_weight.to(acc).contiguous(),
+      dpre1, needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight]);
+  if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
+}
+
+// Empty tensors (x's options) for the gradients not computed.
+void fill_empty(std::vector<at::Tensor>& out, const at::Tensor& x) {
+  for (at::Tensor& t : out) {
+    if (!t.defined()) t = at::empty({0}, x.options());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const Weights& w,
+                                      const std::vector<at::Tensor>& act, const at::Tensor& col_max,
+                                      const at::Tensor& col_sum, const Needs& needs,
+                                      const Sizes& s) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
+  const int64_t tile = cpu::tail_tile_width(B, D, at::get_num_threads());
+  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum, tile);
+  at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
+  at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
+  ParameterGrads<acc_t> total;
+  if (needs.ds() || needs.dv()) {
+    RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
+    plan.tail(x, grad, act[kH5], dx, dh5, total);
+  }
+  std::vector<at::Tensor> out(1 + kNumWeights);
+  store_tail_grads(plan, total, x.scalar_type(), out);
+  at::Tensor dh1 = dh5.defined()
+                       ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(), out)
+                       : at::Tensor();
+  if (dh1.defined()) {
+    RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
+    const at::Tensor dpre1 =
+        relu_bias_backward(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
+    if (head_needed(needs))
+      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, dx, out);
   }
   if (needs.x) out[0] = dx.to(x.scalar_type());
-  for (at::Tensor& t : out) {
-    if (!t.defined()) t = at::empty({0}, like_x);
-  }
+  fill_empty(out, x);
   return out;
 }
 
@@ -610,53 +764,218 @@ void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, received ", t.device());
 }
 
-// casa::cpu_score_attention_backward: the gradients of the op at x (weights in schema
-// order) for grad_y = dL/dy, from the forward's saved activations (ActivationIndex) and
-// column statistics (casa::cpu_tail_fused's). needs: 1 + 14 flags, x then the weights.
-// Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
-std::vector<at::Tensor> score_attention_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
-                                                 at::TensorList weights, at::TensorList activations,
-                                                 const at::Tensor& col_max,
-                                                 const at::Tensor& col_sum,
-                                                 const c10::List<bool>& needs) {
+// The arguments every backward op shares, checked: x, the weights (schema order), the
+// problem's sizes, the requested gradients and the accumulation dtype.
+struct Arguments {
+  at::Tensor x;
+  Weights w;
+  Sizes s;
+  Needs needs;
+  at::ScalarType acc;
+};
+
+Arguments check_arguments(const at::Tensor& x_in, at::TensorList weights,
+                          const c10::List<bool>& needs) {
   TORCH_CHECK(weights.size() == kNumWeights, "weights: expected ", kNumWeights,
               " tensors in schema order, received ", weights.size());
-  Weights w;
-  for (int i = 0; i < kNumWeights; ++i) w[i] = weights[i].contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const Sizes s = check_args(x, w);
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, received device ", x.device());
-  check_like(grad_y, "grad_y", x.sizes(), x.scalar_type());
+  Arguments a;
+  for (int i = 0; i < kNumWeights; ++i) a.w[i] = weights[i].contiguous();
+  a.x = x_in.contiguous();
+  a.s = check_args(a.x, a.w);
+  TORCH_CHECK(a.x.device().is_cpu(), "x: expected a CPU tensor, received device ", a.x.device());
   TORCH_CHECK(needs.size() == 1 + kNumWeights, "needs: expected ", 1 + kNumWeights,
               " flags (x, then the weights), received ", needs.size());
+  a.needs = Needs{needs.get(0), {}};
+  for (int i = 0; i < kNumWeights; ++i) a.needs.w[i] = needs.get(1 + i);
+  a.acc = a.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return a;
+}
+
+// grad_y checked against x, contiguous.
+at::Tensor checked_grad(const at::Tensor& grad_y, const Arguments& a) {
+  check_like(grad_y, "grad_y", a.x.sizes(), a.x.scalar_type());
+  return grad_y.contiguous();
+}
+
+// The column statistics, each [B, D] in the accumulation dtype, checked.
+void check_stats(const at::Tensor& col_max, const at::Tensor& col_sum, const Arguments& a) {
+  check_like(col_max, "col_max", {a.s.batch, a.s.d_model}, a.acc);
+  check_like(col_sum, "col_sum", {a.s.batch, a.s.d_model}, a.acc);
+}
+
+// The saved activations (ActivationIndex order), checked, contiguous.
+std::vector<at::Tensor> checked_activations(at::TensorList activations, const Arguments& a) {
   TORCH_CHECK(activations.size() == kNumActivations, "activations: expected ", kNumActivations,
               " tensors (h1, enc1, enc2, dec0 outputs, h5), received ", activations.size());
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t B = s.batch, D = s.d_model;
+  const int64_t B = a.s.batch, D = a.s.d_model;
   const int64_t shapes[kNumActivations][2] = {
       {D / 4, D / 2}, {D / 2, D / 4}, {D, D / 8}, {D / 2, D / 4}, {D / 4, D / 2}};
   std::vector<at::Tensor> act(kNumActivations);
   for (int i = 0; i < kNumActivations; ++i) {
-    check_like(activations[i], "activations", {B, shapes[i][0], shapes[i][1]}, acc);
+    check_like(activations[i], "activations", {B, shapes[i][0], shapes[i][1]}, a.acc);
     act[i] = activations[i].contiguous();
   }
-  check_like(col_max, "col_max", {B, D}, acc);
-  check_like(col_sum, "col_sum", {B, D}, acc);
-  Needs flags{needs.get(0), {}};
-  for (int i = 0; i < kNumWeights; ++i) flags.w[i] = needs.get(1 + i);
-  const at::Tensor grad = grad_y.contiguous();
-  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return backward_impl<float, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
-    case at::kDouble:
-      return backward_impl<double, double>(grad, x, w, act, stats_max, stats_sum, flags, s);
-    case at::kBFloat16:
-      return backward_impl<c10::BFloat16, float>(grad, x, w, act, stats_max, stats_sum, flags, s);
+  return act;
+}
+
+// Runs f(scalar_t{}, acc_t{}) for x's dtype: fp32, fp64, or bfloat16 with fp32 arithmetic.
+template <typename F>
+auto by_dtype(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{}, float{});
+    case at::kDouble: return f(double{}, double{});
+    case at::kBFloat16: return f(c10::BFloat16{}, float{});
     default:
       TORCH_CHECK(false, "x: expected dtype float32, float64 or bfloat16 on the CPU, received ",
-                  x.scalar_type());
+                  dtype);
   }
+}
+
+// casa::cpu_score_attention_backward: the gradients of the op at x (weights in schema
+// order) for grad_y = dL/dy, from the forward's saved activations (ActivationIndex) and
+// column statistics (casa::cpu_tail_fused's). needs: 1 + 14 flags, x then the weights.
+// Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
+std::vector<at::Tensor> score_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 at::TensorList weights, at::TensorList activations,
+                                                 const at::Tensor& col_max,
+                                                 const at::Tensor& col_sum,
+                                                 const c10::List<bool>& needs) {
+  const Arguments a = check_arguments(x, weights, needs);
+  const at::Tensor grad = checked_grad(grad_y, a);
+  const std::vector<at::Tensor> act = checked_activations(activations, a);
+  check_stats(col_max, col_sum, a);
+  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
+  return by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(accumulate);
+    return backward_impl<scalar_t, acc_t>(grad, a.x, a.w, act, stats_max, stats_sum, a.needs, a.s);
+  });
+}
+
+// The tail tile width and the state of the variate-parallel tail backward, checked.
+void check_split(int64_t tile, const at::Tensor* state, const Arguments& a) {
+  TORCH_CHECK(tile >= 2 && tile <= a.s.d_model && tile % 2 == 0,
+              "tile: expected an even width in [2, d_model = ", a.s.d_model, "], received ", tile);
+  if (state == nullptr) return;
+  check_like(*state, "state", {3 * a.s.batch * a.s.n_vars * a.s.d_model}, a.acc);
+  TORCH_CHECK(state->is_contiguous(), "state: expected a contiguous tensor");
+}
+
+// casa::cpu_tail_backward_colsum, part 1 of the tail's backward in a variate-parallel
+// backward (docs/design.md §12.4), for this rank's N variates: returns (colsum [B, D],
+// Σ_N P ⊙ dP over them, zero where ds is not due; state, the tiles' P, dP and σ' for
+// part 2, 3·B·N·D), both in the accumulation dtype. col_max, col_sum: the global (merged)
+// statistics; tile: the tail tile width, the same for both parts.
+std::tuple<at::Tensor, at::Tensor> tail_backward_colsum(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, const at::Tensor& h5,
+    const at::Tensor& col_max, const at::Tensor& col_sum, const c10::List<bool>& needs,
+    int64_t tile) {
+  const Arguments a = check_arguments(x, weights, needs);
+  const at::Tensor grad = checked_grad(grad_y, a);
+  check_like(h5, "h5", {a.s.batch, a.s.d_model / 4, a.s.d_model / 2}, a.acc);
+  check_stats(col_max, col_sum, a);
+  check_split(tile, nullptr, a);
+  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
+  at::Tensor colsum = at::zeros({a.s.batch, a.s.d_model}, at::TensorOptions(a.acc));
+  at::Tensor state =
+      at::empty({3 * a.s.batch * a.s.n_vars * a.s.d_model}, at::TensorOptions(a.acc));
+  if (!a.needs.ds() && !a.needs.dv()) return {colsum, state};
+  by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(accumulate);
+    RECORD_FUNCTION("casa::cpu backward tail colsum", std::vector<c10::IValue>());
+    const Backward<scalar_t, acc_t> plan(a.s, a.w, a.needs, stats_max, stats_sum, tile);
+    plan.tail_colsum(a.x, grad, h5.contiguous(), state, colsum);
+    return 0;
+  });
+  return {colsum, state};
+}
+
+// casa::cpu_tail_backward_rows, part 2 of a variate-parallel backward (docs/design.md §12.4):
+// from part 1's state and colsum summed over every rank, the tail's rows and the score
+// network down to h1. Returns 1 + 14 + 1 tensors: dx's share so far ([B, N, D], the
+// accumulation dtype; empty unless x needs a gradient), the weights' gradients in x's dtype
+// (enc0_weight's empty: cpu_head_backward gives it; value and bottleneck parameters' are
+// this rank's share), and dL/d(the first conv's output before bias and ReLU) from this
+// rank's rows ([B, D/4, D/2], accumulation dtype; empty unless x or enc0_weight needs it).
+std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::Tensor& x,
+                                           at::TensorList weights, at::TensorList activations,
+                                           const at::Tensor& col_max, const at::Tensor& col_sum,
+                                           const at::Tensor& colsum, const at::Tensor& state,
+                                           const c10::List<bool>& needs, int64_t tile) {
+  const Arguments a = check_arguments(x, weights, needs);
+  const at::Tensor grad = checked_grad(grad_y, a);
+  const std::vector<at::Tensor> act = checked_activations(activations, a);
+  check_stats(col_max, col_sum, a);
+  check_like(colsum, "colsum", {a.s.batch, a.s.d_model}, a.acc);
+  check_split(tile, &state, a);
+  const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
+  const int64_t B = a.s.batch, N = a.s.n_vars, D = a.s.d_model;
+  std::vector<at::Tensor> out(1 + kNumWeights + 1);
+  by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(accumulate);
+    const Backward<scalar_t, acc_t> plan(a.s, a.w, a.needs, stats_max, stats_sum, tile);
+    at::Tensor dx = a.needs.x ? at::zeros({B, N, D}, at::TensorOptions(a.acc)) : at::Tensor();
+    at::Tensor dh5 =
+        a.needs.dh5() ? at::zeros({B, D / 4, D / 2}, at::TensorOptions(a.acc)) : at::Tensor();
+    ParameterGrads<acc_t> total;
+    if (a.needs.ds() || a.needs.dv()) {
+      RECORD_FUNCTION("casa::cpu backward tail rows", std::vector<c10::IValue>());
+      plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
+    }
+    store_tail_grads(plan, total, a.x.scalar_type(), out);
+    at::Tensor dh1 =
+        dh5.defined() ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(), out)
+                      : at::Tensor();
+    if (dh1.defined()) {
+      const at::Tensor dpre1 =
+          relu_bias_backward(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);
+      if (head_needed(a.needs)) out[1 + kNumWeights] = dpre1;
+    }
+    out[0] = dx;
+    return 0;
+  });
+  fill_empty(out, a.x);
+  return out;
+}
+
+// casa::cpu_head_backward, the end of a variate-parallel backward (docs/design.md §12.4): the
+// first conv's backward from dpre1 ([B, D/4, D/2], accumulation dtype, summed over every
+// rank), adding x's share to dx_acc (cpu_tail_backward_rows's dx; empty unless x needs a
+// gradient). Returns (dx in x's dtype, enc0_weight's gradient), each empty where not needed.
+std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tensor& x_in,
+                                         const at::Tensor& enc0_weight, at::Tensor& dx_acc,
+                                         const c10::List<bool>& needs) {
+  TORCH_CHECK(needs.size() == 1 + kNumWeights, "needs: expected ", 1 + kNumWeights,
+              " flags (x, then the weights), received ", needs.size());
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(),
+              "x: expected a 3-D CPU tensor [batch, n_vars, d_model], received shape ", x.sizes(),
+              " on ", x.device());
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(enc0_weight.dim() == 3 && enc0_weight.size(0) == D / 4 && enc0_weight.size(1) == N &&
+                  enc0_weight.size(2) % 2 == 1,
+              "enc0_weight: expected shape [", D / 4, ", ", N, ", odd k], received ",
+              enc0_weight.sizes());
+  check_like(dpre1, "dpre1", {B, D / 4, D / 2}, acc);
+  Needs flags{needs.get(0), {}};
+  for (int i = 0; i < kNumWeights; ++i) flags.w[i] = needs.get(1 + i);
+  if (flags.x) check_like(dx_acc, "dx_acc", {B, N, D}, acc);
+  TORCH_CHECK(!flags.x || dx_acc.is_contiguous(), "dx_acc: expected a contiguous tensor");
+  std::vector<at::Tensor> out(1 + kNumWeights);
+  by_dtype(x.scalar_type(), [&](auto scalar, auto accumulate) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(accumulate);
+    RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
+    head_backward<scalar_t, acc_t>(dpre1.contiguous(), x, enc0_weight, flags, dx_acc, out);
+    return 0;
+  });
+  std::vector<at::Tensor> result{flags.x ? dx_acc.to(x.scalar_type()) : at::empty({0}, x.options()),
+                                 out[1 + kEnc0Weight]};
+  fill_empty(result, x);
+  return result;
 }
 
 }  // namespace
@@ -665,10 +984,23 @@ TORCH_LIBRARY_FRAGMENT(casa, m) {
   m.def(
       "cpu_score_attention_backward(Tensor grad_y, Tensor x, Tensor[] weights, "
       "Tensor[] activations, Tensor col_max, Tensor col_sum, bool[] needs) -> Tensor[]");
+  m.def(
+      "cpu_tail_backward_colsum(Tensor grad_y, Tensor x, Tensor[] weights, Tensor h5, "
+      "Tensor col_max, Tensor col_sum, bool[] needs, int tile) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_tail_backward_rows(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] activations, "
+      "Tensor col_max, Tensor col_sum, Tensor colsum, Tensor state, bool[] needs, int tile) "
+      "-> Tensor[]");
+  m.def(
+      "cpu_head_backward(Tensor dpre1, Tensor x, Tensor enc0_weight, Tensor(a!) dx_acc, "
+      "bool[] needs) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(casa, CPU, m) {
   m.impl("cpu_score_attention_backward", &score_attention_backward);
+  m.impl("cpu_tail_backward_colsum", &tail_backward_colsum);
+  m.impl("cpu_tail_backward_rows", &tail_backward_rows);
+  m.impl("cpu_head_backward", &head_backward_op);
 }
 
 }  // namespace casa

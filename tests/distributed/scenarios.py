@@ -6,6 +6,7 @@ can compute the whole model's output and gradients and compare its own columns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,9 +24,12 @@ from casa_kernels.distributed import (
     shard_model,
     variate_range,
 )
+from casa_kernels.distributed import attention as attention_module
+from casa_kernels.distributed import stages as stages_module
 from casa_kernels.distributed.sharding import variate_dim
 from casa_kernels.ops.registry import get_backend, register_backend
 from casa_kernels.tolerance import FIXED_TOLERANCE
+from casa_kernels.weights import ScoreAttentionWeights
 
 # How long the failing rank lives on after its error, its group still open unless the library ended it.
 FAILED_RANK_LINGERS_S = 4.0
@@ -67,7 +71,8 @@ def forward_and_gradients(
     x_local = x[:, :, cols.start : cols.stop].to(dtype).requires_grad_()
     out = model(x_local)
     official = model(x_local.detach(), None, x_local.detach(), None)
-    (out * weights[:, :, cols.start : cols.stop].to(dtype)).sum().backward()
+    with backward_paths() as paths:
+        (out * weights[:, :, cols.start : cols.stop].to(dtype)).sum().backward()
     model.sync_replicated_grads()
 
     expected_grads = dict(reference.named_parameters())
@@ -85,7 +90,107 @@ def forward_and_gradients(
         "grad_shapes_ok": all(
             got is not None and got.shape == want.shape for got, want in grads.values()
         ),
+        "backward_paths": paths,
     }
+
+
+# The profiler range of the first kernel of the cpu backend's backward of its stages.
+FUSED_STAGES_RANGE = "casa::cpu backward tail colsum"
+
+
+@contextlib.contextmanager
+def backward_paths():
+    """Counts what the body's backward runs, into the dict it yields (filled on exit):
+    ``fused``, the layers whose backward ran on the cpu backend's own backward of its stages;
+    ``reference``, the stages whose gradients were taken from the reference recomputed."""
+    counts, calls = {}, []
+    differentiate = stages_module._reference_gradients
+
+    def counted(*args):
+        calls.append(1)
+        return differentiate(*args)
+
+    stages_module._reference_gradients = counted
+    try:
+        with torch.autograd.profiler.profile() as prof:
+            yield counts
+    finally:
+        stages_module._reference_gradients = differentiate
+    counts["fused"] = sum(e.name == FUSED_STAGES_RANGE for e in prof.function_events)
+    counts["reference"] = len(calls)
+
+
+def mixed_paths(rank: int, world_size: int, n_vars: int) -> dict:
+    """forward_and_gradients on the cpu backend in float64 with rank 0 alone on the reference's
+    gradients (the backend's own backward declined there, as for weights it does not serve)."""
+    decide = attention_module._runs_fused_backward
+    if rank == 0:
+        attention_module._runs_fused_backward = lambda *args: False
+    try:
+        return forward_and_gradients(rank, world_size, n_vars, "cpu", torch.float64)
+    finally:
+        attention_module._runs_fused_backward = decide
+
+
+# Which of x and the attention's weights need a gradient, per case of `needs_subsets`.
+NEEDS_SUBSETS = {
+    "x": ("x",),
+    "value": ("value_weight", "value_bias"),
+    "head and last conv": ("enc0_weight", "dec2_bias"),
+    "bottleneck": ("enc0_bias", "dec1_weight"),
+    "x and last conv": ("x", "dec2_weight"),
+}
+
+
+def needs_subsets(rank: int, world_size: int, n_vars: int) -> dict:
+    """Per case of NEEDS_SUBSETS, a sharded CASAAttention on the cpu backend (float64) against
+    the single-process reference attention: the worst gradient's max abs error (this rank's
+    slices; the replicated weights' summed over the ranks), whether exactly the wanted ones
+    have a gradient, and the backward's paths."""
+    cols = variate_range(n_vars, world_size, rank)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(BATCH, n_vars, CONFIG["d_model"], generator=g, dtype=torch.float64)
+    grad_y = torch.randn(BATCH, n_vars, CONFIG["d_model"], generator=g, dtype=torch.float64)
+    results = {}
+    for case, wanted in NEEDS_SUBSETS.items():
+        full, on_cpu = (
+            CASAAttention(n_vars=n_vars, d_model=CONFIG["d_model"], backend=b).double()
+            for b in ("reference", "cpu")
+        )
+        on_cpu.load_state_dict(full.state_dict())
+        sharded = shard_model(on_cpu)
+        for module in (full, sharded):
+            for field, p in zip(ScoreAttentionWeights._fields, module.weights()):
+                p.requires_grad_(field in wanted)
+        x_full = x.clone().requires_grad_("x" in wanted)
+        x_local = x[:, cols.start : cols.stop].clone().requires_grad_("x" in wanted)
+        torch.autograd.backward(full(x_full), grad_y)
+        with backward_paths() as paths:
+            torch.autograd.backward(sharded(x_local), grad_y[:, cols.start : cols.stop])
+        sharded.sync_replicated_grads()
+        x_grad = None if x_full.grad is None else x_full.grad[:, cols.start : cols.stop]
+        pairs = {"x": (x_local.grad, x_grad)}
+        for field, p, q in zip(ScoreAttentionWeights._fields, sharded.weights(), full.weights()):
+            dim = {"enc0_weight": 1, "dec2_weight": 1, "dec2_bias": 0}.get(field)
+            want = (
+                q.grad
+                if dim is None or q.grad is None
+                else q.grad.narrow(dim, cols.start, len(cols))
+            )
+            pairs[field] = (p.grad, want)
+        results[case] = {
+            "with_grad": sorted(name for name, (got, _) in pairs.items() if got is not None),
+            "max_error": max(
+                (
+                    (got - want).abs().max().item()
+                    for got, want in pairs.values()
+                    if got is not None and want is not None
+                ),
+                default=math.inf,
+            ),
+            "paths": paths,
+        }
+    return results
 
 
 def sharded_attention_and_block(rank: int, world_size: int, n_vars: int) -> dict:
@@ -293,6 +398,8 @@ def session(
         },
         "attention_and_block": (sharded_attention_and_block, (n_vars,)),
         "nonfinite": (nonfinite_attention, (n_vars,)),
+        "needs_subsets": (needs_subsets, (n_vars,)),
+        "mixed_paths": (mixed_paths, (n_vars,)),
         "direct_construction": (direct_construction, (n_vars,)),
         "load": (load_from_file, (max(n_vars, 2000), str(Path(tmp) / "casa.pt"))),
         "failure": (failure_mid_forward, (n_vars, failing_rank)),

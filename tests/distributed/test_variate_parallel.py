@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from .launch import run_ranks
-from .scenarios import FAILED_RANK_LINGERS_S, session
+from .scenarios import CONFIG, FAILED_RANK_LINGERS_S, NEEDS_SUBSETS, session
 
 N_VARS = {2: 7, 3: 8}  # ragged: 4+3 and 3+3+2 variates
 FAILING_RANK = 1
@@ -65,6 +65,49 @@ def test_gradients_equal_single_process(ranks, backend, dtype):
         )
         name, max_abs, excess = result["grad_worst"]
         assert excess <= 0, (
+            f"rank {rank}: gradient of {name} off the single-process float64 one by {max_abs:.3g}"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_backward_runs_the_backends_own_backward_of_its_stages(ranks, backend, dtype):
+    """The cpu backend: every layer's backward on its own backward of the stages and no stage
+    differentiated from the reference; the standin (stages without one): the reference's
+    gradients; the reference: plain autograd."""
+    expected = {
+        "cpu": lambda paths: paths == {"fused": CONFIG["e_layers"], "reference": 0},
+        "standin": lambda paths: paths["fused"] == 0 and paths["reference"] > 0,
+        "reference": lambda paths: paths == {"fused": 0, "reference": 0},
+    }[backend]
+    for rank, result in enumerate(scenario(ranks, f"model/{backend}/{dtype}")):
+        assert expected(result["backward_paths"]), f"rank {rank}: {result['backward_paths']}"
+
+
+@pytest.mark.parametrize("case", sorted(NEEDS_SUBSETS))
+def test_a_subset_of_gradients_on_the_cpu_backends_own_backward(ranks, case):
+    """x and a subset of the attention's weights need a gradient: exactly those get one, equal
+    (float64, within 1e-10) to the single-process reference's, on the backend's own backward."""
+    wanted = sorted(NEEDS_SUBSETS[case])
+    for rank, results in enumerate(scenario(ranks, "needs_subsets")):
+        r = results[case]
+        assert r["with_grad"] == wanted, f"rank {rank}: gradients for {r['with_grad']}"
+        assert r["max_error"] <= 1e-10, f"rank {rank}: off the reference by {r['max_error']:.3g}"
+        assert r["paths"] == {"fused": 1, "reference": 0}, f"rank {rank}: {r['paths']}"
+
+
+def test_ranks_on_either_backward_path_stay_in_step(ranks):
+    """Rank 0 on the reference's gradients, the others on the cpu backend's own backward: the
+    all-reduced tensors mean the same on both paths, so the gradients still equal the
+    single-process model's (float64)."""
+    for rank, result in enumerate(scenario(ranks, "mixed_paths")):
+        paths = result["backward_paths"]
+        if rank == 0:
+            assert paths["fused"] == 0 and paths["reference"] > 0, paths
+        else:
+            assert paths == {"fused": CONFIG["e_layers"], "reference": 0}, f"rank {rank}: {paths}"
+        name, max_abs, excess = result["grad_worst"]
+        assert result["grad_shapes_ok"] and excess <= 0, (
             f"rank {rank}: gradient of {name} off the single-process float64 one by {max_abs:.3g}"
         )
 

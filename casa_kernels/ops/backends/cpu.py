@@ -31,6 +31,7 @@ from ..finite_weights import prepared_if_finite
 from ..registry import Backend, BlockEpilogue, Stages, register_backend
 from ..weight_cache import cached
 from .cpu_backward import FUSED_BACKWARD
+from .cpu_stages_backward import STAGES_BACKWARD
 
 _MISSING_HINT = "csrc/cpu was not compiled"
 
@@ -134,7 +135,10 @@ def _tail_output(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, col_ma
 # N-independent bottleneck (O(B·D²)) in ATen, as the reference computes it. The tail's
 # col_max is the kernel's shift (1 + the max of x over a block of 64 rows), an upper bound
 # of the scores' maximum; col_sum is taken relative to it, so the log-sum-exp merge holds.
-STAGES = Stages(_head_partial, reference_stages.bottleneck, _tail_stats, _tail_output)
+# Their backward is the kernel's (cpu_stages_backward).
+STAGES = Stages(
+    _head_partial, reference_stages.bottleneck, _tail_stats, _tail_output, STAGES_BACKWARD
+)
 
 
 def block_epilogue(

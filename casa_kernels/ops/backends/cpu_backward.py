@@ -26,7 +26,7 @@ from ..finite_weights import weights_all_finite
 from ..registry import FusedBackward
 
 
-def _bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
+def bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
     """(enc1's, enc2's, dec0's outputs, h5) from h1, each after its ReLU, in h1's dtype."""
     p = w.kernel // 2
 
@@ -58,7 +58,7 @@ def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):
     kernels = _kernels()
     acc = accumulation_dtype(x.dtype)
     h1 = kernels.cpu_head_partial(x, w.enc0_weight).add_(w.enc0_bias.to(acc)[:, None]).relu_()
-    activations = (h1, *_bottleneck_activations(h1, w))
+    activations = (h1, *bottleneck_activations(h1, w))
     prepared, tile, tier = _tail_prepared(
         x, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias
     )
