@@ -110,6 +110,7 @@ def test_bench_report_rejects_a_folder_without_suite_csvs(tmp_path, capsys):
     assert not (tmp_path / report.PAGE).exists()
 
 
+AVX2_CAPS = "avx2 (onednn<=avx2, mkl<=avx2)"  # the isa column of rows measured under the caps
 # The README's headline table: its row label -> (suite, dtype, isa, dataset, batch) of the
 # CSV rows it quotes from the Xeon's results folder.
 README_HEADLINES = {
@@ -117,6 +118,20 @@ README_HEADLINES = {
     "attention op, bf16 (AMX), B = 16": ("attention", "bfloat16", "amx", "Traffic", "16"),
     "forecaster, 4 layers, fp32, B = 16": ("model", "float32", "amx", "Traffic", "16"),
     "forecaster, 4 layers, bf16 (AMX), B = 16": ("model", "bfloat16", "amx", "Traffic", "16"),
+    "attention op, fp32, capped to AVX2, B = 16": (
+        "attention",
+        "float32",
+        AVX2_CAPS,
+        "Traffic",
+        "16",
+    ),
+    "forecaster, 4 layers, fp32, capped to AVX2, B = 16": (
+        "model",
+        "float32",
+        AVX2_CAPS,
+        "Traffic",
+        "16",
+    ),
 }
 
 
