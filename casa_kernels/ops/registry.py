@@ -79,6 +79,10 @@ class Stages(NamedTuple):
     backward: StagesBackward | None = None
 
 
+STAGE_NAMES = ("head_partial", "bottleneck", "tail_stats", "tail_output")
+"""The four stages' fields of ``Stages``, in order (``backward`` is not a stage)."""
+
+
 class FusedBackward(NamedTuple):
     """A backend's own backward of the op (docs/design.md §12), used by the op's autograd
     instead of differentiating the reference for the inputs this backend served.

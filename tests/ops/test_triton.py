@@ -280,12 +280,9 @@ def test_weights_packed_once_per_version(monkeypatch):
 def test_stages_registered():
     stages = get_backend("triton").stages
     assert stages is not None
-    assert [f.__name__ for f in stages] == [
-        "head_partial",
-        "bottleneck",
-        "tail_stats",
-        "tail_output",
-    ]
+    names = ("head_partial", "bottleneck", "tail_stats", "tail_output")
+    assert [getattr(stages, name).__name__ for name in names] == list(names)
+    assert stages.backward is None  # no backward of its own for the stages (design §12.4)
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 24, 3), (1, 5, 16, 7)], ids=str)

@@ -15,7 +15,7 @@ import torch
 
 from ...weights import ScoreAttentionWeights
 from ..finite_weights import reference_for_nonfinite_weights
-from ..registry import Backend, Stages, register_backend
+from ..registry import STAGE_NAMES, Backend, Stages, register_backend
 from .triton_backward import FUSED_BACKWARD
 
 
@@ -70,7 +70,7 @@ register_backend(
         unavailable_reason=_unavailable_reason,
         # First on a GPU; never auto-chosen on the CPU (the interpreter is for tests).
         auto_priority={"cuda": 2},
-        stages=Stages(*(_stage(name) for name in Stages._fields)),
+        stages=Stages(*(_stage(name) for name in STAGE_NAMES)),
         fused_backward=FUSED_BACKWARD,
     )
 )
