@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-checks every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a, warnings as
+# Compile-checks every csrc/cuda/*.cu with nvcc for sm_80, sm_86 and sm_90a, warnings as
 # errors (docs/design.md §7). Needs no GPU and no torch: the .cu files are torch-free.
 # The kernels use CUTLASS/CuTe headers: from $CUTLASS_PATH (a CUTLASS checkout, or its
 # include/ directory) or from the nvidia-cutlass wheel
@@ -53,11 +53,12 @@ for src in "${sources[@]}"; do
   for variant in plain torch-extension; do
     extra=()
     if [[ "$variant" == torch-extension ]]; then extra=("${torch_macros[@]}"); fi
-    echo "compile_cuda: $rel  [sm_80, sm_90a; $variant]"
+    echo "compile_cuda: $rel  [sm_80, sm_86, sm_90a; $variant]"
     "$nvcc" -c "$src" -o "$out/$(basename "$src").$variant.o" \
       -std=c++17 -O3 -lineinfo \
       -I "$root/csrc" -isystem "$cutlass" \
       -gencode arch=compute_80,code=sm_80 \
+      -gencode arch=compute_86,code=sm_86 \
       -gencode arch=compute_90a,code=sm_90a \
       -Werror all-warnings -Xcompiler -Wall,-Werror \
       "${extra[@]}"

@@ -218,6 +218,35 @@ MUTANTS = [
         more=((MERGE_ALL_TILES, MERGE_LAST_TILE),),
     ),
     Mutant(
+        "cuda: conv halo tile reads left of the row start",
+        "csrc/cuda/score_attention_kernels.cu",
+        "const bool ok = c < c_end && pos >= 0 && pos < a.in_ld;",
+        "const bool ok = c < c_end && pos < a.in_ld;",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: activation row padding written with values, not zeros",
+        "csrc/cuda/score_attention_kernels.cu",
+        "T(pos < a.lout ? relu(v + to_float(a.bias[co])) : 0.f);",
+        "T(relu(v + to_float(a.bias[co])));",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: conv pipeline stage refilled without the barrier",
+        "csrc/cuda/score_attention_kernels.cu",
+        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
+        "    __syncthreads();               // everyone's have; everyone is done with step - 1\n"
+        "    const int next = step + kStages - 1;\n"
+        "    if (next < steps) load_stage(",
+        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
+        "    const int next = step + kStages - 1;\n"
+        "    if (next < steps) load_stage(",
+        EMULATION_TESTS,
+        ("-k", "data_races"),
+    ),
+    Mutant(
         "triton: softmax without its max shift",
         TRITON_KERNELS,
         "prob = tl.exp(score - col_max[None, :]) / col_sum[None, :]",

@@ -25,10 +25,13 @@ int main(int argc, char** argv) {
   const int e = dtype_bytes(dtype);
   std::printf(
       "{\"head_splits\": %d, \"tail_splits\": %d, \"head_chunk_rows\": %d, \"tiles\": "
-      "{\"head\": [%d, %d], \"conv\": [%d, %d], \"tail\": [%d, %d], \"bk\": %d, "
-      "\"value_stages\": %d}, \"launches\": [",
-      plan.head_splits, plan.tail_splits, chunk_rows(p.n_vars, plan.head_splits, 1), kHeadRows,
-      kHeadCols, kConvRows, kConvCols, kTailRows, kTailCols, operand_bk(e), kValueStages);
+      "{\"conv\": [%d, %d], \"conv_stages\": %d, \"conv_halo\": [%d, %d, %d], \"tail\": "
+      "[%d, %d], \"tail_score_stages\": %d, \"bk\": %d, \"value_stages\": %d}, "
+      "\"launches\": [",
+      plan.head_splits, plan.tail_splits, head_chunk(p.n_vars, plan.head_splits), kConvRows,
+      kConvCols, kConvStages, conv_halo(e, false), conv_halo(e, true),
+      conv_halo(e, true, kTailCols / 2), kTailRows, kTailCols, kTailScoreStages, operand_bk(e),
+      kValueStages);
   for (int i = 0; i < kLaunches; ++i) {
     std::printf("%s{\"name\": \"%s\", \"kernel\": \"%s\", \"blocks\": %lld, \"threads\": %d, "
                 "\"smem_bytes\": %d}",
