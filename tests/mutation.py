@@ -44,8 +44,8 @@ TRITON_CONFORMANCE_TESTS = ("tests/ops/test_conformance.py",)
 TRITON_ENV = (("TRITON_INTERPRET", "1"),)
 
 
-# The tail's per-tile stats store through the merge kernel's loop (csrc/cuda), and the
-# same with the merge chained through the stats launch: each stats block folds the
+# The tail's per-tile stats store through the merge of the output kernel (csrc/cuda), and
+# the same with the merge chained through the stats launch: each stats block folds the
 # previous N tile's (already folded) stats into its own and the merge reads the last
 # tile's, which is right only if the blocks of tile n - 1 ran before those of tile n.
 TAIL_MERGE = """\
@@ -68,17 +68,24 @@ TAIL_MERGE_CHAINED = """\
 }
 """
 MERGE_ALL_TILES = """\
-    float m_all = -INFINITY;
-    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
-    float sum = 0.f;
-    for (int t = 0; t < tiles; ++t) {
-      const float2 s = st[static_cast<int64_t>(t) * D];
-      if (s.x != -INFINITY) sum += s.y * expf(s.x - m_all);
+  float m_all = -INFINITY;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
+  }
+  float sum = 0.f;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
     }
+  }
 """
 MERGE_LAST_TILE = """\
-    const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
-    const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
+  const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
+  const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
 """
 
 
@@ -195,8 +202,8 @@ MUTANTS = [
     Mutant(
         "cuda: split merge ignores one split's maximum",
         "csrc/cuda/score_attention_kernels.cu",
-        "for (int t = 0; t < tiles; ++t) m_all = max_nan(",
-        "for (int t = 1; t < tiles; ++t) m_all = max_nan(",
+        "for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(",
+        "for (int u = 1; u < kMergeBatch; ++u) m_all = max_nan(",
         EMULATION_TESTS,
         (),
     ),

@@ -161,11 +161,12 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         )
 
     if name == "head":
-        # Its epilogue stores the fp32 partial sums: no loads.
+        # Its epilogue stores the fp32 partial sums, or with one split h1 (its bias loads).
+        splits = plan["head_splits"]
         return dict(
-            phases=(),
+            phases=() if splits > 1 else ((1, rows * e),),
             **conv(plan["head_chunk_rows"], False),
-            hbm_bytes=x_bytes + C1 * N * k * e + plan["head_splits"] * act * 4,
+            hbm_bytes=x_bytes + C1 * N * k * e + (splits * act * 4 if splits > 1 else act * e),
         )
     if name == "head_reduce":
         per_thread = _cdiv(act, launch["blocks"] * threads)  # grid-stride iterations
@@ -207,22 +208,19 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
             return fields
         value_steps = _cdiv(D, bk)
         value_fill = (plan["tiles"]["value_stages"] - 1, 0)  # the value GEMM's own pipeline
+        # Its columns' statistics merged over the row tiles: a max pass, then a sum pass,
+        # each in steps of merge_batch tiles loaded at once.
+        batch = plan["tiles"]["merge_batch"]
+        merge = (2 * _cdiv(tiles, batch), cols * 8 * batch)
         fields.update(
-            # the merged statistics first; after the value GEMM, x again for the residual
-            phases=((1, cols * 8), second_fill, x_pass, value_fill, x_pass),
+            # the merge first; after the value GEMM, x again for the residual
+            phases=(merge, second_fill, x_pass, value_fill, x_pass),
             async_steps=2 * steps + value_steps,
             macs=score_macs + value_steps * rows * cols * bk,
             # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics
-            hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * D * 8,
+            hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * tiles * D * 8,
         )
         return fields
-    if name == "tail_merge":
-        per_thread = _cdiv(B * D, launch["blocks"] * threads)
-        return dict(
-            phases=((per_thread * 2 * tiles, threads * 8),),  # a max pass, then a sum pass
-            macs=0,
-            hbm_bytes=B * tiles * D * 8 + B * D * 8,
-        )
     raise ValueError(f"{name}: no work description for this CUDA launch")
 
 
@@ -257,6 +255,8 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
             plan = launch_plan(out_dir, dtype, batch, n_vars, d_model, kernel, sms)
             launches = []
             for launch in plan["launches"]:
+                if launch["blocks"] == 0:  # not launched for this problem
+                    continue
                 transposed = launch["name"] in ("dec0", "dec1")
                 fn = _function(resources, launch["kernel"], dtype, kernel, transposed)
                 res = resources[fn]

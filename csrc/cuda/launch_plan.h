@@ -30,8 +30,12 @@ struct Plan {
 // Tiles
 // ---------------------------------------------------------------------------------
 
+// The tail: 64 x 128 tiles of 8 warps, two CTAs per SM (shared memory at most about 87
+// KiB per CTA, kTailBlocksPerSm of them within an H100's 228 KiB, one within the 99 KiB
+// of sm_86/sm_89 GPUs).
 constexpr int kTailThreads = 256;       // 8 warps, 4 x 2 over the tile
-constexpr int kTailRows = 128;          // variates per tail CTA (BLOCK_N)
+constexpr int kTailBlocksPerSm = 2;     // the tail kernels' __launch_bounds__ minimum
+constexpr int kTailRows = 64;           // variates per tail CTA (BLOCK_N)
 constexpr int kTailCols = 128;          // contiguous output columns per tail CTA (BLOCK_D)
 constexpr int kTailLd = kTailCols + 4;  // fp32 row stride of the score/probability tile
 constexpr int kValueStages = 3;         // cp.async pipeline depth of the value projection
@@ -48,6 +52,7 @@ constexpr int kConvStages = 3;
 // KiB), so the head's split-K grid runs in one wave.
 constexpr int kHeadBlocksPerSm = 2;
 constexpr int kReduceThreads = 256;
+constexpr int kMergeBatch = 8;  // row tiles' statistics the tail's merge loads at once
 constexpr int64_t kMaxHeadSplits = 32;
 
 constexpr int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
@@ -170,8 +175,8 @@ inline Plan make_plan(const Problem& p, int sm_count) {
 // Launches
 // ---------------------------------------------------------------------------------
 
-// One launch: its kernel's name, blocks (one-dimensional grid), threads per block and
-// dynamic shared memory bytes per block.
+// One launch: its kernel's name, blocks (one-dimensional grid; 0: not launched), threads
+// per block and dynamic shared memory bytes per block.
 struct Launch {
   const char* kernel;
   int64_t blocks;
@@ -181,9 +186,9 @@ struct Launch {
 
 // Every launch of one call, in launch order (kLaunches of them).
 struct LaunchPlan {
-  Launch head, head_reduce, enc1, enc2, dec0, dec1, tail_stats, tail_merge, tail_output;
+  Launch head, head_reduce, enc1, enc2, dec0, dec1, tail_stats, tail_output;
 };
-constexpr int kLaunches = 9;
+constexpr int kLaunches = 8;
 
 // Blocks of a grid-stride elementwise launch over `total` elements.
 inline int64_t elementwise_blocks(int64_t total) {
@@ -205,14 +210,15 @@ inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype)
   const int64_t tail = tail_blocks(p);
   LaunchPlan lp;
   lp.head = conv("head_kernel", D / 2, C1, false, plan.head_splits);
-  lp.head_reduce = {"head_reduce_kernel", elementwise_blocks(B * C1 * padded_length(D / 2, e)),
+  // One head split stores h1 itself; more are summed by the reduce launch.
+  lp.head_reduce = {"head_reduce_kernel",
+                    plan.head_splits > 1 ? elementwise_blocks(B * C1 * padded_length(D / 2, e)) : 0,
                     kReduceThreads, 0};
   lp.enc1 = conv("conv_kernel", D / 4, C2, false, 1);
   lp.enc2 = conv("conv_kernel", D / 8, D, false, 1);
   lp.dec0 = conv("conv_kernel", D / 8, C2, true, 1);
   lp.dec1 = conv("conv_kernel", D / 4, C1, true, 1);
   lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads, tail_smem_bytes(e, k, false)};
-  lp.tail_merge = {"tail_merge_kernel", elementwise_blocks(B * D), kReduceThreads, 0};
   lp.tail_output = {"tail_output_kernel", tail, kTailThreads, tail_smem_bytes(e, k, true)};
   return lp;
 }

@@ -83,7 +83,7 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   const size_t smem_needed = gpu::shared_memory_bytes(dtype);
   TORCH_CHECK(static_cast<size_t>(smem_optin) >= smem_needed, "the CUDA kernels need ", smem_needed,
               " bytes of shared memory per block; this GPU allows ", smem_optin,
-              " (A100/H100-class GPUs are supported; use backend=\"triton\" here)");
+              " (sm_80 and newer GPUs allow at least 99 KiB; use backend=\"triton\" here)");
   const gpu::Plan plan = gpu::make_plan(problem, sm_count);
   at::Tensor y = at::empty_like(x);
   at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, plan))},

@@ -432,9 +432,27 @@ __device__ void conv_gemm(TiledMma const& mma, Acc& acc, const ConvArgs<T>& a, c
   __syncthreads();
 }
 
+// out[b, co, pos] = relu(acc + bias[co]) in T for pos < lout, 0 for pos in [lout, out_ld)
+// (the row padding), for the CTA's tile: pos = t.col0 + col, or 2 · (t.col0 + col) + t.r
+// for a transposed conv's output parity t.r.
+template <bool kTransposed, typename T, class TiledMma, class Acc>
+__device__ void store_activation(TiledMma const& mma, Acc const& acc, const ConvArgs<T>& a,
+                                 const ConvTile& t) {
+  T* out_b = a.out + static_cast<int64_t>(t.b) * a.cout * a.out_ld;
+  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
+    const int co = t.row0 + m;
+    const int pos = kTransposed ? 2 * (t.col0 + col) + t.r : t.col0 + col;
+    if (co < a.cout && pos < a.out_ld) {
+      out_b[static_cast<int64_t>(co) * a.out_ld + pos] =
+          T(pos < a.lout ? relu(v + to_float(a.bias[co])) : 0.f);
+    }
+  });
+}
+
 // Stage 1, the encoder head: partial[s, b, c, t] = Σ_{n in split s} Σ_j w0[c, n, j] ·
-// x[b, n, 2t + j - p] (c < C1, t < D/2), a stride-2 conv over the variates as channels.
-// Blocks: (t tile, c tile, split, batch).
+// x[b, n, 2t + j - p] (c < C1, t < D/2), a stride-2 conv over the variates as channels;
+// with one split, h1 = relu(partial + bias) in T directly (store_activation; no reduce
+// launch). Blocks: (t tile, c tile, split, batch).
 template <typename T, int kTaps>
 __global__ void __launch_bounds__(kConvThreads) head_kernel(ConvArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
@@ -445,6 +463,10 @@ __global__ void __launch_bounds__(kConvThreads) head_kernel(ConvArgs<T> a) {
   clear(acc);
   conv_gemm<T, kTaps, false, kConvRows, kConvCols, kConvStages>(mma, acc, a, t, c_begin, c_end,
                                                                 reinterpret_cast<T*>(smem));
+  if (a.splits == 1) {
+    store_activation<false>(mma, acc, a, t);
+    return;
+  }
   float* out = a.partial + (static_cast<int64_t>(t.split) * a.batch + t.b) * a.cout * a.lout;
   for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
     const int c = t.row0 + m, pos = t.col0 + col;
@@ -487,15 +509,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_kernel(ConvArgs<T> a) {
   clear(acc);
   conv_gemm<T, kTaps, kTransposed, kConvRows, kConvCols, kConvStages>(mma, acc, a, t, 0, a.cin,
                                                                       reinterpret_cast<T*>(smem));
-  T* out_b = a.out + static_cast<int64_t>(t.b) * a.cout * a.out_ld;
-  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
-    const int co = t.row0 + m;
-    const int pos = kTransposed ? 2 * (t.col0 + col) + t.r : t.col0 + col;
-    if (co < a.cout && pos < a.out_ld) {
-      out_b[static_cast<int64_t>(co) * a.out_ld + pos] =
-          T(pos < a.lout ? relu(v + to_float(a.bias[co])) : 0.f);
-    }
-  });
+  store_activation<kTransposed>(mma, acc, a, t);
 }
 
 // ---------------------------------------------------------------------------------
@@ -505,7 +519,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_kernel(ConvArgs<T> a) {
 // Arguments of the tail kernels. h5: [B, D/4, h5_ld] (relu(dec1) output, T, rows of D/2
 // values padded to h5_ld); w2: the dec2 weight [C1, N, k] packed per tap (launch_plan.h,
 // rows of w2_row elements); b2: [N]; wv: [D, D]; bv: [D]; stats: [B, n_tiles, D] (max,
-// Σexp) per row tile; merged: [B, D] (max, 1/Σexp) over all rows.
+// Σexp) per row tile.
 template <typename T>
 struct TailArgs {
   const T* x;
@@ -516,7 +530,6 @@ struct TailArgs {
   const T* bv;
   T* y;
   float2* stats;
-  float2* merged;
   int N, D, n_tiles, h5_ld, w2_row;
 };
 
@@ -605,7 +618,7 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
 // stats[b, n_tile, o] = (max, Σ exp(S - max)) of the scores of the CTA's rows, for its
 // columns. Blocks: (column tile, row tile, batch).
 template <typename T, int kTaps>
-__global__ void __launch_bounds__(kTailThreads) tail_stats_kernel(TailArgs<T> a) {
+__global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm) tail_stats_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
   float* P = reinterpret_cast<float*>(smem);
   T* ops = reinterpret_cast<T*>(smem + kTailPBytes);
@@ -625,35 +638,47 @@ __global__ void __launch_bounds__(kTailThreads) tail_stats_kernel(TailArgs<T> a)
   }
 }
 
-// merged[b, o] = (max over the row tiles, 1 / Σ_tiles sum · exp(max_tile - max)). A tile
-// with no finite score has (-inf, 0) and contributes nothing; NaN propagates. For a
-// column of -inf scores 1/0 = inf, and the output's exp(NaN) then gives NaN, as the
-// reference's softmax does. One thread per (b, o).
-__global__ void __launch_bounds__(kReduceThreads)
-    tail_merge_kernel(const float2* __restrict__ stats, float2* __restrict__ merged, int B, int D,
-                      int tiles) {
-  const int64_t total = static_cast<int64_t>(B) * D;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / D, o = i % D;
-    const float2* st = stats + b * tiles * D + o;
-    float m_all = -INFINITY;
-    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
-    float sum = 0.f;
-    for (int t = 0; t < tiles; ++t) {
-      const float2 s = st[static_cast<int64_t>(t) * D];
-      if (s.x != -INFINITY) sum += s.y * expf(s.x - m_all);
+// The merged statistics of column o of batch element b, (max over the row tiles, 1 /
+// Σ_tiles sum · exp(max_tile - max)), from stats [B, tiles, D]. A tile with no finite
+// score has (-inf, 0) and contributes nothing; NaN propagates. For a column of -inf
+// scores 1/0 = inf, and the output's exp(NaN) then gives NaN, as the reference's softmax
+// does. Every tile in a fixed order, whichever block asks.
+__device__ inline float2 merged_column_stats(const float2* stats, int b, int o, int D, int tiles) {
+  const float2* st = stats + static_cast<int64_t>(b) * tiles * D + o;
+  // The statistics of kMergeBatch tiles from t0, all loaded before any is used; past the
+  // last tile (-inf, 0), which adds nothing.
+  float2 s[kMergeBatch];
+  auto load_batch = [&](int t0) {
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      s[u] = t0 + u < tiles ? st[static_cast<int64_t>(t0 + u) * D] : make_float2(-INFINITY, 0.f);
     }
-    merged[i] = make_float2(m_all, 1.f / sum);
+  };
+  float m_all = -INFINITY;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
   }
+  float sum = 0.f;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
+    }
+  }
+  return make_float2(m_all, 1.f / sum);
 }
 
 // y[b, n, o] = exp(S[n, o] - max[o]) / Σ[o] · (bv[o] + Σ_d x[b, n, d] · wv[o, d]) + x[b, n, o]
-// for the CTA's rows and columns: the probabilities into P (scores recomputed), the value
-// tile as one streamed 128 x 128 GEMM (K = D), P ⊙ (V + bv) in place, then a row-major
-// pass adding x and writing y (16-byte vectors). Blocks: (column tile, row tile, batch).
+// for the CTA's rows and columns: its columns' statistics merged over the row tiles, the
+// probabilities into P (scores recomputed), the value tile as one streamed kTailRows x
+// kTailCols GEMM (K = D), P ⊙ (V + bv) in place, then a row-major pass adding x and
+// writing y (16-byte vectors). Blocks: (column tile, row tile, batch).
 template <typename T, int kTaps>
-__global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a) {
+__global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
+    tail_output_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
   float* P = reinterpret_cast<float*>(smem);
   float2* col = reinterpret_cast<float2*>(smem + kTailRows * kTailLd * 4);
@@ -661,7 +686,7 @@ __global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a
   const int N = a.N, D = a.D;
   const TailTile t = tail_tile(N, D, a.n_tiles);
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads)
-    col[o] = a.merged[static_cast<int64_t>(t.b) * D + t.o0 + o];
+    col[o] = merged_column_stats(a.stats, t.b, t.o0 + o, D, a.n_tiles);
   __syncthreads();
   tail_scores<T, kTaps>(a, t, P, ops,
                         [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
@@ -712,10 +737,10 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 int64_t round_floats(int64_t n) { return (n + 31) / 32 * 32; }
 
 // The workspace: head partials [head_splits, B, C1, D/2] fp32, then the activations h1..h5
-// in T with padded rows (launch_plan.h), then the tail's stats [B, tail_splits, D] and
-// merged [B, D] (float2). Each region starts on 128 bytes.
+// in T with padded rows (launch_plan.h), then the tail's stats [B, tail_splits, D]
+// (float2). Each region starts on 128 bytes.
 struct Workspace {
-  int64_t partial, act[5], stats, merged, total;  // offsets and total, in floats
+  int64_t partial, act[5], stats, total;  // offsets and total, in floats
 };
 
 // Rows and logical lengths of h1..h5: h1 [C1, D/2], h2 [C2, D/4], h3 [D, D/8],
@@ -740,9 +765,7 @@ Workspace workspace_layout(const Problem& p, const Plan& plan, int elem_bytes) {
     at += round_floats(ceil_div(B * rows * padded_length(length, elem_bytes) * elem_bytes, 4));
   }
   w.stats = at;
-  at += round_floats(2 * B * plan.tail_splits * D);
-  w.merged = at;
-  at += 2 * B * D;
+  at += 2 * B * plan.tail_splits * D;
   w.total = at;
   return w;
 }
@@ -770,7 +793,6 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     ld[i] = static_cast<int>(padded_length(length, e));
   }
   float2* stats = reinterpret_cast<float2*>(prm.workspace + ws.stats);
-  float2* merged = reinterpret_cast<float2*>(prm.workspace + ws.merged);
 
   // Grids and shared memory: the plan (launch_plan.h); its grids fit int (problem_supported).
   const LaunchPlan lp = plan_launches(prm.problem, prm.plan, prm.dtype);
@@ -795,16 +817,19 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
                        1,
                        cin};
   };
-  // 1. head (split over the variates), then the reduce: h1 = relu(Σ partials + bias)
+  // 1. head (split over the variates), then, for more than one split, the reduce:
+  //    h1 = relu(Σ partials + bias)
   {
-    ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, nullptr, C1, D / 2, 0);
+    ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, h[0], C1, D / 2, ld[0]);
     args.splits = head_splits;
     args.chunk = head_chunk(N, head_splits);
     const int smem = lp.head.smem_bytes;
     if ((err = allow_smem(head_kernel<T, kTaps>, smem)) != cudaSuccess) return err;
     head_kernel<T, kTaps><<<blocks(lp.head), kConvThreads, smem, stream>>>(args);
-    head_reduce_kernel<T><<<blocks(lp.head_reduce), kReduceThreads, 0, stream>>>(
-        partial, w(kEnc0Bias), h[0], B, C1, D / 2, ld[0], head_splits);
+    if (lp.head_reduce.blocks > 0) {
+      head_reduce_kernel<T><<<blocks(lp.head_reduce), kReduceThreads, 0, stream>>>(
+          partial, w(kEnc0Bias), h[0], B, C1, D / 2, ld[0], head_splits);
+    }
   }
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
@@ -825,7 +850,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     conv_kernel<T, kTaps, true><<<blocks(lp.dec0), kConvThreads, smem_t, stream>>>(dec0);
     conv_kernel<T, kTaps, true><<<blocks(lp.dec1), kConvThreads, smem_t, stream>>>(dec1);
   }
-  // 3. tail: row-tile stats, their merge, output
+  // 3. tail: row-tile stats, then the output (which merges its columns' stats)
   {
     const TailArgs<T> args{x,
                            h[4],
@@ -835,7 +860,6 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
                            w(kValueBias),
                            y,
                            stats,
-                           merged,
                            N,
                            D,
                            n_tiles,
@@ -846,8 +870,6 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     if ((err = allow_smem(tail_stats_kernel<T, kTaps>, stats_smem)) != cudaSuccess) return err;
     if ((err = allow_smem(tail_output_kernel<T, kTaps>, output_smem)) != cudaSuccess) return err;
     tail_stats_kernel<T, kTaps><<<blocks(lp.tail_stats), kTailThreads, stats_smem, stream>>>(args);
-    tail_merge_kernel<<<blocks(lp.tail_merge), kReduceThreads, 0, stream>>>(stats, merged, B, D,
-                                                                            n_tiles);
     tail_output_kernel<T, kTaps>
         <<<blocks(lp.tail_output), kTailThreads, output_smem, stream>>>(args);
   }

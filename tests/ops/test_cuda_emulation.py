@@ -91,7 +91,7 @@ def host_source(cu_source: str) -> str:
         '#include "shim.h"\n#include "shim_cute.h"\n#include "score_attention_kernels.h"',
     )
     s = s.replace("#include <cuda_runtime.h>", "").replace("#include <mma.h>", "")
-    s = re.sub(r"__launch_bounds__\(\w+\)", "", s)
+    s = re.sub(r"__launch_bounds__\([\w, ]+\)", "", s)
     s = re.sub(
         r"^(\s*)__shared__\s+(?:alignas\((\w+)\)\s+)?([^;]*);", _shared_declaration, s, flags=re.M
     )
@@ -300,15 +300,15 @@ def test_shape_limits_of_the_kernels(driver, shape, verdict):
     assert verdict in result.stdout, result.stdout
 
 
-def test_shared_memory_fits_a100_and_h100(driver):
+def test_shared_memory_fits_sm86_a100_and_h100(driver):
     # gpu::shared_memory_bytes, which the binding checks against the device's opt-in limit:
-    # the largest block (the tail's output kernel at k = 7) must fit an A100 (163 KiB per
-    # block).
+    # the largest block (the tail's output kernel at k = 7) must fit the 99 KiB per block
+    # of sm_86/sm_89 GPUs, and so an A100 (163 KiB) and an H100 (227 KiB).
     result = subprocess.run([driver, "limits", "1", "1", "8", "1"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     sizes = re.search(r"shared_memory_bytes: (\d+) (\d+) (\d+)", result.stdout)
     assert sizes, result.stdout
-    assert all(48 * 1024 < int(b) <= 163 * 1024 for b in sizes.groups()), result.stdout
+    assert all(48 * 1024 < int(b) <= 99 * 1024 for b in sizes.groups()), result.stdout
 
 
 def test_emulated_kernels_have_no_data_races(tmp_path):
