@@ -17,9 +17,10 @@ struct Sizes {
 
 // Checks ranks, sizes, dtypes, devices and contiguity; returns the problem sizes. An
 // empty batch (B = 0) passes: the implementations return an empty result for it. With
-// dec2_any_layout the layout of dec2_weight is left to the caller (the CUDA kernels take
-// it contiguous or as a view of a packed [N, k, C1] tensor).
-inline Sizes check_args(const at::Tensor& x, const Weights& w, bool dec2_any_layout = false) {
+// conv_any_layout the layouts of the six conv weights are left to the caller (the CUDA
+// binding takes them contiguous or as views of the packed tensors the cuda backend
+// prepares, and packs any other layout itself).
+inline Sizes check_args(const at::Tensor& x, const Weights& w, bool conv_any_layout = false) {
   TORCH_CHECK(x.dim() == 3, "x: expected a 3-D tensor [batch, n_vars, d_model], received shape ",
               x.sizes());
   TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0,
@@ -53,7 +54,9 @@ inline Sizes check_args(const at::Tensor& x, const Weights& w, bool dec2_any_lay
                 x.scalar_type(), " (that of x), received ", w[i].scalar_type());
     TORCH_CHECK(w[i].device() == x.device(), kWeightNames[i], ": expected device ", x.device(),
                 " (that of x), received ", w[i].device());
-    TORCH_CHECK(w[i].is_contiguous() || (dec2_any_layout && i == kDec2Weight), kWeightNames[i],
+    const bool conv = i == kEnc0Weight || i == kEnc1Weight || i == kEnc2Weight ||
+                      i == kDec0Weight || i == kDec1Weight || i == kDec2Weight;
+    TORCH_CHECK(w[i].is_contiguous() || (conv_any_layout && conv), kWeightNames[i],
                 ": expected a contiguous tensor");
   }
   return {B, N, D, k, k / 2};

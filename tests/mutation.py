@@ -46,8 +46,8 @@ TRITON_BACKWARD_KERNELS = "casa_kernels/ops/triton_kernels/backward_kernels.py"
 TRITON_BACKWARD_TESTS = ("tests/ops/test_triton_backward.py",)
 
 
-# The tail's per-tile stats store through the merge kernel's loop (csrc/cuda), and the
-# same with the merge chained through the stats launch: each stats block folds the
+# The tail's per-tile stats store through the merge of the output kernel (csrc/cuda), and
+# the same with the merge chained through the stats launch: each stats block folds the
 # previous N tile's (already folded) stats into its own and the merge reads the last
 # tile's, which is right only if the blocks of tile n - 1 ran before those of tile n.
 TAIL_MERGE = """\
@@ -70,17 +70,24 @@ TAIL_MERGE_CHAINED = """\
 }
 """
 MERGE_ALL_TILES = """\
-    float m_all = -INFINITY;
-    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
-    float sum = 0.f;
-    for (int t = 0; t < tiles; ++t) {
-      const float2 s = st[static_cast<int64_t>(t) * D];
-      if (s.x != -INFINITY) sum += s.y * expf(s.x - m_all);
+  float m_all = -INFINITY;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
+  }
+  float sum = 0.f;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
     }
+  }
 """
 MERGE_LAST_TILE = """\
-    const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
-    const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
+  const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
+  const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
 """
 
 
@@ -197,8 +204,8 @@ MUTANTS = [
     Mutant(
         "cuda: split merge ignores one split's maximum",
         "csrc/cuda/score_attention_kernels.cu",
-        "for (int t = 0; t < tiles; ++t) m_all = max_nan(",
-        "for (int t = 1; t < tiles; ++t) m_all = max_nan(",
+        "for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(",
+        "for (int u = 1; u < kMergeBatch; ++u) m_all = max_nan(",
         EMULATION_TESTS,
         (),
     ),
@@ -245,6 +252,35 @@ MUTANTS = [
         TRITON_BACKWARD_TESTS,
         ("-k", "every_gradient and fp32"),
         TRITON_ENV,
+    ),
+    Mutant(
+        "cuda: conv halo tile reads left of the row start",
+        "csrc/cuda/score_attention_kernels.cu",
+        "const bool ok = c < c_end && pos >= 0 && pos < a.in_ld;",
+        "const bool ok = c < c_end && pos < a.in_ld;",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: activation row padding written with values, not zeros",
+        "csrc/cuda/score_attention_kernels.cu",
+        "T(pos < a.lout ? relu(v + to_float(a.bias[co])) : 0.f);",
+        "T(relu(v + to_float(a.bias[co])));",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: conv pipeline stage refilled without the barrier",
+        "csrc/cuda/score_attention_kernels.cu",
+        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
+        "    __syncthreads();               // everyone's have; everyone is done with step - 1\n"
+        "    const int next = step + kStages - 1;\n"
+        "    if (next < steps) load_stage(",
+        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
+        "    const int next = step + kStages - 1;\n"
+        "    if (next < steps) load_stage(",
+        EMULATION_TESTS,
+        ("-k", "data_races"),
     ),
     Mutant(
         "triton: softmax without its max shift",

@@ -52,15 +52,22 @@ MATH_AND_COPIES = """
         /*18a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*18b0*/                   EXIT ;
 """
-RES_USAGE = """
+_PREFIX = "_ZN4casa3gpu59_GLOBAL__N__score_attention_kernels_cu_"
+RES_USAGE = f"""
 Resource usage:
  Common:
   GLOBAL:11 CONSTANT[4]:88
- Function _ZN4casa3gpu59_GLOBAL__N__score_attention_kernels_cu_11head_kernelIN7cutlass10bfloat16_tEEEvPKT_S7_Pfiiiiii:
+ Function {_PREFIX}11head_kernelIN7cutlass10bfloat16_tELi3EEEvNS1_8ConvArgsIT_EE:
   REG:128 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
- Function _ZN4casa3gpu59_GLOBAL__N__score_attention_kernels_cu_11head_kernelIfEEvPKT_S5_Pfiiiiii:
+ Function {_PREFIX}11head_kernelIN7cutlass10bfloat16_tELi5EEEvNS1_8ConvArgsIT_EE:
+  REG:96 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {_PREFIX}11head_kernelIfLi3EEEvNS1_8ConvArgsIT_EE:
   REG:168 STACK:8 SHARED:1024 LOCAL:24 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
- Function _ZN4casa3gpu59_GLOBAL__N__score_attention_kernels_cu_17tail_merge_kernelEPK6float2PS2_iii:
+ Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb0EEEvNS1_8ConvArgsIT_EE:
+  REG:76 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb1EEEvNS1_8ConvArgsIT_EE:
+  REG:72 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {_PREFIX}17tail_merge_kernelEPK6float2PS2_iii:
   REG:32 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:572 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
 
@@ -125,14 +132,22 @@ def test_split_functions_and_resources_by_mangled_name():
     assert list(functions) == ["first_kernel", "second_kernel"]
     assert sass.instruction_mix(functions["second_kernel"]).tensor_core == 2
     resources = sass.parse_resources(RES_USAGE)
-    assert len(resources) == 3
-    bf16 = _function(resources, "head_kernel", "bfloat16")
-    fp32 = _function(resources, "head_kernel", "float32")
+    assert len(resources) == 6
+    bf16 = _function(resources, "head_kernel", "bfloat16", 3, False)
+    fp32 = _function(resources, "head_kernel", "float32", 3, False)
     assert resources[bf16] == sass.Resources(registers=128, stack=0, shared=1024, local=0)
     assert resources[fp32] == sass.Resources(registers=168, stack=8, shared=1024, local=24)
-    assert resources[_function(resources, "tail_merge_kernel", "bfloat16")].registers == 32
-    with pytest.raises(ValueError, match="conv_s2_relu_kernel"):
-        _function(resources, "conv_s2_relu_kernel", "bfloat16")
+    assert resources[_function(resources, "head_kernel", "bfloat16", 5, False)].registers == 96
+    # The conv kernel: by kernel size and by stride-2 / transposed.
+    assert resources[_function(resources, "conv_kernel", "bfloat16", 3, False)].registers == 76
+    assert resources[_function(resources, "conv_kernel", "bfloat16", 3, True)].registers == 72
+    assert (
+        resources[_function(resources, "tail_merge_kernel", "bfloat16", 3, False)].registers == 32
+    )
+    with pytest.raises(ValueError, match="conv_kernel"):
+        _function(resources, "conv_kernel", "bfloat16", 7, False)
+    with pytest.raises(ValueError, match="tail_output_kernel"):
+        _function(resources, "tail_output_kernel", "bfloat16", 3, False)
 
 
 # --- occupancy ----------------------------------------------------------------------

@@ -17,18 +17,21 @@ int main(int argc, char** argv) {
                   std::atoll(argv[5])};
   const Plan plan = make_plan(p, std::atoi(argv[6]));
   const LaunchPlan lp = plan_launches(p, plan, dtype);
-  const Launch* launches[kLaunches] = {&lp.head,  &lp.head_reduce, &lp.enc1,
-                                       &lp.enc2,  &lp.dec0,        &lp.dec1,
-                                       &lp.tail_stats, &lp.tail_merge, &lp.tail_output};
-  const char* names[kLaunches] = {"head", "head_reduce", "enc1", "enc2", "dec0",
-                                  "dec1", "tail_stats", "tail_merge", "tail_output"};
+  const Launch* launches[kLaunches] = {&lp.head, &lp.head_reduce, &lp.enc1,       &lp.enc2,
+                                       &lp.dec0, &lp.dec1,        &lp.tail_stats, &lp.tail_output};
+  const char* names[kLaunches] = {"head", "head_reduce", "enc1",       "enc2",
+                                  "dec0", "dec1",        "tail_stats", "tail_output"};
   const int e = dtype_bytes(dtype);
   std::printf(
       "{\"head_splits\": %d, \"tail_splits\": %d, \"head_chunk_rows\": %d, \"tiles\": "
-      "{\"head\": [%d, %d], \"conv\": [%d, %d], \"tail\": [%d, %d], \"bk\": %d, "
-      "\"value_stages\": %d}, \"launches\": [",
-      plan.head_splits, plan.tail_splits, chunk_rows(p.n_vars, plan.head_splits, 1), kHeadRows,
-      kHeadCols, kConvRows, kConvCols, kTailRows, kTailCols, operand_bk(e), kValueStages);
+      "{\"conv\": [%d, %d], \"conv_stages\": %d, \"conv_halo\": [%d, %d, %d], \"tail\": "
+      "[%d, %d], \"tail_score_stages\": %d, \"bk\": %d, \"value_stages\": %d, "
+      "\"merge_batch\": %d}, "
+      "\"launches\": [",
+      plan.head_splits, plan.tail_splits, head_chunk(p.n_vars, plan.head_splits), kConvRows,
+      kConvCols, kConvStages, conv_halo(e, false), conv_halo(e, true),
+      conv_halo(e, true, kTailCols / 2), kTailRows, kTailCols, kTailScoreStages, operand_bk(e),
+      kValueStages, kMergeBatch);
   for (int i = 0; i < kLaunches; ++i) {
     std::printf("%s{\"name\": \"%s\", \"kernel\": \"%s\", \"blocks\": %lld, \"threads\": %d, "
                 "\"smem_bytes\": %d}",

@@ -29,8 +29,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "csrc" / "cuda" / "score_attention_kernels.cu"
 PLAN_SOURCE = pathlib.Path(__file__).with_name("cuda_plan.cpp")
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-# How a dtype appears in the mangled names of the kernel templates.
-_MANGLED_TYPE = {"float32": "IfE", "float16": "6half_t", "bfloat16": "10bfloat16_t"}
+# Whether the template arguments of a mangled kernel name start with the dtype.
+_MANGLED_TYPE = {
+    "float32": lambda args: args.startswith("If"),
+    "float16": lambda args: args.split("E", 1)[0].endswith("6half_t"),
+    "bfloat16": lambda args: args.split("E", 1)[0].endswith("10bfloat16_t"),
+}
 
 
 class ToolMissing(RuntimeError):
@@ -139,13 +143,30 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     threads = launch["threads"]
     name = launch["name"]
     x_bytes = B * N * D * e
-    if name == "head":
-        rows, cols = plan["tiles"]["head"]
-        steps = _cdiv(plan["head_chunk_rows"] * k, bk)
+    rows, cols = plan["tiles"]["conv"]
+    halo_stride2, halo_transposed, halo_tail = plan["tiles"]["conv_halo"]
+
+    def conv(channels: int, transposed: bool) -> dict:
+        """The conv kernel over ``channels`` input channels: per K step of bk channels, the
+        staged taps' weight tiles and the halo tile by 16-byte cp.async in a
+        conv_stages-deep pipeline, one MMA per tap on them."""
+        taps = max(_taps(k, 0), _taps(k, 1)) if transposed else k
+        halo = halo_transposed if transposed else halo_stride2
+        steps = _cdiv(channels, bk)
         return dict(
-            phases=((steps, (rows + cols) * bk * e),),
-            macs=steps * rows * cols * bk,
-            hbm_bytes=x_bytes + C1 * N * k * e + plan["head_splits"] * act * 4,
+            async_steps=steps,
+            async_bytes_per_step=(taps * rows * bk + bk * halo) * e,
+            stages=plan["tiles"]["conv_stages"],
+            macs=steps * taps * rows * cols * bk,
+        )
+
+    if name == "head":
+        # Its epilogue stores the fp32 partial sums, or with one split h1 (its bias loads).
+        splits = plan["head_splits"]
+        return dict(
+            phases=() if splits > 1 else ((1, rows * e),),
+            **conv(plan["head_chunk_rows"], False),
+            hbm_bytes=x_bytes + C1 * N * k * e + (splits * act * 4 if splits > 1 else act * e),
         )
     if name == "head_reduce":
         per_thread = _cdiv(act, launch["blocks"] * threads)  # grid-stride iterations
@@ -158,56 +179,68 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     layers |= {"dec0": (D, D // 8, C2, True), "dec1": (C2, D // 4, C1, True)}
     if name in layers:
         cin, lin, cout, transposed = layers[name]
-        rows, cols = plan["tiles"]["conv"]
-        depth = cin * (max(_taps(k, 0), _taps(k, 1)) if transposed else k)
-        steps = _cdiv(depth, bk)
         return dict(
-            phases=((steps, (rows + cols) * bk * e),),
-            macs=steps * rows * cols * bk,
+            phases=((1, rows * e),),  # the epilogue's bias loads
+            **conv(cin, transposed),
             hbm_bytes=(B * cin * lin + cout * cin * k + act) * e,
         )
     rows, cols = plan["tiles"]["tail"]
     tiles = plan["tail_splits"]
     if name in ("tail_stats", "tail_output"):
-        score_steps = sum(_cdiv(C1 * _taps(k, r), bk) for r in (0, 1))
-        score = (score_steps, (rows + cols // 2) * bk * e)
+        # The score tile: one conv tile (rows x cols/2) per output parity, each its own
+        # tail_score_stages-deep pipeline of C1 / bk steps; the first fill counts through
+        # the async fields, the second as a phase of one waited step.
+        score_stages = plan["tiles"]["tail_score_stages"]
+        steps = _cdiv(C1, bk)
+        score_macs = sum(steps * _taps(k, r) * rows * (cols // 2) * bk for r in (0, 1))
+        score_bytes = (max(_taps(k, 0), _taps(k, 1)) * rows * bk + bk * halo_tail) * e
+        second_fill = (score_stages - 1, 0)
         x_pass = (1, rows * cols * e)  # the row-major pass adding bias, sigmoid and x
         fields = dict(
-            phases=(score, x_pass),
-            macs=score_steps * rows * (cols // 2) * bk,
+            phases=(second_fill, x_pass),
+            async_steps=2 * steps,
+            async_bytes_per_step=score_bytes,
+            stages=score_stages,
+            macs=score_macs,
             hbm_bytes=x_bytes + act * e + C1 * N * k * e + B * tiles * D * 8,
         )
         if name == "tail_stats":
             return fields
         value_steps = _cdiv(D, bk)
+        value_fill = (plan["tiles"]["value_stages"] - 1, 0)  # the value GEMM's own pipeline
+        # Its columns' statistics merged over the row tiles: a max pass, then a sum pass,
+        # each in steps of merge_batch tiles loaded at once.
+        batch = plan["tiles"]["merge_batch"]
+        merge = (2 * _cdiv(tiles, batch), cols * 8 * batch)
         fields.update(
-            phases=((1, cols * 8), score, x_pass),  # the merged statistics first
-            async_steps=value_steps,
-            async_bytes_per_step=(rows + cols) * bk * e,
-            stages=plan["tiles"]["value_stages"],
-            macs=fields["macs"] + value_steps * rows * cols * bk,
+            # the merge first; after the value GEMM, x again for the residual
+            phases=(merge, second_fill, x_pass, value_fill, x_pass),
+            async_steps=2 * steps + value_steps,
+            macs=score_macs + value_steps * rows * cols * bk,
             # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics
-            hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * D * 8,
+            hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * tiles * D * 8,
         )
         return fields
-    if name == "tail_merge":
-        per_thread = _cdiv(B * D, launch["blocks"] * threads)
-        return dict(
-            phases=((per_thread * 2 * tiles, threads * 8),),  # a max pass, then a sum pass
-            macs=0,
-            hbm_bytes=B * tiles * D * 8 + B * D * 8,
-        )
     raise ValueError(f"{name}: no work description for this CUDA launch")
 
 
-def _function(names, kernel: str, dtype: str) -> str:
-    """The mangled name of ``kernel`` (instantiated for ``dtype`` where templated)."""
-    hits = [n for n in names if f"{len(kernel)}{kernel}" in n]
-    typed = [n for n in hits if _MANGLED_TYPE[dtype] in n.split(kernel, 1)[1]]
-    found = typed or [n for n in hits if "I" not in n.split(kernel, 1)[1][:1]]
+def _function(names, kernel: str, dtype: str, kernel_size: int, transposed: bool) -> str:
+    """The mangled name of ``kernel`` (instantiated for ``dtype``, the kernel size and, for
+    the conv kernel, ``transposed``, where templated on them)."""
+    mark = f"{len(kernel)}{kernel}"
+    hits = [(n, n.split(mark, 1)[1]) for n in names if mark in n]
+    templated = [(n, args) for n, args in hits if args.startswith("I")]
+    if templated:
+        found = [(n, a) for n, a in templated if _MANGLED_TYPE[dtype](a)]
+        if any("Li" in a for _, a in found):
+            found = [(n, a) for n, a in found if f"Li{kernel_size}E" in a]
+        if any("Lb" in a for _, a in found):
+            found = [(n, a) for n, a in found if f"Lb{int(transposed)}E" in a]
+    else:
+        found = hits
     if len(found) != 1:
         raise ValueError(f"{kernel} ({dtype}): expected one compiled function, found {found}")
-    return found[0]
+    return found[0][0]
 
 
 def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
@@ -222,7 +255,10 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
             plan = launch_plan(out_dir, dtype, batch, n_vars, d_model, kernel, sms)
             launches = []
             for launch in plan["launches"]:
-                fn = _function(resources, launch["kernel"], dtype)
+                if launch["blocks"] == 0:  # not launched for this problem
+                    continue
+                transposed = launch["name"] in ("dec0", "dec1")
+                fn = _function(resources, launch["kernel"], dtype, kernel, transposed)
                 res = resources[fn]
                 fields = work(plan, launch, dtype, batch, n_vars, d_model, kernel)
                 launches.append(

@@ -19,7 +19,7 @@ struct Problem {
 };
 
 // How N is split across blocks. head_splits: blocks sharing the N reduction of the
-// encoder head (each at least 32 variates, about two blocks per SM when B is small);
+// encoder head (each at least 32 variates, the grid capped at the resident CTAs);
 // tail_splits: the tail's 128-row tiles, ⌈N/128⌉ (launch_fused_score_attention rejects
 // another value).
 struct Plan {
@@ -30,18 +30,29 @@ struct Plan {
 // Tiles
 // ---------------------------------------------------------------------------------
 
+// The tail: 64 x 128 tiles of 8 warps, two CTAs per SM (shared memory at most about 87
+// KiB per CTA, kTailBlocksPerSm of them within an H100's 228 KiB, one within the 99 KiB
+// of sm_86/sm_89 GPUs).
 constexpr int kTailThreads = 256;       // 8 warps, 4 x 2 over the tile
-constexpr int kTailRows = 128;          // variates per tail CTA (BLOCK_N)
+constexpr int kTailBlocksPerSm = 2;     // the tail kernels' __launch_bounds__ minimum
+constexpr int kTailRows = 64;           // variates per tail CTA (BLOCK_N)
 constexpr int kTailCols = 128;          // contiguous output columns per tail CTA (BLOCK_D)
 constexpr int kTailLd = kTailCols + 4;  // fp32 row stride of the score/probability tile
 constexpr int kValueStages = 3;         // cp.async pipeline depth of the value projection
-constexpr int kHeadThreads = 256;       // head: 128 (channels) x 128 (positions) tiles
-constexpr int kHeadRows = 128;
-constexpr int kHeadCols = 128;
-constexpr int kConvThreads = 128;  // bottleneck: 64 x 64 tiles, 4 warps (2 x 2)
-constexpr int kConvRows = 64;
+constexpr int kTailScoreStages = 2;     // cp.async pipeline depth of the tail's score GEMM
+// The head and the four bottleneck convs share one conv kernel: 32 (output channels) x 64
+// (output positions, per parity for a transposed conv) tiles, 4 warps (2 x 2), a
+// kConvStages-deep cp.async pipeline over K steps of operand_bk input channels.
+constexpr int kConvThreads = 128;
+constexpr int kConvRows = 32;
 constexpr int kConvCols = 64;
+constexpr int kConvStages = 3;
+// Head CTAs planned per SM: the CTAs of the conv kernel resident at once on every
+// supported GPU (its shared memory, at most conv_smem_bytes for k = 7, fits twice in 164
+// KiB), so the head's split-K grid runs in one wave.
+constexpr int kHeadBlocksPerSm = 2;
 constexpr int kReduceThreads = 256;
+constexpr int kMergeBatch = 8;  // row tiles' statistics the tail's merge loads at once
 constexpr int64_t kMaxHeadSplits = 32;
 
 constexpr int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
@@ -60,13 +71,64 @@ constexpr int operand_bytes(int elem_bytes, int rows_a, int rows_b, int stages) 
   return stages * (rows_a + rows_b) * operand_ld(elem_bytes) * elem_bytes;
 }
 
+// Conv kernel sizes. The kernel sizes k instantiated (others are rejected by
+// problem_supported).
+constexpr bool kernel_instantiated(int64_t k) { return k == 1 || k == 3 || k == 5 || k == 7; }
+
+// Taps staged per K step: all k for a stride-2 conv; for a transposed conv the taps of one
+// output parity, at most (k + 1) / 2.
+constexpr int conv_staged_taps(int k, bool transposed) { return transposed ? (k + 1) / 2 : k; }
+
+// Positions of the input halo tile of a CTA with `cols` output positions (per parity for
+// a transposed conv): a stride-2 conv reads 2·cols inputs, a transposed conv cols; plus
+// one 16-byte vector each side (the taps reach at most 3 positions beyond, k <= 7).
+constexpr int conv_halo(int elem_bytes, bool transposed, int cols = kConvCols) {
+  return (transposed ? cols : 2 * cols) + 2 * operand_vec(elem_bytes);
+}
+// Row stride (elements) of the halo tile in shared memory: padded by one vector.
+constexpr int conv_halo_ld(int elem_bytes, bool transposed, int cols = kConvCols) {
+  return conv_halo(elem_bytes, transposed, cols) + operand_vec(elem_bytes);
+}
+// Elements of one pipeline stage of a rows x cols tile: the staged taps' weight tiles
+// [taps][rows][operand_ld] and the halo tile [operand_bk][conv_halo_ld].
+constexpr int conv_stage_elems(int elem_bytes, int k, bool transposed, int rows = kConvRows,
+                               int cols = kConvCols) {
+  return conv_staged_taps(k, transposed) * rows * operand_ld(elem_bytes) +
+         operand_bk(elem_bytes) * conv_halo_ld(elem_bytes, transposed, cols);
+}
+constexpr int conv_smem_bytes(int elem_bytes, int k, bool transposed, int rows = kConvRows,
+                              int cols = kConvCols, int stages = kConvStages) {
+  return stages * conv_stage_elems(elem_bytes, k, transposed, rows, cols) * elem_bytes;
+}
+
 // Shared memory of the tail kernels: the fp32 tile P [kTailRows][kTailLd], the column
-// statistics [kTailCols], then the operand stages.
+// statistics [kTailCols], then the operand stages: the score GEMM's (the last transposed
+// conv per output parity, a kTailRows x kTailCols/2 conv tile, kTailScoreStages deep)
+// or, in the output kernel, the larger of those and the value GEMM's.
 constexpr int kTailPBytes = kTailRows * kTailLd * 4 + kTailCols * 8;
-constexpr int tail_smem_bytes(int elem_bytes, bool with_value) {
-  const int scores = operand_bytes(elem_bytes, kTailRows, kTailCols / 2, 2);
+constexpr int tail_smem_bytes(int elem_bytes, int k, bool with_value) {
+  const int scores =
+      conv_smem_bytes(elem_bytes, k, true, kTailRows, kTailCols / 2, kTailScoreStages);
   const int value = operand_bytes(elem_bytes, kTailRows, kTailCols, kValueStages);
   return kTailPBytes + (with_value && value > scores ? value : scores);
+}
+
+// Layouts in device memory that the conv kernel's 16-byte copies read.
+//
+// Activations (h1..h5, [B, C, L] in the dtype of x): rows padded to padded_length(L)
+// elements, the padding zero (written by the producing kernel), so every 16-byte vector
+// of a row is aligned and reads as the conv's zero padding beyond L.
+//
+// Conv weights, packed per tap (the weight cache prepares them once per weight version,
+// the binding otherwise): element (co, ci, j) of a conv weight [Cout, Cin, k], or (ci,
+// co, j) of a transposed conv weight [Cin, Cout, k], at (j · Cout + co) · packed_row(Cin)
+// + ci, the row padding zero: one [Cout, Cin] matrix per tap, rows 16-byte aligned.
+constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+constexpr int64_t padded_length(int64_t L, int elem_bytes) {
+  return round_up(L, operand_vec(elem_bytes));
+}
+constexpr int64_t packed_row(int64_t cin, int elem_bytes) {
+  return round_up(cin, operand_vec(elem_bytes));
 }
 
 // ---------------------------------------------------------------------------------
@@ -84,7 +146,7 @@ inline int64_t tail_tiles(int64_t N) { return ceil_div(N, kTailRows); }
 
 // Blocks of the head's grid for `splits`.
 inline int64_t head_blocks(const Problem& p, int64_t splits) {
-  return ceil_div(p.d_model / 2, kHeadCols) * ceil_div(p.d_model / 4, kHeadRows) * splits * p.batch;
+  return ceil_div(p.d_model / 2, kConvCols) * ceil_div(p.d_model / 4, kConvRows) * splits * p.batch;
 }
 
 // Blocks of a tail launch.
@@ -92,20 +154,19 @@ inline int64_t tail_blocks(const Problem& p) {
   return ceil_div(p.d_model, kTailCols) * tail_tiles(p.n_vars) * p.batch;
 }
 
-// Splits of N giving about `target` blocks (per_split blocks each), at least
-// `min_rows` rows per split, at most `most` splits, and no empty split.
-inline int64_t choose_splits(int64_t N, int64_t per_split, int64_t target, int64_t min_rows,
-                             int64_t most) {
-  const int64_t wanted = ceil_div(target, per_split);
-  const int64_t splits = std::max<int64_t>(1, std::min({wanted, most, N / min_rows}));
-  return ceil_div(N, chunk_rows(N, splits, 1));
-}
+// Variates per head split: a multiple of the K step (operand_bk of 16-bit types, 32; a
+// multiple of fp32's 16), so every split but the last reads whole, aligned K steps.
+inline int head_chunk(int64_t N, int64_t splits) { return chunk_rows(N, splits, 32); }
 
+// head_splits: the most splits (each at least 32 variates, at most kMaxHeadSplits) whose
+// grid stays within the CTAs resident at once, kHeadBlocksPerSm per SM (one split when
+// the unsplit grid already fills them).
 inline Plan make_plan(const Problem& p, int sm_count) {
-  const int64_t target = 2 * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t resident = kHeadBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t most = std::max<int64_t>(1, resident / head_blocks(p, 1));
+  const int64_t wanted = std::max<int64_t>(1, std::min({most, kMaxHeadSplits, p.n_vars / 32}));
   Plan plan;
-  plan.head_splits =
-      static_cast<int>(choose_splits(p.n_vars, head_blocks(p, 1), target, 32, kMaxHeadSplits));
+  plan.head_splits = static_cast<int>(ceil_div(p.n_vars, head_chunk(p.n_vars, wanted)));
   plan.tail_splits = static_cast<int>(tail_tiles(p.n_vars));
   return plan;
 }
@@ -114,8 +175,8 @@ inline Plan make_plan(const Problem& p, int sm_count) {
 // Launches
 // ---------------------------------------------------------------------------------
 
-// One launch: its kernel's name, blocks (one-dimensional grid), threads per block and
-// dynamic shared memory bytes per block.
+// One launch: its kernel's name, blocks (one-dimensional grid; 0: not launched), threads
+// per block and dynamic shared memory bytes per block.
 struct Launch {
   const char* kernel;
   int64_t blocks;
@@ -125,9 +186,9 @@ struct Launch {
 
 // Every launch of one call, in launch order (kLaunches of them).
 struct LaunchPlan {
-  Launch head, head_reduce, enc1, enc2, dec0, dec1, tail_stats, tail_merge, tail_output;
+  Launch head, head_reduce, enc1, enc2, dec0, dec1, tail_stats, tail_output;
 };
-constexpr int kLaunches = 9;
+constexpr int kLaunches = 8;
 
 // Blocks of a grid-stride elementwise launch over `total` elements.
 inline int64_t elementwise_blocks(int64_t total) {
@@ -136,27 +197,29 @@ inline int64_t elementwise_blocks(int64_t total) {
 
 inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype) {
   const int64_t B = p.batch, D = p.d_model, C1 = D / 4, C2 = D / 2;
-  const int e = dtype_bytes(dtype);
-  const int conv_smem = operand_bytes(e, kConvRows, kConvCols, 2);
-  // A bottleneck conv: column tiles over `cols` output positions (a transposed conv's per
-  // output parity, i.e. its input length), row tiles over `cout` channels, per parity and
-  // batch element.
-  auto conv = [&](const char* name, int64_t cols, int64_t cout, int64_t parities) {
-    return Launch{name, ceil_div(cols, kConvCols) * ceil_div(cout, kConvRows) * parities * B,
-                  kConvThreads, conv_smem};
+  const int e = dtype_bytes(dtype), k = static_cast<int>(p.kernel);
+  // A conv launch: column tiles over `cols` output positions (a transposed conv's per
+  // output parity, i.e. its input length), row tiles over `cout` channels, per parity,
+  // split and batch element.
+  auto conv = [&](const char* name, int64_t cols, int64_t cout, bool transposed, int64_t splits) {
+    return Launch{
+        name,
+        ceil_div(cols, kConvCols) * ceil_div(cout, kConvRows) * (transposed ? 2 : 1) * splits * B,
+        kConvThreads, conv_smem_bytes(e, k, transposed)};
   };
   const int64_t tail = tail_blocks(p);
   LaunchPlan lp;
-  lp.head = {"head_kernel", head_blocks(p, plan.head_splits), kHeadThreads,
-             operand_bytes(e, kHeadRows, kHeadCols, 2)};
-  lp.head_reduce = {"head_reduce_kernel", elementwise_blocks(B * D * D / 8), kReduceThreads, 0};
-  lp.enc1 = conv("conv_s2_relu_kernel", D / 4, C2, 1);
-  lp.enc2 = conv("conv_s2_relu_kernel", D / 8, D, 1);
-  lp.dec0 = conv("conv_transpose_s2_relu_kernel", D / 8, C2, 2);
-  lp.dec1 = conv("conv_transpose_s2_relu_kernel", D / 4, C1, 2);
-  lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads, tail_smem_bytes(e, false)};
-  lp.tail_merge = {"tail_merge_kernel", elementwise_blocks(B * D), kReduceThreads, 0};
-  lp.tail_output = {"tail_output_kernel", tail, kTailThreads, tail_smem_bytes(e, true)};
+  lp.head = conv("head_kernel", D / 2, C1, false, plan.head_splits);
+  // One head split stores h1 itself; more are summed by the reduce launch.
+  lp.head_reduce = {"head_reduce_kernel",
+                    plan.head_splits > 1 ? elementwise_blocks(B * C1 * padded_length(D / 2, e)) : 0,
+                    kReduceThreads, 0};
+  lp.enc1 = conv("conv_kernel", D / 4, C2, false, 1);
+  lp.enc2 = conv("conv_kernel", D / 8, D, false, 1);
+  lp.dec0 = conv("conv_kernel", D / 8, C2, true, 1);
+  lp.dec1 = conv("conv_kernel", D / 4, C1, true, 1);
+  lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads, tail_smem_bytes(e, k, false)};
+  lp.tail_output = {"tail_output_kernel", tail, kTailThreads, tail_smem_bytes(e, k, true)};
   return lp;
 }
 

@@ -1,10 +1,9 @@
 // CUDA implementation of casa::fused_score_attention: the torch side of the kernels
 // in score_attention_kernels.cu (docs/design.md §5, §6).
 //
-// dec2_weight [C1, N, k] may come contiguous or as the view permute(2, 0, 1) of a
-// contiguous [N, k, C1] tensor: the layout the tail's score GEMM reads coalesced, which
-// the cuda backend (casa_kernels/ops/cuda.py) prepares once per weight version through the
-// weight cache. Any other layout is made contiguous here.
+// The six conv weights are read packed per tap (packed_taps): the cuda backend
+// (casa_kernels/ops/backends/cuda.py) packs them once per weight version through the
+// weight cache; other layouts are packed here, on every call.
 //
 // Validates the arguments (check_args, shared with the CPU implementation), allocates
 // y [B, N, D] (dtype of x) and one fp32 workspace (gpu::workspace_floats: O(B·D²),
@@ -24,6 +23,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../score_attention_args.h"
 #include "score_attention_kernels.h"
@@ -41,8 +41,29 @@ gpu::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
+// `weight` ([Cout, Cin, k], or [Cin, Cout, k] when `transposed`) packed per tap as the
+// conv kernel reads it (launch_plan.h): a [k, Cout, packed_row(Cin)] tensor, the row
+// padding zero. A view of such a tensor with the weight's shape (what the cuda backend's
+// weight cache hands over, casa_kernels/ops/backends/cuda.py: packed_taps) is used as it
+// is; any other layout is packed here, on every call.
+at::Tensor packed_taps(const at::Tensor& weight, bool transposed) {
+  const int64_t cout = weight.size(transposed ? 1 : 0), cin = weight.size(transposed ? 0 : 1);
+  const int64_t k = weight.size(2);
+  const int64_t row = gpu::packed_row(cin, static_cast<int>(weight.element_size()));
+  const std::vector<int64_t> strides = transposed ? std::vector<int64_t>{1, row, cout * row}
+                                                  : std::vector<int64_t>{row, 1, cout * row};
+  if (weight.strides() == at::IntArrayRef(strides) &&
+      reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0) {
+    return weight;
+  }
+  at::Tensor packed = at::zeros({k, cout, row}, weight.options());
+  packed.narrow(2, 0, cin).copy_(transposed ? weight.permute({2, 1, 0})
+                                            : weight.permute({2, 0, 1}));
+  return packed;
+}
+
 at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
-  const Sizes s = check_args(x, w, /*dec2_any_layout=*/true);
+  const Sizes s = check_args(x, w, /*conv_any_layout=*/true);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, received device ", x.device());
   if (s.batch == 0) return at::empty_like(x);
   const gpu::DType dtype = kernel_dtype(x.scalar_type());
@@ -62,7 +83,7 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   const size_t smem_needed = gpu::shared_memory_bytes(dtype);
   TORCH_CHECK(static_cast<size_t>(smem_optin) >= smem_needed, "the CUDA kernels need ", smem_needed,
               " bytes of shared memory per block; this GPU allows ", smem_optin,
-              " (A100/H100-class GPUs are supported; use backend=\"triton\" here)");
+              " (sm_80 and newer GPUs allow at least 99 KiB; use backend=\"triton\" here)");
   const gpu::Plan plan = gpu::make_plan(problem, sm_count);
   at::Tensor y = at::empty_like(x);
   at::Tensor workspace = at::empty({static_cast<int64_t>(gpu::workspace_floats(problem, plan))},
@@ -81,11 +102,14 @@ at::Tensor fused_score_attention_cuda(const at::Tensor& x, const Weights& w) {
   params.x = x16.data_ptr();
   for (int i = 0; i < kNumWeights; ++i) params.weights[i] = w[i].data_ptr();
   params.weights[kValueWeight] = value_weight16.data_ptr();
-  const at::Tensor& dec2 = w[kDec2Weight];
-  params.dec2_packed = !dec2.is_contiguous() && dec2.permute({1, 2, 0}).is_contiguous();
-  const at::Tensor dec2_natural =
-      params.dec2_packed || dec2.is_contiguous() ? dec2 : dec2.contiguous();
-  params.weights[kDec2Weight] = dec2_natural.data_ptr();
+  // The conv weights packed per tap; kept alive until the launches are enqueued (the
+  // caching allocator orders any reuse of their memory after them on this stream).
+  const at::Tensor taps[] = {packed_taps(w[kEnc0Weight], false), packed_taps(w[kEnc1Weight], false),
+                             packed_taps(w[kEnc2Weight], false), packed_taps(w[kDec0Weight], true),
+                             packed_taps(w[kDec1Weight], true),  packed_taps(w[kDec2Weight], true)};
+  const WeightIndex tap_weights[] = {kEnc0Weight, kEnc1Weight, kEnc2Weight,
+                                     kDec0Weight, kDec1Weight, kDec2Weight};
+  for (int i = 0; i < 6; ++i) params.weights[tap_weights[i]] = taps[i].data_ptr();
   params.y = y.data_ptr();
   params.workspace = workspace.data_ptr<float>();
   C10_CUDA_CHECK(

@@ -1,23 +1,25 @@
-// CUDA kernels of casa::fused_score_attention (v2: the split-N design of docs/design.md
-// §5 on CuTe building blocks); see score_attention_kernels.h for the stage list and the
-// launcher contract. No torch headers here.
+// CUDA kernels of casa::fused_score_attention (v3: the split-N design of docs/design.md
+// §5 on CuTe building blocks, every operand brought by 16-byte async copies); see
+// score_attention_kernels.h for the stage list and the launcher contract. No torch
+// headers here.
 //
 // Every GEMM is a CTA tile computed by a CuTe TiledMMA with fp32 accumulators:
-// * fp16/bf16 operands on sm_80+ (the sm_80 and sm_90a builds): mma.sync tensor-core
-//   atoms (SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN), warps tiled
-//   over the CTA tile;
+// * fp16/bf16 operands on sm_80+ (the sm_80, sm_86 and sm_90a builds): mma.sync
+//   tensor-core atoms (SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN),
+//   warps tiled over the CTA tile;
 // * fp32 operands: a scalar fp32 multiply-add atom (ScalarFma) on the CUDA cores, so fp32
 //   results keep fp32 accuracy (no TF32);
 // * under the host emulation (tests/ops/test_cuda_emulation.py, no __CUDA_ARCH__): the
 //   scalar atom for every dtype, products and sums in fp32 like the tensor cores.
-// The operand tiles reach shared memory in one of two ways:
-// * gathered (gather_gemm): implicit-GEMM operands of the convolutions, read with bounds
-//   masks straight from the tensors (no im2col buffer) by SIMT loads into two shared
-//   stages, the next K step loaded while the tensor cores work on the current one;
+// The operand tiles reach shared memory by 16-byte cp.async copies in multi-stage
+// pipelines (plain 16-byte copies under the emulation), in one of two ways:
+// * conv tiles (conv_gemm): the convolutions (the head, the bottleneck, the tail's score
+//   GEMM) as implicit GEMMs with no im2col buffer: per K step of input channels, the
+//   weights of every tap (packed per tap once per weight version, launch_plan.h) and one
+//   contiguous halo tile of the input rows; each tap is an MMA on the halo tile at its
+//   shared-memory offset; the kernel size k is a template parameter (1, 3, 5, 7);
 // * streamed (stream_gemm): plain K-major matrices (the value projection's x rows and
-//   value-weight rows), 16-byte cp.async copies (SM80_CP_ASYNC_CACHEALWAYS) in a
-//   three-stage pipeline, out-of-range vectors zero-filled; UniversalCopy (a plain
-//   16-byte copy) under the emulation.
+//   value-weight rows), out-of-range vectors zero-filled.
 // Epilogues address the accumulators through the TiledMMA's partition of an identity
 // tensor (for_each_acc), so the same code serves every atom.
 //
@@ -203,47 +205,6 @@ __device__ inline void for_each_acc(TiledMma const& mma, Acc const& acc, F&& f) 
   for (int i = 0; i < size(acc); ++i) f(get<0>(coords(i)), get<1>(coords(i)), acc(i));
 }
 
-// acc += Σ_{g < K} A(m, g) · B(n, g) over the kBM x kBN tile, A(m, g) = load_a(m, g) and
-// B(n, g) = load_b(n, g) (T, zero outside the problem). The loaders are called with the
-// K index fastest across threads when a_k_fast/b_k_fast (operands contiguous in K), else
-// the row index. `smem`: operand_bytes(sizeof(T), kBM, kBN, 2) bytes. Synchronises the block
-// after its last use of `smem` (so the caller may reuse it); reads nothing else shared.
-template <typename T, int kBM, int kBN, class TiledMma, class Acc, class LoadA, class LoadB>
-__device__ void gather_gemm(TiledMma const& mma, Acc& acc, int K, const LoadA& load_a,
-                            bool a_k_fast, const LoadB& load_b, bool b_k_fast, T* smem) {
-  constexpr int kBK = Tiling<T>::kBK;
-  constexpr int kThreads = decltype(size(mma))::value;
-  Tensor sA = make_tensor(make_smem_ptr(smem), operand_layout<T, kBM, 2>());
-  Tensor sB = make_tensor(make_smem_ptr(smem + cosize(operand_layout<T, kBM, 2>())),
-                          operand_layout<T, kBN, 2>());
-  auto fill = [&](int k0, int stage) {
-    for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
-      const int m = a_k_fast ? e / kBK : e % kBM, kk = a_k_fast ? e % kBK : e / kBM;
-      sA(m, kk, stage) = k0 + kk < K ? load_a(m, k0 + kk) : T(0.f);
-    }
-    for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
-      const int n = b_k_fast ? e / kBK : e % kBN, kk = b_k_fast ? e % kBK : e / kBN;
-      sB(n, kk, stage) = k0 + kk < K ? load_b(n, k0 + kk) : T(0.f);
-    }
-  };
-  auto thr = mma.get_slice(threadIdx.x);
-  Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K, stage)
-  Tensor tCsB = thr.partition_B(sB);
-  Tensor tCrA = thr.partition_fragment_A(sA(_, _, 0));
-  Tensor tCrB = thr.partition_fragment_B(sB(_, _, 0));
-  const int steps = ceil_div_int(K, kBK);
-  if (steps > 0) fill(0, 0);
-  __syncthreads();
-  for (int step = 0; step < steps; ++step) {
-    // Stage (step + 1) & 1 was last read in step - 1, which ended with a barrier.
-    if (step + 1 < steps) fill((step + 1) * kBK, (step + 1) & 1);
-    copy(tCsA(_, _, _, step & 1), tCrA);
-    copy(tCsB(_, _, _, step & 1), tCrB);
-    gemm(mma, tCrA, tCrB, acc);
-    __syncthreads();
-  }
-}
-
 // acc += A · Bᵀ over the kBM x kBN tile: A = rows [0, a_rows) of a, B = rows [0, b_rows)
 // of b, both row-major with K columns (K a multiple of Tiling<T>::kVec, rows 16-byte
 // aligned); rows beyond a_rows / b_rows read as zero. 16-byte cp.async copies in a
@@ -314,163 +275,251 @@ __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_row
 }
 
 // ---------------------------------------------------------------------------------
-// Stage 1: encoder head
+// Stages 1 and 2: the conv kernel (the encoder head and the four bottleneck convs)
 // ---------------------------------------------------------------------------------
 
-// partial[s, b, c, t] = Σ_{n in split s} Σ_j w0[c, n, j] · x[b, n, 2t + j - p],
-// c < C1 = D/4, t < D/2. Blocks: (t tile, c tile, split, batch), flattened.
+// dst[0, 16 bytes) <- src[0, 16 bytes) if valid, else zeros; asynchronous (cp.async,
+// completed by cp_async_wait) on sm_80+, a plain copy elsewhere. src is dereferenced only
+// when valid.
+__device__ inline void copy16_async(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src),
+               "r"(valid ? 16 : 0));
+#else
+  if (valid) {
+    memcpy(dst, src, 16);
+  } else {
+    memset(dst, 0, 16);
+  }
+#endif
+}
+
+// One conv layer (or the head's split of it), in T with fp32 accumulation:
+//   stride 2:      out[co, t] = Σ_{ci, j} w[co, ci, j] · in[ci, 2t + j - p]
+//   transposed, output parity r (stride 2, output_padding 1):
+//                  out[co, 2u + r] = Σ_ci Σ_{j ≡ r+p (mod 2)} w[ci, co, j] · in[ci, u + (r+p-j)/2]
+// in: [B, cin, in_ld] rows of in_ld elements (16-byte aligned, zero beyond lin when in_ld >
+// lin); w: packed per tap (launch_plan.h), rows of w_row elements; out: [B, cout, out_ld] in
+// T with relu(· + bias) and zeros in [lout, out_ld), or, for the head, fp32 partial sums
+// [splits, B, cout, lout] of the input channels [s · chunk, (s + 1) · chunk).
 template <typename T>
-__global__ void __launch_bounds__(kHeadThreads)
-    head_kernel(const T* __restrict__ x, const T* __restrict__ w0, float* __restrict__ partial,
-                int B, int N, int D, int k, int splits, int n_chunk) {
-  CASA_DYNAMIC_SMEM(smem);
-  const int C1 = D / 4, L1 = D / 2, p = k / 2;
-  const int tiles_t = ceil_div_int(L1, kHeadCols), tiles_c = ceil_div_int(C1, kHeadRows);
+struct ConvArgs {
+  const T* in;
+  const T* w;
+  const T* bias;
+  T* out;
+  float* partial;
+  int batch, cin, lin, in_ld, cout, lout, out_ld, w_row, splits, chunk;
+};
+
+// The CTA's tile of blockIdx.x: (column tile, row tile, parity, split, batch), flattened
+// column fastest. Columns are output positions (per parity for a transposed conv).
+struct ConvTile {
+  int col0, row0, r, split, b;
+};
+
+__device__ inline ConvTile conv_tile(int cols, int rows, int parities, int splits) {
+  const int tiles_c = ceil_div_int(cols, kConvCols), tiles_r = ceil_div_int(rows, kConvRows);
   int idx = blockIdx.x;
-  const int tt = idx % tiles_t;
-  idx /= tiles_t;
-  const int tc = idx % tiles_c;
+  ConvTile t;
+  t.col0 = idx % tiles_c * kConvCols;
   idx /= tiles_c;
-  const int s = idx % splits;
-  const int b = idx / splits;
-  const int t0 = tt * kHeadCols, c0 = tc * kHeadRows;
-  const int n_begin = min(N, s * n_chunk), n_end = min(N, n_begin + n_chunk);
-  const int K = (n_end - n_begin) * k, g0 = n_begin * k;
-  const T* x_b = x + static_cast<int64_t>(b) * N * D;
+  t.row0 = idx % tiles_r * kConvRows;
+  idx /= tiles_r;
+  t.r = idx % parities;
+  idx /= parities;
+  t.split = idx % splits;
+  t.b = idx / splits;
+  return t;
+}
 
-  auto load_a = [&](int m, int g) -> T {
-    const int c = c0 + m;
-    return c < C1 ? w0[static_cast<int64_t>(c) * N * k + g0 + g] : T(0.f);
-  };
-  auto load_b = [&](int col, int g) -> T {
-    const int t = t0 + col, n = (g0 + g) / k, j = (g0 + g) % k, pos = 2 * t + j - p;
-    return (t < L1 && pos >= 0 && pos < D) ? x_b[static_cast<int64_t>(n) * D + pos] : T(0.f);
-  };
-  auto mma = make_block_mma<T, 4, 2>();
-  Tensor acc = partition_fragment_C(mma, make_shape(Int<kHeadRows>{}, Int<kHeadCols>{}));
-  clear(acc);
-  gather_gemm<T, kHeadRows, kHeadCols>(mma, acc, K, load_a, true, load_b, false,
-                                       reinterpret_cast<T*>(smem));
+// The shared-memory shape of a conv tile's stages (launch_plan.h).
+template <typename T, int kTaps, bool kTransposed, int kRows, int kCols>
+struct ConvShape {
+  static constexpr int kStaged = conv_staged_taps(kTaps, kTransposed);
+  static constexpr int kHalo = conv_halo(static_cast<int>(sizeof(T)), kTransposed, kCols);
+  static constexpr int kLdH = conv_halo_ld(static_cast<int>(sizeof(T)), kTransposed, kCols);
+  static constexpr int kStage =
+      conv_stage_elems(static_cast<int>(sizeof(T)), kTaps, kTransposed, kRows, kCols);
+};
 
-  float* out = partial + (static_cast<int64_t>(s) * B + b) * C1 * L1;
-  for_each_acc<kHeadRows, kHeadCols>(mma, acc, [&](int m, int col, float v) {
-    const int c = c0 + m, t = t0 + col;
-    if (c < C1 && t < L1) out[static_cast<int64_t>(c) * L1 + t] = v;
+// acc += the CTA's kRows x kCols tile (output channels from t.row0, output positions from
+// t.col0, per parity t.r for a transposed conv) of the conv over input channels
+// [c_begin, c_end), taps kTaps. Per K step of kBK input channels, one pipeline stage
+// holds the staged taps' weight tiles [tap][kRows][kBK] and the halo tile [kBK][halo
+// positions] of the input rows, each brought by 16-byte copies (zero-filled outside the
+// rows, the channels and the output channels), kStages deep; the taps are then kBK-deep MMAs on the
+// same halo tile at their shared-memory offsets (stride 2 along the positions for a stride-2 conv).
+// Synchronises the block after its last use of `smem`.
+template <typename T, int kTaps, bool kTransposed, int kRows, int kCols, int kStages,
+          class TiledMma, class Acc>
+__device__ void conv_gemm(TiledMma const& mma, Acc& acc, const ConvArgs<T>& a, const ConvTile& t,
+                          int c_begin, int c_end, T* smem) {
+  using Shape = ConvShape<T, kTaps, kTransposed, kRows, kCols>;
+  constexpr int e = static_cast<int>(sizeof(T));
+  constexpr int kVec = Tiling<T>::kVec, kBK = Tiling<T>::kBK, kLdA = Tiling<T>::kLd;
+  constexpr int kStaged = Shape::kStaged, kHalo = Shape::kHalo, kLdH = Shape::kLdH;
+  constexpr int kStageA = kStaged * kRows * kLdA;
+  constexpr int kStage = Shape::kStage;
+  constexpr int kStep = kTransposed ? 1 : 2;  // halo positions per output position
+  constexpr int kThreads = decltype(size(mma))::value;
+  static_assert(kBK % kVec == 0 && kHalo % kVec == 0 && (kLdA * e) % 16 == 0 &&
+                    (kLdH * e) % 16 == 0 && (kStage * e) % 16 == 0,
+                "16-byte aligned shared rows and stages");
+  static_assert(kTaps / 2 <= kVec, "the halo reaches p = k / 2 positions past the tile");
+
+  const ParityTaps taps(kTaps, t.r, kTaps / 2);
+  const int n_taps = kTransposed ? taps.count : kTaps;
+  // Weight row of staged tap i: the tap j it stands for; halo offset of tap i.
+  auto tap_of = [&](int i) { return kTransposed ? taps.tap(i) : i; };
+  auto tap_offset = [&](int i) { return kVec + (kTransposed ? taps.shift(i) : i - kTaps / 2); };
+  const T* in_b = a.in + static_cast<int64_t>(t.b) * a.cin * a.in_ld;
+  const int pos0 = kStep * t.col0 - kVec;  // first halo position, a multiple of kVec
+
+  auto load_stage = [&](int step, int stage) {
+    const int c0 = c_begin + step * kBK;
+    T* sa = smem + stage * kStage;
+    T* sb = sa + kStageA;
+    constexpr int kRowVecs = kBK / kVec;
+    for (int v = threadIdx.x; v < kStaged * kRows * kRowVecs; v += kThreads) {
+      const int i = v / (kRows * kRowVecs), m = v / kRowVecs % kRows, cv = v % kRowVecs;
+      const int co = t.row0 + m, c = c0 + cv * kVec;
+      const bool ok = i < n_taps && co < a.cout && c < c_end;
+      const T* src = a.w + (static_cast<int64_t>(tap_of(i)) * a.cout + co) * a.w_row + c;
+      copy16_async(sa + (i * kRows + m) * kLdA + cv * kVec, ok ? src : a.w, ok);
+    }
+    constexpr int kHaloVecs = kHalo / kVec;
+    for (int v = threadIdx.x; v < kBK * kHaloVecs; v += kThreads) {
+      const int kk = v / kHaloVecs, c = c0 + kk, pos = pos0 + v % kHaloVecs * kVec;
+      const bool ok = c < c_end && pos >= 0 && pos < a.in_ld;
+      const T* src = in_b + static_cast<int64_t>(c) * a.in_ld + pos;
+      copy16_async(sb + kk * kLdH + v % kHaloVecs * kVec, ok ? src : a.in, ok);
+    }
+  };
+
+  auto thr = mma.get_slice(threadIdx.x);
+  const auto a_layout =
+      make_layout(make_shape(Int<kRows>{}, Int<kBK>{}), make_stride(Int<kLdA>{}, _1{}));
+  const auto b_layout =
+      make_layout(make_shape(Int<kCols>{}, Int<kBK>{}), make_stride(Int<kStep>{}, Int<kLdH>{}));
+  Tensor tCrA = thr.partition_fragment_A(make_tensor(make_smem_ptr(smem), a_layout));
+  Tensor tCrB = thr.partition_fragment_B(make_tensor(make_smem_ptr(smem), b_layout));
+  const int steps = ceil_div_int(c_end - c_begin, kBK);
+  CUTE_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_stage(s, s);
+    cp_async_fence();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();               // everyone's have; everyone is done with step - 1
+    const int next = step + kStages - 1;
+    if (next < steps) load_stage(next, next % kStages);  // the stage step - 1 read
+    cp_async_fence();
+    const T* sa = smem + step % kStages * kStage;
+    const T* sb = sa + kStageA;
+    CUTE_UNROLL
+    for (int i = 0; i < kStaged; ++i) {
+      if (i < n_taps) {
+        copy(thr.partition_A(make_tensor(make_smem_ptr(sa + i * kRows * kLdA), a_layout)), tCrA);
+        copy(thr.partition_B(make_tensor(make_smem_ptr(sb + tap_offset(i)), b_layout)), tCrB);
+        gemm(mma, tCrA, tCrB, acc);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// out[b, co, pos] = relu(acc + bias[co]) in T for pos < lout, 0 for pos in [lout, out_ld)
+// (the row padding), for the CTA's tile: pos = t.col0 + col, or 2 · (t.col0 + col) + t.r
+// for a transposed conv's output parity t.r.
+template <bool kTransposed, typename T, class TiledMma, class Acc>
+__device__ void store_activation(TiledMma const& mma, Acc const& acc, const ConvArgs<T>& a,
+                                 const ConvTile& t) {
+  T* out_b = a.out + static_cast<int64_t>(t.b) * a.cout * a.out_ld;
+  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
+    const int co = t.row0 + m;
+    const int pos = kTransposed ? 2 * (t.col0 + col) + t.r : t.col0 + col;
+    if (co < a.cout && pos < a.out_ld) {
+      out_b[static_cast<int64_t>(co) * a.out_ld + pos] =
+          T(pos < a.lout ? relu(v + to_float(a.bias[co])) : 0.f);
+    }
   });
 }
 
-// h1[b, c, t] = relu(bias[c] + Σ_s partial[s, b, c, t]) in T; one thread per element.
+// Stage 1, the encoder head: partial[s, b, c, t] = Σ_{n in split s} Σ_j w0[c, n, j] ·
+// x[b, n, 2t + j - p] (c < C1, t < D/2), a stride-2 conv over the variates as channels;
+// with one split, h1 = relu(partial + bias) in T directly (store_activation; no reduce
+// launch). Blocks: (t tile, c tile, split, batch).
+template <typename T, int kTaps>
+__global__ void __launch_bounds__(kConvThreads) head_kernel(ConvArgs<T> a) {
+  CASA_DYNAMIC_SMEM(smem);
+  const ConvTile t = conv_tile(a.lout, a.cout, 1, a.splits);
+  const int c_begin = min(a.cin, t.split * a.chunk), c_end = min(a.cin, c_begin + a.chunk);
+  auto mma = make_block_mma<T, 2, 2>();
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
+  clear(acc);
+  conv_gemm<T, kTaps, false, kConvRows, kConvCols, kConvStages>(mma, acc, a, t, c_begin, c_end,
+                                                                reinterpret_cast<T*>(smem));
+  if (a.splits == 1) {
+    store_activation<false>(mma, acc, a, t);
+    return;
+  }
+  float* out = a.partial + (static_cast<int64_t>(t.split) * a.batch + t.b) * a.cout * a.lout;
+  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
+    const int c = t.row0 + m, pos = t.col0 + col;
+    if (c < a.cout && pos < a.lout) out[static_cast<int64_t>(c) * a.lout + pos] = v;
+  });
+}
+
+// h1[b, c, t] = relu(bias[c] + Σ_s partial[s, b, c, t]) in T for t < L1, 0 for t in
+// [L1, ld) (the row padding); one thread per element of h1 [B, C1, ld].
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     head_reduce_kernel(const float* __restrict__ partial, const T* __restrict__ bias,
-                       T* __restrict__ h1, int B, int C1, int L1, int splits) {
-  const int64_t total = static_cast<int64_t>(B) * C1 * L1;
+                       T* __restrict__ h1, int B, int C1, int L1, int ld, int splits) {
+  const int64_t total = static_cast<int64_t>(B) * C1 * ld,
+                per_split = static_cast<int64_t>(B) * C1 * L1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>((i / L1) % C1);
-    float v = to_float(bias[c]);
-    for (int s = 0; s < splits; ++s) v += partial[s * total + i];
+    const int64_t row = i / ld;  // b * C1 + c
+    const int pos = static_cast<int>(i % ld);
+    float v = 0.f;
+    if (pos < L1) {
+      v = to_float(bias[row % C1]);
+      for (int s = 0; s < splits; ++s) v += partial[s * per_split + row * L1 + pos];
+    }
     h1[i] = T(relu(v));
   }
 }
 
-// ---------------------------------------------------------------------------------
-// Stage 2: bottleneck (activations in T, tensor cores for fp16/bf16, fp32 accumulation)
-// ---------------------------------------------------------------------------------
-
-// out[b, co, t] = relu(bias[co] + Σ_{ci, j} w[co, ci, j] · in[b, ci, 2t + j - p]);
-// in: [B, Cin, Lin], out: [B, Cout, Lin/2]. Blocks: (t tile, co tile, batch).
-template <typename T>
-__global__ void __launch_bounds__(kConvThreads)
-    conv_s2_relu_kernel(const T* __restrict__ in, const T* __restrict__ w,
-                        const T* __restrict__ bias, T* __restrict__ out, int Cin, int Lin, int Cout,
-                        int k) {
+// Stage 2, a bottleneck layer (activations in T, tensor cores for fp16/bf16, fp32
+// accumulation): out = relu(conv(in) + bias), a stride-2 conv or (kTransposed) a
+// stride-2 transposed conv, written with its row padding zeroed. Blocks: (position tile,
+// channel tile, parity (transposed only), batch).
+template <typename T, int kTaps, bool kTransposed>
+__global__ void __launch_bounds__(kConvThreads) conv_kernel(ConvArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
-  const int Lout = Lin / 2, p = k / 2;
-  const int tiles_t = ceil_div_int(Lout, kConvCols), tiles_c = ceil_div_int(Cout, kConvRows);
-  int idx = blockIdx.x;
-  const int tt = idx % tiles_t;
-  idx /= tiles_t;
-  const int tc = idx % tiles_c;
-  const int b = idx / tiles_c;
-  const int t0 = tt * kConvCols, c0 = tc * kConvRows;
-  const T* in_b = in + static_cast<int64_t>(b) * Cin * Lin;
-
-  auto load_a = [&](int m, int g) -> T {
-    const int co = c0 + m;
-    return co < Cout ? w[static_cast<int64_t>(co) * Cin * k + g] : T(0.f);
-  };
-  auto load_b = [&](int col, int g) -> T {
-    const int t = t0 + col, ci = g / k, pos = 2 * t + g % k - p;
-    return (t < Lout && pos >= 0 && pos < Lin) ? in_b[static_cast<int64_t>(ci) * Lin + pos]
-                                               : T(0.f);
-  };
+  const int cols = kTransposed ? a.lin : a.lout;
+  const ConvTile t = conv_tile(cols, a.cout, kTransposed ? 2 : 1, 1);
   auto mma = make_block_mma<T, 2, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
   clear(acc);
-  gather_gemm<T, kConvRows, kConvCols>(mma, acc, Cin * k, load_a, true, load_b, false,
-                                       reinterpret_cast<T*>(smem));
-
-  T* out_b = out + static_cast<int64_t>(b) * Cout * Lout;
-  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
-    const int co = c0 + m, t = t0 + col;
-    if (co < Cout && t < Lout)
-      out_b[static_cast<int64_t>(co) * Lout + t] = T(relu(v + to_float(bias[co])));
-  });
-}
-
-// out[b, co, 2u + r] = relu(bias[co] + Σ_ci Σ_{j ≡ r+p} w[ci, co, j] · in[b, ci, u + (r+p-j)/2]);
-// the transposed conv (stride 2, padding p, output_padding 1). in: [B, Cin, Lin],
-// w: [Cin, Cout, k], out: [B, Cout, 2·Lin]. Blocks: (u tile, co tile, parity r, batch).
-template <typename T>
-__global__ void __launch_bounds__(kConvThreads)
-    conv_transpose_s2_relu_kernel(const T* __restrict__ in, const T* __restrict__ w,
-                                  const T* __restrict__ bias, T* __restrict__ out, int Cin, int Lin,
-                                  int Cout, int k) {
-  CASA_DYNAMIC_SMEM(smem);
-  const int Lout = 2 * Lin;
-  const int tiles_u = ceil_div_int(Lin, kConvCols), tiles_c = ceil_div_int(Cout, kConvRows);
-  int idx = blockIdx.x;
-  const int tu = idx % tiles_u;
-  idx /= tiles_u;
-  const int tc = idx % tiles_c;
-  idx /= tiles_c;
-  const int r = idx % 2;
-  const int b = idx / 2;
-  const int u0 = tu * kConvCols, c0 = tc * kConvRows;
-  const ParityTaps taps(k, r, k / 2);
-  const T* in_b = in + static_cast<int64_t>(b) * Cin * Lin;
-
-  auto load_a = [&](int m, int g) -> T {
-    const int co = c0 + m, ci = g / taps.count, j = taps.tap(g % taps.count);
-    return co < Cout ? w[(static_cast<int64_t>(ci) * Cout + co) * k + j] : T(0.f);
-  };
-  auto load_b = [&](int col, int g) -> T {
-    const int u = u0 + col, ci = g / taps.count, pos = u + taps.shift(g % taps.count);
-    return (u < Lin && pos >= 0 && pos < Lin) ? in_b[static_cast<int64_t>(ci) * Lin + pos] : T(0.f);
-  };
-  auto mma = make_block_mma<T, 2, 2>();
-  Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
-  clear(acc);
-  gather_gemm<T, kConvRows, kConvCols>(mma, acc, Cin * taps.count, load_a, false, load_b, false,
-                                       reinterpret_cast<T*>(smem));
-
-  T* out_b = out + static_cast<int64_t>(b) * Cout * Lout;
-  for_each_acc<kConvRows, kConvCols>(mma, acc, [&](int m, int col, float v) {
-    const int co = c0 + m, u = u0 + col;
-    if (co < Cout && u < Lin)
-      out_b[static_cast<int64_t>(co) * Lout + 2 * u + r] = T(relu(v + to_float(bias[co])));
-  });
+  conv_gemm<T, kTaps, kTransposed, kConvRows, kConvCols, kConvStages>(mma, acc, a, t, 0, a.cin,
+                                                                      reinterpret_cast<T*>(smem));
+  store_activation<kTransposed>(mma, acc, a, t);
 }
 
 // ---------------------------------------------------------------------------------
 // Stage 3: tail, split over N (stats, merge, output)
 // ---------------------------------------------------------------------------------
 
-// Arguments of the tail kernels. h5: [B, D/4, D/2] (relu(dec1) output, T); w2: the dec2
-// weight, element (c, n, j) at c · w2_sc + n · w2_sn + j · w2_sj ([C1, N, k] contiguous, or
-// packed as [N, k, C1], then w2_packed); b2: [N]; wv: [D, D]; bv: [D]; stats:
-// [B, n_tiles, D] (max, Σexp) per row tile; merged: [B, D] (max, 1/Σexp) over all rows.
+// Arguments of the tail kernels. h5: [B, D/4, h5_ld] (relu(dec1) output, T, rows of D/2
+// values padded to h5_ld); w2: the dec2 weight [C1, N, k] packed per tap (launch_plan.h,
+// rows of w2_row elements); b2: [N]; wv: [D, D]; bv: [D]; stats: [B, n_tiles, D] (max,
+// Σexp) per row tile.
 template <typename T>
 struct TailArgs {
   const T* x;
@@ -481,10 +530,7 @@ struct TailArgs {
   const T* bv;
   T* y;
   float2* stats;
-  float2* merged;
-  int N, D, k, n_tiles;
-  int64_t w2_sc, w2_sn, w2_sj;
-  bool w2_packed;
+  int N, D, n_tiles, h5_ld, w2_row;
 };
 
 // The tail CTA of blockIdx.x: batch b, rows [n0, n0 + rows), columns [o0, o0 + cols).
@@ -507,46 +553,63 @@ __device__ inline TailTile tail_tile(int N, int D, int n_tiles) {
   return t;
 }
 
+// The 16-byte vector of T at `src` (16-byte aligned), as kVec values.
+template <typename T>
+struct Vec16 {
+  T v[Tiling<T>::kVec];
+};
+template <typename T>
+__device__ inline Vec16<T> load16(const T* src) {
+  Vec16<T> out;
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  memcpy(&out, &raw, 16);
+  return out;
+}
+template <typename T>
+__device__ inline void store16(T* dst, const Vec16<T>& value) {
+  uint4 raw;
+  memcpy(&raw, &value, 16);
+  *reinterpret_cast<uint4*>(dst) = raw;
+}
+
 // P[m][o] <- finish(m, o, S[n0 + m, o0 + o]) for m < rows, o < cols, where
 //   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ o+p (mod 2)} w2[c, n, j] · h5[b, c, o/2 + (o%2 + p -
-//   j)/2])
-//             + x[b, n, o],
-// the last transposed conv as one gathered GEMM per output parity (kTailRows x
-// kTailCols/2, K = taps(r) · C1, channels fastest) whose raw sums land in P's even or odd
-// columns (the packed w2 is then read coalesced, K fastest across threads), then one
-// row-major pass (coalesced x reads) adding bias, sigmoid and skip. Ends with a barrier.
-template <typename T, class Finish>
+//   j)/2]) + x[b, n, o],
+// the last transposed conv as one conv tile per output parity (kTailRows x kTailCols/2,
+// the conv kernel's pipeline: w2 packed per tap, h5's halo tile, kTailScoreStages deep)
+// whose raw sums land in P's even or odd columns, then one row-major pass (16-byte x
+// reads) adding bias, sigmoid and skip. Ends with a barrier.
+template <typename T, int kTaps, class Finish>
 __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T* ops,
                             const Finish& finish) {
-  const int N = a.N, D = a.D, k = a.k, C1 = D / 4, U = D / 2, u0 = t.o0 / 2;
-  const T* h5_b = a.h5 + static_cast<int64_t>(t.b) * C1 * U;
+  constexpr int kVec = Tiling<T>::kVec;
+  const int N = a.N, D = a.D, C1 = D / 4;
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
+  // The last decoder layer as a conv: C1 -> N channels, D/2 -> D positions.
+  const ConvArgs<T> conv{a.h5,    a.w2, nullptr, nullptr, nullptr,  0, C1, D / 2,
+                         a.h5_ld, N,    D,       0,       a.w2_row, 1, C1};
   auto mma = make_block_mma<T, 4, 2>();
   for (int r = 0; r < 2; ++r) {
-    const ParityTaps taps(k, r, k / 2);
-    auto load_a = [&](int m, int g) -> T {
-      const int n = t.n0 + m, c = g % C1, j = taps.tap(g / C1);
-      return m < t.rows ? a.w2[c * a.w2_sc + n * a.w2_sn + j * a.w2_sj] : T(0.f);
-    };
-    auto load_b = [&](int uu, int g) -> T {
-      const int u = u0 + uu, c = g % C1, pos = u + taps.shift(g / C1);
-      return (u < U && pos >= 0 && pos < U) ? h5_b[static_cast<int64_t>(c) * U + pos] : T(0.f);
-    };
+    const ConvTile tile{t.o0 / 2, t.n0, r, 0, t.b};
     Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols / 2>{}));
     clear(acc);
-    gather_gemm<T, kTailRows, kTailCols / 2>(mma, acc, C1 * taps.count, load_a, a.w2_packed, load_b,
-                                             false, ops);
+    conv_gemm<T, kTaps, true, kTailRows, kTailCols / 2, kTailScoreStages>(mma, acc, conv, tile, 0,
+                                                                          C1, ops);
     for_each_acc<kTailRows, kTailCols / 2>(
         mma, acc, [&](int m, int uu, float v) { P[m * kTailLd + 2 * uu + r] = v; });
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTailRows * kTailCols; e += kTailThreads) {
-    const int m = e / kTailCols, o = e % kTailCols, n = t.n0 + m;
-    if (m < t.rows && o < t.cols) {
-      const float z = P[m * kTailLd + o] + to_float(a.b2[n]);
-      const float s =
-          1.f / (1.f + expf(-z)) + to_float(x_b[static_cast<int64_t>(n) * D + t.o0 + o]);
-      P[m * kTailLd + o] = finish(m, o, s);
+  for (int e = threadIdx.x; e < kTailRows * kTailCols / kVec; e += kTailThreads) {
+    const int m = e / (kTailCols / kVec), o = e % (kTailCols / kVec) * kVec, n = t.n0 + m;
+    if (m < t.rows && o < t.cols) {  // cols is a multiple of kVec (D % 8 == 0)
+      const Vec16<T> xv = load16(x_b + static_cast<int64_t>(n) * D + t.o0 + o);
+      const float bias = to_float(a.b2[n]);
+      CUTE_UNROLL
+      for (int i = 0; i < kVec; ++i) {
+        const float z = P[m * kTailLd + o + i] + bias;
+        const float s = 1.f / (1.f + expf(-z)) + to_float(xv.v[i]);
+        P[m * kTailLd + o + i] = finish(m, o + i, s);
+      }
     }
   }
   __syncthreads();
@@ -554,13 +617,13 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
 
 // stats[b, n_tile, o] = (max, Σ exp(S - max)) of the scores of the CTA's rows, for its
 // columns. Blocks: (column tile, row tile, batch).
-template <typename T>
-__global__ void __launch_bounds__(kTailThreads) tail_stats_kernel(TailArgs<T> a) {
+template <typename T, int kTaps>
+__global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm) tail_stats_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
   float* P = reinterpret_cast<float*>(smem);
   T* ops = reinterpret_cast<T*>(smem + kTailPBytes);
   const TailTile t = tail_tile(a.N, a.D, a.n_tiles);
-  tail_scores(a, t, P, ops, [](int, int, float s) { return s; });
+  tail_scores<T, kTaps>(a, t, P, ops, [](int, int, float s) { return s; });
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads) {
     float mx = -INFINITY;
     for (int m = 0; m < t.rows; ++m) mx = max_nan(mx, P[m * kTailLd + o]);
@@ -575,35 +638,47 @@ __global__ void __launch_bounds__(kTailThreads) tail_stats_kernel(TailArgs<T> a)
   }
 }
 
-// merged[b, o] = (max over the row tiles, 1 / Σ_tiles sum · exp(max_tile - max)). A tile
-// with no finite score has (-inf, 0) and contributes nothing; NaN propagates. For a
-// column of -inf scores 1/0 = inf, and the output's exp(NaN) then gives NaN, as the
-// reference's softmax does. One thread per (b, o).
-__global__ void __launch_bounds__(kReduceThreads)
-    tail_merge_kernel(const float2* __restrict__ stats, float2* __restrict__ merged, int B, int D,
-                      int tiles) {
-  const int64_t total = static_cast<int64_t>(B) * D;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / D, o = i % D;
-    const float2* st = stats + b * tiles * D + o;
-    float m_all = -INFINITY;
-    for (int t = 0; t < tiles; ++t) m_all = max_nan(m_all, st[static_cast<int64_t>(t) * D].x);
-    float sum = 0.f;
-    for (int t = 0; t < tiles; ++t) {
-      const float2 s = st[static_cast<int64_t>(t) * D];
-      if (s.x != -INFINITY) sum += s.y * expf(s.x - m_all);
+// The merged statistics of column o of batch element b, (max over the row tiles, 1 /
+// Σ_tiles sum · exp(max_tile - max)), from stats [B, tiles, D]. A tile with no finite
+// score has (-inf, 0) and contributes nothing; NaN propagates. For a column of -inf
+// scores 1/0 = inf, and the output's exp(NaN) then gives NaN, as the reference's softmax
+// does. Every tile in a fixed order, whichever block asks.
+__device__ inline float2 merged_column_stats(const float2* stats, int b, int o, int D, int tiles) {
+  const float2* st = stats + static_cast<int64_t>(b) * tiles * D + o;
+  // The statistics of kMergeBatch tiles from t0, all loaded before any is used; past the
+  // last tile (-inf, 0), which adds nothing.
+  float2 s[kMergeBatch];
+  auto load_batch = [&](int t0) {
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      s[u] = t0 + u < tiles ? st[static_cast<int64_t>(t0 + u) * D] : make_float2(-INFINITY, 0.f);
     }
-    merged[i] = make_float2(m_all, 1.f / sum);
+  };
+  float m_all = -INFINITY;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
   }
+  float sum = 0.f;
+  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
+    load_batch(t0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
+    }
+  }
+  return make_float2(m_all, 1.f / sum);
 }
 
 // y[b, n, o] = exp(S[n, o] - max[o]) / Σ[o] · (bv[o] + Σ_d x[b, n, d] · wv[o, d]) + x[b, n, o]
-// for the CTA's rows and columns: the probabilities into P (scores recomputed), the value
-// tile as one streamed 128 x 128 GEMM (K = D), P ⊙ (V + bv) in place, then a row-major
-// pass adding x and writing y (coalesced). Blocks: (column tile, row tile, batch).
-template <typename T>
-__global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a) {
+// for the CTA's rows and columns: its columns' statistics merged over the row tiles, the
+// probabilities into P (scores recomputed), the value tile as one streamed kTailRows x
+// kTailCols GEMM (K = D), P ⊙ (V + bv) in place, then a row-major pass adding x and
+// writing y (16-byte vectors). Blocks: (column tile, row tile, batch).
+template <typename T, int kTaps>
+__global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
+    tail_output_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
   float* P = reinterpret_cast<float*>(smem);
   float2* col = reinterpret_cast<float2*>(smem + kTailRows * kTailLd * 4);
@@ -611,9 +686,10 @@ __global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a
   const int N = a.N, D = a.D;
   const TailTile t = tail_tile(N, D, a.n_tiles);
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads)
-    col[o] = a.merged[static_cast<int64_t>(t.b) * D + t.o0 + o];
+    col[o] = merged_column_stats(a.stats, t.b, t.o0 + o, D, a.n_tiles);
   __syncthreads();
-  tail_scores(a, t, P, ops, [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
+  tail_scores<T, kTaps>(a, t, P, ops,
+                        [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
 
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   T* y_b = a.y + static_cast<int64_t>(t.b) * N * D;
@@ -627,11 +703,16 @@ __global__ void __launch_bounds__(kTailThreads) tail_output_kernel(TailArgs<T> a
     if (m < t.rows && o < t.cols) P[m * kTailLd + o] *= v + to_float(a.bv[t.o0 + o]);
   });
   __syncthreads();
-  for (int e = threadIdx.x; e < kTailRows * kTailCols; e += kTailThreads) {
-    const int m = e / kTailCols, o = e % kTailCols;
+  constexpr int kVec = Tiling<T>::kVec;
+  for (int e = threadIdx.x; e < kTailRows * kTailCols / kVec; e += kTailThreads) {
+    const int m = e / (kTailCols / kVec), o = e % (kTailCols / kVec) * kVec;
     if (m < t.rows && o < t.cols) {
       const int64_t at = static_cast<int64_t>(t.n0 + m) * D + t.o0 + o;
-      y_b[at] = T(P[m * kTailLd + o] + to_float(x_b[at]));
+      const Vec16<T> xv = load16(x_b + at);
+      Vec16<T> yv;
+      CUTE_UNROLL
+      for (int i = 0; i < kVec; ++i) yv.v[i] = T(P[m * kTailLd + o + i] + to_float(xv.v[i]));
+      store16(y_b + at, yv);
     }
   }
 }
@@ -655,63 +736,122 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 // Workspace regions, in floats, each a multiple of 32 floats (128 bytes).
 int64_t round_floats(int64_t n) { return (n + 31) / 32 * 32; }
 
-template <typename T>
+// The workspace: head partials [head_splits, B, C1, D/2] fp32, then the activations h1..h5
+// in T with padded rows (launch_plan.h), then the tail's stats [B, tail_splits, D]
+// (float2). Each region starts on 128 bytes.
+struct Workspace {
+  int64_t partial, act[5], stats, total;  // offsets and total, in floats
+};
+
+// Rows and logical lengths of h1..h5: h1 [C1, D/2], h2 [C2, D/4], h3 [D, D/8],
+// h4 [C2, D/4], h5 [C1, D/2].
+inline void activation_shape(int64_t D, int i, int64_t* rows, int64_t* length) {
+  const int64_t rows_of[5] = {D / 4, D / 2, D, D / 2, D / 4};
+  const int64_t length_of[5] = {D / 2, D / 4, D / 8, D / 4, D / 2};
+  *rows = rows_of[i];
+  *length = length_of[i];
+}
+
+Workspace workspace_layout(const Problem& p, const Plan& plan, int elem_bytes) {
+  const int64_t B = p.batch, D = p.d_model;
+  Workspace w{};
+  int64_t at = 0;
+  w.partial = at;
+  at += round_floats(plan.head_splits * B * (D / 4) * (D / 2));
+  for (int i = 0; i < 5; ++i) {
+    int64_t rows, length;
+    activation_shape(D, i, &rows, &length);
+    w.act[i] = at;
+    at += round_floats(ceil_div(B * rows * padded_length(length, elem_bytes) * elem_bytes, 4));
+  }
+  w.stats = at;
+  at += 2 * B * plan.tail_splits * D;
+  w.total = at;
+  return w;
+}
+
+// The launches of one dtype and kernel size, in plan order.
+template <typename T, int kTaps>
 cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
+  constexpr int e = static_cast<int>(sizeof(T));
   const int B = static_cast<int>(prm.problem.batch), N = static_cast<int>(prm.problem.n_vars);
-  const int D = static_cast<int>(prm.problem.d_model), k = static_cast<int>(prm.problem.kernel);
+  const int D = static_cast<int>(prm.problem.d_model);
   const int C1 = D / 4, C2 = D / 2;
   const int head_splits = prm.plan.head_splits, n_tiles = prm.plan.tail_splits;
   auto w = [&](WeightIndex i) { return static_cast<const T*>(prm.weights[i]); };
   const T* x = static_cast<const T*>(prm.x);
   T* y = static_cast<T*>(prm.y);
 
-  const int64_t act = static_cast<int64_t>(B) * D * D / 8;  // every activation is [B, D²/8]
-  const int64_t act_floats = round_floats(act * static_cast<int64_t>(sizeof(T)) / 4 + 1);
-  float* partial = prm.workspace;  // [head_splits, B, C1, D/2] fp32
-  float* next = partial + round_floats(head_splits * act);
-  T* h[5];  // h1 [B, C1, D/2], h2 [B, C2, D/4], h3 [B, D, D/8], h4 [B, C2, D/4], h5 [B, C1, D/2]
-  for (T*& hi : h) {
-    hi = reinterpret_cast<T*>(next);
-    next += act_floats;
+  const Workspace ws = workspace_layout(prm.problem, prm.plan, e);
+  float* partial = prm.workspace + ws.partial;
+  T* h[5];  // h1 .. h5, rows padded to padded_length
+  int ld[5];
+  for (int i = 0; i < 5; ++i) {
+    int64_t rows, length;
+    activation_shape(D, i, &rows, &length);
+    h[i] = reinterpret_cast<T*>(prm.workspace + ws.act[i]);
+    ld[i] = static_cast<int>(padded_length(length, e));
   }
-  float2* stats = reinterpret_cast<float2*>(next);  // [B, n_tiles, D]
-  float2* merged = reinterpret_cast<float2*>(next + round_floats(2LL * B * n_tiles * D));
+  float2* stats = reinterpret_cast<float2*>(prm.workspace + ws.stats);
 
   // Grids and shared memory: the plan (launch_plan.h); its grids fit int (problem_supported).
   const LaunchPlan lp = plan_launches(prm.problem, prm.plan, prm.dtype);
   auto blocks = [](const Launch& launch) { return static_cast<int>(launch.blocks); };
   cudaError_t err = cudaSuccess;
-  // 1. head
+  // A conv layer's arguments: in [B, cin, in_ld] (length lin), weight wi packed per tap.
+  auto conv_args = [&](const T* in, int cin, int lin, int in_ld, WeightIndex wi, WeightIndex bi,
+                       T* out, int cout, int lout, int out_ld) {
+    return ConvArgs<T>{in,
+                       w(wi),
+                       w(bi),
+                       out,
+                       partial,
+                       B,
+                       cin,
+                       lin,
+                       in_ld,
+                       cout,
+                       lout,
+                       out_ld,
+                       static_cast<int>(packed_row(cin, e)),
+                       1,
+                       cin};
+  };
+  // 1. head (split over the variates), then, for more than one split, the reduce:
+  //    h1 = relu(Σ partials + bias)
   {
+    ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, h[0], C1, D / 2, ld[0]);
+    args.splits = head_splits;
+    args.chunk = head_chunk(N, head_splits);
     const int smem = lp.head.smem_bytes;
-    if ((err = allow_smem(head_kernel<T>, smem)) != cudaSuccess) return err;
-    head_kernel<T><<<blocks(lp.head), kHeadThreads, smem, stream>>>(
-        x, w(kEnc0Weight), partial, B, N, D, k, head_splits, chunk_rows(N, head_splits, 1));
-    head_reduce_kernel<T><<<blocks(lp.head_reduce), kReduceThreads, 0, stream>>>(
-        partial, w(kEnc0Bias), h[0], B, C1, D / 2, head_splits);
+    if ((err = allow_smem(head_kernel<T, kTaps>, smem)) != cudaSuccess) return err;
+    head_kernel<T, kTaps><<<blocks(lp.head), kConvThreads, smem, stream>>>(args);
+    if (lp.head_reduce.blocks > 0) {
+      head_reduce_kernel<T><<<blocks(lp.head_reduce), kReduceThreads, 0, stream>>>(
+          partial, w(kEnc0Bias), h[0], B, C1, D / 2, ld[0], head_splits);
+    }
   }
   // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
   //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
   {
-    const int smem = lp.enc1.smem_bytes;  // the same for the four convs
-    if ((err = allow_smem(conv_s2_relu_kernel<T>, smem)) != cudaSuccess) return err;
-    if ((err = allow_smem(conv_transpose_s2_relu_kernel<T>, smem)) != cudaSuccess) return err;
-    conv_s2_relu_kernel<T><<<blocks(lp.enc1), kConvThreads, smem, stream>>>(
-        h[0], w(kEnc1Weight), w(kEnc1Bias), h[1], C1, D / 2, C2, k);
-    conv_s2_relu_kernel<T><<<blocks(lp.enc2), kConvThreads, smem, stream>>>(
-        h[1], w(kEnc2Weight), w(kEnc2Bias), h[2], C2, D / 4, D, k);
-    conv_transpose_s2_relu_kernel<T><<<blocks(lp.dec0), kConvThreads, smem, stream>>>(
-        h[2], w(kDec0Weight), w(kDec0Bias), h[3], D, D / 8, C2, k);
-    conv_transpose_s2_relu_kernel<T><<<blocks(lp.dec1), kConvThreads, smem, stream>>>(
-        h[3], w(kDec1Weight), w(kDec1Bias), h[4], C2, D / 4, C1, k);
+    const int smem = lp.enc1.smem_bytes, smem_t = lp.dec0.smem_bytes;
+    if ((err = allow_smem(conv_kernel<T, kTaps, false>, smem)) != cudaSuccess) return err;
+    if ((err = allow_smem(conv_kernel<T, kTaps, true>, smem_t)) != cudaSuccess) return err;
+    const ConvArgs<T> enc1 =
+        conv_args(h[0], C1, D / 2, ld[0], kEnc1Weight, kEnc1Bias, h[1], C2, D / 4, ld[1]);
+    const ConvArgs<T> enc2 =
+        conv_args(h[1], C2, D / 4, ld[1], kEnc2Weight, kEnc2Bias, h[2], D, D / 8, ld[2]);
+    const ConvArgs<T> dec0 =
+        conv_args(h[2], D, D / 8, ld[2], kDec0Weight, kDec0Bias, h[3], C2, D / 4, ld[3]);
+    const ConvArgs<T> dec1 =
+        conv_args(h[3], C2, D / 4, ld[3], kDec1Weight, kDec1Bias, h[4], C1, D / 2, ld[4]);
+    conv_kernel<T, kTaps, false><<<blocks(lp.enc1), kConvThreads, smem, stream>>>(enc1);
+    conv_kernel<T, kTaps, false><<<blocks(lp.enc2), kConvThreads, smem, stream>>>(enc2);
+    conv_kernel<T, kTaps, true><<<blocks(lp.dec0), kConvThreads, smem_t, stream>>>(dec0);
+    conv_kernel<T, kTaps, true><<<blocks(lp.dec1), kConvThreads, smem_t, stream>>>(dec1);
   }
-  // 3. tail: row-tile stats, their merge, output
+  // 3. tail: row-tile stats, then the output (which merges its columns' stats)
   {
-    // dec2 strides (c, n, j): packed [N, k, C1] or contiguous [C1, N, k].
-    const bool packed = prm.dec2_packed;
-    const int64_t w2_sc = packed ? 1 : static_cast<int64_t>(N) * k;
-    const int64_t w2_sn = packed ? static_cast<int64_t>(k) * C1 : k;
-    const int64_t w2_sj = packed ? C1 : 1;
     const TailArgs<T> args{x,
                            h[4],
                            w(kDec2Weight),
@@ -720,40 +860,44 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
                            w(kValueBias),
                            y,
                            stats,
-                           merged,
                            N,
                            D,
-                           k,
                            n_tiles,
-                           w2_sc,
-                           w2_sn,
-                           w2_sj,
-                           packed};
+                           ld[4],
+                           static_cast<int>(packed_row(C1, e))};
     const int stats_smem = lp.tail_stats.smem_bytes;
     const int output_smem = lp.tail_output.smem_bytes;
-    if ((err = allow_smem(tail_stats_kernel<T>, stats_smem)) != cudaSuccess) return err;
-    if ((err = allow_smem(tail_output_kernel<T>, output_smem)) != cudaSuccess) return err;
-    tail_stats_kernel<T><<<blocks(lp.tail_stats), kTailThreads, stats_smem, stream>>>(args);
-    tail_merge_kernel<<<blocks(lp.tail_merge), kReduceThreads, 0, stream>>>(stats, merged, B, D,
-                                                                            n_tiles);
-    tail_output_kernel<T><<<blocks(lp.tail_output), kTailThreads, output_smem, stream>>>(args);
+    if ((err = allow_smem(tail_stats_kernel<T, kTaps>, stats_smem)) != cudaSuccess) return err;
+    if ((err = allow_smem(tail_output_kernel<T, kTaps>, output_smem)) != cudaSuccess) return err;
+    tail_stats_kernel<T, kTaps><<<blocks(lp.tail_stats), kTailThreads, stats_smem, stream>>>(args);
+    tail_output_kernel<T, kTaps>
+        <<<blocks(lp.tail_output), kTailThreads, output_smem, stream>>>(args);
   }
   return cudaGetLastError();
+}
+
+// launch_typed for the problem's kernel size (problem_supported admits 1, 3, 5, 7).
+template <typename T>
+cudaError_t launch_kernel_size(const Params& params, cudaStream_t stream) {
+  switch (params.problem.kernel) {
+    case 1: return launch_typed<T, 1>(params, stream);
+    case 3: return launch_typed<T, 3>(params, stream);
+    case 5: return launch_typed<T, 5>(params, stream);
+    case 7: return launch_typed<T, 7>(params, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 size_t workspace_floats(const Problem& p, const Plan& plan) {
-  const int64_t B = p.batch, D = p.d_model;
-  const int64_t act = B * D * D / 8;
-  // 2 bytes per element of fp16/bf16 would do; sized for fp32, the widest.
-  const int64_t act_floats = round_floats(act + 1);
-  return static_cast<size_t>(round_floats(plan.head_splits * act) + 5 * act_floats +
-                             round_floats(2 * B * plan.tail_splits * D) + 2 * B * D);
+  return static_cast<size_t>(workspace_layout(p, plan, 4).total);  // fp32, the widest
 }
 
 size_t shared_memory_bytes(DType dtype) {
-  return static_cast<size_t>(tail_smem_bytes(dtype_bytes(dtype), true));
+  const int e = dtype_bytes(dtype);
+  return static_cast<size_t>(std::max(
+      {tail_smem_bytes(e, 7, true), conv_smem_bytes(e, 7, false), conv_smem_bytes(e, 7, true)}));
 }
 
 bool problem_supported(const Problem& p, const char** why) {
@@ -762,6 +906,8 @@ bool problem_supported(const Problem& p, const char** why) {
   if (p.batch < 1 || p.n_vars < 1 || p.d_model < 8 || p.d_model % 8 != 0 || p.kernel < 1 ||
       p.kernel % 2 == 0) {
     reason = "expected batch >= 1, n_vars >= 1, d_model a positive multiple of 8, odd kernel";
+  } else if (!kernel_instantiated(p.kernel)) {
+    reason = "kernel must be 1, 3, 5 or 7 (the kernel sizes the CUDA kernels are built for)";
   } else if (p.n_vars * p.kernel > int_max / 2 || p.d_model > int_max / 4) {
     reason = "n_vars * kernel and d_model must fit 32-bit indices";
   } else if (head_blocks(p, kMaxHeadSplits) > int_max || tail_blocks(p) > int_max) {
@@ -777,14 +923,17 @@ cudaError_t launch_fused_score_attention(const Params& params, cudaStream_t stre
       params.plan.tail_splits != tail_tiles(params.problem.n_vars)) {
     return cudaErrorInvalidValue;
   }
-  if (reinterpret_cast<uintptr_t>(params.x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(params.weights[kValueWeight]) % 16 != 0) {
-    return cudaErrorMisalignedAddress;  // the value GEMM's 16-byte cp.async copies
+  // The 16-byte cp.async copies of the conv kernel and of the value GEMM.
+  for (const void* ptr :
+       {params.x, params.weights[kValueWeight], params.weights[kEnc0Weight],
+        params.weights[kEnc1Weight], params.weights[kEnc2Weight], params.weights[kDec0Weight],
+        params.weights[kDec1Weight], params.weights[kDec2Weight]}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
   }
   switch (params.dtype) {
-    case DType::kFloat32: return launch_typed<float>(params, stream);
-    case DType::kFloat16: return launch_typed<half_t>(params, stream);
-    case DType::kBFloat16: return launch_typed<bfloat16_t>(params, stream);
+    case DType::kFloat32: return launch_kernel_size<float>(params, stream);
+    case DType::kFloat16: return launch_kernel_size<half_t>(params, stream);
+    case DType::kBFloat16: return launch_kernel_size<bfloat16_t>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

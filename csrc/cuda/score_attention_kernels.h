@@ -8,19 +8,25 @@
 //   x, y: [B, N, D]; weights indexed by casa::WeightIndex (csrc/weight_index.h), all
 //   of the dtype of x. Accumulation is fp32 for every dtype.
 //
-// Stages, each a kernel launch on `stream` (v2: CuTe TiledMMAs, see the .cu):
+// Stages, each a kernel launch on `stream` (v3, see the .cu; tiles and layouts in
+// launch_plan.h):
 //   1. head:        h1 = relu(conv(x, enc0) + b)        [B, C1, D/2] in the dtype of x; the N
-//                   reduction split over `head_splits` blocks into fp32 partials (128 x 128
-//                   tiles), then a reduce kernel adds bias and ReLU;
-//   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1) in the dtype of x, O(B·D²), 64 x 64
-//                   tiles (tensor cores for fp16/bf16, fp32 accumulation);
-//   3. tail:        split over N into `tail_splits` = ⌈N/128⌉ row tiles; CTAs = B × row tiles
-//                   × ⌈D/128⌉ column tiles. A stats launch writes each tile's column
-//                   (max, Σexp) [B, tail_splits, D], a merge launch combines them
-//                   (log-sum-exp) into [B, D], and an output launch recomputes the score tile
-//                   (last transposed conv + bias + sigmoid + skip), forms the value tile
-//                   (a 128 x 128 GEMM, K = D) and writes y = p ⊙ (v + bv) + x. Nothing of
-//                   size [B, N, D] is written except y.
+//                   reduction split over `head_splits` blocks into fp32 partials (32 x 64
+//                   conv tiles, the grid capped at the resident CTAs), then a reduce kernel
+//                   adds bias and ReLU;
+//   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1) in the dtype of x, O(B·D²), 32 x 64
+//                   conv tiles per (batch, channel tile, position tile, parity) (tensor
+//                   cores for fp16/bf16, fp32 accumulation);
+//   3. tail:        split over N into `tail_splits` = ⌈N/64⌉ row tiles; CTAs = B × row tiles
+//                   × ⌈D/128⌉ column tiles, two per SM. A stats launch writes each tile's
+//                   column (max, Σexp) [B, tail_splits, D]; an output launch merges its
+//                   columns' statistics (log-sum-exp over the row tiles), recomputes the
+//                   score tile (last transposed conv + bias + sigmoid + skip), forms the
+//                   value tile (a 64 x 128 GEMM, K = D) and writes y = p ⊙ (v + bv) + x.
+//                   Nothing of size [B, N, D] is written except y.
+// Every conv (head, bottleneck, the tail's scores) is the same pipelined conv tile: 16-byte
+// cp.async copies of the per-tap packed weights and of a contiguous halo tile of the
+// input, the taps as shared-memory offsets, the kernel size a template parameter.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -35,26 +41,27 @@ namespace casa {
 namespace gpu {
 
 // fp32 elements of the workspace (each region rounded up to 128 bytes): head_splits · B ·
-// D²/8 for the head partials, 5 · B · D²/8 for the bottleneck activations (stored in the
-// dtype of x, sized for fp32), 2 · B · tail_splits · D for the tail's per-tile column
-// (max, sum) and 2 · B · D for their merge.
+// D²/8 for the head partials, the five bottleneck activations (about B · D²/8 each, rows
+// padded to 16 bytes; stored in the dtype of x, sized for fp32) and 2 · B · tail_splits · D
+// for the tail's per-tile column (max, sum).
 size_t workspace_floats(const Problem& problem, const Plan& plan);
 
-// x and weights[kValueWeight] must start on 16 bytes (the value GEMM's cp.async copies).
+// x, weights[kValueWeight] and the six conv weights must start on 16 bytes (the
+// cp.async copies).
 struct Params {
   DType dtype;
   Problem problem;
   Plan plan;                         // from make_plan(); splits >= 1
   const void* x;                     // [B, N, D], dtype
-  const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous, except:
-  bool dec2_packed;                  // weights[kDec2Weight] is [N, k, C1] (else [C1, N, k])
+  const void* weights[kNumWeights];  // indexed by WeightIndex; dtype, contiguous, except the
+                                     // six conv weights: packed per tap (launch_plan.h)
   void* y;                           // [B, N, D], dtype, written
   float* workspace;                  // workspace_floats(problem, plan) floats
 };
 
-// The most dynamic shared memory one block of the kernels uses for `dtype` (the tail's
-// output kernel: about 127 KiB); the device must allow it per block (opt-in limit:
-// A100 163 KiB, H100 227 KiB; sm_86/sm_89 GPUs allow 99 KiB and cannot run the kernels).
+// The most dynamic shared memory one block of the kernels uses for `dtype`, any kernel
+// size (the tail's output kernel at k = 7: 85 KiB); the device must allow it per block
+// (opt-in limit: sm_86/sm_89 99 KiB, A100 163 KiB, H100 227 KiB).
 size_t shared_memory_bytes(DType dtype);
 
 // Whether the sizes fit the kernels' 32-bit grid and index arithmetic; on false,

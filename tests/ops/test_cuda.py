@@ -76,10 +76,11 @@ def test_rejects_bad_inputs(cuda_backend):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_raw_op_takes_both_dec2_layouts_and_offset_views(cuda_backend, dtype):
-    # The op reads dec2 contiguous or packed [N, k, C1] (what the backend passes), and copies
-    # an x that does not start on 16 bytes (the value GEMM's cp.async vectors).
-    from casa_kernels.ops.backends.cuda import packed_dec2
+def test_raw_op_takes_packed_and_contiguous_conv_weights_and_offset_views(cuda_backend, dtype):
+    # The op reads the conv weights packed per tap (what the backend passes) or contiguous
+    # (packed by the binding), and copies an x that does not start on 16 bytes (the
+    # cp.async vectors).
+    from casa_kernels.ops.backends.cuda import TAP_PACKED, packed_taps
 
     x, w = make_problem(2, 37, 24, 5, dtype=dtype, device="cuda", seed=11)
     flat = torch.empty(x.numel() + 2, dtype=dtype, device="cuda")
@@ -88,7 +89,11 @@ def test_raw_op_takes_both_dec2_layouts_and_offset_views(cuda_backend, dtype):
     assert x_offset.is_contiguous() and x_offset.data_ptr() % 16 != 0
     natural = torch.ops.casa.fused_score_attention(x_offset, *w)
     packed = torch.ops.casa.fused_score_attention(
-        x_offset, *w[:-2], packed_dec2(w.dec2_weight), w.dec2_bias
+        x_offset,
+        *[
+            packed_taps(t, TAP_PACKED[name]) if name in TAP_PACKED else t
+            for name, t in zip(w._fields, w)
+        ],
     )
     assert_close_to_reference(natural, x, w)
     assert_close_to_reference(packed, x, w)
@@ -109,10 +114,10 @@ def test_no_bnd_intermediate(cuda_backend):
     extra = torch.cuda.max_memory_allocated() - before
     output_bytes = out.numel() * out.element_size()
     # gpu::workspace_floats with the most head splits: head partials and activations, plus
-    # the tail's column (max, sum) per 128-row tile and their merge: O(B·D² + B·D·N/128).
-    row_tiles = -(-n_vars // 128)
+    # the tail's column (max, sum) per 64-row tile: O(B·D² + B·D·N/64).
+    row_tiles = -(-n_vars // 64)
     workspace_bound = (
-        (32 + 5) * batch * d_model * d_model // 8 + 2 * batch * (row_tiles + 1) * d_model
+        (32 + 5) * batch * d_model * d_model // 8 + 2 * batch * row_tiles * d_model
     ) * 4
     assert extra <= output_bytes + workspace_bound + (1 << 20), (extra, output_bytes)
 
@@ -181,18 +186,32 @@ def test_cuda_sources_compile():
     assert "score_attention_kernels.cu" in result.stdout
 
 
-def test_packed_dec2_is_a_view_of_an_n_k_c1_copy_made_once():
-    # The layout the cuda backend hands the op (runs anywhere: plain tensor ops).
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["enc0_weight", "enc2_weight", "dec1_weight", "dec2_weight"])
+def test_packed_taps_are_views_of_zero_padded_per_tap_matrices_made_once(name, dtype):
+    # The layout the conv kernel copies in 16-byte vectors (csrc/cuda/launch_plan.h,
+    # packed_row) and the binding's packed_taps recognises by its strides: one [Cout, Cin]
+    # matrix per tap, rows padded with zeros to 16 bytes.
     from casa_kernels.ops import weight_cache
-    from casa_kernels.ops.backends.cuda import packed_dec2
+    from casa_kernels.ops.backends.cuda import TAP_PACKED, packed_taps
 
-    _, w = make_problem(1, 5, 16, 3)
-    dec2 = w.dec2_weight.clone()
-    packed = packed_dec2(dec2)
-    assert packed.shape == dec2.shape and torch.equal(packed, dec2)
-    assert not packed.is_contiguous() and packed.permute(1, 2, 0).is_contiguous()
-    assert packed_dec2(dec2).data_ptr() == packed.data_ptr()  # cached per weight version
+    _, w = make_problem(1, 5, 40, 3, dtype=dtype)  # Cin of 5, 20, 20, 10: ragged rows
+    weight = getattr(w, name).clone()
+    transposed = TAP_PACKED[name]
+    packed = packed_taps(weight, transposed)
+    assert packed.shape == weight.shape and torch.equal(packed, weight)
+    cout, cin = (weight.shape[1], weight.shape[0]) if transposed else weight.shape[:2]
+    vec = 16 // weight.element_size()
+    row = -(-cin // vec) * vec
+    expected = (1, row, cout * row) if transposed else (row, 1, cout * row)
+    assert packed.stride() == expected and packed.data_ptr() % 16 == 0
+    base = torch.as_strided(packed, (3, cout, row), (cout * row, row, 1))
+    assert torch.equal(base[:, :, cin:], torch.zeros_like(base[:, :, cin:]))
+    for j in range(3):
+        tap = weight[:, :, j].t() if transposed else weight[:, :, j]
+        assert torch.equal(base[j, :, :cin], tap)
+    assert packed_taps(weight, transposed).data_ptr() == packed.data_ptr()  # cached
     with torch.no_grad():
-        dec2.add_(1)
-    assert torch.equal(packed_dec2(dec2), dec2)
+        weight.add_(1)
+    assert torch.equal(packed_taps(weight, transposed), weight)
     weight_cache.clear()

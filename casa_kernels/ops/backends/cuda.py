@@ -2,10 +2,10 @@
 the extension.
 
 Serves CUDA tensors of dtype float32, float16 and bfloat16 (fp32 accumulation; fp16
-and bf16 GEMMs on tensor cores, fp32 on the CUDA cores). The last decoder weight is
-re-laid out once per weight version (weight cache): ``[C1, N, k]`` → ``[N, k, C1]``,
-passed to the op as a ``[C1, N, k]`` view of it, the layout the tail's score GEMM reads
-coalesced (the op also takes it contiguous). The extension builds its CUDA kernels only
+and bf16 GEMMs on tensor cores, fp32 on the CUDA cores). The six conv weights are
+packed per tap once per weight version (weight cache, :func:`packed_taps`), the layout
+the conv tiles copy in 16-byte vectors, and passed to the op as views of the official
+shapes. The op also takes them contiguous (and packs them itself, on every call). The extension builds its CUDA kernels only
 when torch has CUDA and nvcc is found at build time (or ``FORCE_CUDA=1``). Shapes beyond the
 kernels' 32-bit grid and index limits are declared before dispatch (``shape_limits``).
 """
@@ -40,20 +40,44 @@ def _shape_limits(shape: ProblemShape) -> str | None:
     return f"exceeds the CUDA kernels' limits ({why})" if why else None
 
 
-def packed_dec2(dec2_weight: torch.Tensor) -> torch.Tensor:
-    """``dec2_weight`` [C1, N, k] as a view of a contiguous [N, k, C1] copy, once per version."""
-    return cached(
-        "cuda.dec2_nkc",
-        (dec2_weight,),
-        lambda: dec2_weight.permute(1, 2, 0).contiguous().permute(2, 0, 1),
-    )
+# The conv weights the conv kernel reads packed per tap: name -> transposed (its weight is
+# [Cin, Cout, k], else [Cout, Cin, k]).
+TAP_PACKED = {
+    "enc0_weight": False,
+    "enc1_weight": False,
+    "enc2_weight": False,
+    "dec0_weight": True,
+    "dec1_weight": True,
+    "dec2_weight": True,
+}
+
+
+def packed_taps(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``weight`` ([Cout, Cin, k], or [Cin, Cout, k] when ``transposed``) as a view, of
+    the same shape and values, of a zero-initialised ``[k, Cout, row]`` tensor, ``row`` =
+    Cin rounded up to 16 bytes of the dtype: one [Cout, Cin] matrix per tap, its rows
+    16-byte aligned (csrc/cuda/launch_plan.h, packed_row). Once per weight version."""
+
+    def pack() -> torch.Tensor:
+        taps = weight.permute(2, 1, 0) if transposed else weight.permute(2, 0, 1)
+        k, cout, cin = taps.shape
+        vec = 16 // weight.element_size()
+        row = -(-cin // vec) * vec
+        packed = weight.new_zeros((k, cout, row))
+        packed[:, :, :cin] = taps
+        strides = (1, row, cout * row) if transposed else (row, 1, cout * row)
+        return packed.as_strided(weight.shape, strides)
+
+    return cached(f"cuda.taps.{int(transposed)}", (weight,), pack)
 
 
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
-    tensors = [
-        packed_dec2(w) if name == "dec2_weight" else w.contiguous()
-        for name, w in zip(weights._fields, weights)
-    ]
+    def prepared(name: str, w: torch.Tensor) -> torch.Tensor:
+        if name in TAP_PACKED:
+            return packed_taps(w, TAP_PACKED[name])
+        return w.contiguous()
+
+    tensors = [prepared(name, w) for name, w in zip(weights._fields, weights)]
     return torch.ops.casa.fused_score_attention(x.contiguous(), *tensors)
 
 

@@ -4,9 +4,8 @@
 // DTYPE: 0 float32, 1 float16, 2 bfloat16. IN: float32 values of x [B, N, D] and then
 // the 14 parameters in schema order, each flattened, converted to DTYPE here. OUT:
 // y [B, N, D] as float32. Prints the block order (see shim.h: CASA_EMU_BLOCK_ORDER,
-// CASA_EMU_CONCURRENT_BLOCKS) and the plan (head/tail splits) on stderr. With
-// CASA_EMU_DEC2_PACKED=1 in the environment the dec2 weight is handed over packed as
-// [N, k, C1] (Params::dec2_packed), as the cuda backend prepares it.
+// CASA_EMU_CONCURRENT_BLOCKS) and the plan (head/tail splits) on stderr. The conv weights
+// are handed over packed per tap, as the cuda backend prepares them.
 //
 //   driver limits B N D K
 // Prints "supported", or the reason problem_supported gives (what the Python cuda
@@ -70,17 +69,26 @@ int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const 
   params.plan = casa::gpu::make_plan(p, sm_count);
   params.x = tensors[0].data();
   for (int i = 0; i < casa::kNumWeights; ++i) params.weights[i] = tensors[i + 1].data();
-  const char* packed_env = std::getenv("CASA_EMU_DEC2_PACKED");
-  if (packed_env != nullptr && std::string(packed_env) == "1") {
-    const std::vector<T>& dec2 = tensors[1 + casa::kDec2Weight];  // [C1, N, k]
-    std::vector<T> packed(dec2.size());                           // [N, k, C1]
-    for (int64_t c = 0; c < C1; ++c)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < k; ++j) packed[(n * k + j) * C1 + c] = dec2[(c * N + n) * k + j];
+  // The conv weights packed per tap, as the cuda backend's weight cache hands them over
+  // (launch_plan.h): [k][Cout][packed_row(Cin)], the row padding zero.
+  auto pack_taps = [&](int index, int64_t cout, int64_t cin, bool transposed) {
+    const std::vector<T>& w = tensors[1 + index];  // [Cout, Cin, k] or [Cin, Cout, k]
+    const int64_t row = casa::gpu::packed_row(cin, static_cast<int>(sizeof(T)));
+    std::vector<T> packed(k * cout * row, from_f32<T>(0.f));
+    for (int64_t co = 0; co < cout; ++co)
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t j = 0; j < k; ++j)
+          packed[(j * cout + co) * row + ci] =
+              w[((transposed ? ci * cout + co : co * cin + ci) * k) + j];
     tensors.push_back(std::move(packed));
-    params.weights[casa::kDec2Weight] = tensors.back().data();
-    params.dec2_packed = true;
-  }
+    params.weights[index] = tensors.back().data();
+  };
+  pack_taps(casa::kEnc0Weight, C1, N, false);
+  pack_taps(casa::kEnc1Weight, C2, C1, false);
+  pack_taps(casa::kEnc2Weight, D, C2, false);
+  pack_taps(casa::kDec0Weight, C2, D, true);
+  pack_taps(casa::kDec1Weight, C1, C2, true);
+  pack_taps(casa::kDec2Weight, N, C1, true);
   params.y = y.data();
   std::vector<float> workspace(casa::gpu::workspace_floats(p, params.plan), NAN);
   params.workspace = workspace.data();
