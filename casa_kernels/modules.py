@@ -232,6 +232,7 @@ class CASAModel(nn.Module):
             or layer._forward_hooks
             or layer._forward_pre_hooks
             or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
         )
         if plain:
             return layer(h)
