@@ -119,18 +119,19 @@ def probe(backend: Backend, dtype: torch.dtype, shape: ProblemShape) -> Probe:
     """The probe of ``backend`` against the reference for ``dtype`` and ``shape``'s key,
     run now if this process has not run it yet."""
     threads = torch.get_num_threads()
-    dtype_name = str(dtype).removeprefix("torch.")
-    key = (
-        f"{dtype_name}, {shape_class(shape.batch, shape.n_vars)}, D={shape.d_model}, "
-        f"k={shape.kernel}, {threads} threads"
-    )
+    shape_key = shape_class(shape.batch, shape.n_vars)
+    lookup = (backend.name, dtype, shape_key, shape.d_model, shape.kernel, threads)
     with _lock:
-        found = _probes.get((backend.name, key))
+        found = _probes.get(lookup)
         if found is None:
+            key = (
+                f"{str(dtype).removeprefix('torch.')}, {shape_key}, D={shape.d_model}, "
+                f"k={shape.kernel}, {threads} threads"
+            )
             size = probe_size(shape, threads)
             medians = _run_probe(backend, dtype, size, shape.kernel)
             found = Probe(backend.name, key, size, medians["fused"], medians["reference"])
-            _probes[(backend.name, key)] = found
+            _probes[lookup] = found
         return found
 
 
