@@ -218,16 +218,9 @@ struct Backward {
   // [0, D/2): the right operand of the last transposed conv for the tile's outputs of
   // parity q. h5_b: [D/4, D/2] contiguous.
   void gather_window(const acc_t* h5_b, int64_t q, int64_t o0, int64_t half, acc_t* rhs) const {
-    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
-    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
-      const auto [first, u0, u1] = cpu::parity_window(o0, q, s.padding, taps[q][jj], half, L);
-      for (int64_t c = 0; c < C1; ++c) {
-        acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * half;
-        std::fill(row, row + u0, acc_t(0));
-        std::copy(h5_b + c * L + first + u0, h5_b + c * L + first + u1, row + u0);
-        std::fill(row + u1, row + half, acc_t(0));
-      }
-    }
+    const int64_t L = s.d_model / 2;
+    cpu::gather_parity_window(h5_b, L, taps[q], q, o0, half, s.padding, s.d_model / 4, L, rhs,
+                              half);
   }
 
   // The adjoint of gather_window: dh5_b[c, first + u] += d[(jj, c), u].

@@ -488,17 +488,8 @@ struct Plan {
   // taps[q][jj]) / 2], zero outside [0, D/2). h5_b: [D/4, D/2], rows h5_ld apart. Returns K.
   int64_t parity_rhs(const acc_t* h5_b, int64_t h5_ld, int64_t q, int64_t o0, int64_t half,
                      acc_t* rhs, int64_t ld) const {
-    const int64_t C1 = s.d_model / 4, L = s.d_model / 2;
-    for (size_t jj = 0; jj < taps[q].size(); ++jj) {
-      const auto [first, c0, c1] = cpu::parity_window(o0, q, s.padding, taps[q][jj], half, L);
-      for (int64_t c = 0; c < C1; ++c) {
-        acc_t* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * ld;
-        std::fill(row, row + c0, acc_t(0));
-        std::copy(h5_b + c * h5_ld + first + c0, h5_b + c * h5_ld + first + c1, row + c0);
-        std::fill(row + c1, row + half, acc_t(0));
-      }
-    }
-    return static_cast<int64_t>(taps[q].size()) * C1;
+    return cpu::gather_parity_window(h5_b, h5_ld, taps[q], q, o0, half, s.padding, s.d_model / 4,
+                                     s.d_model / 2, rhs, ld);
   }
 
   // The right operand of one parity's GEMM in a tail tile: K rows of parity_rhs (acc_t,

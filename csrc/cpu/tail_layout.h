@@ -42,7 +42,7 @@ inline std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
 // The h5 columns that output parity q's tap `tap` reads for the tile at o0: output
 // o0 + 2u + q reads input first + u, and only u in [u0, u1) lie inside [0, L) (L = D/2);
 // the rest are the transposed conv's zero padding. Shared by the forward's right operand
-// (parity_rhs) and the backward's gather and its adjoint.
+// (gather_parity_window) and the backward's adjoint of it.
 struct ParityWindow {
   int64_t first, u0, u1;
 };
@@ -51,6 +51,26 @@ inline ParityWindow parity_window(int64_t o0, int64_t q, int64_t padding, int64_
   const int64_t first = o0 / 2 + (q + padding - tap) / 2;
   const int64_t u0 = std::clamp<int64_t>(-first, 0, half);
   return {first, u0, std::clamp<int64_t>(L - first, u0, half)};
+}
+
+// The right operand of the last transposed conv for the tile's outputs of parity q,
+// o0 + 2u + q for u < half: rhs[(jj, c), u] = h5_b[c, first + u] (first from
+// parity_window for tap taps_q[jj]), zero outside [0, L); rows of rhs ld apart, rows of
+// h5_b ([C1, L]) h5_ld apart. Returns K = taps_q.size() · C1, the rows written.
+template <typename T>
+int64_t gather_parity_window(const T* h5_b, int64_t h5_ld, const std::vector<int64_t>& taps_q,
+                             int64_t q, int64_t o0, int64_t half, int64_t padding, int64_t C1,
+                             int64_t L, T* rhs, int64_t ld) {
+  for (size_t jj = 0; jj < taps_q.size(); ++jj) {
+    const auto [first, u0, u1] = parity_window(o0, q, padding, taps_q[jj], half, L);
+    for (int64_t c = 0; c < C1; ++c) {
+      T* row = rhs + (static_cast<int64_t>(jj) * C1 + c) * ld;
+      std::fill(row, row + u0, T(0));
+      std::copy(h5_b + c * h5_ld + first + u0, h5_b + c * h5_ld + first + u1, row + u0);
+      std::fill(row + u1, row + half, T(0));
+    }
+  }
+  return static_cast<int64_t>(taps_q.size()) * C1;
 }
 
 }  // namespace cpu
