@@ -13,18 +13,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from casa_kernels import ScoreAttentionWeights, reference
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.registry import get_backend
 from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
 from tests.conftest import make_problem
+from tests.ops import gradients
+from tests.ops.gradients import FIELDS
 
 pytestmark = pytest.mark.skipif(
     get_backend("cpu").unavailable_reason() is not None,
     reason=f"the cpu backend is unavailable: {get_backend('cpu').unavailable_reason()}",
 )
 
-FIELDS = ("x", *ScoreAttentionWeights._fields)
 SHAPES = {
     "N<rows,D=8,k=1": (1, 5, 8, 1, 1),
     "N=64+6,D=16,two-tiles,k=3": (3, 70, 16, 3, 2),
@@ -52,25 +52,8 @@ def threads():
     torch.set_num_threads(caller)
 
 
-def _leaves(tensors, dtype=None):
-    return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in tensors]
-
-
 def _op(leaves):
     return torch.ops.casa.score_attention(*leaves, "cpu")
-
-
-def _reference_grads(inputs, grad, dtype, wanted=FIELDS):
-    """Autograd through the reference in ``dtype`` at ``inputs``, for the ``wanted`` inputs."""
-    leaves = _leaves(inputs, dtype)
-    out = reference.score_attention(leaves[0], ScoreAttentionWeights(*leaves[1:]))
-    chosen = [leaf for name, leaf in zip(FIELDS, leaves) if name in wanted]
-    return torch.autograd.grad(out, chosen, grad.to(dtype))
-
-
-def _grad_out(x, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -79,13 +62,13 @@ def test_every_gradient_matches_the_float64_reference(threads, shape, dtype):
     batch, n_vars, d_model, kernel, n_threads = shape
     threads(n_threads)
     x, w = make_problem(batch, n_vars, d_model, kernel, dtype=dtype, seed=3)
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     y = _op(leaves)
     assert_close_to_reference(y, x, w)
     ours = torch.autograd.grad(y, leaves, grad)
-    ref64 = _reference_grads((x, *w), grad, torch.float64)
-    same = _reference_grads((x, *w), grad, dtype) if dtype == torch.bfloat16 else ref64
+    ref64 = gradients.reference_grads((x, *w), grad, torch.float64)
+    same = gradients.reference_grads((x, *w), grad, dtype) if dtype == torch.bfloat16 else ref64
     for name, got, want, want_dtype in zip(FIELDS, ours, ref64, same):
         result = compare_gradient(got, want, want_dtype)
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
@@ -116,7 +99,7 @@ def _layers_run(wanted) -> list[str]:
 def test_each_subset_of_gradients_costs_only_what_it_needs(threads, wanted):
     threads(2)
     x, w = make_problem(1, 70, 16, 3, dtype=torch.float64, seed=4)
-    grad = _grad_out(x)
+    grad = gradients.grad_out(x)
     leaves = [t.detach().clone().requires_grad_(name in wanted) for name, t in zip(FIELDS, (x, *w))]
     y = _op(leaves)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -125,7 +108,7 @@ def test_each_subset_of_gradients_costs_only_what_it_needs(threads, wanted):
     assert names.count("casa::cpu_score_attention_backward") == 1
     ran = [name.removeprefix("casa::cpu backward ") for name in names]
     assert [layer for layer in ran if layer in LAYERS] == _layers_run(wanted)
-    ref = _reference_grads((x, *w), grad, torch.float64, wanted)
+    ref = gradients.reference_grads((x, *w), grad, torch.float64, wanted)
     for name, got, want in zip([n for n in FIELDS if n in wanted], ours, ref):
         result = compare_gradient(got, want)
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
@@ -139,7 +122,9 @@ def test_gradcheck_in_float64(threads, shape):
     # fast_mode: a random projection of the Jacobian, a few forwards instead of one per
     # element (tests/ops/test_conformance.py runs the full check on a smaller problem).
     with weight_cache.disabled():  # gradcheck perturbs the weights in place
-        assert torch.autograd.gradcheck(lambda *a: _op(a), _leaves((x, *w)), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *a: _op(a), gradients.leaves((x, *w)), fast_mode=True
+        )
 
 
 def _pattern(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -164,10 +149,10 @@ def test_nonfinite_x_gives_the_references_gradient_pattern(threads, values, dtyp
     x = x.clone()
     for index, value in values:
         x[index] = value
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     ours = torch.autograd.grad(_op(leaves), leaves, grad)
-    ref = _reference_grads((x, *w), grad, torch.float64)
+    ref = gradients.reference_grads((x, *w), grad, torch.float64)
     for name, got, want in zip(FIELDS, ours, ref):
         got = got.double()
         for got_mask, want_mask in zip(_pattern(got), _pattern(want)):
@@ -185,7 +170,7 @@ def test_saves_no_batch_sized_intermediate(threads):
     threads(2)
     batch, n_vars, d_model = 2, 70, 16
     x, w = make_problem(batch, n_vars, d_model, 3, seed=8)
-    leaves = _leaves((x, *w))
+    leaves = gradients.leaves((x, *w))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _op(leaves)
@@ -199,7 +184,7 @@ def test_saves_no_batch_sized_intermediate(threads):
 def test_double_backward_raises_naming_the_backend(threads):
     threads(1)
     x, w = make_problem(1, 5, 8, 3, dtype=torch.float64, seed=9)
-    leaves = _leaves((x, *w))
+    leaves = gradients.leaves((x, *w))
     y = _op(leaves)
     with pytest.raises(RuntimeError, match=r"double backward.*cpu backend"):
         torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
@@ -212,21 +197,23 @@ def test_nonfinite_weights_use_the_references_backward(threads):
     w = w._replace(
         enc1_weight=w.enc1_weight.clone().index_fill_(0, torch.tensor([1]), float("nan"))
     )
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     ours = torch.autograd.grad(_op(leaves), leaves, grad)
-    for name, got, want in zip(FIELDS, ours, _reference_grads((x, *w), grad, torch.float32)):
+    for name, got, want in zip(
+        FIELDS, ours, gradients.reference_grads((x, *w), grad, torch.float32)
+    ):
         torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gradients_do_not_depend_on_thread_count(threads):
     # B = 1 on 3 threads splits the tail into tiles whose dx rows and dh5 columns overlap.
     x, w = make_problem(1, 130, 40, 5, seed=11)
-    grad = _grad_out(x)
+    grad = gradients.grad_out(x)
     results = []
     for n_threads in (1, 3):
         threads(n_threads)
-        leaves = _leaves((x, *w))
+        leaves = gradients.leaves((x, *w))
         results.append(torch.autograd.grad(_op(leaves), leaves, grad))
     for name, one, many in zip(FIELDS, *results):
         torch.testing.assert_close(

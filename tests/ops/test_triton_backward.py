@@ -17,9 +17,10 @@ import os
 import pytest
 import torch
 
-from casa_kernels import ScoreAttentionWeights, reference
 from casa_kernels.tolerance import compare_gradient
 from tests.conftest import make_problem
+from tests.ops import gradients
+from tests.ops.gradients import FIELDS
 
 pytest.importorskip("triton", reason="triton is not installed")
 CUDA = torch.cuda.is_available()
@@ -32,7 +33,6 @@ if not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
 from casa_kernels.ops.triton_kernels import launch as tk  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-FIELDS = ("x", *ScoreAttentionWeights._fields)
 SHAPES = {
     "N<tile,D=8,k=1": (1, 5, 8, 1),
     "N=16+3,D=32,k=3": (3, 19, 32, 3),
@@ -55,25 +55,8 @@ def _problem(shape, dtype=torch.float32, seed=0):
     return make_problem(*shape, dtype=dtype, device=DEVICE, seed=seed)
 
 
-def _leaves(tensors, dtype=None):
-    return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in tensors]
-
-
 def _op(leaves):
     return torch.ops.casa.score_attention(*leaves, "triton")
-
-
-def _reference_grads(inputs, grad, dtype, wanted=FIELDS):
-    """Autograd through the reference in ``dtype`` at ``inputs``, for the ``wanted`` inputs."""
-    leaves = _leaves(inputs, dtype)
-    out = reference.score_attention(leaves[0], ScoreAttentionWeights(*leaves[1:]))
-    chosen = [leaf for name, leaf in zip(FIELDS, leaves) if name in wanted]
-    return torch.autograd.grad(out, chosen, grad.to(dtype))
-
-
-def _grad_out(x, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
 
 
 @pytest.fixture
@@ -106,14 +89,14 @@ def _cases():
 @pytest.mark.parametrize("shape,dtype", _cases())
 def test_every_gradient_matches_the_float64_reference(launches, shape, dtype):
     x, w = _problem(shape, dtype, seed=3)
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     y = _op(leaves)
     del launches[:]
     ours = torch.autograd.grad(y, leaves, grad)
     assert tuple(launches) == BACKWARD_KERNELS  # the fused backward ran, not the reference's
-    ref64 = _reference_grads((x, *w), grad, torch.float64)
-    same = _reference_grads((x, *w), grad, dtype) if dtype != torch.float32 else ref64
+    ref64 = gradients.reference_grads((x, *w), grad, torch.float64)
+    same = gradients.reference_grads((x, *w), grad, dtype) if dtype != torch.float32 else ref64
     for name, got, want, want_dtype in zip(FIELDS, ours, ref64, same):
         assert got.dtype == dtype and got.shape == want.shape, name
         result = compare_gradient(got, want, want_dtype)
@@ -148,7 +131,7 @@ def _expected_work(wanted) -> tuple[tuple[str, ...], list[str]]:
 )
 def test_each_subset_of_gradients_costs_only_what_it_needs(launches, wanted):
     x, w = _problem((2, 19, 16, 3), seed=4)
-    grad = _grad_out(x)
+    grad = gradients.grad_out(x)
     leaves = [t.detach().clone().requires_grad_(name in wanted) for name, t in zip(FIELDS, (x, *w))]
     y = _op(leaves)
     del launches[:]
@@ -156,7 +139,7 @@ def test_each_subset_of_gradients_costs_only_what_it_needs(launches, wanted):
         ours = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad)
     ran = [event.name.removeprefix("casa::triton backward ") for event in prof.events()]
     assert (tuple(launches), [name for name in ran if name in LAYERS]) == _expected_work(wanted)
-    ref = _reference_grads((x, *w), grad, torch.float64, wanted)
+    ref = gradients.reference_grads((x, *w), grad, torch.float64, wanted)
     for name, got, want in zip([n for n in FIELDS if n in wanted], ours, ref):
         result = compare_gradient(got, want)
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
@@ -182,10 +165,10 @@ def test_nonfinite_x_gives_the_references_gradient_pattern(values, dtype):
     x = x.clone()
     for index, value in values:
         x[index] = value
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     ours = torch.autograd.grad(_op(leaves), leaves, grad)
-    ref = _reference_grads((x, *w), grad, torch.float64)
+    ref = gradients.reference_grads((x, *w), grad, torch.float64)
     for name, got, want in zip(FIELDS, ours, ref):
         got, want = got.double().cpu(), want.cpu()
         for got_mask, want_mask in zip(_pattern(got), _pattern(want)):
@@ -203,7 +186,7 @@ def test_saves_no_batch_sized_intermediate(dtype):
     # (fp32), D²/8 elements each per batch element, and the column statistics (fp32, 2·B·D).
     batch, n_vars, d_model = 2, 19, 16
     x, w = _problem((batch, n_vars, d_model, 3), dtype, seed=8)
-    leaves = _leaves((x, *w))
+    leaves = gradients.leaves((x, *w))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _op(leaves)
@@ -220,10 +203,10 @@ def test_saves_no_batch_sized_intermediate(dtype):
 def test_gradients_are_deterministic():
     # The column sums are merged over the N tiles in tile order, without atomics.
     x, w = _problem((1, 53, 40, 5), seed=11)
-    grad = _grad_out(x)
+    grad = gradients.grad_out(x)
     runs = []
     for _ in range(2):
-        leaves = _leaves((x, *w))
+        leaves = gradients.leaves((x, *w))
         runs.append(torch.autograd.grad(_op(leaves), leaves, grad))
     for name, first, second in zip(FIELDS, *runs):
         assert torch.equal(first, second), name
@@ -231,7 +214,7 @@ def test_gradients_are_deterministic():
 
 def test_double_backward_raises_naming_the_backend():
     x, w = _problem((1, 5, 8, 3), seed=9)
-    leaves = _leaves((x, *w))
+    leaves = gradients.leaves((x, *w))
     y = _op(leaves)
     with pytest.raises(RuntimeError, match=r"double backward.*triton backend"):
         torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
@@ -245,19 +228,21 @@ def test_nonfinite_weights_use_the_references_backward(launches):
             0, torch.tensor([1], device=DEVICE), float("nan")
         )
     )
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     ours = torch.autograd.grad(_op(leaves), leaves, grad)
     assert not set(launches) & set(BACKWARD_KERNELS)
-    for name, got, want in zip(FIELDS, ours, _reference_grads((x, *w), grad, torch.float32)):
+    for name, got, want in zip(
+        FIELDS, ours, gradients.reference_grads((x, *w), grad, torch.float32)
+    ):
         torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 def test_backward_is_capturable_in_a_cuda_graph():
     x, w = _problem((2, 70, 64, 3), seed=12)
-    grad = _grad_out(x)
-    leaves = _leaves((x, *w))
+    grad = gradients.grad_out(x)
+    leaves = gradients.leaves((x, *w))
     eager = torch.autograd.grad(_op(leaves), leaves, grad)  # warm-up: tuning, packing
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
