@@ -1,6 +1,6 @@
 """What the tests of the fused backwards (test_cpu_backward.py, test_triton_backward.py)
-share: the op's inputs by name, fresh leaves, the reference's gradients by autograd, and a
-seeded output gradient."""
+share: the op's inputs by name, fresh leaves, the reference's gradients by autograd, a seeded
+output gradient, and the subsets of inputs asked for."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def grad_out(x, seed=5):
     """A seeded random gradient of x's shape, dtype and device."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
+
+
+def subsets() -> list[tuple[str, ...]]:
+    """Sets of inputs to ask gradients for: each input alone, and some groups."""
+    singles = [(name,) for name in FIELDS]
+    groups = [
+        ("value_weight", "value_bias"),
+        ("dec2_weight", "dec2_bias"),
+        ("x", "value_weight"),
+        ("enc0_weight", "dec2_bias"),
+        FIELDS[1:],  # every weight, not x
+    ]
+    return singles + groups

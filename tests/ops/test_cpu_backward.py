@@ -74,18 +74,6 @@ def test_every_gradient_matches_the_float64_reference(threads, shape, dtype):
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
 
 
-def _subsets():
-    singles = [(name,) for name in FIELDS]
-    groups = [
-        ("value_weight", "value_bias"),
-        ("dec2_weight", "dec2_bias"),
-        ("x", "value_weight"),
-        ("enc0_weight", "dec2_bias"),
-        FIELDS[1:],  # every weight, not x
-    ]
-    return singles + groups
-
-
 def _layers_run(wanted) -> list[str]:
     """The layers whose backward the gradients ``wanted`` need, top down."""
     names = list(LAYERS)
@@ -94,7 +82,7 @@ def _layers_run(wanted) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "wanted", _subsets(), ids=lambda s: "+".join(s) if len(s) < 4 else "weights"
+    "wanted", gradients.subsets(), ids=lambda s: "+".join(s) if len(s) < 4 else "weights"
 )
 def test_each_subset_of_gradients_costs_only_what_it_needs(threads, wanted):
     threads(2)

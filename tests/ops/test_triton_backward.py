@@ -103,18 +103,6 @@ def test_every_gradient_matches_the_float64_reference(launches, shape, dtype):
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
 
 
-def _subsets():
-    singles = [(name,) for name in FIELDS]
-    groups = [
-        ("value_weight", "value_bias"),
-        ("dec2_weight", "dec2_bias"),
-        ("x", "value_weight"),
-        ("enc0_weight", "dec2_bias"),
-        FIELDS[1:],  # every weight, not x
-    ]
-    return singles + groups
-
-
 def _expected_work(wanted) -> tuple[tuple[str, ...], list[str]]:
     """The Triton launches and the convolutions' backwards (top down) the gradients
     ``wanted`` need: the tail's column sums only where ds is (x or a score-network
@@ -127,7 +115,7 @@ def _expected_work(wanted) -> tuple[tuple[str, ...], list[str]]:
 
 
 @pytest.mark.parametrize(
-    "wanted", _subsets(), ids=lambda s: "+".join(s) if len(s) < 4 else "weights"
+    "wanted", gradients.subsets(), ids=lambda s: "+".join(s) if len(s) < 4 else "weights"
 )
 def test_each_subset_of_gradients_costs_only_what_it_needs(launches, wanted):
     x, w = _problem((2, 19, 16, 3), seed=4)
