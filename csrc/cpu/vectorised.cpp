@@ -21,6 +21,7 @@
 #endif
 
 #define CASA_INLINE __attribute__((always_inline)) inline
+#define CASA_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace casa {
 namespace cpu {
@@ -258,8 +259,10 @@ CASA_INLINE void softmax_output_impl(const acc_t* __restrict numerators, int64_t
   }
 }
 
-template <typename acc_t, typename scalar_t>
-CASA_INLINE void softmax_backward_weights_impl(
+// The loops below take their optional outputs as template flags, so that each inner loop
+// is free of branches and vectorises (a null check inside it stops the compiler).
+template <bool kWithValues, typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_backward_weights_loop(
     acc_t* __restrict scores, int64_t ld, const acc_t* __restrict score_bias, int64_t rows,
     int64_t T, const scalar_t* __restrict x, const scalar_t* __restrict g, int64_t D,
     const acc_t* __restrict col_max, const acc_t* __restrict col_sum,
@@ -271,27 +274,46 @@ CASA_INLINE void softmax_backward_weights_impl(
     const acc_t b = score_bias[n];
     const scalar_t* __restrict xr = x + n * D;
     const scalar_t* __restrict gr = g + n * D;
-    for (int64_t c = 0; c < half; ++c) {
-      acc_t x_pair[2], g_pair[2];
-      load_pair(xr, c, x_pair[0], x_pair[1]);
-      load_pair(gr, c, g_pair[0], g_pair[1]);
-      for (int64_t q = 0; q < 2; ++q) {
-        const int64_t i = q * half + c;
-        const acc_t sigma = acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[i] + b)));
-        const acc_t p = exp_vectorisable(sigma + x_pair[q] - col_max[i]) / col_sum[i];
-        s[i] = p;
-        if (values == nullptr) continue;
-        const acc_t d = (values[n * ld + i] + value_bias[i]) * g_pair[q];
+    // Column i of the tile, its x and g: P, and with values dP, σ' and colsum.
+    const auto column = [&](int64_t i, acc_t x_i, acc_t g_i) CASA_LAMBDA_INLINE {
+      const acc_t sigma = acc_t(1) / (acc_t(1) + exp_vectorisable(-(s[i] + b)));
+      const acc_t p = exp_vectorisable(sigma + x_i - col_max[i]) / col_sum[i];
+      s[i] = p;
+      if constexpr (kWithValues) {
+        const acc_t d = (values[n * ld + i] + value_bias[i]) * g_i;
         dp[n * ld + i] = d;
         sigma_prime[n * ld + i] = sigma * (acc_t(1) - sigma);
         colsum[i] += p * d;
       }
+    };
+    for (int64_t c = 0; c < half; ++c) {
+      acc_t x_even, x_odd, g_even = 0, g_odd = 0;
+      load_pair(xr, c, x_even, x_odd);
+      if constexpr (kWithValues) load_pair(gr, c, g_even, g_odd);
+      column(c, x_even, g_even);
+      column(half + c, x_odd, g_odd);
     }
   }
 }
 
 template <typename acc_t, typename scalar_t>
-CASA_INLINE void softmax_backward_grads_impl(const acc_t* __restrict P, int64_t ld, int64_t rows,
+CASA_INLINE void softmax_backward_weights_impl(acc_t* scores, int64_t ld, const acc_t* score_bias,
+                                               int64_t rows, int64_t T, const scalar_t* x,
+                                               const scalar_t* g, int64_t D, const acc_t* col_max,
+                                               const acc_t* col_sum, const acc_t* values,
+                                               const acc_t* value_bias, acc_t* dp,
+                                               acc_t* sigma_prime, acc_t* colsum) {
+  if (values != nullptr) {
+    softmax_backward_weights_loop<true>(scores, ld, score_bias, rows, T, x, g, D, col_max, col_sum,
+                                        values, value_bias, dp, sigma_prime, colsum);
+  } else {
+    softmax_backward_weights_loop<false>(scores, ld, score_bias, rows, T, x, g, D, col_max, col_sum,
+                                         values, value_bias, dp, sigma_prime, colsum);
+  }
+}
+
+template <bool kDv, bool kDs, bool kDx, typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_backward_grads_loop(const acc_t* __restrict P, int64_t ld, int64_t rows,
                                              int64_t T, const scalar_t* __restrict g, int64_t D,
                                              const acc_t* __restrict colsum,
                                              const acc_t* __restrict sigma_prime,
@@ -300,19 +322,44 @@ CASA_INLINE void softmax_backward_grads_impl(const acc_t* __restrict P, int64_t 
   const int64_t half = T / 2;
   for (int64_t n = 0; n < rows; ++n) {
     const scalar_t* __restrict gr = g + n * D;
-    for (int64_t c = 0; c < half; ++c) {
-      acc_t g_pair[2];
-      load_pair(gr, c, g_pair[0], g_pair[1]);
-      for (int64_t q = 0; q < 2; ++q) {
-        const int64_t i = n * ld + q * half + c;
-        const acc_t p = P[i];
-        if (dv != nullptr) dv[i] = p * g_pair[q];
-        if (dp == nullptr) continue;
-        const acc_t ds = p * (dp[i] - colsum[q * half + c]);
-        if (dx != nullptr) dx[i] = g_pair[q] + ds;
+    // Column j of the tile and its g.
+    const auto column = [&](int64_t j, acc_t g_j) CASA_LAMBDA_INLINE {
+      const int64_t i = n * ld + j;
+      const acc_t p = P[i];
+      if constexpr (kDv) dv[i] = p * g_j;
+      if constexpr (kDs) {
+        const acc_t ds = p * (dp[i] - colsum[j]);
+        if constexpr (kDx) dx[i] = g_j + ds;
         dp[i] = ds * sigma_prime[i];
       }
+    };
+    for (int64_t c = 0; c < half; ++c) {
+      acc_t g_even, g_odd;
+      load_pair(gr, c, g_even, g_odd);
+      column(c, g_even);
+      column(half + c, g_odd);
     }
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+CASA_INLINE void softmax_backward_grads_impl(const acc_t* P, int64_t ld, int64_t rows, int64_t T,
+                                             const scalar_t* g, int64_t D, const acc_t* colsum,
+                                             const acc_t* sigma_prime, acc_t* dp, acc_t* dv,
+                                             acc_t* dx) {
+  const auto run = [&](auto with_dv, auto with_ds, auto with_dx) CASA_LAMBDA_INLINE {
+    softmax_backward_grads_loop<decltype(with_dv)::value, decltype(with_ds)::value,
+                                decltype(with_dx)::value>(P, ld, rows, T, g, D, colsum, sigma_prime,
+                                                          dp, dv, dx);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (dp == nullptr) {
+    if (dv != nullptr) run(Yes{}, No{}, No{});
+  } else if (dx == nullptr) {
+    dv != nullptr ? run(Yes{}, Yes{}, No{}) : run(No{}, Yes{}, No{});
+  } else {
+    dv != nullptr ? run(Yes{}, Yes{}, Yes{}) : run(No{}, Yes{}, Yes{});
   }
 }
 
