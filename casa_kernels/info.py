@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .ops import availability, measured, probe, weight_cache
-from .ops.backends.cpu import bf16_gemm_tier
+from .ops.backends.cpu import bf16_gemm_tier, vector_isa
 from .ops.extension import extension_error, has_kernel_for
 from .ops.registry import device_name
 
@@ -61,6 +61,7 @@ def report() -> list[tuple[str, str]]:
     else:
         rows.append(("extension casa_kernels._C", error))
     rows.append(("cpu bfloat16 GEMMs", bf16_gemm_tier()))
+    rows.append(("cpu vector loops", vector_isa()))
     cached = weight_cache.cache_bytes()
     rows.append(
         (

@@ -909,6 +909,8 @@ int64_t tail_tile(int64_t batch, int64_t d_model) {
 
 std::string bf16_gemm_now() { return cpu::bf16_gemm_name(cpu::bf16_gemm()); }
 
+std::string vector_isa_now() { return cpu::vector_isa_name(cpu::vector_isa()); }
+
 // casa::fused_score_attention on the CPU: prepares the weights on every call (the Python
 // backend calls the two ops above instead, preparing once per weight version).
 at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {

@@ -40,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tail_fused(
     at::TensorList prepared, int64_t tile, const std::string& bf16_gemm);
 int64_t tail_tile(int64_t batch, int64_t d_model);
 std::string bf16_gemm_now();
+std::string vector_isa_now();
 at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w);
 
 }  // namespace casa::cpu_ops

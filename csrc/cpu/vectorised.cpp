@@ -1,23 +1,25 @@
 // The elementwise loops of the CPU kernel, vectorised by the compiler: every inner
-// loop runs over contiguous (or stride-2) columns through restrict pointers, and the
-// float versions are built for AVX-512, AVX2 and baseline x86-64 with the best chosen
-// at load time (GCC target_clones).
+// loop runs over contiguous (or stride-2) columns through restrict pointers. The float
+// versions are built for AVX-512, AVX2 + FMA and baseline x86-64, and every call runs the
+// tier vector_isa() names: the best this CPU has, capped by ATEN_CPU_CAPABILITY as
+// PyTorch's own kernels are (so that a lower tier is measured and tested on any machine).
 
 #include "vectorised.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CASA_TARGET_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define CASA_TARGET_CLONES
+#define CASA_X86_TIERS 1
 #endif
 
 #define CASA_INLINE __attribute__((always_inline)) inline
@@ -412,16 +414,6 @@ CASA_INLINE void layer_norm_rows_impl(const scalar_t* __restrict in, int64_t row
 
 CASA_INLINE uint16_t bf16_bits(float v) { return static_cast<uint16_t>(rounded_bf16_bits(v)); }
 
-}  // namespace
-
-#define CASA_LAYER_NORM(attr, scalar_t)                                                       \
-  attr void layer_norm_rows(const scalar_t* in, int64_t rows, int64_t D, const float* weight, \
-                            const float* bias, float eps, float* out) {                       \
-    layer_norm_rows_impl(in, rows, D, weight, bias, eps, out);                                \
-  }
-CASA_LAYER_NORM(CASA_TARGET_CLONES, float)
-CASA_LAYER_NORM(CASA_TARGET_CLONES, c10::BFloat16)
-
 CASA_INLINE uint16_t bf16_bits_of(uint16_t v) { return v; }
 CASA_INLINE uint16_t bf16_bits_of(float v) { return bf16_bits(v); }
 
@@ -458,15 +450,6 @@ CASA_INLINE void transpose_impl(const float* __restrict src, int64_t lds, int64_
   }
 }
 
-CASA_TARGET_CLONES void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
-                                  float* dst, int64_t ldd) {
-  transpose_impl(src, lds, rows, cols, dst, ldd);
-}
-CASA_TARGET_CLONES void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
-                                  c10::BFloat16* dst, int64_t ldd) {
-  transpose_impl(src, lds, rows, cols, dst, ldd);
-}
-
 // One pair of rows of a packed block: out[2c + r] = row_r[c] in bfloat16 for c < width,
 // zero up to 2·block.
 template <typename src_t>
@@ -491,26 +474,25 @@ CASA_INLINE void interleave_pairs_impl(int64_t K, int64_t N, const src_t* __rest
   }
 }
 
-CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const c10::BFloat16* B,
-                                              int64_t ldb, int64_t block, c10::BFloat16* packed) {
+CASA_INLINE void interleave_pairs_bf16_impl(int64_t K, int64_t N, const c10::BFloat16* B,
+                                            int64_t ldb, int64_t block, c10::BFloat16* packed) {
   interleave_pairs_impl(K, N, reinterpret_cast<const uint16_t*>(B), ldb, block,
                         reinterpret_cast<uint16_t*>(packed));
 }
-
-CASA_TARGET_CLONES void interleave_pairs_bf16(int64_t K, int64_t N, const float* B, int64_t ldb,
-                                              int64_t block, c10::BFloat16* packed) {
+CASA_INLINE void interleave_pairs_bf16_impl(int64_t K, int64_t N, const float* B, int64_t ldb,
+                                            int64_t block, c10::BFloat16* packed) {
   interleave_pairs_impl(K, N, B, ldb, block, reinterpret_cast<uint16_t*>(packed));
 }
 
-CASA_TARGET_CLONES void add_bias_relu_rows(float* io, int64_t rows, int64_t D, const float* bias) {
+CASA_INLINE void add_bias_relu_rows_impl(float* io, int64_t rows, int64_t D, const float* bias) {
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict o = io + r * D;
     for (int64_t c = 0; c < D; ++c) o[c] = relu(o[c] + bias[c]);
   }
 }
 
-CASA_TARGET_CLONES void add_bias_residual_rows(float* io, int64_t rows, int64_t D,
-                                               const float* bias, const float* residual) {
+CASA_INLINE void add_bias_residual_rows_impl(float* io, int64_t rows, int64_t D, const float* bias,
+                                             const float* residual) {
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict o = io + r * D;
     const float* __restrict z = residual + r * D;
@@ -518,12 +500,12 @@ CASA_TARGET_CLONES void add_bias_residual_rows(float* io, int64_t rows, int64_t 
   }
 }
 
-CASA_TARGET_CLONES void to_bf16(const float* in, int64_t n, c10::BFloat16* out) {
+CASA_INLINE void to_bf16_impl(const float* in, int64_t n, c10::BFloat16* out) {
   uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
   for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(in[i]);
 }
 
-CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, float* out) {
+CASA_INLINE void store_rows_impl(const float* in, int64_t n, bool relu_out, float* out) {
   if (relu_out) {
     for (int64_t i = 0; i < n; ++i) out[i] = relu(in[i]);
   } else {
@@ -531,7 +513,7 @@ CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, fl
   }
 }
 
-CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, c10::BFloat16* out) {
+CASA_INLINE void store_rows_impl(const float* in, int64_t n, bool relu_out, c10::BFloat16* out) {
   uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
   if (relu_out) {
     for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(relu(in[i]));
@@ -540,77 +522,176 @@ CASA_TARGET_CLONES void store_rows(const float* in, int64_t n, bool relu_out, c1
   }
 }
 
-// Each public overload forwards to the template above; CASA_TARGET_CLONES builds the
-// float ones once per instruction set.
-#define CASA_IM2COL(attr, acc_t, scalar_t)                                                 \
-  attr void im2col_s2(const scalar_t* src, int64_t ld, int64_t rows, int64_t L, int64_t k, \
-                      acc_t* dst, int64_t dst_ld) {                                        \
-    im2col_impl(src, ld, rows, L, k, dst, dst_ld);                                         \
+// The tier of this CPU, capped by ATEN_CPU_CAPABILITY ("default", "avx2", "avx512"; any
+// other value, like PyTorch, caps nothing).
+VectorIsa detect_vector_isa() {
+#ifdef CASA_X86_TIERS
+  __builtin_cpu_init();
+  VectorIsa hardware = VectorIsa::baseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    hardware = VectorIsa::avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      hardware = VectorIsa::avx512;
+    }
   }
-CASA_IM2COL(CASA_TARGET_CLONES, float, float)
-CASA_IM2COL(CASA_TARGET_CLONES, float, c10::BFloat16)
-CASA_IM2COL(, c10::BFloat16, c10::BFloat16)
-CASA_IM2COL(, double, double)
+  VectorIsa cap = VectorIsa::avx512;
+  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
+    std::string name(env);
+    std::transform(name.begin(), name.end(), name.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    if (name == "default") cap = VectorIsa::baseline;
+    if (name == "avx2") cap = VectorIsa::avx2;
+  }
+  return std::min(hardware, cap);
+#else
+  return VectorIsa::baseline;
+#endif
+}
 
-#define CASA_COL2IM(attr, acc_t)                                                               \
-  attr void col2im_relu_s2(const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L, \
-                           const acc_t* bias, acc_t* out, int64_t ldo) {                       \
-    col2im_relu_impl(cols, ldc, rows, k, L, bias, out, ldo);                                   \
-  }
-CASA_COL2IM(CASA_TARGET_CLONES, float)
-CASA_COL2IM(, double)
+}  // namespace
 
-#define CASA_ADD_BIAS_RELU(attr, acc_t)                                                            \
-  attr void add_bias_relu(acc_t* out, int64_t ld, int64_t rows, int64_t cols, const acc_t* bias) { \
-    add_bias_relu_impl(out, ld, rows, cols, bias);                                                 \
-  }
-CASA_ADD_BIAS_RELU(CASA_TARGET_CLONES, float)
-CASA_ADD_BIAS_RELU(, double)
+VectorIsa vector_isa() {
+  static const VectorIsa isa = detect_vector_isa();
+  return isa;
+}
 
-#define CASA_SOFTMAX(attr, acc_t, scalar_t)                                                       \
-  attr void softmax_numerators(acc_t* scores, int64_t ld, const acc_t* score_bias, int64_t rows,  \
-                               int64_t T, const scalar_t* x, int64_t D, acc_t* shift,             \
-                               acc_t* sum) {                                                      \
-    softmax_numerators_impl(scores, ld, score_bias, rows, T, x, D, shift, sum);                   \
-  }                                                                                               \
-  attr void softmax_output(const acc_t* numerators, int64_t ld, const acc_t* values, int64_t ldv, \
-                           const acc_t* value_bias, const acc_t* scale, int64_t rows, int64_t T,  \
-                           const scalar_t* x, scalar_t* y, int64_t D) {                           \
-    softmax_output_impl(numerators, ld, values, ldv, value_bias, scale, rows, T, x, y, D);        \
+const char* vector_isa_name(VectorIsa isa) {
+  switch (isa) {
+    case VectorIsa::avx512: return "avx512";
+    case VectorIsa::avx2: return "avx2";
+    default: return "baseline";
   }
-CASA_SOFTMAX(CASA_TARGET_CLONES, float, float)
-CASA_SOFTMAX(CASA_TARGET_CLONES, float, c10::BFloat16)
-CASA_SOFTMAX(, double, double)
+}
 
-#define CASA_SOFTMAX_BACKWARD(attr, acc_t, scalar_t)                                               \
-  attr void softmax_backward_weights(                                                              \
-      acc_t* scores, int64_t ld, const acc_t* score_bias, int64_t rows, int64_t T,                 \
-      const scalar_t* x, const scalar_t* g, int64_t D, const acc_t* col_max, const acc_t* col_sum, \
-      const acc_t* values, const acc_t* value_bias, acc_t* dp, acc_t* sigma_prime,                 \
-      acc_t* colsum) {                                                                             \
-    softmax_backward_weights_impl(scores, ld, score_bias, rows, T, x, g, D, col_max, col_sum,      \
-                                  values, value_bias, dp, sigma_prime, colsum);                    \
-  }                                                                                                \
-  attr void softmax_backward_grads(const acc_t* P, int64_t ld, int64_t rows, int64_t T,            \
-                                   const scalar_t* g, int64_t D, const acc_t* colsum,              \
-                                   const acc_t* sigma_prime, acc_t* dp, acc_t* dv, acc_t* dx) {    \
-    softmax_backward_grads_impl(P, ld, rows, T, g, D, colsum, sigma_prime, dp, dv, dx);            \
+// One public overload `name params`, its body `impl args`: CASA_ONE_TIER compiles it once
+// (the double versions: their exp is std::exp, which does not vectorise); CASA_THREE_TIERS
+// compiles it for AVX-512, AVX2 + FMA and baseline x86-64 and runs the one vector_isa() names.
+#define CASA_ONE_TIER(name, impl, params, args) \
+  void name params { impl args; }
+#ifdef CASA_X86_TIERS
+#define CASA_THREE_TIERS(name, impl, params, args)                                             \
+  __attribute__((target(                                                                       \
+      "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))) static void name##_avx512 params { \
+    impl args;                                                                                 \
+  }                                                                                            \
+  __attribute__((target("avx2,fma,f16c"))) static void name##_avx2 params { impl args; }       \
+  static void name##_baseline params { impl args; }                                            \
+  void name params {                                                                           \
+    switch (vector_isa()) {                                                                    \
+      case VectorIsa::avx512: return name##_avx512 args;                                       \
+      case VectorIsa::avx2: return name##_avx2 args;                                           \
+      default: return name##_baseline args;                                                    \
+    }                                                                                          \
   }
-CASA_SOFTMAX_BACKWARD(CASA_TARGET_CLONES, float, float)
-CASA_SOFTMAX_BACKWARD(CASA_TARGET_CLONES, float, c10::BFloat16)
-CASA_SOFTMAX_BACKWARD(, double, double)
+#else
+#define CASA_THREE_TIERS CASA_ONE_TIER
+#endif
 
-#define CASA_BLOCK_SCALES(attr, acc_t)                                                            \
-  attr void softmax_merge_blocks(const acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T, \
-                                 acc_t* top, acc_t* total) {                                      \
-    softmax_merge_blocks_impl(shift, sum, blocks, T, top, total);                                 \
-  }                                                                                               \
-  attr void softmax_scales(acc_t* shift, int64_t blocks, int64_t T, const acc_t* top,             \
-                           const acc_t* total) {                                                  \
-    softmax_scales_impl(shift, blocks, T, top, total);                                            \
-  }
-CASA_BLOCK_SCALES(CASA_TARGET_CLONES, float)
-CASA_BLOCK_SCALES(, double)
+#define CASA_LAYER_NORM(scalar_t)                                                     \
+  CASA_THREE_TIERS(layer_norm_rows, layer_norm_rows_impl,                             \
+                   (const scalar_t* in, int64_t rows, int64_t D, const float* weight, \
+                    const float* bias, float eps, float* out),                        \
+                   (in, rows, D, weight, bias, eps, out))
+CASA_LAYER_NORM(float)
+CASA_LAYER_NORM(c10::BFloat16)
+
+#define CASA_TRANSPOSE(out_t)                                                               \
+  CASA_THREE_TIERS(                                                                         \
+      transpose, transpose_impl,                                                            \
+      (const float* src, int64_t lds, int64_t rows, int64_t cols, out_t* dst, int64_t ldd), \
+      (src, lds, rows, cols, dst, ldd))
+CASA_TRANSPOSE(float)
+CASA_TRANSPOSE(c10::BFloat16)
+
+#define CASA_INTERLEAVE(src_t)                                                                   \
+  CASA_THREE_TIERS(                                                                              \
+      interleave_pairs_bf16, interleave_pairs_bf16_impl,                                         \
+      (int64_t K, int64_t N, const src_t* B, int64_t ldb, int64_t block, c10::BFloat16* packed), \
+      (K, N, B, ldb, block, packed))
+CASA_INTERLEAVE(c10::BFloat16)
+CASA_INTERLEAVE(float)
+
+CASA_THREE_TIERS(add_bias_relu_rows, add_bias_relu_rows_impl,
+                 (float* io, int64_t rows, int64_t D, const float* bias), (io, rows, D, bias))
+CASA_THREE_TIERS(add_bias_residual_rows, add_bias_residual_rows_impl,
+                 (float* io, int64_t rows, int64_t D, const float* bias, const float* residual),
+                 (io, rows, D, bias, residual))
+CASA_THREE_TIERS(to_bf16, to_bf16_impl, (const float* in, int64_t n, c10::BFloat16* out),
+                 (in, n, out))
+
+#define CASA_STORE_ROWS(out_t)                                              \
+  CASA_THREE_TIERS(store_rows, store_rows_impl,                             \
+                   (const float* in, int64_t n, bool relu_out, out_t* out), \
+                   (in, n, relu_out, out))
+CASA_STORE_ROWS(float)
+CASA_STORE_ROWS(c10::BFloat16)
+
+#define CASA_IM2COL(TIERS, acc_t, scalar_t)                                               \
+  TIERS(im2col_s2, im2col_impl,                                                           \
+        (const scalar_t* src, int64_t ld, int64_t rows, int64_t L, int64_t k, acc_t* dst, \
+         int64_t dst_ld),                                                                 \
+        (src, ld, rows, L, k, dst, dst_ld))
+CASA_IM2COL(CASA_THREE_TIERS, float, float)
+CASA_IM2COL(CASA_THREE_TIERS, float, c10::BFloat16)
+CASA_IM2COL(CASA_ONE_TIER, c10::BFloat16, c10::BFloat16)
+CASA_IM2COL(CASA_ONE_TIER, double, double)
+
+#define CASA_COL2IM(TIERS, acc_t)                                                               \
+  TIERS(col2im_relu_s2, col2im_relu_impl,                                                       \
+        (const acc_t* cols, int64_t ldc, int64_t rows, int64_t k, int64_t L, const acc_t* bias, \
+         acc_t* out, int64_t ldo),                                                              \
+        (cols, ldc, rows, k, L, bias, out, ldo))
+CASA_COL2IM(CASA_THREE_TIERS, float)
+CASA_COL2IM(CASA_ONE_TIER, double)
+
+#define CASA_ADD_BIAS_RELU(TIERS, acc_t)                                          \
+  TIERS(add_bias_relu, add_bias_relu_impl,                                        \
+        (acc_t * out, int64_t ld, int64_t rows, int64_t cols, const acc_t* bias), \
+        (out, ld, rows, cols, bias))
+CASA_ADD_BIAS_RELU(CASA_THREE_TIERS, float)
+CASA_ADD_BIAS_RELU(CASA_ONE_TIER, double)
+
+#define CASA_SOFTMAX(TIERS, acc_t, scalar_t)                                                      \
+  TIERS(softmax_numerators, softmax_numerators_impl,                                              \
+        (acc_t * scores, int64_t ld, const acc_t* score_bias, int64_t rows, int64_t T,            \
+         const scalar_t* x, int64_t D, acc_t* shift, acc_t* sum),                                 \
+        (scores, ld, score_bias, rows, T, x, D, shift, sum))                                      \
+  TIERS(softmax_output, softmax_output_impl,                                                      \
+        (const acc_t* numerators, int64_t ld, const acc_t* values, int64_t ldv,                   \
+         const acc_t* value_bias, const acc_t* scale, int64_t rows, int64_t T, const scalar_t* x, \
+         scalar_t* y, int64_t D),                                                                 \
+        (numerators, ld, values, ldv, value_bias, scale, rows, T, x, y, D))
+CASA_SOFTMAX(CASA_THREE_TIERS, float, float)
+CASA_SOFTMAX(CASA_THREE_TIERS, float, c10::BFloat16)
+CASA_SOFTMAX(CASA_ONE_TIER, double, double)
+
+#define CASA_SOFTMAX_BACKWARD(TIERS, acc_t, scalar_t)                                        \
+  TIERS(softmax_backward_weights, softmax_backward_weights_impl,                             \
+        (acc_t * scores, int64_t ld, const acc_t* score_bias, int64_t rows, int64_t T,       \
+         const scalar_t* x, const scalar_t* g, int64_t D, const acc_t* col_max,              \
+         const acc_t* col_sum, const acc_t* values, const acc_t* value_bias, acc_t* dp,      \
+         acc_t* sigma_prime, acc_t* colsum),                                                 \
+        (scores, ld, score_bias, rows, T, x, g, D, col_max, col_sum, values, value_bias, dp, \
+         sigma_prime, colsum))                                                               \
+  TIERS(softmax_backward_grads, softmax_backward_grads_impl,                                 \
+        (const acc_t* P, int64_t ld, int64_t rows, int64_t T, const scalar_t* g, int64_t D,  \
+         const acc_t* colsum, const acc_t* sigma_prime, acc_t* dp, acc_t* dv, acc_t* dx),    \
+        (P, ld, rows, T, g, D, colsum, sigma_prime, dp, dv, dx))
+CASA_SOFTMAX_BACKWARD(CASA_THREE_TIERS, float, float)
+CASA_SOFTMAX_BACKWARD(CASA_THREE_TIERS, float, c10::BFloat16)
+CASA_SOFTMAX_BACKWARD(CASA_ONE_TIER, double, double)
+
+#define CASA_BLOCK_SCALES(TIERS, acc_t)                                                            \
+  TIERS(                                                                                           \
+      softmax_merge_blocks, softmax_merge_blocks_impl,                                             \
+      (const acc_t* shift, const acc_t* sum, int64_t blocks, int64_t T, acc_t* top, acc_t* total), \
+      (shift, sum, blocks, T, top, total))                                                         \
+  TIERS(softmax_scales, softmax_scales_impl,                                                       \
+        (acc_t * shift, int64_t blocks, int64_t T, const acc_t* top, const acc_t* total),          \
+        (shift, blocks, T, top, total))
+CASA_BLOCK_SCALES(CASA_THREE_TIERS, float)
+CASA_BLOCK_SCALES(CASA_ONE_TIER, double)
 
 }  // namespace cpu
 }  // namespace casa

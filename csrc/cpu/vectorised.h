@@ -9,6 +9,13 @@
 namespace casa {
 namespace cpu {
 
+// The vector tier the loops below run on (vectorised.cpp): the best of AVX-512 (F, BW, DQ,
+// VL), AVX2 + FMA and baseline x86-64 this CPU has, capped by ATEN_CPU_CAPABILITY
+// ("default", "avx2") where set. Fixed at the first call; baseline off x86-64 GCC.
+enum class VectorIsa { baseline, avx2, avx512 };
+VectorIsa vector_isa();
+const char* vector_isa_name(VectorIsa isa);
+
 // Columns of a stride-2 conv as a GEMM operand: for `rows` input rows of length L at
 // src + i·ld, dst[(i·k + j)·dst_ld + t] = src[i·ld + 2t + j - p] for t < L/2, zero
 // outside [0, L). The conv's weight [Cout, Cin, k], viewed as [Cout, Cin·k], multiplies

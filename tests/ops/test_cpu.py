@@ -348,3 +348,46 @@ def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(monkeypa
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(out.float(), in_fp32.float(), rtol=2**-7, atol=1e-2)  # 2 ulps
+
+
+# The cpu backend's conformance and backward tests, rerun with the kernel's loops capped to
+# a lower vector tier (ATEN_CPU_CAPABILITY, read once per process), so that every tier's
+# build is checked on any machine that has it.
+_TIER_TESTS = [
+    "tests/ops/test_conformance.py",
+    "tests/ops/test_cpu_backward.py",
+    "-k",
+    "cpu and not triton and not cuda",
+]
+
+
+def _vector_isa(capability: str) -> str:
+    check = "from casa_kernels.ops.backends.cpu import vector_isa; print(vector_isa())"
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()[-1]
+
+
+@pytest.mark.parametrize("tier, capability", [("avx2", "avx2"), ("baseline", "default")])
+def test_lower_vector_tiers_pass_the_cpu_tests(tier, capability):
+    native = _vector_isa("")
+    if native == "baseline" and tier == "avx2":
+        pytest.skip("needs a CPU with AVX2 and FMA")
+    assert _vector_isa(capability) == tier
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *_TIER_TESTS],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout.splitlines()[-1]

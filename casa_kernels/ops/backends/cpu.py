@@ -51,6 +51,15 @@ def bf16_gemm_tier() -> str:
     return _kernels().cpu_bf16_gemm()
 
 
+def vector_isa() -> str:
+    """The vector tier of the cpu backend's elementwise loops: ``"avx512"``, ``"avx2"`` or
+    ``"baseline"``, the best this CPU has, capped by ``ATEN_CPU_CAPABILITY`` (``"avx2"``,
+    ``"default"``) where set, as PyTorch's own kernels are; ``"none"`` without the kernels."""
+    if kernel_missing_reason("CPU", _MISSING_HINT) is not None:
+        return "none"
+    return _kernels().cpu_vector_isa()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for the forecaster's own Linears (embedding, head) on
     the cpu backend: bfloat16 on a CPU without bfloat16 GEMMs (``bf16_gemm_tier() ==
