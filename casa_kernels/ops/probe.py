@@ -3,7 +3,9 @@
 On a CPU, ``auto`` runs a fused backend only where a probe found it at least as fast as
 the reference (PyTorch's own ops) for the call's dtype, shape class
 (``measured.shape_class``: B = 1 or more; N up to 64, up to 512, or more), width D,
-kernel size and thread count (docs/design.md §6). The kernels are tuned where AVX-512
+kernel size, thread count and mode (docs/design.md §6): a call that will be differentiated
+(gradients enabled and an input requiring one) is probed on the op's forward and backward
+(x and the 14 weights requiring gradients, as in training), any other call on its forward. The kernels are tuned where AVX-512
 exists; on other CPUs (AVX2 only) or settings (``ONEDNN_MAX_CPU_ISA``, thread counts) a
 stage can lose to the BLAS, and the probe keeps ``auto`` from running the slower one.
 
@@ -13,8 +15,9 @@ that stands for the class: ``[B', min(N, 1024), D]`` with B' = 1 for B = 1, else
 batches). Each side runs once to warm up (the fused backend prepares its weights), then
 they alternate, timed, until each has run ``ROUNDS`` times or ``BUDGET_S`` has passed
 (at least once each); the medians decide, a tie going to the fused backend. It costs
-tens of milliseconds at the Traffic shape (D = 512, N = 862) and runs outside any
-autocast, dispatch mode (FakeTensorMode, FlopCounterMode) or autograd recording.
+tens of milliseconds at the Traffic shape (D = 512, N = 862; a training probe about
+0.1-0.2 s) and runs outside any autocast, dispatch mode (FakeTensorMode, FlopCounterMode)
+or the caller's autograd graph.
 
 ``CASA_CPU_PROBE=0`` switches the probe off: ``auto`` then runs the fused backend wherever
 it serves the call (deterministic choice; the test suite sets it, and tests the probe
@@ -53,6 +56,7 @@ class Probe:
 
     backend: str
     key: str
+    training: bool
     size: tuple[int, int, int]
     fused_ms: float
     reference_ms: float
@@ -63,9 +67,10 @@ class Probe:
 
     def describe(self) -> str:
         b, n, d = self.size
+        what = "forward+backward" if self.training else "forward"
         return (
             f"{self.backend} {self.fused_ms:.3g} ms vs reference {self.reference_ms:.3g} ms "
-            f"on [{b}, {n}, {d}] ({self.key})"
+            f"({what}) on [{b}, {n}, {d}] ({self.key})"
         )
 
 
@@ -99,28 +104,56 @@ def _median_times(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _run_probe(backend: Backend, dtype: torch.dtype, size: tuple[int, int, int], kernel: int):
+def _forward_runs(backend: Backend, x: torch.Tensor, weights: ScoreAttentionWeights):
+    return {
+        "fused": lambda: backend.forward(x, weights),
+        "reference": lambda: reference.score_attention(x, weights),
+    }
+
+
+def _training_runs(backend: Backend, x: torch.Tensor, weights: ScoreAttentionWeights):
+    """The op's forward and backward on ``backend`` (its fused backward where it has one)
+    and the reference's autograd, every input requiring a gradient."""
+    leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+
+    def fused():
+        torch.autograd.backward(torch.ops.casa.score_attention(*leaves, backend.name), grad)
+
+    def reference_run():
+        out = reference.score_attention(leaves[0], ScoreAttentionWeights(*leaves[1:]))
+        torch.autograd.backward(out, grad)
+
+    return {"fused": fused, "reference": reference_run}
+
+
+def _run_probe(
+    backend: Backend, dtype: torch.dtype, size: tuple[int, int, int], kernel: int, training: bool
+):
     batch, n_vars, d_model = size
     generator = torch.Generator().manual_seed(0)
     weights = ScoreAttentionWeights.random(
         n_vars, d_model, kernel, dtype=dtype, generator=generator
     )
     x = torch.randn(batch, n_vars, d_model, generator=generator).to(dtype)
-    with _disable_current_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        return _median_times(
-            {
-                "fused": lambda: backend.forward(x, weights),
-                "reference": lambda: reference.score_attention(x, weights),
-            }
-        )
+    runs = _training_runs if training else _forward_runs
+    with (
+        _disable_current_modes(),
+        torch.set_grad_enabled(training),
+        torch.autocast("cpu", enabled=False),
+    ):
+        return _median_times(runs(backend, x, weights))
 
 
-def probe(backend: Backend, dtype: torch.dtype, shape: ProblemShape) -> Probe:
-    """The probe of ``backend`` against the reference for ``dtype`` and ``shape``'s key,
-    run now if this process has not run it yet."""
+def probe(
+    backend: Backend, dtype: torch.dtype, shape: ProblemShape, training: bool = False
+) -> Probe:
+    """The probe of ``backend`` against the reference for ``dtype``, ``shape``'s key and
+    the mode (``training``: forward and backward), run now if this process has not run it
+    yet."""
     threads = torch.get_num_threads()
     shape_key = shape_class(shape.batch, shape.n_vars)
-    lookup = (backend.name, dtype, shape_key, shape.d_model, shape.kernel, threads)
+    lookup = (backend.name, dtype, shape_key, shape.d_model, shape.kernel, threads, training)
     with _lock:
         found = _probes.get(lookup)
         if found is None:
@@ -129,8 +162,8 @@ def probe(backend: Backend, dtype: torch.dtype, shape: ProblemShape) -> Probe:
                 f"k={shape.kernel}, {threads} threads"
             )
             size = probe_size(shape, threads)
-            medians = _run_probe(backend, dtype, size, shape.kernel)
-            found = Probe(backend.name, key, size, medians["fused"], medians["reference"])
+            medians = _run_probe(backend, dtype, size, shape.kernel, training)
+            found = Probe(backend.name, key, training, size, medians["fused"], medians["reference"])
             _probes[lookup] = found
         return found
 

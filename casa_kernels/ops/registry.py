@@ -227,10 +227,17 @@ def availability() -> dict[str, str | None]:
 
 
 def resolve_backend(
-    name: str, device: torch.device, dtype: torch.dtype, shape: ProblemShape | None = None
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: ProblemShape | None = None,
+    *,
+    training: bool = False,
 ) -> Backend:
     """The backend that runs ``casa_attention`` for a tensor on ``device`` with ``dtype``
-    (and of ``shape``, when given: backends declaring shape limits are then checked too)."""
+    (and of ``shape``, when given: backends declaring shape limits are then checked too).
+    ``training``: the call will be differentiated, so that ``auto``'s CPU probe times the
+    forward and backward rather than the forward alone."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, received {type(name).__name__}")
     argument = "backend"
@@ -257,7 +264,7 @@ def resolve_backend(
         backend = _BACKENDS[candidate]
         reason = backend.reason_not_serving(device, dtype, shape)
         if reason is None and candidate != FALLBACK and device.type in PROBED_DEVICE_TYPES:
-            reason = _probe_reason(backend, dtype, shape)
+            reason = _probe_reason(backend, dtype, shape, training)
         if reason is None:
             if candidate == FALLBACK and skipped:
                 _warn_once(device, dtype, skipped)
@@ -293,12 +300,14 @@ def _measured_candidates(
     return [*kept, FALLBACK], passed_over
 
 
-def _probe_reason(backend: Backend, dtype: torch.dtype, shape: ProblemShape | None) -> str | None:
+def _probe_reason(
+    backend: Backend, dtype: torch.dtype, shape: ProblemShape | None, training: bool
+) -> str | None:
     """Why ``auto`` passes over ``backend`` here: a probe timed it slower than the reference
     (None where it did not, or where no probe runs: switched off, no static shape, no work)."""
     if not probe.enabled() or shape is None or shape.batch == 0:
         return None
-    found = probe.probe(backend, dtype, shape)
+    found = probe.probe(backend, dtype, shape, training)
     return None if found.fused_wins else f"slower than the reference here ({found.describe()})"
 
 

@@ -90,7 +90,7 @@ def _with_fused_backward(x: torch.Tensor, weights, backend: str) -> Backend | No
     if x.dim() != 3 or x.shape[0] == 0 or not _plain_eager(x, weights):
         return None
     w = ScoreAttentionWeights(*weights)
-    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, w))
+    chosen = resolve_backend(backend, x.device, x.dtype, ProblemShape.of(x, w), training=True)
     return chosen if chosen.fused_backward is not None else None
 
 
@@ -101,8 +101,9 @@ class _ScoreAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, *weights_backend_keyset):
         *weights, backend, keyset = weights_backend_keyset
+        # Resolved above the guard: a first "auto" call may run the CPU probe's own autograd.
+        chosen = _with_fused_backward(x, weights, backend)
         with torch._C._AutoDispatchBelowAutograd():
-            chosen = _with_fused_backward(x, weights, backend)
             run = None
             if chosen is not None:
                 run = chosen.fused_backward.forward(x, ScoreAttentionWeights(*weights))
@@ -222,14 +223,15 @@ def attention_on_backend(
         x = check_like_weights(x, weights)
     dtype = autocast_dtype or x.dtype
     shape = ProblemShape.of(x, weights)
+    training = _differentiated(x, weights)
     if torch.compiler.is_compiling():
         # The choice is a constant of the graph, made with the shape where it is static
         # (symbolic sizes: without it; the op then checks the shape limits when it runs).
         static = shape is not None and all(type(size) is int for size in shape)
         sizes = tuple(shape) if static else None
-        chosen = get_backend(_resolved_name(backend, x.device, dtype, sizes))
+        chosen = get_backend(_resolved_name(backend, x.device, dtype, sizes, training))
     else:
-        chosen = resolve_backend(backend, x.device, dtype, shape)
+        chosen = resolve_backend(backend, x.device, dtype, shape, training=training)
     if chosen.name == FALLBACK:
         # Plain PyTorch: autograd, autocast and torch.compile see straight through it.
         return reference.score_attention(x, weights), chosen
@@ -249,8 +251,12 @@ def _needs_dispatcher(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
     call: docs/design.md §6)."""
     if not _plain_eager(x, weights) or torch._C._autograd._profiler_enabled():
         return True
-    grad = torch.is_grad_enabled()
-    return any(grad and t.requires_grad for t in (x, *weights))
+    return _differentiated(x, weights)
+
+
+def _differentiated(x: torch.Tensor, weights: ScoreAttentionWeights) -> bool:
+    """Whether autograd records the call: gradients enabled and an input requiring one."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
 
 
 def _plain_eager(x: torch.Tensor, weights) -> bool:
@@ -272,9 +278,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 @torch.compiler.assume_constant_result
 def _resolved_name(
-    backend: str, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: tuple[int, ...] | None,
+    training: bool,
 ) -> str:
     # A constant for torch.compile: availability and CASA_BACKEND are fixed per process.
     # ``sizes``: a ProblemShape's fields as a plain tuple (what the compiler passes on).
     shape = None if sizes is None else ProblemShape(*sizes)
-    return resolve_backend(backend, device, dtype, shape).name
+    return resolve_backend(backend, device, dtype, shape, training=training).name

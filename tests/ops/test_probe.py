@@ -1,7 +1,8 @@
 """backend="auto" on the CPU with its one-time timed probe (casa_kernels/ops/probe.py): a
 fused backend timed slower than the reference is passed over, with a warning naming the
-times; the probe runs once per dtype, shape class, D, kernel and thread count, on a size
-standing for the class, invisible to dispatch modes. The suite runs with the probe off
+times; the probe runs once per dtype, shape class, D, kernel, thread count and mode (a call
+autograd records is timed forward and backward), on a size standing for the class,
+invisible to dispatch modes. The suite runs with the probe off
 (tests/conftest.py); these tests switch it on."""
 
 import pytest
@@ -11,7 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import casa_kernels as ck
 from casa_kernels.ops import probe, registry
 from casa_kernels.ops.registry import ProblemShape
-from casa_kernels.tolerance import assert_close_to_reference
+from casa_kernels.ops.score_attention import attention_on_backend
+from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
+from tests.ops import gradients
 
 pytestmark = pytest.mark.skipif(
     registry.get_backend("cpu").reason_not_serving(torch.device("cpu"), torch.float32) is not None,
@@ -135,6 +138,41 @@ def test_info_names_each_probe_and_what_auto_runs(problem, timed):
         ck.casa_attention(x, w)
     (row,) = [value for key, value in info.report() if key == "auto on this CPU"]
     assert (
-        row == "reference runs: cpu 3 ms vs reference 1.5 ms on [1, 50, 64] (float32, B=1 "
+        row
+        == "reference runs: cpu 3 ms vs reference 1.5 ms (forward) on [1, 50, 64] (float32, B=1 "
         "N<=64, D=64, k=3, " + f"{torch.get_num_threads()} threads)"
     )
+
+
+def test_a_differentiated_call_is_probed_on_its_forward_and_backward(problem, probing, monkeypatch):
+    # The fused backend wins the forward here and loses forward+backward: a call recorded by
+    # autograd runs the reference (and its gradients), an inference call the fused backend.
+    def run_probe(backend, dtype, size, kernel, training):
+        return {"fused": 3.0 if training else 1.0, "reference": 2.0}
+
+    monkeypatch.setattr(probe, "_run_probe", run_probe)
+    x, w = problem(2, 50, 64, 3)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *w)]
+    with pytest.warns(UserWarning, match=r"cpu 3 ms vs reference 2 ms \(forward\+backward\)"):
+        _, chosen = attention_on_backend(leaves[0], ck.ScoreAttentionWeights(*leaves[1:]), "auto")
+    assert chosen.name == "reference"
+    with torch.no_grad():
+        _, chosen = attention_on_backend(x, w, "auto")
+    assert chosen.name == "cpu"
+    assert [(p.training, p.fused_wins) for p in probe.probes()] == [(True, False), (False, True)]
+
+
+def test_a_real_training_probe_inside_the_ops_autograd(problem, probing):
+    # The op called directly with "auto" and gradients due: the probe's own forward and
+    # backward run inside the op's autograd forward, and the gradients are the reference's.
+    x, w = problem(2, 40, 32, 3)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *w)]
+    grad = gradients.grad_out(x)
+    ours = torch.autograd.grad(torch.ops.casa.score_attention(*leaves, "auto"), leaves, grad)
+    (found,) = probe.probes()
+    assert found.training and found.size == (2, 40, 32)
+    assert found.fused_ms > 0 and found.reference_ms > 0
+    want = gradients.reference_grads((x, *w), grad, torch.float64)
+    for name, got, ref in zip(gradients.FIELDS, ours, want):
+        result = compare_gradient(got, ref)
+        assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
