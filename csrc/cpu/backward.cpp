@@ -324,8 +324,12 @@ struct Backward {
                                   want_ds ? rows_buf.dp + r0 * ld : nullptr,
                                   want_dv ? sc.block : nullptr, needs.x ? sc.dx_tile : nullptr);
       if (grads.value_weight.defined()) {  // dWv[tile rows] += dv^T x, dv^T laid out for the GEMM
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * ld + i];
+        if constexpr (std::is_same_v<acc_t, float>) {
+          cpu::transpose(sc.block, ld, rows, T, sc.dv_t, kRows);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * ld + i];
+          }
         }
         cpu::gemm(T, D, rows, sc.dv_t, kRows, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
                   grads.value_weight.template data_ptr<acc_t>() + o0 * D, D, /*accumulate=*/true);
@@ -340,12 +344,7 @@ struct Backward {
       cpu::gemm(rows, D, T, sc.block, ld, value.template data_ptr<acc_t>() + o0 * D, D, sc.dx_rows,
                 D, /*accumulate=*/false);
       const std::lock_guard<std::mutex> guard(lock);
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t* dx_n = dx + (b * N + r0 + r) * D;
-        const acc_t* add = sc.dx_rows + r * D;
-        for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];
-        for (int64_t i = 0; i < T; ++i) dx_n[column(o0, half, i)] += sc.dx_tile[r * ld + i];
-      }
+      cpu::add_parity_rows(dx + (b * N + r0) * D, D, sc.dx_rows, D, sc.dx_tile, ld, o0, T, rows);
     }
 
     // The last transposed conv's parameters and dh5, GEMMs over all N rows of dt.
@@ -354,12 +353,7 @@ struct Backward {
       if (K[q] > 0) gather_window(h5 + b * (D / 4) * (D / 2), q, o0, half, sc.rhs[q]);
     }
     if (grads.dec2_bias.defined()) {
-      acc_t* db = grads.dec2_bias.template data_ptr<acc_t>();
-      for (int64_t n = 0; n < N; ++n) {
-        acc_t total = 0;
-        for (int64_t i = 0; i < T; ++i) total += rows_buf.dp[n * ld + i];
-        db[n] += total;
-      }
+      cpu::add_row_sums(rows_buf.dp, ld, N, T, grads.dec2_bias.template data_ptr<acc_t>());
     }
     for (int64_t q = 0; q < 2; ++q) {
       if (K[q] == 0) continue;

@@ -522,6 +522,44 @@ CASA_INLINE void store_rows_impl(const float* in, int64_t n, bool relu_out, c10:
   }
 }
 
+template <typename acc_t>
+CASA_INLINE void add_parity_rows_impl(acc_t* dst, int64_t ldd, const acc_t* full, int64_t D,
+                                      const acc_t* tile, int64_t ld, int64_t o0, int64_t T,
+                                      int64_t rows) {
+  const int64_t half = T / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* __restrict d = dst + r * ldd;
+    if (full != nullptr) {
+      const acc_t* __restrict f = full + r * D;
+      for (int64_t c = 0; c < D; ++c) d[c] += f[c];
+    }
+    const acc_t* __restrict t = tile + r * ld;
+    acc_t* __restrict out = d + o0;
+    for (int64_t c = 0; c < half; ++c) {
+      acc_t even, odd;
+      load_pair(out, c, even, odd);
+      store_pair(out, c, even + t[c], odd + t[half + c]);
+    }
+  }
+}
+
+template <typename acc_t>
+CASA_INLINE void add_row_sums_impl(const acc_t* a, int64_t ld, int64_t rows, int64_t cols,
+                                   acc_t* out) {
+  const int64_t body = cols / kLanes * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* __restrict row = a + r * ld;
+    acc_t lanes[kLanes] = {};
+    for (int64_t c = 0; c < body; c += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += row[c + l];
+    }
+    acc_t total = 0;
+    for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+    for (int64_t c = body; c < cols; ++c) total += row[c];
+    out[r] += total;
+  }
+}
+
 // The tier of this CPU, capped by ATEN_CPU_CAPABILITY ("default", "avx2", "avx512"; any
 // other value, like PyTorch, caps nothing).
 VectorIsa detect_vector_isa() {
@@ -692,6 +730,17 @@ CASA_SOFTMAX_BACKWARD(CASA_ONE_TIER, double, double)
         (shift, blocks, T, top, total))
 CASA_BLOCK_SCALES(CASA_THREE_TIERS, float)
 CASA_BLOCK_SCALES(CASA_ONE_TIER, double)
+
+#define CASA_BACKWARD_ROWS(TIERS, acc_t)                                                        \
+  TIERS(add_parity_rows, add_parity_rows_impl,                                                  \
+        (acc_t * dst, int64_t ldd, const acc_t* full, int64_t D, const acc_t* tile, int64_t ld, \
+         int64_t o0, int64_t T, int64_t rows),                                                  \
+        (dst, ldd, full, D, tile, ld, o0, T, rows))                                             \
+  TIERS(add_row_sums, add_row_sums_impl,                                                        \
+        (const acc_t* a, int64_t ld, int64_t rows, int64_t cols, acc_t* out),                   \
+        (a, ld, rows, cols, out))
+CASA_BACKWARD_ROWS(CASA_THREE_TIERS, float)
+CASA_BACKWARD_ROWS(CASA_ONE_TIER, double)
 
 }  // namespace cpu
 }  // namespace casa

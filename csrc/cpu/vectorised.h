@@ -173,5 +173,17 @@ void to_bf16(const float* in, int64_t n, c10::BFloat16* out);
 void store_rows(const float* in, int64_t n, bool relu, float* out);
 void store_rows(const float* in, int64_t n, bool relu, c10::BFloat16* out);
 
+// The backward's row updates (backward.cpp), for `rows` rows:
+// add_parity_rows: dst[r·ldd + o0 + 2c] += tile[r·ld + c] and dst[r·ldd + o0 + 2c + 1] +=
+// tile[r·ld + T/2 + c] for c < T/2 (a tile in the tail's parity order added to its columns
+// in natural order), and, where `full` is given, dst[r·ldd + c] += full[r·D + c] for c < D.
+void add_parity_rows(float* dst, int64_t ldd, const float* full, int64_t D, const float* tile,
+                     int64_t ld, int64_t o0, int64_t T, int64_t rows);
+void add_parity_rows(double* dst, int64_t ldd, const double* full, int64_t D, const double* tile,
+                     int64_t ld, int64_t o0, int64_t T, int64_t rows);
+// add_row_sums: out[r] += Σ_{c < cols} a[r·ld + c] (float: in 16 partial sums per row).
+void add_row_sums(const float* a, int64_t ld, int64_t rows, int64_t cols, float* out);
+void add_row_sums(const double* a, int64_t ld, int64_t rows, int64_t cols, double* out);
+
 }  // namespace cpu
 }  // namespace casa
