@@ -5,9 +5,10 @@ the reference (PyTorch's own ops) for the call's dtype, shape class
 (``measured.shape_class``: B = 1 or more; N up to 64, up to 512, or more), width D,
 kernel size, thread count and mode (docs/design.md §6): a call that will be differentiated
 (gradients enabled and an input requiring one) is probed on the op's forward and backward
-(x and the 14 weights requiring gradients, as in training), any other call on its forward. The kernels are tuned where AVX-512
-exists; on other CPUs (AVX2 only) or settings (``ONEDNN_MAX_CPU_ISA``, thread counts) a
-stage can lose to the BLAS, and the probe keeps ``auto`` from running the slower one.
+(x and the 14 weights requiring gradients, as in training), any other call on its
+forward. The kernels are tuned where AVX-512 exists; on other CPUs (AVX2 only) or
+settings (``ONEDNN_MAX_CPU_ISA``, thread counts) a stage can lose to the BLAS, and the
+probe keeps ``auto`` from running the slower one.
 
 The probe runs once per process and key, at the first call, on random inputs of a size
 that stands for the class: ``[B', min(N, 1024), D]`` with B' = 1 for B = 1, else
@@ -15,9 +16,9 @@ that stands for the class: ``[B', min(N, 1024), D]`` with B' = 1 for B = 1, else
 batches). Each side runs once to warm up (the fused backend prepares its weights), then
 they alternate, timed, until each has run ``ROUNDS`` times or ``BUDGET_S`` has passed
 (at least once each); the medians decide, a tie going to the fused backend. It costs
-tens of milliseconds at the Traffic shape (D = 512, N = 862; a training probe about
-0.1-0.2 s) and runs outside any autocast, dispatch mode (FakeTensorMode, FlopCounterMode)
-or the caller's autograd graph.
+tens of milliseconds at the Traffic shape (D = 512, N = 862; a training probe a few
+tenths of a second) and runs outside any autocast, dispatch mode (FakeTensorMode,
+FlopCounterMode) or the caller's autograd graph.
 
 ``CASA_CPU_PROBE=0`` switches the probe off: ``auto`` then runs the fused backend wherever
 it serves the call (deterministic choice; the test suite sets it, and tests the probe
