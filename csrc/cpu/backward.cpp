@@ -108,6 +108,11 @@ struct TileScratch {
   acc_t* dx_tile;      // [kRows, T]: g + ds for a block of rows
   acc_t* dx_rows;      // [kRows, D]: dv Wv for a block of rows
   acc_t* x_rows;       // [kRows, D]: a block of x[b] rows in acc_t (bfloat16 input)
+  // The bfloat16 GEMMs' operands (Backward::bf16_gemms only):
+  at::Tensor memory_bf16;
+  c10::BFloat16* dv_bf16;    // [kRows, T]: the block of dv, rounded
+  c10::BFloat16* dv_t_bf16;  // [T, kRows]: the same transposed
+  c10::BFloat16* x_packed;   // cpu::packed_bf16_size(kRows, D): a block of x rows, packed
 };
 
 template <typename acc_t>
@@ -160,6 +165,14 @@ struct Backward {
   at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
   at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
   at::Tensor value_bias;  // [D]: bv in tile_parity_order
+  // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm): the tail's three value
+  // GEMMs (V = x Wv^T, dWv += dv^T x, dv Wv) take bfloat16 operands, dv rounded as the
+  // reference's bfloat16 autograd holds it, with fp32 accumulation. Wv^T and Wv are packed
+  // once per call, tile by tile (elements per tile: value_t_tile, value_tile).
+  bool bf16_gemms = false;
+  at::Tensor value_t_packed;  // per tile of T columns: Wv^T[:, tile], [D, T]
+  at::Tensor value_packed;    // per tile: Wv[tile, :], [T, D]
+  int64_t value_t_tile = 0, value_tile = 0;
   const acc_t* col_max;
   const acc_t* col_sum;
 
@@ -186,6 +199,27 @@ struct Backward {
     value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
     value_t = value.t().contiguous();
     value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      bf16_gemms = cpu::bf16_gemm() != cpu::Bf16Gemm::kNone;
+      if (bf16_gemms) pack_values();
+    }
+  }
+
+  // value_t_packed and value_packed from value_t and value (bfloat16 values held in fp32:
+  // packing rounds them exactly).
+  void pack_values() {
+    const int64_t D = s.d_model, tiles = (D + tile - 1) / tile;
+    value_t_tile = cpu::packed_bf16_size(D, tile);
+    value_tile = cpu::packed_bf16_size(tile, D);
+    value_t_packed = at::empty({tiles * value_t_tile}, at::kBFloat16);
+    value_packed = at::empty({tiles * value_tile}, at::kBFloat16);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t o0 = t * tile, T = width(o0);
+      cpu::pack_bf16(D, T, value_t.data_ptr<float>() + o0, D,
+                     value_t_packed.data_ptr<c10::BFloat16>() + t * value_t_tile);
+      cpu::pack_bf16(T, D, value.data_ptr<float>() + o0 * D, D,
+                     value_packed.data_ptr<c10::BFloat16>() + t * value_tile);
+    }
   }
 
   // A worker's buffers; without own_rows the three [N, T] ones are left out (TileRows in
@@ -211,6 +245,13 @@ struct Backward {
     sc.dx_tile = take(kRows * T);
     sc.dx_rows = take(kRows * D);
     sc.x_rows = take(x_rows);
+    if (bf16_gemms) {
+      const int64_t packed_x = cpu::packed_bf16_size(kRows, D);
+      sc.memory_bf16 = at::empty({2 * kRows * T + packed_x}, at::kBFloat16);
+      sc.dv_bf16 = sc.memory_bf16.template data_ptr<c10::BFloat16>();
+      sc.dv_t_bf16 = sc.dv_bf16 + kRows * T;
+      sc.x_packed = sc.dv_t_bf16 + kRows * T;
+    }
     return sc;
   }
 
@@ -289,10 +330,7 @@ struct Backward {
     std::fill(sc.colsum, sc.colsum + T, acc_t(0));
     for (int64_t r0 = 0; r0 < N; r0 += kRows) {
       const int64_t rows = std::min(kRows, N - r0);
-      if (want_ds) {
-        cpu::gemm(rows, T, D, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
-                  value_t.template data_ptr<acc_t>() + o0, D, sc.block, ld, /*accumulate=*/false);
-      }
+      if (want_ds) values_block(x_b, r0, rows, o0, T, sc);
       cpu::softmax_backward_weights(
           rows_buf.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
           x_b + r0 * D + o0, g_b + r0 * D + o0, D, m, l, want_ds ? sc.block : nullptr, vbias,
@@ -323,16 +361,9 @@ struct Backward {
                                   colsum, rows_buf.sigma_prime + r0 * ld,
                                   want_ds ? rows_buf.dp + r0 * ld : nullptr,
                                   want_dv ? sc.block : nullptr, needs.x ? sc.dx_tile : nullptr);
-      if (grads.value_weight.defined()) {  // dWv[tile rows] += dv^T x, dv^T laid out for the GEMM
-        if constexpr (std::is_same_v<acc_t, float>) {
-          cpu::transpose(sc.block, ld, rows, T, sc.dv_t, kRows);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * ld + i];
-          }
-        }
-        cpu::gemm(T, D, rows, sc.dv_t, kRows, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
-                  grads.value_weight.template data_ptr<acc_t>() + o0 * D, D, /*accumulate=*/true);
+      if (grads.value_weight.defined()) {
+        add_value_weight_grad(x_b, r0, rows, o0, T, sc,
+                              grads.value_weight.template data_ptr<acc_t>() + o0 * D);
       }
       if (grads.value_bias.defined()) {
         acc_t* db = grads.value_bias.template data_ptr<acc_t>() + o0;
@@ -341,8 +372,7 @@ struct Backward {
         }
       }
       if (!needs.x) continue;
-      cpu::gemm(rows, D, T, sc.block, ld, value.template data_ptr<acc_t>() + o0 * D, D, sc.dx_rows,
-                D, /*accumulate=*/false);
+      dv_times_value(rows, o0, T, sc);
       const std::lock_guard<std::mutex> guard(lock);
       cpu::add_parity_rows(dx + (b * N + r0) * D, D, sc.dx_rows, D, sc.dx_tile, ld, o0, T, rows);
     }
@@ -367,6 +397,61 @@ struct Backward {
       const std::lock_guard<std::mutex> guard(lock);
       scatter_window(sc.dh5, q, o0, half, dh5 + b * (D / 4) * (D / 2));
     }
+  }
+
+  // sc.block [rows, T] = x_b[r0 : r0 + rows] · Wv^T[:, tile] (V without its bias).
+  void values_block(const scalar_t* x_b, int64_t r0, int64_t rows, int64_t o0, int64_t T,
+                    const TileScratch<acc_t>& sc) const {
+    const int64_t D = s.d_model;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_gemms) {
+        cpu::gemm_bf16(rows, T, D, x_b + r0 * D, D,
+                       value_t_packed.data_ptr<c10::BFloat16>() + o0 / tile * value_t_tile,
+                       sc.block, T, /*accumulate=*/false);
+        return;
+      }
+    }
+    cpu::gemm(rows, T, D, rows_acc(x_b + r0 * D, rows, sc.x_rows), D,
+              value_t.template data_ptr<acc_t>() + o0, D, sc.block, T, /*accumulate=*/false);
+  }
+
+  // dWv[tile rows, :] (at dwv, D apart) += dv^T x_b[r0 : r0 + rows], dv = sc.block [rows, T].
+  void add_value_weight_grad(const scalar_t* x_b, int64_t r0, int64_t rows, int64_t o0, int64_t T,
+                             const TileScratch<acc_t>& sc, acc_t* dwv) const {
+    const int64_t D = s.d_model;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_gemms && rows % 2 == 0) {  // the packed layout pairs rows (K even)
+        cpu::transpose(sc.block, T, rows, T, sc.dv_t_bf16, kRows);
+        cpu::pack_bf16(rows, D, x_b + r0 * D, D, sc.x_packed);
+        cpu::gemm_bf16(T, D, rows, sc.dv_t_bf16, kRows, sc.x_packed, dwv, D, /*accumulate=*/true);
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      cpu::transpose(sc.block, T, rows, T, sc.dv_t, kRows);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < T; ++i) sc.dv_t[i * kRows + r] = sc.block[r * T + i];
+      }
+    }
+    cpu::gemm(T, D, rows, sc.dv_t, kRows, rows_acc(x_b + r0 * D, rows, sc.x_rows), D, dwv, D,
+              /*accumulate=*/true);
+  }
+
+  // sc.dx_rows [rows, D] = dv · Wv[tile rows, :], dv = sc.block [rows, T].
+  void dv_times_value(int64_t rows, int64_t o0, int64_t T, const TileScratch<acc_t>& sc) const {
+    const int64_t D = s.d_model;
+    if (bf16_gemms) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        cpu::to_bf16(sc.block, rows * T, sc.dv_bf16);
+        cpu::gemm_bf16(rows, D, T, sc.dv_bf16, T,
+                       value_packed.data_ptr<c10::BFloat16>() + o0 / tile * value_tile, sc.dx_rows,
+                       D, /*accumulate=*/false);
+        return;
+      }
+    }
+    cpu::gemm(rows, D, T, sc.block, T, value.template data_ptr<acc_t>() + o0 * D, D, sc.dx_rows, D,
+              /*accumulate=*/false);
   }
 
   // `rows` rows of x[b] (D apart) in acc_t: in place for fp32/fp64, converted into `buffer`
@@ -400,6 +485,7 @@ struct Backward {
         const int64_t b = item / tiles;
         body(b, (item % tiles) * tile, sc, own, locks[b]);
       }
+      if (bf16_gemms) cpu::release_bf16_gemm();
       if (total == nullptr) return;
       const std::lock_guard<std::mutex> guard(total_lock);
       own.add_to(*total);
