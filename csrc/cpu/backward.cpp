@@ -64,6 +64,37 @@ using cpu::parallel_for_aten;
 constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
 constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
 
+// Whether the backward of scalar_t input runs its large GEMMs on bfloat16 operands: bfloat16
+// input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm), as the reference's bfloat16 autograd.
+template <typename scalar_t>
+bool rounds_to_bf16() {
+  return std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_gemm() != cpu::Bf16Gemm::kNone;
+}
+
+// The bfloat16 backward's GEMMs on the bfloat16 tier (rounds_to_bf16): C [M, N] (ldc) = A [M, K]
+// (lda) · B [K, N] (+ C where accumulate) with A and B rounded to bfloat16, as the
+// reference's bfloat16 autograd holds them, and fp32 accumulation (cpu::gemm_bf16). B is
+// read as [K, N] (row stride ldb), or with b_transposed as its transpose [N, K]. K must be
+// even (the packed layout pairs rows). `rounded`: rounded_gemm_elements(M, N, K) bfloat16s.
+int64_t rounded_gemm_elements(int64_t M, int64_t N, int64_t K) {
+  return M * K + K * N + cpu::packed_bf16_size(K, N);
+}
+void rounded_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, bool b_transposed, float* C, int64_t ldc, bool accumulate,
+                  c10::BFloat16* rounded) {
+  c10::BFloat16* a = rounded;
+  c10::BFloat16* packed = a + M * K + K * N;
+  for (int64_t r = 0; r < M; ++r) cpu::to_bf16(A + r * lda, K, a + r * K);
+  if (b_transposed) {
+    c10::BFloat16* b = a + M * K;  // [K, N]
+    cpu::transpose(B, ldb, N, K, b, N);
+    cpu::pack_bf16(K, N, b, N, packed);
+  } else {
+    cpu::pack_bf16(K, N, B, ldb, packed);
+  }
+  cpu::gemm_bf16(M, N, K, a, K, packed, C, ldc, accumulate);
+}
+
 // The forward's activations saved for the backward, [B, channels, length] in the
 // accumulation dtype, in this order.
 enum ActivationIndex : int {
@@ -113,6 +144,7 @@ struct TileScratch {
   c10::BFloat16* dv_bf16;    // [kRows, T]: the block of dv, rounded
   c10::BFloat16* dv_t_bf16;  // [T, kRows]: the same transposed
   c10::BFloat16* x_packed;   // cpu::packed_bf16_size(kRows, D): a block of x rows, packed
+  c10::BFloat16* rounded;    // rounded_gemm's buffer for the last transposed conv's GEMMs
 };
 
 template <typename acc_t>
@@ -161,6 +193,7 @@ struct Backward {
   int64_t K[2];                // taps(q) · D/4
   std::vector<int64_t> order;  // tile_parity_order
   at::Tensor dec2[2];     // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
+  at::Tensor dec2_t[2];   // [K[q], N]: the same transposed (bf16_gemms only)
   at::Tensor dec2_bias;   // [N]
   at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
   at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
@@ -199,10 +232,11 @@ struct Backward {
     value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
     value_t = value.t().contiguous();
     value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
+    bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      bf16_gemms = cpu::bf16_gemm() != cpu::Bf16Gemm::kNone;
       if (bf16_gemms) pack_values();
     }
+    for (int q = 0; q < 2 && bf16_gemms; ++q) dec2_t[q] = dec2[q].t().contiguous();
   }
 
   // value_t_packed and value_packed from value_t and value (bfloat16 values held in fp32:
@@ -247,10 +281,15 @@ struct Backward {
     sc.x_rows = take(x_rows);
     if (bf16_gemms) {
       const int64_t packed_x = cpu::packed_bf16_size(kRows, D);
-      sc.memory_bf16 = at::empty({2 * kRows * T + packed_x}, at::kBFloat16);
+      const int64_t Nv = s.n_vars, half = T / 2, Kq = std::max(K[0], K[1]);
+      const int64_t dec2_gemms =
+          std::max({rounded_gemm_elements(Nv, half, Kq), rounded_gemm_elements(Nv, Kq, half),
+                    rounded_gemm_elements(Kq, half, Nv)});
+      sc.memory_bf16 = at::empty({2 * kRows * T + packed_x + dec2_gemms}, at::kBFloat16);
       sc.dv_bf16 = sc.memory_bf16.template data_ptr<c10::BFloat16>();
       sc.dv_t_bf16 = sc.dv_bf16 + kRows * T;
       sc.x_packed = sc.dv_t_bf16 + kRows * T;
+      sc.rounded = sc.x_packed + packed_x;
     }
     return sc;
   }
@@ -314,8 +353,8 @@ struct Backward {
         continue;
       }
       gather_window(h5_b, q, o0, half, sc.rhs[q]);
-      cpu::gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half, S_q, ld,
-                /*accumulate=*/false);
+      dec2_gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half,
+                /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
     }
 
     // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
@@ -389,14 +428,45 @@ struct Backward {
       if (K[q] == 0) continue;
       const at::Tensor dt_q = view(rows_buf.dp + q * half, N, half, ld);
       if (grads.dec2[q].defined()) {
-        grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
+        if (rounded_dec2_grad(N, half)) {
+          dec2_gemm(N, K[q], half, rows_buf.dp + q * half, ld, sc.rhs[q], half,
+                    /*b_transposed=*/true, grads.dec2[q].template data_ptr<acc_t>(), K[q],
+                    /*accumulate=*/true, sc);
+        } else {
+          grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
+        }
       }
       if (!needs.dh5()) continue;
-      at::Tensor dwindow = view(sc.dh5, K[q], half, half);
-      at::mm_out(dwindow, dec2[q].t(), dt_q);
+      if (rounded_dec2_grad(N, half)) {
+        dec2_gemm(K[q], half, N, dec2_t[q].template data_ptr<acc_t>(), N, rows_buf.dp + q * half,
+                  ld, /*b_transposed=*/false, sc.dh5, half, /*accumulate=*/false, sc);
+      } else {
+        at::Tensor dwindow = view(sc.dh5, K[q], half, half);
+        at::mm_out(dwindow, dec2[q].t(), dt_q);
+      }
       const std::lock_guard<std::mutex> guard(lock);
       scatter_window(sc.dh5, q, o0, half, dh5 + b * (D / 4) * (D / 2));
     }
+  }
+
+  // The last transposed conv's GEMMs (the scores, d dec2, dec2^T dt): rounded_gemm on the
+  // bfloat16 tier where K is even, else cpu::gemm (b_transposed: only on the bfloat16 tier).
+  void dec2_gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                 int64_t ldb, bool b_transposed, acc_t* C, int64_t ldc, bool accumulate,
+                 const TileScratch<acc_t>& sc) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_gemms && K % 2 == 0) {
+        rounded_gemm(M, N, K, A, lda, B, ldb, b_transposed, C, ldc, accumulate, sc.rounded);
+        return;
+      }
+    }
+    TORCH_CHECK(!b_transposed, "dec2_gemm: a transposed B needs the bfloat16 GEMMs");
+    cpu::gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+
+  // Whether d dec2 and dec2^T dt (K = half and N) run as rounded GEMMs.
+  bool rounded_dec2_grad(int64_t N, int64_t half) const {
+    return bf16_gemms && N % 2 == 0 && half % 2 == 0;
   }
 
   // sc.block [rows, T] = x_b[r0 : r0 + rows] · Wv^T[:, tile] (V without its bias).
@@ -558,24 +628,27 @@ struct Backward {
   }
 };
 
-// Runs body(b, group, own, scratch) for every (batch element, group of `groups`) under
-// at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros; undefined
-// without `accumulates`) and `scratch` its buffer of `scratch_elements`, and returns the
-// workers' accumulators summed (the first one's, the others added to it). macs: the work's
-// multiply-adds (threads_for).
+// Runs body(b, group, own, scratch, rounded) for every (batch element, group of `groups`)
+// under at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros;
+// undefined without `accumulates`), `scratch` its buffer of `scratch_elements` and
+// `rounded` its bfloat16 buffer of `bf16_elements` (for rounded_gemm; none where 0), and
+// returns the workers' accumulators summed (the first one's, the others added to it).
+// macs: the work's multiply-adds (threads_for).
 template <typename Body>
 at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulates,
-                         at::IntArrayRef own_shape, int64_t scratch_elements, at::ScalarType acc,
-                         const Body& body) {
+                         at::IntArrayRef own_shape, int64_t scratch_elements, int64_t bf16_elements,
+                         at::ScalarType acc, const Body& body) {
   at::Tensor total;
   std::mutex total_lock;
   const bool parallel = cpu::threads_for(macs) > 1;
   parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
     at::Tensor own = accumulates ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
     const at::Tensor scratch = at::empty({scratch_elements}, at::TensorOptions(acc));
+    const at::Tensor rounded = at::empty({bf16_elements}, at::kBFloat16);
     for (int64_t item = begin; item < end; ++item) {
-      body(item / groups, item % groups, own, scratch);
+      body(item / groups, item % groups, own, scratch, rounded.data_ptr<c10::BFloat16>());
     }
+    if (bf16_elements > 0) cpu::release_bf16_gemm();
     if (!accumulates) return;
     const std::lock_guard<std::mutex> guard(total_lock);
     total = total.defined() ? total.add_(own) : own;
@@ -597,11 +670,12 @@ int64_t channel_groups(int64_t B, int64_t channels) {
 // dL/dweight [Cout, Cin, k] where want_weight (else undefined). Per (batch element, group
 // of input channels): the group's im2col columns cols [rows·k, L/2] give
 // dW[:, group] += dpre_b cols^T, and col2im(W[:, group]^T dpre_b), the adjoint of im2col,
-// goes to the group's rows of d_in (distinct rows per item, so no lock).
+// goes to the group's rows of d_in (distinct rows per item, so no lock). bf16_gemms: the
+// GEMMs round their operands to bfloat16 (rounded_gemm; fp32 only, where K is even).
 template <typename in_t, typename acc_t>
 at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L,
                             const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
-                            bool want_weight) {
+                            bool want_weight, bool bf16_gemms) {
   const int64_t Cout = weight.size(0), k = weight.size(2), p = k / 2, half = L / 2;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t groups = channel_groups(B, Cin);
@@ -609,20 +683,42 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
   const int64_t most_rows = (Cin + groups - 1) / groups;
   const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
+  const bool rounded_dw = bf16_gemms && half % 2 == 0, rounded_dx = bf16_gemms && Cout % 2 == 0;
+  const int64_t most_k = most_rows * k;
+  const int64_t bf16_elements =
+      std::max(rounded_dw ? rounded_gemm_elements(Cout, most_k, half) : 0,
+               rounded_dx ? rounded_gemm_elements(most_k, half, Cout) : 0);
   const at::Tensor dw = for_each_item(
-      B, groups, macs, want_weight, {Cout, Cin * k}, most_rows * k * half, acc,
-      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+      B, groups, macs, want_weight, {Cout, Cin * k}, most_k * half, bf16_elements, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch,
+          c10::BFloat16* rounded) {
         acc_t* cols = scratch.data_ptr<acc_t>();  // [rows·k, L/2]
         const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0, K = rows * k;
         acc_t* dpre_b = dpre.data_ptr<acc_t>() + b * Cout * half;
         if (want_weight) {
           cpu::im2col_s2(input + (b * Cin + c0) * L, L, rows, L, k, cols, half);
-          own.narrow(1, c0 * k, K)
-              .addmm_(view(dpre_b, Cout, half, half), view(cols, K, half, half).t());
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (rounded_dw) {
+              rounded_gemm(Cout, K, half, dpre_b, half, cols, half, /*b_transposed=*/true,
+                           own.data_ptr<float>() + c0 * k, Cin * k, /*accumulate=*/true, rounded);
+            }
+          }
+          if (!rounded_dw) {
+            own.narrow(1, c0 * k, K)
+                .addmm_(view(dpre_b, Cout, half, half), view(cols, K, half, half).t());
+          }
         }
         if (d_in == nullptr) return;
-        cpu::gemm(K, half, Cout, w_t.data_ptr<acc_t>() + c0 * k * Cout, Cout, dpre_b, half, cols,
-                  half, /*accumulate=*/false);
+        const acc_t* w_rows = w_t.data_ptr<acc_t>() + c0 * k * Cout;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (rounded_dx) {
+            rounded_gemm(K, half, Cout, w_rows, Cout, dpre_b, half, /*b_transposed=*/false, cols,
+                         half, /*accumulate=*/false, rounded);
+          }
+        }
+        if (!rounded_dx) {
+          cpu::gemm(K, half, Cout, w_rows, Cout, dpre_b, half, cols, half, /*accumulate=*/false);
+        }
         acc_t* in_rows = d_in + (b * Cin + c0) * L;
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < k; ++j) {  // d_in[c, 2t + j - p] += cols[(c, j), t]
@@ -642,31 +738,56 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
 // writes d_in [B, Cin, Lin] where given and returns dL/dweight [Cin, Cout, k] where
 // want_weight. The transposed conv is the adjoint of a stride-2 conv with the same weight,
 // so with cols = im2col_s2(dpre_b) [Cout·k, Lin]: d_in_b = W [Cin, Cout·k] cols and
-// dW += in_b cols^T. Per (batch element, group of input channels).
+// dW += in_b cols^T. Per (batch element, group of input channels). bf16_gemms: as for
+// conv_s2_backward.
 template <typename acc_t>
 at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin, int64_t Lin,
                                       const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
-                                      bool want_weight) {
+                                      bool want_weight, bool bf16_gemms) {
   const int64_t Cout = weight.size(1), k = weight.size(2), Lout = 2 * Lin;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t groups = channel_groups(B, Cin);
   const auto group_start = [&](int64_t g) { return g * Cin / groups; };
   const at::Tensor w_flat = weight.reshape({Cin, Cout * k});
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * Lin;
+  const int64_t Kc = Cout * k, most_rows = (Cin + groups - 1) / groups;
+  const bool rounded_dw = bf16_gemms && Lin % 2 == 0, rounded_dx = bf16_gemms && Kc % 2 == 0;
+  const int64_t bf16_elements =
+      std::max(rounded_dw ? rounded_gemm_elements(most_rows, Kc, Lin) : 0,
+               rounded_dx ? rounded_gemm_elements(most_rows, Lin, Kc) : 0);
   const at::Tensor dw = for_each_item(
-      B, groups, macs, want_weight, {Cin, Cout * k}, Cout * k * Lin, acc,
-      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch) {
+      B, groups, macs, want_weight, {Cin, Kc}, Kc * Lin, bf16_elements, acc,
+      [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch,
+          c10::BFloat16* rounded) {
         acc_t* cols = scratch.data_ptr<acc_t>();  // [Cout·k, Lin]
         const int64_t c0 = group_start(g), rows = group_start(g + 1) - c0;
         cpu::im2col_s2(dpre.data_ptr<acc_t>() + b * Cout * Lout, Lout, Cout, Lout, k, cols, Lin);
+        const acc_t* in_rows = input + (b * Cin + c0) * Lin;
         if (want_weight) {
-          own.narrow(0, c0, rows)
-              .addmm_(view(const_cast<acc_t*>(input) + (b * Cin + c0) * Lin, rows, Lin, Lin),
-                      view(cols, Cout * k, Lin, Lin).t());
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (rounded_dw) {
+              rounded_gemm(rows, Kc, Lin, in_rows, Lin, cols, Lin, /*b_transposed=*/true,
+                           own.data_ptr<float>() + c0 * Kc, Kc, /*accumulate=*/true, rounded);
+            }
+          }
+          if (!rounded_dw) {
+            own.narrow(0, c0, rows)
+                .addmm_(view(const_cast<acc_t*>(in_rows), rows, Lin, Lin),
+                        view(cols, Kc, Lin, Lin).t());
+          }
         }
         if (d_in == nullptr) return;
-        cpu::gemm(rows, Lin, Cout * k, w_flat.data_ptr<acc_t>() + c0 * Cout * k, Cout * k, cols,
-                  Lin, d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false);
+        const acc_t* w_rows = w_flat.data_ptr<acc_t>() + c0 * Kc;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (rounded_dx) {
+            rounded_gemm(rows, Lin, Kc, w_rows, Kc, cols, Lin, /*b_transposed=*/false,
+                         d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false, rounded);
+          }
+        }
+        if (!rounded_dx) {
+          cpu::gemm(rows, Lin, Kc, w_rows, Kc, cols, Lin, d_in + (b * Cin + c0) * Lin, Lin,
+                    /*accumulate=*/false);
+        }
       });
   return want_weight ? dw.view({Cin, Cout, k}) : dw;
 }
@@ -742,7 +863,7 @@ at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int b
 // x needs it (else undefined).
 template <typename acc_t>
 at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vector<at::Tensor>& act,
-                               const Needs& needs, at::ScalarType dtype,
+                               const Needs& needs, at::ScalarType dtype, bool bf16_gemms,
                                std::vector<at::Tensor>& out) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = dh5.size(0);
@@ -766,9 +887,9 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
     const at::Tensor dw =
         layer.transposed
             ? conv_transpose_s2_backward<acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
-                                                d_in_data, needs.w[layer.weight])
+                                                d_in_data, needs.w[layer.weight], bf16_gemms)
             : conv_s2_backward<acc_t, acc_t>(input.data_ptr<acc_t>(), B, Cin, L, weight, pre,
-                                             d_in_data, needs.w[layer.weight]);
+                                             d_in_data, needs.w[layer.weight], bf16_gemms);
     if (dw.defined()) out[1 + layer.weight] = dw.to(dtype);
     if (!below) return at::Tensor();
     d_out = d_in;
@@ -781,11 +902,12 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
 // needs it.
 template <typename scalar_t, typename acc_t>
 void head_backward(const at::Tensor& dpre1, const at::Tensor& x, const at::Tensor& enc0_weight,
-                   const Needs& needs, at::Tensor& dx, std::vector<at::Tensor>& out) {
+                   const Needs& needs, bool bf16_gemms, at::Tensor& dx,
+                   std::vector<at::Tensor>& out) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
       x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), enc0_weight.to(acc).contiguous(),
-      dpre1, needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight]);
+      dpre1, needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight], bf16_gemms);
   if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
 }
 
@@ -814,15 +936,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   }
   std::vector<at::Tensor> out(1 + kNumWeights);
   store_tail_grads(plan, total, x.scalar_type(), out);
-  at::Tensor dh1 = dh5.defined()
-                       ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(), out)
-                       : at::Tensor();
+  at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(),
+                                                              plan.bf16_gemms, out)
+                                 : at::Tensor();
   if (dh1.defined()) {
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
     const at::Tensor dpre1 =
         relu_bias_backward(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
     if (head_needed(needs))
-      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, dx, out);
+      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, plan.bf16_gemms, dx, out);
   }
   if (needs.x) out[0] = dx.to(x.scalar_type());
   fill_empty(out, x);
@@ -998,9 +1120,10 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
       plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
     }
     store_tail_grads(plan, total, a.x.scalar_type(), out);
-    at::Tensor dh1 =
-        dh5.defined() ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(), out)
-                      : at::Tensor();
+    at::Tensor dh1 = dh5.defined()
+                         ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(),
+                                                      plan.bf16_gemms, out)
+                         : at::Tensor();
     if (dh1.defined()) {
       const at::Tensor dpre1 =
           relu_bias_backward(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);
@@ -1042,7 +1165,8 @@ std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tens
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
-    head_backward<scalar_t, acc_t>(dpre1.contiguous(), x, enc0_weight, flags, dx_acc, out);
+    head_backward<scalar_t, acc_t>(dpre1.contiguous(), x, enc0_weight, flags,
+                                   rounds_to_bf16<scalar_t>(), dx_acc, out);
     return 0;
   });
   std::vector<at::Tensor> result{flags.x ? dx_acc.to(x.scalar_type()) : at::empty({0}, x.options()),
