@@ -350,43 +350,68 @@ def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(monkeypa
     torch.testing.assert_close(out.float(), in_fp32.float(), rtol=2**-7, atol=1e-2)  # 2 ulps
 
 
-# The cpu backend's conformance and backward tests, rerun with the kernel's loops capped to
-# a lower vector tier (ATEN_CPU_CAPABILITY, read once per process), so that every tier's
-# build is checked on any machine that has it.
+# The cpu backend's conformance and backward tests, rerun under lower tiers (read once per
+# process): the kernel's vector loops capped (ATEN_CPU_CAPABILITY) with oneDNN and MKL
+# capped alike (so bfloat16 has no bfloat16 GEMMs: the fp32 path), and the bfloat16 GEMMs
+# forced to avx512_bf16, so that every tier's code is checked on any machine that has it.
 _TIER_TESTS = [
     "tests/ops/test_conformance.py",
     "tests/ops/test_cpu_backward.py",
     "-k",
     "cpu and not triton and not cuda",
 ]
+_TIERS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "CASA_CPU_BF16_GEMM": "avx512_bf16"},
+}
+_TIER_REPORT = """
+from casa_kernels.ops.backends.cpu import bf16_gemm_tier, vector_isa
+print(vector_isa(), bf16_gemm_tier())
+"""
 
 
-def _vector_isa(capability: str) -> str:
-    check = "from casa_kernels.ops.backends.cpu import vector_isa; print(vector_isa())"
+def _without_tier_settings() -> dict[str, str]:
+    """This process's environment less the settings that choose a tier."""
+    chosen = {name for settings in _TIERS.values() for name in settings}
+    return {name: value for name, value in os.environ.items() if name not in chosen}
+
+
+def _tiers_under(env: dict[str, str]) -> tuple[str, str]:
+    """(vector loops, bfloat16 GEMMs) of a fresh process with ``env``."""
     out = subprocess.run(
-        [sys.executable, "-c", check],
+        [sys.executable, "-c", _TIER_REPORT],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+        env={**_without_tier_settings(), **env},
         cwd=ROOT,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.split()[-1]
+    if out.returncode != 0:
+        return "", out.stderr.strip().splitlines()[-1]
+    vector, gemm = out.stdout.split()[-2:]
+    return vector, gemm
 
 
-@pytest.mark.parametrize("tier, capability", [("avx2", "avx2"), ("baseline", "default")])
-def test_lower_vector_tiers_pass_the_cpu_tests(tier, capability):
-    native = _vector_isa("")
-    if native == "baseline" and tier == "avx2":
+@pytest.mark.parametrize("tier", _TIERS)
+def test_lower_tiers_pass_the_cpu_tests(tier):
+    native_vector, native_gemm = _tiers_under({})
+    if tier == "avx2" and native_vector == "baseline":
         pytest.skip("needs a CPU with AVX2 and FMA")
-    assert _vector_isa(capability) == tier
+    if tier == "avx512_bf16" and native_gemm == "none":
+        pytest.skip("needs a CPU with bfloat16 dot products (avx512_bf16)")
+    expected = {"avx2": ("avx2", "none"), "baseline": ("baseline", "none")}
+    assert _tiers_under(_TIERS[tier]) == expected.get(tier, (native_vector, "avx512_bf16"))
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *_TIER_TESTS],
         capture_output=True,
         text=True,
         timeout=1200,
-        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+        env={**_without_tier_settings(), **_TIERS[tier]},
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
