@@ -11,7 +11,8 @@ dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
 Backward: ``casa::cpu_score_attention_backward`` (csrc/cpu/backward.cpp) recomputes the
 scores tile by tile from h5 and the statistics, and runs the whole chain back to x
 (the convolutions as GEMMs on the saved activations).
-fp32, bfloat16 (computed in fp32, rounded once) and fp64. Weights with a NaN or inf run
+fp32, bfloat16 (fp32 accumulation; on a CPU with bfloat16 GEMMs the backward's GEMMs take
+bfloat16 operands, as the reference's autograd) and fp64. Weights with a NaN or inf run
 on the reference, forward and backward (``finite_weights``).
 """
 
