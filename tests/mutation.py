@@ -112,7 +112,7 @@ MUTANTS = [
     Mutant(
         "cpu backward: softmax backward without the colsum term",
         "csrc/cpu/vectorised.cpp",
-        "const acc_t ds = p * (dp[i] - colsum[q * half + c]);",
+        "const acc_t ds = p * (dp[i] - colsum[j]);",
         "const acc_t ds = p * dp[i];",
         CPU_BACKWARD_TESTS,
     ),
@@ -125,9 +125,9 @@ MUTANTS = [
     ),
     Mutant(
         "cpu backward: a column tile's dx rows overwrite the other tiles' partial sums",
-        "csrc/cpu/backward.cpp",
-        "for (int64_t c = 0; c < D; ++c) dx_n[c] += add[c];",
-        "for (int64_t c = 0; c < D; ++c) dx_n[c] = add[c];",
+        "csrc/cpu/vectorised.cpp",
+        "for (int64_t c = 0; c < D; ++c) d[c] += f[c];",
+        "for (int64_t c = 0; c < D; ++c) d[c] = f[c];",
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
