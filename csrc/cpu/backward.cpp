@@ -73,26 +73,37 @@ bool rounds_to_bf16() {
 
 // The bfloat16 backward's GEMMs on the bfloat16 tier (rounds_to_bf16): C [M, N] (ldc) = A [M, K]
 // (lda) · B [K, N] (+ C where accumulate) with A and B rounded to bfloat16, as the
-// reference's bfloat16 autograd holds them, and fp32 accumulation (cpu::gemm_bf16). B is
-// read as [K, N] (row stride ldb), or with b_transposed as its transpose [N, K]. K must be
-// even (the packed layout pairs rows). `rounded`: rounded_gemm_elements(M, N, K) bfloat16s.
+// reference's bfloat16 autograd holds them, and fp32 accumulation (cpu::gemm_bf16). A is
+// fp32 (rounded here) or already bfloat16 (a weight, rounded once per call: rounded_rows).
+// B is read as [K, N] (row stride ldb), or with b_transposed as its transpose [N, K]. K must
+// be even (the packed layout pairs rows). `rounded`: rounded_gemm_elements(M, N, K) bfloat16s.
 int64_t rounded_gemm_elements(int64_t M, int64_t N, int64_t K) {
   return M * K + K * N + cpu::packed_bf16_size(K, N);
 }
-void rounded_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, bool b_transposed, float* C, int64_t ldc, bool accumulate,
-                  c10::BFloat16* rounded) {
-  c10::BFloat16* a = rounded;
-  c10::BFloat16* packed = a + M * K + K * N;
-  for (int64_t r = 0; r < M; ++r) cpu::to_bf16(A + r * lda, K, a + r * K);
+void rounded_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                  const float* B, int64_t ldb, bool b_transposed, float* C, int64_t ldc,
+                  bool accumulate, c10::BFloat16* rounded) {
+  c10::BFloat16* packed = rounded + M * K + K * N;
   if (b_transposed) {
-    c10::BFloat16* b = a + M * K;  // [K, N]
+    c10::BFloat16* b = rounded + M * K;  // [K, N]
     cpu::transpose(B, ldb, N, K, b, N);
     cpu::pack_bf16(K, N, b, N, packed);
   } else {
     cpu::pack_bf16(K, N, B, ldb, packed);
   }
-  cpu::gemm_bf16(M, N, K, a, K, packed, C, ldc, accumulate);
+  cpu::gemm_bf16(M, N, K, A, lda, packed, C, ldc, accumulate);
+}
+void rounded_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, bool b_transposed, float* C, int64_t ldc, bool accumulate,
+                  c10::BFloat16* rounded) {
+  for (int64_t r = 0; r < M; ++r) cpu::to_bf16(A + r * lda, K, rounded + r * K);
+  rounded_gemm(M, N, K, rounded, K, B, ldb, b_transposed, C, ldc, accumulate, rounded);
+}
+
+// A [rows, cols] fp32 matrix rounded to bfloat16 (a GEMM's constant left operand), or an
+// undefined tensor where `round` is false.
+at::Tensor rounded_rows(const at::Tensor& m, bool round) {
+  return round ? m.to(at::kBFloat16).contiguous() : at::Tensor();
 }
 
 // The forward's activations saved for the backward, [B, channels, length] in the
@@ -192,12 +203,13 @@ struct Backward {
   std::vector<int64_t> taps[2];
   int64_t K[2];                // taps(q) · D/4
   std::vector<int64_t> order;  // tile_parity_order
-  at::Tensor dec2[2];     // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
-  at::Tensor dec2_t[2];   // [K[q], N]: the same transposed (bf16_gemms only)
-  at::Tensor dec2_bias;   // [N]
-  at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
-  at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
-  at::Tensor value_bias;  // [D]: bv in tile_parity_order
+  at::Tensor dec2[2];    // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
+  at::Tensor dec2_t[2];  // [K[q], N]: the same transposed (bf16_gemms only)
+  at::Tensor dec2_rounded[2], dec2_t_rounded[2];  // both in bfloat16 (bf16_gemms only)
+  at::Tensor dec2_bias;                           // [N]
+  at::Tensor value_t;                             // [D, D]: Wv^T, columns in tile_parity_order
+  at::Tensor value;                               // [D, D]: Wv, rows in tile_parity_order
+  at::Tensor value_bias;                          // [D]: bv in tile_parity_order
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm): the tail's three value
   // GEMMs (V = x Wv^T, dWv += dv^T x, dv Wv) take bfloat16 operands, dv rounded as the
   // reference's bfloat16 autograd holds it, with fp32 accumulation. Wv^T and Wv are packed
@@ -236,7 +248,11 @@ struct Backward {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemms) pack_values();
     }
-    for (int q = 0; q < 2 && bf16_gemms; ++q) dec2_t[q] = dec2[q].t().contiguous();
+    for (int q = 0; q < 2 && bf16_gemms; ++q) {
+      dec2_t[q] = dec2[q].t().contiguous();
+      dec2_rounded[q] = rounded_rows(dec2[q], true);
+      dec2_t_rounded[q] = rounded_rows(dec2_t[q], true);
+    }
   }
 
   // value_t_packed and value_packed from value_t and value (bfloat16 values held in fp32:
@@ -353,8 +369,8 @@ struct Backward {
         continue;
       }
       gather_window(h5_b, q, o0, half, sc.rhs[q]);
-      dec2_gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), K[q], sc.rhs[q], half,
-                /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
+      dec2_gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), dec2_rounded[q], K[q], sc.rhs[q],
+                half, /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
     }
 
     // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
@@ -429,7 +445,7 @@ struct Backward {
       const at::Tensor dt_q = view(rows_buf.dp + q * half, N, half, ld);
       if (grads.dec2[q].defined()) {
         if (rounded_dec2_grad(N, half)) {
-          dec2_gemm(N, K[q], half, rows_buf.dp + q * half, ld, sc.rhs[q], half,
+          dec2_gemm(N, K[q], half, rows_buf.dp + q * half, at::Tensor(), ld, sc.rhs[q], half,
                     /*b_transposed=*/true, grads.dec2[q].template data_ptr<acc_t>(), K[q],
                     /*accumulate=*/true, sc);
         } else {
@@ -438,8 +454,9 @@ struct Backward {
       }
       if (!needs.dh5()) continue;
       if (rounded_dec2_grad(N, half)) {
-        dec2_gemm(K[q], half, N, dec2_t[q].template data_ptr<acc_t>(), N, rows_buf.dp + q * half,
-                  ld, /*b_transposed=*/false, sc.dh5, half, /*accumulate=*/false, sc);
+        dec2_gemm(K[q], half, N, dec2_t[q].template data_ptr<acc_t>(), dec2_t_rounded[q], N,
+                  rows_buf.dp + q * half, ld, /*b_transposed=*/false, sc.dh5, half,
+                  /*accumulate=*/false, sc);
       } else {
         at::Tensor dwindow = view(sc.dh5, K[q], half, half);
         at::mm_out(dwindow, dec2[q].t(), dt_q);
@@ -450,11 +467,17 @@ struct Backward {
   }
 
   // The last transposed conv's GEMMs (the scores, d dec2, dec2^T dt): rounded_gemm on the
-  // bfloat16 tier where K is even, else cpu::gemm (b_transposed: only on the bfloat16 tier).
-  void dec2_gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
-                 int64_t ldb, bool b_transposed, acc_t* C, int64_t ldc, bool accumulate,
-                 const TileScratch<acc_t>& sc) const {
+  // bfloat16 tier where K is even (A_rounded: A already in bfloat16, [M, K] contiguous, where
+  // defined), else cpu::gemm (b_transposed: only on the bfloat16 tier).
+  void dec2_gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, const at::Tensor& A_rounded,
+                 int64_t lda, const acc_t* B, int64_t ldb, bool b_transposed, acc_t* C, int64_t ldc,
+                 bool accumulate, const TileScratch<acc_t>& sc) const {
     if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_gemms && K % 2 == 0 && A_rounded.defined()) {
+        rounded_gemm(M, N, K, A_rounded.data_ptr<c10::BFloat16>(), K, B, ldb, b_transposed, C, ldc,
+                     accumulate, sc.rounded);
+        return;
+      }
       if (bf16_gemms && K % 2 == 0) {
         rounded_gemm(M, N, K, A, lda, B, ldb, b_transposed, C, ldc, accumulate, sc.rounded);
         return;
@@ -684,6 +707,7 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
   const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
   const bool rounded_dw = bf16_gemms && half % 2 == 0, rounded_dx = bf16_gemms && Cout % 2 == 0;
+  const at::Tensor w_t_rounded = rounded_rows(w_t, rounded_dx && d_in != nullptr);
   const int64_t most_k = most_rows * k;
   const int64_t bf16_elements =
       std::max(rounded_dw ? rounded_gemm_elements(Cout, most_k, half) : 0,
@@ -712,8 +736,9 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
         const acc_t* w_rows = w_t.data_ptr<acc_t>() + c0 * k * Cout;
         if constexpr (std::is_same_v<acc_t, float>) {
           if (rounded_dx) {
-            rounded_gemm(K, half, Cout, w_rows, Cout, dpre_b, half, /*b_transposed=*/false, cols,
-                         half, /*accumulate=*/false, rounded);
+            rounded_gemm(K, half, Cout, w_t_rounded.data_ptr<c10::BFloat16>() + c0 * k * Cout, Cout,
+                         dpre_b, half, /*b_transposed=*/false, cols, half,
+                         /*accumulate=*/false, rounded);
           }
         }
         if (!rounded_dx) {
@@ -752,6 +777,7 @@ at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * Lin;
   const int64_t Kc = Cout * k, most_rows = (Cin + groups - 1) / groups;
   const bool rounded_dw = bf16_gemms && Lin % 2 == 0, rounded_dx = bf16_gemms && Kc % 2 == 0;
+  const at::Tensor w_rounded = rounded_rows(w_flat, rounded_dx && d_in != nullptr);
   const int64_t bf16_elements =
       std::max(rounded_dw ? rounded_gemm_elements(most_rows, Kc, Lin) : 0,
                rounded_dx ? rounded_gemm_elements(most_rows, Lin, Kc) : 0);
@@ -780,8 +806,9 @@ at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin
         const acc_t* w_rows = w_flat.data_ptr<acc_t>() + c0 * Kc;
         if constexpr (std::is_same_v<acc_t, float>) {
           if (rounded_dx) {
-            rounded_gemm(rows, Lin, Kc, w_rows, Kc, cols, Lin, /*b_transposed=*/false,
-                         d_in + (b * Cin + c0) * Lin, Lin, /*accumulate=*/false, rounded);
+            rounded_gemm(rows, Lin, Kc, w_rounded.data_ptr<c10::BFloat16>() + c0 * Kc, Kc, cols,
+                         Lin, /*b_transposed=*/false, d_in + (b * Cin + c0) * Lin, Lin,
+                         /*accumulate=*/false, rounded);
           }
         }
         if (!rounded_dx) {
