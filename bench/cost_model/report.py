@@ -20,9 +20,9 @@ def assumptions(gpu: Gpu) -> str:
         "wave time, compulsory HBM bytes / bandwidth) plus the launch overhead. "
         "Instruction counts and the TC share columns are static (instructions in the code, "
         'not executed); "TC executed" is the tensor-core share of the math instructions a '
-        "warp executes, loops weighted by the plan's trip counts (a lower bound; in brackets "
-        "with every loop run once; cuda only); GFLOP are executed (padding and recomputation "
-        "included)."
+        "warp executes, loops weighted by the plan's trip counts (an approximation, see "
+        "§15; in brackets with every loop run once; cuda only); GFLOP are executed (padding "
+        "and recomputation included)."
     )
 
 
