@@ -81,7 +81,7 @@ MERGE_ALL_TILES = """\
     load_batch(t0);
     CUTE_UNROLL
     for (int u = 0; u < kMergeBatch; ++u) {
-      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
+      if (s[u].x != -INFINITY) sum += s[u].y * exp_via_exp2(s[u].x - m_all);
     }
   }
 """

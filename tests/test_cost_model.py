@@ -1,7 +1,9 @@
 """The static GPU cost model (bench/cost_model): SASS and resource parsing on recorded
 cuobjdump output, the occupancy and wave arithmetic, the time estimate's arithmetic,
-the op's floors, and the launch capture of the triton backend. Nothing here compiles a
-kernel; ``python -m bench estimate`` (run in CI) does."""
+the op's floors, the executed tensor-core share, the CUDA launch plan's tail tile width
+(its small plan program, built with the host compiler) and the launch capture of the
+triton backend. Nothing here compiles a kernel; ``python -m bench estimate`` (run in CI)
+does."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 import pytest
 import torch
 
-from bench.cost_model import model, sass
+from bench.cost_model import cuda_side, model, sass
 from bench.cost_model.cuda_side import _function, _taps
 from bench.cost_model.hardware import Gpu
 from bench.cost_model.occupancy import blocks_per_sm, waves
@@ -148,6 +150,116 @@ def test_split_functions_and_resources_by_mangled_name():
         _function(resources, "conv_kernel", "bfloat16", 7, False)
     with pytest.raises(ValueError, match="tail_output_kernel"):
         _function(resources, "tail_output_kernel", "bfloat16", 3, False)
+
+
+def test_tail_kernels_are_told_apart_by_their_tile_width():
+    text = "".join(
+        f" Function {_PREFIX}{name}IN7cutlass10bfloat16_tELi{k}ELi{cols}EEEvNS1_8TailArgsIT_EE:\n"
+        f"  REG:{regs} STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608\n"
+        for name, k, cols, regs in [
+            ("17tail_stats_kernel", 3, 128, 122),
+            ("17tail_stats_kernel", 3, 64, 100),
+            ("17tail_stats_kernel", 1, 64, 90),
+        ]
+    )
+    resources = sass.parse_resources(text)
+    assert (
+        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, False, 128)].registers
+        == 122
+    )
+    assert (
+        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, False, 64)].registers
+        == 100
+    )
+    with pytest.raises(ValueError, match="tail_stats_kernel"):
+        _function(resources, "tail_stats_kernel", "bfloat16", 3, False)  # width not given
+
+
+# --- executed tensor-core share ----------------------------------------------------------
+
+# One MMA before a loop, a K loop with one MMA and one FFMA, then an epilogue loop of two
+# FP instructions, one FADD outside any loop, and a nested loop inside the epilogue loop.
+LOOPS = """
+        /*0000*/                   HMMA.16816.F32.BF16 R0, R4, R8, R0 ;
+        /*0010*/                   FADD R1, R2, R3 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R0, R4, R8, R0 ;
+        /*0030*/                   FFMA R9, R9, R2, R3 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FMUL R6, R6, R7 ;
+        /*0060*/                   FADD R6, R6, R7 ;
+        /*0070*/                   FMUL R10, R10, R7 ;
+        /*0080*/               @P2 BRA 0x70 ;
+        /*0090*/               @P1 BRA 0x50 ;
+        /*00a0*/                   BRA 0xb0 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_loops_are_the_backward_branches():
+    found = sass.loops(sass.addressed_instructions(LOOPS))
+    # the forward branch to 0xb0 is no loop
+    assert found == [sass.Loop(0x20, 0x40), sass.Loop(0x70, 0x80), sass.Loop(0x50, 0x90)]
+
+
+@pytest.mark.parametrize("mma_trips, trips", [(1, 1), (4, 1), (4, 8), (16, 3)])
+def test_the_executed_share_weights_each_loop_by_its_trip_count(mma_trips, trips):
+    # 40 MMAs per warp (from the MACs); FP: the FADD once, the K loop's FFMA mma_trips
+    # times, the epilogue loop's two trips times, the nested loop's FMUL trips² times.
+    macs, warps = 40 * 16 * 8 * 16 * 4, 4
+    share = sass.executed_tensor_core_share(LOOPS, macs, warps, mma_trips, trips)
+    fp = 1 + mma_trips + 2 * trips + trips * trips
+    assert share == pytest.approx(40 / (40 + fp))
+
+
+def test_a_longer_loop_lowers_the_executed_share_and_no_mma_gives_zero():
+    macs, warps = 40 * 2048 * 4, 4
+    short = sass.executed_tensor_core_share(LOOPS, macs, warps, 4, 2)
+    long = sass.executed_tensor_core_share(LOOPS, macs, warps, 4, 64)
+    assert long < 0.5 < short
+    without_mma = "\n".join(line for line in LOOPS.splitlines() if "HMMA" not in line)
+    assert sass.executed_tensor_core_share(without_mma, macs, warps, 4, 2) == 0.0
+
+
+# --- the CUDA launch plan ------------------------------------------------------------------
+
+TAIL_WIDTHS = (128, 64)  # csrc/cuda/launch_plan.h kTailColOptions
+
+
+@pytest.mark.parametrize(
+    "batch, n_vars, d_model, sms",
+    [(16, 862, 512, 132), (8, 862, 512, 132), (1, 862, 512, 132), (4, 300, 256, 20), (2, 5, 8, 1)],
+)
+def test_the_tail_tile_width_minimises_the_slots_computed(tmp_path, batch, n_vars, d_model, sms):
+    # The plan's width has the least ⌈CTAs / resident⌉ · tile area among the widths, ties
+    # to the wider; the tail launches' grids follow it.
+    if cuda_side.shutil.which("g++") is None and not cuda_side.os.environ.get("CXX"):
+        pytest.skip("no C++ compiler for the launch-plan program")
+    plan = cuda_side.launch_plan(tmp_path, "bfloat16", batch, n_vars, d_model, 3, sms)
+    rows, cols = plan["tiles"]["tail"]
+    resident = 2 * sms  # kTailBlocksPerSm
+
+    def blocks(width):
+        return math.ceil(d_model / width) * math.ceil(n_vars / rows) * batch
+
+    def cost(width):
+        return math.ceil(blocks(width) / resident) * rows * width
+
+    best = min(cost(w) for w in TAIL_WIDTHS)
+    assert cols == next(w for w in TAIL_WIDTHS if cost(w) == best)
+    grids = {launch["name"]: launch["blocks"] for launch in plan["launches"]}
+    assert grids["tail_stats"] == grids["tail_output"] == blocks(cols)
+
+
+def test_the_traffic_plan_narrows_the_tail_tiles_at_b16_only_where_it_cuts_a_wave(tmp_path):
+    if cuda_side.shutil.which("g++") is None and not cuda_side.os.environ.get("CXX"):
+        pytest.skip("no C++ compiler for the launch-plan program")
+    widths = {
+        b: cuda_side.launch_plan(tmp_path, "bfloat16", b, 862, 512, 3, 132)["tiles"]["tail"][1]
+        for b in (16, 8)
+    }
+    # B=16: 896 wide CTAs are 4 waves of 264, 1792 narrow ones 7 half-size waves;
+    # B=8: 448 wide CTAs are 2 waves, 896 narrow ones 4 half-size waves, a tie.
+    assert widths == {16: 64, 8: 128}
 
 
 # --- occupancy ----------------------------------------------------------------------

@@ -30,7 +30,8 @@ int main(int argc, char** argv) {
       "\"launches\": [",
       plan.head_splits, plan.tail_splits, head_chunk(p.n_vars, plan.head_splits), kConvRows,
       kConvCols, kConvStages, conv_halo(e, false), conv_halo(e, true),
-      conv_halo(e, true, kTailCols / 2), kTailRows, kTailCols, kTailScoreStages, operand_bk(e),
+      conv_halo(e, true, plan.tail_cols / 2), kTailRows, plan.tail_cols, kTailScoreStages,
+      operand_bk(e),
       kValueStages, kMergeBatch);
   for (int i = 0; i < kLaunches; ++i) {
     std::printf("%s{\"name\": \"%s\", \"kernel\": \"%s\", \"blocks\": %lld, \"threads\": %d, "

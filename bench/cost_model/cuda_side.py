@@ -134,8 +134,14 @@ def _taps(kernel: int, parity: int) -> int:
 
 
 def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -> dict:
-    """KernelWork fields (without name, grid, threads) of one planned launch."""
+    """KernelWork fields (without name, grid, threads) of one planned launch, with the
+    trip counts the executed tensor-core share weights loops by
+    (:func:`.sass.executed_tensor_core_share`): ``mma_loop_trips``, the K steps of the
+    launch's longest GEMM, and ``loop_trips``, the iterations per thread of its copy or
+    element-wise epilogue loops over the tile (the tail's row-major pass; the statistics'
+    column scans, unrolled in the SASS, are counted at the same trip count)."""
     e = 4 if dtype == "float32" else 2
+    vec = 16 // e
     B, N, D, k = batch, n_vars, d_model, kernel
     C1, C2 = D // 4, D // 2
     act = B * D * D // 8  # every activation of the bottleneck: [B, D²/8]
@@ -153,7 +159,10 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         taps = max(_taps(k, 0), _taps(k, 1)) if transposed else k
         halo = halo_transposed if transposed else halo_stride2
         steps = _cdiv(channels, bk)
+        copy_trips = max(_cdiv(taps * rows * bk, vec * threads), _cdiv(bk * halo, vec * threads))
         return dict(
+            mma_loop_trips=steps,
+            loop_trips=copy_trips,
             async_steps=steps,
             async_bytes_per_step=(taps * rows * bk + bk * halo) * e,
             stages=plan["tiles"]["conv_stages"],
@@ -172,6 +181,8 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         per_thread = _cdiv(act, launch["blocks"] * threads)  # grid-stride iterations
         return dict(
             phases=((per_thread, threads * plan["head_splits"] * 4),),
+            mma_loop_trips=0,
+            loop_trips=max(per_thread, plan["head_splits"]),
             macs=0,
             hbm_bytes=plan["head_splits"] * act * 4 + act * e,
         )
@@ -196,8 +207,11 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         score_bytes = (max(_taps(k, 0), _taps(k, 1)) * rows * bk + bk * halo_tail) * e
         second_fill = (score_stages - 1, 0)
         x_pass = (1, rows * cols * e)  # the row-major pass adding bias, sigmoid and x
+        x_trips = _cdiv(rows * cols, vec * threads)
         fields = dict(
             phases=(second_fill, x_pass),
+            mma_loop_trips=steps,
+            loop_trips=x_trips,
             async_steps=2 * steps,
             async_bytes_per_step=score_bytes,
             stages=score_stages,
@@ -215,6 +229,8 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         fields.update(
             # the merge first; after the value GEMM, x again for the residual
             phases=(merge, second_fill, x_pass, value_fill, x_pass),
+            mma_loop_trips=max(steps, value_steps),
+            loop_trips=max(x_trips, _cdiv(tiles, batch)),
             async_steps=2 * steps + value_steps,
             macs=score_macs + value_steps * rows * cols * bk,
             # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics
@@ -224,9 +240,12 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     raise ValueError(f"{name}: no work description for this CUDA launch")
 
 
-def _function(names, kernel: str, dtype: str, kernel_size: int, transposed: bool) -> str:
+def _function(
+    names, kernel: str, dtype: str, kernel_size: int, transposed: bool, tail_cols: int = 0
+) -> str:
     """The mangled name of ``kernel`` (instantiated for ``dtype``, the kernel size and, for
-    the conv kernel, ``transposed``, where templated on them)."""
+    the conv kernel, ``transposed``, for the tail kernels the tile width ``tail_cols``, where
+    templated on them)."""
     mark = f"{len(kernel)}{kernel}"
     hits = [(n, n.split(mark, 1)[1]) for n in names if mark in n]
     templated = [(n, args) for n, args in hits if args.startswith("I")]
@@ -236,6 +255,8 @@ def _function(names, kernel: str, dtype: str, kernel_size: int, transposed: bool
             found = [(n, a) for n, a in found if f"Li{kernel_size}E" in a]
         if any("Lb" in a for _, a in found):
             found = [(n, a) for n, a in found if f"Lb{int(transposed)}E" in a]
+        if tail_cols:
+            found = [(n, a) for n, a in found if f"Li{kernel_size}ELi{tail_cols}E" in a]
     else:
         found = hits
     if len(found) != 1:
@@ -258,9 +279,24 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
                 if launch["blocks"] == 0:  # not launched for this problem
                     continue
                 transposed = launch["name"] in ("dec0", "dec1")
-                fn = _function(resources, launch["kernel"], dtype, kernel, transposed)
+                tail_cols = plan["tiles"]["tail"][1] if launch["name"].startswith("tail") else 0
+                fn = _function(resources, launch["kernel"], dtype, kernel, transposed, tail_cols)
                 res = resources[fn]
                 fields = work(plan, launch, dtype, batch, n_vars, d_model, kernel)
+                # The executed share at the plan's trip counts (a lower bound), and with
+                # every loop run once.
+                executed = [
+                    round(
+                        sass.executed_tensor_core_share(
+                            functions[fn], fields["macs"], launch["threads"] // 32, *trips
+                        ),
+                        3,
+                    )
+                    for trips in (
+                        (fields["mma_loop_trips"], fields["loop_trips"]),
+                        (1, 1),
+                    )
+                ]
                 launches.append(
                     {
                         "name": launch["name"],
@@ -271,6 +307,7 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
                         "shared_bytes": launch["smem_bytes"] + res.shared,
                         "local_bytes": res.local,
                         "mix": sass.instruction_mix(functions[fn]).as_dict(),
+                        "executed_tensor_core_share": executed,
                         "work": {**fields, "flops": 2.0 * launch["blocks"] * fields["macs"]},
                     }
                 )

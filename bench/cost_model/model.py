@@ -65,7 +65,7 @@ def kernel_estimate(gpu: Gpu, launch: dict) -> dict:
         "us_low": round(e.us_low, 2),
         "us_high": round(e.us_high, 2),
     }
-    for key in ("config", "num_stages"):
+    for key in ("config", "num_stages", "executed_tensor_core_share"):
         if key in launch:
             row[key] = launch[key]
     return row

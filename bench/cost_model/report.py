@@ -18,16 +18,28 @@ def assumptions(gpu: Gpu) -> str:
         "A program's time is its load rounds plus its MMA cycles; programs on one SM "
         "overlap their latencies but share its math units; a launch takes max(waves × "
         "wave time, compulsory HBM bytes / bandwidth) plus the launch overhead. "
-        "Instruction counts and tensor-core shares are static (instructions in the code, "
-        "not executed); GFLOP are executed (padding and recomputation included)."
+        "Instruction counts and the TC share columns are static (instructions in the code, "
+        'not executed); "TC executed" is the tensor-core share of the math instructions a '
+        "warp executes, loops weighted by the plan's trip counts (an approximation, see "
+        "§15; in brackets with every loop run once; cuda only); GFLOP are executed (padding "
+        "and recomputation included)."
     )
+
+
+def _executed(row: dict) -> str:
+    """The executed tensor-core share, ``lower [loops once]``, or ``–`` where not computed."""
+    if "executed_tensor_core_share" not in row:
+        return "–"
+    lower, once = row["executed_tensor_core_share"]
+    return f"{lower:.0%} [{once:.0%}]"
 
 
 def _table(entry: dict) -> list[str]:
     lines = [
         "| kernel | grid | blocks/SM | waves | regs | smem KiB | spill B | TC share (math / all) "
-        "| LDG B × in flight | async | GFLOP | HBM MB | load rounds | bound | est. µs [range] |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TC executed | LDG B × in flight | async | GFLOP | HBM MB | load rounds | bound "
+        "| est. µs [range] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in entry["kernels"].items():
         mix = r["mix"]
@@ -36,12 +48,12 @@ def _table(entry: dict) -> list[str]:
             f"| {name} | {grid} = {r['programs']} | {r['blocks_per_sm']} | {r['waves']} "
             f"| {r['registers']} | {r['shared_bytes'] / 1024:.1f} | {r['local_bytes']} "
             f"| {r['tensor_core_share']:.0%} / {r['tensor_core_of_all']:.1%} "
-            f"| {mix['sync_load_bytes']:g} × {mix['loads_in_flight']:g} | {mix['async_copies']} "
+            f"| {_executed(r)} | {mix['sync_load_bytes']:g} × {mix['loads_in_flight']:g} | {mix['async_copies']} "
             f"| {r['flops'] / 1e9:.2f} | {r['hbm_bytes'] / 1e6:.1f} | {r['latency_rounds']:g} "
             f"| {r['bound']} | {r['us']:.1f} [{r['us_low']:.1f}–{r['us_high']:.1f}] |"
         )
     lines.append(
-        f"| **total** ({entry['launches']} launches, {entry['compiler']}) | | | | | | | | | "
+        f"| **total** ({entry['launches']} launches, {entry['compiler']}) | | | | | | | | | | "
         f"| {entry['flops'] / 1e9:.2f} | | | | **{entry['total_us']:.0f}** "
         f"[{entry['total_us_low']:.0f}–{entry['total_us_high']:.0f}] |"
     )

@@ -13,7 +13,9 @@ What the cost model reads from it (:func:`instruction_mix`):
 * the loads in flight per thread (:func:`loads_in_flight`): how many synchronous global
   loads a thread issues, on average, before it uses the result of one of them.
 
-All counts are static (instructions in the code, not executions).
+The instruction mix's counts are static (instructions in the code, not executions);
+:func:`executed_tensor_core_share` weights the math instructions by how often they run
+(its docstring and docs/design.md §15 say how, and its limits).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from dataclasses import dataclass, fields
 # `/*0a30*/  @!P1 LDG.E.U16 R12, desc[UR4][R2.64] ;`: address, optional predicate,
 # opcode with modifiers, operands.
 _INSTRUCTION = re.compile(
-    r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);"
+    r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);"
 )
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$", re.M)
 _REGISTER = re.compile(r"\bR(\d+)\b")
 _RESOURCES = re.compile(r"Function (\S+?):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -103,12 +106,20 @@ def split_functions(sass: str) -> dict[str, str]:
     }
 
 
-def instructions(sass: str) -> list[Instruction]:
-    """The instructions of one function's SASS text, in address order."""
+def addressed_instructions(sass: str) -> list[tuple[int, Instruction]]:
+    """``(address, instruction)`` of one function's SASS text, in text order."""
     return [
-        Instruction(m.group(1), tuple(filter(None, m.group(2).split("."))), m.group(3).strip())
+        (
+            int(m.group(1), 16),
+            Instruction(m.group(2), tuple(filter(None, m.group(3).split("."))), m.group(4).strip()),
+        )
         for m in _INSTRUCTION.finditer(sass)
     ]
+
+
+def instructions(sass: str) -> list[Instruction]:
+    """The instructions of one function's SASS text, in address order."""
+    return [ins for _, ins in addressed_instructions(sass)]
 
 
 def parse_resources(text: str) -> dict[str, Resources]:
@@ -188,3 +199,72 @@ def instruction_mix(sass: str) -> InstructionMix:
         sync_load_bytes=sum(map(load_bytes, loads)) / len(loads) if loads else 0.0,
         loads_in_flight=loads_in_flight(code),
     )
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop of the SASS: a backward branch at ``end`` to ``start`` (addresses)."""
+
+    start: int
+    end: int
+
+    def holds(self, address: int) -> bool:
+        return self.start <= address <= self.end
+
+
+def loops(code: list[tuple[int, Instruction]]) -> list[Loop]:
+    """Every loop of addressed code: each branch to an address at or before its own."""
+    found = []
+    for address, ins in code:
+        target = _BRANCH_TARGET.search(ins.operands) if ins.opcode == "BRA" else None
+        if target and int(target.group(1), 16) <= address:
+            found.append(Loop(int(target.group(1), 16), address))
+    return found
+
+
+def _mma_macs(ins: Instruction) -> int:
+    """Multiply-adds of one warp's tensor-core instruction, from its shape modifier
+    (``HMMA.16816`` = m16 n8 k16); 0 where the shape is not read."""
+    for mod in ins.modifiers:
+        shape = re.fullmatch(r"(16|8)(8)(4|8|16|32)", mod)
+        if shape:
+            m, n, k = map(int, shape.groups())
+            return m * n * k
+    return 0
+
+
+def executed_tensor_core_share(
+    sass: str, macs: float, warps: int, mma_loop_trips: float, loop_trips: float
+) -> float:
+    """Tensor-core instructions among the math instructions one warp EXECUTES.
+
+    Tensor-core instructions executed per warp: ``macs`` (one program's multiply-adds,
+    from the launch plan) / ``warps`` / the multiply-adds of one instruction (its shape
+    modifier), exact for a kernel whose MMAs are all of one shape. FP math executed:
+    each FP instruction counted once per pass of the code around it, times the trip
+    count of every loop it is in: ``mma_loop_trips`` for a loop holding a tensor-core
+    instruction (a GEMM's K steps), ``loop_trips`` for any other loop (a copy or
+    element-wise epilogue loop over the tile). Loops are found from backward branches
+    (:func:`loops`). An approximation: one trip count for all loops of a kind, whatever
+    the compiler unrolled, and loops that only some warps run counted for every warp
+    (docs/design.md §15). 0 without tensor-core instructions.
+    """
+    code = addressed_instructions(sass)
+    mma = [ins for _, ins in code if ins.opcode in TENSOR_CORE]
+    per_instruction = max((_mma_macs(ins) for ins in mma), default=0)
+    if not per_instruction:
+        return 0.0
+    tensor_core = macs / warps / per_instruction
+    found = loops(code)
+    mma_loops = {
+        loop for loop in found if any(loop.holds(a) for a, i in code if i.opcode in TENSOR_CORE)
+    }
+    fp = 0.0
+    for address, ins in code:
+        if ins.opcode in FP_MATH:
+            weight = 1.0
+            for loop in found:
+                if loop.holds(address):
+                    weight *= mma_loop_trips if loop in mma_loops else loop_trips
+            fp += weight
+    return tensor_core / (tensor_core + fp)

@@ -20,26 +20,32 @@ struct Problem {
 
 // How N is split across blocks. head_splits: blocks sharing the N reduction of the
 // encoder head (each at least 32 variates, the grid capped at the resident CTAs);
-// tail_splits: the tail's 128-row tiles, ⌈N/128⌉ (launch_fused_score_attention rejects
-// another value).
+// tail_splits: the tail's kTailRows-row tiles, ⌈N/kTailRows⌉ (launch_fused_score_attention
+// rejects another value); tail_cols: the output columns of a tail CTA, one of
+// kTailColOptions (tail_cols_for).
 struct Plan {
-  int head_splits, tail_splits;
+  int head_splits, tail_splits, tail_cols;
 };
 
 // ---------------------------------------------------------------------------------
 // Tiles
 // ---------------------------------------------------------------------------------
 
-// The tail: 64 x 128 tiles of 8 warps, two CTAs per SM (shared memory at most about 87
-// KiB per CTA, kTailBlocksPerSm of them within an H100's 228 KiB, one within the 99 KiB
-// of sm_86/sm_89 GPUs).
-constexpr int kTailThreads = 256;       // 8 warps, 4 x 2 over the tile
-constexpr int kTailBlocksPerSm = 2;     // the tail kernels' __launch_bounds__ minimum
-constexpr int kTailRows = 64;           // variates per tail CTA (BLOCK_N)
-constexpr int kTailCols = 128;          // contiguous output columns per tail CTA (BLOCK_D)
-constexpr int kTailLd = kTailCols + 4;  // fp32 row stride of the score/probability tile
-constexpr int kValueStages = 3;         // cp.async pipeline depth of the value projection
-constexpr int kTailScoreStages = 2;     // cp.async pipeline depth of the tail's score GEMM
+// The tail: kTailRows x tail_cols tiles of 8 warps (4 x 2 over the tile), two CTAs per
+// SM (shared memory at most about 87 KiB per CTA, kTailBlocksPerSm of them within an
+// H100's 228 KiB, one within the 99 KiB of sm_86/sm_89 GPUs). The tile's column count is
+// chosen per launch among kTailColOptions (tail_cols_for): narrower tiles cut the last,
+// partial wave of CTAs where the wide tiles leave one.
+constexpr int kTailThreads = 256;    // 8 warps, 4 x 2 over the tile
+constexpr int kTailBlocksPerSm = 2;  // the tail kernels' __launch_bounds__ minimum
+constexpr int kTailRows = 64;        // variates per tail CTA (BLOCK_N)
+// Contiguous output columns per tail CTA (BLOCK_D), widest first; each instantiated.
+constexpr int kTailColOptions[] = {128, 64};
+constexpr int kTailMaxCols = kTailColOptions[0];
+// fp32 row stride of the score/probability tile of a tile of `cols` columns.
+constexpr int tail_ld(int cols) { return cols + 4; }
+constexpr int kValueStages = 3;      // cp.async pipeline depth of the value projection
+constexpr int kTailScoreStages = 2;  // cp.async pipeline depth of the tail's score GEMM
 // The head and the four bottleneck convs share one conv kernel: 32 (output channels) x 64
 // (output positions, per parity for a transposed conv) tiles, 4 warps (2 x 2), a
 // kConvStages-deep cp.async pipeline over K steps of operand_bk input channels.
@@ -101,16 +107,16 @@ constexpr int conv_smem_bytes(int elem_bytes, int k, bool transposed, int rows =
   return stages * conv_stage_elems(elem_bytes, k, transposed, rows, cols) * elem_bytes;
 }
 
-// Shared memory of the tail kernels: the fp32 tile P [kTailRows][kTailLd], the column
-// statistics [kTailCols], then the operand stages: the score GEMM's (the last transposed
-// conv per output parity, a kTailRows x kTailCols/2 conv tile, kTailScoreStages deep)
-// or, in the output kernel, the larger of those and the value GEMM's.
-constexpr int kTailPBytes = kTailRows * kTailLd * 4 + kTailCols * 8;
-constexpr int tail_smem_bytes(int elem_bytes, int k, bool with_value) {
-  const int scores =
-      conv_smem_bytes(elem_bytes, k, true, kTailRows, kTailCols / 2, kTailScoreStages);
-  const int value = operand_bytes(elem_bytes, kTailRows, kTailCols, kValueStages);
-  return kTailPBytes + (with_value && value > scores ? value : scores);
+// Shared memory of the tail kernels with tiles of `cols` columns: the fp32 tile P
+// [kTailRows][tail_ld(cols)], the column statistics [cols], then the operand stages: the
+// score GEMM's (the last transposed conv per output parity, a kTailRows x cols/2 conv
+// tile, kTailScoreStages deep) or, in the output kernel, the larger of those and the
+// value GEMM's.
+constexpr int tail_p_bytes(int cols) { return kTailRows * tail_ld(cols) * 4 + cols * 8; }
+constexpr int tail_smem_bytes(int elem_bytes, int k, bool with_value, int cols) {
+  const int scores = conv_smem_bytes(elem_bytes, k, true, kTailRows, cols / 2, kTailScoreStages);
+  const int value = operand_bytes(elem_bytes, kTailRows, cols, kValueStages);
+  return tail_p_bytes(cols) + (with_value && value > scores ? value : scores);
 }
 
 // Layouts in device memory that the conv kernel's 16-byte copies read.
@@ -149,9 +155,32 @@ inline int64_t head_blocks(const Problem& p, int64_t splits) {
   return ceil_div(p.d_model / 2, kConvCols) * ceil_div(p.d_model / 4, kConvRows) * splits * p.batch;
 }
 
-// Blocks of a tail launch.
-inline int64_t tail_blocks(const Problem& p) {
-  return ceil_div(p.d_model, kTailCols) * tail_tiles(p.n_vars) * p.batch;
+// Blocks of a tail launch with tiles of `cols` columns.
+inline int64_t tail_blocks(const Problem& p, int cols) {
+  return ceil_div(p.d_model, cols) * tail_tiles(p.n_vars) * p.batch;
+}
+
+// Whether `cols` is one of the instantiated tail tile widths.
+constexpr bool tail_cols_instantiated(int cols) {
+  for (int option : kTailColOptions) {
+    if (option == cols) return true;
+  }
+  return false;
+}
+
+// The tail tile width for `resident` CTAs resident at once: the option of kTailColOptions
+// with the least ⌈blocks / resident⌉ · kTailRows · cols, the tile area times the waves of
+// CTAs, i.e. the rows x columns one SM slot computes, padding and the last wave's idle
+// slots included; ties go to the wider tile (fewer CTAs, less per-CTA overhead). A pure
+// function of the sizes: the same plan for the same problem and SM count.
+inline int tail_cols_for(const Problem& p, int64_t resident) {
+  int best = kTailMaxCols;
+  int64_t best_cost = -1;
+  for (int cols : kTailColOptions) {
+    const int64_t cost = ceil_div(tail_blocks(p, cols), resident) * kTailRows * cols;
+    if (best_cost < 0 || cost < best_cost) best = cols, best_cost = cost;
+  }
+  return best;
 }
 
 // Variates per head split: a multiple of the K step (operand_bk of 16-bit types, 32; a
@@ -160,14 +189,17 @@ inline int head_chunk(int64_t N, int64_t splits) { return chunk_rows(N, splits, 
 
 // head_splits: the most splits (each at least 32 variates, at most kMaxHeadSplits) whose
 // grid stays within the CTAs resident at once, kHeadBlocksPerSm per SM (one split when
-// the unsplit grid already fills them).
+// the unsplit grid already fills them). tail_cols: tail_cols_for the kTailBlocksPerSm
+// CTAs per SM.
 inline Plan make_plan(const Problem& p, int sm_count) {
-  const int64_t resident = kHeadBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
+  const int64_t sms = std::max(sm_count, 1);
+  const int64_t resident = kHeadBlocksPerSm * sms;
   const int64_t most = std::max<int64_t>(1, resident / head_blocks(p, 1));
   const int64_t wanted = std::max<int64_t>(1, std::min({most, kMaxHeadSplits, p.n_vars / 32}));
   Plan plan;
   plan.head_splits = static_cast<int>(ceil_div(p.n_vars, head_chunk(p.n_vars, wanted)));
   plan.tail_splits = static_cast<int>(tail_tiles(p.n_vars));
+  plan.tail_cols = tail_cols_for(p, kTailBlocksPerSm * sms);
   return plan;
 }
 
@@ -207,7 +239,7 @@ inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype)
         ceil_div(cols, kConvCols) * ceil_div(cout, kConvRows) * (transposed ? 2 : 1) * splits * B,
         kConvThreads, conv_smem_bytes(e, k, transposed)};
   };
-  const int64_t tail = tail_blocks(p);
+  const int64_t tail = tail_blocks(p, plan.tail_cols);
   LaunchPlan lp;
   lp.head = conv("head_kernel", D / 2, C1, false, plan.head_splits);
   // One head split stores h1 itself; more are summed by the reduce launch.
@@ -218,8 +250,10 @@ inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype)
   lp.enc2 = conv("conv_kernel", D / 8, D, false, 1);
   lp.dec0 = conv("conv_kernel", D / 8, C2, true, 1);
   lp.dec1 = conv("conv_kernel", D / 4, C1, true, 1);
-  lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads, tail_smem_bytes(e, k, false)};
-  lp.tail_output = {"tail_output_kernel", tail, kTailThreads, tail_smem_bytes(e, k, true)};
+  lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads,
+                   tail_smem_bytes(e, k, false, plan.tail_cols)};
+  lp.tail_output = {"tail_output_kernel", tail, kTailThreads,
+                    tail_smem_bytes(e, k, true, plan.tail_cols)};
   return lp;
 }
 

@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <type_traits>
 
 // CuTe: the tensor algebra first (the atom headers expect it), then the atoms.
@@ -171,6 +172,12 @@ using StreamCopyOp = UniversalCopy<uint128_t>;
 __host__ __device__ inline float relu(float v) { return v < 0.f ? 0.f : v; }
 // max(a, b) propagating NaN, as torch's max and softmax do (fmaxf drops a NaN operand).
 __host__ __device__ inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// exp(v) as exp2(v · log2 e), for the tail's per-element sigmoid and softmax: one multiply
+// and the exp2 unit where expf spends five floating-point instructions on its range
+// reduction. The rounding of the product adds a relative error of about |v| · 2^-24 to
+// exp2f's 2 ulp, at most 6e-6 over expf's finite range (|v| < 104), within the fp32
+// tolerance (2e-5). ±inf and NaN map as in expf.
+__host__ __device__ inline float exp_via_exp2(float v) { return exp2f(v * 1.44269504088896341f); }
 
 template <typename T>
 __host__ __device__ inline float to_float(T v) {
@@ -533,13 +540,23 @@ struct TailArgs {
   int N, D, n_tiles, h5_ld, w2_row;
 };
 
-// The tail CTA of blockIdx.x: batch b, rows [n0, n0 + rows), columns [o0, o0 + cols).
+// The shared-memory shape of a tail tile of kCols columns (launch_plan.h): P's row
+// stride in floats, and the bytes of P and the column statistics before the operands.
+template <int kCols>
+struct TailShape {
+  static constexpr int kLd = tail_ld(kCols);
+  static constexpr int kPBytes = tail_p_bytes(kCols);
+};
+
+// The tail CTA of blockIdx.x with tiles of kCols columns: batch b, rows [n0, n0 + rows),
+// columns [o0, o0 + cols).
 struct TailTile {
   int b, n_tile, n0, rows, o0, cols;
 };
 
+template <int kCols>
 __device__ inline TailTile tail_tile(int N, int D, int n_tiles) {
-  const int col_tiles = ceil_div_int(D, kTailCols);
+  const int col_tiles = ceil_div_int(D, kCols);
   int idx = blockIdx.x;
   TailTile t;
   const int ct = idx % col_tiles;
@@ -548,8 +565,8 @@ __device__ inline TailTile tail_tile(int N, int D, int n_tiles) {
   t.b = idx / n_tiles;
   t.n0 = t.n_tile * kTailRows;
   t.rows = min(kTailRows, N - t.n0);
-  t.o0 = ct * kTailCols;
-  t.cols = min(kTailCols, D - t.o0);
+  t.o0 = ct * kCols;
+  t.cols = min(kCols, D - t.o0);
   return t;
 }
 
@@ -572,17 +589,18 @@ __device__ inline void store16(T* dst, const Vec16<T>& value) {
   *reinterpret_cast<uint4*>(dst) = raw;
 }
 
-// P[m][o] <- finish(m, o, S[n0 + m, o0 + o]) for m < rows, o < cols, where
+// P[m][o] <- finish(m, o, S[n0 + m, o0 + o]) for m < rows, o < cols (P's rows
+// tail_ld(kCols) floats apart), where
 //   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ o+p (mod 2)} w2[c, n, j] · h5[b, c, o/2 + (o%2 + p -
 //   j)/2]) + x[b, n, o],
-// the last transposed conv as one conv tile per output parity (kTailRows x kTailCols/2,
+// the last transposed conv as one conv tile per output parity (kTailRows x kCols/2,
 // the conv kernel's pipeline: w2 packed per tap, h5's halo tile, kTailScoreStages deep)
 // whose raw sums land in P's even or odd columns, then one row-major pass (16-byte x
 // reads) adding bias, sigmoid and skip. Ends with a barrier.
-template <typename T, int kTaps, class Finish>
+template <typename T, int kTaps, int kCols, class Finish>
 __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T* ops,
                             const Finish& finish) {
-  constexpr int kVec = Tiling<T>::kVec;
+  constexpr int kVec = Tiling<T>::kVec, kLd = TailShape<kCols>::kLd;
   const int N = a.N, D = a.D, C1 = D / 4;
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   // The last decoder layer as a conv: C1 -> N channels, D/2 -> D positions.
@@ -591,24 +609,24 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
   auto mma = make_block_mma<T, 4, 2>();
   for (int r = 0; r < 2; ++r) {
     const ConvTile tile{t.o0 / 2, t.n0, r, 0, t.b};
-    Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols / 2>{}));
+    Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kCols / 2>{}));
     clear(acc);
-    conv_gemm<T, kTaps, true, kTailRows, kTailCols / 2, kTailScoreStages>(mma, acc, conv, tile, 0,
-                                                                          C1, ops);
-    for_each_acc<kTailRows, kTailCols / 2>(
-        mma, acc, [&](int m, int uu, float v) { P[m * kTailLd + 2 * uu + r] = v; });
+    conv_gemm<T, kTaps, true, kTailRows, kCols / 2, kTailScoreStages>(mma, acc, conv, tile, 0, C1,
+                                                                      ops);
+    for_each_acc<kTailRows, kCols / 2>(
+        mma, acc, [&](int m, int uu, float v) { P[m * kLd + 2 * uu + r] = v; });
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kTailRows * kTailCols / kVec; e += kTailThreads) {
-    const int m = e / (kTailCols / kVec), o = e % (kTailCols / kVec) * kVec, n = t.n0 + m;
+  for (int e = threadIdx.x; e < kTailRows * kCols / kVec; e += kTailThreads) {
+    const int m = e / (kCols / kVec), o = e % (kCols / kVec) * kVec, n = t.n0 + m;
     if (m < t.rows && o < t.cols) {  // cols is a multiple of kVec (D % 8 == 0)
       const Vec16<T> xv = load16(x_b + static_cast<int64_t>(n) * D + t.o0 + o);
       const float bias = to_float(a.b2[n]);
       CUTE_UNROLL
       for (int i = 0; i < kVec; ++i) {
-        const float z = P[m * kTailLd + o + i] + bias;
-        const float s = 1.f / (1.f + expf(-z)) + to_float(xv.v[i]);
-        P[m * kTailLd + o + i] = finish(m, o + i, s);
+        const float z = P[m * kLd + o + i] + bias;
+        const float s = 1.f / (1.f + exp_via_exp2(-z)) + to_float(xv.v[i]);
+        P[m * kLd + o + i] = finish(m, o + i, s);
       }
     }
   }
@@ -616,22 +634,23 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
 }
 
 // stats[b, n_tile, o] = (max, Σ exp(S - max)) of the scores of the CTA's rows, for its
-// columns. Blocks: (column tile, row tile, batch).
-template <typename T, int kTaps>
+// columns. Blocks: (column tile, row tile, batch), tiles of kCols columns.
+template <typename T, int kTaps, int kCols>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm) tail_stats_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
+  constexpr int kLd = TailShape<kCols>::kLd;
   float* P = reinterpret_cast<float*>(smem);
-  T* ops = reinterpret_cast<T*>(smem + kTailPBytes);
-  const TailTile t = tail_tile(a.N, a.D, a.n_tiles);
-  tail_scores<T, kTaps>(a, t, P, ops, [](int, int, float s) { return s; });
+  T* ops = reinterpret_cast<T*>(smem + TailShape<kCols>::kPBytes);
+  const TailTile t = tail_tile<kCols>(a.N, a.D, a.n_tiles);
+  tail_scores<T, kTaps, kCols>(a, t, P, ops, [](int, int, float s) { return s; });
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads) {
     float mx = -INFINITY;
-    for (int m = 0; m < t.rows; ++m) mx = max_nan(mx, P[m * kTailLd + o]);
+    for (int m = 0; m < t.rows; ++m) mx = max_nan(mx, P[m * kLd + o]);
     // Rows of -inf scores add nothing (a column of only -inf has sum 0: exp(-inf - (-inf))
     // would be NaN); NaN and +inf propagate as in the reference.
     float sum = 0.f;
     if (mx != -INFINITY) {
-      for (int m = 0; m < t.rows; ++m) sum += expf(P[m * kTailLd + o] - mx);
+      for (int m = 0; m < t.rows; ++m) sum += exp_via_exp2(P[m * kLd + o] - mx);
     }
     a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o] =
         make_float2(mx, sum);
@@ -665,7 +684,7 @@ __device__ inline float2 merged_column_stats(const float2* stats, int b, int o, 
     load_batch(t0);
     CUTE_UNROLL
     for (int u = 0; u < kMergeBatch; ++u) {
-      if (s[u].x != -INFINITY) sum += s[u].y * expf(s[u].x - m_all);
+      if (s[u].x != -INFINITY) sum += s[u].y * exp_via_exp2(s[u].x - m_all);
     }
   }
   return make_float2(m_all, 1.f / sum);
@@ -674,44 +693,45 @@ __device__ inline float2 merged_column_stats(const float2* stats, int b, int o, 
 // y[b, n, o] = exp(S[n, o] - max[o]) / Σ[o] · (bv[o] + Σ_d x[b, n, d] · wv[o, d]) + x[b, n, o]
 // for the CTA's rows and columns: its columns' statistics merged over the row tiles, the
 // probabilities into P (scores recomputed), the value tile as one streamed kTailRows x
-// kTailCols GEMM (K = D), P ⊙ (V + bv) in place, then a row-major pass adding x and
-// writing y (16-byte vectors). Blocks: (column tile, row tile, batch).
-template <typename T, int kTaps>
+// kCols GEMM (K = D), P ⊙ (V + bv) in place, then a row-major pass adding x and writing y
+// (16-byte vectors). Blocks: (column tile, row tile, batch), tiles of kCols columns.
+template <typename T, int kTaps, int kCols>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
     tail_output_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
+  constexpr int kLd = TailShape<kCols>::kLd;
   float* P = reinterpret_cast<float*>(smem);
-  float2* col = reinterpret_cast<float2*>(smem + kTailRows * kTailLd * 4);
-  T* ops = reinterpret_cast<T*>(smem + kTailPBytes);
+  float2* col = reinterpret_cast<float2*>(smem + kTailRows * kLd * 4);
+  T* ops = reinterpret_cast<T*>(smem + TailShape<kCols>::kPBytes);
   const int N = a.N, D = a.D;
-  const TailTile t = tail_tile(N, D, a.n_tiles);
+  const TailTile t = tail_tile<kCols>(N, D, a.n_tiles);
   for (int o = threadIdx.x; o < t.cols; o += kTailThreads)
     col[o] = merged_column_stats(a.stats, t.b, t.o0 + o, D, a.n_tiles);
   __syncthreads();
-  tail_scores<T, kTaps>(a, t, P, ops,
-                        [&](int, int o, float s) { return expf(s - col[o].x) * col[o].y; });
+  tail_scores<T, kTaps, kCols>(
+      a, t, P, ops, [&](int, int o, float s) { return exp_via_exp2(s - col[o].x) * col[o].y; });
 
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   T* y_b = a.y + static_cast<int64_t>(t.b) * N * D;
   auto mma = make_block_mma<T, 4, 2>();
-  Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kTailCols>{}));
+  Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kCols>{}));
   clear(acc);
-  stream_gemm<T, kTailRows, kTailCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
-                                                     t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
-                                                     t.cols, D, ops);
-  for_each_acc<kTailRows, kTailCols>(mma, acc, [&](int m, int o, float v) {
-    if (m < t.rows && o < t.cols) P[m * kTailLd + o] *= v + to_float(a.bv[t.o0 + o]);
+  stream_gemm<T, kTailRows, kCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
+                                                 t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
+                                                 t.cols, D, ops);
+  for_each_acc<kTailRows, kCols>(mma, acc, [&](int m, int o, float v) {
+    if (m < t.rows && o < t.cols) P[m * kLd + o] *= v + to_float(a.bv[t.o0 + o]);
   });
   __syncthreads();
   constexpr int kVec = Tiling<T>::kVec;
-  for (int e = threadIdx.x; e < kTailRows * kTailCols / kVec; e += kTailThreads) {
-    const int m = e / (kTailCols / kVec), o = e % (kTailCols / kVec) * kVec;
+  for (int e = threadIdx.x; e < kTailRows * kCols / kVec; e += kTailThreads) {
+    const int m = e / (kCols / kVec), o = e % (kCols / kVec) * kVec;
     if (m < t.rows && o < t.cols) {
       const int64_t at = static_cast<int64_t>(t.n0 + m) * D + t.o0 + o;
       const Vec16<T> xv = load16(x_b + at);
       Vec16<T> yv;
       CUTE_UNROLL
-      for (int i = 0; i < kVec; ++i) yv.v[i] = T(P[m * kTailLd + o + i] + to_float(xv.v[i]));
+      for (int i = 0; i < kVec; ++i) yv.v[i] = T(P[m * kLd + o + i] + to_float(xv.v[i]));
       store16(y_b + at, yv);
     }
   }
@@ -768,6 +788,23 @@ Workspace workspace_layout(const Problem& p, const Plan& plan, int elem_bytes) {
   at += 2 * B * plan.tail_splits * D;
   w.total = at;
   return w;
+}
+
+// The tail's two launches with tiles of kCols columns (the plan's tail_cols): row-tile
+// stats, then the output (which merges its columns' stats).
+template <typename T, int kTaps, int kCols>
+cudaError_t launch_tail(const TailArgs<T>& args, const LaunchPlan& lp, cudaStream_t stream) {
+  const int stats_smem = lp.tail_stats.smem_bytes, output_smem = lp.tail_output.smem_bytes;
+  const int stats_blocks = static_cast<int>(lp.tail_stats.blocks);
+  const int output_blocks = static_cast<int>(lp.tail_output.blocks);
+  cudaError_t err = cudaSuccess;
+  if ((err = allow_smem(tail_stats_kernel<T, kTaps, kCols>, stats_smem)) != cudaSuccess) return err;
+  if ((err = allow_smem(tail_output_kernel<T, kTaps, kCols>, output_smem)) != cudaSuccess) {
+    return err;
+  }
+  tail_stats_kernel<T, kTaps, kCols><<<stats_blocks, kTailThreads, stats_smem, stream>>>(args);
+  tail_output_kernel<T, kTaps, kCols><<<output_blocks, kTailThreads, output_smem, stream>>>(args);
+  return cudaSuccess;
 }
 
 // The launches of one dtype and kernel size, in plan order.
@@ -850,7 +887,8 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
     conv_kernel<T, kTaps, true><<<blocks(lp.dec0), kConvThreads, smem_t, stream>>>(dec0);
     conv_kernel<T, kTaps, true><<<blocks(lp.dec1), kConvThreads, smem_t, stream>>>(dec1);
   }
-  // 3. tail: row-tile stats, then the output (which merges its columns' stats)
+  // 3. tail: row-tile stats, then the output (which merges its columns' stats), tiles of
+  //    the plan's tail_cols columns
   {
     const TailArgs<T> args{x,
                            h[4],
@@ -865,13 +903,14 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
                            n_tiles,
                            ld[4],
                            static_cast<int>(packed_row(C1, e))};
-    const int stats_smem = lp.tail_stats.smem_bytes;
-    const int output_smem = lp.tail_output.smem_bytes;
-    if ((err = allow_smem(tail_stats_kernel<T, kTaps>, stats_smem)) != cudaSuccess) return err;
-    if ((err = allow_smem(tail_output_kernel<T, kTaps>, output_smem)) != cudaSuccess) return err;
-    tail_stats_kernel<T, kTaps><<<blocks(lp.tail_stats), kTailThreads, stats_smem, stream>>>(args);
-    tail_output_kernel<T, kTaps>
-        <<<blocks(lp.tail_output), kTailThreads, output_smem, stream>>>(args);
+    static_assert(std::size(kTailColOptions) == 2 && kTailColOptions[1] == 64,
+                  "one case below per tail tile width");
+    switch (prm.plan.tail_cols) {
+      case kTailMaxCols: err = launch_tail<T, kTaps, kTailMaxCols>(args, lp, stream); break;
+      case 64: err = launch_tail<T, kTaps, 64>(args, lp, stream); break;
+      default: return cudaErrorInvalidValue;
+    }
+    if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
 }
@@ -896,8 +935,8 @@ size_t workspace_floats(const Problem& p, const Plan& plan) {
 
 size_t shared_memory_bytes(DType dtype) {
   const int e = dtype_bytes(dtype);
-  return static_cast<size_t>(std::max(
-      {tail_smem_bytes(e, 7, true), conv_smem_bytes(e, 7, false), conv_smem_bytes(e, 7, true)}));
+  return static_cast<size_t>(std::max({tail_smem_bytes(e, 7, true, kTailMaxCols),
+                                       conv_smem_bytes(e, 7, false), conv_smem_bytes(e, 7, true)}));
 }
 
 bool problem_supported(const Problem& p, const char** why) {
@@ -910,7 +949,8 @@ bool problem_supported(const Problem& p, const char** why) {
     reason = "kernel must be 1, 3, 5 or 7 (the kernel sizes the CUDA kernels are built for)";
   } else if (p.n_vars * p.kernel > int_max / 2 || p.d_model > int_max / 4) {
     reason = "n_vars * kernel and d_model must fit 32-bit indices";
-  } else if (head_blocks(p, kMaxHeadSplits) > int_max || tail_blocks(p) > int_max) {
+  } else if (head_blocks(p, kMaxHeadSplits) > int_max ||
+             tail_blocks(p, kTailColOptions[std::size(kTailColOptions) - 1]) > int_max) {
     reason = "batch too large for a one-dimensional grid";
   }
   if (why != nullptr) *why = reason;
@@ -920,7 +960,8 @@ bool problem_supported(const Problem& p, const char** why) {
 cudaError_t launch_fused_score_attention(const Params& params, cudaStream_t stream) {
   if (!problem_supported(params.problem, nullptr) || params.plan.head_splits < 1 ||
       params.plan.head_splits > kMaxHeadSplits ||
-      params.plan.tail_splits != tail_tiles(params.problem.n_vars)) {
+      params.plan.tail_splits != tail_tiles(params.problem.n_vars) ||
+      !tail_cols_instantiated(params.plan.tail_cols)) {
     return cudaErrorInvalidValue;
   }
   // The 16-byte cp.async copies of the conv kernel and of the value GEMM.

@@ -18,11 +18,13 @@
 //                   conv tiles per (batch, channel tile, position tile, parity) (tensor
 //                   cores for fp16/bf16, fp32 accumulation);
 //   3. tail:        split over N into `tail_splits` = ⌈N/64⌉ row tiles; CTAs = B × row tiles
-//                   × ⌈D/128⌉ column tiles, two per SM. A stats launch writes each tile's
-//                   column (max, Σexp) [B, tail_splits, D]; an output launch merges its
-//                   columns' statistics (log-sum-exp over the row tiles), recomputes the
-//                   score tile (last transposed conv + bias + sigmoid + skip), forms the
-//                   value tile (a 64 x 128 GEMM, K = D) and writes y = p ⊙ (v + bv) + x.
+//                   × ⌈D/tail_cols⌉ column tiles, two per SM, the plan's tail_cols (128 or
+//                   64) the width whose waves of CTAs leave the fewest idle slots. A stats
+//                   launch writes each tile's column (max, Σexp) [B, tail_splits, D]; an
+//                   output launch merges its columns' statistics (log-sum-exp over the row
+//                   tiles), recomputes the score tile (last transposed conv + bias + sigmoid
+//                   + skip), forms the value tile (a 64 x tail_cols GEMM, K = D) and writes
+//                   y = p ⊙ (v + bv) + x.
 //                   Nothing of size [B, N, D] is written except y.
 // Every conv (head, bottleneck, the tail's scores) is the same pipelined conv tile: 16-byte
 // cp.async copies of the per-tap packed weights and of a contiguous halo tile of the

@@ -201,10 +201,13 @@ def _head_and_tail(text: str, n: int = 3000) -> str:
     return text if len(text) <= 2 * n else f"{text[:n]}\n[...]\n{text[-n:]}"
 
 
-def run_emulated(exe, x, weights, sm_count, work_dir, env=None, order=None, concurrent=1):
+def run_emulated(
+    exe, x, weights, sm_count, work_dir, env=None, order=None, concurrent=1, tail_cols=None
+):
     """y from the emulated launcher for ``x``/``weights`` (any float dtype), and its log
     (block order and plan). ``order``: CASA_EMU_BLOCK_ORDER (default DEFAULT_ORDER);
-    ``concurrent``: blocks run at a time."""
+    ``concurrent``: blocks run at a time; ``tail_cols``: the tail tile width instead of
+    the plan's (CASA_EMU_TAIL_COLS)."""
     values = np.concatenate([t.detach().float().numpy().ravel() for t in (x, *weights)])
     inp, out = work_dir / "in.bin", work_dir / "out.bin"
     values.astype(np.float32).tofile(inp)
@@ -223,9 +226,12 @@ def run_emulated(exe, x, weights, sm_count, work_dir, env=None, order=None, conc
         "CASA_EMU_BLOCK_ORDER": order,
         "CASA_EMU_CONCURRENT_BLOCKS": str(concurrent),
     }
+    if tail_cols is not None:
+        env["CASA_EMU_TAIL_COLS"] = str(tail_cols)
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, (
-        f"CASA_EMU_BLOCK_ORDER={order} CASA_EMU_CONCURRENT_BLOCKS={concurrent} {args}: "
+        f"CASA_EMU_BLOCK_ORDER={order} CASA_EMU_CONCURRENT_BLOCKS={concurrent} "
+        f"CASA_EMU_TAIL_COLS={tail_cols} {args}: "
         f"exit {result.returncode}\n{_head_and_tail(result.stderr)}"
     )
     y = np.fromfile(out, dtype=np.float32).reshape(x.shape)
@@ -256,6 +262,32 @@ def test_emulated_kernels_match_reference(driver, tmp_path, case, dtype):
     assert result.passed, (log, result)
 
 
+# The tail tile widths instantiated (launch_plan.h kTailColOptions), widest first.
+TAIL_COLS = [128, 64]
+
+# Ragged column tiles for both widths (D = 136, 200), N smaller than a row tile (N = 1,
+# 5), several row tiles with a ragged last one (N = 130, 333).
+TAIL_CASES = [(2, 1, 16, 3), (3, 5, 8, 7), (1, 130, 136, 3), (2, 333, 200, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", TAIL_CASES, ids=lambda c: "B{}-N{}-D{}-k{}".format(*c))
+@pytest.mark.parametrize("tail_cols", TAIL_COLS, ids=lambda c: f"cols{c}")
+def test_emulated_tail_tile_widths_match_reference(driver, tmp_path, tail_cols, case, dtype):
+    # Every instantiated tail tile width, whichever the plan would choose for the shape.
+    x, w = make_problem(*case, dtype=dtype, seed=sum(case))
+    y, log = run_emulated(driver, x, w, 132, tmp_path, tail_cols=tail_cols)
+    assert f"tail_cols={tail_cols}" in log, log
+    result = compare(y, x, w)
+    assert result.passed, (log, result)
+
+
+def test_emulated_launcher_rejects_a_tail_width_it_does_not_have(driver, tmp_path):
+    x, w = make_problem(1, 7, 8, 1)
+    with pytest.raises(AssertionError, match="exit 3"):
+        run_emulated(driver, x, w, 132, tmp_path, tail_cols=96)
+
+
 def test_emulation_splits_n(driver, tmp_path):
     # The split paths (head partials, tail stats + output launches) are exercised.
     x, w = make_problem(1, 300, 16, 5)
@@ -269,16 +301,19 @@ ORDER_CASES = [(2, 300, 16, 5, 132), (2, 333, 136, 3, 132)]
 
 
 @pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "B{}-N{}-D{}-k{}-sm{}".format(*c))
-def test_emulated_kernels_do_not_depend_on_block_order(driver, tmp_path, case):
+@pytest.mark.parametrize("tail_cols", TAIL_COLS, ids=lambda c: f"cols{c}")
+def test_emulated_kernels_do_not_depend_on_block_order(driver, tmp_path, case, tail_cols):
     # Every output element is computed by one block, and every reduction in a fixed
     # order, so any block order gives the same bits; a block that reads another's output
     # within one launch (a merge without its launch boundary) does not.
     *shape, sm_count = case
     x, w = make_problem(*shape, dtype=torch.float32, seed=3)
-    first, first_log = run_emulated(driver, x, w, sm_count, tmp_path, order="forward")
+    first, first_log = run_emulated(
+        driver, x, w, sm_count, tmp_path, order="forward", tail_cols=tail_cols
+    )
     assert compare(first, x, w).passed, first_log
     for order in ["reverse", 2, 3, 4]:
-        y, log = run_emulated(driver, x, w, sm_count, tmp_path, order=order)
+        y, log = run_emulated(driver, x, w, sm_count, tmp_path, order=order, tail_cols=tail_cols)
         assert torch.equal(y, first), f"block order {order} differs from forward: {log}"
 
 
@@ -315,9 +350,13 @@ def test_emulated_kernels_have_no_data_races(tmp_path):
     # ThreadSanitizer over the block's threads: a missing __syncthreads is a data race;
     # with blocks running four at a time, so is a race between blocks.
     exe = _build(tmp_path, sanitize="thread")
-    for dtype, shape in [(torch.float32, (1, 300, 8, 3)), (torch.bfloat16, (2, 70, 16, 1))]:
+    for dtype, shape, tail_cols in [
+        (torch.float32, (1, 300, 8, 3), 128),
+        (torch.bfloat16, (2, 70, 16, 1), 64),
+        (torch.float32, (1, 70, 136, 3), 64),
+    ]:
         x, w = make_problem(*shape, dtype=dtype)
-        y, log = run_emulated(exe, x, w, 132, tmp_path, concurrent=4)
+        y, log = run_emulated(exe, x, w, 132, tmp_path, concurrent=4, tail_cols=tail_cols)
         assert "ThreadSanitizer" not in log, log
         assert compare(y, x, w).passed
 
@@ -328,13 +367,15 @@ def test_emulated_kernels_stay_in_bounds(tmp_path):
     # Ragged tiles (D/2 not a multiple of the tile), split N and B > 1, so the last
     # block's last column is at the end of y and of the stats workspace.
     exe = _build(tmp_path, sanitize="address")
-    for dtype, shape, sm_count in [
-        (torch.float32, (2, 300, 16, 5), 132),
-        (torch.bfloat16, (2, 200, 24, 3), 132),
-        (torch.float16, (3, 5, 8, 7), 1),
+    for dtype, shape, sm_count, tail_cols in [
+        (torch.float32, (2, 300, 16, 5), 132, 128),
+        (torch.bfloat16, (2, 200, 24, 3), 132, 64),
+        (torch.float16, (3, 5, 8, 7), 1, 64),
+        (torch.float32, (2, 70, 200, 3), 132, 128),
+        (torch.bfloat16, (2, 70, 200, 3), 132, 64),
     ]:
         x, w = make_problem(*shape, dtype=dtype)
-        y, log = run_emulated(exe, x, w, sm_count, tmp_path, concurrent=2)
+        y, log = run_emulated(exe, x, w, sm_count, tmp_path, concurrent=2, tail_cols=tail_cols)
         assert "Sanitizer" not in log and "runtime error" not in log, log
         assert compare(y, x, w).passed, log
 
@@ -347,12 +388,13 @@ def test_emulated_kernels_carry_non_finite_input_as_the_reference(
     driver, tmp_path, value, sm_count
 ):
     # NaN-keeping ReLUs, a NaN-propagating column max and split merge, and -inf rows that
-    # add nothing: the reference's NaN/±inf pattern, with the N split and without.
-    x, w = make_problem(1, 300, 16, 5)
-    for index in [(0, 0, 0), (0, 150, 7), (0, 299, 15)]:
+    # add nothing: the reference's NaN/±inf pattern, with the N split and without, in
+    # each tail tile width (D = 136: two or three column tiles, the last ragged).
+    x, w = make_problem(1, 300, 136, 5)
+    for index, tail_cols in [((0, 0, 0), 128), ((0, 150, 70), 64), ((0, 299, 135), 128)]:
         bad = x.clone()
         bad[index] = value
-        y, log = run_emulated(driver, bad, w, sm_count, tmp_path)
+        y, log = run_emulated(driver, bad, w, sm_count, tmp_path, tail_cols=tail_cols)
         expected = reference.score_attention(bad, w)
         assert torch.equal(y.isnan(), expected.isnan()), (index, log)
         assert torch.equal(y.isinf(), expected.isinf()) and torch.equal(
