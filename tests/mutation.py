@@ -270,15 +270,15 @@ MUTANTS = [
         (),
     ),
     Mutant(
-        "cuda: conv pipeline stage refilled without the barrier",
+        "cuda: pipeline stage refilled without the barrier",
         "csrc/cuda/score_attention_kernels.cu",
         "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
         "    __syncthreads();               // everyone's have; everyone is done with step - 1\n"
         "    const int next = step + kStages - 1;\n"
-        "    if (next < steps) load_stage(",
+        "    if (next < steps) load(",
         "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
         "    const int next = step + kStages - 1;\n"
-        "    if (next < steps) load_stage(",
+        "    if (next < steps) load(",
         EMULATION_TESTS,
         ("-k", "data_races"),
     ),

@@ -212,6 +212,29 @@ __device__ inline void for_each_acc(TiledMma const& mma, Acc const& acc, F&& f) 
   for (int i = 0; i < size(acc); ++i) f(get<0>(coords(i)), get<1>(coords(i)), acc(i));
 }
 
+// The K loop of a kStages-deep cp.async pipeline over `steps` K-steps: load(step, stage)
+// issues the copies of a step into shared-memory stage `stage`, consume(stage) runs a landed
+// stage's MMAs. Stage step % kStages is refilled only after every thread is done with it.
+// Synchronises the block after the last step.
+template <int kStages, class Load, class Consume>
+__device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume) {
+  CUTE_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load(s, s);
+    cp_async_fence();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();               // everyone's have; everyone is done with step - 1
+    const int next = step + kStages - 1;
+    if (next < steps) load(next, next % kStages);  // the stage step - 1 read
+    cp_async_fence();
+    consume(step % kStages);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // acc += A · Bᵀ over the kBM x kBN tile: A = rows [0, a_rows) of a, B = rows [0, b_rows)
 // of b, both row-major with K columns (K a multiple of Tiling<T>::kVec, rows 16-byte
 // aligned); rows beyond a_rows / b_rows read as zero. 16-byte cp.async copies in a
@@ -260,25 +283,11 @@ __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_row
   Tensor tCsB = thr.partition_B(sB);
   Tensor tCrA = thr.partition_fragment_A(sA(_, _, 0));
   Tensor tCrB = thr.partition_fragment_B(sB(_, _, 0));
-  const int steps = ceil_div_int(K, kBK);
-  CUTE_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_step(s, s);
-    cp_async_fence();
-  }
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-    __syncthreads();               // everyone's have; everyone is done with step - 1
-    const int next = step + kStages - 1;
-    if (next < steps) load_step(next, next % kStages);  // the stage step - 1 read
-    cp_async_fence();
-    const int stage = step % kStages;
+  pipelined_steps<kStages>(ceil_div_int(K, kBK), load_step, [&](int stage) {
     copy(tCsA(_, _, _, stage), tCrA);
     copy(tCsB(_, _, _, stage), tCrB);
     gemm(mma, tCrA, tCrB, acc);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  });
 }
 
 // ---------------------------------------------------------------------------------
@@ -412,19 +421,8 @@ __device__ void conv_gemm(TiledMma const& mma, Acc& acc, const ConvArgs<T>& a, c
       make_layout(make_shape(Int<kCols>{}, Int<kBK>{}), make_stride(Int<kStep>{}, Int<kLdH>{}));
   Tensor tCrA = thr.partition_fragment_A(make_tensor(make_smem_ptr(smem), a_layout));
   Tensor tCrB = thr.partition_fragment_B(make_tensor(make_smem_ptr(smem), b_layout));
-  const int steps = ceil_div_int(c_end - c_begin, kBK);
-  CUTE_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_stage(s, s);
-    cp_async_fence();
-  }
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-    __syncthreads();               // everyone's have; everyone is done with step - 1
-    const int next = step + kStages - 1;
-    if (next < steps) load_stage(next, next % kStages);  // the stage step - 1 read
-    cp_async_fence();
-    const T* sa = smem + step % kStages * kStage;
+  pipelined_steps<kStages>(ceil_div_int(c_end - c_begin, kBK), load_stage, [&](int stage) {
+    const T* sa = smem + stage * kStage;
     const T* sb = sa + kStageA;
     CUTE_UNROLL
     for (int i = 0; i < kStaged; ++i) {
@@ -434,9 +432,7 @@ __device__ void conv_gemm(TiledMma const& mma, Acc& acc, const ConvArgs<T>& a, c
         gemm(mma, tCrA, tCrB, acc);
       }
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  });
 }
 
 // out[b, co, pos] = relu(acc + bias[co]) in T for pos < lout, 0 for pos in [lout, out_ld)
