@@ -32,16 +32,19 @@ void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   }
 }
 
-// fp32 GEMMs up to this many multiply-adds run on brgemm (lower overhead), larger ones on
-// ATen's matmul (MKL), which blocks for the caches itself (docs/design.md §5.3).
+// fp32 GEMMs up to this many multiply-adds, whose B operand takes at most this many bytes,
+// run on brgemm (lower overhead); the others on ATen's matmul (MKL), which blocks for the
+// caches itself where brgemm streams all of B for every block of A's rows
+// (docs/design.md §5.3).
 constexpr int64_t kMaxBrgemmMacs = int64_t{1} << 24;
+constexpr int64_t kMaxBrgemmBBytes = int64_t{512} << 10;
 
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (M * N * K <= kMaxBrgemmMacs) {
+  if (M * N * K <= kMaxBrgemmMacs && K * N * int64_t{sizeof(float)} <= kMaxBrgemmBBytes) {
     // oneDNN's fp32 micro-kernel, or ATen's BLAS when the CPU lacks it (ATen decides).
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
     return;

@@ -12,8 +12,8 @@ namespace cpu {
 
 // C[M, N] = A[M, K] · B[K, N] (+ C[M, N] when accumulate); lda, ldb, ldc are the row
 // strides. float runs on oneDNN's brgemm micro-kernel through ATen where the CPU has it
-// and the product is cache-sized (2^24 multiply-adds or fewer), else on ATen's matmul;
-// double on ATen's matmul.
+// and the product is cache-sized (2^24 multiply-adds or fewer, B at most 512 KiB), else on
+// ATen's matmul; double on ATen's matmul.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate);
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
