@@ -63,6 +63,7 @@ using cpu::parallel_for_aten;
 
 constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
 constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
+constexpr int64_t kReluGrain = int64_t{1} << 16;  // elements per worker of a ReLU backward
 
 // Whether the backward of scalar_t input runs its large GEMMs on bfloat16 operands: bfloat16
 // input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm), as the reference's bfloat16 autograd.
@@ -875,10 +876,17 @@ bool head_needed(const Needs& needs) { return needs.x || needs.w[kEnc0Weight]; }
 // A layer's ReLU backward in place on d_out (the caller's own), then its bias's gradient
 // out[1 + bias] (dtype) where needed: as threshold_backward, the gradient where the
 // layer's output is > 0 or NaN, else 0. Returns d_out, now dL/d(the pre-activation).
+template <typename acc_t>
 at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int bias,
                               const Needs& needs, at::ScalarType dtype,
                               std::vector<at::Tensor>& out) {
-  d_out.masked_fill_(output <= 0, 0);
+  TORCH_INTERNAL_ASSERT(d_out.is_contiguous() && output.is_contiguous() &&
+                        d_out.sizes() == output.sizes());
+  acc_t* d = d_out.data_ptr<acc_t>();
+  const acc_t* o = output.data_ptr<acc_t>();
+  at::parallel_for(0, d_out.numel(), kReluGrain, [&](int64_t begin, int64_t end) {
+    cpu::relu_backward(d + begin, o + begin, end - begin);
+  });
   if (needs.w[bias]) out[1 + bias] = d_out.sum({0, 2}).to(dtype);
   return d_out;
 }
@@ -904,7 +912,7 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
     }
     RECORD_FUNCTION(layer.name, std::vector<c10::IValue>());
     const at::Tensor pre =
-        relu_bias_backward(d_out, act[layer.output], layer.weight + 1, needs, dtype, out);
+        relu_bias_backward<acc_t>(d_out, act[layer.output], layer.weight + 1, needs, dtype, out);
     const at::Tensor weight = w[layer.weight].to(acc).contiguous();
     const at::Tensor& input = act[layer.input];
     const int64_t Cin = input.size(1), L = input.size(2);
@@ -969,7 +977,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   if (dh1.defined()) {
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
     const at::Tensor dpre1 =
-        relu_bias_backward(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
+        relu_bias_backward<acc_t>(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
     if (head_needed(needs))
       head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, plan.bf16_gemms, dx, out);
   }
@@ -1153,7 +1161,7 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
                          : at::Tensor();
     if (dh1.defined()) {
       const at::Tensor dpre1 =
-          relu_bias_backward(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);
+          relu_bias_backward<acc_t>(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);
       if (head_needed(a.needs)) out[1 + kNumWeights] = dpre1;
     }
     out[0] = dx;

@@ -544,6 +544,13 @@ CASA_INLINE void add_parity_rows_impl(acc_t* dst, int64_t ldd, const acc_t* full
 }
 
 template <typename acc_t>
+CASA_INLINE void relu_backward_impl(acc_t* io, const acc_t* output, int64_t n) {
+  acc_t* __restrict d = io;
+  const acc_t* __restrict o = output;
+  for (int64_t i = 0; i < n; ++i) d[i] = o[i] <= acc_t(0) ? acc_t(0) : d[i];
+}
+
+template <typename acc_t>
 CASA_INLINE void add_row_sums_impl(const acc_t* a, int64_t ld, int64_t rows, int64_t cols,
                                    acc_t* out) {
   const int64_t body = cols / kLanes * kLanes;
@@ -738,7 +745,9 @@ CASA_BLOCK_SCALES(CASA_ONE_TIER, double)
         (dst, ldd, full, D, tile, ld, o0, T, rows))                                             \
   TIERS(add_row_sums, add_row_sums_impl,                                                        \
         (const acc_t* a, int64_t ld, int64_t rows, int64_t cols, acc_t* out),                   \
-        (a, ld, rows, cols, out))
+        (a, ld, rows, cols, out))                                                               \
+  TIERS(relu_backward, relu_backward_impl, (acc_t * io, const acc_t* output, int64_t n),        \
+        (io, output, n))
 CASA_BACKWARD_ROWS(CASA_THREE_TIERS, float)
 CASA_BACKWARD_ROWS(CASA_ONE_TIER, double)
 

@@ -184,6 +184,10 @@ void add_parity_rows(double* dst, int64_t ldd, const double* full, int64_t D, co
 // add_row_sums: out[r] += Σ_{c < cols} a[r·ld + c] (float: in 16 partial sums per row).
 void add_row_sums(const float* a, int64_t ld, int64_t rows, int64_t cols, float* out);
 void add_row_sums(const double* a, int64_t ld, int64_t rows, int64_t cols, double* out);
+// relu_backward: io[i] = 0 where output[i] <= 0, else io[i] unchanged (a NaN output keeps
+// its gradient, as threshold_backward), for i < n: a ReLU's backward given its output.
+void relu_backward(float* io, const float* output, int64_t n);
+void relu_backward(double* io, const double* output, int64_t n);
 
 }  // namespace cpu
 }  // namespace casa
