@@ -107,6 +107,18 @@ at::Tensor rounded_rows(const at::Tensor& m, bool round) {
   return round ? m.to(at::kBFloat16).contiguous() : at::Tensor();
 }
 
+// The transpose [cols, rows] of a [rows, cols] matrix, contiguous: fp32 by the blocked
+// cpu::transpose (a weight re-laid out on every call; ATen's strided copy is several times
+// slower), other dtypes by ATen.
+at::Tensor transposed(const at::Tensor& m) {
+  if (m.scalar_type() != at::kFloat) return m.t().contiguous();
+  const at::Tensor src = m.contiguous();
+  const int64_t rows = src.size(0), cols = src.size(1);
+  at::Tensor out = at::empty({cols, rows}, src.options());
+  cpu::transpose(src.data_ptr<float>(), cols, rows, cols, out.data_ptr<float>(), rows);
+  return out;
+}
+
 // The forward's activations saved for the backward, [B, channels, length] in the
 // accumulation dtype, in this order.
 enum ActivationIndex : int {
@@ -233,7 +245,8 @@ struct Backward {
         col_max(stats_max.data_ptr<acc_t>()),
         col_sum(stats_sum.data_ptr<acc_t>()) {
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
-    const at::Tensor by_tap = w[kDec2Weight].to(acc).permute({1, 2, 0});  // [N, k, C1]
+    const at::Tensor by_tap =  // [N, k, C1]
+        transposed(w[kDec2Weight].to(acc).reshape({C1, N * s.kernel})).view({N, s.kernel, C1});
     for (int q = 0; q < 2; ++q) {
       taps[q] = cpu::parity_taps(s.kernel, q);
       K[q] = static_cast<int64_t>(taps[q].size()) * C1;
@@ -243,14 +256,14 @@ struct Backward {
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
     const at::Tensor ordered = at::tensor(order, at::kLong);
     value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
-    value_t = value.t().contiguous();
+    value_t = transposed(value);
     value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
     bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemms) pack_values();
     }
     for (int q = 0; q < 2 && bf16_gemms; ++q) {
-      dec2_t[q] = dec2[q].t().contiguous();
+      dec2_t[q] = transposed(dec2[q]);
       dec2_rounded[q] = rounded_rows(dec2[q], true);
       dec2_t_rounded[q] = rounded_rows(dec2_t[q], true);
     }
@@ -705,7 +718,7 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
   const int64_t groups = channel_groups(B, Cin);
   const auto group_start = [&](int64_t g) { return g * Cin / groups; };
   const int64_t most_rows = (Cin + groups - 1) / groups;
-  const at::Tensor w_t = weight.reshape({Cout, Cin * k}).t().contiguous();  // [Cin·k, Cout]
+  const at::Tensor w_t = transposed(weight.reshape({Cout, Cin * k}));  // [Cin·k, Cout]
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
   const bool rounded_dw = bf16_gemms && half % 2 == 0, rounded_dx = bf16_gemms && Cout % 2 == 0;
   const at::Tensor w_t_rounded = rounded_rows(w_t, rounded_dx && d_in != nullptr);
