@@ -246,7 +246,7 @@ def provider_tables(rows: list[dict], training: bool = False) -> list[str]:
     lines += _timing_lines(rows, providers)
     skipped = sorted(
         {(r["provider"], r["note"]) for r in rows if r["status"] == "skipped"},
-        key=lambda item: provider_order(item[0]),
+        key=lambda item: (provider_order(item[0]), item[1]),
     )
     lines += [f"Not run: `{name}` ({note})." for name, note in skipped]
     first_failure: dict[str, dict] = {}
