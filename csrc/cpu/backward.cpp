@@ -44,6 +44,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -245,17 +246,20 @@ struct Backward {
         col_max(stats_max.data_ptr<acc_t>()),
         col_sum(stats_sum.data_ptr<acc_t>()) {
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
-    const at::Tensor by_tap =  // [N, k, C1]
-        transposed(w[kDec2Weight].to(acc).reshape({C1, N * s.kernel})).view({N, s.kernel, C1});
+    std::vector<int64_t> channels(C1);
+    std::iota(channels.begin(), channels.end(), 0);
+    // The forward's layouts (cpu_prepare_weights), in acc_t.
+    const at::Tensor dec2_weight = w[kDec2Weight].to(acc).contiguous();
     for (int q = 0; q < 2; ++q) {
       taps[q] = cpu::parity_taps(s.kernel, q);
       K[q] = static_cast<int64_t>(taps[q].size()) * C1;
-      dec2[q] =
-          by_tap.index_select(1, at::tensor(taps[q], at::kLong)).reshape({N, K[q]}).contiguous();
+      dec2[q] = cpu::transpose_gather<acc_t>(dec2_weight, N * s.kernel, channels,
+                                             cpu::dec2_parity_columns(N, s.kernel, q))
+                    .view({N, K[q]});
     }
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
     const at::Tensor ordered = at::tensor(order, at::kLong);
-    value = w[kValueWeight].to(acc).index_select(0, ordered).contiguous();
+    value = w[kValueWeight].to(acc).index_select(0, ordered);
     value_t = transposed(value);
     value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
     bf16_gemms = rounds_to_bf16<scalar_t>();

@@ -71,29 +71,6 @@ constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM col
 constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
 constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
 
-// out[r, c] = src[row_of[c]·ld + column_of[r]] for r < column_of.size(), c < row_of.size():
-// selected columns of src become rows of out (a gather and a transpose in one pass),
-// in blocks of out rows whose lines stay in cache while a block is filled.
-template <typename T>
-at::Tensor transpose_gather(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
-                            const std::vector<int64_t>& column_of) {
-  constexpr int64_t kBlock = 16;
-  const int64_t R = static_cast<int64_t>(column_of.size()), C = static_cast<int64_t>(row_of.size());
-  at::Tensor out = at::empty({R, C}, src.options());
-  const T* in = src.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, (R + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t r0 = b0 * kBlock; r0 < std::min(R, b1 * kBlock); r0 += kBlock) {
-      const int64_t r1 = std::min(R, r0 + kBlock);
-      for (int64_t c = 0; c < C; ++c) {
-        const T* row = in + row_of[c] * ld;
-        for (int64_t r = r0; r < r1; ++r) o[r * C + c] = row[column_of[r]];
-      }
-    }
-  });
-  return out;
-}
-
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
 // the kernel keeps to one pool of threads (torch's workers) instead of handing the BLAS
 // its own. The columns are split where each thread gets kMinColumnsPerThread or more
@@ -297,12 +274,9 @@ struct Plan {
     std::iota(channels.begin(), channels.end(), 0);
     std::iota(inputs.begin(), inputs.end(), 0);
     for (int64_t q = 0; q < 2 && has({kDec2Weight}); ++q) {
-      std::vector<int64_t> columns;  // of dec2_weight viewed as [C1, N·k], in the order (n, jj)
-      for (int64_t n = 0; n < N; ++n) {
-        for (const int64_t j : parity_taps(k, q)) columns.push_back(n * k + j);
-      }
       out[kDec2Even + q] =
-          relayout(gemm_weight(kDec2Weight), N * k, channels, columns).view({N, -1});
+          relayout(gemm_weight(kDec2Weight), N * k, channels, cpu::dec2_parity_columns(N, k, q))
+              .view({N, -1});
     }
     if (has({kValueWeight, kValueBias})) {
       const at::Tensor wv_t = relayout(gemm_weight(kValueWeight), D, order, inputs);
@@ -338,9 +312,9 @@ struct Plan {
   static at::Tensor relayout(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
                              const std::vector<int64_t>& column_of) {
     if (src.scalar_type() == at::kBFloat16) {
-      return transpose_gather<c10::BFloat16>(src, ld, row_of, column_of);
+      return cpu::transpose_gather<c10::BFloat16>(src, ld, row_of, column_of);
     }
-    return transpose_gather<acc_t>(src, ld, row_of, column_of);
+    return cpu::transpose_gather<acc_t>(src, ld, row_of, column_of);
   }
 
   // wv_t [D, D] in bfloat16 packed for the bfloat16 GEMMs, one tail tile of columns at a time.

@@ -1,13 +1,16 @@
 // The column tiles of the CPU kernel's tail (docs/design.md §5.3), shared by the forward
-// (score_attention_cpu.cpp) and the backward (backward.cpp): how wide a tile is and the
-// order of its columns in the tile's buffers.
+// (score_attention_cpu.cpp) and the backward (backward.cpp): how wide a tile is, the
+// order of its columns in the tile's buffers, and the tail's weights in that layout.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "channels_last.h"  // parity_taps
 
 namespace casa {
 namespace cpu {
@@ -37,6 +40,40 @@ inline std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
     }
   }
   return order;
+}
+
+// out[r, c] = src[row_of[c]·ld + column_of[r]] for r < column_of.size(), c < row_of.size():
+// selected columns of src become rows of out (a gather and a transpose in one pass),
+// in blocks of out rows whose lines stay in cache while a block is filled.
+template <typename T>
+at::Tensor transpose_gather(const at::Tensor& src, int64_t ld, const std::vector<int64_t>& row_of,
+                            const std::vector<int64_t>& column_of) {
+  constexpr int64_t kBlock = 16;
+  const int64_t R = static_cast<int64_t>(column_of.size()), C = static_cast<int64_t>(row_of.size());
+  at::Tensor out = at::empty({R, C}, src.options());
+  const T* in = src.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, (R + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = b0 * kBlock; r0 < std::min(R, b1 * kBlock); r0 += kBlock) {
+      const int64_t r1 = std::min(R, r0 + kBlock);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* row = in + row_of[c] * ld;
+        for (int64_t r = r0; r < r1; ++r) o[r * C + c] = row[column_of[r]];
+      }
+    }
+  });
+  return out;
+}
+
+// The columns of dec2_weight [C1, N, k] viewed as [C1, N·k] that output parity q's GEMM
+// takes, in the order (n, jj): with transpose_gather over all C1 rows, dec2 by parity
+// [N, |taps_q|·C1], (n, (jj, c)) = dec2_weight[c, n, taps_q[jj]].
+inline std::vector<int64_t> dec2_parity_columns(int64_t N, int64_t k, int64_t q) {
+  std::vector<int64_t> columns;
+  for (int64_t n = 0; n < N; ++n) {
+    for (const int64_t j : parity_taps(k, q)) columns.push_back(n * k + j);
+  }
+  return columns;
 }
 
 // The h5 columns that output parity q's tap `tap` reads for the tile at o0: output
