@@ -51,43 +51,32 @@ TRITON_BACKWARD_TESTS = ("tests/ops/test_triton_backward.py",)
 # previous N tile's (already folded) stats into its own and the merge reads the last
 # tile's, which is right only if the blocks of tile n - 1 ran before those of tile n.
 TAIL_MERGE = """\
-    a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o] =
-        make_float2(mx, sum);
+  if (threadIdx.x < t.cols) {
+    a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + threadIdx.x] = st;
   }
 }
 """
 TAIL_MERGE_CHAINED = """\
-    const int64_t at = (static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o;
+  if (threadIdx.x < t.cols) {
+    const int64_t at = (static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + threadIdx.x;
+    float2 folded = st;
     if (t.n_tile > 0) {
       const float2 prev = a.stats[at - a.D];
-      const float m_all = max_nan(mx, prev.x);
-      sum = (mx != -INFINITY ? sum * expf(mx - m_all) : 0.f) +
-            (prev.x != -INFINITY ? prev.y * expf(prev.x - m_all) : 0.f);
-      mx = m_all;
+      folded = merge_stats<T>(2, [&](int i) { return i == 0 ? prev : st; });
     }
-    a.stats[at] = make_float2(mx, sum);
+    a.stats[at] = folded;
   }
 }
 """
 MERGE_ALL_TILES = """\
-  float m_all = -INFINITY;
-  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
-    load_batch(t0);
-    CUTE_UNROLL
-    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
-  }
-  float sum = 0.f;
-  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
-    load_batch(t0);
-    CUTE_UNROLL
-    for (int u = 0; u < kMergeBatch; ++u) {
-      if (s[u].x != -INFINITY) sum += s[u].y * exp_via_exp2(s[u].x - m_all);
-    }
-  }
+  const float2 st = merge_column<T, kCols>(
+      a.n_tiles, t.cols, reinterpret_cast<float2*>(ops),
+      [&](int i, int o) { return stats_b[static_cast<int64_t>(i) * D + o]; });
 """
 MERGE_LAST_TILE = """\
-  const float m_all = st[static_cast<int64_t>(tiles - 1) * D].x;
-  const float sum = st[static_cast<int64_t>(tiles - 1) * D].y;
+  const float2 st = threadIdx.x < t.cols
+                        ? stats_b[static_cast<int64_t>(a.n_tiles - 1) * D + threadIdx.x]
+                        : make_float2(0.f, 0.f);
 """
 
 
@@ -212,8 +201,8 @@ MUTANTS = [
     Mutant(
         "cuda: tail stats written one column past the tile edge",
         "csrc/cuda/score_attention_kernels.cu",
-        "for (int o = threadIdx.x; o < t.cols; o += kTailThreads) {\n    float mx = -INFINITY;",
-        "for (int o = threadIdx.x; o <= t.cols; o += kTailThreads) {\n    float mx = -INFINITY;",
+        "  if (threadIdx.x < t.cols) {\n    a.stats[",
+        "  if (threadIdx.x <= t.cols) {\n    a.stats[",
         EMULATION_TESTS,
         (),
     ),

@@ -138,8 +138,8 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     trip counts the executed tensor-core share weights loops by
     (:func:`.sass.executed_tensor_core_share`): ``mma_loop_trips``, the K steps of the
     launch's longest GEMM, and ``loop_trips``, the iterations per thread of its copy or
-    element-wise epilogue loops over the tile (the tail's row-major pass; the statistics'
-    column scans, unrolled in the SASS, are counted at the same trip count)."""
+    element-wise epilogue loops over the tile (the tail's row-major pass and its
+    statistics' batched merges: the most trips of any of them)."""
     e = 4 if dtype == "float32" else 2
     vec = 16 // e
     B, N, D, k = batch, n_vars, d_model, kernel
@@ -208,10 +208,16 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         second_fill = (score_stages - 1, 0)
         x_pass = (1, rows * cols * e)  # the row-major pass adding bias, sigmoid and x
         x_trips = _cdiv(rows * cols, vec * threads)
+        # Statistics are merged by threads // cols groups of one thread per column, each
+        # over every groups-th item (the tile's rows, or the row tiles' statistics) in
+        # batches of merge_batch, then the groups' partials from shared memory.
+        groups = threads // cols
+        batch = plan["tiles"]["merge_batch"]
+        scan_trips = _cdiv(_cdiv(rows, groups), batch)
         fields = dict(
             phases=(second_fill, x_pass),
             mma_loop_trips=steps,
-            loop_trips=x_trips,
+            loop_trips=max(x_trips, scan_trips),
             async_steps=2 * steps,
             async_bytes_per_step=score_bytes,
             stages=score_stages,
@@ -222,15 +228,16 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
             return fields
         value_steps = _cdiv(D, bk)
         value_fill = (plan["tiles"]["value_stages"] - 1, 0)  # the value GEMM's own pipeline
-        # Its columns' statistics merged over the row tiles: a max pass, then a sum pass,
-        # each in steps of merge_batch tiles loaded at once.
-        batch = plan["tiles"]["merge_batch"]
-        merge = (2 * _cdiv(tiles, batch), cols * 8 * batch)
+        # Its columns' statistics merged over the row tiles: per thread a max pass, then a
+        # sum pass, each in steps of merge_batch tiles loaded at once.
+        per_thread = _cdiv(tiles, groups)
+        merge_trips = _cdiv(per_thread, batch)
+        merge = (2 * merge_trips, threads * 8 * min(batch, per_thread))
         fields.update(
             # the merge first; after the value GEMM, x again for the residual
             phases=(merge, second_fill, x_pass, value_fill, x_pass),
             mma_loop_trips=max(steps, value_steps),
-            loop_trips=max(x_trips, _cdiv(tiles, batch)),
+            loop_trips=max(x_trips, merge_trips),
             async_steps=2 * steps + value_steps,
             macs=score_macs + value_steps * rows * cols * bk,
             # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics

@@ -172,12 +172,90 @@ using StreamCopyOp = UniversalCopy<uint128_t>;
 __host__ __device__ inline float relu(float v) { return v < 0.f ? 0.f : v; }
 // max(a, b) propagating NaN, as torch's max and softmax do (fmaxf drops a NaN operand).
 __host__ __device__ inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-// exp(v) as exp2(v · log2 e), for the tail's per-element sigmoid and softmax: one multiply
-// and the exp2 unit where expf spends five floating-point instructions on its range
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+// exp(v) as exp2(v · log2 e), for the tail's fp32 sigmoid and softmax: one multiply and
+// the exp2 unit where expf spends five floating-point instructions on its range
 // reduction. The rounding of the product adds a relative error of about |v| · 2^-24 to
 // exp2f's 2 ulp, at most 6e-6 over expf's finite range (|v| < 104), within the fp32
 // tolerance (2e-5). ±inf and NaN map as in expf.
-__host__ __device__ inline float exp_via_exp2(float v) { return exp2f(v * 1.44269504088896341f); }
+__host__ __device__ inline float exp_via_exp2(float v) { return exp2f(v * kLog2e); }
+
+// 2^v and 1/v by the special-function unit alone (MUFU.EX2, MUFU.RCP: about 2 ulp and
+// 1 ulp, subnormal inputs and results flushed to zero) on the device; exp2f and an IEEE
+// division on the host (the emulation). ±inf, 0 and NaN map as in exp2f and 1/v.
+__host__ __device__ inline float fast_exp2(float v) {
+#ifdef __CUDA_ARCH__
+  float out;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(out) : "f"(v));
+  return out;
+#else
+  return exp2f(v);
+#endif
+}
+__host__ __device__ inline float fast_rcp(float v) {
+#ifdef __CUDA_ARCH__
+  float out;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(out) : "f"(v));
+  return out;
+#else
+  return 1.f / v;
+#endif
+}
+
+// The tail's element-wise math on scores s = sigmoid(z + b2) + x, in the units its score
+// tile P, its statistics and their merge share:
+// * fp16/bf16 (the tensor-core path) in log2 units, u = log2(e) · s, so that every
+//   exp(s − s') is 2^(u − u'): one subtraction and MUFU.EX2. The sigmoid is three fused
+//   multiply-adds and two MUFU operations: t = −log2(e) · (z + b2), and
+//   u = log2(e) · x + 1 / (ln 2 · (1 + 2^t)); a probability exp(s − max) / Σ is
+//   2^(u − (max + log2 Σ)), one subtraction and MUFU.EX2. Four FP instructions per score
+//   and probability where the fp32 form takes 14 (ex2's subnormal scaling, the IEEE
+//   division's Newton steps). The roundings add a relative error of about
+//   (|s| + |max| + log2 N) · 2^-23 to a probability, far below the bf16/fp16 outputs'
+//   2^-8.
+// * fp32 in natural units with the exact division and exp_via_exp2, within the fp32
+//   tolerance (2e-5) for any finite score.
+template <typename T>
+struct TailMath {
+  static constexpr bool kLog2 = !std::is_same_v<T, float>;
+  // The per-row constant score() takes: −log2(e) · b2, or b2.
+  __host__ __device__ static float row_bias(float b2) { return kLog2 ? -kLog2e * b2 : b2; }
+  // The score of the raw conv sum z of a row whose constant is `bias`, skip value x.
+  __host__ __device__ static float score(float z, float bias, float x) {
+    if constexpr (kLog2) {
+      const float e = fast_exp2(fmaf(z, -kLog2e, bias));
+      return fmaf(x, kLog2e, fast_rcp(fmaf(e, kLn2, kLn2)));
+    } else {
+      return 1.f / (1.f + exp_via_exp2(-(z + bias))) + x;
+    }
+  }
+  // exp(s − s') of two scores (or maxima) in these units.
+  __host__ __device__ static float exp_diff(float u, float u_other) {
+    if constexpr (kLog2) {
+      return fast_exp2(u - u_other);
+    } else {
+      return exp_via_exp2(u - u_other);
+    }
+  }
+  // What probability() takes of a column whose statistics are st = (max, Σ exp(s − max)):
+  // max + log2 Σ, or (max, 1 / Σ). A column of only -inf scores (Σ = 0) gets -inf, or
+  // 1/0 = inf, and its probabilities NaN (exp(-inf + inf)), as the reference's softmax.
+  __host__ __device__ static float2 normaliser(float2 st) {
+    if constexpr (kLog2) {
+      return make_float2(st.x + log2f(st.y), 0.f);
+    } else {
+      return make_float2(st.x, 1.f / st.y);
+    }
+  }
+  // exp(s − max) / Σ of a score of the column whose normaliser is `norm`.
+  __host__ __device__ static float probability(float u, float2 norm) {
+    if constexpr (kLog2) {
+      return fast_exp2(u - norm.x);
+    } else {
+      return exp_via_exp2(u - norm.x) * norm.y;
+    }
+  }
+};
 
 template <typename T>
 __host__ __device__ inline float to_float(T v) {
@@ -202,10 +280,10 @@ struct ParityTaps {
 // CTA GEMM cores
 // ---------------------------------------------------------------------------------
 
-// f(m, n, value) for every accumulator element this thread holds, (m, n) its coordinate
-// in the kBM x kBN tile.
+// f(m, n, acc element) for every accumulator element this thread holds, (m, n) its
+// coordinate in the kBM x kBN tile (f may take the element by reference to set it).
 template <int kBM, int kBN, class TiledMma, class Acc, class F>
-__device__ inline void for_each_acc(TiledMma const& mma, Acc const& acc, F&& f) {
+__device__ inline void for_each_acc(TiledMma const& mma, Acc& acc, F&& f) {
   Tensor coords = mma.get_slice(threadIdx.x)
                       .partition_C(make_identity_tensor(make_shape(Int<kBM>{}, Int<kBN>{})));
   CUTE_UNROLL
@@ -586,7 +664,7 @@ __device__ inline void store16(T* dst, const Vec16<T>& value) {
 }
 
 // P[m][o] <- finish(m, o, S[n0 + m, o0 + o]) for m < rows, o < cols (P's rows
-// tail_ld(kCols) floats apart), where
+// tail_ld(kCols) floats apart; S in TailMath<T>'s units), where
 //   S[n, o] = sigmoid(b2[n] + Σ_c Σ_{j ≡ o+p (mod 2)} w2[c, n, j] · h5[b, c, o/2 + (o%2 + p -
 //   j)/2]) + x[b, n, o],
 // the last transposed conv as one conv tile per output parity (kTailRows x kCols/2,
@@ -617,11 +695,10 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
     const int m = e / (kCols / kVec), o = e % (kCols / kVec) * kVec, n = t.n0 + m;
     if (m < t.rows && o < t.cols) {  // cols is a multiple of kVec (D % 8 == 0)
       const Vec16<T> xv = load16(x_b + static_cast<int64_t>(n) * D + t.o0 + o);
-      const float bias = to_float(a.b2[n]);
+      const float bias = TailMath<T>::row_bias(to_float(a.b2[n]));
       CUTE_UNROLL
       for (int i = 0; i < kVec; ++i) {
-        const float z = P[m * kLd + o + i] + bias;
-        const float s = 1.f / (1.f + exp_via_exp2(-z)) + to_float(xv.v[i]);
+        const float s = TailMath<T>::score(P[m * kLd + o + i], bias, to_float(xv.v[i]));
         P[m * kLd + o + i] = finish(m, o + i, s);
       }
     }
@@ -629,8 +706,63 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
   __syncthreads();
 }
 
+// (max, Σ_i sum_i · exp(max_i − max)) of `count` partial statistics (max_i, sum_i) =
+// get(i), in TailMath<T>'s units: a pass for the maximum, then one for the sum, each
+// loading kMergeBatch partials before it uses any. A partial whose maximum is -inf (no
+// finite score) adds nothing, so a column of only -inf scores has sum 0; NaN and +inf
+// propagate as in the reference's softmax. A score is the partial (s, 1).
+template <typename T, class Get>
+__device__ inline float2 merge_stats(int count, const Get& get) {
+  float2 s[kMergeBatch];
+  auto load_batch = [&](int i0) {
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      s[u] = i0 + u < count ? get(i0 + u) : make_float2(-INFINITY, 0.f);
+    }
+  };
+  float m_all = -INFINITY;
+  for (int i0 = 0; i0 < count; i0 += kMergeBatch) {
+    load_batch(i0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
+  }
+  float sum = 0.f;
+  for (int i0 = 0; i0 < count; i0 += kMergeBatch) {
+    load_batch(i0);
+    CUTE_UNROLL
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (s[u].x != -INFINITY) sum += s[u].y * TailMath<T>::exp_diff(s[u].x, m_all);
+    }
+  }
+  return make_float2(m_all, sum);
+}
+
+// The statistics of column o < cols merged over `count` items get(i, o), by every thread
+// of the CTA: its threads are kTailThreads / kCols groups of kCols columns, the thread of
+// column o in group g merges items g, g + groups, ..., and the groups' partials (through
+// `part`, groups x kCols float2 of shared memory) are merged in group order, so the
+// result does not depend on timing. Returned to the threads of the first group (thread o
+// holds column o; the others get their own partial). Contains a barrier.
+template <typename T, int kCols, class Get>
+__device__ inline float2 merge_column(int count, int cols, float2* part, const Get& get) {
+  constexpr int kGroups = kTailThreads / kCols;
+  static_assert(kTailThreads % kCols == 0, "whole column groups");
+  const int o = threadIdx.x % kCols, g = threadIdx.x / kCols;
+  float2 mine = make_float2(-INFINITY, 0.f);
+  if (o < cols) {
+    mine = merge_stats<T>(ceil_div_int(count - g, kGroups),
+                          [&](int i) { return get(g + i * kGroups, o); });
+  }
+  part[g * kCols + o] = mine;
+  __syncthreads();
+  if (g == 0 && o < cols)
+    mine = merge_stats<T>(kGroups, [&](int i) { return part[i * kCols + o]; });
+  return mine;
+}
+
 // stats[b, n_tile, o] = (max, Σ exp(S - max)) of the scores of the CTA's rows, for its
-// columns. Blocks: (column tile, row tile, batch), tiles of kCols columns.
+// columns (TailMath<T>'s units). Blocks: (column tile, row tile, batch), tiles of kCols
+// columns.
 template <typename T, int kTaps, int kCols>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm) tail_stats_kernel(TailArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
@@ -639,57 +771,19 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm) tail_stats_ker
   T* ops = reinterpret_cast<T*>(smem + TailShape<kCols>::kPBytes);
   const TailTile t = tail_tile<kCols>(a.N, a.D, a.n_tiles);
   tail_scores<T, kTaps, kCols>(a, t, P, ops, [](int, int, float s) { return s; });
-  for (int o = threadIdx.x; o < t.cols; o += kTailThreads) {
-    float mx = -INFINITY;
-    for (int m = 0; m < t.rows; ++m) mx = max_nan(mx, P[m * kLd + o]);
-    // Rows of -inf scores add nothing (a column of only -inf has sum 0: exp(-inf - (-inf))
-    // would be NaN); NaN and +inf propagate as in the reference.
-    float sum = 0.f;
-    if (mx != -INFINITY) {
-      for (int m = 0; m < t.rows; ++m) sum += exp_via_exp2(P[m * kLd + o] - mx);
-    }
-    a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + o] =
-        make_float2(mx, sum);
+  // The operand stages are free after tail_scores' barrier.
+  const float2 st =
+      merge_column<T, kCols>(t.rows, t.cols, reinterpret_cast<float2*>(ops),
+                             [&](int m, int o) { return make_float2(P[m * kLd + o], 1.f); });
+  if (threadIdx.x < t.cols) {
+    a.stats[(static_cast<int64_t>(t.b) * a.n_tiles + t.n_tile) * a.D + t.o0 + threadIdx.x] = st;
   }
-}
-
-// The merged statistics of column o of batch element b, (max over the row tiles, 1 /
-// Σ_tiles sum · exp(max_tile - max)), from stats [B, tiles, D]. A tile with no finite
-// score has (-inf, 0) and contributes nothing; NaN propagates. For a column of -inf
-// scores 1/0 = inf, and the output's exp(NaN) then gives NaN, as the reference's softmax
-// does. Every tile in a fixed order, whichever block asks.
-__device__ inline float2 merged_column_stats(const float2* stats, int b, int o, int D, int tiles) {
-  const float2* st = stats + static_cast<int64_t>(b) * tiles * D + o;
-  // The statistics of kMergeBatch tiles from t0, all loaded before any is used; past the
-  // last tile (-inf, 0), which adds nothing.
-  float2 s[kMergeBatch];
-  auto load_batch = [&](int t0) {
-    CUTE_UNROLL
-    for (int u = 0; u < kMergeBatch; ++u) {
-      s[u] = t0 + u < tiles ? st[static_cast<int64_t>(t0 + u) * D] : make_float2(-INFINITY, 0.f);
-    }
-  };
-  float m_all = -INFINITY;
-  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
-    load_batch(t0);
-    CUTE_UNROLL
-    for (int u = 0; u < kMergeBatch; ++u) m_all = max_nan(m_all, s[u].x);
-  }
-  float sum = 0.f;
-  for (int t0 = 0; t0 < tiles; t0 += kMergeBatch) {
-    load_batch(t0);
-    CUTE_UNROLL
-    for (int u = 0; u < kMergeBatch; ++u) {
-      if (s[u].x != -INFINITY) sum += s[u].y * exp_via_exp2(s[u].x - m_all);
-    }
-  }
-  return make_float2(m_all, 1.f / sum);
 }
 
 // y[b, n, o] = exp(S[n, o] - max[o]) / Σ[o] · (bv[o] + Σ_d x[b, n, d] · wv[o, d]) + x[b, n, o]
 // for the CTA's rows and columns: its columns' statistics merged over the row tiles, the
 // probabilities into P (scores recomputed), the value tile as one streamed kTailRows x
-// kCols GEMM (K = D), P ⊙ (V + bv) in place, then a row-major pass adding x and writing y
+// kCols GEMM (K = D) from bv, P ⊙ (V + bv) in place, then a row-major pass adding x and writing y
 // (16-byte vectors). Blocks: (column tile, row tile, batch), tiles of kCols columns.
 template <typename T, int kTaps, int kCols>
 __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
@@ -701,22 +795,29 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   T* ops = reinterpret_cast<T*>(smem + TailShape<kCols>::kPBytes);
   const int N = a.N, D = a.D;
   const TailTile t = tail_tile<kCols>(N, D, a.n_tiles);
-  for (int o = threadIdx.x; o < t.cols; o += kTailThreads)
-    col[o] = merged_column_stats(a.stats, t.b, t.o0 + o, D, a.n_tiles);
-  __syncthreads();
+  // Its columns' statistics merged over every row tile, in a fixed order (so every CTA of
+  // a column computes the same bits), as their normalisers.
+  const float2* stats_b = a.stats + static_cast<int64_t>(t.b) * a.n_tiles * D + t.o0;
+  const float2 st = merge_column<T, kCols>(
+      a.n_tiles, t.cols, reinterpret_cast<float2*>(ops),
+      [&](int i, int o) { return stats_b[static_cast<int64_t>(i) * D + o]; });
+  if (threadIdx.x < t.cols) col[threadIdx.x] = TailMath<T>::normaliser(st);
+  __syncthreads();  // col is complete; the operand stages are free for tail_scores
   tail_scores<T, kTaps, kCols>(
-      a, t, P, ops, [&](int, int o, float s) { return exp_via_exp2(s - col[o].x) * col[o].y; });
+      a, t, P, ops, [&](int, int o, float s) { return TailMath<T>::probability(s, col[o]); });
 
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   T* y_b = a.y + static_cast<int64_t>(t.b) * N * D;
   auto mma = make_block_mma<T, 4, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kCols>{}));
-  clear(acc);
+  // The value bias is the accumulators' starting value: V + bv with no add per element.
+  for_each_acc<kTailRows, kCols>(
+      mma, acc, [&](int, int o, float& v) { v = o < t.cols ? to_float(a.bv[t.o0 + o]) : 0.f; });
   stream_gemm<T, kTailRows, kCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
                                                  t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
                                                  t.cols, D, ops);
   for_each_acc<kTailRows, kCols>(mma, acc, [&](int m, int o, float v) {
-    if (m < t.rows && o < t.cols) P[m * kLd + o] *= v + to_float(a.bv[t.o0 + o]);
+    if (m < t.rows && o < t.cols) P[m * kLd + o] *= v;
   });
   __syncthreads();
   constexpr int kVec = Tiling<T>::kVec;
