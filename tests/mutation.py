@@ -207,6 +207,22 @@ MUTANTS = [
         (),
     ),
     Mutant(
+        "cuda: 16-bit scores' skip term left in natural units",
+        "csrc/cuda/score_attention_kernels.cu",
+        "return fmaf(x, kLog2e, fast_rcp(fmaf(e, kLn2, kLn2)));",
+        "return x + fast_rcp(fmaf(e, kLn2, kLn2));",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
+        "cuda: column statistics from the first thread group only",
+        "csrc/cuda/score_attention_kernels.cu",
+        "mine = merge_stats<T>(kGroups,",
+        "mine = merge_stats<T>(1,",
+        EMULATION_TESTS,
+        (),
+    ),
+    Mutant(
         "cuda: split merge chained through the stats launch (block order)",
         "csrc/cuda/score_attention_kernels.cu",
         TAIL_MERGE,
@@ -261,13 +277,11 @@ MUTANTS = [
     Mutant(
         "cuda: pipeline stage refilled without the barrier",
         "csrc/cuda/score_attention_kernels.cu",
-        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
-        "    __syncthreads();               // everyone's have; everyone is done with step - 1\n"
+        "    landed();\n"
+        "    __syncthreads();  // everyone's have; everyone is done with step - 1\n"
         "    const int next = step + kStages - 1;\n"
         "    if (next < steps) load(",
-        "    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed\n"
-        "    const int next = step + kStages - 1;\n"
-        "    if (next < steps) load(",
+        "    landed();\n    const int next = step + kStages - 1;\n    if (next < steps) load(",
         EMULATION_TESTS,
         ("-k", "data_races"),
     ),

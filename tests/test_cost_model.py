@@ -220,6 +220,30 @@ def test_a_longer_loop_lowers_the_executed_share_and_no_mma_gives_zero():
     assert sass.executed_tensor_core_share(without_mma, macs, warps, 4, 2) == 0.0
 
 
+def test_wgmma_macs_count_at_the_warpgroup_instructions_shape():
+    # The K loop's second MMA a wgmma of 64 x 32 x 16: 8192 multiply-adds per warp of the
+    # warpgroup, four times an HMMA.16816's 2048.
+    mixed = LOOPS.replace(
+        "/*0020*/                   HMMA.16816.F32.BF16 R0, R4, R8, R0 ;",
+        "/*0020*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+    )
+    warps, mma_trips, trips = 4, 4, 2
+    fp = 1 + mma_trips + 2 * trips + trips * trips
+    hmma_macs, wgmma_macs = 10 * 2048 * warps, 30 * 8192 * warps  # 10 HMMA, 30 HGMMA per warp
+    share = sass.executed_tensor_core_share(
+        mixed, hmma_macs + wgmma_macs, warps, mma_trips, trips, wgmma_macs=wgmma_macs
+    )
+    assert share == pytest.approx(40 / (40 + fp))
+    # Undescribed, every multiply-add counts at the HMMA's shape; HGMMA alone, at its own.
+    assert sass.executed_tensor_core_share(
+        mixed, hmma_macs + wgmma_macs, warps, mma_trips, trips
+    ) == pytest.approx(130 / (130 + fp))
+    only_wgmma = mixed.replace("HMMA.16816.F32.BF16 R0, R4, R8, R0", "NOP")
+    assert sass.executed_tensor_core_share(
+        only_wgmma, wgmma_macs, warps, mma_trips, trips
+    ) == pytest.approx(30 / (30 + fp))
+
+
 # --- the CUDA launch plan ------------------------------------------------------------------
 
 TAIL_WIDTHS = (128, 64)  # csrc/cuda/launch_plan.h kTailColOptions
@@ -369,6 +393,11 @@ def test_a_compute_bound_launch_shares_each_sms_math_units_between_its_blocks():
     ).mma_cycles == pytest.approx(2 * mma)
     fma = estimate(GPU, work, dataclasses.replace(compiled, mix=_mix(tensor_core=0)))
     assert fma.mma_cycles == pytest.approx(macs / GPU.fp32_macs_per_cycle_per_sm())
+    # wgmma and mma.sync in one kernel: the described wgmma share at the wgmma rate
+    both = dataclasses.replace(compiled, mix=_mix(tensor_core=10, wgmma=4))
+    split = dataclasses.replace(work, wgmma_macs=macs / 4)
+    assert estimate(GPU, split, both).mma_cycles == pytest.approx(mma / 4 + 2 * mma * 3 / 4)
+    assert estimate(GPU, work, both).mma_cycles == pytest.approx(mma)  # undescribed: wgmma
 
 
 def test_a_memory_bound_launch_takes_its_bytes_over_the_bandwidth():

@@ -240,6 +240,8 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
             loop_trips=max(x_trips, merge_trips),
             async_steps=2 * steps + value_steps,
             macs=score_macs + value_steps * rows * cols * bk,
+            # the value GEMM runs on wgmma where the SASS has it (fp16/bf16 on sm_90a)
+            wgmma_macs=value_steps * rows * cols * bk,
             # x twice (value GEMM, residual), y once, h5, dec2, Wv, the statistics
             hbm_bytes=3 * x_bytes + act * e + C1 * N * k * e + D * D * e + B * tiles * D * 8,
         )
@@ -295,7 +297,11 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
                 executed = [
                     round(
                         sass.executed_tensor_core_share(
-                            functions[fn], fields["macs"], launch["threads"] // 32, *trips
+                            functions[fn],
+                            fields["macs"],
+                            launch["threads"] // 32,
+                            *trips,
+                            wgmma_macs=fields.get("wgmma_macs", 0.0),
                         ),
                         3,
                     )

@@ -42,6 +42,7 @@ def kernel_estimate(gpu: Gpu, launch: dict) -> dict:
         async_steps=w.get("async_steps", 0),
         async_bytes_per_step=w.get("async_bytes_per_step", 0.0),
         stages=w.get("stages", 1),
+        wgmma_macs=w.get("wgmma_macs", 0.0),
     )
     compiled = Compiled(launch["registers"], launch["shared_bytes"], launch["local_bytes"], mix)
     e = estimate(gpu, work, compiled)

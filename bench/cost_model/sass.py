@@ -223,24 +223,36 @@ def loops(code: list[tuple[int, Instruction]]) -> list[Loop]:
 
 
 def _mma_macs(ins: Instruction) -> int:
-    """Multiply-adds of one warp's tensor-core instruction, from its shape modifier
-    (``HMMA.16816`` = m16 n8 k16); 0 where the shape is not read."""
+    """Multiply-adds one warp issues with a tensor-core instruction, from its shape
+    modifier: ``HMMA.16816`` = m16 n8 k16; ``HGMMA.64x32x16`` = 64 · 32 · 16 / 4 (a
+    warpgroup's instruction, which each of its four warps issues). 0 where the shape is
+    not read."""
     for mod in ins.modifiers:
-        shape = re.fullmatch(r"(16|8)(8)(4|8|16|32)", mod)
+        shape = re.fullmatch(r"(16|8)(8)(4|8|16|32)", mod) or re.fullmatch(
+            r"(\d+)x(\d+)x(\d+)", mod
+        )
         if shape:
             m, n, k = map(int, shape.groups())
-            return m * n * k
+            return m * n * k // (4 if ins.opcode == "HGMMA" else 1)
     return 0
 
 
 def executed_tensor_core_share(
-    sass: str, macs: float, warps: int, mma_loop_trips: float, loop_trips: float
+    sass: str,
+    macs: float,
+    warps: int,
+    mma_loop_trips: float,
+    loop_trips: float,
+    wgmma_macs: float = 0.0,
 ) -> float:
     """Tensor-core instructions among the math instructions one warp EXECUTES.
 
     Tensor-core instructions executed per warp: ``macs`` (one program's multiply-adds,
-    from the launch plan) / ``warps`` / the multiply-adds of one instruction (its shape
-    modifier), exact for a kernel whose MMAs are all of one shape. FP math executed:
+    from the launch plan) / ``warps`` / the multiply-adds one warp issues with one
+    instruction (its shape modifier), exact for a kernel whose MMAs are all of one
+    shape per kind; in a kernel with both wgmma (HGMMA) and mma.sync, ``wgmma_macs`` of
+    ``macs`` are counted at the HGMMA's shape and the rest at the HMMA's (a kernel with
+    HGMMA only: all of them). FP math executed:
     each FP instruction counted once per pass of the code around it, times the trip
     count of every loop it is in: ``mma_loop_trips`` for a loop holding a tensor-core
     instruction (a GEMM's K steps), ``loop_trips`` for any other loop (a copy or
@@ -251,10 +263,18 @@ def executed_tensor_core_share(
     """
     code = addressed_instructions(sass)
     mma = [ins for _, ins in code if ins.opcode in TENSOR_CORE]
-    per_instruction = max((_mma_macs(ins) for ins in mma), default=0)
-    if not per_instruction:
+    if not mma:
         return 0.0
-    tensor_core = macs / warps / per_instruction
+    warpgroup = max((_mma_macs(i) for i in mma if i.opcode == "HGMMA"), default=0)
+    per_warp = max((_mma_macs(i) for i in mma if i.opcode != "HGMMA"), default=0)
+    if not per_warp:
+        wgmma_macs = macs
+    elif not warpgroup:
+        wgmma_macs = 0.0
+    if (wgmma_macs and not warpgroup) or (macs > wgmma_macs and not per_warp):
+        return 0.0
+    tensor_core = wgmma_macs / warps / warpgroup if wgmma_macs else 0.0
+    tensor_core += (macs - wgmma_macs) / warps / per_warp if macs > wgmma_macs else 0.0
     found = loops(code)
     mma_loops = {
         loop for loop in found if any(loop.holds(a) for a, i in code if i.opcode in TENSOR_CORE)

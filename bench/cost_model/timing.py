@@ -15,7 +15,8 @@ The model, per launch (all of it an ESTIMATE, never a measurement):
   pipeline's fill.
 * A program's time = latency rounds · L + its MMA cycles (macs / the SM's rate: wgmma,
   mma.sync at a fraction of it, or the CUDA cores' FMA rate when the SASS has no
-  tensor-core instruction).
+  tensor-core instruction; a kernel with both wgmma and mma.sync, each for the MACs
+  its description gives it).
 * An SM holding ``resident`` programs overlaps their latencies but shares its math
   units: a wave takes max(program time, resident · MMA cycles).
 * Launch time = max(waves · wave time, HBM bytes / bandwidth) + a launch overhead.
@@ -44,7 +45,9 @@ class KernelWork:
     synchronous, with async_bytes_per_step); stages: the async pipeline depth; macs:
     multiply-adds of the longest program; flops: floating-point operations of the whole
     launch (2 · macs executed, padding included); hbm_bytes: the launch's compulsory
-    DRAM traffic.
+    DRAM traffic; wgmma_macs: of macs, those a kernel with both kinds of tensor-core
+    instruction runs on wgmma (the rest on mma.sync; 0: all at the one rate the SASS
+    shows).
     """
 
     name: str
@@ -57,6 +60,7 @@ class KernelWork:
     async_steps: int = 0
     async_bytes_per_step: float = 0.0
     stages: int = 1
+    wgmma_macs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,11 @@ def latency_rounds(work: KernelWork, mix: InstructionMix) -> float:
 
 def mma_cycles(gpu: Gpu, work: KernelWork, mix: InstructionMix) -> float:
     """Cycles one program's multiply-adds take on one SM's math units."""
+    if mix.wgmma and mix.tensor_core > mix.wgmma and work.wgmma_macs:
+        # wgmma for the described share, mma.sync for the rest
+        wgmma = gpu.tensor_macs_per_cycle_per_sm(wgmma=True)
+        mma_sync = gpu.tensor_macs_per_cycle_per_sm(wgmma=False)
+        return work.wgmma_macs / wgmma + (work.macs - work.wgmma_macs) / mma_sync
     if mix.tensor_core:
         rate = gpu.tensor_macs_per_cycle_per_sm(wgmma=mix.wgmma > 0)
     else:

@@ -54,10 +54,15 @@
 #include <cute/atom/copy_traits_sm80.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
+#ifndef CASA_CUDA_EMULATION
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#endif
 
 #ifndef CASA_CUDA_EMULATION
-// The kernel's dynamic shared memory (the emulation defines its own).
-#define CASA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+// The kernel's dynamic shared memory (the emulation defines its own). 1024-byte aligned:
+// the swizzled wgmma operand tiles (stream_gemm) follow the address bits.
+#define CASA_DYNAMIC_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
 #endif
 
 // Tensor cores where compiled for sm_80+; the scalar atom elsewhere (host passes, emulation).
@@ -65,6 +70,12 @@
 #define CASA_SM80_ATOMS 1
 #else
 #define CASA_SM80_ATOMS 0
+#endif
+// wgmma (warpgroup MMAs on operands in shared memory) where compiled for sm_90a.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CASA_SM90_GMMA 1
+#else
+#define CASA_SM90_GMMA 0
 #endif
 
 namespace casa {
@@ -155,6 +166,28 @@ __host__ __device__ auto make_block_mma() {
     constexpr int kThreads = 32 * kWarpsM * kWarpsN;
     return make_tiled_mma(MMA_Atom<detail::ScalarFma<T>>{},
                           Layout<Shape<_16, Int<kThreads / 16>, _1>>{});
+  }
+}
+
+// The value GEMM (stream_gemm) runs on wgmma: fp16/bf16 on sm_90a.
+template <typename T>
+constexpr bool kValueGmma = CASA_SM90_GMMA && !std::is_same_v<T, float>;
+
+// The value GEMM's TiledMMA over a kBM x kBN tile (kBM = 64): with kValueGmma, two
+// warpgroups side by side along N, each one kBM x kBN/2 wgmma atom reading both operands
+// from shared memory (K-major); else make_block_mma<T, 4, 2>.
+template <typename T, int kBM, int kBN>
+__host__ __device__ auto make_value_mma() {
+#if CASA_SM90_GMMA
+  if constexpr (kValueGmma<T>) {
+    using Atom =
+        decltype(SM90::GMMA::ss_op_selector<T, T, float,
+                                            Shape<Int<kBM>, Int<kBN / 2>, Int<Tiling<T>::kBK>>>());
+    return make_tiled_mma(Atom{}, Layout<Shape<_1, _2, _1>>{});
+  } else
+#endif
+  {
+    return make_block_mma<T, 4, 2>();
   }
 }
 
@@ -290,12 +323,18 @@ __device__ inline void for_each_acc(TiledMma const& mma, Acc& acc, F&& f) {
   for (int i = 0; i < size(acc); ++i) f(get<0>(coords(i)), get<1>(coords(i)), acc(i));
 }
 
+struct NoHook {
+  __device__ void operator()() const {}
+};
+
 // The K loop of a kStages-deep cp.async pipeline over `steps` K-steps: load(step, stage)
 // issues the copies of a step into shared-memory stage `stage`, consume(stage) runs a landed
 // stage's MMAs. Stage step % kStages is refilled only after every thread is done with it.
-// Synchronises the block after the last step.
-template <int kStages, class Load, class Consume>
-__device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume) {
+// landed() runs in each thread once its copies of a step have landed, before the barrier
+// that publishes them. Synchronises the block after the last step.
+template <int kStages, class Load, class Consume, class Landed = NoHook>
+__device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume,
+                                       Landed&& landed = {}) {
   CUTE_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) load(s, s);
@@ -303,7 +342,8 @@ __device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume
   }
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-    __syncthreads();               // everyone's have; everyone is done with step - 1
+    landed();
+    __syncthreads();  // everyone's have; everyone is done with step - 1
     const int next = step + kStages - 1;
     if (next < steps) load(next, next % kStages);  // the stage step - 1 read
     cp_async_fence();
@@ -313,20 +353,42 @@ __device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume
   __syncthreads();
 }
 
+// The (rows, BK, stages) shared layout of a streamed operand: operand_layout's padded
+// K-major rows, or for wgmma (kGmma) K-major in the 64-byte swizzle its shared-memory
+// descriptors address (atoms of 8 rows x BK = 32 16-bit elements, 512 bytes, each stage
+// a whole number of them).
+template <typename T, int kRows, int kStages, bool kGmma>
+__host__ __device__ constexpr auto stream_operand_layout() {
+#if CASA_SM90_GMMA
+  if constexpr (kGmma) {
+    return tile_to_shape(GMMA::Layout_K_SW64_Atom<T>{},
+                         make_shape(Int<kRows>{}, Int<Tiling<T>::kBK>{}, Int<kStages>{}));
+  } else
+#endif
+  {
+    return operand_layout<T, kRows, kStages>();
+  }
+}
+
 // acc += A · Bᵀ over the kBM x kBN tile: A = rows [0, a_rows) of a, B = rows [0, b_rows)
 // of b, both row-major with K columns (K a multiple of Tiling<T>::kVec, rows 16-byte
 // aligned); rows beyond a_rows / b_rows read as zero. 16-byte cp.async copies in a
-// kStages-deep pipeline; `smem`: operand_bytes(sizeof(T), kBM, kBN, kStages) bytes. Synchronises
-// the block after its last use of `smem`.
-template <typename T, int kBM, int kBN, int kStages, class TiledMma, class Acc>
+// kStages-deep pipeline; `smem`: operand_bytes(sizeof(T), kBM, kBN, kStages) bytes, 1024-byte
+// aligned. With kGmma (mma from make_value_mma, kValueGmma), the operands are swizzled for
+// wgmma, which reads them from shared memory: each thread's landed copies (and zero fills)
+// are made visible to wgmma's async proxy (fence.proxy.async) before the step's barrier,
+// and each step's wgmma batch is waited for before its stage can be refilled.
+// Synchronises the block after its last use of `smem`.
+template <typename T, int kBM, int kBN, int kStages, bool kGmma = false, class TiledMma, class Acc>
 __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_rows, const T* b,
                             int b_rows, int K, T* smem) {
   constexpr int kBK = Tiling<T>::kBK, kVec = Tiling<T>::kVec;
   constexpr int kThreads = decltype(size(mma))::value;
   static_assert(kBK == 4 * kVec && kThreads % 4 == 0, "one thread per 16-byte vector of a row");
-  Tensor sA = make_tensor(make_smem_ptr(smem), operand_layout<T, kBM, kStages>());
-  Tensor sB = make_tensor(make_smem_ptr(smem + cosize(operand_layout<T, kBM, kStages>())),
-                          operand_layout<T, kBN, kStages>());
+  constexpr auto layout_a = stream_operand_layout<T, kBM, kStages, kGmma>();
+  constexpr auto layout_b = stream_operand_layout<T, kBN, kStages, kGmma>();
+  Tensor sA = make_tensor(make_smem_ptr(smem), layout_a);
+  Tensor sB = make_tensor(make_smem_ptr(smem + cosize(layout_a)), layout_b);
   // Threads as (kThreads/4) rows x 4 vectors: a warp copies 8 rows of 64 contiguous bytes.
   auto copier = make_tiled_copy(Copy_Atom<StreamCopyOp, T>{},
                                 Layout<Shape<Int<kThreads / 4>, _4>, Stride<_4, _1>>{},
@@ -359,6 +421,26 @@ __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_row
   auto thr = mma.get_slice(threadIdx.x);
   Tensor tCsA = thr.partition_A(sA);
   Tensor tCsB = thr.partition_B(sB);
+#if CASA_SM90_GMMA
+  if constexpr (kGmma) {
+    Tensor tCdA = thr.make_fragment_A(tCsA);  // shared-memory descriptors, every stage
+    Tensor tCdB = thr.make_fragment_B(tCsB);
+    pipelined_steps<kStages>(
+        ceil_div_int(K, kBK), load_step,
+        [&](int stage) {
+          warpgroup_fence_operand(acc);
+          warpgroup_arrive();
+          gemm(mma, tCdA(_, _, _, stage), tCdB(_, _, _, stage), acc);
+          warpgroup_commit_batch();
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(acc);
+        },
+        [] {
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        });
+    return;
+  }
+#endif
   Tensor tCrA = thr.partition_fragment_A(sA(_, _, 0));
   Tensor tCrB = thr.partition_fragment_B(sB(_, _, 0));
   pipelined_steps<kStages>(ceil_div_int(K, kBK), load_step, [&](int stage) {
@@ -808,14 +890,14 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
 
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   T* y_b = a.y + static_cast<int64_t>(t.b) * N * D;
-  auto mma = make_block_mma<T, 4, 2>();
+  auto mma = make_value_mma<T, kTailRows, kCols>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kCols>{}));
   // The value bias is the accumulators' starting value: V + bv with no add per element.
   for_each_acc<kTailRows, kCols>(
       mma, acc, [&](int, int o, float& v) { v = o < t.cols ? to_float(a.bv[t.o0 + o]) : 0.f; });
-  stream_gemm<T, kTailRows, kCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
-                                                 t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
-                                                 t.cols, D, ops);
+  stream_gemm<T, kTailRows, kCols, kValueStages, kValueGmma<T>>(
+      mma, acc, x_b + static_cast<int64_t>(t.n0) * D, t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
+      t.cols, D, ops);
   for_each_acc<kTailRows, kCols>(mma, acc, [&](int m, int o, float v) {
     if (m < t.rows && o < t.cols) P[m * kLd + o] *= v;
   });
