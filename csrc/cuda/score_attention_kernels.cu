@@ -6,7 +6,8 @@
 // Every GEMM is a CTA tile computed by a CuTe TiledMMA with fp32 accumulators:
 // * fp16/bf16 operands on sm_80+ (the sm_80, sm_86 and sm_90a builds): mma.sync
 //   tensor-core atoms (SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN),
-//   warps tiled over the CTA tile;
+//   warps tiled over the CTA tile; on sm_90a the tail's value GEMM on wgmma instead
+//   (make_value_mma: two warpgroups, operands swizzled in shared memory);
 // * fp32 operands: a scalar fp32 multiply-add atom (ScalarFma) on the CUDA cores, so fp32
 //   results keep fp32 accuracy (no TF32);
 // * under the host emulation (tests/ops/test_cuda_emulation.py, no __CUDA_ARCH__): the
