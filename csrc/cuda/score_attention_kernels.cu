@@ -283,10 +283,11 @@ struct TailMath {
   }
   // exp(s − max) / Σ of a score of the column whose normaliser is `norm`.
   __host__ __device__ static float probability(float u, float2 norm) {
+    const float e = exp_diff(u, norm.x);
     if constexpr (kLog2) {
-      return fast_exp2(u - norm.x);
+      return e;
     } else {
-      return exp_via_exp2(u - norm.x) * norm.y;
+      return e * norm.y;
     }
   }
 };
@@ -354,6 +355,10 @@ __device__ inline void pipelined_steps(int steps, Load&& load, Consume&& consume
   __syncthreads();
 }
 
+// Whether a TiledMMA is built of warpgroup (wgmma) atoms: 128 threads per atom.
+template <class TiledMma>
+constexpr bool kWarpgroupMma = decltype(size(typename TiledMma::AtomThrID{}))::value == 128;
+
 // The (rows, BK, stages) shared layout of a streamed operand: operand_layout's padded
 // K-major rows, or for wgmma (kGmma) K-major in the 64-byte swizzle its shared-memory
 // descriptors address (atoms of 8 rows x BK = 32 16-bit elements, 512 bytes, each stage
@@ -375,14 +380,15 @@ __host__ __device__ constexpr auto stream_operand_layout() {
 // of b, both row-major with K columns (K a multiple of Tiling<T>::kVec, rows 16-byte
 // aligned); rows beyond a_rows / b_rows read as zero. 16-byte cp.async copies in a
 // kStages-deep pipeline; `smem`: operand_bytes(sizeof(T), kBM, kBN, kStages) bytes, 1024-byte
-// aligned. With kGmma (mma from make_value_mma, kValueGmma), the operands are swizzled for
-// wgmma, which reads them from shared memory: each thread's landed copies (and zero fills)
-// are made visible to wgmma's async proxy (fence.proxy.async) before the step's barrier,
-// and each step's wgmma batch is waited for before its stage can be refilled.
-// Synchronises the block after its last use of `smem`.
-template <typename T, int kBM, int kBN, int kStages, bool kGmma = false, class TiledMma, class Acc>
+// aligned. With an mma of wgmma atoms (make_value_mma with kValueGmma), the operands are
+// swizzled for wgmma, which reads them from shared memory: each thread's landed copies (and zero
+// fills) are made visible to wgmma's async proxy (fence.proxy.async) before the step's barrier, and
+// each step's wgmma batch is waited for before its stage can be refilled. Synchronises the block
+// after its last use of `smem`.
+template <typename T, int kBM, int kBN, int kStages, class TiledMma, class Acc>
 __device__ void stream_gemm(TiledMma const& mma, Acc& acc, const T* a, int a_rows, const T* b,
                             int b_rows, int K, T* smem) {
+  constexpr bool kGmma = kWarpgroupMma<TiledMma>;
   constexpr int kBK = Tiling<T>::kBK, kVec = Tiling<T>::kVec;
   constexpr int kThreads = decltype(size(mma))::value;
   static_assert(kBK == 4 * kVec && kThreads % 4 == 0, "one thread per 16-byte vector of a row");
@@ -896,9 +902,9 @@ __global__ void __launch_bounds__(kTailThreads, kTailBlocksPerSm)
   // The value bias is the accumulators' starting value: V + bv with no add per element.
   for_each_acc<kTailRows, kCols>(
       mma, acc, [&](int, int o, float& v) { v = o < t.cols ? to_float(a.bv[t.o0 + o]) : 0.f; });
-  stream_gemm<T, kTailRows, kCols, kValueStages, kValueGmma<T>>(
-      mma, acc, x_b + static_cast<int64_t>(t.n0) * D, t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
-      t.cols, D, ops);
+  stream_gemm<T, kTailRows, kCols, kValueStages>(mma, acc, x_b + static_cast<int64_t>(t.n0) * D,
+                                                 t.rows, a.wv + static_cast<int64_t>(t.o0) * D,
+                                                 t.cols, D, ops);
   for_each_acc<kTailRows, kCols>(mma, acc, [&](int m, int o, float v) {
     if (m < t.rows && o < t.cols) P[m * kLd + o] *= v;
   });
