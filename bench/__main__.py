@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="device to measure (default: cuda if available, else cpu)",
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="default float32"
+        "--dtype",
+        default="float32",
+        help=f"one of {', '.join(DTYPES)}, or a comma list: each provider runs in each dtype "
+        "(with --interleave, timed together, for ratios between dtypes from one run; the "
+        "distributed suite takes one); default float32",
     )
     parser.add_argument(
         "--providers",
@@ -178,7 +182,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli.main(argv[1:])
     args = build_parser().parse_args(argv)
+    dtype_names = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtype_names if d not in DTYPES]
+    if bad or not dtype_names or len(set(dtype_names)) < len(dtype_names):
+        print(
+            f"--dtype: expected distinct names among {list(DTYPES)}, got {args.dtype!r}",
+            file=sys.stderr,
+        )
+        return 2
     if "distributed" in args.suites:
+        if len(dtype_names) > 1:
+            print(
+                f"--dtype: the distributed suite takes one dtype, got {args.dtype!r}",
+                file=sys.stderr,
+            )
+            return 2
         from . import distributed
 
         return distributed.main(args)
@@ -220,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or _default_batches(suite, args.quick)
         opts = suites.RunOptions(
             device=device,
-            dtype=DTYPES[args.dtype],
+            dtypes=tuple(DTYPES[d] for d in dtype_names),
             warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
             reps=args.reps if args.reps is not None else (5 if args.quick else 20),
             time_cap_s=args.time_cap
@@ -246,11 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         _print_rows(rows)
         print(f"{suite}: {len(rows)} rows in {elapsed:.1f} s -> {out_dir / (suite + '.csv')}")
+        # The unsuffixed figures show the first dtype; every other group has its own.
         if suite == "scaling":
-            for path in plots.plot_scaling(out_dir, dtype=args.dtype, batch=opts.batches[0]):
+            for path in plots.plot_scaling(out_dir, dtype=dtype_names[0], batch=opts.batches[0]):
                 print(f"plot: {path}")
         if suite == "train":
-            for path in plots.plot_training(out_dir, dtype=args.dtype):
+            for path in plots.plot_training(out_dir, dtype=dtype_names[0]):
                 print(f"plot: {path}")
     print(f"summary: {summary.write_summary(out_dir)}")
     print(f"results page: {report.write_page(out_dir)}")

@@ -300,6 +300,69 @@ def _timing_lines(rows: list[dict], providers: list[str]) -> list[str]:
     ]
 
 
+def dtype_tables(rows: list[dict]) -> list[str]:
+    """Each provider's p50 in the dtypes it was timed together in (``timing``
+    ``interleaved, float32+bfloat16``: ``--dtype`` a list with ``--interleave``), and the
+    ratio of every later dtype's p50 to the first's (below 1 is faster), per tier."""
+    prefix = "interleaved, "
+    together: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        timing = row.get("timing") or ""
+        if timing.startswith(prefix) and row["status"] == "ok":
+            key = (
+                row["device_name"],
+                row.get("isa", ""),
+                _int(row["threads"]),
+                row["torch_version"],
+                timing.removeprefix(prefix),
+                row["sweep"],
+                _point_key(row),
+                row["config"],
+                provider_order(row["provider"]),
+            )
+            together[key][row["dtype"]] = row
+    tables: dict[tuple, list[list[str]]] = defaultdict(list)
+    for key, by_dtype in sorted(together.items()):
+        _, isa, threads, torch_version, dtypes, _, _, config, (_, provider) = key
+        first, *others = dtypes.split("+")
+        for other in others:
+            mine, theirs = _p50(by_dtype.get(other)), _p50(by_dtype.get(first))
+            if mine is None or theirs is None:
+                continue
+            point = f"{config} B={by_dtype[first]['batch']}"
+            cells = [
+                provider,
+                point,
+                isa,
+                str(threads),
+                _ms(theirs),
+                _ms(mine),
+                _ratio(mine / theirs),
+            ]
+            tables[(first, other, torch_version)].append(cells)
+    lines = []
+    for (first, other, torch_version), body in tables.items():
+        header = [
+            "provider",
+            "point",
+            "`isa`",
+            "threads",
+            f"{first}, ms",
+            f"{other}, ms",
+            f"{other} / {first}",
+        ]
+        lines += [
+            f"#### {other} against {first}, timed together (torch {torch_version})",
+            "",
+            "p50 latency of each provider in both dtypes, timed interleaved in one run; "
+            "below 1, the second dtype is faster:",
+            "",
+            *_table(header, body),
+            "",
+        ]
+    return lines
+
+
 def _provenance(rows: list[dict]) -> list[str]:
     commits = sorted({r["git_commit"] for r in rows if r.get("git_commit")})
     methods = sorted({r["mem_method"] for r in rows if r.get("mem_method")})
@@ -407,6 +470,7 @@ def suite_section(suite: str, rows: list[dict], plots: list[str]) -> list[str]:
             if sweep in ("n", "op-n", "step-n"):
                 lines += scaling_fit_lines(sweep_rows, suite, sweep)
         lines += _provenance(setting_rows)
+    lines += dtype_tables(rows)
     lines += [f"![{name}]({name})" for name in plots]
     return [*lines, ""] if plots else lines
 

@@ -62,7 +62,9 @@ TRAIN_SWEEP_BATCH = {"n": 1, "l": 16}
 @dataclass
 class RunOptions:
     device: str
-    dtype: torch.dtype
+    # Each provider runs in each of these dtypes; with ``interleave`` all of them are timed
+    # together at each point, so that ratios between dtypes share the machine's state too.
+    dtypes: tuple[torch.dtype, ...]
     warmup: int
     reps: int
     time_cap_s: float
@@ -212,7 +214,32 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _base_row(provider: Provider, config: str, point: Point, opts: RunOptions) -> dict:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# What one row measures: a provider in a dtype.
+Unit = tuple[Provider, torch.dtype]
+
+
+def _unit_name(unit: Unit) -> str:
+    provider, dtype = unit
+    return f"{provider.name} {_dtype_name(dtype)}"
+
+
+def _timing(group: list[Unit]) -> str:
+    """The ``timing`` column of a group timed together: ``sequential`` alone, else
+    ``interleaved``, naming the dtypes when the group spans several (``interleaved,
+    float32+bfloat16``)."""
+    if len(group) == 1:
+        return "sequential"
+    dtypes = list(dict.fromkeys(_dtype_name(dtype) for _, dtype in group))
+    return "interleaved" if len(dtypes) == 1 else "interleaved, " + "+".join(dtypes)
+
+
+def _base_row(
+    provider: Provider, dtype: torch.dtype, config: str, point: Point, opts: RunOptions
+) -> dict:
     return {
         **environment_columns(opts.device),
         **{
@@ -221,19 +248,20 @@ def _base_row(provider: Provider, config: str, point: Point, opts: RunOptions) -
             if k not in ("pred_len", "training")
         },
         "provider": provider.name,
-        "dtype": str(opts.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(dtype),
         "config": config,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
-def _not_run_row(provider: Provider, row: dict, point: Point, opts: RunOptions) -> dict | None:
-    """The row of a provider that is not run at this point (unavailable here, or its
-    memory estimate over the cap), else None."""
-    reason = provider.unavailable(opts.device, opts.dtype)
+def _not_run_row(unit: Unit, row: dict, point: Point, opts: RunOptions) -> dict | None:
+    """The row of a provider that is not run at this point in this dtype (unavailable
+    here, or its memory estimate over the cap), else None."""
+    provider, dtype = unit
+    reason = provider.unavailable(opts.device, dtype)
     if reason is not None:
         return {**row, "status": "skipped", "note": reason}
-    estimate = provider.estimate_bytes(point, opts.dtype)
+    estimate = provider.estimate_bytes(point, dtype)
     if estimate > opts.mem_cap_bytes:
         return {
             **row,
@@ -271,42 +299,45 @@ def _ok_row(row: dict, latency: Latency, peak: int, method: str, point: Point) -
     }
 
 
-def measure_points(
-    providers: list[Provider], config: str, point: Point, opts: RunOptions
-) -> list[dict]:
-    """One CSV row per provider at the point: measured, or why it was not.
+def measure_points(units: list[Unit], config: str, point: Point, opts: RunOptions) -> list[dict]:
+    """One CSV row per unit (a provider in a dtype) at the point: measured, or why it was not.
 
-    The providers given together are timed interleaved (:func:`measure.measure_latencies`),
+    The units given together are timed interleaved (:func:`measure.measure_latencies`),
     so the ratios between them come from the same machine state; their peak memory is
-    measured one at a time afterwards. One provider's failure (error, oom, timeout) is
+    measured one at a time afterwards. One unit's failure (error, oom, timeout) is
     recorded in its row; the others go on.
     """
-    timing = "interleaved" if len(providers) > 1 else "sequential"
-    rows = {p.name: {**_base_row(p, config, point, opts), "timing": timing} for p in providers}
+    timing = _timing(units)
+    names = [_unit_name(unit) for unit in units]
+    rows = {
+        name: {**_base_row(*unit, config, point, opts), "timing": timing}
+        for name, unit in zip(names, units)
+    }
     done: dict[str, dict] = {}
     fns = {}
+    compiled = [n for n, (p, _) in zip(names, units) if p.name == "casa-compile"]
     try:
-        for provider in providers:
-            row = rows[provider.name]
-            not_run = _not_run_row(provider, row, point, opts)
+        for name, unit in zip(names, units):
+            not_run = _not_run_row(unit, rows[name], point, opts)
             if not_run is not None:
-                done[provider.name] = not_run
+                done[name] = not_run
                 continue
+            provider, dtype = unit
             try:
                 # Built outside inference mode, as a deployed model is, so that weights
                 # prepared once per weight version stay prepared (inference tensors have
                 # no version).
-                fns[provider.name] = provider.build(point, opts.device, opts.dtype)
+                fns[name] = provider.build(point, opts.device, dtype)
             except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-                done[provider.name] = _failed_row(row, error)
+                done[name] = _failed_row(rows[name], error)
         # Inference mode for the forward suites; the train suite needs autograd.
         with torch.inference_mode(not point.training):
-            if "casa-compile" in fns:
+            for name in (n for n in compiled if n in fns):
                 try:
-                    fns["casa-compile"]()  # compilation is not part of the time cap
+                    fns[name]()  # compilation is not part of the time cap
                 except Exception as error:  # noqa: BLE001 - recorded, the others go on
-                    done["casa-compile"] = _failed_row(rows["casa-compile"], error)
-                    del fns["casa-compile"]
+                    done[name] = _failed_row(rows[name], error)
+                    del fns[name]
             latencies = measure_latencies(
                 fns, opts.device, warmup=opts.warmup, reps=opts.reps, time_cap_s=opts.time_cap_s
             )
@@ -322,12 +353,13 @@ def measure_points(
     finally:
         fns.clear()
         _free(opts.device)
-    return [done[p.name] for p in providers]
+    return [done[name] for name in names]
 
 
-def _lane(provider: Provider, point: Point) -> tuple:
-    """What stops growing together: a provider along one sweep at one batch size."""
-    return (provider.name, point.sweep, point.batch if point.sweep != "b" else None)
+def _lane(unit: Unit, point: Point) -> tuple:
+    """What stops growing together: a provider in a dtype along one sweep at one batch size."""
+    provider, dtype = unit
+    return (provider.name, dtype, point.sweep, point.batch if point.sweep != "b" else None)
 
 
 class _NoProgressBar:
@@ -362,53 +394,56 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def run_suite(
     suite: str, providers: list[Provider], opts: RunOptions, progress: bool = True
 ) -> list[dict]:
-    """Measures every provider at every point of ``suite``; upserts ``<suite>.csv`` after each row."""
+    """Measures every provider in every dtype at every point of ``suite``; upserts
+    ``<suite>.csv`` after each group of rows."""
     points = [
         (config, point)
         for config, point in SUITES[suite](opts)
         if opts.sweeps is None or point.sweep in opts.sweeps
     ]
+    units = [(provider, dtype) for dtype in opts.dtypes for provider in providers]
     csv_path = opts.out_dir / f"{suite}.csv"
-    stopped: dict[tuple, str] = {}  # (provider, sweep, batch) -> why it stopped growing
+    stopped: dict[tuple, str] = {}  # (provider, dtype, sweep, batch) -> why it stopped growing
     rows = []
-    bar = _progress_bar(len(points) * len(providers), suite, progress)
+    bar = _progress_bar(len(points) * len(units), suite, progress)
     for config, point in points:
         point_rows: dict[str, dict] = {}
         to_run = []
-        for provider in providers:
-            lane = _lane(provider, point)
+        for unit in units:
+            lane = _lane(unit, point)
             if lane in stopped and point.grows:
                 status, where = stopped[lane]
-                point_rows[provider.name] = measure_point_stub(
-                    provider, config, point, opts, status, where
+                point_rows[_unit_name(unit)] = measure_point_stub(
+                    unit, config, point, opts, status, where
                 )
             else:
-                to_run.append(provider)
-        # Interleaved: every provider at once; else one after another.
-        groups = [to_run] if opts.interleave else [[p] for p in to_run]
+                to_run.append(unit)
+        # Interleaved: every unit at once; else one after another.
+        groups = [to_run] if opts.interleave and to_run else [[u] for u in to_run]
         for group in groups:
-            bar.set_postfix_str(f"{'+'.join(p.name for p in group)} {config} B={point.batch}")
-            for provider, row in zip(group, measure_points(group, config, point, opts)):
-                point_rows[provider.name] = row
+            bar.set_postfix_str(f"{'+'.join(map(_unit_name, group))} {config} B={point.batch}")
+            for unit, row in zip(group, measure_points(group, config, point, opts)):
+                point_rows[_unit_name(unit)] = row
                 if row["status"] in ("oom", "timeout") and point.grows:
-                    stopped[_lane(provider, point)] = (row["status"], config)
-            upsert_rows(csv_path, [point_rows[p.name] for p in group])
+                    stopped[_lane(unit, point)] = (row["status"], config)
+            upsert_rows(csv_path, [point_rows[_unit_name(u)] for u in group])
             bar.update(len(group))
-        stubs = [point_rows[p.name] for p in providers if p not in to_run]
+        stubs = [point_rows[_unit_name(u)] for u in units if u not in to_run]
         if stubs:
             upsert_rows(csv_path, stubs)
             bar.update(len(stubs))
-        rows += [point_rows[p.name] for p in providers]
+        rows += [point_rows[_unit_name(u)] for u in units]
     bar.close()
     return rows
 
 
 def measure_point_stub(
-    provider: Provider, config: str, point: Point, opts: RunOptions, status: str, where: str
+    unit: Unit, config: str, point: Point, opts: RunOptions, status: str, where: str
 ) -> dict:
-    """The row of a point not run because the provider stopped growing at ``where``."""
+    """The row of a point not run because the provider stopped growing, in this dtype, at
+    ``where``."""
     return {
-        **_base_row(provider, config, point, opts),
+        **_base_row(*unit, config, point, opts),
         "status": status,
         "note": f"not run: stopped growing after {status} at {where}",
     }

@@ -77,6 +77,27 @@ def test_page_gives_p50_and_the_fused_backends_ratios_against_both_baselines(tmp
     assert "## Other plots" in page and "![scaling_latency.png](scaling_latency.png)" in page
 
 
+def test_dtypes_timed_together_get_their_ratio_and_others_do_not(tmp_path):
+    both = "interleaved, float32+bfloat16"
+    results.upsert_rows(
+        tmp_path / "attention.csv",
+        [
+            _row("casa-cpu", 10.0, timing=both, isa="avx2"),
+            _row("casa-cpu", 9.0, timing=both, isa="avx2", dtype="bfloat16"),
+            _row("casa-reference", 20.0, timing=both, isa="avx2"),
+            _row("casa-reference", 200.0, timing=both, isa="avx2", dtype="bfloat16"),
+            # Timed apart: no ratio between the dtypes.
+            _row("casa-cpu", 12.0, batch=1),
+            _row("casa-cpu", 11.0, batch=1, dtype="bfloat16"),
+        ],
+    )
+    page = report.render(tmp_path)
+    assert "#### bfloat16 against float32, timed together (torch 2.13.0)" in page
+    assert "| casa-reference | Traffic B=16 | avx2 | 2 | 20 | 200 | 10.00× |" in page
+    assert "| casa-cpu | Traffic B=16 | avx2 | 2 | 10 | 9 | 0.90× |" in page
+    assert "Traffic B=1 | amx" not in page
+
+
 def test_scaling_page_has_the_fitted_slopes_and_crossovers(tmp_path):
     rows = []
     for n in (256, 512, 1024, 2048):

@@ -132,7 +132,7 @@ def _options(out_dir, **overrides) -> suites.RunOptions:
     """Quick CPU run options (fp32, 1 warm-up, 1 rep, B=1), with ``overrides``."""
     fields = dict(
         device="cpu",
-        dtype=torch.float32,
+        dtypes=(torch.float32,),
         warmup=1,
         reps=1,
         time_cap_s=60,
@@ -179,7 +179,8 @@ def test_a_provider_failing_to_compile_is_recorded_and_the_others_go_on(tmp_path
     compile_ = dataclasses.replace(providers.PROVIDERS["casa-compile"], build=broken_compile)
     chosen = [providers.PROVIDERS["casa-reference"], compile_]
     point = providers.Point("attention", "dataset", 1, 7, 16)
-    rows = suites.measure_points(chosen, "tiny", point, _options(tmp_path, reps=2))
+    units = [(p, torch.float32) for p in chosen]
+    rows = suites.measure_points(units, "tiny", point, _options(tmp_path, reps=2))
     assert rows[0]["status"] == "ok"
     assert rows[1]["status"] == "error" and "inductor says no" in rows[1]["note"]
 
@@ -205,6 +206,60 @@ def test_suite_interleaved_rows_say_so(tmp_path):
     assert sorted(r["provider"] for r in written) == ["casa-reference", "full-einsum"]
 
 
+def test_dtypes_interleaved_are_timed_together_and_rowed_apart(tmp_path, monkeypatch):
+    groups = []
+    timed = suites.measure_latencies
+
+    def record(fns, *args, **kwargs):
+        groups.append(sorted(fns))
+        return timed(fns, *args, **kwargs)
+
+    monkeypatch.setattr(suites, "measure_latencies", record)
+    opts = _options(
+        tmp_path,
+        reps=2,
+        datasets=("ETTh1",),
+        interleave=True,
+        dtypes=(torch.float32, torch.bfloat16),
+    )
+    chosen = [providers.PROVIDERS["casa-reference"], providers.PROVIDERS["casa-cpu"]]
+    rows = suites.run_suite("attention", chosen, opts, progress=False)
+    assert groups == [
+        [
+            "casa-cpu bfloat16",
+            "casa-cpu float32",
+            "casa-reference bfloat16",
+            "casa-reference float32",
+        ]
+    ]
+    assert [(r["provider"], r["dtype"]) for r in rows] == [
+        ("casa-reference", "float32"),
+        ("casa-cpu", "float32"),
+        ("casa-reference", "bfloat16"),
+        ("casa-cpu", "bfloat16"),
+    ]
+    assert {r["timing"] for r in rows} == {"interleaved, float32+bfloat16"}
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows]
+    assert len(results.read_rows(tmp_path / "attention.csv")) == 4
+
+
+@pytest.mark.parametrize(
+    "suite, value, why",
+    [
+        ("attention", "float64", "expected distinct names"),
+        ("attention", "float32,float32", "expected distinct names"),
+        ("attention", "", "expected distinct names"),
+        ("distributed", "float32,bfloat16", "the distributed suite takes one dtype"),
+    ],
+)
+def test_bad_dtype_lists_are_refused_with_the_argument_named(suite, value, why, tmp_path, capsys):
+    from bench import __main__ as bench_main
+
+    assert bench_main.main([suite, "--dtype", value, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--dtype:") and why in err and repr(value) in err
+
+
 def test_percentile_interpolates():
     assert measure.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert measure.percentile([0.0, 10.0], 0.2) == pytest.approx(2.0)
@@ -215,7 +270,7 @@ def test_provider_over_mem_cap_is_oom_and_stops_growing(tmp_path):
     opts = _options(tmp_path, mem_cap_bytes=1 << 20)
     einsum = providers.PROVIDERS["full-einsum"]
     big = providers.Point("scaling", "n", 1, 4096, 512)
-    (row,) = suites.measure_points([einsum], "N=4096", big, opts)
+    (row,) = suites.measure_points([(einsum, torch.float32)], "N=4096", big, opts)
     assert row["status"] == "oom" and "mem-cap" in row["note"]
 
 
@@ -296,7 +351,7 @@ suites.measure_peak_memory = lambda fn, device: (0, "not measured (test)")
 fine = providers.Provider("casa-fake", "casa", lambda p, d, t: (lambda: torch.zeros(1)),
                           lambda d, t: None, lambda p, t: 0)
 out = pathlib.Path(sys.argv[1])
-opts = suites.RunOptions(device="cpu", dtype=torch.float32, warmup=1, reps=1, time_cap_s=60,
+opts = suites.RunOptions(device="cpu", dtypes=(torch.float32,), warmup=1, reps=1, time_cap_s=60,
                          mem_cap_bytes=1 << 40, out_dir=out, quick=True, batches=[1], datasets=("ETTh1",))
 for progress in (True, True, False):
     rows = suites.run_suite("attention", [fine], opts, progress=progress)
@@ -732,8 +787,9 @@ def test_train_rows_measure_the_op_and_the_step_of_every_provider(tmp_path):
     chosen = [providers.PROVIDERS[n] for n in ("casa-reference", "casa-cpu", "full-einsum")]
     opts = _options(tmp_path, reps=2, datasets=("ETTh1",), interleave=True)
     op, step = [p for _, p in suites.train_points(opts)][:2]
-    rows = suites.measure_points(chosen, "ETTh1", op, opts)
-    rows += suites.measure_points(chosen, "ETTh1", step, opts)
+    units = [(p, torch.float32) for p in chosen]
+    rows = suites.measure_points(units, "ETTh1", op, opts)
+    rows += suites.measure_points(units, "ETTh1", step, opts)
     for row in rows:
         assert row["status"] == "ok", row["note"]
         assert row["suite"] == "train" and row["timing"] == "interleaved"
@@ -1184,7 +1240,7 @@ def test_sweeps_option_runs_only_the_named_sweeps(tmp_path, monkeypatch, capsys)
 
     def measure(group, config, point, opts):
         timed.append(point.sweep)
-        return [suites.measure_point_stub(p, config, point, opts, "skipped", "test") for p in group]
+        return [suites.measure_point_stub(u, config, point, opts, "skipped", "test") for u in group]
 
     monkeypatch.setattr(suites, "measure_points", measure)
     args = ["train", "--out", str(tmp_path), "--no-progress", "--quick", "--providers", "casa-cpu"]

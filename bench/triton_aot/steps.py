@@ -77,7 +77,7 @@ def bench_calls(step: BenchStep) -> list[Call]:
 
     opts = suites.RunOptions(
         device="cuda",
-        dtype=BENCH_DTYPE,
+        dtypes=(BENCH_DTYPE,),
         warmup=0,
         reps=0,
         time_cap_s=0.0,
