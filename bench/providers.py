@@ -17,6 +17,10 @@ casa-<backend>     ``casa_attention(x, w, backend=<backend>)`` (model: CASAModel
 casa-compile       ``torch.compile`` of the reference functional (model: of CASAModel, reference)
 full-einsum        iTransformer's attention layer as published (QKVO, 8 heads, einsum scores)
 full-sdpa          the same layer with ``scaled_dot_product_attention``
+gemm-peak          ``torch.mm`` of two 2048 × 2048 matrices in the point's dtype: this
+                   machine's GEMM rate, timed beside the others so that the results page can
+                   give each op's FLOP rate as a share of it (only when named in
+                   ``--providers``)
 =================  ==========================================================================
 """
 
@@ -236,6 +240,23 @@ def _casa_provider(backend: str) -> Provider:
     )
 
 
+GEMM_PEAK_SIZE = 2048
+
+
+def _gemm_peak(point: Point, device: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    a, b = (
+        torch.randn(GEMM_PEAK_SIZE, GEMM_PEAK_SIZE, generator=_seeded(point, stream)).to(
+            device=device, dtype=dtype
+        )
+        for stream in (0, 1)
+    )
+    return lambda: torch.mm(a, b)
+
+
+def _gemm_peak_estimate(point: Point, dtype: torch.dtype) -> int:
+    return 3 * GEMM_PEAK_SIZE**2 * torch.tensor([], dtype=dtype).element_size()
+
+
 def _activation_bytes(point: Point, dtype: torch.dtype, copies: int) -> int:
     width = point.d_model if not point.model_level else max(point.d_model, point.seq_len)
     return (
@@ -282,14 +303,16 @@ PROVIDERS: dict[str, Provider] = {
             "full-einsum", "full", _measured(_full_subject("einsum")), _always, _einsum_estimate
         ),
         Provider("full-sdpa", "full", _measured(_full_subject("sdpa")), _always, _sdpa_estimate),
+        Provider("gemm-peak", "peak", _gemm_peak, _always, _gemm_peak_estimate),
     )
 }
 
 
 def select(names: str | None) -> list[Provider]:
-    """Providers named in a comma list (all when None/empty); raises on an unknown name."""
+    """Providers named in a comma list (when None/empty: all but ``gemm-peak``, a measure of
+    the machine); raises on an unknown name."""
     if not names:
-        return list(PROVIDERS.values())
+        return [p for p in PROVIDERS.values() if p.family != "peak"]
     chosen = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name not in PROVIDERS:

@@ -30,6 +30,7 @@ from .summary import scaling_summary
 
 SUITES = ("attention", "model", "scaling", "train", "distributed")
 BASELINES = ("casa-reference", "casa-compile")
+GEMM_PEAK, GEMM_PEAK_SIZE = "gemm-peak", 2048  # bench/providers.py
 PAGE = "README.md"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -100,10 +101,51 @@ def _percent(value: float) -> str:
 
 
 def provider_order(name: str) -> tuple[int, str]:
-    """Column order: the two baselines, the fused CASA backends, then full attention."""
+    """Column order: the two baselines, the fused CASA backends, full attention, then the
+    machine's GEMM rate (``gemm-peak``)."""
     if name in BASELINES:
         return (BASELINES.index(name), name)
+    if name == GEMM_PEAK:
+        return (4, name)
     return (2 if name.startswith("casa-") else 3, name)
+
+
+def op_flops(row: dict) -> float:
+    """FLOPs of the op's forward at a row's sizes (docs/design.md §4): 2·B·(N·D²·(k/4 + 1)
+    + 3·k·D³/16)."""
+    b, n, d, k = (_int(row[c]) for c in ("batch", "n_vars", "d_model", "kernel"))
+    return 2.0 * b * (n * d * d * (k / 4 + 1) + 3 * k * d**3 / 16)
+
+
+def rate_lines(points: dict[tuple, dict[str, dict]], providers: list[str]) -> list[str]:
+    """The op's FLOP rate per CASA provider and point, and its share of ``gemm-peak``'s rate
+    at that point (a GEMM of 2048², timed with them); empty without ``gemm-peak`` rows."""
+    if GEMM_PEAK not in providers:
+        return []
+    casa = [p for p in providers if p.startswith("casa-")]
+    body = []
+    for (_, point), by_provider in points.items():
+        peak_ms = _p50(by_provider.get(GEMM_PEAK))
+        peak = 2.0 * GEMM_PEAK_SIZE**3 / peak_ms / 1e6 if peak_ms else None
+        cells = [point, _figure(peak, 3) if peak else ""]
+        for provider in casa:
+            row, mine = by_provider.get(provider), _p50(by_provider.get(provider))
+            rate = op_flops(row) / mine / 1e6 if mine else None
+            cells += [
+                _figure(rate, 3) if rate else "",
+                _percent(rate / peak) if rate and peak else "",
+            ]
+        body.append(cells)
+    header = ["point", f"{GEMM_PEAK} GFLOP/s"]
+    for provider in casa:
+        header += [f"{provider} GFLOP/s", f"{provider} / {GEMM_PEAK}"]
+    return [
+        f"FLOP rate: the op's FLOPs (docs/design.md §4) over its p50, and its share of "
+        f"`{GEMM_PEAK}` ({GEMM_PEAK_SIZE}² `torch.mm` in the same dtype, timed with it):",
+        "",
+        *_table(header, body),
+        "",
+    ]
 
 
 def is_fused(name: str) -> bool:
@@ -197,14 +239,15 @@ def _memory(row: dict | None) -> float | None:
     return _float(row["peak_mem_bytes"]) if row is not None and row["status"] == "ok" else None
 
 
-def provider_tables(rows: list[dict], training: bool = False) -> list[str]:
+def provider_tables(rows: list[dict], training: bool = False, rates: bool = False) -> list[str]:
     """p50 latency (ms) and peak extra memory (MiB) per point and provider, with the fused
     backends' speed-ups over the two baselines, and which providers did not run and why.
 
     ``training`` (the train suite) adds a table of p99 latency, and to the memory table each
     fused backend's peak memory as a fraction of the baselines' (below 1 is less) and the
     memory the CASA reference and the fused backends save against each full-attention
-    provider (1 - theirs / full's)."""
+    provider (1 - theirs / full's). ``rates`` (the op's forward points) adds the op's FLOP
+    rate against ``gemm-peak``'s (:func:`rate_lines`)."""
     providers = sorted(
         {r["provider"] for r in rows if r["status"] != "skipped"}, key=provider_order
     )
@@ -224,6 +267,8 @@ def provider_tables(rows: list[dict], training: bool = False) -> list[str]:
                 cells.append(_ratio(theirs / mine) if mine and theirs else "")
         body.append(cells)
     lines = ["p50 latency, ms:", "", *_table(header, body), ""]
+    if rates:
+        lines += rate_lines(points, providers)
     if training:
         p99 = [
             [point] + [_cell(by_provider.get(p), "latency_ms_p99", _ms) for p in providers]
@@ -466,7 +511,8 @@ def suite_section(suite: str, rows: list[dict], plots: list[str]) -> list[str]:
             if suite == "distributed":
                 lines += distributed_table(sweep_rows)
             else:
-                lines += provider_tables(sweep_rows, training=suite == "train")
+                op_forward = suite in ("attention", "scaling") and sweep != "l"
+                lines += provider_tables(sweep_rows, training=suite == "train", rates=op_forward)
             if sweep in ("n", "op-n", "step-n"):
                 lines += scaling_fit_lines(sweep_rows, suite, sweep)
         lines += _provenance(setting_rows)

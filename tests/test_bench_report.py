@@ -98,6 +98,29 @@ def test_dtypes_timed_together_get_their_ratio_and_others_do_not(tmp_path):
     assert "Traffic B=1 | amx" not in page
 
 
+def test_op_rate_is_given_as_a_share_of_the_gemm_peak_timed_with_it(tmp_path):
+    flops = 2 * 16 * (862 * 512**2 * (3 / 4 + 1) + 3 * 3 * 512**3 / 16)
+    assert report.op_flops(_row("casa-cpu", 1.0)) == flops  # 15.07 GFLOP at Traffic, B = 16
+    gemm_ms = 2 * 2048**3 / 100e6  # 100 GFLOP/s
+    results.upsert_rows(
+        tmp_path / "attention.csv",
+        [
+            _row("casa-reference", flops / 50e6),
+            _row("casa-cpu", flops / 80e6),
+            _row("gemm-peak", gemm_ms),
+        ],
+    )
+    page = report.render(tmp_path)
+    assert (
+        "| point | gemm-peak GFLOP/s | casa-reference GFLOP/s | casa-reference / gemm-peak |"
+        in page
+    )
+    assert "| Traffic | 100 | 50 | 50.0% | 80 | 80.0% |" in page
+    # gemm-peak is neither a baseline nor a fused backend: no speed-up columns of its own.
+    assert "gemm-peak vs" not in page
+    assert "| Traffic | 301.4 | 188.4 | 171.8 | 1.60× |" in page
+
+
 def test_scaling_page_has_the_fitted_slopes_and_crossovers(tmp_path):
     rows = []
     for n in (256, 512, 1024, 2048):

@@ -280,6 +280,15 @@ def test_every_backend_is_a_provider():
     assert casa == [f"casa-{b}" for b in casa_kernels.backend_names()] + ["casa-compile"]
 
 
+def test_gemm_peak_runs_only_when_named_and_multiplies_its_2048_squares():
+    assert "gemm-peak" not in [p.name for p in providers.select(None)]
+    (peak,) = providers.select("gemm-peak")
+    point = providers.Point("attention", "dataset", 1, 7, 16)
+    out = peak.build(point, "cpu", torch.bfloat16)()
+    assert out.shape == (2048, 2048) and out.dtype == torch.bfloat16
+    assert peak.estimate_bytes(point, torch.float32) == 3 * 2048**2 * 4
+
+
 def test_backends_auto_never_picks_on_cpu_are_skipped_there():
     for name in casa_kernels.backend_names():
         reason = providers.PROVIDERS[f"casa-{name}"].unavailable("cpu", torch.float32)
