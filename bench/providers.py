@@ -253,6 +253,22 @@ def _gemm_peak(point: Point, device: str, dtype: torch.dtype) -> Callable[[], to
     return lambda: torch.mm(a, b)
 
 
+def _gemm_peak_unavailable(device: str, dtype: torch.dtype) -> str | None:
+    from casa_kernels.ops.backends import cpu
+
+    if (
+        torch.device(device).type == "cpu"
+        and dtype == torch.bfloat16
+        and cpu.bf16_gemm_tier() == "none"
+    ):
+        return (
+            "this CPU tier has no bfloat16 GEMMs (cpu bfloat16 GEMMs: none): PyTorch's runs "
+            "without hardware, and casa-cpu computes bfloat16 in fp32 GEMMs, whose rate is "
+            "the float32 row's"
+        )
+    return None
+
+
 def _gemm_peak_estimate(point: Point, dtype: torch.dtype) -> int:
     return 3 * GEMM_PEAK_SIZE**2 * torch.tensor([], dtype=dtype).element_size()
 
@@ -303,7 +319,7 @@ PROVIDERS: dict[str, Provider] = {
             "full-einsum", "full", _measured(_full_subject("einsum")), _always, _einsum_estimate
         ),
         Provider("full-sdpa", "full", _measured(_full_subject("sdpa")), _always, _sdpa_estimate),
-        Provider("gemm-peak", "peak", _gemm_peak, _always, _gemm_peak_estimate),
+        Provider("gemm-peak", "peak", _gemm_peak, _gemm_peak_unavailable, _gemm_peak_estimate),
     )
 }
 

@@ -347,19 +347,19 @@ def _timing_lines(rows: list[dict], providers: list[str]) -> list[str]:
 
 def dtype_tables(rows: list[dict]) -> list[str]:
     """Each provider's p50 in the dtypes it was timed together in (``timing``
-    ``interleaved, float32+bfloat16``: ``--dtype`` a list with ``--interleave``), and the
+    ``interleaved (float32+bfloat16)``: ``--dtype`` a list with ``--interleave``), and the
     ratio of every later dtype's p50 to the first's (below 1 is faster), per tier."""
-    prefix = "interleaved, "
+    prefix, suffix = "interleaved (", ")"
     together: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in rows:
         timing = row.get("timing") or ""
-        if timing.startswith(prefix) and row["status"] == "ok":
+        if timing.startswith(prefix) and timing.endswith(suffix) and row["status"] == "ok":
             key = (
                 row["device_name"],
                 row.get("isa", ""),
                 _int(row["threads"]),
                 row["torch_version"],
-                timing.removeprefix(prefix),
+                timing.removeprefix(prefix).removesuffix(suffix),
                 row["sweep"],
                 _point_key(row),
                 row["config"],

@@ -229,12 +229,12 @@ def _unit_name(unit: Unit) -> str:
 
 def _timing(group: list[Unit]) -> str:
     """The ``timing`` column of a group timed together: ``sequential`` alone, else
-    ``interleaved``, naming the dtypes when the group spans several (``interleaved,
-    float32+bfloat16``)."""
+    ``interleaved``, naming the dtypes when the group spans several (``interleaved
+    (float32+bfloat16)``)."""
     if len(group) == 1:
         return "sequential"
     dtypes = list(dict.fromkeys(_dtype_name(dtype) for _, dtype in group))
-    return "interleaved" if len(dtypes) == 1 else "interleaved, " + "+".join(dtypes)
+    return "interleaved" if len(dtypes) == 1 else f"interleaved ({'+'.join(dtypes)})"
 
 
 def _base_row(

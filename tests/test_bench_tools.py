@@ -238,7 +238,7 @@ def test_dtypes_interleaved_are_timed_together_and_rowed_apart(tmp_path, monkeyp
         ("casa-reference", "bfloat16"),
         ("casa-cpu", "bfloat16"),
     ]
-    assert {r["timing"] for r in rows} == {"interleaved, float32+bfloat16"}
+    assert {r["timing"] for r in rows} == {"interleaved (float32+bfloat16)"}
     assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows]
     assert len(results.read_rows(tmp_path / "attention.csv")) == 4
 
@@ -284,9 +284,20 @@ def test_gemm_peak_runs_only_when_named_and_multiplies_its_2048_squares():
     assert "gemm-peak" not in [p.name for p in providers.select(None)]
     (peak,) = providers.select("gemm-peak")
     point = providers.Point("attention", "dataset", 1, 7, 16)
-    out = peak.build(point, "cpu", torch.bfloat16)()
-    assert out.shape == (2048, 2048) and out.dtype == torch.bfloat16
+    out = peak.build(point, "cpu", torch.float32)()
+    assert out.shape == (2048, 2048) and out.dtype == torch.float32
     assert peak.estimate_bytes(point, torch.float32) == 3 * 2048**2 * 4
+    assert peak.unavailable("cpu", torch.float32) is None
+
+
+def test_gemm_peak_in_bfloat16_is_skipped_where_the_cpu_has_no_bfloat16_gemms(monkeypatch):
+    from casa_kernels.ops.backends import cpu
+
+    (peak,) = providers.select("gemm-peak")
+    monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: "none")
+    assert "no bfloat16 GEMMs" in peak.unavailable("cpu", torch.bfloat16)
+    monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: "amx")
+    assert peak.unavailable("cpu", torch.bfloat16) is None
 
 
 def test_backends_auto_never_picks_on_cpu_are_skipped_there():
