@@ -78,7 +78,7 @@ def test_page_gives_p50_and_the_fused_backends_ratios_against_both_baselines(tmp
 
 
 def test_dtypes_timed_together_get_their_ratio_and_others_do_not(tmp_path):
-    both = "interleaved, float32+bfloat16"
+    both = "interleaved (float32+bfloat16)"
     results.upsert_rows(
         tmp_path / "attention.csv",
         [
@@ -154,25 +154,28 @@ def test_bench_report_rejects_a_folder_without_suite_csvs(tmp_path, capsys):
     assert not (tmp_path / report.PAGE).exists()
 
 
-AVX2_CAPS = "avx2 (onednn<=avx2, mkl<=avx2)"  # the isa column of rows measured under the caps
-# The README's headline table: its row label -> (suite, dtype, isa, dataset, batch) of the
-# CSV rows it quotes from the Xeon's results folder.
+XEON, EPYC = "intel-r-xeon-r-processor", "amd-epyc"  # results folders
+# The README's headline table: its row label -> (folder, suite, dtype, isa, dataset, batch)
+# of the CSV rows it quotes.
 README_HEADLINES = {
-    "attention op, fp32, B = 16": ("attention", "float32", "amx", "Traffic", "16"),
-    "attention op, bf16 (AMX), B = 16": ("attention", "bfloat16", "amx", "Traffic", "16"),
-    "forecaster, 4 layers, fp32, B = 16": ("model", "float32", "amx", "Traffic", "16"),
-    "forecaster, 4 layers, bf16 (AMX), B = 16": ("model", "bfloat16", "amx", "Traffic", "16"),
-    "attention op, fp32, capped to AVX2, B = 16": (
+    "attention op, fp32, B = 16": (XEON, "attention", "float32", "amx", "Traffic", "16"),
+    "attention op, bf16 (AMX), B = 16": (XEON, "attention", "bfloat16", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, fp32, B = 16": (XEON, "model", "float32", "amx", "Traffic", "16"),
+    "forecaster, 4 layers, bf16 (AMX), B = 16": (XEON, "model", "bfloat16", "amx", "Traffic", "16"),
+    "attention op, fp32, AVX2 only, B = 16": (
+        EPYC,
         "attention",
         "float32",
-        AVX2_CAPS,
+        "avx2",
         "Traffic",
         "16",
     ),
-    "forecaster, 4 layers, fp32, capped to AVX2, B = 16": (
+    "attention op, fp32, AVX2 only, B = 1": (EPYC, "attention", "float32", "avx2", "Traffic", "1"),
+    "forecaster, 4 layers, fp32, AVX2 only, B = 16": (
+        EPYC,
         "model",
         "float32",
-        AVX2_CAPS,
+        "avx2",
         "Traffic",
         "16",
     ),
@@ -181,22 +184,20 @@ README_HEADLINES = {
 
 def test_readme_headline_results_are_the_committed_csvs():
     readme = (report.RESULTS_ROOT.parent.parent / "README.md").read_text()
-    folder = report.RESULTS_ROOT / "intel-r-xeon-r-processor"
-    for label, (suite, dtype, isa, config, batch) in README_HEADLINES.items():
+    for label, (folder, suite, dtype, isa, config, batch) in README_HEADLINES.items():
+        path = report.RESULTS_ROOT / folder / f"{suite}.csv"
         p50 = {
             r["provider"]: float(r["latency_ms_p50"])
-            for r in results.read_rows(folder / f"{suite}.csv")
+            for r in results.read_rows(path)
             if (r["dtype"], r["isa"], r["config"], r["batch"], r["status"])
             == (dtype, isa, config, batch, "ok")
         }
         cpu = p50["casa-cpu"]
         row = (
-            f"| {label} | {f'{cpu:#.3g}'.rstrip('.')} ms "
+            f"| {label} | {report._figure(cpu, 3)} ms "
             f"| {p50['casa-reference'] / cpu:.2f}× | {p50['casa-compile'] / cpu:.2f}× |"
         )
-        assert row in readme, (
-            f"README.md should have the row {row!r} (from {folder.name}/{suite}.csv)"
-        )
+        assert row in readme, f"README.md should have the row {row!r} (from {folder}/{suite}.csv)"
 
 
 def test_readme_scaling_figures_are_the_committed_csvs():
