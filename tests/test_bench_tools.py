@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import casa_kernels
-from bench import device_check, measure, plots, providers, results, suites, summary
+from bench import device_check, measure, plots, providers, report, results, suites, summary
 from casa_kernels.ops import registry
 
 
@@ -288,6 +288,7 @@ def test_gemm_peak_runs_only_when_named_and_multiplies_its_2048_squares():
     assert out.shape == (2048, 2048) and out.dtype == torch.float32
     assert peak.estimate_bytes(point, torch.float32) == 3 * 2048**2 * 4
     assert peak.unavailable("cpu", torch.float32) is None
+    assert report.GEMM_PEAK_SIZE == providers.GEMM_PEAK_SIZE
 
 
 def test_gemm_peak_in_bfloat16_is_skipped_where_the_cpu_has_no_bfloat16_gemms(monkeypatch):
