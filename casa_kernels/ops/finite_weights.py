@@ -27,8 +27,8 @@ def _all_finite(weights: Sequence[torch.Tensor]) -> bool:
     tensor each, and a host read each: 3.3 ms a layer at D = 512 on a 2-core EPYC, paid
     after every optimizer step; this takes 0.4 ms."""
     with torch.no_grad():
-        extremes = [torch.stack(torch.aminmax(w)) for w in weights if w.numel() > 0]
-        return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+        extremes = [m for w in weights if w.numel() > 0 for m in torch.aminmax(w)]
+        return not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
 
 
 def weights_all_finite(weights: ScoreAttentionWeights) -> bool:
