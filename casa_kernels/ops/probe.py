@@ -15,10 +15,11 @@ that stands for the class: ``[B', min(N, 1024), D]`` with B' = 1 for B = 1, else
 ``min(B, max(2, threads))`` (one batch element per thread, as the kernels split larger
 batches). Each side runs once to warm up (the fused backend prepares its weights), then
 they alternate, timed, until each has run ``ROUNDS`` times or ``BUDGET_S`` has passed
-(at least once each); the medians decide, a tie going to the fused backend. It costs
-tens of milliseconds at the Traffic shape (D = 512, N = 862; a training probe a few
-tenths of a second) and runs outside any autocast, dispatch mode (FakeTensorMode,
-FlopCounterMode) or the caller's autograd graph.
+(at least once each); the medians decide, a tie going to the fused backend. In a
+training probe each fused run prepares its weights again, as a training step does after
+the optimizer's. It costs tens of milliseconds at the Traffic shape (D = 512, N = 862; a
+training probe a few tenths of a second) and runs outside any autocast, dispatch mode
+(FakeTensorMode, FlopCounterMode) or the caller's autograd graph.
 
 ``CASA_CPU_PROBE=0`` switches the probe off: ``auto`` then runs the fused backend wherever
 it serves the call (deterministic choice; the test suite sets it, and tests the probe
@@ -40,6 +41,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import reference
 from ..weights import ScoreAttentionWeights
+from . import weight_cache
 from .measured import shape_class
 
 if TYPE_CHECKING:
@@ -114,11 +116,14 @@ def _forward_runs(backend: Backend, x: torch.Tensor, weights: ScoreAttentionWeig
 
 def _training_runs(backend: Backend, x: torch.Tensor, weights: ScoreAttentionWeights):
     """The op's forward and backward on ``backend`` (its fused backward where it has one)
-    and the reference's autograd, every input requiring a gradient."""
+    and the reference's autograd, every input requiring a gradient. Each fused run
+    prepares its weights again, as every training step does after the optimizer's
+    (``weight_cache.invalidate``, which the optimizer step hook calls)."""
     leaves = [t.detach().requires_grad_() for t in (x, *weights)]
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
 
     def fused():
+        weight_cache.invalidate()
         torch.autograd.backward(torch.ops.casa.score_attention(*leaves, backend.name), grad)
 
     def reference_run():

@@ -176,3 +176,21 @@ def test_a_real_training_probe_inside_the_ops_autograd(problem, probing):
     for name, got, ref in zip(gradients.FIELDS, ours, want):
         result = compare_gradient(got, ref)
         assert result.passed, f"{name}: max abs {result.max_abs_error:.3g} ({result.rule})"
+
+
+def test_each_fused_training_run_prepares_its_weights_again(problem, monkeypatch):
+    # Training changes the weights at every step, so each of the training probe's fused runs
+    # pays the preparation (here counted by the finiteness check, which runs in it), as a
+    # step after the optimizer's does; the reference's runs prepare nothing.
+    from casa_kernels.ops import finite_weights
+
+    checks = []
+    check = finite_weights._all_finite
+    monkeypatch.setattr(finite_weights, "_all_finite", lambda ws: checks.append(1) or check(ws))
+    x, w = problem(2, 40, 32, 3)
+    runs = probe._training_runs(registry.get_backend("cpu"), x, w)
+    for _ in range(3):
+        runs["fused"]()
+    assert len(checks) == 3
+    runs["reference"]()
+    assert len(checks) == 3
