@@ -9,7 +9,7 @@ from casa_kernels.ops.weight_cache import clear
 
 from ..conftest import make_problem
 
-SHAPE = (1, 13, 24, 3)  # B, N, D, k: weights of 13 to 576 elements, none a multiple of 64
+SHAPE = (1, 13, 24, 3)  # B, N, D, k: weights of 6 to 864 elements, most not a multiple of 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import casa_kernels as ck
-from casa_kernels.ops import probe, registry
+from casa_kernels.ops import finite_weights, probe, registry
 from casa_kernels.ops.registry import ProblemShape
 from casa_kernels.ops.score_attention import attention_on_backend
 from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
@@ -182,8 +182,6 @@ def test_each_fused_training_run_prepares_its_weights_again(problem, monkeypatch
     # Training changes the weights at every step, so each of the training probe's fused runs
     # pays the preparation (here counted by the finiteness check, which runs in it), as a
     # step after the optimizer's does; the reference's runs prepare nothing.
-    from casa_kernels.ops import finite_weights
-
     checks = []
     check = finite_weights._all_finite
     monkeypatch.setattr(finite_weights, "_all_finite", lambda ws: checks.append(1) or check(ws))
