@@ -4,10 +4,11 @@
 //
 // with ONE LayerNorm (weight, bias, eps) used twice, as in the official block, and the
 // model's ReLU after the block folded in. y: [M, D] rows (M = B·N), float32 or bfloat16.
-// Each worker takes blocks of kRows rows and runs the whole chain on a block while it is
-// in cache: two GEMMs with K = D and five row-wise passes that never leave the block,
-// where the eager module writes and re-reads six [M, D] tensors. Temporary memory: three
-// [kRows, D] fp32 buffers per worker (and two bfloat16 ones).
+// Each worker takes blocks of at most kRows rows (epilogue_blocks: as many per worker) and
+// runs the whole chain on a block while it is in cache: two GEMMs with K = D and five
+// row-wise passes that never leave the block, where the eager module writes and re-reads
+// six [M, D] tensors. Temporary memory: three [kRows, D] fp32 buffers per worker (and two
+// bfloat16 ones). Work too small for two threads (cpu::threads_for) runs on one.
 //
 // The GEMMs take the MLP weights prepared once per weight version (cpu_prepare_mlp):
 // W^T [D, D] in the input dtype, for bfloat16 packed for the bfloat16 GEMMs (gemm.h;
@@ -23,13 +24,23 @@
 #include <vector>
 
 #include "gemm.h"
+#include "parallel.h"
 #include "sequential_blas.h"
 #include "vectorised.h"
 
 namespace casa {
 namespace {
 
-constexpr int64_t kRows = 64;
+constexpr int64_t kRows = 64;  // rows of a block, at most
+
+// The row blocks of M rows for `threads` workers: at most kRows rows each, their count a
+// multiple of the workers, so that each worker gets the same number of blocks of nearly
+// equal rows (137 rows on 2 threads: 4 blocks of 35 or 32, where 64-row blocks gave one
+// worker 128 rows and the other 9).
+int64_t epilogue_blocks(int64_t M, int64_t threads) {
+  const int64_t blocks = (M + kRows - 1) / kRows;
+  return std::min(M, (blocks + threads - 1) / threads * threads);
+}
 
 // Whether bfloat16 input runs its GEMMs in bfloat16 for the tier named by the caller.
 bool bf16_gemm_for(const at::Tensor& y, const std::string& bf16_gemm) {
@@ -73,7 +84,10 @@ void run_epilogue(const at::Tensor& y, const float* norm_w, const float* norm_b,
   const int64_t M = y.size(0), D = y.size(1);
   const scalar_t* in = y.data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = cpu::threads_for(2 * M * D * D) > 1 ? at::get_num_threads() : 1;
+  const int64_t blocks = epilogue_blocks(M, threads);
+  const int64_t block_rows = (M + blocks - 1) / blocks;
+  at::parallel_for(0, blocks, threads > 1 ? 1 : blocks, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlasGuard sequential_blas;
     std::vector<float> z(kRows * D), h(kRows * D), o(kRows * D);
     std::vector<c10::BFloat16> a_bf16(bf16 ? kRows * D : 0);
@@ -87,7 +101,8 @@ void run_epilogue(const at::Tensor& y, const float* norm_w, const float* norm_b,
       }
     };
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t r0 = block * kRows, rows = std::min(kRows, M - r0);
+      const int64_t r0 = block * block_rows, rows = std::min(block_rows, M - r0);
+      if (rows <= 0) break;  // the last blocks of a rounded-up count can be empty
       cpu::layer_norm_rows(in + r0 * D, rows, D, norm_w, norm_b, eps, z.data());
       gemm(z.data(), rows, w1t, h.data());
       cpu::add_bias_relu_rows(h.data(), rows, D, b1);
