@@ -63,3 +63,11 @@ def make_problem(batch, n_vars, d_model, kernel, *, dtype=torch.float32, device=
 @pytest.fixture
 def problem():
     return make_problem
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op threads for the test, restoring the caller's afterwards."""
+    caller = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(caller)

@@ -200,23 +200,18 @@ def test_block_epilogue_matches_the_eager_block(dtype, relu, rows):
         assert bool(((ours.double() - exact).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("rows", [13, 137])
-def test_block_epilogue_splits_rows_evenly_over_any_thread_count(rows, threads):
+def test_block_epilogue_splits_rows_evenly_over_any_thread_count(threads, rows, n_threads):
     # D = 160: enough work for every thread. The rows go in blocks of at most 64, as many per
     # worker: 137 rows on 2 threads are 4 blocks of 35 or 32, on 3 threads 3 of 46 or 45;
     # 13 rows on 8 threads are 8 blocks of 2, the last one empty. Every row is written once.
     torch.manual_seed(rows)
     block = ck.CASABlock(n_vars=3, d_model=160)
     y = torch.randn(rows, 160) * 3 + 1
-    caller_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            ours = block_epilogue(y, *_epilogue_params(block), True)
-    finally:
-        torch.set_num_threads(caller_threads)
+    threads(n_threads)
     with torch.no_grad():
+        ours = block_epilogue(y, *_epilogue_params(block), True)
         exact = _eager_epilogue(y.double(), block.norm.double(), block.mlp.double(), True)
     torch.testing.assert_close(ours.double(), exact, rtol=2e-5, atol=2e-5)
 

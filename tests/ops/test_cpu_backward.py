@@ -44,14 +44,6 @@ LAYERS = {
 }
 
 
-@pytest.fixture
-def threads():
-    """Sets torch's intra-op threads for the test, restoring the caller's afterwards."""
-    caller = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(caller)
-
-
 def _op(leaves):
     return torch.ops.casa.score_attention(*leaves, "cpu")
 
