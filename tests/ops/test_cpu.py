@@ -250,6 +250,25 @@ def test_block_epilogue_on_constant_and_near_constant_rows(dtype):
     assert result.passed, f"{dtype}: {result}"
 
 
+def test_block_epilogue_reads_vectors_of_any_float_dtype_and_stride():
+    # The four vectors are read as fp32 in place where they are contiguous fp32, else
+    # converted element by element: a strided view or fp64 copy must give the same values.
+    torch.manual_seed(5)
+    block = ck.CASABlock(n_vars=3, d_model=40)
+    y = torch.randn(7, 40)
+    norm_w, norm_b, eps, w0, b0, w2, b2 = _epilogue_params(block)
+    strided = [torch.stack([v.detach(), torch.full_like(v, 9.0)], 1)[:, 0] for v in (norm_w, b0)]
+    assert not strided[0].is_contiguous()
+    with torch.no_grad():
+        expected = block_epilogue(y, *_epilogue_params(block), True)
+        ours = block_epilogue(
+            y, strided[0], norm_b.double(), eps, w0, strided[1], w2, b2.double(), True
+        )
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="epilogue vectors: expected floating-point"):
+            block_epilogue(y, norm_w, norm_b.long(), eps, w0, b0, w2, b2, True)
+
+
 def test_block_epilogue_keeps_nan_rows_and_empty_input():
     block = ck.CASABlock(n_vars=3, d_model=16)
     y = torch.randn(5, 16)
@@ -350,14 +369,19 @@ def test_bf16_gemm_override_errors_name_the_variable(requested, isa, message):
 
 
 @pytest.mark.parametrize("tier", ["none", "amx"])
-def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(monkeypatch, tier):
+@pytest.mark.parametrize("transposed", [False, True])  # the embedding's input: [B, L, N]ᵀ
+def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(
+    monkeypatch, tier, transposed
+):
     # The forecaster's embedding and head (cpu backend's `linear`): on a CPU without
     # bfloat16 GEMMs, fp32 GEMMs on the exact conversion, rounded once; elsewhere F.linear.
     from casa_kernels.ops.backends import cpu
 
     monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: tier)
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((5, 7, 96), (64, 96), (64,)))
+    x_shape = (5, 96, 7) if transposed else (5, 7, 96)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in (x_shape, (64, 96), (64,)))
+    x = x.transpose(1, 2) if transposed else x
     out = cpu.linear(x, w, b)
     in_fp32 = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
     expected = in_fp32 if tier == "none" else torch.nn.functional.linear(x, w, b)

@@ -45,9 +45,20 @@ def _kernels():
 
 
 def bf16_gemm_tier() -> str:
-    """The bfloat16 GEMM tier of this CPU now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``."""
-    if kernel_missing_reason("CPU", _MISSING_HINT) is not None:
+    """The bfloat16 GEMM tier of this CPU now: ``"amx"``, ``"avx512_bf16"`` or ``"none"``
+    (``"none"`` while ``torch.backends.mkldnn`` is switched off)."""
+    if (
+        kernel_missing_reason("CPU", _MISSING_HINT) is not None
+        or not torch._C._get_mkldnn_enabled()
+    ):
         return "none"
+    return _chosen_bf16_gemm()
+
+
+@functools.cache
+def _chosen_bf16_gemm() -> str:
+    # The kernel chooses once per process (csrc/cpu/gemm.h); asking it costs an op call
+    # (~3 us), on every call of the op, the epilogue and the Linears.
     return _kernels().cpu_bf16_gemm()
 
 
@@ -65,11 +76,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     the cpu backend: bfloat16 on a CPU without bfloat16 GEMMs (``bf16_gemm_tier() ==
     "none"``, e.g. AVX2 only) runs in fp32 on the exactly converted operands and is
     rounded once (docs/design.md §11.4), as PyTorch's bfloat16 GEMM would accumulate, at
-    fp32 GEMM speed. Anything else is ``F.linear`` itself."""
+    fp32 GEMM speed; x is converted into a contiguous copy (the embedding's input is a
+    transposed view, on which the GEMM runs as a slower batched product). Anything else
+    is ``F.linear`` itself."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or bf16_gemm_tier() != "none":
         return torch.nn.functional.linear(x, weight, bias)
     fp32 = None if bias is None else bias.float()
-    return torch.nn.functional.linear(x.float(), weight.float(), fp32).to(torch.bfloat16)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return torch.nn.functional.linear(x, weight.float(), fp32).to(torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=256)
