@@ -4,7 +4,7 @@
 //
 // with ONE LayerNorm (weight, bias, eps) used twice, as in the official block, and the
 // model's ReLU after the block folded in. y: [M, D] rows (M = B·N), float32 or bfloat16.
-// Each worker takes blocks of at most kRows rows (epilogue_blocks: as many per worker) and
+// Each worker takes blocks of at most kRows rows (cpu::row_blocks: as many per worker) and
 // runs the whole chain on a block while it is in cache: two GEMMs with K = D and five
 // row-wise passes that never leave the block, where the eager module writes and re-reads
 // six [M, D] tensors. Temporary memory: three [kRows, D] fp32 buffers per worker (and two
@@ -32,15 +32,6 @@ namespace casa {
 namespace {
 
 constexpr int64_t kRows = 64;  // rows of a block, at most
-
-// The row blocks of M rows for `threads` workers: at most kRows rows each, their count a
-// multiple of the workers, so that each worker gets the same number of blocks of nearly
-// equal rows (137 rows on 2 threads: 4 blocks of 35 or 32, where 64-row blocks gave one
-// worker 128 rows and the other 9).
-int64_t epilogue_blocks(int64_t M, int64_t threads) {
-  const int64_t blocks = (M + kRows - 1) / kRows;
-  return std::min(M, (blocks + threads - 1) / threads * threads);
-}
 
 // Whether bfloat16 input runs its GEMMs in bfloat16 for the tier named by the caller.
 bool bf16_gemm_for(const at::Tensor& y, const std::string& bf16_gemm) {
@@ -98,7 +89,7 @@ void run_epilogue(const at::Tensor& y, const float* norm_w, const float* norm_b,
   const scalar_t* in = y.data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t threads = cpu::threads_for(2 * M * D * D) > 1 ? at::get_num_threads() : 1;
-  const int64_t blocks = epilogue_blocks(M, threads);
+  const int64_t blocks = cpu::row_blocks(M, kRows, threads);
   const int64_t block_rows = (M + blocks - 1) / blocks;
   at::parallel_for(0, blocks, threads > 1 ? 1 : blocks, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlasGuard sequential_blas;

@@ -368,26 +368,74 @@ def test_bf16_gemm_override_errors_name_the_variable(requested, isa, message):
     assert "CASA_CPU_BF16_GEMM" in out.stderr and message in out.stderr, out.stderr[-2000:]
 
 
+BF16_ULP = {"rtol": 2**-7, "atol": 1e-2}
+
+
+def _linear_operands(transposed, with_bias, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    x_shape = (5, 96, 7) if transposed else (5, 7, 96)  # the embedding's input: [B, L, N]ᵀ
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in (x_shape, (64, 96), (64,)))
+    w.requires_grad_(requires_grad)
+    return x.transpose(1, 2) if transposed else x, w, b if with_bias else None
+
+
 @pytest.mark.parametrize("tier", ["none", "amx"])
-@pytest.mark.parametrize("transposed", [False, True])  # the embedding's input: [B, L, N]ᵀ
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_in_bfloat16_runs_fp32_gemms_only_without_bfloat16_gemms(
-    monkeypatch, tier, transposed
+    monkeypatch, tier, transposed, with_bias
 ):
     # The forecaster's embedding and head (cpu backend's `linear`): on a CPU without
-    # bfloat16 GEMMs, fp32 GEMMs on the exact conversion, rounded once; elsewhere F.linear.
+    # bfloat16 GEMMs, fp32 GEMMs on the exact conversion, rounded once (the kernel
+    # cpu_linear_bf16 for inference); elsewhere F.linear.
     from casa_kernels.ops.backends import cpu
 
     monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: tier)
-    g = torch.Generator().manual_seed(0)
-    x_shape = (5, 96, 7) if transposed else (5, 7, 96)
-    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in (x_shape, (64, 96), (64,)))
-    x = x.transpose(1, 2) if transposed else x
+    x, w, b = _linear_operands(transposed, with_bias)
     out = cpu.linear(x, w, b)
-    in_fp32 = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
-    expected = in_fp32 if tier == "none" else torch.nn.functional.linear(x, w, b)
-    assert out.dtype == torch.bfloat16
+    fp64 = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    if tier == "none":  # the exact value rounded once: within one bfloat16 ulp of it
+        ulp = torch.exp2(torch.floor(torch.log2(fp64.abs().clamp_min(2**-100))) - 7)
+        assert bool(((out.double() - fp64).abs() <= ulp).all())
+    else:
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=0, atol=0)
+    assert out.dtype == torch.bfloat16 and out.shape == fp64.shape and out.is_contiguous()
+    w.mul_(-2)  # an in-place update: the kernel's Wᵀ (prepared once per version) follows it
+    torch.testing.assert_close(cpu.linear(x, w, b), torch.nn.functional.linear(x, w, b), **BF16_ULP)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_in_bfloat16_carries_gradients_without_bfloat16_gemms(monkeypatch, transposed):
+    # Where autograd records the call the kernel (no autograd) is not used: fp32 casts.
+    from casa_kernels.ops.backends import cpu
+
+    monkeypatch.setattr(cpu, "bf16_gemm_tier", lambda: "none")
+    x, w, b = _linear_operands(transposed, True, requires_grad=True)
+    out = cpu.linear(x, w, b)
+    out.float().square().sum().backward()
+    w32 = w.detach().float().requires_grad_()
+    expected = torch.nn.functional.linear(x.float(), w32, b.float()).bfloat16()
+    expected.float().square().sum().backward()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    torch.testing.assert_close(out.float(), in_fp32.float(), rtol=2**-7, atol=1e-2)  # 2 ulps
+    torch.testing.assert_close(w.grad.float(), w32.grad.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_linear_kernel_rejects_bad_operands_by_name():
+    x, w, b = _linear_operands(False, True)
+    w = w.t().float().contiguous()  # the kernel takes Wᵀ in fp32
+    kernel = torch.ops.casa.cpu_linear_bf16
+    with pytest.raises(RuntimeError, match="x: expected a bfloat16 CPU tensor"):
+        kernel(x.float(), w, b)
+    with pytest.raises(RuntimeError, match=r"weight_t: expected a contiguous float32"):
+        kernel(x, w.t(), b)
+    with pytest.raises(
+        RuntimeError, match=r"x: expected \[..., in_features\] with in_features = 96"
+    ):
+        kernel(x[..., :95], w, b)
+    with pytest.raises(RuntimeError, match=r"bias: expected \[out_features\] = \[64\]"):
+        kernel(x, w, b[:63])
+    empty = kernel(x[:0], w, b)
+    assert empty.shape == (0, 7, 64)
 
 
 # The cpu backend's conformance and backward tests, rerun under lower tiers (read once per

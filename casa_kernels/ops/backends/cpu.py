@@ -76,11 +76,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     the cpu backend: bfloat16 on a CPU without bfloat16 GEMMs (``bf16_gemm_tier() ==
     "none"``, e.g. AVX2 only) runs in fp32 on the exactly converted operands and is
     rounded once (docs/design.md §11.4), as PyTorch's bfloat16 GEMM would accumulate, at
-    fp32 GEMM speed; x is converted into a contiguous copy (the embedding's input is a
-    transposed view, on which the GEMM runs as a slower batched product). Anything else
-    is ``F.linear`` itself."""
+    fp32 GEMM speed: in one kernel call (``casa::cpu_linear_bf16``, csrc/cpu/linear.cpp, on
+    Wᵀ in fp32 prepared once per weight version) for inference, in ATen casts where
+    autograd records the call. Anything else is
+    ``F.linear`` itself."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or bf16_gemm_tier() != "none":
         return torch.nn.functional.linear(x, weight, bias)
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
+    if not differentiated and all(t.dtype == torch.bfloat16 for t in operands):
+        weight_t = cached("cpu.linear_t", (weight,), lambda: weight.t().float().contiguous())
+        return _kernels().cpu_linear_bf16(x, weight_t, bias)
     fp32 = None if bias is None else bias.float()
     x = x.to(torch.float32, memory_format=torch.contiguous_format)
     return torch.nn.functional.linear(x, weight.float(), fp32).to(torch.bfloat16)
