@@ -46,8 +46,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight_t,
   TORCH_CHECK(weight_t.scalar_type() == at::kFloat && weight_t.device().is_cpu() &&
                   weight_t.dim() == 2 && weight_t.is_contiguous(),
               "weight_t: expected a contiguous float32 CPU tensor [in_features, out_features] ",
-              "(W^T), received ", weight_t.scalar_type(), " of shape ", weight_t.sizes(),
-              " on ", weight_t.device());
+              "(W^T), received ", weight_t.scalar_type(), " of shape ", weight_t.sizes(), " on ",
+              weight_t.device());
   const int64_t K = weight_t.size(0), N = weight_t.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., in_features] with ",
               "in_features = ", K, " (weight_t's dim 0), received shape ", x.sizes());

@@ -78,8 +78,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     rounded once (docs/design.md §11.4), as PyTorch's bfloat16 GEMM would accumulate, at
     fp32 GEMM speed: in one kernel call (``casa::cpu_linear_bf16``, csrc/cpu/linear.cpp, on
     Wᵀ in fp32 prepared once per weight version) for inference, in ATen casts where
-    autograd records the call. Anything else is
-    ``F.linear`` itself."""
+    autograd records the call. Anything else is ``F.linear`` itself."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or bf16_gemm_tier() != "none":
         return torch.nn.functional.linear(x, weight, bias)
     operands = (x, weight) if bias is None else (x, weight, bias)
