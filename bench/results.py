@@ -63,14 +63,32 @@ def slug(text: str) -> str:
 
 
 def cpu_model_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    """The CPU model from /proc/cpuinfo (Linux; :func:`cpu_model_from_cpuinfo`), else
+    ``platform.processor()``."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        name = cpu_model_from_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+        name = ""
+    return name or platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_model_from_cpuinfo(text: str) -> str:
+    """The first processor's ``model name`` in /proc/cpuinfo's ``text`` (``''`` if none).
+    A name without a model number is one a hypervisor masked ("AMD EPYC" covers Zen 1 to
+    Zen 4): its ``cpu family`` and ``model`` are added, ``"AMD EPYC (family 25 model 1)"``,
+    so that rows of different CPUs do not share a name, a results folder or a table."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the blank line after the first processor's block
+                break
+            continue
+        fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name", "")
+    if name and not re.search(r"\d", name) and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def device_name(device: str) -> str:

@@ -154,7 +154,7 @@ def test_bench_report_rejects_a_folder_without_suite_csvs(tmp_path, capsys):
     assert not (tmp_path / report.PAGE).exists()
 
 
-XEON, EPYC = "intel-r-xeon-r-processor", "amd-epyc"  # results folders
+XEON, EPYC = "intel-r-xeon-r-processor", "amd-epyc-family-23-model-1"  # results folders
 # The README's headline table: its row label -> (folder, suite, dtype, isa, dataset, batch)
 # of the CSV rows it quotes.
 README_HEADLINES = {

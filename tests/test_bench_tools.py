@@ -82,6 +82,23 @@ def test_slug_is_filesystem_safe():
     assert results.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def _cpuinfo(name: str, family: str, model: str) -> str:
+    """/proc/cpuinfo of two processors; the second's fields differ, so that a parser
+    reading past the first block is caught."""
+    first = f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\n"
+    return first + "\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: other\n"
+
+
+def test_cpu_model_keeps_a_full_name_and_tells_masked_ones_apart():
+    full = "AMD EPYC 7763 64-Core Processor"
+    assert results.cpu_model_from_cpuinfo(_cpuinfo(full, "25", "1")) == full
+    zen3 = results.cpu_model_from_cpuinfo(_cpuinfo("AMD EPYC", "25", "1"))
+    zen1 = results.cpu_model_from_cpuinfo(_cpuinfo("AMD EPYC", "23", "1"))
+    assert (zen3, zen1) == ("AMD EPYC (family 25 model 1)", "AMD EPYC (family 23 model 1)")
+    assert results.slug(zen3) == "amd-epyc-family-25-model-1"
+    assert results.cpu_model_from_cpuinfo("processor\t: 0\nflags\t: fpu\n") == ""
+
+
 def test_fit_slope_recovers_power_laws():
     ns = [256, 512, 1024, 2048]
     assert summary.fit_slope(ns, [3 * n for n in ns]) == pytest.approx(1.0)
