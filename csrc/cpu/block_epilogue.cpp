@@ -31,7 +31,11 @@
 namespace casa {
 namespace {
 
-constexpr int64_t kRows = 64;  // rows of a block, at most
+// Rows of a block, at most. A D = 512 fp32 GEMM goes to ATen's matmul (gemm.h), which
+// packs W^T (1 MiB) on every call: 128-row blocks halve that against 64 and ran the
+// forecaster ~4% faster on a Zen 3 EPYC (docs/design.md §11.5), though there the three
+// [128, 512] fp32 buffers (768 KiB a worker) outgrow a core's 512 KiB L2.
+constexpr int64_t kRows = 128;
 
 // Whether bfloat16 input runs its GEMMs in bfloat16 for the tier named by the caller.
 bool bf16_gemm_for(const at::Tensor& y, const std::string& bf16_gemm) {
