@@ -7,8 +7,9 @@
 // Each worker takes blocks of at most kRows rows (cpu::row_blocks: as many per worker) and
 // runs the whole chain on a block while it is in cache: two GEMMs with K = D and five
 // row-wise passes that never leave the block, where the eager module writes and re-reads
-// six [M, D] tensors. Temporary memory: three [kRows, D] fp32 buffers per worker (and two
-// bfloat16 ones). Work too small for two threads (cpu::threads_for) runs on one.
+// six [M, D] tensors. Temporary memory: three [kRows, D] fp32 buffers per worker (and one
+// bfloat16 one, the GEMMs' rounded operand). Work too small for two threads
+// (cpu::threads_for) runs on one.
 //
 // The GEMMs take the MLP weights prepared once per weight version (cpu_prepare_mlp):
 // W^T [D, D] in the input dtype, for bfloat16 packed for the bfloat16 GEMMs (gemm.h;
