@@ -120,6 +120,20 @@ MUTANTS = [
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
+        "cpu backward: a conv's weight gradient keeps only the first worker's accumulator",
+        "csrc/cpu/backward.cpp",
+        "total = total.defined() ? total.add_(own) : own;\n  });\n  return total;",
+        "total = total.defined() ? total : own;\n  });\n  return total;",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: the tail's shared value accumulators added to themselves",
+        "csrc/cpu/backward.cpp",
+        "if (!from.defined() || from.is_same(to)) return;",
+        "if (!from.defined()) return;",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
         "cpu backward: the value weight's gradient transposed",
         "casa_kernels/ops/backends/cpu_backward.py",
         "return tuple(g if need else None for g, need in zip(grads, needs))",

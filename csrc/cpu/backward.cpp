@@ -18,8 +18,11 @@
 // parity (dt window^T) and dh5 (dec2^T dt, scattered back to h5's columns). Nothing
 // [B, N, D] is stored but dx itself (for bfloat16, its fp32 accumulator). Each worker holds
 // three [N, T] buffers and, for the parameters it adds to, its own accumulators, summed
-// once at its end; dx rows and dh5 of one batch element are added under that element's
-// lock (tiles of one element can run on different workers).
+// once at its end, except where the workers' parts of a gradient are distinct (dWv and dbv
+// at B = 1, a conv's weight where its channel groups split evenly over the workers): there
+// they share one. dx rows and dh5 of one batch element are added under that element's
+// lock (tiles of one element can run on different workers). The tail's weight layouts and
+// accumulators are freed before the convolutions' backward runs.
 //
 // The variate-parallel layer (docs/design.md §12.4) runs the same pieces split at its two
 // all-reduces: casa::cpu_tail_backward_colsum (per tile the scores and pass 1, P, dP and σ'
@@ -153,8 +156,8 @@ struct Needs {
 template <typename acc_t>
 struct TileScratch {
   at::Tensor memory;
-  acc_t* rhs[2];       // [taps · D/4, T/2]: h5's columns read by each output parity
-  acc_t* dh5;          // [taps · D/4, T/2]: dec2^T dt for one parity
+  acc_t* rhs[2];       // [taps · D/4, T/2]: h5's columns read by each output parity, then
+                       // dec2^T dt for that parity (once d dec2 has read the columns)
   acc_t* scores;       // [N, T]: S, then P
   acc_t* dp;           // [N, T]: v ⊙ g, then dt
   acc_t* sigma_prime;  // [N, T]: σ'(t) = σ(1 − σ)
@@ -178,20 +181,30 @@ struct ParameterGrads {                 // in the tile parity order where a layo
   at::Tensor dec2[2];                   // [N, taps(q) · D/4]: (n, (jj, c)) as dec2 by parity
   at::Tensor dec2_bias;                 // [N]
 
-  ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc) {
+  // A worker's accumulators, zeros; with `shared`, its value_weight and value_bias are
+  // shared's (workers whose tiles own distinct rows of them add there directly).
+  ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc,
+                 const ParameterGrads* shared = nullptr) {
     const at::TensorOptions options(acc);
-    if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
-    if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
+    if (shared != nullptr) {
+      value_weight = shared->value_weight;
+      value_bias = shared->value_bias;
+    } else {
+      if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
+      if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
+    }
     for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) dec2[q] = at::zeros({N, K[q]}, options);
     if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
   }
 
   ParameterGrads() = default;  // none: the total before the first worker's (add_to)
 
-  // Adds these to `total`; the first worker's become the total (no copy).
+  // Adds these to `total`; the first worker's become the total (no copy), and those shared
+  // with the total are already there.
   void add_to(ParameterGrads& total) const {
     const auto add = [](at::Tensor& to, const at::Tensor& from) {
-      if (from.defined()) to = to.defined() ? to.add_(from) : from;
+      if (!from.defined() || from.is_same(to)) return;
+      to = to.defined() ? to.add_(from) : from;
     };
     add(total.value_weight, value_weight);
     add(total.value_bias, value_bias);
@@ -297,13 +310,12 @@ struct Backward {
     const int64_t window = std::max(K[0], K[1]) * (T / 2);
     const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
     TileScratch<acc_t> sc;
-    sc.memory = at::empty({3 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows},
+    sc.memory = at::empty({2 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows},
                           at::TensorOptions(acc));
     acc_t* next = sc.memory.template data_ptr<acc_t>();
     const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
     sc.rhs[0] = take(window);
     sc.rhs[1] = take(window);
-    sc.dh5 = take(window);
     sc.scores = take(N * T);
     sc.dp = take(N * T);
     sc.sigma_prime = take(N * T);
@@ -471,16 +483,17 @@ struct Backward {
         }
       }
       if (!needs.dh5()) continue;
+      acc_t* dwindow = sc.rhs[q];  // h5's columns are read: dec2^T dt takes their place
       if (rounded_dec2_grad(N, half)) {
         dec2_gemm(K[q], half, N, dec2_t[q].template data_ptr<acc_t>(), dec2_t_rounded[q], N,
-                  rows_buf.dp + q * half, ld, /*b_transposed=*/false, sc.dh5, half,
+                  rows_buf.dp + q * half, ld, /*b_transposed=*/false, dwindow, half,
                   /*accumulate=*/false, sc);
       } else {
-        at::Tensor dwindow = view(sc.dh5, K[q], half, half);
-        at::mm_out(dwindow, dec2[q].t(), dt_q);
+        at::Tensor dwindow_view = view(dwindow, K[q], half, half);
+        at::mm_out(dwindow_view, dec2[q].t(), dt_q);
       }
       const std::lock_guard<std::mutex> guard(lock);
-      scatter_window(sc.dh5, q, o0, half, dh5 + b * (D / 4) * (D / 2));
+      scatter_window(dwindow, q, o0, half, dh5 + b * (D / 4) * (D / 2));
     }
   }
 
@@ -580,6 +593,8 @@ struct Backward {
   // Runs body(b, o0, scratch, own, lock) for every (batch element, tile) under
   // at::parallel_for, `own` a worker's parameter accumulators (added to `total` at its
   // end, where given) and `lock` the batch element's; own_rows: the scratch holds [N, T] rows.
+  // With one batch element every tile is its own rows of dWv and entries of dbv, so the
+  // workers share the total's (one [D, D] accumulator, not one per worker).
   template <typename Body>
   void for_each_tile(bool own_rows, ParameterGrads<acc_t>* total, const Body& body) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
@@ -588,10 +603,17 @@ struct Backward {
     const bool parallel = cpu::threads_for(macs) > 1;
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
+    const bool shared_values = total != nullptr && B == 1;
+    if (shared_values) {
+      const at::TensorOptions options(acc);
+      if (needs.w[kValueWeight]) total->value_weight = at::zeros({D, D}, options);
+      if (needs.w[kValueBias]) total->value_bias = at::zeros({D}, options);
+    }
     parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
       const TileScratch<acc_t> sc = scratch(own_rows);
       ParameterGrads<acc_t> own =
-          total ? ParameterGrads<acc_t>(needs, N, D, K, acc) : ParameterGrads<acc_t>();
+          total ? ParameterGrads<acc_t>(needs, N, D, K, acc, shared_values ? total : nullptr)
+                : ParameterGrads<acc_t>();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
         body(b, (item % tiles) * tile, sc, own, locks[b]);
@@ -670,27 +692,38 @@ struct Backward {
 };
 
 // Runs body(b, group, own, scratch, rounded) for every (batch element, group of `groups`)
-// under at::parallel_for, `own` a worker's accumulator of shape `own_shape` (zeros;
-// undefined without `accumulates`), `scratch` its buffer of `scratch_elements` and
-// `rounded` its bfloat16 buffer of `bf16_elements` (for rounded_gemm; none where 0), and
-// returns the workers' accumulators summed (the first one's, the others added to it).
-// macs: the work's multiply-adds (threads_for).
+// under at::parallel_for, `own` an accumulator of shape `own_shape` (zeros; undefined
+// without `accumulates`) to which the body adds only in its group's part, `scratch` a
+// worker's buffer of `scratch_elements` and `rounded` its bfloat16 buffer of
+// `bf16_elements` (for rounded_gemm; none where 0), and returns the accumulated total.
+// Where the groups split evenly over the workers, each worker takes whole groups, every
+// batch element of them, and all add to one accumulator (its parts are distinct per
+// group); otherwise items are split, each worker has its own accumulator and the total
+// is their sum (the first one's, the others added to it). macs: the work's multiply-adds
+// (threads_for).
 template <typename Body>
 at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulates,
                          at::IntArrayRef own_shape, int64_t scratch_elements, int64_t bf16_elements,
                          at::ScalarType acc, const Body& body) {
-  at::Tensor total;
+  const int64_t workers = cpu::threads_for(macs) > 1 ? at::get_num_threads() : 1;
+  const bool by_group = groups % workers == 0;
+  at::Tensor total =
+      accumulates && by_group ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
   std::mutex total_lock;
-  const bool parallel = cpu::threads_for(macs) > 1;
-  parallel_for_aten(B * groups, parallel ? 1 : B * groups, [&](int64_t begin, int64_t end) {
-    at::Tensor own = accumulates ? at::zeros(own_shape, at::TensorOptions(acc)) : at::Tensor();
+  const int64_t items = by_group ? groups : B * groups;
+  parallel_for_aten(items, workers > 1 ? 1 : items, [&](int64_t begin, int64_t end) {
+    at::Tensor own =
+        accumulates && !by_group ? at::zeros(own_shape, at::TensorOptions(acc)) : total;
     const at::Tensor scratch = at::empty({scratch_elements}, at::TensorOptions(acc));
     const at::Tensor rounded = at::empty({bf16_elements}, at::kBFloat16);
     for (int64_t item = begin; item < end; ++item) {
-      body(item / groups, item % groups, own, scratch, rounded.data_ptr<c10::BFloat16>());
+      for (int64_t b = 0; b < (by_group ? B : 1); ++b) {
+        body(by_group ? b : item / groups, by_group ? item : item % groups, own, scratch,
+             rounded.data_ptr<c10::BFloat16>());
+      }
     }
     if (bf16_elements > 0) cpu::release_bf16_gemm();
-    if (!accumulates) return;
+    if (!accumulates || by_group) return;
     const std::lock_guard<std::mutex> guard(total_lock);
     total = total.defined() ? total.add_(own) : own;
   });
@@ -887,6 +920,22 @@ void store_tail_grads(const Backward<scalar_t, acc_t>& plan, const ParameterGrad
   if (needs.w[kDec2Bias]) out[1 + kDec2Bias] = total.dec2_bias.to(dtype);
 }
 
+// The tail's backward, its plan (the tail's weights in the tiles' layouts) and parameter
+// accumulators alive only while it runs, not through the layers below: run(plan, total),
+// where ds or dv is needed, adds to dx and dh5 and fills `total`, whose gradients then go
+// to out (store_tail_grads, in dtype). Returns whether the backward's GEMMs round their
+// operands to bfloat16 (Backward::bf16_gemms).
+template <typename scalar_t, typename acc_t, typename Run>
+bool tail_backward(const Sizes& s, const Weights& w, const Needs& needs, const at::Tensor& col_max,
+                   const at::Tensor& col_sum, int64_t tile, at::ScalarType dtype,
+                   std::vector<at::Tensor>& out, const Run& run) {
+  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum, tile);
+  ParameterGrads<acc_t> total;
+  if (needs.ds() || needs.dv()) run(plan, total);
+  store_tail_grads(plan, total, dtype, out);
+  return plan.bf16_gemms;
+}
+
 // Whether the first conv's backward runs: x or its weight needs it.
 bool head_needed(const Needs& needs) { return needs.x || needs.w[kEnc0Weight]; }
 
@@ -978,25 +1027,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
   const int64_t tile = cpu::tail_tile_width(B, D, at::get_num_threads());
-  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum, tile);
   at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
   at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
-  ParameterGrads<acc_t> total;
-  if (needs.ds() || needs.dv()) {
-    RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
-    plan.tail(x, grad, act[kH5], dx, dh5, total);
-  }
   std::vector<at::Tensor> out(1 + kNumWeights);
-  store_tail_grads(plan, total, x.scalar_type(), out);
+  const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
+      s, w, needs, col_max, col_sum, tile, x.scalar_type(), out,
+      [&](const Backward<scalar_t, acc_t>& plan, ParameterGrads<acc_t>& total) {
+        RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
+        plan.tail(x, grad, act[kH5], dx, dh5, total);
+      });
   at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(),
-                                                              plan.bf16_gemms, out)
+                                                              bf16_gemms, out)
                                  : at::Tensor();
   if (dh1.defined()) {
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
     const at::Tensor dpre1 =
         relu_bias_backward<acc_t>(dh1, act[kH1], kEnc0Bias, needs, x.scalar_type(), out);
     if (head_needed(needs))
-      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, plan.bf16_gemms, dx, out);
+      head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, bf16_gemms, dx, out);
   }
   if (needs.x) out[0] = dx.to(x.scalar_type());
   fill_empty(out, x);
@@ -1162,20 +1210,18 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
   by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
-    const Backward<scalar_t, acc_t> plan(a.s, a.w, a.needs, stats_max, stats_sum, tile);
     at::Tensor dx = a.needs.x ? at::zeros({B, N, D}, at::TensorOptions(a.acc)) : at::Tensor();
     at::Tensor dh5 =
         a.needs.dh5() ? at::zeros({B, D / 4, D / 2}, at::TensorOptions(a.acc)) : at::Tensor();
-    ParameterGrads<acc_t> total;
-    if (a.needs.ds() || a.needs.dv()) {
-      RECORD_FUNCTION("casa::cpu backward tail rows", std::vector<c10::IValue>());
-      plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
-    }
-    store_tail_grads(plan, total, a.x.scalar_type(), out);
-    at::Tensor dh1 = dh5.defined()
-                         ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs, a.x.scalar_type(),
-                                                      plan.bf16_gemms, out)
-                         : at::Tensor();
+    const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
+        a.s, a.w, a.needs, stats_max, stats_sum, tile, a.x.scalar_type(), out,
+        [&](const Backward<scalar_t, acc_t>& plan, ParameterGrads<acc_t>& total) {
+          RECORD_FUNCTION("casa::cpu backward tail rows", std::vector<c10::IValue>());
+          plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
+        });
+    at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs,
+                                                                a.x.scalar_type(), bf16_gemms, out)
+                                   : at::Tensor();
     if (dh1.defined()) {
       const at::Tensor dpre1 =
           relu_bias_backward<acc_t>(dh1, act[kH1], kEnc0Bias, a.needs, a.x.scalar_type(), out);

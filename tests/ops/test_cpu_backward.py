@@ -5,7 +5,12 @@ skips), bfloat16 under the tolerance rule, gradcheck in float64, NaN/inf in x, w
 saved for the backward, and the error on double backward.
 
 Shapes: (batch, n_vars, d_model, kernel, threads). The tail's tiles are 64 rows
-(``kRows``) by T columns, T from the batch, D and the threads (``tail_tile_width``).
+(``kRows``) by T columns, T from the batch, D and the threads (``tail_tile_width``). At
+D = 128 the head's and the middle convs' backwards are worth several workers
+(``threads_for``); their weight gradients are accumulated either in one tensor the workers
+share, each taking whole groups of input channels (B = 1 on 3 threads: 3 groups), or in one
+tensor per worker, summed at the end (B = 3 on 2 threads: one group; B = 1 on 2 threads with
+N = 600: 3 groups of the head's 600 channels). At B = 1 the tail's workers share dWv and dbv.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ SHAPES = {
     "N=3x64+8,D=24,three-tiles,k=5": (1, 200, 24, 5, 3),
     "N<rows,D=16,k=7": (3, 9, 16, 7, 3),
     "N=2x64+2,D=16,tiles-6+6+4": (1, 130, 16, 3, 3),
+    "D=128,shared-accumulators": (1, 130, 128, 3, 3),
+    "D=128,B=3,per-worker-accumulators": (3, 130, 128, 3, 2),
+    "D=128,N=600,uneven-head-groups": (1, 600, 128, 3, 2),
 }
 # The score network's convolutions from the top (h5) down, with their weights: a gradient
 # of a layer's weights or bias, or of x, costs the backward of every layer from the top down
