@@ -185,16 +185,22 @@ struct ParameterGrads {                 // in the tile parity order where a layo
   // shared's (workers whose tiles own distinct rows of them add there directly).
   ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc,
                  const ParameterGrads* shared = nullptr) {
-    const at::TensorOptions options(acc);
     if (shared != nullptr) {
       value_weight = shared->value_weight;
       value_bias = shared->value_bias;
     } else {
-      if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
-      if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
+      zero_values(needs, D, acc);
     }
+    const at::TensorOptions options(acc);
     for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) dec2[q] = at::zeros({N, K[q]}, options);
     if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
+  }
+
+  // value_weight and value_bias as zeros, where needed.
+  void zero_values(const Needs& needs, int64_t D, at::ScalarType acc) {
+    const at::TensorOptions options(acc);
+    if (needs.w[kValueWeight]) value_weight = at::zeros({D, D}, options);
+    if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
   }
 
   ParameterGrads() = default;  // none: the total before the first worker's (add_to)
@@ -604,11 +610,7 @@ struct Backward {
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
     const bool shared_values = total != nullptr && B == 1;
-    if (shared_values) {
-      const at::TensorOptions options(acc);
-      if (needs.w[kValueWeight]) total->value_weight = at::zeros({D, D}, options);
-      if (needs.w[kValueBias]) total->value_bias = at::zeros({D}, options);
-    }
+    if (shared_values) total->zero_values(needs, D, acc);
     parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
       const TileScratch<acc_t> sc = scratch(own_rows);
       ParameterGrads<acc_t> own =
@@ -716,10 +718,12 @@ at::Tensor for_each_item(int64_t B, int64_t groups, int64_t macs, bool accumulat
         accumulates && !by_group ? at::zeros(own_shape, at::TensorOptions(acc)) : total;
     const at::Tensor scratch = at::empty({scratch_elements}, at::TensorOptions(acc));
     const at::Tensor rounded = at::empty({bf16_elements}, at::kBFloat16);
+    c10::BFloat16* rounded_data = rounded.data_ptr<c10::BFloat16>();
     for (int64_t item = begin; item < end; ++item) {
-      for (int64_t b = 0; b < (by_group ? B : 1); ++b) {
-        body(by_group ? b : item / groups, by_group ? item : item % groups, own, scratch,
-             rounded.data_ptr<c10::BFloat16>());
+      if (by_group) {  // item: a group, for every batch element
+        for (int64_t b = 0; b < B; ++b) body(b, item, own, scratch, rounded_data);
+      } else {
+        body(item / groups, item % groups, own, scratch, rounded_data);
       }
     }
     if (bf16_elements > 0) cpu::release_bf16_gemm();
