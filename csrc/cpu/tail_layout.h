@@ -15,13 +15,19 @@
 namespace casa {
 namespace cpu {
 
+// The widest tile of a tail that splits the D columns (docs/design.md §5.3): a worker's
+// [N, T] buffers (one in the forward, three in the backward) shrink with T, and on the
+// AVX2 Zen 3 128 columns ran as fast as 256 or faster, forward and backward.
+constexpr int64_t kSplitTileMax = 128;
+
 // Tail tile width T (even, at most D): the whole width when the batch alone keeps the
 // threads evenly busy, as each tile reads all of x[b] for its value GEMM; otherwise
-// the widest that splits the D columns into enough tiles, with at most 1/8 of the
-// threads' time idle. A worker's scores, N·T values, stay within one [N, D] buffer.
+// the widest of at most kSplitTileMax columns that splits the D columns into enough
+// tiles, with at most 1/8 of the threads' time idle. Forward and backward use the same.
 inline int64_t tail_tile_width(int64_t B, int64_t D, int64_t threads) {
   for (int64_t tiles = 1;; ++tiles) {
     const int64_t T = ((D + tiles - 1) / tiles + 1) / 2 * 2;
+    if (tiles > 1 && T > kSplitTileMax) continue;
     const int64_t items = B * ((D + T - 1) / T);
     const int64_t slots = (items + threads - 1) / threads * threads;
     if (T == 2 || 8 * (slots - items) <= slots) return T;

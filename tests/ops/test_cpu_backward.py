@@ -5,7 +5,8 @@ skips), bfloat16 under the tolerance rule, gradcheck in float64, NaN/inf in x, w
 saved for the backward, and the error on double backward.
 
 Shapes: (batch, n_vars, d_model, kernel, threads). The tail's tiles are 64 rows
-(``kRows``) by T columns, T from the batch, D and the threads (``tail_tile_width``). At
+(``kRows``) by T columns, T from the batch, D and the threads (``tail_tile_width``: at
+most 128 where it splits D, so D = 512 at B = 1 on 2 threads runs four tiles of 128). At
 D = 128 the head's and the middle convs' backwards are worth several workers
 (``threads_for``); their weight gradients are accumulated either in one tensor the workers
 share, each taking whole groups of input channels (B = 1 on 3 threads: 3 groups), or in one
@@ -39,6 +40,7 @@ SHAPES = {
     "D=128,shared-accumulators": (1, 130, 128, 3, 3),
     "D=128,B=3,per-worker-accumulators": (3, 130, 128, 3, 2),
     "D=128,N=600,uneven-head-groups": (1, 600, 128, 3, 2),
+    "D=512,B=1,four-tiles-of-128": (1, 70, 512, 3, 2),
 }
 # The score network's convolutions from the top (h5) down, with their weights: a gradient
 # of a layer's weights or bias, or of x, costs the backward of every layer from the top down
