@@ -134,6 +134,21 @@ MUTANTS = [
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
+        "cpu backward: the tail's weights laid out again instead of the forward's taken",
+        "csrc/cpu/backward.cpp",
+        "    if (prepared[kDec2Even].scalar_type() == acc) {",
+        "    if (false) {",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: a transposed copy of the head's weight for the input gradient",
+        "csrc/cpu/backward.cpp",
+        "  const at::Tensor weight_2d = weight.reshape({Cout, Cin * k});\n",
+        "  const at::Tensor weight_2d = weight.reshape({Cout, Cin * k});\n"
+        "  const at::Tensor w_t_copy = d_in != nullptr ? transposed(weight_2d) : at::Tensor();\n",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
         "cpu backward: the value weight's gradient transposed",
         "casa_kernels/ops/backends/cpu_backward.py",
         "return tuple(g if need else None for g, need in zip(grads, needs))",

@@ -254,9 +254,12 @@ struct Backward {
   const acc_t* col_max;
   const acc_t* col_sum;
 
-  // tile: the tail tile width (cpu::tail_tile_width for this B, D and thread count).
+  // tile: the tail tile width of the forward's layouts, prepared: the forward's tail
+  // layouts for it (cpu_prepare_tail, PreparedIndex), checked by checked_prepared. Where
+  // their GEMM operands are acc_t (no bfloat16 GEMMs) the plan takes dec2 by parity, Wv^T
+  // and bv from them; otherwise (bfloat16 operands) it lays them out in acc_t itself.
   Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
-           const at::Tensor& stats_sum, int64_t tile_width)
+           const at::Tensor& stats_sum, int64_t tile_width, at::TensorList prepared)
       : s(sizes),
         needs(n),
         acc(c10::CppTypeToScalarType<acc_t>::value),
@@ -265,22 +268,31 @@ struct Backward {
         col_max(stats_max.data_ptr<acc_t>()),
         col_sum(stats_sum.data_ptr<acc_t>()) {
     const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
-    std::vector<int64_t> channels(C1);
-    std::iota(channels.begin(), channels.end(), 0);
-    // The forward's layouts (cpu_prepare_weights), in acc_t.
-    const at::Tensor dec2_weight = w[kDec2Weight].to(acc).contiguous();
     for (int q = 0; q < 2; ++q) {
       taps[q] = cpu::parity_taps(s.kernel, q);
       K[q] = static_cast<int64_t>(taps[q].size()) * C1;
-      dec2[q] = cpu::transpose_gather<acc_t>(dec2_weight, N * s.kernel, channels,
-                                             cpu::dec2_parity_columns(N, s.kernel, q))
-                    .view({N, K[q]});
+    }
+    if (prepared[kDec2Even].scalar_type() == acc) {
+      for (int q = 0; q < 2; ++q) dec2[q] = prepared[kDec2Even + q];
+      value_t = prepared[kValueWeightT];
+      value_bias = prepared[kValueBiasOrdered];
+      value = transposed(value_t);
+    } else {
+      RECORD_FUNCTION("casa::cpu backward layouts", std::vector<c10::IValue>());
+      std::vector<int64_t> channels(C1);
+      std::iota(channels.begin(), channels.end(), 0);
+      const at::Tensor dec2_weight = w[kDec2Weight].to(acc).contiguous();
+      for (int q = 0; q < 2; ++q) {
+        dec2[q] = cpu::transpose_gather<acc_t>(dec2_weight, N * s.kernel, channels,
+                                               cpu::dec2_parity_columns(N, s.kernel, q))
+                      .view({N, K[q]});
+      }
+      const at::Tensor ordered = at::tensor(order, at::kLong);
+      value = w[kValueWeight].to(acc).index_select(0, ordered);
+      value_t = transposed(value);
+      value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
     }
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
-    const at::Tensor ordered = at::tensor(order, at::kLong);
-    value = w[kValueWeight].to(acc).index_select(0, ordered);
-    value_t = transposed(value);
-    value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
     bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemms) pack_values();
@@ -759,10 +771,13 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
   const int64_t groups = channel_groups(B, Cin);
   const auto group_start = [&](int64_t g) { return g * Cin / groups; };
   const int64_t most_rows = (Cin + groups - 1) / groups;
-  const at::Tensor w_t = transposed(weight.reshape({Cout, Cin * k}));  // [Cin·k, Cout]
+  const at::Tensor weight_2d = weight.reshape({Cout, Cin * k});
   const int64_t macs = (want_weight + (d_in != nullptr)) * B * Cin * k * Cout * half;
   const bool rounded_dw = bf16_gemms && half % 2 == 0, rounded_dx = bf16_gemms && Cout % 2 == 0;
-  const at::Tensor w_t_rounded = rounded_rows(w_t, rounded_dx && d_in != nullptr);
+  // The input gradient's GEMMs take W^T [Cin·k, Cout]: a transposed view of the weight
+  // (the head's is N·k·D/4, no copy of it), rounded to bfloat16 in that layout once.
+  const at::Tensor w_t_rounded =
+      rounded_dx && d_in != nullptr ? rounded_rows(weight_2d.t(), true) : at::Tensor();
   const int64_t most_k = most_rows * k;
   const int64_t bf16_elements =
       std::max(rounded_dw ? rounded_gemm_elements(Cout, most_k, half) : 0,
@@ -788,7 +803,6 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
           }
         }
         if (d_in == nullptr) return;
-        const acc_t* w_rows = w_t.data_ptr<acc_t>() + c0 * k * Cout;
         if constexpr (std::is_same_v<acc_t, float>) {
           if (rounded_dx) {
             rounded_gemm(K, half, Cout, w_t_rounded.data_ptr<c10::BFloat16>() + c0 * k * Cout, Cout,
@@ -797,7 +811,8 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
           }
         }
         if (!rounded_dx) {
-          cpu::gemm(K, half, Cout, w_rows, Cout, dpre_b, half, cols, half, /*accumulate=*/false);
+          at::Tensor cols_view = view(cols, K, half, half);
+          at::mm_out(cols_view, weight_2d.narrow(1, c0 * k, K).t(), view(dpre_b, Cout, half, half));
         }
         acc_t* in_rows = d_in + (b * Cin + c0) * L;
         for (int64_t r = 0; r < rows; ++r) {
@@ -931,9 +946,9 @@ void store_tail_grads(const Backward<scalar_t, acc_t>& plan, const ParameterGrad
 // operands to bfloat16 (Backward::bf16_gemms).
 template <typename scalar_t, typename acc_t, typename Run>
 bool tail_backward(const Sizes& s, const Weights& w, const Needs& needs, const at::Tensor& col_max,
-                   const at::Tensor& col_sum, int64_t tile, at::ScalarType dtype,
-                   std::vector<at::Tensor>& out, const Run& run) {
-  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum, tile);
+                   const at::Tensor& col_sum, int64_t tile, at::TensorList prepared,
+                   at::ScalarType dtype, std::vector<at::Tensor>& out, const Run& run) {
+  const Backward<scalar_t, acc_t> plan(s, w, needs, col_max, col_sum, tile, prepared);
   ParameterGrads<acc_t> total;
   if (needs.ds() || needs.dv()) run(plan, total);
   store_tail_grads(plan, total, dtype, out);
@@ -1026,16 +1041,15 @@ void fill_empty(std::vector<at::Tensor>& out, const at::Tensor& x) {
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const Weights& w,
                                       const std::vector<at::Tensor>& act, const at::Tensor& col_max,
-                                      const at::Tensor& col_sum, const Needs& needs,
-                                      const Sizes& s) {
+                                      const at::Tensor& col_sum, int64_t tile,
+                                      at::TensorList prepared, const Needs& needs, const Sizes& s) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
-  const int64_t tile = cpu::tail_tile_width(B, D, at::get_num_threads());
   at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
   at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
   std::vector<at::Tensor> out(1 + kNumWeights);
   const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
-      s, w, needs, col_max, col_sum, tile, x.scalar_type(), out,
+      s, w, needs, col_max, col_sum, tile, prepared, x.scalar_type(), out,
       [&](const Backward<scalar_t, acc_t>& plan, ParameterGrads<acc_t>& total) {
         RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
         plan.tail(x, grad, act[kH5], dx, dh5, total);
@@ -1130,50 +1144,79 @@ auto by_dtype(at::ScalarType dtype, const F& f) {
   }
 }
 
+// The forward's tail tile width and its tail layouts for that width (cpu_prepare_tail's
+// list, PreparedIndex), checked: the entries Backward reads, in the accumulation dtype,
+// have cpu_prepare_tail's shapes for these sizes; bfloat16 ones (the forward's on a CPU
+// with bfloat16 GEMMs) are not read.
+void check_layouts(int64_t tile, at::TensorList prepared, const Arguments& a) {
+  TORCH_CHECK(tile >= 2 && tile <= a.s.d_model && tile % 2 == 0,
+              "tile: expected an even width in [2, d_model = ", a.s.d_model, "], received ", tile);
+  TORCH_CHECK(prepared.size() >= kNumPrepared, "prepared: expected cpu_prepare_tail's list, ",
+              static_cast<int>(kNumPrepared), " tensors or more, received ", prepared.size());
+  const at::ScalarType dtype = prepared[kDec2Even].scalar_type();
+  TORCH_CHECK(dtype == a.acc || dtype == at::kBFloat16, "prepared[0]: expected dtype ", a.acc,
+              " or BFloat16, received ", dtype);
+  if (dtype != a.acc) return;
+  const int64_t N = a.s.n_vars, D = a.s.d_model;
+  const char* names[] = {"prepared[0] (dec2_weight, even outputs)",
+                         "prepared[1] (dec2_weight, odd outputs)", "prepared[2] (value_weight^T)",
+                         "prepared[3] (value_bias)"};
+  for (int q = 0; q < 2; ++q) {
+    const int64_t taps = static_cast<int64_t>(cpu::parity_taps(a.s.kernel, q).size());
+    check_like(prepared[kDec2Even + q], names[q], {N, taps * (D / 4)}, a.acc);
+  }
+  check_like(prepared[kValueWeightT], names[2], {D, D}, a.acc);
+  check_like(prepared[kValueBiasOrdered], names[3], {D}, a.acc);
+  for (int i : {kDec2Even, kDec2Odd, kValueWeightT, kValueBiasOrdered}) {
+    TORCH_CHECK(prepared[i].is_contiguous(), names[i], ": expected a contiguous tensor");
+  }
+}
+
+// The state of the variate-parallel tail backward, checked.
+void check_state(const at::Tensor& state, const Arguments& a) {
+  check_like(state, "state", {3 * a.s.batch * a.s.n_vars * a.s.d_model}, a.acc);
+  TORCH_CHECK(state.is_contiguous(), "state: expected a contiguous tensor");
+}
+
 // casa::cpu_score_attention_backward: the gradients of the op at x (weights in schema
 // order) for grad_y = dL/dy, from the forward's saved activations (ActivationIndex) and
-// column statistics (casa::cpu_tail_fused's). needs: 1 + 14 flags, x then the weights.
-// Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
+// column statistics (casa::cpu_tail_fused's), with the forward's tail tile width and its
+// tail layouts for it (prepared: cpu_prepare_tail's list). needs: 1 + 14 flags, x then the
+// weights. Returns 1 + 14 tensors in x's dtype, in that order; those not needed are empty.
 std::vector<at::Tensor> score_attention_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                  at::TensorList weights, at::TensorList activations,
                                                  const at::Tensor& col_max,
-                                                 const at::Tensor& col_sum,
-                                                 const c10::List<bool>& needs) {
+                                                 const at::Tensor& col_sum, at::TensorList prepared,
+                                                 int64_t tile, const c10::List<bool>& needs) {
   const Arguments a = check_arguments(x, weights, needs);
   const at::Tensor grad = checked_grad(grad_y, a);
   const std::vector<at::Tensor> act = checked_activations(activations, a);
   check_stats(col_max, col_sum, a);
+  check_layouts(tile, prepared, a);
   const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
   return by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
-    return backward_impl<scalar_t, acc_t>(grad, a.x, a.w, act, stats_max, stats_sum, a.needs, a.s);
+    return backward_impl<scalar_t, acc_t>(grad, a.x, a.w, act, stats_max, stats_sum, tile, prepared,
+                                          a.needs, a.s);
   });
-}
-
-// The tail tile width and the state of the variate-parallel tail backward, checked.
-void check_split(int64_t tile, const at::Tensor* state, const Arguments& a) {
-  TORCH_CHECK(tile >= 2 && tile <= a.s.d_model && tile % 2 == 0,
-              "tile: expected an even width in [2, d_model = ", a.s.d_model, "], received ", tile);
-  if (state == nullptr) return;
-  check_like(*state, "state", {3 * a.s.batch * a.s.n_vars * a.s.d_model}, a.acc);
-  TORCH_CHECK(state->is_contiguous(), "state: expected a contiguous tensor");
 }
 
 // casa::cpu_tail_backward_colsum, part 1 of the tail's backward in a variate-parallel
 // backward (docs/design.md §12.4), for this rank's N variates: returns (colsum [B, D],
 // Σ_N P ⊙ dP over them, zero where ds is not due; state, the tiles' P, dP and σ' for
 // part 2, 3·B·N·D), both in the accumulation dtype. col_max, col_sum: the global (merged)
-// statistics; tile: the tail tile width, the same for both parts.
+// statistics; tile: the tail tile width, the same for both parts, and prepared the
+// forward's tail layouts for it (cpu_prepare_tail's list).
 std::tuple<at::Tensor, at::Tensor> tail_backward_colsum(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, const at::Tensor& h5,
     const at::Tensor& col_max, const at::Tensor& col_sum, const c10::List<bool>& needs,
-    int64_t tile) {
+    at::TensorList prepared, int64_t tile) {
   const Arguments a = check_arguments(x, weights, needs);
   const at::Tensor grad = checked_grad(grad_y, a);
   check_like(h5, "h5", {a.s.batch, a.s.d_model / 4, a.s.d_model / 2}, a.acc);
   check_stats(col_max, col_sum, a);
-  check_split(tile, nullptr, a);
+  check_layouts(tile, prepared, a);
   const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
   at::Tensor colsum = at::zeros({a.s.batch, a.s.d_model}, at::TensorOptions(a.acc));
   at::Tensor state =
@@ -1183,7 +1226,7 @@ std::tuple<at::Tensor, at::Tensor> tail_backward_colsum(
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
     RECORD_FUNCTION("casa::cpu backward tail colsum", std::vector<c10::IValue>());
-    const Backward<scalar_t, acc_t> plan(a.s, a.w, a.needs, stats_max, stats_sum, tile);
+    const Backward<scalar_t, acc_t> plan(a.s, a.w, a.needs, stats_max, stats_sum, tile, prepared);
     plan.tail_colsum(a.x, grad, h5.contiguous(), state, colsum);
     return 0;
   });
@@ -1197,17 +1240,20 @@ std::tuple<at::Tensor, at::Tensor> tail_backward_colsum(
 // (enc0_weight's empty: cpu_head_backward gives it; value and bottleneck parameters' are
 // this rank's share), and dL/d(the first conv's output before bias and ReLU) from this
 // rank's rows ([B, D/4, D/2], accumulation dtype; empty unless x or enc0_weight needs it).
+// prepared, tile: as for cpu_tail_backward_colsum.
 std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::Tensor& x,
                                            at::TensorList weights, at::TensorList activations,
                                            const at::Tensor& col_max, const at::Tensor& col_sum,
                                            const at::Tensor& colsum, const at::Tensor& state,
-                                           const c10::List<bool>& needs, int64_t tile) {
+                                           const c10::List<bool>& needs, at::TensorList prepared,
+                                           int64_t tile) {
   const Arguments a = check_arguments(x, weights, needs);
   const at::Tensor grad = checked_grad(grad_y, a);
   const std::vector<at::Tensor> act = checked_activations(activations, a);
   check_stats(col_max, col_sum, a);
   check_like(colsum, "colsum", {a.s.batch, a.s.d_model}, a.acc);
-  check_split(tile, &state, a);
+  check_layouts(tile, prepared, a);
+  check_state(state, a);
   const at::Tensor stats_max = col_max.contiguous(), stats_sum = col_sum.contiguous();
   const int64_t B = a.s.batch, N = a.s.n_vars, D = a.s.d_model;
   std::vector<at::Tensor> out(1 + kNumWeights + 1);
@@ -1218,7 +1264,7 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
     at::Tensor dh5 =
         a.needs.dh5() ? at::zeros({B, D / 4, D / 2}, at::TensorOptions(a.acc)) : at::Tensor();
     const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
-        a.s, a.w, a.needs, stats_max, stats_sum, tile, a.x.scalar_type(), out,
+        a.s, a.w, a.needs, stats_max, stats_sum, tile, prepared, a.x.scalar_type(), out,
         [&](const Backward<scalar_t, acc_t>& plan, ParameterGrads<acc_t>& total) {
           RECORD_FUNCTION("casa::cpu backward tail rows", std::vector<c10::IValue>());
           plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
@@ -1282,14 +1328,16 @@ std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tens
 TORCH_LIBRARY_FRAGMENT(casa, m) {
   m.def(
       "cpu_score_attention_backward(Tensor grad_y, Tensor x, Tensor[] weights, "
-      "Tensor[] activations, Tensor col_max, Tensor col_sum, bool[] needs) -> Tensor[]");
+      "Tensor[] activations, Tensor col_max, Tensor col_sum, Tensor[] prepared, int tile, "
+      "bool[] needs) -> Tensor[]");
   m.def(
       "cpu_tail_backward_colsum(Tensor grad_y, Tensor x, Tensor[] weights, Tensor h5, "
-      "Tensor col_max, Tensor col_sum, bool[] needs, int tile) -> (Tensor, Tensor)");
+      "Tensor col_max, Tensor col_sum, bool[] needs, Tensor[] prepared, int tile) "
+      "-> (Tensor, Tensor)");
   m.def(
       "cpu_tail_backward_rows(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] activations, "
-      "Tensor col_max, Tensor col_sum, Tensor colsum, Tensor state, bool[] needs, int tile) "
-      "-> Tensor[]");
+      "Tensor col_max, Tensor col_sum, Tensor colsum, Tensor state, bool[] needs, "
+      "Tensor[] prepared, int tile) -> Tensor[]");
   m.def(
       "cpu_head_backward(Tensor dpre1, Tensor x, Tensor enc0_weight, Tensor(a!) dx_acc, "
       "bool[] needs) -> Tensor[]");

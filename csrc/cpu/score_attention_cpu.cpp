@@ -197,26 +197,7 @@ struct TailScratch {
                   // bfloat16 GEMMs)
 };
 
-// The weights re-laid out for the kernel's GEMMs, prepared once per weight version
-// (the Python backend caches them, casa_kernels/ops/weight_cache.py), as a list of
-// tensors in this order:
-enum PreparedIndex : int {
-  kDec2Even,
-  kDec2Odd,           // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
-  kValueWeightT,      // [D, D]: Wv^T, columns in tile_parity_order; with bf16_gemm,
-                      // packed (cpu::pack_bf16) tile by tile
-  kValueBiasOrdered,  // [D]: bv in tile_parity_order (acc_t)
-  kEnc1Gemm,
-  kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands (acc_t);
-              // on AMX, cpu::pack_conv_s2_weight
-  kDec0Gemm,
-  kDec1Gemm,     // [Cout·k, Cin]: the transposed convs' weights, transposed (acc_t);
-                 // on AMX, cpu::pack_conv_transpose_s2_weight
-  kNumPrepared,  // then, for bfloat16 input, the 14 weights in fp32
-};
-// The tail's GEMM operands (dec2 by parity, Wv^T) are bfloat16 with bf16_gemm, acc_t
-// otherwise, all contiguous; kEnc1Gemm and kEnc2Gemm are views of the caller's weights
-// where no cast is due.
+// The prepared list: PreparedIndex (tail_layout.h).
 
 enum class TailMode { kFused, kStats, kOutput };
 

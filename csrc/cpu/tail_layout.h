@@ -1,6 +1,7 @@
 // The column tiles of the CPU kernel's tail (docs/design.md §5.3), shared by the forward
 // (score_attention_cpu.cpp) and the backward (backward.cpp): how wide a tile is, the
-// order of its columns in the tile's buffers, and the tail's weights in that layout.
+// order of its columns in the tile's buffers, and the tail's weights in that layout
+// (PreparedIndex).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +14,29 @@
 #include "channels_last.h"  // parity_taps
 
 namespace casa {
+
+// The weights re-laid out for the kernel's GEMMs (cpu_prepare_weights, cpu_prepare_tail),
+// prepared once per weight version (the Python backend caches them,
+// casa_kernels/ops/weight_cache.py), as a list of tensors in this order; the backward
+// (backward.cpp) takes the tail's from the forward's list:
+enum PreparedIndex : int {
+  kDec2Even,
+  kDec2Odd,           // [N, |taps[q]|·D/4]: (n, (jj, c)) = dec2_weight[c, n, taps[q][jj]]
+  kValueWeightT,      // [D, D]: Wv^T, columns in tile_parity_order; with bf16_gemm,
+                      // packed (cpu::pack_bf16) tile by tile
+  kValueBiasOrdered,  // [D]: bv in tile_parity_order (acc_t)
+  kEnc1Gemm,
+  kEnc2Gemm,  // [Cout, Cin·k]: the bottleneck convs' weights as left operands (acc_t);
+              // on AMX, cpu::pack_conv_s2_weight
+  kDec0Gemm,
+  kDec1Gemm,     // [Cout·k, Cin]: the transposed convs' weights, transposed (acc_t);
+                 // on AMX, cpu::pack_conv_transpose_s2_weight
+  kNumPrepared,  // then, for bfloat16 input, the 14 weights in fp32
+};
+// The tail's GEMM operands (dec2 by parity, Wv^T) are bfloat16 with bf16_gemm, acc_t
+// otherwise, all contiguous; kEnc1Gemm and kEnc2Gemm are views of the caller's weights
+// where no cast is due.
+
 namespace cpu {
 
 // The widest tile of a tail that splits the D columns (docs/design.md §5.3): a worker's

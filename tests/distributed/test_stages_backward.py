@@ -104,11 +104,27 @@ def test_the_split_backward_ops_name_a_wrong_argument(problem):
     h5 = torch.randn(2, 4, 8)
     stats = torch.ones(2, 16)
     ops = torch.ops.casa
+    tail = (w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias)
+    prepared = ops.cpu_prepare_tail(*tail, 16, "none")
     with pytest.raises(
         RuntimeError, match=r"tile: expected an even width in \[2, d_model = 16\], received 7"
     ):
-        ops.cpu_tail_backward_colsum(g, x, list(w), h5, stats, stats, flags, 7)
-    colsum, state = ops.cpu_tail_backward_colsum(g, x, list(w), h5, stats, stats, flags, 16)
+        ops.cpu_tail_backward_colsum(g, x, list(w), h5, stats, stats, flags, prepared, 7)
+    _, other = problem(2, 6, 16, 3)  # one variate more: dec2's layouts have 6 rows
+    # (D/4 = 4 columns: k = 3 gives even outputs one tap)
+    other_prepared = ops.cpu_prepare_tail(
+        other.dec2_weight, other.dec2_bias, other.value_weight, other.value_bias, 16, "none"
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"prepared\[0\] \(dec2_weight, even outputs\): expected shape \[5, 4\], received \[6",
+    ):
+        ops.cpu_tail_backward_colsum(g, x, list(w), h5, stats, stats, flags, other_prepared, 16)
+    with pytest.raises(RuntimeError, match=r"prepared: expected cpu_prepare_tail's list"):
+        ops.cpu_tail_backward_colsum(g, x, list(w), h5, stats, stats, flags, prepared[:3], 16)
+    colsum, state = ops.cpu_tail_backward_colsum(
+        g, x, list(w), h5, stats, stats, flags, prepared, 16
+    )
     assert colsum.shape == (2, 16) and state.shape == (3 * 2 * 5 * 16,)
     activations = [
         torch.randn(2, 4, 8),
@@ -119,7 +135,7 @@ def test_the_split_backward_ops_name_a_wrong_argument(problem):
     ]
     with pytest.raises(RuntimeError, match=r"state: expected shape \[480\], received \[479\]"):
         ops.cpu_tail_backward_rows(
-            g, x, list(w), activations, stats, stats, colsum, state[:-1], flags, 16
+            g, x, list(w), activations, stats, stats, colsum, state[:-1], flags, prepared, 16
         )
     with pytest.raises(RuntimeError, match=r"dpre1: expected shape \[2, 4, 8\]"):
         ops.cpu_head_backward(torch.randn(2, 4, 7), x, w.enc0_weight, torch.zeros(2, 5, 16), flags)

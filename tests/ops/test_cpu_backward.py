@@ -171,6 +171,48 @@ def test_saves_no_batch_sized_intermediate(threads):
     assert sum(t.numel() for t in extra) == batch * 5 * d_model**2 // 8 + 2 * batch * d_model
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_backward_takes_the_forwards_tail_layouts(threads, dtype):
+    # The backward reads dec2 by parity, Wv^T and bv in the forward's tile layout from the
+    # forward's prepared list (the weight cache); it lays them out itself (the profiler
+    # range "casa::cpu backward layouts") only from bfloat16 layouts, on a CPU with
+    # bfloat16 GEMMs. The gradient tests above run on the forward's layouts.
+    from casa_kernels.ops.backends.cpu import bf16_gemm_tier
+
+    threads(2)
+    x, w = make_problem(2, 70, 32, 3, dtype=dtype, seed=13)
+    leaves = gradients.leaves((x, *w))
+    y = _op(leaves)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(y, leaves, gradients.grad_out(x))
+    names = [event.name for event in prof.events()]
+    own_layouts = dtype == torch.bfloat16 and bf16_gemm_tier() != "none"
+    assert names.count("casa::cpu backward layouts") == own_layouts
+
+
+@pytest.mark.parametrize("n_vars", [8, 862], ids=["N=8", "N=862"])
+def test_forward_backward_at_batch_one_peaks_under_the_reference(threads, n_vars):
+    # At B = 1 the backward takes the forward's tail layouts from the weight cache (dec2 by
+    # parity, Wv^T and bv in tile order: no copies of its own) and reads the head's W^T as
+    # a view, so its peak extra memory stays under the reference autograd's at D = 512:
+    # with few variates, where O(D²) weight layouts dominate (measured 6.0 against 6.4
+    # MiB; 7.1 with copies), and with many (12.8 against 14.6 MiB; 14.1 with copies).
+    from bench.measure import cpu_peak_allocated
+
+    threads(2)
+    x, w = make_problem(1, n_vars, 512, 3, seed=12)
+    leaves = gradients.leaves((x, *w))
+    grad = gradients.grad_out(x)
+
+    def forward_backward(backend):
+        return torch.autograd.grad(torch.ops.casa.score_attention(*leaves, backend), leaves, grad)
+
+    forward_backward("cpu")  # the forward's layouts cached, as in any call after the first
+    fused = cpu_peak_allocated(lambda: forward_backward("cpu"))
+    reference = cpu_peak_allocated(lambda: forward_backward("reference"))
+    assert fused < reference, f"peak extra memory {fused} B, the reference's {reference} B"
+
+
 def test_double_backward_raises_naming_the_backend(threads):
     threads(1)
     x, w = make_problem(1, 5, 8, 3, dtype=torch.float64, seed=9)

@@ -10,7 +10,9 @@ dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
 
 Backward: ``casa::cpu_score_attention_backward`` (csrc/cpu/backward.cpp) recomputes the
 scores tile by tile from h5 and the statistics, and runs the whole chain back to x
-(the convolutions as GEMMs on the saved activations).
+(the convolutions as GEMMs on the saved activations). It takes the forward's tail
+layouts (dec2 by parity, Wvᵀ and bv in tile order) from the weight cache rather than
+laying the weights out again.
 fp32, bfloat16 (fp32 accumulation; on a CPU with bfloat16 GEMMs the backward's GEMMs take
 bfloat16 operands, as the reference's autograd) and fp64. Weights with a NaN or inf run
 on the reference, forward and backward (``finite_weights``).
@@ -85,16 +87,22 @@ def backward(
     needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of x and the 14 weights (None where ``needs`` is False) for grad_y."""
-    from .cpu import _kernels
+    from .cpu import _kernels, _tail_prepared
 
     *activations, col_max, col_sum = saved
+    x = x.contiguous()
+    w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
+    # The forward's tail layouts, from the weight cache (the same weights, not yet stepped).
+    prepared, tile, _ = _tail_prepared(x, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias)
     grads = _kernels().cpu_score_attention_backward(
         grad_y.to(x.dtype).contiguous(),
-        x.contiguous(),
-        [t.contiguous() for t in weights],
+        x,
+        list(w),
         activations,
         col_max,
         col_sum,
+        prepared,
+        tile,
         list(needs),
     )
     return tuple(g if need else None for g, need in zip(grads, needs))

@@ -76,23 +76,24 @@ def backward(
     reductions: RankReductions,
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of x and the 14 weights (None where ``needs`` is False) for grad_y."""
-    from .cpu import _kernels, _tail_tile
+    from .cpu import _kernels, _tail_prepared
 
     *activations, col_max, col_sum = saved
     kernels = _kernels()
     x = x.contiguous()
-    w = [t.contiguous() for t in weights]
+    w = ScoreAttentionWeights(*(t.contiguous() for t in weights))
     g = grad_y.to(x.dtype).contiguous()
     flags = list(needs)
-    tile = _tail_tile(x.shape[0], x.shape[2], torch.get_num_threads())
+    # The tail output stage's layouts, from the weight cache.
+    prepared, tile, _ = _tail_prepared(x, w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias)
     colsum, state = kernels.cpu_tail_backward_colsum(
-        g, x, w, activations[-1], col_max, col_sum, flags, tile
+        g, x, list(w), activations[-1], col_max, col_sum, flags, prepared, tile
     )
     if any(need for i, need in enumerate(needs) if i not in _VALUE):  # ds is due
         grad_sum = reductions.sum_(colsum.div_(col_sum).neg_(), f"the gradient of {COLUMN_SUMS}")
         colsum = grad_sum.mul_(col_sum).neg_()
     *grads, dpre1 = kernels.cpu_tail_backward_rows(
-        g, x, w, activations, col_max, col_sum, colsum, state, flags, tile
+        g, x, list(w), activations, col_max, col_sum, colsum, state, flags, prepared, tile
     )
     del state
     if needs[0] or needs[_ENC0_WEIGHT]:
