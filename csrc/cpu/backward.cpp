@@ -255,7 +255,7 @@ struct Backward {
   const acc_t* col_sum;
 
   // tile: the tail tile width of the forward's layouts, prepared: the forward's tail
-  // layouts for it (cpu_prepare_tail, PreparedIndex), checked by checked_prepared. Where
+  // layouts for it (cpu_prepare_tail, PreparedIndex), checked by check_layouts. Where
   // their GEMM operands are acc_t (no bfloat16 GEMMs) the plan takes dec2 by parity, Wv^T
   // and bv from them; otherwise (bfloat16 operands) it lays them out in acc_t itself.
   Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
