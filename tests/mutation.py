@@ -198,6 +198,14 @@ MUTANTS = [
         CPU_TESTS,
     ),
     Mutant(
+        "cpu: every 64-row block of a value GEMM reads the block's first rows",
+        "csrc/cpu/score_attention_cpu.cpp",
+        "cpu::softmax_output(S + r0 * ld, ld, V + (r0 - v0) * T, T, tile_value_bias,",
+        "cpu::softmax_output(S + r0 * ld, ld, V, T, tile_value_bias,",
+        CPU_TESTS,
+        ("-k", "matches_the_reference and cpu"),
+    ),
+    Mutant(
         "cpu: tail statistics in the wrong parity",
         "csrc/cpu/score_attention_cpu.cpp",
         "if (writes_stats)\n            row[2 * c + q] = common[i][q * half + c];",

@@ -21,7 +21,8 @@
 //   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
 //      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
 //      numerators, each block on its own shift (vectorised.h); pass 2 runs the value
-//      GEMM on the block and writes y, each block rescaled to the common shift.
+//      GEMM on value_rows() rows at a time and writes y block by block, each block
+//      rescaled to the common shift.
 //
 // The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
 // (sequential_blas.h), so only one pool of threads ever runs. For bfloat16 input on a CPU
@@ -33,9 +34,9 @@
 // Temporary memory: O(B·D^2) for the head's and bottleneck's activations (one block,
 // Activations) and h5, min(kHeadChunk, N)·k·D/2 per head worker,
 // and per tail worker S[N, T] (T <= D, tail_tile_width), the blocks' softmax statistics
-// (2·T per kTailRows rows) and O(D^2) more (for bfloat16 input this includes a
-// [kTailRows, D] fp32 block of x rows). Accumulation is fp32 for
-// fp32/bf16 input, fp64 for fp64.
+// (2·T per kTailRows rows), a [value_rows(), T] value block and O(D^2) more (for bfloat16
+// input without bfloat16 GEMMs this includes a [value_rows(), D] fp32 block of x rows).
+// Accumulation is fp32 for fp32/bf16 input, fp64 for fp64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,6 +70,7 @@ using cpu::tile_parity_order;
 
 constexpr int64_t kHeadChunk = 256;            // rows of x turned into GEMM columns at a time
 constexpr int64_t kTailRows = 64;              // rows of a tail tile per GEMM + softmax step
+constexpr int64_t kValueRows = 512;            // rows per value GEMM on fp32 GEMMs (§5.3)
 constexpr int64_t kMinColumnsPerThread = 128;  // parallel_mm: split columns, else rows
 
 // out = a @ b, then relu(out + bias[:, None]) when bias is given, split across threads:
@@ -189,11 +191,11 @@ struct TailScratch {
   acc_t* rhs[2];                     // [max taps · D/4, T/2]: Plan::parity_rhs for each parity
   c10::BFloat16* rhs_packed[2];      // rhs in bfloat16 packed, with bfloat16 GEMMs
   acc_t* scores;                     // [N, T]
-  acc_t* values;                     // [kTailRows, T]
+  acc_t* values;                     // [value_rows(), T]
   acc_t* shift;                      // [row blocks, T]: each block's softmax shift, then scale
   acc_t* sum;                        // [row blocks, T]: each block's column sums
   acc_t* common[2];                  // [T] each: the common shift and the column totals
-  acc_t* x_rows;  // [kTailRows, D]: a block of x[b] rows in fp32 (bfloat16 input without
+  acc_t* x_rows;  // [value_rows(), D]: a block of x[b] rows in fp32 (bfloat16 input without
                   // bfloat16 GEMMs)
 };
 
@@ -412,18 +414,23 @@ struct Plan {
     return h5;
   }
 
+  // Rows of x per value GEMM in pass 2, a multiple of kTailRows or all N: kValueRows on
+  // fp32 GEMMs, where 512 rows ran the op 4–7% faster than 64 at T = 128 on an AVX2 CPU
+  // (docs/design.md §5.3); kTailRows on the bfloat16 GEMMs, whose operand is packed once.
+  int64_t value_rows() const { return std::min(bf16_gemm ? kTailRows : kValueRows, s.n_vars); }
+
   TailScratch<acc_t> tail_scratch() const {
     const int64_t T = tile, rhs = (s.kernel + 1) / 2 * (s.d_model / 4) * (T / 2);
-    const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows;
-    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> || bf16_gemm ? 0 : kTailRows * s.d_model;
+    const int64_t blocks = (s.n_vars + kTailRows - 1) / kTailRows, values = value_rows();
+    const int64_t x_rows = std::is_same_v<scalar_t, acc_t> || bf16_gemm ? 0 : values * s.d_model;
     TailScratch<acc_t> scratch;
-    scratch.memory = at::empty({2 * rhs + (s.n_vars + kTailRows + 2 * blocks + 2) * T + x_rows},
+    scratch.memory = at::empty({2 * rhs + (s.n_vars + values + 2 * blocks + 2) * T + x_rows},
                                at::TensorOptions(acc));
     acc_t* next = scratch.memory.template data_ptr<acc_t>();
     const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
     for (acc_t*& part : scratch.rhs) part = take(rhs);
     scratch.scores = take(s.n_vars * T);
-    scratch.values = take(kTailRows * T);
+    scratch.values = take(values * T);
     scratch.shift = take(blocks * T);
     scratch.sum = take(blocks * T);
     for (acc_t*& part : scratch.common) part = take(T);
@@ -501,14 +508,14 @@ struct Plan {
 
   // Stage 3 for batch element b, output columns [o0, o0 + T): writes y[b, :, o0 : o0 + T].
   // h5_b: [D/4, D/2], the bottleneck's output for b. Scores and values are computed in
-  // parity order (even output columns, then odd), as the softmax functions take them,
-  // kTailRows rows at a time so that each block's GEMM output is used while in cache:
-  // pass 1 turns the scores into softmax numerators and sums them, pass 2 computes the
-  // value block and writes y. The column statistics are the tile's own (TailMode::kFused,
-  // which also writes them to stats unless stats[0] is null: the backward's), or pass 1
-  // only writes them to stats (kStats), or pass 2 takes them from stats (kOutput).
-  // stats: col_max and col_sum, each [B, D] in natural column order. x_b, y_b:
-  // x[b] and y[b], [N, D] contiguous (y_b unused for kStats).
+  // parity order (even output columns, then odd), as the softmax functions take them:
+  // pass 1 turns the scores into softmax numerators and sums them, kTailRows rows at a
+  // time so that each block's GEMM output is used while in cache; pass 2 computes the
+  // values value_rows() rows at a time and writes y, kTailRows rows at a time. The column
+  // statistics are the tile's own (TailMode::kFused, which also writes them to stats unless
+  // stats[0] is null: the backward's), or pass 1 only writes them to stats (kStats), or pass 2
+  // takes them from stats (kOutput). stats: col_max and col_sum, each [B, D] in natural column
+  // order. x_b, y_b: x[b] and y[b], [N, D] contiguous (y_b unused for kStats).
   void tail_tile(const scalar_t* x_b, const acc_t* h5_b, int64_t h5_ld, int64_t b, int64_t o0,
                  const TailScratch<acc_t>& scratch, TailMode mode, acc_t* const stats[2],
                  scalar_t* y_b) const {
@@ -568,11 +575,16 @@ struct Plan {
     }
     if (mode == TailMode::kStats) return;
     cpu::softmax_scales(shift, blocks, T, common[0], common[1]);
-    for (int64_t r0 = 0; r0 < N; r0 += kTailRows) {
-      const int64_t rows = std::min(kTailRows, N - r0);
-      values_gemm(x_b, r0, rows, o0, T, scratch, V);
-      cpu::softmax_output(S + r0 * ld, ld, V, T, tile_value_bias, shift + r0 / kTailRows * T, rows,
-                          T, x_tile + r0 * D, y_tile + r0 * D, D);
+    const int64_t value_block = value_rows();
+    for (int64_t v0 = 0; v0 < N; v0 += value_block) {
+      const int64_t v_end = std::min(v0 + value_block, N);
+      values_gemm(x_b, v0, v_end - v0, o0, T, scratch, V);
+      for (int64_t r0 = v0; r0 < v_end; r0 += kTailRows) {
+        const int64_t rows = std::min(kTailRows, v_end - r0);
+        cpu::softmax_output(S + r0 * ld, ld, V + (r0 - v0) * T, T, tile_value_bias,
+                            shift + r0 / kTailRows * T, rows, T, x_tile + r0 * D, y_tile + r0 * D,
+                            D);
+      }
     }
   }
 
