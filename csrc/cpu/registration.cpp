@@ -11,7 +11,8 @@ namespace casa {
 TORCH_LIBRARY_FRAGMENT(casa, m) {
   m.def("cpu_bf16_gemm() -> str", &cpu_ops::bf16_gemm_now);
   m.def("cpu_vector_isa() -> str", &cpu_ops::vector_isa_now);
-  m.def("cpu_tail_tile(int batch, int d_model) -> int", &cpu_ops::tail_tile);
+  m.def("cpu_tail_tile(int batch, int n_vars, int d_model, bool for_backward) -> int",
+        &cpu_ops::tail_tile);
   m.def("cpu_prepare_weights(Tensor[] weights, int tile, str bf16_gemm) -> Tensor[]");
   m.def(
       "cpu_score_attention(Tensor x, Tensor[] weights, Tensor[] prepared, int tile, "

@@ -870,8 +870,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tail_fused(
   return {y, stats[0], stats[1]};
 }
 
-int64_t tail_tile(int64_t batch, int64_t d_model) {
-  return tail_tile_width(batch, d_model, at::get_num_threads());
+int64_t tail_tile(int64_t batch, int64_t n_vars, int64_t d_model, bool for_backward) {
+  return tail_tile_width(batch, n_vars, d_model, at::get_num_threads(), for_backward);
 }
 
 std::string bf16_gemm_now() { return cpu::bf16_gemm_name(cpu::bf16_gemm()); }
@@ -881,7 +881,9 @@ std::string vector_isa_now() { return cpu::vector_isa_name(cpu::vector_isa()); }
 // casa::fused_score_attention on the CPU: prepares the weights on every call (the Python
 // backend calls the two ops above instead, preparing once per weight version).
 at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w) {
-  const int64_t tile = tail_tile(x.dim() == 3 ? x.size(0) : 0, w[kValueWeight].size(0));
+  const bool batched = x.dim() == 3;
+  const int64_t tile = tail_tile(batched ? x.size(0) : 0, batched ? x.size(1) : 0,
+                                 w[kValueWeight].size(0), /*for_backward=*/false);
   const std::string tier = bf16_gemm_now();
   const std::vector<at::Tensor> weights(w.begin(), w.end());
   return score_attention_prepared(x, weights, prepare_weights(weights, tile, tier), tile, tier);

@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tail_fused(
     const at::Tensor& x, const at::Tensor& h5, const at::Tensor& dec2_weight,
     const at::Tensor& dec2_bias, const at::Tensor& value_weight, const at::Tensor& value_bias,
     at::TensorList prepared, int64_t tile, const std::string& bf16_gemm);
-int64_t tail_tile(int64_t batch, int64_t d_model);
+int64_t tail_tile(int64_t batch, int64_t n_vars, int64_t d_model, bool for_backward);
 std::string bf16_gemm_now();
 std::string vector_isa_now();
 at::Tensor fused_score_attention_cpu(const at::Tensor& x, const Weights& w);

@@ -124,18 +124,21 @@ def _split_width(d_model, tiles):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 8])
-def test_tail_tiles_are_the_whole_width_or_at_most_128_columns(threads, n_threads):
+@pytest.mark.parametrize("n_vars", [862, 4095, 4096, 16384])
+@pytest.mark.parametrize("for_backward", [True, False], ids=["for-backward", "forward-alone"])
+def test_tail_tiles_are_the_whole_width_or_a_capped_split(threads, n_threads, n_vars, for_backward):
     # The tail tile rule (csrc/cpu/tail_layout.h, docs/design.md §5.3): the whole width D
     # when the batch alone keeps the threads busy; else the widest split of D of at most
-    # 128 columns that leaves at most 1/8 of the threads' time idle (2 if none does). The
-    # backward uses the same tiles.
+    # 128 columns (256 for a forward alone from N = 4096 on) that leaves at most 1/8 of the
+    # threads' time idle (2 if none does). A backward takes the layouts of the same tiles.
     from casa_kernels.ops.backends.cpu import _kernels
 
     threads(n_threads)
+    cap = 256 if not for_backward and n_vars >= 4096 else 128
     for d_model in (8, 16, 128, 136, 256, 512, 1024):
         for batch in (1, 2, 3, 5, 16, 17):
-            tile = _kernels().cpu_tail_tile(batch, d_model)
-            label = f"B={batch}, D={d_model}, {n_threads} threads: T={tile}"
+            tile = _kernels().cpu_tail_tile(batch, n_vars, d_model, for_backward)
+            label = f"B={batch}, N={n_vars}, D={d_model}, {n_threads} threads: T={tile}"
             if _tail_idle_share(batch, d_model, d_model, n_threads) <= 1 / 8:
                 assert tile == d_model, label
                 continue
@@ -143,9 +146,25 @@ def test_tail_tiles_are_the_whole_width_or_at_most_128_columns(threads, n_thread
             busy = [
                 t
                 for t in splits
-                if t <= 128 and _tail_idle_share(batch, d_model, t, n_threads) <= 1 / 8
+                if t <= cap and _tail_idle_share(batch, d_model, t, n_threads) <= 1 / 8
             ]
             assert tile == max(busy, default=2), label
+
+
+def test_many_variates_at_batch_one_run_256_column_tiles(problem, threads):
+    # B = 1, D = 512 on 2 threads: the inference forward splits D into two 256-column
+    # tiles from N = 4096 on, the training forward (whose layouts the backward takes) into
+    # four of 128; both give the reference's output and gradients' forward.
+    from casa_kernels.ops.backends.cpu import _tile_and_tier
+
+    threads(2)
+    x, w = problem(1, 4096, 512, 3)
+    assert _tile_and_tier(x, for_backward=False)[0] == 256
+    assert _tile_and_tier(x, for_backward=True)[0] == 128
+    with torch.inference_mode():
+        assert_close_to_reference(ck.casa_attention(x, w, backend="cpu"), x, w)
+    x = x.requires_grad_()
+    assert_close_to_reference(ck.casa_attention(x, w, backend="cpu").detach(), x.detach(), w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -92,20 +92,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 @functools.lru_cache(maxsize=256)
-def _tail_tile(batch: int, d_model: int, threads: int) -> int:
-    return _kernels().cpu_tail_tile(batch, d_model)  # a function of the three
+def _tail_tile(batch: int, n_vars: int, d_model: int, threads: int, for_backward: bool) -> int:
+    return _kernels().cpu_tail_tile(batch, n_vars, d_model, for_backward)  # a function of these
 
 
-def _tile_and_tier(x: torch.Tensor) -> tuple[int, str]:
-    """The tail tile width for x's batch and width, and the bfloat16 GEMM tier for its dtype."""
+def _tile_and_tier(x: torch.Tensor, for_backward: bool) -> tuple[int, str]:
+    """The tail tile width for x's shape (csrc/cpu/tail_layout.h; ``for_backward``: a
+    backward will take the layouts), and the bfloat16 GEMM tier for x's dtype."""
     tier = bf16_gemm_tier() if x.dtype == torch.bfloat16 else "none"
-    return _tail_tile(x.shape[0], x.shape[2], torch.get_num_threads()), tier
+    batch, n_vars, d_model = x.shape
+    return _tail_tile(batch, n_vars, d_model, torch.get_num_threads(), for_backward), tier
 
 
 def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
-    tile, tier = _tile_and_tier(x)
+    tile, tier = _tile_and_tier(x, for_backward=False)
     kernels = _kernels()
     prepared = cached(
         f"cpu.{x.dtype}.tile{tile}.{tier}",
@@ -120,8 +122,10 @@ def _forward(x: torch.Tensor, weights: ScoreAttentionWeights) -> torch.Tensor:
 
 
 def _tail_prepared(x, dec2_weight, dec2_bias, value_weight=None, value_bias=None):
-    """(prepared, tile, tier) for the tail stages on x's batch and dtype."""
-    tile, tier = _tile_and_tier(x)
+    """(prepared, tile, tier) for the tail stages on x's batch and dtype: the tiles of a
+    forward whose layouts the backward takes (the training forward, the backward and the
+    variate-parallel stages)."""
+    tile, tier = _tile_and_tier(x, for_backward=True)
     sources = tuple(t for t in (dec2_weight, dec2_bias, value_weight, value_bias) if t is not None)
     prepared = cached(
         f"cpu.tail{len(sources)}.{x.dtype}.tile{tile}.{tier}",
