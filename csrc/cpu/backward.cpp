@@ -47,7 +47,6 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -57,6 +56,7 @@
 #include "channels_last.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "score_attention_ops.h"
 #include "tail_layout.h"
 #include "vectorised.h"
 
@@ -255,9 +255,10 @@ struct Backward {
   const acc_t* col_sum;
 
   // tile: the tail tile width of the forward's layouts, prepared: the forward's tail
-  // layouts for it (cpu_prepare_tail, PreparedIndex), checked by check_layouts. Where
-  // their GEMM operands are acc_t (no bfloat16 GEMMs) the plan takes dec2 by parity, Wv^T
-  // and bv from them; otherwise (bfloat16 operands) it lays them out in acc_t itself.
+  // layouts for it (cpu_prepare_tail, PreparedIndex), checked by check_layouts. The plan
+  // takes dec2 by parity, Wv^T and bv from them where their GEMM operands are acc_t (no
+  // bfloat16 GEMMs); otherwise (bfloat16 operands) from cpu_prepare_tail's layouts without
+  // bfloat16 GEMMs, in acc_t.
   Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
            const at::Tensor& stats_sum, int64_t tile_width, at::TensorList prepared)
       : s(sizes),
@@ -267,31 +268,20 @@ struct Backward {
         order(cpu::tile_parity_order(sizes.d_model, tile)),
         col_max(stats_max.data_ptr<acc_t>()),
         col_sum(stats_sum.data_ptr<acc_t>()) {
-    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4;
     for (int q = 0; q < 2; ++q) {
       taps[q] = cpu::parity_taps(s.kernel, q);
-      K[q] = static_cast<int64_t>(taps[q].size()) * C1;
+      K[q] = static_cast<int64_t>(taps[q].size()) * (s.d_model / 4);
     }
-    if (prepared[kDec2Even].scalar_type() == acc) {
-      for (int q = 0; q < 2; ++q) dec2[q] = prepared[kDec2Even + q];
-      value_t = prepared[kValueWeightT];
-      value_bias = prepared[kValueBiasOrdered];
-      value = transposed(value_t);
-    } else {
+    std::vector<at::Tensor> layouts = prepared.vec();
+    if (prepared[kDec2Even].scalar_type() != acc) {
       RECORD_FUNCTION("casa::cpu backward layouts", std::vector<c10::IValue>());
-      std::vector<int64_t> channels(C1);
-      std::iota(channels.begin(), channels.end(), 0);
-      const at::Tensor dec2_weight = w[kDec2Weight].to(acc).contiguous();
-      for (int q = 0; q < 2; ++q) {
-        dec2[q] = cpu::transpose_gather<acc_t>(dec2_weight, N * s.kernel, channels,
-                                               cpu::dec2_parity_columns(N, s.kernel, q))
-                      .view({N, K[q]});
-      }
-      const at::Tensor ordered = at::tensor(order, at::kLong);
-      value = w[kValueWeight].to(acc).index_select(0, ordered);
-      value_t = transposed(value);
-      value_bias = w[kValueBias].to(acc).index_select(0, ordered).contiguous();
+      layouts = cpu_ops::prepare_tail(w[kDec2Weight], w[kDec2Bias], w[kValueWeight], w[kValueBias],
+                                      tile, "none");
     }
+    for (int q = 0; q < 2; ++q) dec2[q] = layouts[kDec2Even + q];
+    value_t = layouts[kValueWeightT];
+    value_bias = layouts[kValueBiasOrdered];
+    value = transposed(value_t);
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
     bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {

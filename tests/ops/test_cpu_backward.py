@@ -190,6 +190,32 @@ def test_backward_takes_the_forwards_tail_layouts(threads, dtype):
     assert names.count("casa::cpu backward layouts") == own_layouts
 
 
+def test_backward_from_bfloat16_layouts_lays_them_out_as_cpu_prepare_tail(threads):
+    # Given the forward's bfloat16 tail layouts (a CPU with bfloat16 GEMMs), the backward
+    # takes cpu_prepare_tail's layouts without bfloat16 GEMMs (in fp32) instead: its
+    # gradients equal those it gives from those fp32 layouts, bit for bit, on any CPU.
+    from casa_kernels.ops.backends import cpu_backward
+    from casa_kernels.ops.backends.cpu import _kernels
+
+    threads(2)
+    x, w = make_problem(2, 70, 32, 3, dtype=torch.bfloat16, seed=17)
+    _, (*activations, col_max, col_sum) = cpu_backward.forward_saving(x, w)
+    grad, needs, kernels = gradients.grad_out(x), [True] * 15, _kernels()
+    tail = (w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias, 16)
+    fp32, bf16 = (kernels.cpu_prepare_tail(*tail, tier) for tier in ("none", "avx512_bf16"))
+    assert (fp32[0].dtype, bf16[0].dtype) == (torch.float32, torch.bfloat16)
+    grads = {}
+    for name, layouts in (("fp32", fp32), ("bf16", bf16)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            grads[name] = kernels.cpu_score_attention_backward(
+                grad, x, list(w), activations, col_max, col_sum, layouts, 16, needs
+            )
+        own = [event.name for event in prof.events()].count("casa::cpu backward layouts")
+        assert own == (name == "bf16"), name
+    for field, a, b in zip(FIELDS, grads["fp32"], grads["bf16"]):
+        assert torch.equal(a, b), field
+
+
 @pytest.mark.parametrize("n_vars", [8, 862], ids=["N=8", "N=862"])
 def test_forward_backward_at_batch_one_peaks_under_the_reference(threads, n_vars):
     # At B = 1 the backward takes the forward's tail layouts from the weight cache (dec2 by
