@@ -136,8 +136,8 @@ MUTANTS = [
     Mutant(
         "cpu backward: the tail's weights laid out again instead of the forward's taken",
         "csrc/cpu/backward.cpp",
-        "    if (prepared[kDec2Even].scalar_type() == acc) {",
-        "    if (false) {",
+        "    if (prepared[kDec2Even].scalar_type() != acc) {",
+        "    if (true) {",
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
