@@ -141,11 +141,25 @@ MUTANTS = [
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
+        "cpu bottleneck: the training forward's convs read h1 in its [B, channels] order",
+        "csrc/cpu/score_attention_cpu.cpp",
+        "h1.permute({1, 0, 2}).contiguous(), enc1, enc2, dec0, h5,",
+        "h1.contiguous(), enc1, enc2, dec0, h5,",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu bottleneck: the first transposed conv adds the first conv's bias",
+        "csrc/cpu/score_attention_cpu.cpp",
+        "conv_transpose_relu<acc_t>(operands[2], biases[2], enc2_out, k, cols, dec0_out);",
+        "conv_transpose_relu<acc_t>(operands[2], biases[0], enc2_out, k, cols, dec0_out);",
+        (*CPU_TESTS, *CPU_BACKWARD_TESTS),
+    ),
+    Mutant(
         "cpu backward: a transposed copy of the head's weight for the input gradient",
         "csrc/cpu/backward.cpp",
         "  const at::Tensor weight_2d = weight.reshape({Cout, Cin * k});\n",
         "  const at::Tensor weight_2d = weight.reshape({Cout, Cin * k});\n"
-        "  const at::Tensor w_t_copy = d_in != nullptr ? transposed(weight_2d) : at::Tensor();\n",
+        "  const at::Tensor w_t_copy = d_in != nullptr ? cpu::transposed(weight_2d) : at::Tensor();\n",
         CPU_BACKWARD_TESTS,
     ),
     Mutant(

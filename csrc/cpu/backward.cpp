@@ -111,18 +111,6 @@ at::Tensor rounded_rows(const at::Tensor& m, bool round) {
   return round ? m.to(at::kBFloat16).contiguous() : at::Tensor();
 }
 
-// The transpose [cols, rows] of a [rows, cols] matrix, contiguous: fp32 by the blocked
-// cpu::transpose (a weight re-laid out on every call; ATen's strided copy is several times
-// slower), other dtypes by ATen.
-at::Tensor transposed(const at::Tensor& m) {
-  if (m.scalar_type() != at::kFloat) return m.t().contiguous();
-  const at::Tensor src = m.contiguous();
-  const int64_t rows = src.size(0), cols = src.size(1);
-  at::Tensor out = at::empty({cols, rows}, src.options());
-  cpu::transpose(src.data_ptr<float>(), cols, rows, cols, out.data_ptr<float>(), rows);
-  return out;
-}
-
 // The forward's activations saved for the backward, [B, channels, length] in the
 // accumulation dtype, in this order.
 enum ActivationIndex : int {
@@ -281,14 +269,14 @@ struct Backward {
     for (int q = 0; q < 2; ++q) dec2[q] = layouts[kDec2Even + q];
     value_t = layouts[kValueWeightT];
     value_bias = layouts[kValueBiasOrdered];
-    value = transposed(value_t);
+    value = cpu::transposed(value_t);
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
     bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemms) pack_values();
     }
     for (int q = 0; q < 2 && bf16_gemms; ++q) {
-      dec2_t[q] = transposed(dec2[q]);
+      dec2_t[q] = cpu::transposed(dec2[q]);
       dec2_rounded[q] = rounded_rows(dec2[q], true);
       dec2_t_rounded[q] = rounded_rows(dec2_t[q], true);
     }

@@ -19,6 +19,10 @@ TORCH_LIBRARY_FRAGMENT(casa, m) {
       "str bf16_gemm) -> Tensor");
   m.def("cpu_head_partial(Tensor x, Tensor enc0_weight) -> Tensor");
   m.def(
+      "cpu_bottleneck(Tensor h1, Tensor enc1_weight, Tensor enc1_bias, Tensor enc2_weight, "
+      "Tensor enc2_bias, Tensor dec0_weight, Tensor dec0_bias, Tensor dec1_weight, "
+      "Tensor dec1_bias) -> Tensor[]");
+  m.def(
       "cpu_prepare_tail(Tensor dec2_weight, Tensor dec2_bias, Tensor? value_weight, "
       "Tensor? value_bias, int tile, str bf16_gemm) -> Tensor[]");
   m.def(
@@ -39,6 +43,7 @@ TORCH_LIBRARY_IMPL(casa, CPU, m) {
   m.impl("cpu_prepare_weights", &cpu_ops::prepare_weights);
   m.impl("cpu_score_attention", &cpu_ops::score_attention_prepared);
   m.impl("cpu_head_partial", &cpu_ops::head_partial);
+  m.impl("cpu_bottleneck", &cpu_ops::bottleneck);
   m.impl("cpu_prepare_tail", &cpu_ops::prepare_tail);
   m.impl("cpu_tail_stats", &cpu_ops::tail_stats);
   m.impl("cpu_tail_output", &cpu_ops::tail_output);

@@ -44,6 +44,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -132,6 +133,30 @@ void conv_transpose_relu(const at::Tensor& a, const at::Tensor& bias, const at::
                           out.data_ptr<acc_t>() + b * 2 * L, B * 2 * L);
     }
   });
+}
+
+// The bottleneck convs' weights (enc1, enc2, dec0, dec1; acc_t) as their GEMMs' left
+// operands (PreparedIndex kEnc1Gemm … kDec1Gemm): the stride-2 convs' [Cout, Cin·k] views,
+// the transposed convs' [Cout·k, Cin] transposes.
+std::array<at::Tensor, 4> bottleneck_operands(const at::Tensor& enc1, const at::Tensor& enc2,
+                                              const at::Tensor& dec0, const at::Tensor& dec1) {
+  const auto flat = [](const at::Tensor& w) { return w.reshape({w.size(0), -1}); };
+  return {flat(enc1), flat(enc2), cpu::transposed(flat(dec0)), cpu::transposed(flat(dec1))};
+}
+
+// The bottleneck's four convs with their biases and ReLUs on im2col/col2im GEMMs, h1
+// [D/4, B, D/2] -> enc1_out [D/2, B, D/4] -> enc2_out [D, B, D/8] -> dec0_out [D/2, B, D/4]
+// -> h5 [D/4, B, D/2]; an output may take the place of an input spent by then (Plan::
+// bottleneck's regions). operands: bottleneck_operands; cols: k·B·D^2/16 elements.
+template <typename acc_t>
+void bottleneck_convs(const std::array<at::Tensor, 4>& operands,
+                      const std::array<at::Tensor, 4>& biases, int64_t k, const at::Tensor& h1,
+                      const at::Tensor& enc1_out, const at::Tensor& enc2_out,
+                      const at::Tensor& dec0_out, const at::Tensor& h5, acc_t* cols) {
+  conv_relu<acc_t>(operands[0], biases[0], h1, k, cols, enc1_out);
+  conv_relu<acc_t>(operands[1], biases[1], enc1_out, k, cols, enc2_out);
+  conv_transpose_relu<acc_t>(operands[2], biases[2], enc2_out, k, cols, dec0_out);
+  conv_transpose_relu<acc_t>(operands[3], biases[3], dec0_out, k, cols, h5);
 }
 
 // The activations of the head and the bottleneck (Plan::run), carved from one allocation
@@ -244,7 +269,7 @@ struct Plan {
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const bool bf16_gemm = tier != cpu::Bf16Gemm::kNone;
     const at::ScalarType gemm_type = bf16_gemm ? at::kBFloat16 : acc;
-    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, C2 = D / 2, k = s.kernel;
+    const int64_t N = s.n_vars, D = s.d_model, C1 = D / 4, k = s.kernel;
     // Entries whose weights a stage does not pass (undefined) stay empty placeholders.
     std::vector<at::Tensor> out(kNumPrepared, at::empty({0}, at::TensorOptions(acc)));
     const auto has = [&](std::initializer_list<int> indices) {
@@ -275,11 +300,9 @@ struct Plan {
         out[kDec1Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec1Weight]);
       } else {
         const auto operand = [&](int i) { return weights[i].to(acc); };
-        out[kEnc1Gemm] = operand(kEnc1Weight).reshape({C2, C1 * k});
-        out[kEnc2Gemm] = operand(kEnc2Weight).reshape({D, C2 * k});
-        // The GEMMs (parallel_mm) take contiguous left operands.
-        out[kDec0Gemm] = operand(kDec0Weight).reshape({D, C2 * k}).t().contiguous();
-        out[kDec1Gemm] = operand(kDec1Weight).reshape({C2, C1 * k}).t().contiguous();
+        const auto operands = bottleneck_operands(operand(kEnc1Weight), operand(kEnc2Weight),
+                                                  operand(kDec0Weight), operand(kDec1Weight));
+        std::copy(operands.begin(), operands.end(), out.begin() + kEnc1Gemm);
       }
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -407,10 +430,10 @@ struct Plan {
       }
     }
     const at::Tensor enc2_out = a.io.view({-1}).view({D, B, D / 8});  // h1 is spent by then
-    conv_relu<acc_t>(prepared[kEnc1Gemm], w[kEnc1Bias], a.io, k, a.cols, a.mid);
-    conv_relu<acc_t>(prepared[kEnc2Gemm], w[kEnc2Bias], a.mid, k, a.cols, enc2_out);
-    conv_transpose_relu<acc_t>(prepared[kDec0Gemm], w[kDec0Bias], enc2_out, k, a.cols, a.mid);
-    conv_transpose_relu<acc_t>(prepared[kDec1Gemm], w[kDec1Bias], a.mid, k, a.cols, h5);
+    bottleneck_convs<acc_t>(
+        {prepared[kEnc1Gemm], prepared[kEnc2Gemm], prepared[kDec0Gemm], prepared[kDec1Gemm]},
+        {w[kEnc1Bias], w[kEnc2Bias], w[kDec0Bias], w[kDec1Bias]}, k, a.io, a.mid, enc2_out, a.mid,
+        h5, a.cols);
     return h5;
   }
 
@@ -756,6 +779,67 @@ at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
     plan.head(x, /*bias_relu=*/false, h1);
     return h1.permute({1, 0, 2}).contiguous();
   });
+}
+
+// casa::cpu_bottleneck: the bottleneck's four convs with their biases and ReLUs, from h1
+// [B, D/4, D/2] (the head's output after its bias and ReLU), in h1's dtype (float32 or
+// float64; the weights, any floating dtype, cast to it). Returns the four outputs, enc1's
+// [B, D/2, D/4], enc2's [B, D, D/8], dec0's [B, D/2, D/4] and h5 [B, D/4, D/2]: the
+// activations the fused backward saves (backward.cpp, ActivationIndex), as views of
+// [channels, B, length] tensors (contiguous at B = 1). The GEMM operands are laid out on
+// every call (bottleneck_operands: two transposes, O(D^2)).
+std::vector<at::Tensor> bottleneck(const at::Tensor& h1, const at::Tensor& enc1_weight,
+                                   const at::Tensor& enc1_bias, const at::Tensor& enc2_weight,
+                                   const at::Tensor& enc2_bias, const at::Tensor& dec0_weight,
+                                   const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
+                                   const at::Tensor& dec1_bias) {
+  TORCH_CHECK(h1.dim() == 3 && h1.device().is_cpu(),
+              "h1: expected a 3-D CPU tensor [batch, d_model/4, d_model/2], received shape ",
+              h1.sizes(), " on ", h1.device());
+  TORCH_CHECK(h1.scalar_type() == at::kFloat || h1.scalar_type() == at::kDouble,
+              "h1: expected dtype float32 or float64 (the accumulation dtype), received ",
+              h1.scalar_type());
+  const int64_t B = h1.size(0), C1 = h1.size(1), D = 4 * C1, C2 = D / 2;
+  TORCH_CHECK(C1 > 0 && C1 % 2 == 0 && h1.size(2) == D / 2,
+              "h1: expected [batch, d_model/4, d_model/2] with d_model a positive multiple of 8, "
+              "received shape ",
+              h1.sizes());
+  const int64_t k = enc1_weight.dim() == 3 ? enc1_weight.size(2) : 0;
+  TORCH_CHECK(k % 2 == 1, "enc1_weight: expected [d_model/2, d_model/4, odd kernel], received ",
+              enc1_weight.sizes());
+  const auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", received ", t.sizes());
+    TORCH_CHECK(t.is_floating_point() && t.device().is_cpu(), name,
+                ": expected a floating-point CPU tensor, received ", t.scalar_type(), " on ",
+                t.device());
+  };
+  check(enc1_weight, "enc1_weight", {C2, C1, k});
+  check(enc1_bias, "enc1_bias", {C2});
+  check(enc2_weight, "enc2_weight", {D, C2, k});
+  check(enc2_bias, "enc2_bias", {D});
+  check(dec0_weight, "dec0_weight", {D, C2, k});
+  check(dec0_bias, "dec0_bias", {C2});
+  check(dec1_weight, "dec1_weight", {C2, C1, k});
+  check(dec1_bias, "dec1_bias", {C1});
+  const at::TensorOptions options = h1.options();
+  const at::Tensor enc1 = at::empty({C2, B, D / 4}, options);
+  const at::Tensor enc2 = at::empty({D, B, D / 8}, options);
+  const at::Tensor dec0 = at::empty({C2, B, D / 4}, options);
+  const at::Tensor h5 = at::empty({C1, B, D / 2}, options);
+  if (B > 0) {
+    const auto acc = [&](const at::Tensor& t) { return t.to(h1.scalar_type()).contiguous(); };
+    const auto operands =
+        bottleneck_operands(acc(enc1_weight), acc(enc2_weight), acc(dec0_weight), acc(dec1_weight));
+    const at::Tensor cols = at::empty({k * B * D * D / 16}, options);
+    AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "cpu_bottleneck", [&] {
+      bottleneck_convs<scalar_t>(
+          operands, {acc(enc1_bias), acc(enc2_bias), acc(dec0_bias), acc(dec1_bias)}, k,
+          h1.permute({1, 0, 2}).contiguous(), enc1, enc2, dec0, h5, cols.data_ptr<scalar_t>());
+    });
+  }
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : {enc1, enc2, dec0, h5}) out.push_back(t.permute({1, 0, 2}));
+  return out;
 }
 
 // The tail weights as a Weights with the rest undefined, checked against the sizes. The

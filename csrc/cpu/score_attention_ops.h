@@ -1,7 +1,8 @@
 // Entry points of the CPU forward's ops (score_attention_cpu.cpp), registered in
 // registration.cpp: casa::cpu_prepare_weights, casa::cpu_score_attention, the stages of
-// variate parallelism (head partial sums, tail statistics and output), the fused tail that
-// returns its statistics for the backward, and casa::fused_score_attention on the CPU.
+// variate parallelism (head partial sums, tail statistics and output), the bottleneck and
+// the fused tail that keep what the backward takes, and casa::fused_score_attention on the
+// CPU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +22,11 @@ at::Tensor score_attention_prepared(const at::Tensor& x, at::TensorList weights,
                                     at::TensorList prepared, int64_t tile,
                                     const std::string& bf16_gemm);
 at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight);
+std::vector<at::Tensor> bottleneck(const at::Tensor& h1, const at::Tensor& enc1_weight,
+                                   const at::Tensor& enc1_bias, const at::Tensor& enc2_weight,
+                                   const at::Tensor& enc2_bias, const at::Tensor& dec0_weight,
+                                   const at::Tensor& dec0_bias, const at::Tensor& dec1_weight,
+                                   const at::Tensor& dec1_bias);
 std::vector<at::Tensor> prepare_tail(const at::Tensor& dec2_weight, const at::Tensor& dec2_bias,
                                      const std::optional<at::Tensor>& value_weight,
                                      const std::optional<at::Tensor>& value_bias, int64_t tile,

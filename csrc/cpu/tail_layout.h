@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "channels_last.h"  // parity_taps
+#include "vectorised.h"     // transpose
 
 namespace casa {
 
@@ -80,6 +81,18 @@ inline std::vector<int64_t> tile_parity_order(int64_t D, int64_t tile) {
     }
   }
   return order;
+}
+
+// The transpose [cols, rows] of a [rows, cols] matrix, contiguous: fp32 by the blocked
+// cpu::transpose (ATen's strided copy is several times slower), other dtypes by ATen. For
+// weights re-laid out as GEMM operands, once per weight version or on every call.
+inline at::Tensor transposed(const at::Tensor& m) {
+  if (m.scalar_type() != at::kFloat) return m.t().contiguous();
+  const at::Tensor src = m.contiguous();
+  const int64_t rows = src.size(0), cols = src.size(1);
+  at::Tensor out = at::empty({cols, rows}, src.options());
+  transpose(src.data_ptr<float>(), cols, rows, cols, out.data_ptr<float>(), rows);
+  return out;
 }
 
 // out[r, c] = src[row_of[c]·ld + column_of[r]] for r < column_of.size(), c < row_of.size():

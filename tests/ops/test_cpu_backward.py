@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from casa_kernels.ops import weight_cache
+from casa_kernels.ops.backends.cpu_backward import bottleneck_activations
 from casa_kernels.ops.registry import get_backend
 from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
 from tests.conftest import make_problem
@@ -152,6 +154,73 @@ def test_nonfinite_x_gives_the_references_gradient_pattern(threads, values, dtyp
             continue
         scale = want[finite].abs().max()
         assert (got[finite] - want[finite]).abs().max() <= 2e-2 * scale, name
+
+
+def _reference_bottleneck(h1, w):
+    """The four convs of the official ScoreNetwork after its head, in float64, each output
+    after its ReLU: what casa::cpu_bottleneck keeps for the backward."""
+    p = w.kernel // 2
+    f = {name: t.double() for name, t in w._asdict().items()}
+    enc1 = F.relu(F.conv1d(h1.double(), f["enc1_weight"], f["enc1_bias"], stride=2, padding=p))
+    enc2 = F.relu(F.conv1d(enc1, f["enc2_weight"], f["enc2_bias"], stride=2, padding=p))
+    dec0 = F.relu(
+        F.conv_transpose1d(
+            enc2, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1
+        )
+    )
+    dec1 = F.relu(
+        F.conv_transpose1d(
+            dec0, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1
+        )
+    )
+    return enc1, enc2, dec0, dec1
+
+
+# (batch, d_model, kernel, threads): GEMMs split by rows (few columns, B·length < 128 per
+# thread) and by columns (B = 16 at D = 64: 512 columns in enc1's GEMM), k from 1 to 7.
+BOTTLENECK_SHAPES = {
+    "B=1,D=8,k=1": (1, 8, 1, 1),
+    "B=3,D=24,k=5,rows": (3, 24, 5, 2),
+    "B=2,D=16,k=7": (2, 16, 7, 3),
+    "B=16,D=64,k=3,columns": (16, 64, 3, 2),
+    "B=1,D=512,k=3": (1, 512, 3, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", BOTTLENECK_SHAPES.values(), ids=BOTTLENECK_SHAPES.keys())
+def test_bottleneck_activations_match_the_official_convs(threads, shape, dtype):
+    # The training forward's bottleneck (casa::cpu_bottleneck) keeps the four conv outputs
+    # the backward takes: [B, channels, length] in the accumulation dtype, the weights of any
+    # dtype cast to it, against the official convs in float64.
+    batch, d_model, kernel, n_threads = shape
+    threads(n_threads)
+    _, w = make_problem(1, 3, d_model, kernel, dtype=dtype, seed=21)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(22)
+    h1 = torch.rand(batch, d_model // 4, d_model // 2, generator=g, dtype=torch.float64).to(acc)
+    got = bottleneck_activations(h1, w)
+    want = _reference_bottleneck(h1, w)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if acc == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for name, a, b in zip(("enc1", "enc2", "dec0", "h5"), got, want):
+        assert a.dtype == acc and a.shape == b.shape, (name, a.dtype, a.shape)
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bottleneck_of_an_empty_batch_and_bad_arguments_by_name():
+    _, w = make_problem(1, 3, 16, 3, seed=23)
+    empty = bottleneck_activations(torch.empty(0, 4, 8), w)
+    assert [tuple(t.shape) for t in empty] == [(0, 8, 4), (0, 16, 2), (0, 8, 4), (0, 4, 8)]
+    args = (w.enc1_weight, w.enc1_bias, w.enc2_weight, w.enc2_bias)
+    args += (w.dec0_weight, w.dec0_bias, w.dec1_weight, w.dec1_bias)
+    with pytest.raises(RuntimeError, match="h1: expected dtype float32 or float64"):
+        torch.ops.casa.cpu_bottleneck(torch.rand(1, 4, 8, dtype=torch.bfloat16), *args)
+    with pytest.raises(RuntimeError, match=r"h1: expected \[batch, d_model/4, d_model/2\]"):
+        torch.ops.casa.cpu_bottleneck(torch.rand(1, 4, 9), *args)
+    bad = list(args)
+    bad[4] = w.dec0_weight[:, :, :1]
+    with pytest.raises(RuntimeError, match=r"dec0_weight: expected shape \[16, 8, 3\]"):
+        torch.ops.casa.cpu_bottleneck(torch.rand(1, 4, 8), *bad)
 
 
 def test_saves_no_batch_sized_intermediate(threads):

@@ -2,8 +2,9 @@
 for inputs the cpu backend served (``Backend.fused_backward``).
 
 Forward for training: the head on the kernel (``casa::cpu_head_partial``), the four
-bottleneck convs in ATen, keeping their outputs, and the kernel's fused tail
-(``casa::cpu_tail_fused``), which also returns the softmax's column statistics. Saved for
+bottleneck convs on the kernel's GEMMs (``casa::cpu_bottleneck``), keeping their outputs,
+and the kernel's fused tail (``casa::cpu_tail_fused``), which also returns the softmax's
+column statistics. Saved for
 the backward, besides x and the weights: the five activations h1, enc1's, enc2's, dec0's
 outputs and h5 (``[B, channels, length]``, ``B·5·D²/8`` elements, in the accumulation
 dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
@@ -21,7 +22,6 @@ on the reference, forward and backward (``finite_weights``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...reference.stages import accumulation_dtype
 from ...weights import ScoreAttentionWeights
@@ -30,23 +30,25 @@ from ..registry import FusedBackward
 
 
 def bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
-    """(enc1's, enc2's, dec0's outputs, h5) from h1, each after its ReLU, in h1's dtype."""
-    p = w.kernel // 2
+    """(enc1's, enc2's, dec0's outputs, h5) from h1 (after its bias and ReLU), each after its
+    ReLU, in h1's dtype: the four convs as GEMMs on the kernel (``casa::cpu_bottleneck``),
+    ``[B, channels, length]`` views of ``[channels, B, length]`` tensors (the backward makes
+    them contiguous, a copy where B > 1)."""
+    from .cpu import _kernels  # the backend module imports this one
 
-    def conv(h, weight, bias):
-        out = F.conv1d(h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p)
-        return out.relu_()  # in place: one allocation fewer per layer (no autograd here)
-
-    def conv_t(h, weight, bias):
-        out = F.conv_transpose1d(
-            h, weight.to(h.dtype), bias.to(h.dtype), stride=2, padding=p, output_padding=1
+    return tuple(
+        _kernels().cpu_bottleneck(
+            h1,
+            w.enc1_weight,
+            w.enc1_bias,
+            w.enc2_weight,
+            w.enc2_bias,
+            w.dec0_weight,
+            w.dec0_bias,
+            w.dec1_weight,
+            w.dec1_bias,
         )
-        return out.relu_()
-
-    enc1 = conv(h1, w.enc1_weight, w.enc1_bias)
-    enc2 = conv(enc1, w.enc2_weight, w.enc2_bias)
-    dec0 = conv_t(enc2, w.dec0_weight, w.dec0_bias)
-    return enc1, enc2, dec0, conv_t(dec0, w.dec1_weight, w.dec1_bias)
+    )
 
 
 def forward_saving(x: torch.Tensor, weights: ScoreAttentionWeights):

@@ -2,8 +2,8 @@
 (docs/design.md §12.4): ``Stages.backward``.
 
 Forward, for this rank's variates ``x: [B, N_local, D]``: the head's partial sums on the
-kernel, summed over the ranks; the bottleneck in ATen, keeping its activations (as the op's
-fused forward does, ``cpu_backward``); the tail's statistics on the kernel, merged over the
+kernel, summed over the ranks; the bottleneck on the kernel, keeping its activations (as
+the op's fused forward does, ``cpu_backward.bottleneck_activations``); the tail's statistics on the kernel, merged over the
 ranks; the tail's output on the kernel with the global statistics. Saved: the five
 activations and the global ``(M, S)``, nothing of size ``[B, N, D]``.
 
