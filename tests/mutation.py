@@ -143,8 +143,8 @@ MUTANTS = [
     Mutant(
         "cpu bottleneck: the training forward's convs read h1 in its [B, channels] order",
         "csrc/cpu/score_attention_cpu.cpp",
-        "h1.permute({1, 0, 2}).contiguous(), enc1, enc2, dec0, h5,",
-        "h1.contiguous(), enc1, enc2, dec0, h5,",
+        "h1.permute({1, 0, 2}).contiguous(), out[0],",
+        "h1.contiguous(), out[0],",
         CPU_BACKWARD_TESTS,
     ),
     Mutant(

@@ -785,9 +785,8 @@ at::Tensor head_partial(const at::Tensor& x_in, const at::Tensor& enc0_weight) {
 // [B, D/4, D/2] (the head's output after its bias and ReLU), in h1's dtype (float32 or
 // float64; the weights, any floating dtype, cast to it). Returns the four outputs, enc1's
 // [B, D/2, D/4], enc2's [B, D, D/8], dec0's [B, D/2, D/4] and h5 [B, D/4, D/2]: the
-// activations the fused backward saves (backward.cpp, ActivationIndex), as views of
-// [channels, B, length] tensors (contiguous at B = 1). The GEMM operands are laid out on
-// every call (bottleneck_operands: two transposes, O(D^2)).
+// activations the fused backward saves (backward.cpp, ActivationIndex), contiguous. The
+// GEMM operands are laid out on every call (bottleneck_operands: two transposes, O(D^2)).
 std::vector<at::Tensor> bottleneck(const at::Tensor& h1, const at::Tensor& enc1_weight,
                                    const at::Tensor& enc1_bias, const at::Tensor& enc2_weight,
                                    const at::Tensor& enc2_bias, const at::Tensor& dec0_weight,
@@ -822,23 +821,24 @@ std::vector<at::Tensor> bottleneck(const at::Tensor& h1, const at::Tensor& enc1_
   check(dec1_weight, "dec1_weight", {C2, C1, k});
   check(dec1_bias, "dec1_bias", {C1});
   const at::TensorOptions options = h1.options();
-  const at::Tensor enc1 = at::empty({C2, B, D / 4}, options);
-  const at::Tensor enc2 = at::empty({D, B, D / 8}, options);
-  const at::Tensor dec0 = at::empty({C2, B, D / 4}, options);
-  const at::Tensor h5 = at::empty({C1, B, D / 2}, options);
+  std::vector<at::Tensor> out = {
+      at::empty({C2, B, D / 4}, options), at::empty({D, B, D / 8}, options),
+      at::empty({C2, B, D / 4}, options), at::empty({C1, B, D / 2}, options)};
   if (B > 0) {
     const auto acc = [&](const at::Tensor& t) { return t.to(h1.scalar_type()).contiguous(); };
     const auto operands =
         bottleneck_operands(acc(enc1_weight), acc(enc2_weight), acc(dec0_weight), acc(dec1_weight));
     const at::Tensor cols = at::empty({k * B * D * D / 16}, options);
     AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "cpu_bottleneck", [&] {
-      bottleneck_convs<scalar_t>(
-          operands, {acc(enc1_bias), acc(enc2_bias), acc(dec0_bias), acc(dec1_bias)}, k,
-          h1.permute({1, 0, 2}).contiguous(), enc1, enc2, dec0, h5, cols.data_ptr<scalar_t>());
+      bottleneck_convs<scalar_t>(operands,
+                                 {acc(enc1_bias), acc(enc2_bias), acc(dec0_bias), acc(dec1_bias)},
+                                 k, h1.permute({1, 0, 2}).contiguous(), out[0], out[1], out[2],
+                                 out[3], cols.data_ptr<scalar_t>());
     });
   }
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& t : {enc1, enc2, dec0, h5}) out.push_back(t.permute({1, 0, 2}));
+  // To [B, channels, length], one at a time (a copy where B > 1, none at B = 1), so that
+  // the backward takes them as they are rather than copying all four while they are saved.
+  for (at::Tensor& t : out) t = t.permute({1, 0, 2}).contiguous();
   return out;
 }
 

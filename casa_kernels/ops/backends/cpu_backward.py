@@ -31,9 +31,8 @@ from ..registry import FusedBackward
 
 def bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
     """(enc1's, enc2's, dec0's outputs, h5) from h1 (after its bias and ReLU), each after its
-    ReLU, in h1's dtype: the four convs as GEMMs on the kernel (``casa::cpu_bottleneck``),
-    ``[B, channels, length]`` views of ``[channels, B, length]`` tensors (the backward makes
-    them contiguous, a copy where B > 1)."""
+    ReLU, in h1's dtype, contiguous: the four convs as GEMMs on the kernel
+    (``casa::cpu_bottleneck``)."""
     from .cpu import _kernels  # the backend module imports this one
 
     return tuple(
