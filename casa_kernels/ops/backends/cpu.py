@@ -24,13 +24,12 @@ import functools
 import torch
 
 from ... import reference
-from ...reference import stages as reference_stages
 from ...weights import ScoreAttentionWeights
 from ..extension import kernel_missing_reason
 from ..finite_weights import prepared_if_finite
 from ..registry import Backend, BlockEpilogue, Stages, register_backend
 from ..weight_cache import cached
-from .cpu_backward import FUSED_BACKWARD
+from .cpu_backward import FUSED_BACKWARD, bottleneck_activations
 from .cpu_stages_backward import STAGES_BACKWARD
 
 _MISSING_HINT = "csrc/cpu was not compiled"
@@ -163,14 +162,20 @@ def _tail_output(x, h5, dec2_weight, dec2_bias, value_weight, value_bias, col_ma
     )
 
 
-# The stages for variate parallelism: head partial sums and the tail on the kernel, the
-# N-independent bottleneck (O(B·D²)) in ATen, as the reference computes it. The tail's
-# col_max is the kernel's shift (1 + the max of x over a block of 64 rows), an upper bound
-# of the scores' maximum; col_sum is taken relative to it, so the log-sum-exp merge holds.
-# Their backward is the kernel's (cpu_stages_backward).
-STAGES = Stages(
-    _head_partial, reference_stages.bottleneck, _tail_stats, _tail_output, STAGES_BACKWARD
-)
+def _bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
+    """Stage 2 as the reference's (h1 = relu(h1_partial + enc0_bias), then the four convs),
+    the convs on the kernel (``casa::cpu_bottleneck``): h5 in h1_partial's dtype, the head's
+    accumulation dtype."""
+    h1 = torch.relu(h1_partial + w.enc0_bias.to(h1_partial.dtype)[:, None])
+    return bottleneck_activations(h1, w)[-1]
+
+
+# The stages for variate parallelism, all on the kernel: head partial sums, the
+# N-independent bottleneck (O(B·D²)) and the tail. The tail's col_max is the kernel's shift
+# (1 + the max of x over a block of 64 rows), an upper bound of the scores' maximum; col_sum
+# is taken relative to it, so the log-sum-exp merge holds. Their backward is the kernel's
+# (cpu_stages_backward).
+STAGES = Stages(_head_partial, _bottleneck, _tail_stats, _tail_output, STAGES_BACKWARD)
 
 
 def block_epilogue(
