@@ -177,7 +177,7 @@ def _reference_bottleneck(h1, w):
 
 
 # (batch, d_model, kernel, threads): GEMMs split by rows (few columns, B·length < 128 per
-# thread) and by columns (B = 16 at D = 64: 512 columns in enc1's GEMM), k from 1 to 7.
+# thread) and by columns (B = 16 at D = 64: 256 columns in enc1's GEMM), k from 1 to 7.
 BOTTLENECK_SHAPES = {
     "B=1,D=8,k=1": (1, 8, 1, 1),
     "B=3,D=24,k=5,rows": (3, 24, 5, 2),

@@ -4,10 +4,10 @@ for inputs the cpu backend served (``Backend.fused_backward``).
 Forward for training: the head on the kernel (``casa::cpu_head_partial``), the four
 bottleneck convs on the kernel's GEMMs (``casa::cpu_bottleneck``), keeping their outputs,
 and the kernel's fused tail (``casa::cpu_tail_fused``), which also returns the softmax's
-column statistics. Saved for
-the backward, besides x and the weights: the five activations h1, enc1's, enc2's, dec0's
-outputs and h5 (``[B, channels, length]``, ``B·5·D²/8`` elements, in the accumulation
-dtype) and the statistics (``2·B·D``); nothing of size ``[B, N, D]``.
+column statistics. Saved for the backward, besides x and the weights: the five activations
+h1, enc1's, enc2's, dec0's outputs and h5 (``[B, channels, length]``, ``B·5·D²/8``
+elements, in the accumulation dtype) and the statistics (``2·B·D``); nothing of size
+``[B, N, D]``.
 
 Backward: ``casa::cpu_score_attention_backward`` (csrc/cpu/backward.cpp) recomputes the
 scores tile by tile from h5 and the statistics, and runs the whole chain back to x

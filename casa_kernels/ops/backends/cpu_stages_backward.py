@@ -3,9 +3,10 @@
 
 Forward, for this rank's variates ``x: [B, N_local, D]``: the head's partial sums on the
 kernel, summed over the ranks; the bottleneck on the kernel, keeping its activations (as
-the op's fused forward does, ``cpu_backward.bottleneck_activations``); the tail's statistics on the kernel, merged over the
-ranks; the tail's output on the kernel with the global statistics. Saved: the five
-activations and the global ``(M, S)``, nothing of size ``[B, N, D]``.
+the op's fused forward does, ``cpu_backward.bottleneck_activations``); the tail's
+statistics on the kernel, merged over the ranks; the tail's output on the kernel with the
+global statistics. Saved: the five activations and the global ``(M, S)``, nothing of size
+``[B, N, D]``.
 
 Backward, with two all-reduces of O(B·D²) values, whatever N is:
 
