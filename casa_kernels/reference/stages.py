@@ -52,25 +52,33 @@ def head_partial(x: torch.Tensor, enc0_weight: torch.Tensor) -> torch.Tensor:
 
 def bottleneck(h1_partial: torch.Tensor, w: ScoreAttentionWeights) -> torch.Tensor:
     """Stage 2: ``h5 = relu(dec1(relu(dec0(relu(enc2(relu(enc1(relu(h1 + b0)))))))))``."""
+    h1 = F.relu(h1_partial + w.enc0_bias.to(h1_partial.dtype)[:, None])
+    return bottleneck_activations(h1, w)[-1]
+
+
+def bottleneck_activations(h1: torch.Tensor, w: ScoreAttentionWeights) -> tuple[torch.Tensor, ...]:
+    """The four N-independent convs from h1 (the first conv's output after its bias and
+    ReLU), each with bias and ReLU: ``(enc1's, enc2's, dec0's outputs, h5)``, in h1's dtype
+    (the weights cast to it)."""
     f = {
-        name: t.to(h1_partial.dtype)
+        name: t.to(h1.dtype)
         for name, t in w._asdict().items()
-        if not name.startswith(("value", "enc0_w", "dec2"))
+        if name.startswith(("enc1", "enc2", "dec0", "dec1"))
     }
     p = w.kernel // 2
-    h = F.relu(h1_partial + f["enc0_bias"][:, None])
-    h = F.relu(F.conv1d(h, f["enc1_weight"], f["enc1_bias"], stride=2, padding=p))
-    h = F.relu(F.conv1d(h, f["enc2_weight"], f["enc2_bias"], stride=2, padding=p))
-    h = F.relu(
+    enc1 = F.relu(F.conv1d(h1, f["enc1_weight"], f["enc1_bias"], stride=2, padding=p))
+    enc2 = F.relu(F.conv1d(enc1, f["enc2_weight"], f["enc2_bias"], stride=2, padding=p))
+    dec0 = F.relu(
         F.conv_transpose1d(
-            h, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1
+            enc2, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1
         )
     )
-    return F.relu(
+    h5 = F.relu(
         F.conv_transpose1d(
-            h, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1
+            dec0, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1
         )
     )
+    return enc1, enc2, dec0, h5
 
 
 def scores(

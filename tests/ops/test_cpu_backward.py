@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from casa_kernels.ops import weight_cache
 from casa_kernels.ops.backends.cpu_backward import bottleneck_activations
 from casa_kernels.ops.registry import get_backend
+from casa_kernels.reference import stages as reference_stages
 from casa_kernels.tolerance import assert_close_to_reference, compare_gradient
 from tests.conftest import make_problem
 from tests.ops import gradients
@@ -156,26 +156,6 @@ def test_nonfinite_x_gives_the_references_gradient_pattern(threads, values, dtyp
         assert (got[finite] - want[finite]).abs().max() <= 2e-2 * scale, name
 
 
-def _reference_bottleneck(h1, w):
-    """The four convs of the official ScoreNetwork after its head, in float64, each output
-    after its ReLU: what casa::cpu_bottleneck keeps for the backward."""
-    p = w.kernel // 2
-    f = {name: t.double() for name, t in w._asdict().items()}
-    enc1 = F.relu(F.conv1d(h1.double(), f["enc1_weight"], f["enc1_bias"], stride=2, padding=p))
-    enc2 = F.relu(F.conv1d(enc1, f["enc2_weight"], f["enc2_bias"], stride=2, padding=p))
-    dec0 = F.relu(
-        F.conv_transpose1d(
-            enc2, f["dec0_weight"], f["dec0_bias"], stride=2, padding=p, output_padding=1
-        )
-    )
-    dec1 = F.relu(
-        F.conv_transpose1d(
-            dec0, f["dec1_weight"], f["dec1_bias"], stride=2, padding=p, output_padding=1
-        )
-    )
-    return enc1, enc2, dec0, dec1
-
-
 # (batch, d_model, kernel, threads): GEMMs split by rows (few columns, B·length < 128 per
 # thread) and by columns (B = 16 at D = 64: 256 columns in enc1's GEMM), k from 1 to 7.
 BOTTLENECK_SHAPES = {
@@ -200,7 +180,7 @@ def test_bottleneck_activations_match_the_official_convs(threads, shape, dtype):
     g = torch.Generator().manual_seed(22)
     h1 = torch.rand(batch, d_model // 4, d_model // 2, generator=g, dtype=torch.float64).to(acc)
     got = bottleneck_activations(h1, w)
-    want = _reference_bottleneck(h1, w)
+    want = reference_stages.bottleneck_activations(h1.double(), w)
     tol = {"rtol": 1e-12, "atol": 1e-12} if acc == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     for name, a, b in zip(("enc1", "enc2", "dec0", "h5"), got, want):
         assert a.dtype == acc and a.shape == b.shape, (name, a.dtype, a.shape)
