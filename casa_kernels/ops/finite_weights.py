@@ -16,16 +16,29 @@ import torch
 
 from .. import reference
 from ..weights import ScoreAttentionWeights
+from .extension import kernel_missing_reason
 from .registry import ForwardFn
 from .weight_cache import Prepared, cached
 
 
 def _all_finite(weights: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of every weight is finite: each weight's min and max (one pass,
-    a NaN or inf shows in one of them), promoted to a common dtype (exact, widening only)
-    and read once. ``torch.isfinite(w).all()`` per weight makes four passes and a bool
-    tensor each, and a host read each: 3.3 ms a layer at D = 512 on a 2-core EPYC, paid
-    after every optimizer step; this takes 0.4 ms."""
+    """Whether every element of every weight is finite: CPU weights in one call of the
+    extension's one-pass check (``casa::cpu_all_finite``, csrc/cpu/finite.cpp) where it is
+    built, others by :func:`_min_max_all_finite`. At D = 128 on a 2-core EPYC the one call
+    takes 0.05 ms a layer where the min/max check's 16 ops took 0.17 (0.25 within a
+    training step, paid after every optimizer step); at D = 512, 0.17–0.25 against
+    0.30–0.46 ms."""
+    if all(w.device.type == "cpu" for w in weights) and kernel_missing_reason("CPU", "") is None:
+        return torch.ops.casa.cpu_all_finite(list(weights))
+    return _min_max_all_finite(weights)
+
+
+def _min_max_all_finite(weights: Sequence[torch.Tensor]) -> bool:
+    """:func:`_all_finite` on any device: each weight's min and max (one pass, a NaN or inf
+    shows in one of them), promoted to a common dtype (exact, widening only) and read
+    once. ``torch.isfinite(w).all()`` per weight makes four passes and a bool tensor each,
+    and a host read each: 3.3 ms a layer at D = 512 on a 2-core EPYC, where this takes
+    0.4 ms."""
     with torch.no_grad():
         extremes = [m for w in weights if w.numel() > 0 for m in torch.aminmax(w)]
         return not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
