@@ -96,6 +96,7 @@ class Mutant:
 
 
 CPU_BACKWARD_TESTS = ("tests/ops/test_cpu_backward.py",)
+FINITE_TESTS = ("tests/ops/test_finite_weights.py",)
 
 MUTANTS = [
     Mutant(
@@ -153,6 +154,20 @@ MUTANTS = [
         "conv_transpose_relu<acc_t>(operands[2], biases[2], enc2_out, k, cols, dec0_out);",
         "conv_transpose_relu<acc_t>(operands[2], biases[0], enc2_out, k, cols, dec0_out);",
         (*CPU_TESTS, *CPU_BACKWARD_TESTS),
+    ),
+    Mutant(
+        "cpu finiteness check: each range keeps only its last element's verdict",
+        "csrc/cpu/finite.cpp",
+        "found |= static_cast<Bits>((bits[i] & exponent) == exponent);",
+        "found = static_cast<Bits>((bits[i] & exponent) == exponent);",
+        FINITE_TESTS,
+    ),
+    Mutant(
+        "cpu finiteness check: a thread's range skips the tensor it starts inside",
+        "csrc/cpu/finite.cpp",
+        "std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;",
+        "std::lower_bound(starts.begin(), starts.end(), begin) - starts.begin();",
+        FINITE_TESTS,
     ),
     Mutant(
         "cpu backward: a transposed copy of the head's weight for the input gradient",

@@ -44,23 +44,17 @@ bool any_non_finite(const Span& s, int64_t begin, int64_t end) {
       return any_non_finite(static_cast<const uint32_t*>(s.data) + begin, end - begin,
                             static_cast<uint32_t>(s.exponent));
     default:
-      return any_non_finite(static_cast<const uint64_t*>(s.data) + begin, end - begin,
-                            s.exponent);
+      return any_non_finite(static_cast<const uint64_t*>(s.data) + begin, end - begin, s.exponent);
   }
 }
 
 uint64_t exponent_mask(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat:
-      return 0x7f800000u;
-    case at::kDouble:
-      return 0x7ff0000000000000u;
-    case at::kBFloat16:
-      return 0x7f80u;
-    case at::kHalf:
-      return 0x7c00u;
-    default:
-      return 0;  // not a floating dtype: checked by the caller
+    case at::kFloat: return 0x7f800000u;
+    case at::kDouble: return 0x7ff0000000000000u;
+    case at::kBFloat16: return 0x7f80u;
+    case at::kHalf: return 0x7c00u;
+    default: return 0;  // not a floating dtype: checked by the caller
   }
 }
 
@@ -73,10 +67,10 @@ bool all_finite(at::TensorList tensors) {
     TORCH_CHECK(t.device().is_cpu(), "cpu_all_finite: tensors[", i,
                 "] must be on the CPU, received one on ", t.device());
     const at::ScalarType dtype = t.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                    dtype == at::kHalf,
-                "cpu_all_finite: tensors[", i,
-                "] must be float32, float64, bfloat16 or float16, received ", dtype);
+    TORCH_CHECK(
+        dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+        "cpu_all_finite: tensors[", i, "] must be float32, float64, bfloat16 or float16, received ",
+        dtype);
     if (t.numel() == 0) continue;
     const at::Tensor& dense = t.is_contiguous() ? t : held.emplace_back(t.contiguous());
     spans.push_back({dense.data_ptr(), dense.numel(), static_cast<int>(dense.element_size()),
