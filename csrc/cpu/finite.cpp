@@ -1,6 +1,6 @@
 // casa::cpu_all_finite: whether every element of a list of CPU tensors is finite, in one
 // pass over their memory (ops/finite_weights.py asks it once per weight version, after
-// every optimizer step; docs/design.md §5.8). An IEEE value is NaN or ±inf exactly when
+// every optimizer step; docs/design.md §11.2). An IEEE value is NaN or ±inf exactly when
 // its exponent bits are all ones, so each element is one AND and one compare on its bits,
 // which the compiler vectorises; a NaN payload or sign changes nothing. The tensors'
 // elements are split over the threads as one range, so small lists run on one thread and
@@ -48,13 +48,16 @@ bool any_non_finite(const Span& s, int64_t begin, int64_t end) {
   }
 }
 
-uint64_t exponent_mask(at::ScalarType dtype) {
+// The exponent bits of tensors[i]'s dtype; a dtype without them is an error naming it.
+uint64_t exponent_mask(at::ScalarType dtype, size_t i) {
   switch (dtype) {
     case at::kFloat: return 0x7f800000u;
     case at::kDouble: return 0x7ff0000000000000u;
     case at::kBFloat16: return 0x7f80u;
     case at::kHalf: return 0x7c00u;
-    default: return 0;  // not a floating dtype: checked by the caller
+    default:
+      TORCH_CHECK(false, "cpu_all_finite: tensors[", i,
+                  "] must be float32, float64, bfloat16 or float16, received ", dtype);
   }
 }
 
@@ -66,15 +69,11 @@ bool all_finite(at::TensorList tensors) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), "cpu_all_finite: tensors[", i,
                 "] must be on the CPU, received one on ", t.device());
-    const at::ScalarType dtype = t.scalar_type();
-    TORCH_CHECK(
-        dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-        "cpu_all_finite: tensors[", i, "] must be float32, float64, bfloat16 or float16, received ",
-        dtype);
+    const uint64_t exponent = exponent_mask(t.scalar_type(), i);
     if (t.numel() == 0) continue;
     const at::Tensor& dense = t.is_contiguous() ? t : held.emplace_back(t.contiguous());
-    spans.push_back({dense.data_ptr(), dense.numel(), static_cast<int>(dense.element_size()),
-                     exponent_mask(dtype)});
+    spans.push_back(
+        {dense.data_ptr(), dense.numel(), static_cast<int>(dense.element_size()), exponent});
     starts.push_back(starts.back() + dense.numel());
   }
   std::atomic<bool> found{false};
