@@ -1,4 +1,5 @@
-// The bottleneck's convs in bfloat16 on the AMX tier, channels-last (docs/design.md §11.4).
+// The bottleneck's convs in bfloat16 on the bfloat16 GEMM tiers (AMX, avx512_bf16),
+// channels-last (docs/design.md §11.4).
 //
 // Each activation is [B, L + 2p, C] in bfloat16 (PaddedRows), p = k/2 zero rows around each
 // batch element's L rows, so that every conv is GEMMs on the activation as it lies, with

@@ -17,7 +17,8 @@
 //      (batch element, group of chunks): the N reduction is split when B is small.
 //   2. bottleneck: the four N-independent convs, O(B·D^2), each one GEMM over the
 //      whole batch, its columns (large B) or rows (small B) split across threads; for
-//      bfloat16 on AMX, channels-last GEMMs in bfloat16 instead (channels_last.h).
+//      bfloat16 with bfloat16 GEMMs, channels-last GEMMs in bfloat16 instead
+//      (channels_last.h).
 //   3. tail, per (batch element, tile of T output columns), kTailRows rows at a time:
 //      pass 1 runs the last transposed conv into S[N, T] and turns it into softmax
 //      numerators, each block on its own shift (vectorised.h); pass 2 runs the value
@@ -26,10 +27,9 @@
 //
 // The GEMMs (gemm.h) run inside torch's parallel workers with the BLAS single-threaded
 // (sequential_blas.h), so only one pool of threads ever runs. For bfloat16 input on a CPU
-// with bfloat16 GEMMs (cpu::bf16_gemm: AMX, or avx512_bf16 except in the bottleneck) they
-// take bfloat16 operands (activations rounded to bfloat16 between layers, as in PyTorch's
-// own bfloat16 convolutions) and accumulate in fp32; elsewhere bfloat16 input is computed
-// in fp32.
+// with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16) they take bfloat16 operands
+// (activations rounded to bfloat16 between layers, as in PyTorch's own bfloat16
+// convolutions) and accumulate in fp32; elsewhere bfloat16 input is computed in fp32.
 //
 // Temporary memory: O(B·D^2) for the head's and bottleneck's activations (one block,
 // Activations) and h5, min(kHeadChunk, N)·k·D/2 per head worker,
@@ -166,7 +166,8 @@ void bottleneck_convs(const std::array<at::Tensor, 4>& operands,
 //   mid  [D/2, B, D/4]: enc1's output, then dec0's;
 //   cols [k·B·D^2/16]:  the stride-2 convs' im2col columns, then the transposed convs'
 //                       GEMM outputs [Cout·k, B·L].
-// For the channels-last convs (AMX, channels_last.h), three bfloat16 activations follow io:
+// For the channels-last convs (bfloat16 GEMMs, channels_last.h), three bfloat16
+// activations follow io:
 //   rows[0] [B, D/2, D/4]: h1; rows[1] [B, D/4, D/2]: enc1's output, then dec0's;
 //   rows[2] [B, D/8, D]: enc2's output.
 // dec1's output h5, which the tail reads, has an allocation of its own. One block, because
@@ -235,11 +236,9 @@ struct Plan {
   Weights w;     // in acc_t: the caller's tensors for fp32/fp64, fp32 copies for bf16
   int64_t tile;  // tail tile width T
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
-  // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation.
+  // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation;
+  // the bottleneck's run channels-last (channels_last.h, docs/design.md §11.4).
   bool bf16_gemm;
-  // The bottleneck in bfloat16 too, channels-last (channels_last.h), on AMX only: on the
-  // avx512_bf16 tier its bfloat16 GEMMs are slower than fp32 ones (docs/design.md §11.4).
-  bool bf16_bottleneck;
   std::vector<int64_t> taps[2];      // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
   int64_t packed_tile;     // elements between the tiles of prepared[kValueWeightT] (bf16_gemm)
@@ -251,7 +250,6 @@ struct Plan {
         acc(c10::CppTypeToScalarType<acc_t>::value),
         tile(tile_width),
         bf16_gemm(tier != cpu::Bf16Gemm::kNone),
-        bf16_bottleneck(tier == cpu::Bf16Gemm::kAmx),
         prepared(std::move(prepared_weights)),
         packed_tile(cpu::packed_bf16_size(sizes.d_model, tile_width)) {
     const bool copies = !std::is_same_v<scalar_t, acc_t>;
@@ -293,7 +291,7 @@ struct Plan {
           weights[kValueBias].to(acc).index_select(0, at::tensor(order, at::kLong));
     }
     if (has({kEnc1Weight, kEnc2Weight, kDec0Weight, kDec1Weight})) {
-      if (tier == cpu::Bf16Gemm::kAmx) {  // the channels-last bottleneck's (channels_last.h)
+      if (bf16_gemm) {  // the channels-last bottleneck's (channels_last.h)
         out[kEnc1Gemm] = cpu::pack_conv_s2_weight(weights[kEnc1Weight]);
         out[kEnc2Gemm] = cpu::pack_conv_s2_weight(weights[kEnc2Weight]);
         out[kDec0Gemm] = cpu::pack_conv_transpose_s2_weight(weights[kDec0Weight]);
@@ -410,13 +408,14 @@ struct Plan {
   }
 
   // Stage 2: the four N-independent convs from h1 = a.io [D/4, B, D/2] to h5 [D/4, B, D/2]
-  // (a new tensor); a's regions serve the convs in between (Activations). On AMX the convs
-  // run channels-last in bfloat16 (channels_last.h), else on im2col/col2im GEMMs in acc_t.
+  // (a new tensor); a's regions serve the convs in between (Activations). With bfloat16
+  // GEMMs the convs run channels-last in bfloat16 (channels_last.h), else on im2col/col2im
+  // GEMMs in acc_t.
   at::Tensor bottleneck(const Activations<acc_t>& a) const {
     const int64_t B = s.batch, D = s.d_model, k = s.kernel;
     at::Tensor h5 = at::empty({D / 4, B, D / 2}, at::TensorOptions(acc));
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (bf16_bottleneck) {
+      if (bf16_gemm) {
         const auto packed = [&](int i) { return prepared[i].data_ptr<c10::BFloat16>(); };
         const auto bias = [&](int i) { return w[i].data_ptr<float>(); };
         cpu::to_padded_rows(a.io.template data_ptr<float>(), a.rows[0]);
@@ -639,7 +638,7 @@ struct Plan {
     acc_t* const no_stats[2] = {nullptr, nullptr};
     at::Tensor h5;
     {
-      Activations<acc_t> activations(s.batch, s.d_model, s.kernel, acc, bf16_bottleneck);
+      Activations<acc_t> activations(s.batch, s.d_model, s.kernel, acc, bf16_gemm);
       {
         RECORD_FUNCTION("casa::cpu head", std::vector<c10::IValue>());
         head(x, /*bias_relu=*/true, activations.io);

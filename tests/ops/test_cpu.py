@@ -60,9 +60,9 @@ def test_result_does_not_depend_on_thread_count(problem, threads):
 def test_bottleneck_split_across_two_threads(problem, dtype, batch, d_model):
     # With 2 threads the bottleneck's GEMMs (each of 2^21 multiply-adds or more here, worth
     # both threads) split their columns when each thread gets 128 or more (B·D/8 >= 256
-    # here), else their rows; both must give the 1-thread result. bfloat16 on AMX runs the
-    # channels-last bottleneck instead, split into (batch element, 64-row chunk) items and,
-    # at B = 1, into groups of output channels too.
+    # here), else their rows; both must give the 1-thread result. bfloat16 with bfloat16
+    # GEMMs (AMX, avx512_bf16) runs the channels-last bottleneck instead, split into (batch
+    # element, 64-row chunk) items and, at B = 1, into groups of output channels too.
     x, w = problem(batch, 5, d_model, 3, dtype=dtype)
     caller_threads = torch.get_num_threads()
     try:
@@ -186,7 +186,7 @@ def test_bottleneck_activations_are_one_allocation(problem, dtype):
         e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
     )
     activation = B * D * D // 8 * 4  # [D/4, B, D/2] in fp32: h1, h5
-    if dtype == torch.bfloat16 and torch.ops.casa.cpu_bf16_gemm() == "amx":
+    if dtype == torch.bfloat16 and torch.ops.casa.cpu_bf16_gemm() != "none":
         # h1, then the three channels-last bfloat16 activations with a zero row each side
         padded = [(D // 2 + 2, D // 4), (D // 4 + 2, D // 2), (D // 8 + 2, D)]
         pieces = [2 * B * rows * channels for rows, channels in padded]
