@@ -237,7 +237,7 @@ struct Plan {
   int64_t tile;  // tail tile width T
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm: AMX or avx512_bf16): the
   // GEMMs take bfloat16 operands (as PyTorch's own bfloat16 GEMMs do), fp32 accumulation;
-  // the bottleneck's run channels-last (channels_last.h, docs/design.md §11.4).
+  // the bottleneck's convs run channels-last (channels_last.h, docs/design.md §11.4).
   bool bf16_gemm;
   std::vector<int64_t> taps[2];      // parity_taps(k, q)
   std::vector<at::Tensor> prepared;  // PreparedIndex
