@@ -11,7 +11,7 @@ namespace casa {
 namespace cpu {
 namespace {
 
-// Output rows of one GEMM block: a few AMX tiles of 16 rows, whose fp32 output ([rows,
+// Output rows of one GEMM block (on AMX, four tiles of 16 rows), whose fp32 output ([rows,
 // at most 512 columns], 128 KiB) stays in L2 for the epilogue.
 constexpr int64_t kBlockRows = 64;
 

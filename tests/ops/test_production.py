@@ -184,8 +184,8 @@ def test_nan_in_any_weight_gives_the_reference_pattern(backend, device):
 
 def test_nan_in_any_weight_gives_the_reference_pattern_in_bfloat16_on_cpu():
     # bfloat16 weights with a NaN must take the cpu backend's route to the reference too
-    # (finite_weights): its bfloat16 bottleneck on AMX multiplies padding zeros by the
-    # weights, exact for finite weights only (csrc/cpu/channels_last.h).
+    # (finite_weights): its bfloat16 bottleneck (AMX, avx512_bf16) multiplies padding zeros
+    # by the weights, exact for finite weights only (csrc/cpu/channels_last.h).
     _check_nan_in_every_weight("cpu", "cpu", torch.bfloat16)
 
 
