@@ -121,6 +121,20 @@ MUTANTS = [
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
+        "cpu backward: a bfloat16 dx's additions overwrite what was there",
+        "csrc/cpu/vectorised.cpp",
+        "for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(load(out, i) + in[i]);",
+        "for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(in[i]);",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: a tile's block of d dec2 overwrites the shared accumulator's rows",
+        "csrc/cpu/backward.cpp",
+        "grads.dec2[q].narrow(0, r0, rows).add_(block);",
+        "grads.dec2[q].narrow(0, r0, rows).copy_(block);",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
         "cpu backward: a conv's weight gradient keeps only the first worker's accumulator",
         "csrc/cpu/backward.cpp",
         "total = total.defined() ? total.add_(own) : own;\n  });\n  return total;",

@@ -16,13 +16,17 @@
 // of P ⊙ dP; pass 2, kRows rows at a time, gives dv, ds and dt, dWv's tile rows (dv^T x),
 // dbv and dx's rows (g + ds in the tile's columns, dv Wv in all). Then over all N: d dec2 by
 // parity (dt window^T) and dh5 (dec2^T dt, scattered back to h5's columns). Nothing
-// [B, N, D] is stored but dx itself (for bfloat16, its fp32 accumulator). Each worker holds
-// three [N, T] buffers and, for the parameters it adds to, its own accumulators, summed
-// once at its end, except where the workers' parts of a gradient are distinct (dWv and dbv
-// at B = 1, a conv's weight where its channel groups split evenly over the workers): there
-// they share one. dx rows and dh5 of one batch element are added under that element's
-// lock (tiles of one element can run on different workers). The tail's weight layouts and
-// accumulators are freed before the convolutions' backward runs.
+// [B, N, D] is stored but dx itself, in x's dtype. Each worker holds three [N, T] buffers
+// and, for the parameters it adds to, its own accumulators, summed once at its end, except
+// where the workers' parts of a gradient are distinct (dWv and dbv at B = 1, a conv's weight
+// where its channel groups split evenly over the workers): there they share one. d dec2
+// (N·k·D/4 elements, the largest at large N) is one accumulator for all workers, each tile
+// adding its product by blocks of kDec2Rows rows under that block's lock. dx rows and dh5
+// of one batch element are added under that element's lock (tiles of one element can run
+// on different workers). So with several workers the order of those additions, and the
+// last bits of dx, d dec2 and the summed accumulators, can change from run to run; one
+// thread gives the same bits every run. The tail's weight layouts and accumulators are
+// freed before the convolutions' backward runs.
 //
 // The variate-parallel layer (docs/design.md §12.4) runs the same pieces split at its two
 // all-reduces: casa::cpu_tail_backward_colsum (per tile the scores and pass 1, P, dP and σ'
@@ -34,8 +38,10 @@
 // Any subset of gradients (needs) costs only what it needs: no value GEMM without dP, no
 // dt without a score-network gradient, no conv backward below the lowest layer whose
 // parameters (or x) need one, no input gradient of a layer nothing below needs.
-// Arithmetic in the accumulation type: fp32 for fp32 and bfloat16 input (rounded once at
-// the end), fp64 for fp64.
+// Arithmetic in the accumulation type: fp32 for fp32 and bfloat16 input, fp64 for fp64. The
+// parameters' gradients are rounded to bfloat16 once, at the end; dx is held in bfloat16,
+// each addition to it (a 64-row block of one tail tile, a row of the first conv's share)
+// formed in fp32 and rounded once: with one tile per batch element, twice in all.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -66,6 +72,7 @@ namespace {
 using cpu::parallel_for_aten;
 
 constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
+constexpr int64_t kDec2Rows = 256;   // rows of d dec2 added per lock of that block of rows
 constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
 constexpr int64_t kReluGrain = int64_t{1} << 16;  // elements per worker of a ReLU backward
 
@@ -81,16 +88,17 @@ bool rounds_to_bf16() {
 // reference's bfloat16 autograd holds them, and fp32 accumulation (cpu::gemm_bf16). A is
 // fp32 (rounded here) or already bfloat16 (a weight, rounded once per call: rounded_rows).
 // B is read as [K, N] (row stride ldb), or with b_transposed as its transpose [N, K]. K must
-// be even (the packed layout pairs rows). `rounded`: rounded_gemm_elements(M, N, K) bfloat16s.
-int64_t rounded_gemm_elements(int64_t M, int64_t N, int64_t K) {
-  return M * K + K * N + cpu::packed_bf16_size(K, N);
+// be even (the packed layout pairs rows). `rounded`: rounded_gemm_elements(M, N, K, A is
+// bfloat16) bfloat16s.
+int64_t rounded_gemm_elements(int64_t M, int64_t N, int64_t K, bool a_bf16) {
+  return (a_bf16 ? 0 : M * K) + K * N + cpu::packed_bf16_size(K, N);
 }
 void rounded_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                   const float* B, int64_t ldb, bool b_transposed, float* C, int64_t ldc,
                   bool accumulate, c10::BFloat16* rounded) {
-  c10::BFloat16* packed = rounded + M * K + K * N;
+  c10::BFloat16* packed = rounded + K * N;
   if (b_transposed) {
-    c10::BFloat16* b = rounded + M * K;  // [K, N]
+    c10::BFloat16* b = rounded;  // [K, N]
     cpu::transpose(B, ldb, N, K, b, N);
     cpu::pack_bf16(K, N, b, N, packed);
   } else {
@@ -102,7 +110,7 @@ void rounded_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
                   int64_t ldb, bool b_transposed, float* C, int64_t ldc, bool accumulate,
                   c10::BFloat16* rounded) {
   for (int64_t r = 0; r < M; ++r) cpu::to_bf16(A + r * lda, K, rounded + r * K);
-  rounded_gemm(M, N, K, rounded, K, B, ldb, b_transposed, C, ldc, accumulate, rounded);
+  rounded_gemm(M, N, K, rounded, K, B, ldb, b_transposed, C, ldc, accumulate, rounded + M * K);
 }
 
 // A [rows, cols] fp32 matrix rounded to bfloat16 (a GEMM's constant left operand), or an
@@ -155,6 +163,7 @@ struct TileScratch {
   acc_t* dx_tile;      // [kRows, T]: g + ds for a block of rows
   acc_t* dx_rows;      // [kRows, D]: dv Wv for a block of rows
   acc_t* x_rows;       // [kRows, D]: a block of x[b] rows in acc_t (bfloat16 input)
+  acc_t* dec2_block;   // [kDec2Rows, max K]: a block of rows of dt · window^T
   // The bfloat16 GEMMs' operands (Backward::bf16_gemms only):
   at::Tensor memory_bf16;
   c10::BFloat16* dv_bf16;    // [kRows, T]: the block of dv, rounded
@@ -168,20 +177,36 @@ struct ParameterGrads {                 // in the tile parity order where a layo
   at::Tensor value_weight, value_bias;  // [D, D] rows in tile_parity_order, [D] likewise
   at::Tensor dec2[2];                   // [N, taps(q) · D/4]: (n, (jj, c)) as dec2 by parity
   at::Tensor dec2_bias;                 // [N]
+  // One lock per kDec2Rows rows of dec2, which every worker shares (the total's).
+  std::shared_ptr<std::mutex[]> dec2_locks;
 
-  // A worker's accumulators, zeros; with `shared`, its value_weight and value_bias are
-  // shared's (workers whose tiles own distinct rows of them add there directly).
-  ParameterGrads(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc,
-                 const ParameterGrads* shared = nullptr) {
-    if (shared != nullptr) {
-      value_weight = shared->value_weight;
-      value_bias = shared->value_bias;
+  // A worker's accumulators: dec2 (and its locks) the total's, which every tile adds to by
+  // blocks of rows (N·k·D/4 elements once, not per worker); value_weight and value_bias
+  // the total's too with `share_values` (workers whose tiles own distinct rows of them add
+  // there directly), else zeros of its own, as dec2_bias.
+  ParameterGrads(const Needs& needs, int64_t N, int64_t D, at::ScalarType acc,
+                 const ParameterGrads& total, bool share_values)
+      : dec2{total.dec2[0], total.dec2[1]}, dec2_locks(total.dec2_locks) {
+    if (share_values) {
+      value_weight = total.value_weight;
+      value_bias = total.value_bias;
     } else {
       zero_values(needs, D, acc);
     }
-    const at::TensorOptions options(acc);
-    for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) dec2[q] = at::zeros({N, K[q]}, options);
-    if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, options);
+    if (needs.w[kDec2Bias]) dec2_bias = at::zeros({N}, at::TensorOptions(acc));
+  }
+
+  // The total's shared parts, zeros: dec2 and its locks, and value_weight and value_bias
+  // with `share_values`.
+  void zero_shared(const Needs& needs, int64_t N, int64_t D, const int64_t K[2], at::ScalarType acc,
+                   bool share_values) {
+    for (int q = 0; q < 2 && needs.w[kDec2Weight]; ++q) {
+      dec2[q] = at::zeros({N, K[q]}, at::TensorOptions(acc));
+    }
+    if (needs.w[kDec2Weight]) {
+      dec2_locks.reset(new std::mutex[(N + kDec2Rows - 1) / kDec2Rows]);
+    }
+    if (share_values) zero_values(needs, D, acc);
   }
 
   // value_weight and value_bias as zeros, where needed.
@@ -191,7 +216,7 @@ struct ParameterGrads {                 // in the tile parity order where a layo
     if (needs.w[kValueBias]) value_bias = at::zeros({D}, options);
   }
 
-  ParameterGrads() = default;  // none: the total before the first worker's (add_to)
+  ParameterGrads() = default;  // none: a total before zero_shared
 
   // Adds these to `total`; the first worker's become the total (no copy), and those shared
   // with the total are already there.
@@ -224,13 +249,15 @@ struct Backward {
   std::vector<int64_t> taps[2];
   int64_t K[2];                // taps(q) · D/4
   std::vector<int64_t> order;  // tile_parity_order
-  at::Tensor dec2[2];    // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]
-  at::Tensor dec2_t[2];  // [K[q], N]: the same transposed (bf16_gemms only)
-  at::Tensor dec2_rounded[2], dec2_t_rounded[2];  // both in bfloat16 (bf16_gemms only)
-  at::Tensor dec2_bias;                           // [N]
-  at::Tensor value_t;                             // [D, D]: Wv^T, columns in tile_parity_order
-  at::Tensor value;                               // [D, D]: Wv, rows in tile_parity_order
-  at::Tensor value_bias;                          // [D]: bv in tile_parity_order
+  // [N, K[q]]: dec2_weight by parity, (n, (jj, c)) = W[c, n, taps[q][jj]]; on the bfloat16
+  // tier only where a GEMM on it stays fp32 (dec2_fp32_needed), else undefined.
+  at::Tensor dec2[2];
+  // bf16_gemms only: the same in bfloat16, and its transpose [K[q], N] in bfloat16.
+  at::Tensor dec2_rounded[2], dec2_t_rounded[2];
+  at::Tensor dec2_bias;   // [N]
+  at::Tensor value_t;     // [D, D]: Wv^T, columns in tile_parity_order
+  at::Tensor value;       // [D, D]: Wv, rows in tile_parity_order
+  at::Tensor value_bias;  // [D]: bv in tile_parity_order
   // bfloat16 input on a CPU with bfloat16 GEMMs (cpu::bf16_gemm): the tail's three value
   // GEMMs (V = x Wv^T, dWv += dv^T x, dv Wv) take bfloat16 operands, dv rounded as the
   // reference's bfloat16 autograd holds it, with fp32 accumulation. Wv^T and Wv are packed
@@ -246,7 +273,8 @@ struct Backward {
   // layouts for it (cpu_prepare_tail, PreparedIndex), checked by check_layouts. The plan
   // takes dec2 by parity, Wv^T and bv from them where their GEMM operands are acc_t (no
   // bfloat16 GEMMs); otherwise (bfloat16 operands) from cpu_prepare_tail's layouts without
-  // bfloat16 GEMMs, in acc_t.
+  // bfloat16 GEMMs, in acc_t, except dec2 by parity in bfloat16, which with bf16_gemms is
+  // the forward's own (plain [N, K[q]] rows).
   Backward(const Sizes& sizes, const Weights& w, const Needs& n, const at::Tensor& stats_max,
            const at::Tensor& stats_sum, int64_t tile_width, at::TensorList prepared)
       : s(sizes),
@@ -260,9 +288,11 @@ struct Backward {
       taps[q] = cpu::parity_taps(s.kernel, q);
       K[q] = static_cast<int64_t>(taps[q].size()) * (s.d_model / 4);
     }
+    bf16_gemms = rounds_to_bf16<scalar_t>();
     std::vector<at::Tensor> layouts = prepared.vec();
     if (prepared[kDec2Even].scalar_type() != acc) {
       RECORD_FUNCTION("casa::cpu backward layouts", std::vector<c10::IValue>());
+      for (int q = 0; q < 2 && bf16_gemms; ++q) dec2_rounded[q] = prepared[kDec2Even + q];
       layouts = cpu_ops::prepare_tail(w[kDec2Weight], w[kDec2Bias], w[kValueWeight], w[kValueBias],
                                       tile, "none");
     }
@@ -271,14 +301,13 @@ struct Backward {
     value_bias = layouts[kValueBiasOrdered];
     value = cpu::transposed(value_t);
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
-    bf16_gemms = rounds_to_bf16<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_gemms) pack_values();
     }
     for (int q = 0; q < 2 && bf16_gemms; ++q) {
-      dec2_t[q] = cpu::transposed(dec2[q]);
-      dec2_rounded[q] = rounded_rows(dec2[q], true);
-      dec2_t_rounded[q] = rounded_rows(dec2_t[q], true);
+      if (!dec2_rounded[q].defined()) dec2_rounded[q] = rounded_rows(dec2[q], true);
+      dec2_t_rounded[q] = dec2_rounded[q].t().contiguous();
+      if (!dec2_fp32_needed()) dec2[q] = at::Tensor();
     }
   }
 
@@ -305,9 +334,11 @@ struct Backward {
     const int64_t N = own_rows ? s.n_vars : 0, D = s.d_model, T = tile;
     const int64_t window = std::max(K[0], K[1]) * (T / 2);
     const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
+    const int64_t dec2_block = needs.w[kDec2Weight] ? kDec2Rows * std::max(K[0], K[1]) : 0;
     TileScratch<acc_t> sc;
-    sc.memory = at::empty({2 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows},
-                          at::TensorOptions(acc));
+    sc.memory =
+        at::empty({2 * window + 3 * N * T + 3 * T + kRows * (3 * T + D) + x_rows + dec2_block},
+                  at::TensorOptions(acc));
     acc_t* next = sc.memory.template data_ptr<acc_t>();
     const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
     sc.rhs[0] = take(window);
@@ -321,12 +352,13 @@ struct Backward {
     sc.dx_tile = take(kRows * T);
     sc.dx_rows = take(kRows * D);
     sc.x_rows = take(x_rows);
+    sc.dec2_block = take(dec2_block);
     if (bf16_gemms) {
       const int64_t packed_x = cpu::packed_bf16_size(kRows, D);
       const int64_t Nv = s.n_vars, half = T / 2, Kq = std::max(K[0], K[1]);
-      const int64_t dec2_gemms =
-          std::max({rounded_gemm_elements(Nv, half, Kq), rounded_gemm_elements(Nv, Kq, half),
-                    rounded_gemm_elements(Kq, half, Nv)});
+      const int64_t dec2_gemms = std::max({rounded_gemm_elements(Nv, half, Kq, true),
+                                           rounded_gemm_elements(kDec2Rows, Kq, half, false),
+                                           rounded_gemm_elements(Kq, half, Nv, true)});
       sc.memory_bf16 = at::empty({2 * kRows * T + packed_x + dec2_gemms}, at::kBFloat16);
       sc.dv_bf16 = sc.memory_bf16.template data_ptr<c10::BFloat16>();
       sc.dv_t_bf16 = sc.dv_bf16 + kRows * T;
@@ -395,8 +427,8 @@ struct Backward {
         continue;
       }
       gather_window(h5_b, q, o0, half, sc.rhs[q]);
-      dec2_gemm(N, half, K[q], dec2[q].template data_ptr<acc_t>(), dec2_rounded[q], K[q], sc.rhs[q],
-                half, /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
+      dec2_gemm(N, half, K[q], data_or_null(dec2[q]), dec2_rounded[q], K[q], sc.rhs[q], half,
+                /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
     }
 
     // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
@@ -425,7 +457,7 @@ struct Backward {
   // holds this tile's h5 windows (else they are gathered again where needed).
   void tile_rows(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
                  const acc_t* h5, const TileScratch<acc_t>& sc, const TileRows& rows_buf,
-                 const acc_t* colsum, bool window_ready, ParameterGrads<acc_t>& grads, acc_t* dx,
+                 const acc_t* colsum, bool window_ready, ParameterGrads<acc_t>& grads, scalar_t* dx,
                  acc_t* dh5, std::mutex& lock) const {
     const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2;
     const int64_t ld = T;
@@ -469,20 +501,12 @@ struct Backward {
     for (int64_t q = 0; q < 2; ++q) {
       if (K[q] == 0) continue;
       const at::Tensor dt_q = view(rows_buf.dp + q * half, N, half, ld);
-      if (grads.dec2[q].defined()) {
-        if (rounded_dec2_grad(N, half)) {
-          dec2_gemm(N, K[q], half, rows_buf.dp + q * half, at::Tensor(), ld, sc.rhs[q], half,
-                    /*b_transposed=*/true, grads.dec2[q].template data_ptr<acc_t>(), K[q],
-                    /*accumulate=*/true, sc);
-        } else {
-          grads.dec2[q].addmm_(dt_q, view(sc.rhs[q], K[q], half, half).t());
-        }
-      }
+      if (grads.dec2[q].defined()) add_dec2_grad(q, half, rows_buf.dp + q * half, ld, sc, grads);
       if (!needs.dh5()) continue;
       acc_t* dwindow = sc.rhs[q];  // h5's columns are read: dec2^T dt takes their place
       if (rounded_dec2_grad(N, half)) {
-        dec2_gemm(K[q], half, N, dec2_t[q].template data_ptr<acc_t>(), dec2_t_rounded[q], N,
-                  rows_buf.dp + q * half, ld, /*b_transposed=*/false, dwindow, half,
+        dec2_gemm(K[q], half, N, nullptr, dec2_t_rounded[q], N, rows_buf.dp + q * half, ld,
+                  /*b_transposed=*/false, dwindow, half,
                   /*accumulate=*/false, sc);
       } else {
         at::Tensor dwindow_view = view(dwindow, K[q], half, half);
@@ -490,6 +514,27 @@ struct Backward {
       }
       const std::lock_guard<std::mutex> guard(lock);
       scatter_window(dwindow, q, o0, half, dh5 + b * (D / 4) * (D / 2));
+    }
+  }
+
+  // d dec2[q] += dt_q [N, half] (row stride ld) · window_q^T (sc.rhs[q], [K[q], half]), by
+  // blocks of kDec2Rows rows: each block's product formed in sc.dec2_block, then added to
+  // the accumulator every worker shares under that block's lock.
+  void add_dec2_grad(int64_t q, int64_t half, const acc_t* dt_q, int64_t ld,
+                     const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads) const {
+    const int64_t N = s.n_vars, Kq = K[q];
+    const at::Tensor window_t = view(sc.rhs[q], Kq, half, half).t();
+    for (int64_t r0 = 0; r0 < N; r0 += kDec2Rows) {
+      const int64_t rows = std::min(kDec2Rows, N - r0);
+      at::Tensor block = view(sc.dec2_block, rows, Kq, Kq);
+      if (rounded_dec2_grad(N, half)) {
+        dec2_gemm(rows, Kq, half, dt_q + r0 * ld, at::Tensor(), ld, sc.rhs[q], half,
+                  /*b_transposed=*/true, sc.dec2_block, Kq, /*accumulate=*/false, sc);
+      } else {
+        at::mm_out(block, view(const_cast<acc_t*>(dt_q) + r0 * ld, rows, half, ld), window_t);
+      }
+      const std::lock_guard<std::mutex> guard(grads.dec2_locks[r0 / kDec2Rows]);
+      grads.dec2[q].narrow(0, r0, rows).add_(block);
     }
   }
 
@@ -512,6 +557,19 @@ struct Backward {
     }
     TORCH_CHECK(!b_transposed, "dec2_gemm: a transposed B needs the bfloat16 GEMMs");
     cpu::gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+
+  // Whether a GEMM on dec2 by parity stays fp32 on the bfloat16 tier: the scores where K[q] is
+  // odd, dec2^T dt where N or a tile's half width is (tiles of `tile` columns, the last of
+  // D's remainder).
+  bool dec2_fp32_needed() const {
+    const int64_t last = s.d_model % tile;
+    return K[0] % 2 || K[1] % 2 || !rounded_dec2_grad(s.n_vars, tile / 2) ||
+           (last != 0 && !rounded_dec2_grad(s.n_vars, last / 2));
+  }
+
+  static const acc_t* data_or_null(const at::Tensor& t) {
+    return t.defined() ? t.template data_ptr<acc_t>() : nullptr;
   }
 
   // Whether d dec2 and dec2^T dt (K = half and N) run as rounded GEMMs.
@@ -589,8 +647,9 @@ struct Backward {
   // Runs body(b, o0, scratch, own, lock) for every (batch element, tile) under
   // at::parallel_for, `own` a worker's parameter accumulators (added to `total` at its
   // end, where given) and `lock` the batch element's; own_rows: the scratch holds [N, T] rows.
-  // With one batch element every tile is its own rows of dWv and entries of dbv, so the
-  // workers share the total's (one [D, D] accumulator, not one per worker).
+  // The workers share the total's d dec2 (by blocks of rows, under their locks) and, with
+  // one batch element, where every tile is its own rows of dWv and entries of dbv, its dWv
+  // and dbv (one [D, D] accumulator, not one per worker).
   template <typename Body>
   void for_each_tile(bool own_rows, ParameterGrads<acc_t>* total, const Body& body) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
@@ -599,12 +658,12 @@ struct Backward {
     const bool parallel = cpu::threads_for(macs) > 1;
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
-    const bool shared_values = total != nullptr && B == 1;
-    if (shared_values) total->zero_values(needs, D, acc);
+    const bool shared_values = B == 1;
+    if (total != nullptr) total->zero_shared(needs, N, D, K, acc, shared_values);
     parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
       const TileScratch<acc_t> sc = scratch(own_rows);
       ParameterGrads<acc_t> own =
-          total ? ParameterGrads<acc_t>(needs, N, D, K, acc, shared_values ? total : nullptr)
+          total ? ParameterGrads<acc_t>(needs, N, D, acc, *total, shared_values)
                 : ParameterGrads<acc_t>();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles;
@@ -618,11 +677,11 @@ struct Backward {
   }
 
   // The tail's backward over every (batch element, tile), both parts per tile: adds to dx
-  // [B, N, D] and dh5 [B, D/4, D/2] (acc_t, zero-filled by the caller where given) and fills
-  // `total`.
+  // [B, N, D] (x's dtype) and dh5 [B, D/4, D/2] (acc_t), each zero-filled by the caller where
+  // given, and fills `total`.
   void tail(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5, at::Tensor& dx,
             at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
-    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    scalar_t* dx_data = dx.defined() ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
     for_each_tile(true, &total,
                   [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc,
@@ -666,7 +725,7 @@ struct Backward {
   void tail_given_colsum(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& h5,
                          const at::Tensor& state, const at::Tensor& colsum, at::Tensor& dx,
                          at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
-    acc_t* dx_data = dx.defined() ? dx.data_ptr<acc_t>() : nullptr;
+    scalar_t* dx_data = dx.defined() ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
     const acc_t* sums = colsum.data_ptr<acc_t>();
     for_each_tile(false, &total,
@@ -734,16 +793,18 @@ int64_t channel_groups(int64_t B, int64_t channels) {
 
 // Backward of a stride-2 conv (weight [Cout, Cin, k] in acc_t, padding k/2) on input
 // [B, Cin, L] (contiguous) from dpre = dL/d(its output before bias and ReLU) [B, Cout, L/2]
-// (acc_t, contiguous): adds Wᵀ's share to d_in [B, Cin, L] where given and returns
-// dL/dweight [Cout, Cin, k] where want_weight (else undefined). Per (batch element, group
-// of input channels): the group's im2col columns cols [rows·k, L/2] give
-// dW[:, group] += dpre_b cols^T, and col2im(W[:, group]^T dpre_b), the adjoint of im2col,
-// goes to the group's rows of d_in (distinct rows per item, so no lock). bf16_gemms: the
-// GEMMs round their operands to bfloat16 (rounded_gemm; fp32 only, where K is even).
-template <typename in_t, typename acc_t>
+// (acc_t, contiguous): adds Wᵀ's share to d_in [B, Cin, L] (acc_t, or bfloat16: each row's
+// sum formed in acc_t and rounded once) where given and returns dL/dweight [Cout, Cin, k]
+// where want_weight (else undefined). Per (batch element, group of input channels): the
+// group's im2col columns cols [rows·k, L/2] give dW[:, group] += dpre_b cols^T, and
+// col2im(W[:, group]^T dpre_b), the adjoint of im2col, goes to the group's rows of d_in
+// (distinct rows per item, so no lock). bf16_gemms: the GEMMs round their operands to
+// bfloat16 (rounded_gemm; fp32 only, where K is even).
+template <typename in_t, typename acc_t, typename din_t>
 at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L,
-                            const at::Tensor& weight, const at::Tensor& dpre, acc_t* d_in,
+                            const at::Tensor& weight, const at::Tensor& dpre, din_t* d_in,
                             bool want_weight, bool bf16_gemms) {
+  constexpr bool rounded_rows_out = !std::is_same_v<din_t, acc_t>;
   const int64_t Cout = weight.size(0), k = weight.size(2), p = k / 2, half = L / 2;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t groups = channel_groups(B, Cin);
@@ -758,10 +819,11 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
       rounded_dx && d_in != nullptr ? rounded_rows(weight_2d.t(), true) : at::Tensor();
   const int64_t most_k = most_rows * k;
   const int64_t bf16_elements =
-      std::max(rounded_dw ? rounded_gemm_elements(Cout, most_k, half) : 0,
-               rounded_dx ? rounded_gemm_elements(most_k, half, Cout) : 0);
+      std::max(rounded_dw ? rounded_gemm_elements(Cout, most_k, half, false) : 0,
+               rounded_dx ? rounded_gemm_elements(most_k, half, Cout, true) : 0);
   const at::Tensor dw = for_each_item(
-      B, groups, macs, want_weight, {Cout, Cin * k}, most_k * half, bf16_elements, acc,
+      B, groups, macs, want_weight, {Cout, Cin * k}, most_k * half + (rounded_rows_out ? L : 0),
+      bf16_elements, acc,
       [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch,
           c10::BFloat16* rounded) {
         acc_t* cols = scratch.data_ptr<acc_t>();  // [rows·k, L/2]
@@ -792,15 +854,24 @@ at::Tensor conv_s2_backward(const in_t* input, int64_t B, int64_t Cin, int64_t L
           at::Tensor cols_view = view(cols, K, half, half);
           at::mm_out(cols_view, weight_2d.narrow(1, c0 * k, K).t(), view(dpre_b, Cout, half, half));
         }
-        acc_t* in_rows = d_in + (b * Cin + c0) * L;
+        din_t* in_rows = d_in + (b * Cin + c0) * L;
+        acc_t* row_sum = cols + most_k * half;  // [L] (bfloat16 d_in only)
         for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row;
+          if constexpr (rounded_rows_out) {
+            std::fill(row_sum, row_sum + L, acc_t(0));
+            row = row_sum;
+          } else {
+            row = in_rows + r * L;
+          }
           for (int64_t j = 0; j < k; ++j) {  // d_in[c, 2t + j - p] += cols[(c, j), t]
             const acc_t* from = cols + (r * k + j) * half;
-            acc_t* to = in_rows + r * L + j - p;
+            acc_t* to = row + j - p;
             const int64_t t0 = std::max<int64_t>(0, (p - j + 1) / 2);
             const int64_t t1 = std::min<int64_t>(half, (L - j + p + 1) / 2);
             for (int64_t t = t0; t < t1; ++t) to[2 * t] += from[t];
           }
+          if constexpr (rounded_rows_out) cpu::add_rounded(row_sum, L, in_rows + r * L);
         }
       });
   return want_weight ? dw.view({Cout, Cin, k}) : dw;
@@ -827,8 +898,8 @@ at::Tensor conv_transpose_s2_backward(const acc_t* input, int64_t B, int64_t Cin
   const bool rounded_dw = bf16_gemms && Lin % 2 == 0, rounded_dx = bf16_gemms && Kc % 2 == 0;
   const at::Tensor w_rounded = rounded_rows(w_flat, rounded_dx && d_in != nullptr);
   const int64_t bf16_elements =
-      std::max(rounded_dw ? rounded_gemm_elements(most_rows, Kc, Lin) : 0,
-               rounded_dx ? rounded_gemm_elements(most_rows, Lin, Kc) : 0);
+      std::max(rounded_dw ? rounded_gemm_elements(most_rows, Kc, Lin, false) : 0,
+               rounded_dx ? rounded_gemm_elements(most_rows, Lin, Kc, true) : 0);
   const at::Tensor dw = for_each_item(
       B, groups, macs, want_weight, {Cin, Kc}, Kc * Lin, bf16_elements, acc,
       [&](int64_t b, int64_t g, at::Tensor& own, const at::Tensor& scratch,
@@ -996,7 +1067,7 @@ at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vect
 }
 
 // The first conv's backward from dpre1, dL/d(its output before bias and ReLU): out[1 +
-// kEnc0Weight] (dtype) where needed, and its share added to dx [B, N, D] (acc_t) where x
+// kEnc0Weight] (dtype) where needed, and its share added to dx [B, N, D] (x's dtype) where x
 // needs it.
 template <typename scalar_t, typename acc_t>
 void head_backward(const at::Tensor& dpre1, const at::Tensor& x, const at::Tensor& enc0_weight,
@@ -1005,7 +1076,7 @@ void head_backward(const at::Tensor& dpre1, const at::Tensor& x, const at::Tenso
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor dw = conv_s2_backward<scalar_t, acc_t>(
       x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), enc0_weight.to(acc).contiguous(),
-      dpre1, needs.x ? dx.data_ptr<acc_t>() : nullptr, needs.w[kEnc0Weight], bf16_gemms);
+      dpre1, needs.x ? dx.data_ptr<scalar_t>() : nullptr, needs.w[kEnc0Weight], bf16_gemms);
   if (dw.defined()) out[1 + kEnc0Weight] = dw.to(x.scalar_type());
 }
 
@@ -1023,7 +1094,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
                                       at::TensorList prepared, const Needs& needs, const Sizes& s) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = s.batch, N = s.n_vars, D = s.d_model, C1 = D / 4;
-  at::Tensor dx = needs.x ? at::zeros({B, N, D}, at::TensorOptions(acc)) : at::Tensor();
+  at::Tensor dx = needs.x ? at::zeros({B, N, D}, x.options()) : at::Tensor();
   at::Tensor dh5 = needs.dh5() ? at::zeros({B, C1, D / 2}, at::TensorOptions(acc)) : at::Tensor();
   std::vector<at::Tensor> out(1 + kNumWeights);
   const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
@@ -1042,7 +1113,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     if (head_needed(needs))
       head_backward<scalar_t, acc_t>(dpre1, x, w[kEnc0Weight], needs, bf16_gemms, dx, out);
   }
-  if (needs.x) out[0] = dx.to(x.scalar_type());
+  if (needs.x) out[0] = dx;
   fill_empty(out, x);
   return out;
 }
@@ -1213,8 +1284,8 @@ std::tuple<at::Tensor, at::Tensor> tail_backward_colsum(
 
 // casa::cpu_tail_backward_rows, part 2 of a variate-parallel backward (docs/design.md §12.4):
 // from part 1's state and colsum summed over every rank, the tail's rows and the score
-// network down to h1. Returns 1 + 14 + 1 tensors: dx's share so far ([B, N, D], the
-// accumulation dtype; empty unless x needs a gradient), the weights' gradients in x's dtype
+// network down to h1. Returns 1 + 14 + 1 tensors: dx's share so far ([B, N, D], x's dtype;
+// empty unless x needs a gradient), the weights' gradients in x's dtype
 // (enc0_weight's empty: cpu_head_backward gives it; value and bottleneck parameters' are
 // this rank's share), and dL/d(the first conv's output before bias and ReLU) from this
 // rank's rows ([B, D/4, D/2], accumulation dtype; empty unless x or enc0_weight needs it).
@@ -1238,7 +1309,7 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
   by_dtype(a.x.scalar_type(), [&](auto scalar, auto accumulate) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
-    at::Tensor dx = a.needs.x ? at::zeros({B, N, D}, at::TensorOptions(a.acc)) : at::Tensor();
+    at::Tensor dx = a.needs.x ? at::zeros({B, N, D}, a.x.options()) : at::Tensor();
     at::Tensor dh5 =
         a.needs.dh5() ? at::zeros({B, D / 4, D / 2}, at::TensorOptions(a.acc)) : at::Tensor();
     const bool bf16_gemms = tail_backward<scalar_t, acc_t>(
@@ -1264,10 +1335,10 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
 
 // casa::cpu_head_backward, the end of a variate-parallel backward (docs/design.md §12.4): the
 // first conv's backward from dpre1 ([B, D/4, D/2], accumulation dtype, summed over every
-// rank), adding x's share to dx_acc (cpu_tail_backward_rows's dx; empty unless x needs a
-// gradient). Returns (dx in x's dtype, enc0_weight's gradient), each empty where not needed.
+// rank), adding x's share to dx (cpu_tail_backward_rows's, in x's dtype; empty unless x needs
+// a gradient). Returns (dx, enc0_weight's gradient), each empty where not needed.
 std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tensor& x_in,
-                                         const at::Tensor& enc0_weight, at::Tensor& dx_acc,
+                                         const at::Tensor& enc0_weight, at::Tensor& dx,
                                          const c10::List<bool>& needs) {
   TORCH_CHECK(needs.size() == 1 + kNumWeights, "needs: expected ", 1 + kNumWeights,
               " flags (x, then the weights), received ", needs.size());
@@ -1284,19 +1355,18 @@ std::vector<at::Tensor> head_backward_op(const at::Tensor& dpre1, const at::Tens
   check_like(dpre1, "dpre1", {B, D / 4, D / 2}, acc);
   Needs flags{needs.get(0), {}};
   for (int i = 0; i < kNumWeights; ++i) flags.w[i] = needs.get(1 + i);
-  if (flags.x) check_like(dx_acc, "dx_acc", {B, N, D}, acc);
-  TORCH_CHECK(!flags.x || dx_acc.is_contiguous(), "dx_acc: expected a contiguous tensor");
+  if (flags.x) check_like(dx, "dx", {B, N, D}, x.scalar_type());
+  TORCH_CHECK(!flags.x || dx.is_contiguous(), "dx: expected a contiguous tensor");
   std::vector<at::Tensor> out(1 + kNumWeights);
   by_dtype(x.scalar_type(), [&](auto scalar, auto accumulate) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(accumulate);
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
     head_backward<scalar_t, acc_t>(dpre1.contiguous(), x, enc0_weight, flags,
-                                   rounds_to_bf16<scalar_t>(), dx_acc, out);
+                                   rounds_to_bf16<scalar_t>(), dx, out);
     return 0;
   });
-  std::vector<at::Tensor> result{flags.x ? dx_acc.to(x.scalar_type()) : at::empty({0}, x.options()),
-                                 out[1 + kEnc0Weight]};
+  std::vector<at::Tensor> result{flags.x ? dx : at::empty({0}, x.options()), out[1 + kEnc0Weight]};
   fill_empty(result, x);
   return result;
 }
@@ -1317,7 +1387,7 @@ TORCH_LIBRARY_FRAGMENT(casa, m) {
       "Tensor col_max, Tensor col_sum, Tensor colsum, Tensor state, bool[] needs, "
       "Tensor[] prepared, int tile) -> Tensor[]");
   m.def(
-      "cpu_head_backward(Tensor dpre1, Tensor x, Tensor enc0_weight, Tensor(a!) dx_acc, "
+      "cpu_head_backward(Tensor dpre1, Tensor x, Tensor enc0_weight, Tensor(a!) dx, "
       "bool[] needs) -> Tensor[]");
 }
 

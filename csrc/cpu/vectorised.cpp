@@ -543,6 +543,19 @@ CASA_INLINE void add_parity_rows_impl(acc_t* dst, int64_t ldd, const acc_t* full
   }
 }
 
+CASA_INLINE void add_rounded_impl(const float* in, int64_t n, c10::BFloat16* out) {
+  uint16_t* __restrict o = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(load(out, i) + in[i]);
+}
+
+// bfloat16 dst: the tile added into `full` first, so each element is rounded once.
+CASA_INLINE void add_parity_rows_impl(c10::BFloat16* dst, int64_t ldd, float* full, int64_t D,
+                                      const float* tile, int64_t ld, int64_t o0, int64_t T,
+                                      int64_t rows) {
+  add_parity_rows_impl<float>(full, D, nullptr, D, tile, ld, o0, T, rows);
+  for (int64_t r = 0; r < rows; ++r) add_rounded_impl(full + r * D, D, dst + r * ldd);
+}
+
 template <typename acc_t>
 CASA_INLINE void relu_backward_impl(acc_t* io, const acc_t* output, int64_t n) {
   acc_t* __restrict d = io;
@@ -749,6 +762,12 @@ CASA_BLOCK_SCALES(CASA_ONE_TIER, double)
   TIERS(relu_backward, relu_backward_impl, (acc_t * io, const acc_t* output, int64_t n),        \
         (io, output, n))
 CASA_BACKWARD_ROWS(CASA_THREE_TIERS, float)
+CASA_THREE_TIERS(add_rounded, add_rounded_impl, (const float* in, int64_t n, c10::BFloat16* out),
+                 (in, n, out))
+CASA_THREE_TIERS(add_parity_rows, add_parity_rows_impl,
+                 (c10::BFloat16 * dst, int64_t ldd, float* full, int64_t D, const float* tile,
+                  int64_t ld, int64_t o0, int64_t T, int64_t rows),
+                 (dst, ldd, full, D, tile, ld, o0, T, rows))
 CASA_BACKWARD_ROWS(CASA_ONE_TIER, double)
 
 }  // namespace cpu

@@ -181,6 +181,12 @@ void add_parity_rows(float* dst, int64_t ldd, const float* full, int64_t D, cons
                      int64_t ld, int64_t o0, int64_t T, int64_t rows);
 void add_parity_rows(double* dst, int64_t ldd, const double* full, int64_t D, const double* tile,
                      int64_t ld, int64_t o0, int64_t T, int64_t rows);
+// bfloat16 dst: the same sums formed in fp32, each element of dst rounded once; `full`
+// (required) is overwritten.
+void add_parity_rows(c10::BFloat16* dst, int64_t ldd, float* full, int64_t D, const float* tile,
+                     int64_t ld, int64_t o0, int64_t T, int64_t rows);
+// add_rounded: out[i] = bfloat16(out[i] + in[i]) (nearest even) for i < n.
+void add_rounded(const float* in, int64_t n, c10::BFloat16* out);
 // add_row_sums: out[r] += Σ_{c < cols} a[r·ld + c] (float: in 16 partial sums per row).
 void add_row_sums(const float* a, int64_t ld, int64_t rows, int64_t cols, float* out);
 void add_row_sums(const double* a, int64_t ld, int64_t rows, int64_t cols, double* out);
