@@ -290,9 +290,11 @@ struct Backward {
     }
     bf16_gemms = rounds_to_bf16<scalar_t>();
     std::vector<at::Tensor> layouts = prepared.vec();
+    at::Tensor forward_value_t;  // the forward's Wv^T packed by tile (bfloat16 layouts)
     if (prepared[kDec2Even].scalar_type() != acc) {
       RECORD_FUNCTION("casa::cpu backward layouts", std::vector<c10::IValue>());
       for (int q = 0; q < 2 && bf16_gemms; ++q) dec2_rounded[q] = prepared[kDec2Even + q];
+      if (bf16_gemms) forward_value_t = prepared[kValueWeightT];
       layouts = cpu_ops::prepare_tail(w[kDec2Weight], w[kDec2Bias], w[kValueWeight], w[kValueBias],
                                       tile, "none");
     }
@@ -302,7 +304,7 @@ struct Backward {
     value = cpu::transposed(value_t);
     dec2_bias = w[kDec2Bias].to(acc).contiguous();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (bf16_gemms) pack_values();
+      if (bf16_gemms) pack_values(forward_value_t);
     }
     for (int q = 0; q < 2 && bf16_gemms; ++q) {
       if (!dec2_rounded[q].defined()) dec2_rounded[q] = rounded_rows(dec2[q], true);
@@ -311,21 +313,28 @@ struct Backward {
     }
   }
 
-  // value_t_packed and value_packed from value_t and value (bfloat16 values held in fp32:
-  // packing rounds them exactly).
-  void pack_values() {
+  // value_t_packed (the forward's own layout where given, check_layouts) and value_packed,
+  // from value_t and value (bfloat16 values held in fp32: packing rounds them exactly);
+  // then value_t and value are released, as no GEMM reads them.
+  void pack_values(const at::Tensor& forward_value_t) {
     const int64_t D = s.d_model, tiles = (D + tile - 1) / tile;
     value_t_tile = cpu::packed_bf16_size(D, tile);
     value_tile = cpu::packed_bf16_size(tile, D);
-    value_t_packed = at::empty({tiles * value_t_tile}, at::kBFloat16);
+    const bool own_value_t = !forward_value_t.defined();
+    value_t_packed =
+        own_value_t ? at::empty({tiles * value_t_tile}, at::kBFloat16) : forward_value_t;
     value_packed = at::empty({tiles * value_tile}, at::kBFloat16);
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t o0 = t * tile, T = width(o0);
-      cpu::pack_bf16(D, T, value_t.data_ptr<float>() + o0, D,
-                     value_t_packed.data_ptr<c10::BFloat16>() + t * value_t_tile);
+      if (own_value_t) {
+        cpu::pack_bf16(D, T, value_t.data_ptr<float>() + o0, D,
+                       value_t_packed.data_ptr<c10::BFloat16>() + t * value_t_tile);
+      }
       cpu::pack_bf16(T, D, value.data_ptr<float>() + o0 * D, D,
                      value_packed.data_ptr<c10::BFloat16>() + t * value_tile);
     }
+    value_t = at::Tensor();
+    value = at::Tensor();
   }
 
   // A worker's buffers; without own_rows the three [N, T] ones are left out (TileRows in
@@ -1194,9 +1203,9 @@ auto by_dtype(at::ScalarType dtype, const F& f) {
 }
 
 // The forward's tail tile width and its tail layouts for that width (cpu_prepare_tail's
-// list, PreparedIndex), checked: the entries Backward reads, in the accumulation dtype,
-// have cpu_prepare_tail's shapes for these sizes; bfloat16 ones (the forward's on a CPU
-// with bfloat16 GEMMs) are not read.
+// list, PreparedIndex), checked: the entries Backward reads have cpu_prepare_tail's shapes
+// for these sizes, in the accumulation dtype, or in bfloat16 (the forward's on a CPU with
+// bfloat16 GEMMs: dec2 by parity, and Wv^T packed by tile).
 void check_layouts(int64_t tile, at::TensorList prepared, const Arguments& a) {
   TORCH_CHECK(tile >= 2 && tile <= a.s.d_model && tile % 2 == 0,
               "tile: expected an even width in [2, d_model = ", a.s.d_model, "], received ", tile);
@@ -1205,18 +1214,25 @@ void check_layouts(int64_t tile, at::TensorList prepared, const Arguments& a) {
   const at::ScalarType dtype = prepared[kDec2Even].scalar_type();
   TORCH_CHECK(dtype == a.acc || dtype == at::kBFloat16, "prepared[0]: expected dtype ", a.acc,
               " or BFloat16, received ", dtype);
-  if (dtype != a.acc) return;
   const int64_t N = a.s.n_vars, D = a.s.d_model;
   const char* names[] = {"prepared[0] (dec2_weight, even outputs)",
                          "prepared[1] (dec2_weight, odd outputs)", "prepared[2] (value_weight^T)",
                          "prepared[3] (value_bias)"};
   for (int q = 0; q < 2; ++q) {
     const int64_t taps = static_cast<int64_t>(cpu::parity_taps(a.s.kernel, q).size());
-    check_like(prepared[kDec2Even + q], names[q], {N, taps * (D / 4)}, a.acc);
+    check_like(prepared[kDec2Even + q], names[q], {N, taps * (D / 4)}, dtype);
   }
-  check_like(prepared[kValueWeightT], names[2], {D, D}, a.acc);
-  check_like(prepared[kValueBiasOrdered], names[3], {D}, a.acc);
-  for (int i : {kDec2Even, kDec2Odd, kValueWeightT, kValueBiasOrdered}) {
+  std::vector<int> read = {kDec2Even, kDec2Odd, kValueWeightT};
+  if (dtype == a.acc) {
+    check_like(prepared[kValueWeightT], names[2], {D, D}, a.acc);
+    check_like(prepared[kValueBiasOrdered], names[3], {D}, a.acc);
+    read.push_back(kValueBiasOrdered);
+  } else {
+    const int64_t tiles = (D + tile - 1) / tile;
+    check_like(prepared[kValueWeightT], names[2], {tiles * cpu::packed_bf16_size(D, tile)},
+               at::kBFloat16);
+  }
+  for (int i : read) {
     TORCH_CHECK(prepared[i].is_contiguous(), names[i], ": expected a contiguous tensor");
   }
 }

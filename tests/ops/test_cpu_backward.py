@@ -288,6 +288,35 @@ def test_backward_from_bfloat16_layouts_lays_them_out_as_cpu_prepare_tail(thread
         assert torch.equal(a, b), field
 
 
+def test_bfloat16_layouts_of_another_tile_width_are_an_error_naming_them(threads):
+    # The backward reads the forward's bfloat16 Wv^T packed tile by tile (and dec2 by
+    # parity), so layouts packed for another width are refused, not misread.
+    from casa_kernels.ops.backends import cpu_backward
+    from casa_kernels.ops.backends.cpu import _kernels
+
+    threads(1)
+    x, w = make_problem(2, 70, 32, 3, dtype=torch.bfloat16, seed=17)
+    _, (*activations, col_max, col_sum) = cpu_backward.forward_saving(x, w)
+    kernels = _kernels()
+    tail = (w.dec2_weight, w.dec2_bias, w.value_weight, w.value_bias)
+    packed_for_8 = kernels.cpu_prepare_tail(*tail, 8, "avx512_bf16")
+    with pytest.raises(
+        RuntimeError,
+        match=r"prepared\[2\] \(value_weight\^T\): expected shape \[\d+\], received \[\d+\]",
+    ):
+        kernels.cpu_score_attention_backward(
+            gradients.grad_out(x),
+            x,
+            list(w),
+            activations,
+            col_max,
+            col_sum,
+            packed_for_8,
+            16,
+            [True] * 15,
+        )
+
+
 @pytest.mark.parametrize("n_vars", [8, 862], ids=["N=8", "N=862"])
 def test_forward_backward_at_batch_one_peaks_under_the_reference(threads, n_vars):
     # At B = 1 the backward takes the forward's tail layouts from the weight cache (dec2 by
