@@ -135,6 +135,20 @@ MUTANTS = [
         CPU_BACKWARD_TESTS,
     ),
     Mutant(
+        "cpu backward: a shared tile's column sums drop the last worker's range of rows",
+        "csrc/cpu/backward.cpp",
+        "for (int64_t id = 0; id < threads; ++id) {",
+        "for (int64_t id = 0; id + 1 < threads; ++id) {",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
+        "cpu backward: a shared tile's workers' accumulators, only the first's added",
+        "csrc/cpu/backward.cpp",
+        "if (w) w->own.add_to(total);",
+        "if (w) {\n        w->own.add_to(total);\n        break;\n      }",
+        CPU_BACKWARD_TESTS,
+    ),
+    Mutant(
         "cpu backward: a conv's weight gradient keeps only the first worker's accumulator",
         "csrc/cpu/backward.cpp",
         "total = total.defined() ? total.add_(own) : own;\n  });\n  return total;",

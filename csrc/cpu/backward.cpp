@@ -26,7 +26,10 @@
 // on different workers). So with several workers the order of those additions, and the
 // last bits of dx, d dec2 and the summed accumulators, can change from run to run; one
 // thread gives the same bits every run. The tail's weight layouts and accumulators are
-// freed before the convolutions' backward runs.
+// freed before the convolutions' backward runs. Where whole tiles per worker would hold the
+// [N, T] buffers of more than two batch elements' tiles at once (many threads), the tiles
+// run one at a time instead, each shared by the workers by ranges of rows
+// (tail_shared_tiles): its buffers held once, whatever the thread count.
 //
 // The variate-parallel layer (docs/design.md §12.4) runs the same pieces split at its two
 // all-reduces: casa::cpu_tail_backward_colsum (per tile the scores and pass 1, P, dP and σ'
@@ -71,9 +74,11 @@ namespace {
 
 using cpu::parallel_for_aten;
 
-constexpr int64_t kRows = 64;        // rows of dx added per lock of their batch element
-constexpr int64_t kDec2Rows = 256;   // rows of d dec2 added per lock of that block of rows
-constexpr int64_t kChunkRows = 256;  // input channels per im2col chunk of a conv's backward
+constexpr int64_t kRows = 64;           // rows of dx added per lock of their batch element
+constexpr int64_t kDec2Rows = 256;      // rows of d dec2 added per lock of that block of rows
+constexpr int64_t kSharedRows = 32;     // rows of a shared tile per worker, at least
+constexpr int64_t kSharedColumns = 16;  // columns of a shared tile's d_window per worker, at least
+constexpr int64_t kChunkRows = 256;     // input channels per im2col chunk of a conv's backward
 constexpr int64_t kReluGrain = int64_t{1} << 16;  // elements per worker of a ReLU backward
 
 // Whether the backward of scalar_t input runs its large GEMMs on bfloat16 operands: bfloat16
@@ -338,10 +343,10 @@ struct Backward {
   }
 
   // A worker's buffers; without own_rows the three [N, T] ones are left out (TileRows in
-  // the caller's memory instead).
-  TileScratch<acc_t> scratch(bool own_rows) const {
+  // the caller's memory instead), without own_windows the two h5 windows (shared ones).
+  TileScratch<acc_t> scratch(bool own_rows, bool own_windows = true) const {
     const int64_t N = own_rows ? s.n_vars : 0, D = s.d_model, T = tile;
-    const int64_t window = std::max(K[0], K[1]) * (T / 2);
+    const int64_t window = own_windows ? std::max(K[0], K[1]) * (T / 2) : 0;
     const int64_t x_rows = std::is_same_v<scalar_t, acc_t> ? 0 : kRows * D;
     const int64_t dec2_block = needs.w[kDec2Weight] ? kDec2Rows * std::max(K[0], K[1]) : 0;
     TileScratch<acc_t> sc;
@@ -415,33 +420,46 @@ struct Backward {
   // The width of the tile of output columns from o0.
   int64_t width(int64_t o0) const { return std::min(tile, s.d_model - o0); }
 
-  // The tail's backward, part 1, for batch element b, output columns [o0, o0 + T): the
-  // scores (rows_buf.scores), then pass 1: P, dP, σ' in rows_buf and, where ds is due,
-  // sc.colsum[0, T) = Σ_N P ⊙ dP of this element's N rows (parity order). sc.rhs holds the
-  // tile's h5 windows after it.
-  void tile_colsum(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
-                   const acc_t* h5, const TileScratch<acc_t>& sc, const TileRows& rows_buf) const {
-    const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2;
+  // The tile's h5 windows for both parities (where K[q] > 0) into windows[q]: the right
+  // operands of the scores and of d dec2 (gather_window).
+  void gather_windows(const acc_t* h5, int64_t b, int64_t o0, acc_t* const windows[2]) const {
+    const int64_t D = s.d_model, half = width(o0) / 2;
+    for (int64_t q = 0; q < 2; ++q) {
+      if (K[q] > 0) gather_window(h5 + b * (D / 4) * (D / 2), q, o0, half, windows[q]);
+    }
+  }
+
+  // The tail's backward, part 1, for batch element b, output columns [o0, o0 + T), rows
+  // [n0, n1) of N: those rows' scores from the tile's h5 windows (gather_windows) in
+  // rows_buf.scores, then pass 1: P, dP, σ' in rows_buf and, where ds is due, sc.colsum[0, T)
+  // = Σ P ⊙ dP over those rows (parity order).
+  void tile_colsum(int64_t b, int64_t o0, int64_t n0, int64_t n1, const scalar_t* x_all,
+                   const scalar_t* g_all, acc_t* const windows[2], const TileScratch<acc_t>& sc,
+                   const TileRows& rows_buf) const {
+    const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2, rows_in = n1 - n0;
     const int64_t ld = T;  // of the [N, T] and [kRows, T] buffers
     const scalar_t* x_b = x_all + b * N * D;
     const scalar_t* g_b = g_all + b * N * D;
-    const acc_t* h5_b = h5 + b * (D / 4) * (D / 2);
     const bool want_ds = needs.ds();
 
-    // The scores S = dec2 by parity · h5's window, all N rows.
+    // The scores S = dec2 by parity · h5's window, rows [n0, n1).
     for (int64_t q = 0; q < 2; ++q) {
-      acc_t* S_q = rows_buf.scores + q * half;
+      acc_t* S_q = rows_buf.scores + n0 * ld + q * half;
       if (K[q] == 0) {  // k = 1: odd outputs take the bias alone
-        for (int64_t n = 0; n < N; ++n) std::fill(S_q + n * ld, S_q + n * ld + half, acc_t(0));
+        for (int64_t n = 0; n < rows_in; ++n) {
+          std::fill(S_q + n * ld, S_q + n * ld + half, acc_t(0));
+        }
         continue;
       }
-      gather_window(h5_b, q, o0, half, sc.rhs[q]);
-      dec2_gemm(N, half, K[q], data_or_null(dec2[q]), dec2_rounded[q], K[q], sc.rhs[q], half,
+      const acc_t* A = dec2[q].defined() ? dec2[q].template data_ptr<acc_t>() + n0 * K[q] : nullptr;
+      const at::Tensor A_rounded =
+          dec2_rounded[q].defined() ? dec2_rounded[q].narrow(0, n0, rows_in) : at::Tensor();
+      dec2_gemm(rows_in, half, K[q], A, A_rounded, K[q], windows[q], half,
                 /*b_transposed=*/false, S_q, ld, /*accumulate=*/false, sc);
     }
 
     // Pass 1, kRows rows at a time: the value block V = x Wv^T; S becomes P, and where ds is
-    // due dP = v g, σ' and colsum = Σ_N P dP.
+    // due dP = v g, σ' and colsum = Σ P dP.
     const acc_t* vbias = value_bias.template data_ptr<acc_t>() + o0;
     acc_t* m = sc.colsum + T;  // the statistics of the tile's columns, in parity order
     acc_t* l = m + T;
@@ -450,8 +468,8 @@ struct Backward {
       l[i] = col_sum[b * D + column(o0, half, i)];
     }
     std::fill(sc.colsum, sc.colsum + T, acc_t(0));
-    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
-      const int64_t rows = std::min(kRows, N - r0);
+    for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+      const int64_t rows = std::min(kRows, n1 - r0);
       if (want_ds) values_block(x_b, r0, rows, o0, T, sc);
       cpu::softmax_backward_weights(
           rows_buf.scores + r0 * ld, ld, dec2_bias.template data_ptr<acc_t>() + r0, rows, T,
@@ -460,14 +478,15 @@ struct Backward {
     }
   }
 
-  // The tail's backward, part 2, for the same tile, from tile_colsum's rows_buf and the
-  // column sums `colsum` [T] (parity order; over all N, of every rank in a variate-parallel
-  // backward): pass 2 and the last transposed conv's gradients. window_ready: sc.rhs still
-  // holds this tile's h5 windows (else they are gathered again where needed).
-  void tile_rows(int64_t b, int64_t o0, const scalar_t* x_all, const scalar_t* g_all,
-                 const acc_t* h5, const TileScratch<acc_t>& sc, const TileRows& rows_buf,
-                 const acc_t* colsum, bool window_ready, ParameterGrads<acc_t>& grads, scalar_t* dx,
-                 acc_t* dh5, std::mutex& lock) const {
+  // The tail's backward, part 2, for the same tile and rows [n0, n1), from tile_colsum's
+  // rows_buf (every row of the tile done), the tile's h5 windows and the column sums
+  // `colsum` [T] (parity order; over all N, of every rank in a variate-parallel backward):
+  // pass 2 and the last transposed conv's parameter gradients of those rows. dx's rows are
+  // added under `lock`, d dec2's blocks under theirs.
+  void tile_rows(int64_t b, int64_t o0, int64_t n0, int64_t n1, const scalar_t* x_all,
+                 const scalar_t* g_all, acc_t* const windows[2], const TileScratch<acc_t>& sc,
+                 const TileRows& rows_buf, const acc_t* colsum, ParameterGrads<acc_t>& grads,
+                 scalar_t* dx, std::mutex& lock) const {
     const int64_t N = s.n_vars, D = s.d_model, T = width(o0), half = T / 2;
     const int64_t ld = T;
     const scalar_t* x_b = x_all + b * N * D;
@@ -477,8 +496,8 @@ struct Backward {
     // Pass 2, kRows rows at a time: dv = P g; ds = P (dP − colsum) and dp becomes dt = ds σ';
     // dx rows get g + ds in the tile's columns and dv Wv in all of them; dWv's tile rows get
     // dv^T x, dbv's dv's column sums.
-    for (int64_t r0 = 0; r0 < N; r0 += kRows) {
-      const int64_t rows = std::min(kRows, N - r0);
+    for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+      const int64_t rows = std::min(kRows, n1 - r0);
       cpu::softmax_backward_grads(rows_buf.scores + r0 * ld, ld, rows, T, g_b + r0 * D + o0, D,
                                   colsum, rows_buf.sigma_prime + r0 * ld,
                                   want_ds ? rows_buf.dp + r0 * ld : nullptr,
@@ -499,51 +518,72 @@ struct Backward {
       cpu::add_parity_rows(dx + (b * N + r0) * D, D, sc.dx_rows, D, sc.dx_tile, ld, o0, T, rows);
     }
 
-    // The last transposed conv's parameters and dh5, GEMMs over all N rows of dt.
+    // The last transposed conv's parameters, GEMMs over the rows of dt.
     if (!want_dt) return;
-    for (int64_t q = 0; q < 2 && !window_ready && grads.dec2[0].defined(); ++q) {
-      if (K[q] > 0) gather_window(h5 + b * (D / 4) * (D / 2), q, o0, half, sc.rhs[q]);
-    }
     if (grads.dec2_bias.defined()) {
-      cpu::add_row_sums(rows_buf.dp, ld, N, T, grads.dec2_bias.template data_ptr<acc_t>());
+      cpu::add_row_sums(rows_buf.dp + n0 * ld, ld, n1 - n0, T,
+                        grads.dec2_bias.template data_ptr<acc_t>() + n0);
     }
-    for (int64_t q = 0; q < 2; ++q) {
-      if (K[q] == 0) continue;
-      const at::Tensor dt_q = view(rows_buf.dp + q * half, N, half, ld);
-      if (grads.dec2[q].defined()) add_dec2_grad(q, half, rows_buf.dp + q * half, ld, sc, grads);
-      if (!needs.dh5()) continue;
-      acc_t* dwindow = sc.rhs[q];  // h5's columns are read: dec2^T dt takes their place
-      if (rounded_dec2_grad(N, half)) {
-        dec2_gemm(K[q], half, N, nullptr, dec2_t_rounded[q], N, rows_buf.dp + q * half, ld,
-                  /*b_transposed=*/false, dwindow, half,
-                  /*accumulate=*/false, sc);
-      } else {
-        at::Tensor dwindow_view = view(dwindow, K[q], half, half);
-        at::mm_out(dwindow_view, dec2[q].t(), dt_q);
-      }
-      const std::lock_guard<std::mutex> guard(lock);
-      scatter_window(dwindow, q, o0, half, dh5 + b * (D / 4) * (D / 2));
+    for (int64_t q = 0; q < 2 && grads.dec2[0].defined(); ++q) {
+      if (K[q] > 0)
+        add_dec2_grad(q, half, rows_buf.dp + q * half, ld, n0, n1, windows[q], sc, grads);
     }
   }
 
-  // d dec2[q] += dt_q [N, half] (row stride ld) · window_q^T (sc.rhs[q], [K[q], half]), by
-  // blocks of kDec2Rows rows: each block's product formed in sc.dec2_block, then added to
-  // the accumulator every worker shares under that block's lock.
-  void add_dec2_grad(int64_t q, int64_t half, const acc_t* dt_q, int64_t ld,
-                     const TileScratch<acc_t>& sc, ParameterGrads<acc_t>& grads) const {
+  // The tile's share of dh5 for parity q, columns [c0, c1) of its half: those columns of
+  // d_window [K[q], half] (row stride half) = dec2[q]^T dt_q over all N. The caller scatters
+  // d_window to dh5 (scatter_window) once every column is done.
+  void tile_dwindow(int64_t o0, int64_t q, int64_t c0, int64_t c1, const TileRows& rows_buf,
+                    acc_t* d_window, const TileScratch<acc_t>& sc) const {
+    const int64_t N = s.n_vars, T = width(o0), half = T / 2, cols = c1 - c0;
+    const acc_t* dt_q = rows_buf.dp + q * half + c0;
+    if (rounded_dec2_grad(N, half)) {
+      dec2_gemm(K[q], cols, N, nullptr, dec2_t_rounded[q], N, dt_q, T, /*b_transposed=*/false,
+                d_window + c0, half, /*accumulate=*/false, sc);
+    } else {
+      at::Tensor out = view(d_window + c0, K[q], cols, half);
+      at::mm_out(out, dec2[q].t(), view(const_cast<acc_t*>(dt_q), N, cols, T));
+    }
+  }
+
+  // The tile's whole share of dh5 by one worker: per parity, d_window in windows[q] (whose
+  // h5 columns d dec2 has read by now), scattered to dh5 under `lock`.
+  void tile_dh5(int64_t b, int64_t o0, acc_t* const windows[2], const TileRows& rows_buf,
+                const TileScratch<acc_t>& sc, acc_t* dh5, std::mutex& lock) const {
+    if (!needs.dh5()) return;
+    const int64_t D = s.d_model, half = width(o0) / 2;
+    for (int64_t q = 0; q < 2; ++q) {
+      if (K[q] == 0) continue;
+      tile_dwindow(o0, q, 0, half, rows_buf, windows[q], sc);
+      const std::lock_guard<std::mutex> guard(lock);
+      scatter_window(windows[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
+    }
+  }
+
+  // d dec2[q] rows [n0, n1) += dt_q [N, half] (row stride ld) rows [n0, n1) · window^T
+  // (window: [K[q], half]), by blocks within the kDec2Rows-row blocks of N: each block's
+  // product formed in sc.dec2_block, then added to the accumulator every worker shares
+  // under that block's lock.
+  void add_dec2_grad(int64_t q, int64_t half, const acc_t* dt_q, int64_t ld, int64_t n0, int64_t n1,
+                     const acc_t* window, const TileScratch<acc_t>& sc,
+                     ParameterGrads<acc_t>& grads) const {
     const int64_t N = s.n_vars, Kq = K[q];
-    const at::Tensor window_t = view(sc.rhs[q], Kq, half, half).t();
-    for (int64_t r0 = 0; r0 < N; r0 += kDec2Rows) {
-      const int64_t rows = std::min(kDec2Rows, N - r0);
+    const at::Tensor window_t = view(const_cast<acc_t*>(window), Kq, half, half).t();
+    for (int64_t r0 = n0; r0 < n1;) {
+      const int64_t lock_block = r0 / kDec2Rows;
+      const int64_t rows = std::min((lock_block + 1) * kDec2Rows, n1) - r0;
       at::Tensor block = view(sc.dec2_block, rows, Kq, Kq);
       if (rounded_dec2_grad(N, half)) {
-        dec2_gemm(rows, Kq, half, dt_q + r0 * ld, at::Tensor(), ld, sc.rhs[q], half,
+        dec2_gemm(rows, Kq, half, dt_q + r0 * ld, at::Tensor(), ld, window, half,
                   /*b_transposed=*/true, sc.dec2_block, Kq, /*accumulate=*/false, sc);
       } else {
         at::mm_out(block, view(const_cast<acc_t*>(dt_q) + r0 * ld, rows, half, ld), window_t);
       }
-      const std::lock_guard<std::mutex> guard(grads.dec2_locks[r0 / kDec2Rows]);
-      grads.dec2[q].narrow(0, r0, rows).add_(block);
+      {
+        const std::lock_guard<std::mutex> guard(grads.dec2_locks[lock_block]);
+        grads.dec2[q].narrow(0, r0, rows).add_(block);
+      }
+      r0 += rows;
     }
   }
 
@@ -653,6 +693,14 @@ struct Backward {
     }
   }
 
+  // The tail's workers: the threads where its multiply-adds merit them (cpu::threads_for),
+  // at most one per (batch element, tile).
+  int64_t tail_workers() const {
+    const int64_t N = s.n_vars, D = s.d_model, items = s.batch * ((D + tile - 1) / tile);
+    const int64_t macs = s.batch * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
+    return cpu::threads_for(macs) > 1 ? std::min<int64_t>(at::get_num_threads(), items) : 1;
+  }
+
   // Runs body(b, o0, scratch, own, lock) for every (batch element, tile) under
   // at::parallel_for, `own` a worker's parameter accumulators (added to `total` at its
   // end, where given) and `lock` the batch element's; own_rows: the scratch holds [N, T] rows.
@@ -663,13 +711,11 @@ struct Backward {
   void for_each_tile(bool own_rows, ParameterGrads<acc_t>* total, const Body& body) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
     const int64_t tiles = (D + tile - 1) / tile, items = B * tiles;
-    const int64_t macs = B * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
-    const bool parallel = cpu::threads_for(macs) > 1;
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
     const bool shared_values = B == 1;
     if (total != nullptr) total->zero_shared(needs, N, D, K, acc, shared_values);
-    parallel_for_aten(items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
+    parallel_for_aten(items, tail_workers() > 1 ? 1 : items, [&](int64_t begin, int64_t end) {
       const TileScratch<acc_t> sc = scratch(own_rows);
       ParameterGrads<acc_t> own =
           total ? ParameterGrads<acc_t>(needs, N, D, acc, *total, shared_values)
@@ -685,6 +731,16 @@ struct Backward {
     });
   }
 
+  // Whether tail() shares each tile among its workers (tail_shared_tiles) rather than giving
+  // each worker whole tiles: where whole tiles would hold the [N, T] rows (3·N·T per worker)
+  // of more than two batch elements' tiles at once, which grows with the threads, and N has
+  // rows for two workers at least. (On two threads, sharing cost 3–7% in time for 3% less
+  // memory at Traffic B = 16: docs/design.md §5.8.)
+  bool shares_tiles() const {
+    const int64_t tiles = (s.d_model + tile - 1) / tile;
+    return tail_workers() > 2 * tiles && s.n_vars >= 2 * kSharedRows;
+  }
+
   // The tail's backward over every (batch element, tile), both parts per tile: adds to dx
   // [B, N, D] (x's dtype) and dh5 [B, D/4, D/2] (acc_t), each zero-filled by the caller where
   // given, and fills `total`.
@@ -692,16 +748,92 @@ struct Backward {
             at::Tensor& dh5, ParameterGrads<acc_t>& total) const {
     scalar_t* dx_data = dx.defined() ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* dh5_data = dh5.defined() ? dh5.data_ptr<acc_t>() : nullptr;
+    const scalar_t* x_all = x.data_ptr<scalar_t>();
+    const scalar_t* g_all = grad.data_ptr<scalar_t>();
+    const acc_t* h5_all = h5.data_ptr<acc_t>();
+    if (shares_tiles()) {
+      tail_shared_tiles(x_all, g_all, h5_all, dx_data, dh5_data, total);
+      return;
+    }
+    const int64_t N = s.n_vars;
     for_each_tile(true, &total,
                   [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc,
                       ParameterGrads<acc_t>& own, std::mutex& lock) {
                     const TileRows rows_buf{sc.scores, sc.dp, sc.sigma_prime};
-                    const scalar_t* x_all = x.data_ptr<scalar_t>();
-                    const scalar_t* g_all = grad.data_ptr<scalar_t>();
-                    tile_colsum(b, o0, x_all, g_all, h5.data_ptr<acc_t>(), sc, rows_buf);
-                    tile_rows(b, o0, x_all, g_all, h5.data_ptr<acc_t>(), sc, rows_buf, sc.colsum,
-                              true, own, dx_data, dh5_data, lock);
+                    gather_windows(h5_all, b, o0, sc.rhs);
+                    tile_colsum(b, o0, 0, N, x_all, g_all, sc.rhs, sc, rows_buf);
+                    tile_rows(b, o0, 0, N, x_all, g_all, sc.rhs, sc, rows_buf, sc.colsum, own,
+                              dx_data, lock);
+                    if (dh5_data != nullptr) tile_dh5(b, o0, sc.rhs, rows_buf, sc, dh5_data, lock);
                   });
+  }
+
+  // A worker of tail_shared_tiles: its scratch (without [N, T] rows) and its accumulators.
+  struct SharedTileWorker {
+    TileScratch<acc_t> sc;
+    ParameterGrads<acc_t> own;
+  };
+
+  // tail() with the tiles taken one at a time, each shared by the workers, so that its rows
+  // [N, T] are held once rather than once per worker. Per tile: the h5 windows gathered;
+  // each worker's range of rows through the scores and pass 1, its part of colsum summed in
+  // worker order; each worker's range through pass 2 and the last conv's parameters (dx's
+  // rows and d dec2's are the worker's own, dWv, dbv and d dec2_bias its accumulators);
+  // d_window by ranges of columns, scattered to dh5 by this thread. With a given number of
+  // threads the order of every addition is fixed: the same bits every run.
+  void tail_shared_tiles(const scalar_t* x_all, const scalar_t* g_all, const acc_t* h5,
+                         scalar_t* dx, acc_t* dh5, ParameterGrads<acc_t>& total) const {
+    const int64_t B = s.batch, N = s.n_vars, D = s.d_model, threads = at::get_num_threads();
+    const TileScratch<acc_t> shared = scratch(true);
+    const TileRows rows_buf{shared.scores, shared.dp, shared.sigma_prime};
+    std::vector<std::unique_ptr<SharedTileWorker>> workers(threads);
+    total.zero_shared(needs, N, D, K, acc, /*share_values=*/false);
+    std::vector<acc_t> partial_colsums(threads * tile);
+    std::mutex dx_lock;  // uncontended: a tile's workers add distinct rows
+    // Runs body(worker, begin, end) over [0, end) in ranges of at least `grain`.
+    const auto in_parallel = [&](int64_t end, int64_t grain, const auto& body) {
+      parallel_for_aten(end, grain, [&](int64_t begin, int64_t stop) {
+        const int64_t id = at::get_thread_num();
+        TORCH_INTERNAL_ASSERT(id < threads);
+        if (!workers[id]) {
+          workers[id].reset(new SharedTileWorker{
+              scratch(false, false), ParameterGrads<acc_t>(needs, N, D, acc, total, false)});
+        }
+        body(*workers[id], id, begin, stop);
+        if (bf16_gemms) cpu::release_bf16_gemm();
+      });
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t o0 = 0; o0 < D; o0 += tile) {
+        const int64_t T = width(o0), half = T / 2;
+        gather_windows(h5, b, o0, shared.rhs);
+        std::fill(partial_colsums.begin(), partial_colsums.end(), acc_t(0));
+        in_parallel(N, kSharedRows, [&](SharedTileWorker& w, int64_t id, int64_t n0, int64_t n1) {
+          tile_colsum(b, o0, n0, n1, x_all, g_all, shared.rhs, w.sc, rows_buf);
+          std::copy(w.sc.colsum, w.sc.colsum + T, partial_colsums.data() + id * tile);
+        });
+        std::fill(shared.colsum, shared.colsum + T, acc_t(0));
+        for (int64_t id = 0; id < threads; ++id) {
+          for (int64_t i = 0; i < T; ++i) shared.colsum[i] += partial_colsums[id * tile + i];
+        }
+        in_parallel(N, kSharedRows, [&](SharedTileWorker& w, int64_t, int64_t n0, int64_t n1) {
+          tile_rows(b, o0, n0, n1, x_all, g_all, shared.rhs, w.sc, rows_buf, shared.colsum, w.own,
+                    dx, dx_lock);
+        });
+        if (dh5 == nullptr || !needs.dh5()) continue;
+        for (int64_t q = 0; q < 2; ++q) {
+          if (K[q] == 0) continue;
+          in_parallel(half, kSharedColumns,
+                      [&](SharedTileWorker& w, int64_t, int64_t c0, int64_t c1) {
+                        tile_dwindow(o0, q, c0, c1, rows_buf, shared.rhs[q], w.sc);
+                      });
+          scatter_window(shared.rhs[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
+        }
+      }
+    }
+    for (const auto& w : workers) {
+      if (w) w->own.add_to(total);
+    }
   }
 
   // The rows of tile (b, o0) in `state` (3·B·N·D elements): 3·N·T from (b·D + o0)·3·N.
@@ -719,8 +851,9 @@ struct Backward {
     for_each_tile(false, nullptr,
                   [&](int64_t b, int64_t o0, const TileScratch<acc_t>& sc, ParameterGrads<acc_t>&,
                       std::mutex&) {
-                    tile_colsum(b, o0, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                                h5.data_ptr<acc_t>(), sc,
+                    gather_windows(h5.data_ptr<acc_t>(), b, o0, sc.rhs);
+                    tile_colsum(b, o0, 0, s.n_vars, x.data_ptr<scalar_t>(),
+                                grad.data_ptr<scalar_t>(), sc.rhs, sc,
                                 state_rows(state.data_ptr<acc_t>(), b, o0));
                     if (!needs.ds()) return;
                     const int64_t T = width(o0), half = T / 2;
@@ -744,9 +877,12 @@ struct Backward {
                     for (int64_t i = 0; i < T && needs.ds(); ++i) {
                       sc.colsum[i] = sums[b * s.d_model + column(o0, half, i)];
                     }
-                    tile_rows(b, o0, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                              h5.data_ptr<acc_t>(), sc, state_rows(state.data_ptr<acc_t>(), b, o0),
-                              sc.colsum, false, own, dx_data, dh5_data, lock);
+                    const TileRows rows_buf = state_rows(state.data_ptr<acc_t>(), b, o0);
+                    // d dec2 reads the tile's h5 windows.
+                    if (own.dec2[0].defined()) gather_windows(h5.data_ptr<acc_t>(), b, o0, sc.rhs);
+                    tile_rows(b, o0, 0, s.n_vars, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                              sc.rhs, sc, rows_buf, sc.colsum, own, dx_data, lock);
+                    if (dh5_data != nullptr) tile_dh5(b, o0, sc.rhs, rows_buf, sc, dh5_data, lock);
                   });
   }
 };

@@ -12,6 +12,9 @@ D = 128 the head's and the middle convs' backwards are worth several workers
 share, each taking whole groups of input channels (B = 1 on 3 threads: 3 groups), or in one
 tensor per worker, summed at the end (B = 3 on 2 threads: one group; B = 1 on 2 threads with
 N = 600: 3 groups of the head's 600 channels). At B = 1 the tail's workers share dWv and dbv.
+With more than twice as many workers as tiles per batch element (B = 3 on 3 threads, one
+tile each) the tail shares each tile among the workers, by ranges of rows (N = 600: three ranges of 200, across
+d dec2's blocks of 256 rows) and of d_window's columns.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ SHAPES = {
     "D=128,B=3,per-worker-accumulators": (3, 130, 128, 3, 2),
     "D=128,N=600,uneven-head-groups": (1, 600, 128, 3, 2),
     "D=512,B=1,four-tiles-of-128": (1, 70, 512, 3, 2),
+    "shared-tiles,N=131,D=32,k=5": (3, 131, 32, 5, 3),
+    "shared-tiles,N=600,D=128": (3, 600, 128, 3, 3),
 }
 # The score network's convolutions from the top (h5) down, with their weights: a gradient
 # of a layer's weights or bias, or of x, costs the backward of every layer from the top down
@@ -378,3 +383,36 @@ def test_gradients_do_not_depend_on_thread_count(threads):
         torch.testing.assert_close(
             one, many, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def _backward_peak_bytes(y, leaves, grad):
+    """Peak of the running sum of CPU allocator events during the backward of y."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        torch.autograd.grad(y, leaves, grad)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def test_tail_memory_does_not_grow_with_the_threads(threads):
+    # B = 8 at D = 64: one tile of 64 columns per batch element. With whole tiles per worker
+    # (2 threads) each worker holds a tile's three [N, T] buffers (3·N·64 floats); 8 threads
+    # share each tile, so they take less than one more tile's buffers than 2 threads do
+    # (whole tiles on 8 threads: six more).
+    batch, n_vars, d_model = 8, 4000, 64
+    x, w = make_problem(batch, n_vars, d_model, 3, seed=4)
+    leaves = gradients.leaves((x, *w))
+    grad = gradients.grad_out(x)
+    peaks = {}
+    for n_threads in (2, 8):
+        threads(n_threads)
+        peaks[n_threads] = _backward_peak_bytes(_op(leaves), leaves, grad)
+    assert peaks[8] - peaks[2] < 3 * n_vars * d_model * 4, peaks
