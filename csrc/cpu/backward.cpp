@@ -74,11 +74,12 @@ namespace {
 
 using cpu::parallel_for_aten;
 
-constexpr int64_t kRows = 64;           // rows of dx added per lock of their batch element
-constexpr int64_t kDec2Rows = 256;      // rows of d dec2 added per lock of that block of rows
-constexpr int64_t kSharedRows = 32;     // rows of a shared tile per worker, at least
-constexpr int64_t kSharedColumns = 16;  // columns of a shared tile's d_window per worker, at least
-constexpr int64_t kChunkRows = 256;     // input channels per im2col chunk of a conv's backward
+constexpr int64_t kRows = 64;            // rows of dx added per lock of their batch element
+constexpr int64_t kDec2Rows = 256;       // rows of d dec2 added per lock of that block of rows
+constexpr int64_t kSharedRows = 32;      // rows of a shared tile per worker, at least
+constexpr int64_t kSharedColumns = 16;   // columns of a shared tile's d_window per worker, at least
+constexpr int64_t kSharedTilesN = 4096;  // N from which the tail shares its tiles on 2+ workers
+constexpr int64_t kChunkRows = 256;      // input channels per im2col chunk of a conv's backward
 constexpr int64_t kReluGrain = int64_t{1} << 16;  // elements per worker of a ReLU backward
 
 // Whether the backward of scalar_t input runs its large GEMMs on bfloat16 operands: bfloat16
@@ -732,13 +733,16 @@ struct Backward {
   }
 
   // Whether tail() shares each tile among its workers (tail_shared_tiles) rather than giving
-  // each worker whole tiles: where whole tiles would hold the [N, T] rows (3·N·T per worker)
-  // of more than two batch elements' tiles at once, which grows with the threads, and N has
-  // rows for two workers at least. (On two threads, sharing cost 3–7% in time for 3% less
-  // memory at Traffic B = 16: docs/design.md §5.8.)
+  // each worker whole tiles, which hold 3·N·T values per worker: with N rows for two workers
+  // at least, where whole tiles would hold the rows of more than two batch elements' tiles
+  // at once (more than twice as many workers as tiles per element), or where N ≥
+  // kSharedTilesN (a tile's rows outweigh a worker's accumulators and the syncs cost nothing
+  // measurable). On two threads sharing cost 3–7% at Traffic B = 16, 0–3% from N = 2048
+  // (docs/design.md §5.8).
   bool shares_tiles() const {
-    const int64_t tiles = (s.d_model + tile - 1) / tile;
-    return tail_workers() > 2 * tiles && s.n_vars >= 2 * kSharedRows;
+    const int64_t tiles = (s.d_model + tile - 1) / tile, workers = tail_workers();
+    return workers > 1 && s.n_vars >= 2 * kSharedRows &&
+           (workers > 2 * tiles || s.n_vars >= kSharedTilesN);
   }
 
   // The tail's backward over every (batch element, tile), both parts per tile: adds to dx

@@ -13,8 +13,9 @@ share, each taking whole groups of input channels (B = 1 on 3 threads: 3 groups)
 tensor per worker, summed at the end (B = 3 on 2 threads: one group; B = 1 on 2 threads with
 N = 600: 3 groups of the head's 600 channels). At B = 1 the tail's workers share dWv and dbv.
 With more than twice as many workers as tiles per batch element (B = 3 on 3 threads, one
-tile each) the tail shares each tile among the workers, by ranges of rows (N = 600: three ranges of 200, across
-d dec2's blocks of 256 rows) and of d_window's columns.
+tile each), or with N ≥ 4096 on two workers or more, the tail shares each tile among the
+workers, by ranges of rows (N = 600: three ranges of 200, across d dec2's blocks of 256
+rows) and of d_window's columns.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SHAPES = {
     "D=512,B=1,four-tiles-of-128": (1, 70, 512, 3, 2),
     "shared-tiles,N=131,D=32,k=5": (3, 131, 32, 5, 3),
     "shared-tiles,N=600,D=128": (3, 600, 128, 3, 3),
+    "shared-tiles,N=4100,B=1": (1, 4100, 16, 3, 2),
 }
 # The score network's convolutions from the top (h5) down, with their weights: a gradient
 # of a layer's weights or bias, or of x, costs the backward of every layer from the top down
@@ -416,3 +418,18 @@ def test_tail_memory_does_not_grow_with_the_threads(threads):
         threads(n_threads)
         peaks[n_threads] = _backward_peak_bytes(_op(leaves), leaves, grad)
     assert peaks[8] - peaks[2] < 3 * n_vars * d_model * 4, peaks
+
+
+def test_tail_shares_its_tiles_from_4096_variates(threads):
+    # B = 1, D = 64: one thread runs one tile of 64 columns, two threads two tiles of 32. With
+    # whole tiles two workers would hold as much as one (2 · 3·N·32 values); from N = 4096 the
+    # two share each tile, holding 3·N·32.
+    batch, n_vars, d_model = 1, 8192, 64
+    x, w = make_problem(batch, n_vars, d_model, 3, seed=5)
+    leaves = gradients.leaves((x, *w))
+    grad = gradients.grad_out(x)
+    peaks = {}
+    for n_threads in (1, 2):
+        threads(n_threads)
+        peaks[n_threads] = _backward_peak_bytes(_op(leaves), leaves, grad)
+    assert peaks[2] < peaks[1] - n_vars * 32 * 4, peaks
