@@ -77,7 +77,7 @@ using cpu::parallel_for_aten;
 constexpr int64_t kRows = 64;            // rows of dx added per lock of their batch element
 constexpr int64_t kDec2Rows = 256;       // rows of d dec2 added per lock of that block of rows
 constexpr int64_t kSharedRows = 32;      // rows of a shared tile per worker, at least
-constexpr int64_t kSharedColumns = 16;   // columns of a shared tile's d_window per worker, at least
+constexpr int64_t kSharedColumns = 16;   // rows or columns of a shared tile's d_window per worker
 constexpr int64_t kSharedTilesN = 4096;  // N from which the tail shares its tiles on 2+ workers
 constexpr int64_t kChunkRows = 256;      // input channels per im2col chunk of a conv's backward
 constexpr int64_t kReluGrain = int64_t{1} << 16;  // elements per worker of a ReLU backward
@@ -344,7 +344,8 @@ struct Backward {
   }
 
   // A worker's buffers; without own_rows the three [N, T] ones are left out (TileRows in
-  // the caller's memory instead), without own_windows the two h5 windows (shared ones).
+  // the caller's memory instead); without own_windows (a worker of a shared tile) the two h5
+  // windows and the room for d_window's right operand (dt, which the tile packs once).
   TileScratch<acc_t> scratch(bool own_rows, bool own_windows = true) const {
     const int64_t N = own_rows ? s.n_vars : 0, D = s.d_model, T = tile;
     const int64_t window = own_windows ? std::max(K[0], K[1]) * (T / 2) : 0;
@@ -371,9 +372,10 @@ struct Backward {
     if (bf16_gemms) {
       const int64_t packed_x = cpu::packed_bf16_size(kRows, D);
       const int64_t Nv = s.n_vars, half = T / 2, Kq = std::max(K[0], K[1]);
-      const int64_t dec2_gemms = std::max({rounded_gemm_elements(Nv, half, Kq, true),
-                                           rounded_gemm_elements(kDec2Rows, Kq, half, false),
-                                           rounded_gemm_elements(Kq, half, Nv, true)});
+      const int64_t dec2_gemms =
+          std::max({rounded_gemm_elements(Nv, half, Kq, true),
+                    rounded_gemm_elements(kDec2Rows, Kq, half, false),
+                    own_windows ? rounded_gemm_elements(Kq, half, Nv, true) : 0});
       sc.memory_bf16 = at::empty({2 * kRows * T + packed_x + dec2_gemms}, at::kBFloat16);
       sc.dv_bf16 = sc.memory_bf16.template data_ptr<c10::BFloat16>();
       sc.dv_t_bf16 = sc.dv_bf16 + kRows * T;
@@ -783,18 +785,27 @@ struct Backward {
   // each worker's range of rows through the scores and pass 1, its part of colsum summed in
   // worker order; each worker's range through pass 2 and the last conv's parameters (dx's
   // rows and d dec2's are the worker's own, dWv, dbv and d dec2_bias its accumulators);
-  // d_window by ranges of columns, scattered to dh5 by this thread. With a given number of
-  // threads the order of every addition is fixed: the same bits every run.
+  // d_window by ranges of its columns, or on the bfloat16 tier of its rows from dt packed
+  // once, scattered to dh5 by this thread. With a given number of threads the order of the
+  // tail's additions is fixed.
   void tail_shared_tiles(const scalar_t* x_all, const scalar_t* g_all, const acc_t* h5,
                          scalar_t* dx, acc_t* dh5, ParameterGrads<acc_t>& total) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model, threads = at::get_num_threads();
-    const TileScratch<acc_t> shared = scratch(true);
-    const TileRows rows_buf{shared.scores, shared.dp, shared.sigma_prime};
+    // The tile's buffers: its rows, its h5 windows (then d_window), colsum; dt packed.
+    const int64_t window = std::max(K[0], K[1]) * (tile / 2);
+    const at::Tensor memory = at::empty({3 * N * tile + 2 * window + tile}, at::TensorOptions(acc));
+    acc_t* const rows_start = memory.data_ptr<acc_t>();
+    const TileRows rows_buf{rows_start, rows_start + N * tile, rows_start + 2 * N * tile};
+    acc_t* const windows[2] = {rows_start + 3 * N * tile, rows_start + 3 * N * tile + window};
+    acc_t* const colsum = windows[1] + window;
+    const at::Tensor packed_dt =
+        bf16_gemms ? at::empty({cpu::packed_bf16_size(N, tile / 2)}, at::kBFloat16) : at::Tensor();
     std::vector<std::unique_ptr<SharedTileWorker>> workers(threads);
     total.zero_shared(needs, N, D, K, acc, /*share_values=*/false);
     std::vector<acc_t> partial_colsums(threads * tile);
     std::mutex dx_lock;  // uncontended: a tile's workers add distinct rows
-    // Runs body(worker, begin, end) over [0, end) in ranges of at least `grain`.
+    // Runs body(worker, its thread's id, begin, end) over [0, end) in ranges of at least
+    // `grain`.
     const auto in_parallel = [&](int64_t end, int64_t grain, const auto& body) {
       parallel_for_aten(end, grain, [&](int64_t begin, int64_t stop) {
         const int64_t id = at::get_thread_num();
@@ -810,28 +821,42 @@ struct Backward {
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t o0 = 0; o0 < D; o0 += tile) {
         const int64_t T = width(o0), half = T / 2;
-        gather_windows(h5, b, o0, shared.rhs);
+        gather_windows(h5, b, o0, windows);
         std::fill(partial_colsums.begin(), partial_colsums.end(), acc_t(0));
         in_parallel(N, kSharedRows, [&](SharedTileWorker& w, int64_t id, int64_t n0, int64_t n1) {
-          tile_colsum(b, o0, n0, n1, x_all, g_all, shared.rhs, w.sc, rows_buf);
+          tile_colsum(b, o0, n0, n1, x_all, g_all, windows, w.sc, rows_buf);
           std::copy(w.sc.colsum, w.sc.colsum + T, partial_colsums.data() + id * tile);
         });
-        std::fill(shared.colsum, shared.colsum + T, acc_t(0));
+        std::fill(colsum, colsum + T, acc_t(0));
         for (int64_t id = 0; id < threads; ++id) {
-          for (int64_t i = 0; i < T; ++i) shared.colsum[i] += partial_colsums[id * tile + i];
+          for (int64_t i = 0; i < T; ++i) colsum[i] += partial_colsums[id * tile + i];
         }
         in_parallel(N, kSharedRows, [&](SharedTileWorker& w, int64_t, int64_t n0, int64_t n1) {
-          tile_rows(b, o0, n0, n1, x_all, g_all, shared.rhs, w.sc, rows_buf, shared.colsum, w.own,
-                    dx, dx_lock);
+          tile_rows(b, o0, n0, n1, x_all, g_all, windows, w.sc, rows_buf, colsum, w.own, dx,
+                    dx_lock);
         });
         if (dh5 == nullptr || !needs.dh5()) continue;
         for (int64_t q = 0; q < 2; ++q) {
           if (K[q] == 0) continue;
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (rounded_dec2_grad(N, half)) {
+              c10::BFloat16* packed = packed_dt.data_ptr<c10::BFloat16>();
+              cpu::pack_bf16(N, half, rows_buf.dp + q * half, T, packed);
+              const c10::BFloat16* dec2_t = dec2_t_rounded[q].data_ptr<c10::BFloat16>();
+              in_parallel(K[q], kSharedColumns,
+                          [&](SharedTileWorker&, int64_t, int64_t k0, int64_t k1) {
+                            cpu::gemm_bf16(k1 - k0, half, N, dec2_t + k0 * N, N, packed,
+                                           windows[q] + k0 * half, half, /*accumulate=*/false);
+                          });
+              scatter_window(windows[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
+              continue;
+            }
+          }
           in_parallel(half, kSharedColumns,
                       [&](SharedTileWorker& w, int64_t, int64_t c0, int64_t c1) {
-                        tile_dwindow(o0, q, c0, c1, rows_buf, shared.rhs[q], w.sc);
+                        tile_dwindow(o0, q, c0, c1, rows_buf, windows[q], w.sc);
                       });
-          scatter_window(shared.rhs[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
+          scatter_window(windows[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
         }
       }
     }
