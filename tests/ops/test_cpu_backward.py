@@ -387,21 +387,30 @@ def test_gradients_do_not_depend_on_thread_count(threads):
         )
 
 
-def _backward_peak_bytes(y, leaves, grad):
-    """Peak of the running sum of CPU allocator events during the backward of y."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        torch.autograd.grad(y, leaves, grad)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
+def _backward_peaks(batch, n_vars, d_model, seed, thread_counts, threads):
+    """Peak of the running sum of CPU allocator events during the op's backward, by thread
+    count: {threads: bytes}."""
+    x, w = make_problem(batch, n_vars, d_model, 3, seed=seed)
+    leaves = gradients.leaves((x, *w))
+    grad = gradients.grad_out(x)
+    peaks = {}
+    for n_threads in thread_counts:
+        threads(n_threads)
+        y = _op(leaves)
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            torch.autograd.grad(y, leaves, grad)
+        events = sorted(
+            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+            key=lambda e: e.start_ns(),
+        )
+        running = peak = 0
+        for event in events:
+            running += event.nbytes()
+            peak = max(peak, running)
+        peaks[n_threads] = peak
+    return peaks
 
 
 def test_tail_memory_does_not_grow_with_the_threads(threads):
@@ -409,14 +418,8 @@ def test_tail_memory_does_not_grow_with_the_threads(threads):
     # (2 threads) each worker holds a tile's three [N, T] buffers (3·N·64 floats); 8 threads
     # share each tile, so they take less than one more tile's buffers than 2 threads do
     # (whole tiles on 8 threads: six more).
-    batch, n_vars, d_model = 8, 4000, 64
-    x, w = make_problem(batch, n_vars, d_model, 3, seed=4)
-    leaves = gradients.leaves((x, *w))
-    grad = gradients.grad_out(x)
-    peaks = {}
-    for n_threads in (2, 8):
-        threads(n_threads)
-        peaks[n_threads] = _backward_peak_bytes(_op(leaves), leaves, grad)
+    n_vars, d_model = 4000, 64
+    peaks = _backward_peaks(8, n_vars, d_model, 4, (2, 8), threads)
     assert peaks[8] - peaks[2] < 3 * n_vars * d_model * 4, peaks
 
 
@@ -424,12 +427,6 @@ def test_tail_shares_its_tiles_from_4096_variates(threads):
     # B = 1, D = 64: one thread runs one tile of 64 columns, two threads two tiles of 32. With
     # whole tiles two workers would hold as much as one (2 · 3·N·32 values); from N = 4096 the
     # two share each tile, holding 3·N·32.
-    batch, n_vars, d_model = 1, 8192, 64
-    x, w = make_problem(batch, n_vars, d_model, 3, seed=5)
-    leaves = gradients.leaves((x, *w))
-    grad = gradients.grad_out(x)
-    peaks = {}
-    for n_threads in (1, 2):
-        threads(n_threads)
-        peaks[n_threads] = _backward_peak_bytes(_op(leaves), leaves, grad)
+    n_vars = 8192
+    peaks = _backward_peaks(1, n_vars, 64, 5, (1, 2), threads)
     assert peaks[2] < peaks[1] - n_vars * 32 * 4, peaks
