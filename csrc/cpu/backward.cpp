@@ -323,7 +323,7 @@ struct Backward {
   // from value_t and value (bfloat16 values held in fp32: packing rounds them exactly);
   // then value_t and value are released, as no GEMM reads them.
   void pack_values(const at::Tensor& forward_value_t) {
-    const int64_t D = s.d_model, tiles = (D + tile - 1) / tile;
+    const int64_t D = s.d_model, tiles = tile_count();
     value_t_tile = cpu::packed_bf16_size(D, tile);
     value_tile = cpu::packed_bf16_size(tile, D);
     const bool own_value_t = !forward_value_t.defined();
@@ -422,6 +422,9 @@ struct Backward {
 
   // The width of the tile of output columns from o0.
   int64_t width(int64_t o0) const { return std::min(tile, s.d_model - o0); }
+
+  // The tiles of one batch element: ⌈D / tile⌉.
+  int64_t tile_count() const { return (s.d_model + tile - 1) / tile; }
 
   // The tile's h5 windows for both parities (where K[q] > 0) into windows[q]: the right
   // operands of the scores and of d dec2 (gather_window).
@@ -620,10 +623,6 @@ struct Backward {
            (last != 0 && !rounded_dec2_grad(s.n_vars, last / 2));
   }
 
-  static const acc_t* data_or_null(const at::Tensor& t) {
-    return t.defined() ? t.template data_ptr<acc_t>() : nullptr;
-  }
-
   // Whether d dec2 and dec2^T dt (K = half and N) run as rounded GEMMs.
   bool rounded_dec2_grad(int64_t N, int64_t half) const {
     return bf16_gemms && N % 2 == 0 && half % 2 == 0;
@@ -699,7 +698,7 @@ struct Backward {
   // The tail's workers: the threads where its multiply-adds merit them (cpu::threads_for),
   // at most one per (batch element, tile).
   int64_t tail_workers() const {
-    const int64_t N = s.n_vars, D = s.d_model, items = s.batch * ((D + tile - 1) / tile);
+    const int64_t N = s.n_vars, D = s.d_model, items = s.batch * tile_count();
     const int64_t macs = s.batch * N * D * ((s.kernel + 1) / 2 * (D / 4) * 3 + 3 * D);
     return cpu::threads_for(macs) > 1 ? std::min<int64_t>(at::get_num_threads(), items) : 1;
   }
@@ -713,7 +712,7 @@ struct Backward {
   template <typename Body>
   void for_each_tile(bool own_rows, ParameterGrads<acc_t>* total, const Body& body) const {
     const int64_t B = s.batch, N = s.n_vars, D = s.d_model;
-    const int64_t tiles = (D + tile - 1) / tile, items = B * tiles;
+    const int64_t tiles = tile_count(), items = B * tiles;
     std::unique_ptr<std::mutex[]> locks(new std::mutex[B]);
     std::mutex total_lock;
     const bool shared_values = B == 1;
@@ -742,9 +741,9 @@ struct Backward {
   // measurable). On two threads sharing cost 3–7% at Traffic B = 16, 0–3% from N = 2048
   // (docs/design.md §5.8).
   bool shares_tiles() const {
-    const int64_t tiles = (s.d_model + tile - 1) / tile, workers = tail_workers();
+    const int64_t workers = tail_workers();
     return workers > 1 && s.n_vars >= 2 * kSharedRows &&
-           (workers > 2 * tiles || s.n_vars >= kSharedTilesN);
+           (workers > 2 * tile_count() || s.n_vars >= kSharedTilesN);
   }
 
   // The tail's backward over every (batch element, tile), both parts per tile: adds to dx
@@ -838,8 +837,10 @@ struct Backward {
         if (dh5 == nullptr || !needs.dh5()) continue;
         for (int64_t q = 0; q < 2; ++q) {
           if (K[q] == 0) continue;
+          bool by_rows = false;  // d_window by rows on dt packed once (the bfloat16 tier)
           if constexpr (std::is_same_v<acc_t, float>) {
-            if (rounded_dec2_grad(N, half)) {
+            by_rows = rounded_dec2_grad(N, half);
+            if (by_rows) {
               c10::BFloat16* packed = packed_dt.data_ptr<c10::BFloat16>();
               cpu::pack_bf16(N, half, rows_buf.dp + q * half, T, packed);
               const c10::BFloat16* dec2_t = dec2_t_rounded[q].data_ptr<c10::BFloat16>();
@@ -848,14 +849,14 @@ struct Backward {
                             cpu::gemm_bf16(k1 - k0, half, N, dec2_t + k0 * N, N, packed,
                                            windows[q] + k0 * half, half, /*accumulate=*/false);
                           });
-              scatter_window(windows[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
-              continue;
             }
           }
-          in_parallel(half, kSharedColumns,
-                      [&](SharedTileWorker& w, int64_t, int64_t c0, int64_t c1) {
-                        tile_dwindow(o0, q, c0, c1, rows_buf, windows[q], w.sc);
-                      });
+          if (!by_rows) {
+            in_parallel(half, kSharedColumns,
+                        [&](SharedTileWorker& w, int64_t, int64_t c0, int64_t c1) {
+                          tile_dwindow(o0, q, c0, c1, rows_buf, windows[q], w.sc);
+                        });
+          }
           scatter_window(windows[q], q, o0, half, dh5 + b * (D / 4) * (D / 2));
         }
       }
