@@ -1200,19 +1200,20 @@ at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int b
   return d_out;
 }
 
-// The score network's backward from dh5 [B, D/4, D/2] (acc_t, this function's own: changed
-// in place) down to h1, each layer's ReLU then its conv's backward, as far down as a
-// gradient is needed: out[1 + i] (dtype) for the four middle convs' parameters where
-// needed. Returns dL/dh1 [B, D/4, D/2] (acc_t) where the first conv's bias, its weight or
-// x needs it (else undefined).
+// The score network's backward from dh5 [B, D/4, D/2] (acc_t, handed over: changed in place
+// and freed once the layer under it has its gradient, as is each layer's) down to h1, each layer's
+// ReLU then its conv's backward, as far down as a gradient is needed: out[1 + i] (dtype) for the
+// four middle convs' parameters where needed. Returns dL/dh1 [B, D/4, D/2] (acc_t) where the first
+// conv's bias, its weight or x needs it (else undefined).
 template <typename acc_t>
-at::Tensor bottleneck_backward(at::Tensor dh5, const Weights& w, const std::vector<at::Tensor>& act,
-                               const Needs& needs, at::ScalarType dtype, bool bf16_gemms,
+at::Tensor bottleneck_backward(at::Tensor&& dh5, const Weights& w,
+                               const std::vector<at::Tensor>& act, const Needs& needs,
+                               at::ScalarType dtype, bool bf16_gemms,
                                std::vector<at::Tensor>& out) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = dh5.size(0);
   const bool below_h1 = head_needed(needs) || needs.w[kEnc0Bias];
-  at::Tensor d_out = dh5;
+  at::Tensor d_out = std::move(dh5);
   for (size_t i = 0; i < std::size(kLayers); ++i) {
     const ConvLayer& layer = kLayers[i];
     bool below = below_h1;  // whether anything under this layer needs its input's gradient
@@ -1278,8 +1279,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
         RECORD_FUNCTION("casa::cpu backward tail", std::vector<c10::IValue>());
         plan.tail(x, grad, act[kH5], dx, dh5, total);
       });
-  at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(dh5, w, act, needs, x.scalar_type(),
-                                                              bf16_gemms, out)
+  at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(std::move(dh5), w, act, needs,
+                                                              x.scalar_type(), bf16_gemms, out)
                                  : at::Tensor();
   if (dh1.defined()) {
     RECORD_FUNCTION("casa::cpu backward enc0", std::vector<c10::IValue>());
@@ -1500,7 +1501,7 @@ std::vector<at::Tensor> tail_backward_rows(const at::Tensor& grad_y, const at::T
           RECORD_FUNCTION("casa::cpu backward tail rows", std::vector<c10::IValue>());
           plan.tail_given_colsum(a.x, grad, act[kH5], state, colsum.contiguous(), dx, dh5, total);
         });
-    at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(dh5, a.w, act, a.needs,
+    at::Tensor dh1 = dh5.defined() ? bottleneck_backward<acc_t>(std::move(dh5), a.w, act, a.needs,
                                                                 a.x.scalar_type(), bf16_gemms, out)
                                    : at::Tensor();
     if (dh1.defined()) {

@@ -50,19 +50,21 @@ constexpr int64_t kSplitTileMax = 128;
 constexpr int64_t kWideSplitTileMax = 256;
 constexpr int64_t kWideSplitRows = 4096;
 
-// Tail tile width T (even, at most D) for B batch elements of N variates: the whole width
-// when the batch alone keeps the threads evenly busy, as each tile reads all of x[b] for
-// its value GEMM; otherwise the widest of at most kSplitTileMax columns (kWideSplitTileMax
-// for a forward alone from N = kWideSplitRows on) that splits the D columns into enough
-// tiles, with at most 1/8 of the threads' time idle. for_backward: a backward will take
-// the layouts prepared for T (the training forward, the backward, the stages).
+// Tail tile width T (even, at most D) for B batch elements of N variates: for a forward
+// alone, the whole width when the batch alone keeps the threads evenly busy, as each tile
+// reads all of x[b] for its value GEMM; otherwise the widest of at most kSplitTileMax
+// columns (kWideSplitTileMax for a forward alone from N = kWideSplitRows on) that splits
+// the D columns into enough tiles, with at most 1/8 of the threads' time idle.
+// for_backward: a backward will take the layouts prepared for T (the training forward, the
+// backward, the stages), which never exceed kSplitTileMax columns: the backward's three
+// [N, T] buffers per worker at T = D were its peak (docs/design.md §5.3).
 inline int64_t tail_tile_width(int64_t B, int64_t N, int64_t D, int64_t threads,
                                bool for_backward) {
   const int64_t split_max =
       !for_backward && N >= kWideSplitRows ? kWideSplitTileMax : kSplitTileMax;
   for (int64_t tiles = 1;; ++tiles) {
     const int64_t T = ((D + tiles - 1) / tiles + 1) / 2 * 2;
-    if (tiles > 1 && T > split_max) continue;
+    if ((tiles > 1 || for_backward) && T > split_max) continue;
     const int64_t items = B * ((D + T - 1) / T);
     const int64_t slots = (items + threads - 1) / threads * threads;
     if (T == 2 || 8 * (slots - items) <= slots) return T;

@@ -430,3 +430,14 @@ def test_tail_shares_its_tiles_from_4096_variates(threads):
     n_vars = 8192
     peaks = _backward_peaks(1, n_vars, 64, 5, (1, 2), threads)
     assert peaks[2] < peaks[1] - n_vars * 32 * 4, peaks
+
+
+def test_backward_tiles_stay_narrow_when_the_batch_fills_the_threads(threads):
+    # B = 4 at D = 512 on 2 threads: a forward alone takes whole-width tiles (the batch
+    # keeps both threads busy), but a backward's tiles are at most 128 columns, so its two
+    # workers hold 2 · 3·N·128 floats of [N, T] buffers rather than 2 · 3·N·512. Its peak
+    # stays under dx plus what whole-width buffers alone would take.
+    batch, n_vars, d_model = 4, 1000, 512
+    peaks = _backward_peaks(batch, n_vars, d_model, 6, (2,), threads)
+    dx_bytes = batch * n_vars * d_model * 4
+    assert peaks[2] < dx_bytes + 2 * 3 * n_vars * d_model * 4, peaks
