@@ -49,6 +49,11 @@ namespace cpu {
 constexpr int64_t kSplitTileMax = 128;
 constexpr int64_t kWideSplitTileMax = 256;
 constexpr int64_t kWideSplitRows = 4096;
+// From this many variates on, a backward's tiles are split (at most kSplitTileMax columns)
+// whatever the batch: below it a worker's three [N, D] buffers (under 3 MiB at D = 512)
+// weigh little against the backward's peak (ECL, B = 16, bf16: 33.4 MiB whole, 31.9 split),
+// and the narrower tiles cost 3-4% in bf16 (Weather and ECL, B = 16).
+constexpr int64_t kNarrowBackwardRows = 512;
 
 // Tail tile width T (even, at most D) for B batch elements of N variates: for a forward
 // alone, the whole width when the batch alone keeps the threads evenly busy, as each tile
@@ -56,15 +61,17 @@ constexpr int64_t kWideSplitRows = 4096;
 // columns (kWideSplitTileMax for a forward alone from N = kWideSplitRows on) that splits
 // the D columns into enough tiles, with at most 1/8 of the threads' time idle.
 // for_backward: a backward will take the layouts prepared for T (the training forward, the
-// backward, the stages), which never exceed kSplitTileMax columns: the backward's three
-// [N, T] buffers per worker at T = D were its peak (docs/design.md §5.3).
+// backward, the stages), which from N = kNarrowBackwardRows on never exceed kSplitTileMax
+// columns: the backward's three [N, T] buffers per worker at T = D were its peak
+// (docs/design.md §5.3).
 inline int64_t tail_tile_width(int64_t B, int64_t N, int64_t D, int64_t threads,
                                bool for_backward) {
   const int64_t split_max =
       !for_backward && N >= kWideSplitRows ? kWideSplitTileMax : kSplitTileMax;
+  const bool narrow_backward = for_backward && N >= kNarrowBackwardRows;
   for (int64_t tiles = 1;; ++tiles) {
     const int64_t T = ((D + tiles - 1) / tiles + 1) / 2 * 2;
-    if ((tiles > 1 || for_backward) && T > split_max) continue;
+    if ((tiles > 1 || narrow_backward) && T > split_max) continue;
     const int64_t items = B * ((D + T - 1) / T);
     const int64_t slots = (items + threads - 1) / threads * threads;
     if (T == 2 || 8 * (slots - items) <= slots) return T;

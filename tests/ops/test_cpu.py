@@ -124,14 +124,14 @@ def _split_width(d_model, tiles):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("n_vars", [862, 4095, 4096, 16384])
+@pytest.mark.parametrize("n_vars", [321, 511, 512, 862, 4095, 4096, 16384])
 @pytest.mark.parametrize("for_backward", [True, False], ids=["for-backward", "forward-alone"])
 def test_tail_tiles_are_the_whole_width_or_a_capped_split(threads, n_threads, n_vars, for_backward):
-    # The tail tile rule (csrc/cpu/tail_layout.h, docs/design.md §5.3): for a forward alone
-    # the whole width D when the batch alone keeps the threads busy; else the widest split
-    # of D of at most 128 columns (256 for a forward alone from N = 4096 on; a backward's
-    # whole width too, up to 128) that leaves at most 1/8 of the threads' time idle (2 if
-    # none does). A backward takes the layouts of the same tiles.
+    # The tail tile rule (csrc/cpu/tail_layout.h, docs/design.md §5.3): the whole width D
+    # when the batch alone keeps the threads busy (for a backward from N = 512 on, only up
+    # to 128 columns); else the widest split of D of at most 128 columns (256 for a forward
+    # alone from N = 4096 on) that leaves at most 1/8 of the threads' time idle (2 if none
+    # does). A backward takes the layouts of the same tiles.
     from casa_kernels.ops.backends.cpu import _kernels
 
     threads(n_threads)
@@ -140,7 +140,7 @@ def test_tail_tiles_are_the_whole_width_or_a_capped_split(threads, n_threads, n_
         for batch in (1, 2, 3, 5, 16, 17):
             tile = _kernels().cpu_tail_tile(batch, n_vars, d_model, for_backward)
             label = f"B={batch}, N={n_vars}, D={d_model}, {n_threads} threads: T={tile}"
-            whole_fits = not for_backward or d_model <= cap
+            whole_fits = not for_backward or n_vars < 512 or d_model <= cap
             if whole_fits and _tail_idle_share(batch, d_model, d_model, n_threads) <= 1 / 8:
                 assert tile == d_model, label
                 continue
