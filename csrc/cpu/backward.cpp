@@ -1200,11 +1200,11 @@ at::Tensor relu_bias_backward(at::Tensor& d_out, const at::Tensor& output, int b
   return d_out;
 }
 
-// The score network's backward from dh5 [B, D/4, D/2] (acc_t, handed over: changed in place
-// and freed once the layer under it has its gradient, as is each layer's) down to h1, each layer's
-// ReLU then its conv's backward, as far down as a gradient is needed: out[1 + i] (dtype) for the
-// four middle convs' parameters where needed. Returns dL/dh1 [B, D/4, D/2] (acc_t) where the first
-// conv's bias, its weight or x needs it (else undefined).
+// The score network's backward from dh5 [B, D/4, D/2] (acc_t, handed over: changed in
+// place and freed once the layer under it has its gradient, as is each layer's) down to h1,
+// each layer's ReLU then its conv's backward, as far down as a gradient is needed: out[1 +
+// i] (dtype) for the four middle convs' parameters where needed. Returns dL/dh1 [B, D/4,
+// D/2] (acc_t) where the first conv's bias, its weight or x needs it (else undefined).
 template <typename acc_t>
 at::Tensor bottleneck_backward(at::Tensor&& dh5, const Weights& w,
                                const std::vector<at::Tensor>& act, const Needs& needs,

@@ -388,8 +388,10 @@ def test_gradients_do_not_depend_on_thread_count(threads):
 
 
 def _backward_peaks(batch, n_vars, d_model, seed, thread_counts, threads):
-    """Peak of the running sum of CPU allocator events during the op's backward, by thread
-    count: {threads: bytes}."""
+    """Peak of the running sum of CPU allocator events during the op's backward
+    (``bench.measure.cpu_peak_allocated``), by thread count: {threads: bytes}."""
+    from bench.measure import cpu_peak_allocated
+
     x, w = make_problem(batch, n_vars, d_model, 3, seed=seed)
     leaves = gradients.leaves((x, *w))
     grad = gradients.grad_out(x)
@@ -397,19 +399,7 @@ def _backward_peaks(batch, n_vars, d_model, seed, thread_counts, threads):
     for n_threads in thread_counts:
         threads(n_threads)
         y = _op(leaves)
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        ) as prof:
-            torch.autograd.grad(y, leaves, grad)
-        events = sorted(
-            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-            key=lambda e: e.start_ns(),
-        )
-        running = peak = 0
-        for event in events:
-            running += event.nbytes()
-            peak = max(peak, running)
-        peaks[n_threads] = peak
+        peaks[n_threads] = cpu_peak_allocated(lambda y=y: torch.autograd.grad(y, leaves, grad))
     return peaks
 
 
@@ -434,7 +424,7 @@ def test_tail_shares_its_tiles_from_4096_variates(threads):
 
 def test_backward_tiles_stay_narrow_when_the_batch_fills_the_threads(threads):
     # B = 4 at D = 512 on 2 threads: a forward alone takes whole-width tiles (the batch
-    # keeps both threads busy), but a backward's tiles are at most 128 columns, so its two
+    # keeps both threads busy), but from N = 512 on a backward's are at most 128 columns, so its two
     # workers hold 2 · 3·N·128 floats of [N, T] buffers rather than 2 · 3·N·512. Its peak
     # stays under dx plus what whole-width buffers alone would take.
     batch, n_vars, d_model = 4, 1000, 512
