@@ -65,10 +65,12 @@ Resource usage:
   REG:96 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
  Function {_PREFIX}11head_kernelIfLi3EEEvNS1_8ConvArgsIT_EE:
   REG:168 STACK:8 SHARED:1024 LOCAL:24 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
- Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb0EEEvNS1_8ConvArgsIT_EE:
+ Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb0ELb0EEEvNS1_8ConvArgsIT_EE:
   REG:76 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
- Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb1EEEvNS1_8ConvArgsIT_EE:
+ Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb1ELb0EEEvNS1_8ConvArgsIT_EE:
   REG:72 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {_PREFIX}11conv_kernelIN7cutlass10bfloat16_tELi3ELb0ELb1EEEvNS1_8ConvArgsIT_EE:
+  REG:90 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:608 TEXTURE:0 SURFACE:0 SAMPLER:0
  Function {_PREFIX}17tail_merge_kernelEPK6float2PS2_iii:
   REG:32 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:572 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
@@ -108,6 +110,27 @@ def test_a_vector_load_group_closes_on_the_use_of_any_register_it_fills():
     assert [sass.load_bytes(i) for i in code if i.opcode == "LDG"] == [16, 16, 4]
 
 
+def test_loads_in_flight_per_width_follow_the_groups_of_that_width():
+    # 16-byte loads back to back (one group of 3) and 2-byte loads used one at a time
+    # (3 groups of 1): 6 loads in 4 groups on average, 3 and 1 per width.
+    code = sass.instructions(
+        """
+        /*0010*/                   LDG.E.128.STRONG.GPU R8, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128.STRONG.GPU R12, desc[UR4][R2.64+0x800] ;
+        /*0030*/                   LDG.E.128.STRONG.GPU R16, desc[UR4][R2.64+0x1000] ;
+        /*0040*/                   FADD R20, R8, R12 ;
+        /*0050*/                   LDG.E.U16 R21, desc[UR4][R4.64] ;
+        /*0060*/                   FADD R22, R21, R1 ;
+        /*0070*/                   LDG.E.U16 R23, desc[UR4][R4.64+0x2] ;
+        /*0080*/                   FADD R24, R23, R1 ;
+        /*0090*/                   LDG.E.U16 R25, desc[UR4][R4.64+0x4] ;
+        /*00a0*/                   FADD R26, R25, R1 ;
+        """
+    )
+    assert sass.loads_in_flight(code) == 1.5
+    assert sass.in_flight_by_width(code) == ((16, 3.0), (2, 1.0))
+
+
 def test_no_loads_count_as_one_in_flight():
     assert sass.loads_in_flight(sass.instructions("/*0010*/ FFMA R1, R2, R3, R4 ;")) == 1.0
 
@@ -134,22 +157,23 @@ def test_split_functions_and_resources_by_mangled_name():
     assert list(functions) == ["first_kernel", "second_kernel"]
     assert sass.instruction_mix(functions["second_kernel"]).tensor_core == 2
     resources = sass.parse_resources(RES_USAGE)
-    assert len(resources) == 6
-    bf16 = _function(resources, "head_kernel", "bfloat16", 3, False)
-    fp32 = _function(resources, "head_kernel", "float32", 3, False)
+    assert len(resources) == 7
+    bf16 = _function(resources, "head_kernel", "bfloat16", 3)
+    fp32 = _function(resources, "head_kernel", "float32", 3)
     assert resources[bf16] == sass.Resources(registers=128, stack=0, shared=1024, local=0)
     assert resources[fp32] == sass.Resources(registers=168, stack=8, shared=1024, local=24)
-    assert resources[_function(resources, "head_kernel", "bfloat16", 5, False)].registers == 96
-    # The conv kernel: by kernel size and by stride-2 / transposed.
-    assert resources[_function(resources, "conv_kernel", "bfloat16", 3, False)].registers == 76
-    assert resources[_function(resources, "conv_kernel", "bfloat16", 3, True)].registers == 72
-    assert (
-        resources[_function(resources, "tail_merge_kernel", "bfloat16", 3, False)].registers == 32
-    )
+    assert resources[_function(resources, "head_kernel", "bfloat16", 5)].registers == 96
+    # The conv kernel: by kernel size, by stride-2 / transposed and by split-K.
+    conv = {
+        flags: resources[_function(resources, "conv_kernel", "bfloat16", 3, flags)].registers
+        for flags in [(False, False), (True, False), (False, True)]
+    }
+    assert conv == {(False, False): 76, (True, False): 72, (False, True): 90}
+    assert resources[_function(resources, "tail_merge_kernel", "bfloat16", 3)].registers == 32
     with pytest.raises(ValueError, match="conv_kernel"):
-        _function(resources, "conv_kernel", "bfloat16", 7, False)
+        _function(resources, "conv_kernel", "bfloat16", 7, (False, False))
     with pytest.raises(ValueError, match="tail_output_kernel"):
-        _function(resources, "tail_output_kernel", "bfloat16", 3, False)
+        _function(resources, "tail_output_kernel", "bfloat16", 3)
 
 
 def test_tail_kernels_are_told_apart_by_their_tile_width():
@@ -164,15 +188,14 @@ def test_tail_kernels_are_told_apart_by_their_tile_width():
     )
     resources = sass.parse_resources(text)
     assert (
-        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, False, 128)].registers
+        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, (), 128)].registers
         == 122
     )
     assert (
-        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, False, 64)].registers
-        == 100
+        resources[_function(resources, "tail_stats_kernel", "bfloat16", 3, (), 64)].registers == 100
     )
     with pytest.raises(ValueError, match="tail_stats_kernel"):
-        _function(resources, "tail_stats_kernel", "bfloat16", 3, False)  # width not given
+        _function(resources, "tail_stats_kernel", "bfloat16", 3)  # width not given
 
 
 # --- executed tensor-core share ----------------------------------------------------------
@@ -360,6 +383,17 @@ def test_latency_rounds_divide_each_steps_loads_by_the_loads_in_flight():
     assert latency_rounds(_work(), _mix(loads_in_flight=16.0)) == 9 * 2
     # A step waits at least once, however few its loads.
     assert latency_rounds(_work(phases=((9, 256 * 2),)), _mix(loads_in_flight=16.0)) == 9
+
+
+def test_a_phase_of_one_load_width_is_priced_at_that_widths_loads_in_flight():
+    # 64 KiB per step over 256 threads: 16 sixteen-byte loads per thread. With the
+    # kernel's means (2-byte loads one at a time) that is 128 rounds; at the 16 loads of
+    # that width the SASS keeps in flight, one.
+    mix = _mix(in_flight_by_width=((16, 16.0), (2, 1.0)))
+    assert latency_rounds(_work(phases=((1, 65536),)), mix) == 128
+    assert latency_rounds(_work(phases=((1, 65536, 16),)), mix) == 1
+    # A width the SASS does not have falls back to the kernel's mean in flight.
+    assert latency_rounds(_work(phases=((1, 65536, 8),)), mix) == 32
 
 
 def test_async_steps_cost_the_pipeline_fill_only_where_the_sass_has_async_copies():

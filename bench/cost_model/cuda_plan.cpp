@@ -22,17 +22,22 @@ int main(int argc, char** argv) {
   const char* names[kLaunches] = {"head", "head_reduce", "enc1",       "enc2",
                                   "dec0", "dec1",        "tail_stats", "tail_output"};
   const int e = dtype_bytes(dtype);
+  // Input channels per split of bottleneck conv i.
+  auto chunk = [&](int i) { return conv_chunk(bottleneck_layer(p, i).cin, plan.conv_splits[i]); };
   std::printf(
-      "{\"head_splits\": %d, \"tail_splits\": %d, \"head_chunk_rows\": %d, \"tiles\": "
+      "{\"head_splits\": %d, \"conv_splits\": [%d, %d, %d, %d], \"tail_splits\": %d, "
+      "\"head_chunk_rows\": %d, \"conv_chunk_rows\": [%d, %d, %d, %d], \"tiles\": "
       "{\"conv\": [%d, %d], \"conv_stages\": %d, \"conv_halo\": [%d, %d, %d], \"tail\": "
       "[%d, %d], \"tail_score_stages\": %d, \"bk\": %d, \"value_stages\": %d, "
-      "\"merge_batch\": %d}, "
+      "\"merge_batch\": %d, \"max_conv_splits\": %d}, "
       "\"launches\": [",
-      plan.head_splits, plan.tail_splits, head_chunk(p.n_vars, plan.head_splits), kConvRows,
+      plan.head_splits, plan.conv_splits[0], plan.conv_splits[1], plan.conv_splits[2],
+      plan.conv_splits[3], plan.tail_splits, head_chunk(p.n_vars, plan.head_splits),
+      chunk(0), chunk(1), chunk(2), chunk(3), kConvRows,
       kConvCols, kConvStages, conv_halo(e, false), conv_halo(e, true),
       conv_halo(e, true, plan.tail_cols / 2), kTailRows, plan.tail_cols, kTailScoreStages,
       operand_bk(e),
-      kValueStages, kMergeBatch);
+      kValueStages, kMergeBatch, kMaxConvSplits);
   for (int i = 0; i < kLaunches; ++i) {
     std::printf("%s{\"name\": \"%s\", \"kernel\": \"%s\", \"blocks\": %lld, \"threads\": %d, "
                 "\"smem_bytes\": %d}",

@@ -123,6 +123,10 @@ def launch_plan(out_dir: pathlib.Path, dtype: str, batch, n_vars, d_model, kerne
     return json.loads(done.stdout)
 
 
+# The bottleneck convs' launches, in the order of the plan's conv_splits.
+BOTTLENECK = ("enc1", "enc2", "dec0", "dec1")
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -190,9 +194,18 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     layers |= {"dec0": (D, D // 8, C2, True), "dec1": (C2, D // 4, C1, True)}
     if name in layers:
         cin, lin, cout, transposed = layers[name]
+        layer = BOTTLENECK.index(name)
+        splits = plan["conv_splits"][layer]
+        bias = (1, rows * e)  # the epilogue's bias loads
+        # Split-K: the split's fp32 accumulators stored (not waited on), its arrival
+        # counted (one waited atomic); the last split loads the slots of max_conv_splits
+        # splits (16-byte loads, its own again beyond the splits). The partials are L2
+        # traffic, not compulsory HBM bytes.
+        partials = (1, plan["tiles"]["max_conv_splits"] * rows * cols * 4, 16)
+        phases = ((1, 0), partials, bias) if splits > 1 else (bias,)
         return dict(
-            phases=((1, rows * e),),  # the epilogue's bias loads
-            **conv(cin, transposed),
+            phases=phases,
+            **conv(plan["conv_chunk_rows"][layer] if splits > 1 else cin, transposed),
             hbm_bytes=(B * cin * lin + cout * cin * k + act) * e,
         )
     rows, cols = plan["tiles"]["tail"]
@@ -250,11 +263,11 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
 
 
 def _function(
-    names, kernel: str, dtype: str, kernel_size: int, transposed: bool, tail_cols: int = 0
+    names, kernel: str, dtype: str, kernel_size: int, flags: tuple = (), tail_cols: int = 0
 ) -> str:
     """The mangled name of ``kernel`` (instantiated for ``dtype``, the kernel size and, for
-    the conv kernel, ``transposed``, for the tail kernels the tile width ``tail_cols``, where
-    templated on them)."""
+    the conv kernel, its bool parameters ``flags`` (transposed, split-K), for the tail
+    kernels the tile width ``tail_cols``, where templated on them)."""
     mark = f"{len(kernel)}{kernel}"
     hits = [(n, n.split(mark, 1)[1]) for n in names if mark in n]
     templated = [(n, args) for n, args in hits if args.startswith("I")]
@@ -263,7 +276,8 @@ def _function(
         if any("Li" in a for _, a in found):
             found = [(n, a) for n, a in found if f"Li{kernel_size}E" in a]
         if any("Lb" in a for _, a in found):
-            found = [(n, a) for n, a in found if f"Lb{int(transposed)}E" in a]
+            bools = "".join(f"Lb{int(flag)}E" for flag in flags)
+            found = [(n, a) for n, a in found if bools in a]
         if tail_cols:
             found = [(n, a) for n, a in found if f"Li{kernel_size}ELi{tail_cols}E" in a]
     else:
@@ -287,9 +301,12 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
             for launch in plan["launches"]:
                 if launch["blocks"] == 0:  # not launched for this problem
                     continue
-                transposed = launch["name"] in ("dec0", "dec1")
+                flags = ()
+                if launch["name"] in BOTTLENECK:
+                    layer = BOTTLENECK.index(launch["name"])
+                    flags = (layer >= 2, plan["conv_splits"][layer] > 1)  # transposed, split-K
                 tail_cols = plan["tiles"]["tail"][1] if launch["name"].startswith("tail") else 0
-                fn = _function(resources, launch["kernel"], dtype, kernel, transposed, tail_cols)
+                fn = _function(resources, launch["kernel"], dtype, kernel, flags, tail_cols)
                 res = resources[fn]
                 fields = work(plan, launch, dtype, batch, n_vars, d_model, kernel)
                 # The executed share at the plan's trip counts (a lower bound), and with

@@ -71,6 +71,14 @@ class InstructionMix:
     barriers: int
     sync_load_bytes: float  # mean width of a synchronous global load, bytes
     loads_in_flight: float  # see loads_in_flight()
+    # ((width in bytes, loads in flight when one of that width is issued), ...): see
+    # loads_in_flight(); for a phase whose description names its loads' width
+    in_flight_by_width: tuple[tuple[int, float], ...] = ()
+
+    def in_flight_of(self, width: int) -> float:
+        """Loads in flight when a load of ``width`` bytes is issued (the kernel's mean
+        when the SASS has none of that width)."""
+        return dict(self.in_flight_by_width).get(width, self.loads_in_flight)
 
     @property
     def tensor_core_share(self) -> float:
@@ -88,13 +96,16 @@ class InstructionMix:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["sync_load_bytes"] = round(self.sync_load_bytes, 2)
         out["loads_in_flight"] = round(self.loads_in_flight, 2)
+        out["in_flight_by_width"] = {str(w): round(n, 2) for w, n in self.in_flight_by_width}
         out["tensor_core_share"] = round(self.tensor_core_share, 3)
         out["tensor_core_of_all"] = round(self.tensor_core_of_all, 4)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> InstructionMix:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name != "in_flight_by_width"}
+        by_width = data.get("in_flight_by_width", {})
+        return cls(**values, in_flight_by_width=tuple((int(w), n) for w, n in by_width.items()))
 
 
 def split_functions(sass: str) -> dict[str, str]:
@@ -159,26 +170,44 @@ def load_bytes(ins: Instruction) -> int:
     return 4
 
 
-def loads_in_flight(code: list[Instruction]) -> float:
-    """Synchronous global loads a thread has in flight, on average, when it issues one.
-
-    Walks the code in order; loads issued before the first instruction that reads the
-    register of an earlier, unconsumed load form one group (they overlap in memory, so a
-    group costs one memory latency). Returns loads / groups: 1 where each load is used
-    before the next is issued (a per-element gather into shared memory), 16 where 16
-    loads go out back to back. 1 when there are no such loads.
-    """
-    groups, size, pending = [], 0, set()
+def load_groups(code: list[Instruction]) -> list[list[int]]:
+    """The synchronous global loads in groups that overlap in memory, each group the
+    widths (bytes) of its loads. Walks the code in order; loads issued before the first
+    instruction that reads the register of an earlier, unconsumed load form one group (a
+    group costs one memory latency)."""
+    groups, group, pending = [], [], set()
     for ins in code:
         if pending and _source_registers(ins) & pending:
-            groups.append(size)
-            size, pending = 0, set()
+            groups.append(group)
+            group, pending = [], set()
         if ins.opcode in SYNC_LOAD:
-            size += 1
+            group.append(load_bytes(ins))
             pending |= _destination_registers(ins)
-    if size:
-        groups.append(size)
-    return sum(groups) / len(groups) if groups else 1.0
+    if group:
+        groups.append(group)
+    return groups
+
+
+def loads_in_flight(code: list[Instruction]) -> float:
+    """Synchronous global loads a thread has in flight, on average, when it issues one:
+    loads / groups (:func:`load_groups`). 1 where each load is used before the next is
+    issued (a per-element gather into shared memory), 16 where 16 loads go out back to
+    back. 1 when there are no such loads.
+    """
+    groups = load_groups(code)
+    return sum(map(len, groups)) / len(groups) if groups else 1.0
+
+
+def in_flight_by_width(code: list[Instruction]) -> tuple[tuple[int, float], ...]:
+    """Per load width (bytes), the mean size of the groups its loads go out in
+    (:func:`load_groups`), widest first: how many loads a phase of that width has in
+    flight where one kernel mixes, say, 16-byte loads issued back to back with 2-byte
+    loads used one at a time."""
+    sizes: dict[int, list[int]] = {}
+    for group in load_groups(code):
+        for width in set(group):
+            sizes.setdefault(width, []).append(len(group))
+    return tuple((w, sum(n) / len(n)) for w, n in sorted(sizes.items(), reverse=True))
 
 
 def instruction_mix(sass: str) -> InstructionMix:
@@ -198,6 +227,7 @@ def instruction_mix(sass: str) -> InstructionMix:
         barriers=sum(op == "BAR" for op in ops),
         sync_load_bytes=sum(map(load_bytes, loads)) / len(loads) if loads else 0.0,
         loads_in_flight=loads_in_flight(code),
+        in_flight_by_width=in_flight_by_width(code),
     )
 
 

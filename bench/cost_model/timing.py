@@ -40,7 +40,9 @@ class KernelWork:
 
     grid: programs (blocks); threads: per program; phases: ``(steps, bytes_per_step)``
     per phase of the longest program, the bytes one program loads per step through
-    registers (synchronous loads); async_steps: further steps whose operands are
+    registers (synchronous loads), or ``(steps, bytes_per_step, load_bytes)`` for a phase
+    whose loads are all ``load_bytes`` wide (priced at that width and the loads of that
+    width the SASS keeps in flight, not the kernel's means); async_steps: further steps whose operands are
     streamed by asynchronous copies where the SASS has them (else they count as
     synchronous, with async_bytes_per_step); stages: the async pipeline depth; macs:
     multiply-adds of the longest program; flops: floating-point operations of the whole
@@ -53,7 +55,7 @@ class KernelWork:
     name: str
     grid: int
     threads: int
-    phases: tuple[tuple[int, float], ...]
+    phases: tuple[tuple, ...]
     macs: float
     flops: float
     hbm_bytes: float
@@ -91,13 +93,13 @@ class Estimate:
 
 def latency_rounds(work: KernelWork, mix: InstructionMix) -> float:
     """Waited-on load rounds of one program (see the module docstring)."""
-    width = mix.sync_load_bytes or 4.0
-    in_flight = max(mix.loads_in_flight, 1.0)
 
-    def rounds_per_step(bytes_per_step: float) -> float:
-        return max(1.0, bytes_per_step / work.threads / width / in_flight)
+    def rounds_per_step(bytes_per_step: float, load_bytes: int = 0) -> float:
+        width = load_bytes or mix.sync_load_bytes or 4.0
+        in_flight = mix.in_flight_of(load_bytes) if load_bytes else mix.loads_in_flight
+        return max(1.0, bytes_per_step / work.threads / width / max(in_flight, 1.0))
 
-    rounds = sum(steps * rounds_per_step(b) for steps, b in work.phases)
+    rounds = sum(steps * rounds_per_step(*rest) for steps, *rest in work.phases)
     if work.async_steps:
         if mix.async_copies and work.stages >= 2:
             rounds += work.stages - 1  # the pipeline's fill

@@ -18,13 +18,18 @@ struct Problem {
   int64_t batch, n_vars, d_model, kernel;
 };
 
-// How N is split across blocks. head_splits: blocks sharing the N reduction of the
+// The four bottleneck convs, in launch order (enc1, enc2, dec0, dec1).
+constexpr int kBottleneckLayers = 4;
+
+// How the work is split across blocks. head_splits: blocks sharing the N reduction of the
 // encoder head (each at least 32 variates, the grid capped at the resident CTAs);
-// tail_splits: the tail's kTailRows-row tiles, ⌈N/kTailRows⌉ (launch_fused_score_attention
-// rejects another value); tail_cols: the output columns of a tail CTA, one of
-// kTailColOptions (tail_cols_for).
+// conv_splits: per bottleneck conv, blocks sharing its input channels (split-K, 1 when
+// its tiles alone give every SM a block; conv_splits_for); tail_splits: the tail's
+// kTailRows-row tiles, ⌈N/kTailRows⌉ (launch_fused_score_attention rejects another
+// value); tail_cols: the output columns of a tail CTA, one of kTailColOptions
+// (tail_cols_for).
 struct Plan {
-  int head_splits, tail_splits, tail_cols;
+  int head_splits, conv_splits[kBottleneckLayers], tail_splits, tail_cols;
 };
 
 // ---------------------------------------------------------------------------------
@@ -60,6 +65,9 @@ constexpr int kHeadBlocksPerSm = 2;
 constexpr int kReduceThreads = 256;
 constexpr int kMergeBatch = 8;  // row tiles' statistics the tail's merge loads at once
 constexpr int64_t kMaxHeadSplits = 32;
+// Split-K of a bottleneck conv: at most kMaxConvSplits blocks share a tile's input
+// channels (the last to finish sums their fp32 partials, all loaded at once).
+constexpr int kMaxConvSplits = 4;
 
 constexpr int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
@@ -150,9 +158,52 @@ inline int chunk_rows(int64_t N, int64_t splits, int64_t multiple) {
 
 inline int64_t tail_tiles(int64_t N) { return ceil_div(N, kTailRows); }
 
+// A bottleneck conv: input channels and length, output channels and length, and whether
+// it is a stride-2 transposed conv (else a stride-2 conv).
+struct ConvLayer {
+  int64_t cin, lin, cout, lout;
+  bool transposed;
+};
+
+// Bottleneck conv `i` (0..3): enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
+// dec0 (D -> C2, D/8 -> D/4, transposed), dec1 (C2 -> C1, D/4 -> D/2, transposed).
+inline ConvLayer bottleneck_layer(const Problem& p, int i) {
+  const int64_t D = p.d_model, C1 = D / 4, C2 = D / 2;
+  const ConvLayer layers[kBottleneckLayers] = {{C1, D / 2, C2, D / 4, false},
+                                               {C2, D / 4, D, D / 8, false},
+                                               {D, D / 8, C2, D / 4, true},
+                                               {C2, D / 4, C1, D / 2, true}};
+  return layers[i];
+}
+
+// Output tiles of a conv layer: kConvRows x kConvCols tiles over (output channels,
+// output positions, per parity for a transposed conv) per batch element.
+inline int64_t conv_tiles(const Problem& p, const ConvLayer& l) {
+  const int64_t cols = l.transposed ? l.lin : l.lout;
+  return ceil_div(cols, kConvCols) * ceil_div(l.cout, kConvRows) * (l.transposed ? 2 : 1) * p.batch;
+}
+
+// The encoder head as a conv layer: the N variates as input channels (N -> C1, D -> D/2).
+inline ConvLayer head_layer(const Problem& p) {
+  return {p.n_vars, p.d_model, p.d_model / 4, p.d_model / 2, false};
+}
+
 // Blocks of the head's grid for `splits`.
 inline int64_t head_blocks(const Problem& p, int64_t splits) {
-  return ceil_div(p.d_model / 2, kConvCols) * ceil_div(p.d_model / 4, kConvRows) * splits * p.batch;
+  return conv_tiles(p, head_layer(p)) * splits;
+}
+
+// Input channels per split of a conv layer: a multiple of the 16-bit K step (32; a
+// multiple of fp32's 16), so every split but the last reads whole, aligned K steps.
+inline int conv_chunk(int64_t cin, int64_t splits) { return chunk_rows(cin, splits, 32); }
+
+// Splits of a conv layer's input channels for `sms` SMs: as many as it takes for the
+// tiles to give every SM a block (⌈sms / tiles⌉), at most kMaxConvSplits and one K step
+// (32 channels) each; 1 when the tiles alone fill the SMs (B = 16 at Traffic's D = 512).
+inline int conv_splits_for(const Problem& p, const ConvLayer& l, int64_t sms) {
+  const int64_t wanted = std::min(
+      {static_cast<int64_t>(kMaxConvSplits), ceil_div(sms, conv_tiles(p, l)), ceil_div(l.cin, 32)});
+  return static_cast<int>(ceil_div(l.cin, conv_chunk(l.cin, std::max<int64_t>(1, wanted))));
 }
 
 // Blocks of a tail launch with tiles of `cols` columns.
@@ -189,8 +240,8 @@ inline int head_chunk(int64_t N, int64_t splits) { return chunk_rows(N, splits, 
 
 // head_splits: the most splits (each at least 32 variates, at most kMaxHeadSplits) whose
 // grid stays within the CTAs resident at once, kHeadBlocksPerSm per SM (one split when
-// the unsplit grid already fills them). tail_cols: tail_cols_for the kTailBlocksPerSm
-// CTAs per SM.
+// the unsplit grid already fills them). conv_splits: conv_splits_for each bottleneck
+// conv. tail_cols: tail_cols_for the kTailBlocksPerSm CTAs per SM.
 inline Plan make_plan(const Problem& p, int sm_count) {
   const int64_t sms = std::max(sm_count, 1);
   const int64_t resident = kHeadBlocksPerSm * sms;
@@ -198,6 +249,9 @@ inline Plan make_plan(const Problem& p, int sm_count) {
   const int64_t wanted = std::max<int64_t>(1, std::min({most, kMaxHeadSplits, p.n_vars / 32}));
   Plan plan;
   plan.head_splits = static_cast<int>(ceil_div(p.n_vars, head_chunk(p.n_vars, wanted)));
+  for (int i = 0; i < kBottleneckLayers; ++i) {
+    plan.conv_splits[i] = conv_splits_for(p, bottleneck_layer(p, i), sms);
+  }
   plan.tail_splits = static_cast<int>(tail_tiles(p.n_vars));
   plan.tail_cols = tail_cols_for(p, kTailBlocksPerSm * sms);
   return plan;
@@ -228,28 +282,24 @@ inline int64_t elementwise_blocks(int64_t total) {
 }
 
 inline LaunchPlan plan_launches(const Problem& p, const Plan& plan, DType dtype) {
-  const int64_t B = p.batch, D = p.d_model, C1 = D / 4, C2 = D / 2;
+  const int64_t B = p.batch, D = p.d_model, C1 = D / 4;
   const int e = dtype_bytes(dtype), k = static_cast<int>(p.kernel);
-  // A conv launch: column tiles over `cols` output positions (a transposed conv's per
-  // output parity, i.e. its input length), row tiles over `cout` channels, per parity,
-  // split and batch element.
-  auto conv = [&](const char* name, int64_t cols, int64_t cout, bool transposed, int64_t splits) {
-    return Launch{
-        name,
-        ceil_div(cols, kConvCols) * ceil_div(cout, kConvRows) * (transposed ? 2 : 1) * splits * B,
-        kConvThreads, conv_smem_bytes(e, k, transposed)};
+  // A conv launch: its layer's tiles (conv_tiles) per split.
+  auto conv = [&](const char* name, const ConvLayer& layer, int64_t splits) {
+    return Launch{name, conv_tiles(p, layer) * splits, kConvThreads,
+                  conv_smem_bytes(e, k, layer.transposed)};
   };
   const int64_t tail = tail_blocks(p, plan.tail_cols);
   LaunchPlan lp;
-  lp.head = conv("head_kernel", D / 2, C1, false, plan.head_splits);
+  lp.head = conv("head_kernel", head_layer(p), plan.head_splits);
   // One head split stores h1 itself; more are summed by the reduce launch.
   lp.head_reduce = {"head_reduce_kernel",
                     plan.head_splits > 1 ? elementwise_blocks(B * C1 * padded_length(D / 2, e)) : 0,
                     kReduceThreads, 0};
-  lp.enc1 = conv("conv_kernel", D / 4, C2, false, 1);
-  lp.enc2 = conv("conv_kernel", D / 8, D, false, 1);
-  lp.dec0 = conv("conv_kernel", D / 8, C2, true, 1);
-  lp.dec1 = conv("conv_kernel", D / 4, C1, true, 1);
+  Launch* layers[kBottleneckLayers] = {&lp.enc1, &lp.enc2, &lp.dec0, &lp.dec1};
+  for (int i = 0; i < kBottleneckLayers; ++i) {
+    *layers[i] = conv("conv_kernel", bottleneck_layer(p, i), plan.conv_splits[i]);
+  }
   lp.tail_stats = {"tail_stats_kernel", tail, kTailThreads,
                    tail_smem_bytes(e, k, false, plan.tail_cols)};
   lp.tail_output = {"tail_output_kernel", tail, kTailThreads,

@@ -484,8 +484,12 @@ __device__ inline void copy16_async(void* dst, const void* src, bool valid) {
 //                  out[co, 2u + r] = Σ_ci Σ_{j ≡ r+p (mod 2)} w[ci, co, j] · in[ci, u + (r+p-j)/2]
 // in: [B, cin, in_ld] rows of in_ld elements (16-byte aligned, zero beyond lin when in_ld >
 // lin); w: packed per tap (launch_plan.h), rows of w_row elements; out: [B, cout, out_ld] in
-// T with relu(· + bias) and zeros in [lout, out_ld), or, for the head, fp32 partial sums
-// [splits, B, cout, lout] of the input channels [s · chunk, (s + 1) · chunk).
+// T with relu(· + bias) and zeros in [lout, out_ld). Split s of `splits` takes the input
+// channels [s · chunk, (s + 1) · chunk); with more than one split, `partial` holds fp32
+// partial sums: the head's [splits, B, cout, lout], a bottleneck conv's per tile and split
+// (reduce_splits), whose `arrivals` count the splits done per tile. The head zeroes the
+// first `clear_arrivals` ints of its `arrivals`: the bottleneck's counts, for the conv
+// launches after it.
 template <typename T>
 struct ConvArgs {
   const T* in;
@@ -493,13 +497,15 @@ struct ConvArgs {
   const T* bias;
   T* out;
   float* partial;
-  int batch, cin, lin, in_ld, cout, lout, out_ld, w_row, splits, chunk;
+  int* arrivals;
+  int batch, cin, lin, in_ld, cout, lout, out_ld, w_row, splits, chunk, clear_arrivals;
 };
 
 // The CTA's tile of blockIdx.x: (column tile, row tile, parity, split, batch), flattened
-// column fastest. Columns are output positions (per parity for a transposed conv).
+// column fastest. Columns are output positions (per parity for a transposed conv). `tile`
+// numbers the output tile, the same for all its splits.
 struct ConvTile {
-  int col0, row0, r, split, b;
+  int col0, row0, r, split, b, tile;
 };
 
 __device__ inline ConvTile conv_tile(int cols, int rows, int parities, int splits) {
@@ -514,6 +520,8 @@ __device__ inline ConvTile conv_tile(int cols, int rows, int parities, int split
   idx /= parities;
   t.split = idx % splits;
   t.b = idx / splits;
+  const int per_split = tiles_c * tiles_r * parities;
+  t.tile = t.b * per_split + static_cast<int>(blockIdx.x) % per_split;
   return t;
 }
 
@@ -626,6 +634,9 @@ __device__ void store_activation(TiledMma const& mma, Acc const& acc, const Conv
 template <typename T, int kTaps>
 __global__ void __launch_bounds__(kConvThreads) head_kernel(ConvArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < a.clear_arrivals; i += kConvThreads) a.arrivals[i] = 0;
+  }
   const ConvTile t = conv_tile(a.lout, a.cout, 1, a.splits);
   const int c_begin = min(a.cin, t.split * a.chunk), c_end = min(a.cin, c_begin + a.chunk);
   auto mma = make_block_mma<T, 2, 2>();
@@ -665,20 +676,78 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// Split-K of a bottleneck conv tile: the CTA stores its fp32 accumulators in its slot of
+// a.partial ([tile][split][accumulator][thread], 16-byte vectors) and counts itself in
+// a.arrivals[t.tile]. Returns false in every CTA of the tile but the last to arrive,
+// which sums every split's accumulators in split order (its own from registers, the
+// others' loaded at once: kMaxConvSplits slots, unconditionally, a split beyond
+// a.splits reading its own slot again) into acc, so the sum's bits do not depend on which
+// split arrives last, and returns true.
+template <typename T, class Acc>
+__device__ bool reduce_splits(Acc& acc, const ConvArgs<T>& a, const ConvTile& t) {
+  constexpr int kVecs = decltype(size(acc))::value / 4;
+  static_assert(decltype(size(acc))::value % 4 == 0, "accumulators in 16-byte vectors");
+  auto slot = [&](int split) {
+    const int64_t at = (static_cast<int64_t>(t.tile) * a.splits + split) * kVecs * kConvThreads;
+    return reinterpret_cast<float4*>(a.partial) + at + threadIdx.x;
+  };
+  float4* mine = slot(t.split);
+  CUTE_UNROLL
+  for (int v = 0; v < kVecs; ++v) {
+    mine[v * kConvThreads] =
+        make_float4(acc(4 * v), acc(4 * v + 1), acc(4 * v + 2), acc(4 * v + 3));
+  }
+  __threadfence();  // the slot before the count, for the CTA that sums
+  __shared__ int arrived;
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(a.arrivals + t.tile, 1);
+  __syncthreads();
+  if (arrived != a.splits - 1) return false;
+  __threadfence();  // the count before the other splits' slots
+  float4 parts[kMaxConvSplits][kVecs];
+  CUTE_UNROLL
+  for (int s = 0; s < kMaxConvSplits; ++s) {
+    const float4* from = slot(s < a.splits ? s : t.split);
+    CUTE_UNROLL
+    for (int v = 0; v < kVecs; ++v) parts[s][v] = __ldcg(from + v * kConvThreads);
+  }
+  CUTE_UNROLL
+  for (int v = 0; v < kVecs; ++v) {
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    CUTE_UNROLL
+    for (int s = 0; s < kMaxConvSplits; ++s) {
+      if (s < a.splits) {
+        const float4 p =
+            s == t.split ? make_float4(acc(4 * v), acc(4 * v + 1), acc(4 * v + 2), acc(4 * v + 3))
+                         : parts[s][v];
+        sum.x += p.x, sum.y += p.y, sum.z += p.z, sum.w += p.w;
+      }
+    }
+    acc(4 * v) = sum.x, acc(4 * v + 1) = sum.y, acc(4 * v + 2) = sum.z, acc(4 * v + 3) = sum.w;
+  }
+  return true;
+}
+
 // Stage 2, a bottleneck layer (activations in T, tensor cores for fp16/bf16, fp32
 // accumulation): out = relu(conv(in) + bias), a stride-2 conv or (kTransposed) a
 // stride-2 transposed conv, written with its row padding zeroed. Blocks: (position tile,
-// channel tile, parity (transposed only), batch).
-template <typename T, int kTaps, bool kTransposed>
+// channel tile, parity (transposed only), split, batch). kSplitK (a.splits > 1): the last
+// split of a tile to finish writes it (reduce_splits); without, a.splits is 1.
+template <typename T, int kTaps, bool kTransposed, bool kSplitK>
 __global__ void __launch_bounds__(kConvThreads) conv_kernel(ConvArgs<T> a) {
   CASA_DYNAMIC_SMEM(smem);
   const int cols = kTransposed ? a.lin : a.lout;
-  const ConvTile t = conv_tile(cols, a.cout, kTransposed ? 2 : 1, 1);
+  const ConvTile t = conv_tile(cols, a.cout, kTransposed ? 2 : 1, kSplitK ? a.splits : 1);
+  const int c_begin = kSplitK ? min(a.cin, t.split * a.chunk) : 0;
+  const int c_end = kSplitK ? min(a.cin, c_begin + a.chunk) : a.cin;
   auto mma = make_block_mma<T, 2, 2>();
   Tensor acc = partition_fragment_C(mma, make_shape(Int<kConvRows>{}, Int<kConvCols>{}));
   clear(acc);
-  conv_gemm<T, kTaps, kTransposed, kConvRows, kConvCols, kConvStages>(mma, acc, a, t, 0, a.cin,
-                                                                      reinterpret_cast<T*>(smem));
+  conv_gemm<T, kTaps, kTransposed, kConvRows, kConvCols, kConvStages>(
+      mma, acc, a, t, c_begin, c_end, reinterpret_cast<T*>(smem));
+  if constexpr (kSplitK) {
+    if (!reduce_splits(acc, a, t)) return;
+  }
   store_activation<kTransposed>(mma, acc, a, t);
 }
 
@@ -767,11 +836,11 @@ __device__ void tail_scores(const TailArgs<T>& a, const TailTile& t, float* P, T
   const int N = a.N, D = a.D, C1 = D / 4;
   const T* x_b = a.x + static_cast<int64_t>(t.b) * N * D;
   // The last decoder layer as a conv: C1 -> N channels, D/2 -> D positions.
-  const ConvArgs<T> conv{a.h5,    a.w2, nullptr, nullptr, nullptr,  0, C1, D / 2,
-                         a.h5_ld, N,    D,       0,       a.w2_row, 1, C1};
+  const ConvArgs<T> conv{a.h5,    a.w2, nullptr, nullptr, nullptr,  nullptr, 0,  C1, D / 2,
+                         a.h5_ld, N,    D,       0,       a.w2_row, 1,       C1, 0};
   auto mma = make_block_mma<T, 4, 2>();
   for (int r = 0; r < 2; ++r) {
-    const ConvTile tile{t.o0 / 2, t.n0, r, 0, t.b};
+    const ConvTile tile{t.o0 / 2, t.n0, r, 0, t.b, 0};
     Tensor acc = partition_fragment_C(mma, make_shape(Int<kTailRows>{}, Int<kCols / 2>{}));
     clear(acc);
     conv_gemm<T, kTaps, true, kTailRows, kCols / 2, kTailScoreStages>(mma, acc, conv, tile, 0, C1,
@@ -939,14 +1008,25 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 #endif
 }
 
+// allow_smem for both variants (with and without split-K) of a conv kernel.
+template <typename T, int kTaps, bool kTransposed>
+cudaError_t allow_conv_smem(int bytes) {
+  const cudaError_t err = allow_smem(conv_kernel<T, kTaps, kTransposed, false>, bytes);
+  return err != cudaSuccess ? err : allow_smem(conv_kernel<T, kTaps, kTransposed, true>, bytes);
+}
+
 // Workspace regions, in floats, each a multiple of 32 floats (128 bytes).
 int64_t round_floats(int64_t n) { return (n + 31) / 32 * 32; }
 
-// The workspace: head partials [head_splits, B, C1, D/2] fp32, then the activations h1..h5
-// in T with padded rows (launch_plan.h), then the tail's stats [B, tail_splits, D]
-// (float2). Each region starts on 128 bytes.
+// The workspace: head partials [head_splits, B, C1, D/2] fp32; the bottleneck's split-K
+// partials (the largest of its split layers' tiles x splits x kConvRows x kConvCols fp32,
+// the layers running one after another) and arrival counts (int, one per tile of each
+// split layer, conv_arrivals[i] the first of layer i's); the activations h1..h5 in T with
+// padded rows (launch_plan.h); the tail's stats [B, tail_splits, D] (float2). Each region
+// starts on 128 bytes.
 struct Workspace {
-  int64_t partial, act[5], stats, total;  // offsets and total, in floats
+  int64_t partial, conv_partial, arrivals, act[5], stats, total;  // offsets and total, in floats
+  int64_t conv_arrivals[kBottleneckLayers], arrival_count;        // in ints, from `arrivals`
 };
 
 // Rows and logical lengths of h1..h5: h1 [C1, D/2], h2 [C2, D/4], h3 [D, D/8],
@@ -964,6 +1044,20 @@ Workspace workspace_layout(const Problem& p, const Plan& plan, int elem_bytes) {
   int64_t at = 0;
   w.partial = at;
   at += round_floats(plan.head_splits * B * (D / 4) * (D / 2));
+  int64_t conv_partial = 0;
+  w.arrival_count = 0;
+  for (int i = 0; i < kBottleneckLayers; ++i) {
+    const int64_t splits = plan.conv_splits[i], tiles = conv_tiles(p, bottleneck_layer(p, i));
+    w.conv_arrivals[i] = w.arrival_count;
+    if (splits > 1) {
+      conv_partial = std::max(conv_partial, tiles * splits * kConvRows * kConvCols);
+      w.arrival_count += tiles;
+    }
+  }
+  w.conv_partial = at;
+  at += round_floats(conv_partial);
+  w.arrivals = at;
+  at += round_floats(w.arrival_count);  // an int per float
   for (int i = 0; i < 5; ++i) {
     int64_t rows, length;
     activation_shape(D, i, &rows, &length);
@@ -999,7 +1093,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   constexpr int e = static_cast<int>(sizeof(T));
   const int B = static_cast<int>(prm.problem.batch), N = static_cast<int>(prm.problem.n_vars);
   const int D = static_cast<int>(prm.problem.d_model);
-  const int C1 = D / 4, C2 = D / 2;
+  const int C1 = D / 4;
   const int head_splits = prm.plan.head_splits, n_tiles = prm.plan.tail_splits;
   auto w = [&](WeightIndex i) { return static_cast<const T*>(prm.weights[i]); };
   const T* x = static_cast<const T*>(prm.x);
@@ -1007,6 +1101,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
 
   const Workspace ws = workspace_layout(prm.problem, prm.plan, e);
   float* partial = prm.workspace + ws.partial;
+  int* arrivals = reinterpret_cast<int*>(prm.workspace + ws.arrivals);
   T* h[5];  // h1 .. h5, rows padded to padded_length
   int ld[5];
   for (int i = 0; i < 5; ++i) {
@@ -1021,31 +1116,22 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   const LaunchPlan lp = plan_launches(prm.problem, prm.plan, prm.dtype);
   auto blocks = [](const Launch& launch) { return static_cast<int>(launch.blocks); };
   cudaError_t err = cudaSuccess;
-  // A conv layer's arguments: in [B, cin, in_ld] (length lin), weight wi packed per tap.
+  // A conv layer's arguments: in [B, cin, in_ld] (length lin), weight wi packed per tap,
+  // the input channels in `splits` chunks of `chunk`.
   auto conv_args = [&](const T* in, int cin, int lin, int in_ld, WeightIndex wi, WeightIndex bi,
-                       T* out, int cout, int lout, int out_ld) {
-    return ConvArgs<T>{in,
-                       w(wi),
-                       w(bi),
-                       out,
-                       partial,
-                       B,
-                       cin,
-                       lin,
-                       in_ld,
-                       cout,
-                       lout,
-                       out_ld,
-                       static_cast<int>(packed_row(cin, e)),
-                       1,
-                       cin};
+                       T* out, int cout, int lout, int out_ld, float* part, int* arrive, int splits,
+                       int chunk) {
+    return ConvArgs<T>{
+        in,     w(wi), w(bi), out,  part, arrive, B,
+        cin,    lin,   in_ld, cout, lout, out_ld, static_cast<int>(packed_row(cin, e)),
+        splits, chunk, 0};
   };
   // 1. head (split over the variates), then, for more than one split, the reduce:
-  //    h1 = relu(Σ partials + bias)
+  //    h1 = relu(Σ partials + bias). Its first block zeroes the bottleneck's arrival counts.
   {
-    ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, h[0], C1, D / 2, ld[0]);
-    args.splits = head_splits;
-    args.chunk = head_chunk(N, head_splits);
+    ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, h[0], C1, D / 2, ld[0],
+                                 partial, arrivals, head_splits, head_chunk(N, head_splits));
+    args.clear_arrivals = static_cast<int>(ws.arrival_count);
     const int smem = lp.head.smem_bytes;
     if ((err = allow_smem(head_kernel<T, kTaps>, smem)) != cudaSuccess) return err;
     head_kernel<T, kTaps><<<blocks(lp.head), kConvThreads, smem, stream>>>(args);
@@ -1054,24 +1140,36 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
           partial, w(kEnc0Bias), h[0], B, C1, D / 2, ld[0], head_splits);
     }
   }
-  // 2. bottleneck: enc1 (C1 -> C2, D/2 -> D/4), enc2 (C2 -> D, D/4 -> D/8),
-  //    dec0 (D -> C2, D/8 -> D/4), dec1 (C2 -> C1, D/4 -> D/2)
+  // 2. bottleneck (launch_plan.h's bottleneck_layer): enc1, enc2, dec0, dec1, layer i from
+  //    h[i] to h[i + 1], each split over its input channels as the plan says
   {
     const int smem = lp.enc1.smem_bytes, smem_t = lp.dec0.smem_bytes;
-    if ((err = allow_smem(conv_kernel<T, kTaps, false>, smem)) != cudaSuccess) return err;
-    if ((err = allow_smem(conv_kernel<T, kTaps, true>, smem_t)) != cudaSuccess) return err;
-    const ConvArgs<T> enc1 =
-        conv_args(h[0], C1, D / 2, ld[0], kEnc1Weight, kEnc1Bias, h[1], C2, D / 4, ld[1]);
-    const ConvArgs<T> enc2 =
-        conv_args(h[1], C2, D / 4, ld[1], kEnc2Weight, kEnc2Bias, h[2], D, D / 8, ld[2]);
-    const ConvArgs<T> dec0 =
-        conv_args(h[2], D, D / 8, ld[2], kDec0Weight, kDec0Bias, h[3], C2, D / 4, ld[3]);
-    const ConvArgs<T> dec1 =
-        conv_args(h[3], C2, D / 4, ld[3], kDec1Weight, kDec1Bias, h[4], C1, D / 2, ld[4]);
-    conv_kernel<T, kTaps, false><<<blocks(lp.enc1), kConvThreads, smem, stream>>>(enc1);
-    conv_kernel<T, kTaps, false><<<blocks(lp.enc2), kConvThreads, smem, stream>>>(enc2);
-    conv_kernel<T, kTaps, true><<<blocks(lp.dec0), kConvThreads, smem_t, stream>>>(dec0);
-    conv_kernel<T, kTaps, true><<<blocks(lp.dec1), kConvThreads, smem_t, stream>>>(dec1);
+    if ((err = allow_conv_smem<T, kTaps, false>(smem)) != cudaSuccess) return err;
+    if ((err = allow_conv_smem<T, kTaps, true>(smem_t)) != cudaSuccess) return err;
+    const WeightIndex weights[kBottleneckLayers][2] = {{kEnc1Weight, kEnc1Bias},
+                                                       {kEnc2Weight, kEnc2Bias},
+                                                       {kDec0Weight, kDec0Bias},
+                                                       {kDec1Weight, kDec1Bias}};
+    const Launch* launches[kBottleneckLayers] = {&lp.enc1, &lp.enc2, &lp.dec0, &lp.dec1};
+    for (int i = 0; i < kBottleneckLayers; ++i) {
+      const ConvLayer l = bottleneck_layer(prm.problem, i);
+      const int splits = prm.plan.conv_splits[i];
+      const ConvArgs<T> args =
+          conv_args(h[i], static_cast<int>(l.cin), static_cast<int>(l.lin), ld[i], weights[i][0],
+                    weights[i][1], h[i + 1], static_cast<int>(l.cout), static_cast<int>(l.lout),
+                    ld[i + 1], prm.workspace + ws.conv_partial, arrivals + ws.conv_arrivals[i],
+                    splits, conv_chunk(l.cin, splits));
+      const int grid = blocks(*launches[i]);
+      if (l.transposed && splits > 1) {
+        conv_kernel<T, kTaps, true, true><<<grid, kConvThreads, smem_t, stream>>>(args);
+      } else if (l.transposed) {
+        conv_kernel<T, kTaps, true, false><<<grid, kConvThreads, smem_t, stream>>>(args);
+      } else if (splits > 1) {
+        conv_kernel<T, kTaps, false, true><<<grid, kConvThreads, smem, stream>>>(args);
+      } else {
+        conv_kernel<T, kTaps, false, false><<<grid, kConvThreads, smem, stream>>>(args);
+      }
+    }
   }
   // 3. tail: row-tile stats, then the output (which merges its columns' stats), tiles of
   //    the plan's tail_cols columns
@@ -1144,6 +1242,9 @@ bool problem_supported(const Problem& p, const char** why) {
 }
 
 cudaError_t launch_fused_score_attention(const Params& params, cudaStream_t stream) {
+  for (int splits : params.plan.conv_splits) {
+    if (splits < 1 || splits > kMaxConvSplits) return cudaErrorInvalidValue;
+  }
   if (!problem_supported(params.problem, nullptr) || params.plan.head_splits < 1 ||
       params.plan.head_splits > kMaxHeadSplits ||
       params.plan.tail_splits != tail_tiles(params.problem.n_vars) ||

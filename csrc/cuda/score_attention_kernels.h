@@ -16,7 +16,10 @@
 //                   adds bias and ReLU;
 //   2. bottleneck:  h2..h5 (enc1, enc2, dec0, dec1) in the dtype of x, O(B·D²), 32 x 64
 //                   conv tiles per (batch, channel tile, position tile, parity) (tensor
-//                   cores for fp16/bf16, fp32 accumulation);
+//                   cores for fp16/bf16, fp32 accumulation); a layer whose tiles do not
+//                   give every SM a block (small B) splits its input channels over up to
+//                   4 blocks per tile, the last to finish summing their fp32 partials
+//                   (split-K in one launch);
 //   3. tail:        split over N into `tail_splits` = ⌈N/64⌉ row tiles; CTAs = B × row tiles
 //                   × ⌈D/tail_cols⌉ column tiles, two per SM, the plan's tail_cols (128 or
 //                   64) the width whose waves of CTAs leave the fewest idle slots. A stats
@@ -43,9 +46,11 @@ namespace casa {
 namespace gpu {
 
 // fp32 elements of the workspace (each region rounded up to 128 bytes): head_splits · B ·
-// D²/8 for the head partials, the five bottleneck activations (about B · D²/8 each, rows
-// padded to 16 bytes; stored in the dtype of x, sized for fp32) and 2 · B · tail_splits · D
-// for the tail's per-tile column (max, sum).
+// D²/8 for the head partials, the bottleneck's split-K partials and arrival counts (at
+// most kMaxConvSplits x the largest split layer's output, fp32, and one int per tile),
+// the five bottleneck activations (about B · D²/8 each, rows padded to 16 bytes; stored in
+// the dtype of x, sized for fp32) and 2 · B · tail_splits · D for the tail's per-tile
+// column (max, sum).
 size_t workspace_floats(const Problem& problem, const Plan& plan);
 
 // x, weights[kValueWeight] and the six conv weights must start on 16 bytes (the

@@ -296,7 +296,26 @@ def test_emulation_splits_n(driver, tmp_path):
     assert head > 1 and tail > 1, log
 
 
-# Split N in the head and the tail, several tiles per launch, ragged tile edges.
+def _conv_splits(log: str) -> list[int]:
+    return [int(s) for s in re.search(r"conv_splits=([\d,]+)", log).group(1).split(",")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_emulated_bottleneck_split_k_matches_reference(driver, tmp_path, dtype):
+    # Few tiles per bottleneck conv (B = 1, D = 200): with 132 SMs the plan splits their
+    # input channels (the last split of a tile to finish sums the partials, counted in
+    # arrival counts the head clears; the driver's workspace starts as NaN bytes); with one
+    # SM nothing splits. Both match the reference.
+    x, w = make_problem(1, 70, 200, 3, dtype=dtype, seed=5)
+    for sm_count, split in [(132, True), (1, False)]:
+        y, log = run_emulated(driver, x, w, sm_count, tmp_path)
+        assert (max(_conv_splits(log)) > 1) == split, log
+        result = compare(y, x, w)
+        assert result.passed, (log, result)
+
+
+# Split N in the head and the tail, split-K in the bottleneck (D = 136), several tiles per
+# launch, ragged tile edges.
 ORDER_CASES = [(2, 300, 16, 5, 132), (2, 333, 136, 3, 132)]
 
 

@@ -4,7 +4,8 @@
 // DTYPE: 0 float32, 1 float16, 2 bfloat16. IN: float32 values of x [B, N, D] and then
 // the 14 parameters in schema order, each flattened, converted to DTYPE here. OUT:
 // y [B, N, D] as float32. Prints the block order (see shim.h: CASA_EMU_BLOCK_ORDER,
-// CASA_EMU_CONCURRENT_BLOCKS) and the plan (head/tail splits, tail tile width) on stderr.
+// CASA_EMU_CONCURRENT_BLOCKS) and the plan (head/tail splits, tail tile width, the
+// bottleneck convs' splits) on stderr.
 // The conv weights are handed over packed per tap, as the cuda backend prepares them.
 // CASA_EMU_TAIL_COLS, when set, replaces the plan's tail tile width (to run every
 // instantiated width on any shape; the launcher rejects a width it does not have).
@@ -96,8 +97,10 @@ int run(DType dtype, const Problem& p, int sm_count, const char* in_path, const 
   std::vector<float> workspace(casa::gpu::workspace_floats(p, params.plan), NAN);
   params.workspace = workspace.data();
   std::fprintf(stderr, "%s\n", emu_describe_order().c_str());
-  std::fprintf(stderr, "plan: head_splits=%d tail_splits=%d tail_cols=%d\n",
-               params.plan.head_splits, params.plan.tail_splits, params.plan.tail_cols);
+  const int* conv = params.plan.conv_splits;
+  std::fprintf(stderr, "plan: head_splits=%d tail_splits=%d tail_cols=%d conv_splits=%d,%d,%d,%d\n",
+               params.plan.head_splits, params.plan.tail_splits, params.plan.tail_cols, conv[0],
+               conv[1], conv[2], conv[3]);
   if (casa::gpu::launch_fused_score_attention(params, nullptr) != cudaSuccess) return 3;
   std::vector<float> out(y.size());
   for (size_t i = 0; i < y.size(); ++i) out[i] = to_f32(y[i]);

@@ -71,6 +71,18 @@ inline thread_local EmuBlock* emu_block = nullptr;
 inline EmuDim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu_block->barrier.arrive_and_wait(); }
+// Device-wide atomics: acquire-release, which orders the memory around them as the
+// kernels' __threadfence on each side of an atomicAdd does on the device, so the fences
+// themselves have nothing left to do here (and ThreadSanitizer sees the ordering).
+inline int atomicAdd(int* address, int value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_ACQ_REL);
+}
+inline void __threadfence() {}
+// Loads that bypass L1 on the device: plain loads here.
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
+}
 inline void __trap() { std::abort(); }
 using std::max;
 using std::min;
