@@ -304,7 +304,8 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
                 flags = ()
                 if launch["name"] in BOTTLENECK:
                     layer = BOTTLENECK.index(launch["name"])
-                    flags = (layer >= 2, plan["conv_splits"][layer] > 1)  # transposed, split-K
+                    transposed = launch["name"].startswith("dec")
+                    flags = (transposed, plan["conv_splits"][layer] > 1)  # as conv_kernel's
                 tail_cols = plan["tiles"]["tail"][1] if launch["name"].startswith("tail") else 0
                 fn = _function(resources, launch["kernel"], dtype, kernel, flags, tail_cols)
                 res = resources[fn]
