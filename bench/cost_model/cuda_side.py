@@ -123,10 +123,6 @@ def launch_plan(out_dir: pathlib.Path, dtype: str, batch, n_vars, d_model, kerne
     return json.loads(done.stdout)
 
 
-# The bottleneck convs' launches, in the order of the plan's conv_splits.
-BOTTLENECK = ("enc1", "enc2", "dec0", "dec1")
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -147,7 +143,7 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
     e = 4 if dtype == "float32" else 2
     vec = 16 // e
     B, N, D, k = batch, n_vars, d_model, kernel
-    C1, C2 = D // 4, D // 2
+    C1 = D // 4
     act = B * D * D // 8  # every activation of the bottleneck: [B, D²/8]
     bk = plan["tiles"]["bk"]
     threads = launch["threads"]
@@ -190,12 +186,9 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
             macs=0,
             hbm_bytes=plan["head_splits"] * act * 4 + act * e,
         )
-    layers = {"enc1": (C1, D // 2, C2, False), "enc2": (C2, D // 4, D, False)}
-    layers |= {"dec0": (D, D // 8, C2, True), "dec1": (C2, D // 4, C1, True)}
-    if name in layers:
-        cin, lin, cout, transposed = layers[name]
-        layer = BOTTLENECK.index(name)
-        splits = plan["conv_splits"][layer]
+    if "layer" in launch:  # a bottleneck conv (bottleneck_layer in launch_plan.h)
+        layer = launch["layer"]
+        cin, lin, cout, splits = layer["cin"], layer["lin"], layer["cout"], layer["splits"]
         bias = (1, rows * e)  # the epilogue's bias loads
         # Split-K: the split's fp32 accumulators stored (not waited on), its arrival
         # counted (one waited atomic); the last split loads the slots of max_conv_splits
@@ -205,7 +198,7 @@ def work(plan: dict, launch: dict, dtype: str, batch, n_vars, d_model, kernel) -
         phases = ((1, 0), partials, bias) if splits > 1 else (bias,)
         return dict(
             phases=phases,
-            **conv(plan["conv_chunk_rows"][layer] if splits > 1 else cin, transposed),
+            **conv(layer["chunk"], layer["transposed"]),
             hbm_bytes=(B * cin * lin + cout * cin * k + act) * e,
         )
     rows, cols = plan["tiles"]["tail"]
@@ -301,11 +294,9 @@ def describe_op(batches, n_vars, d_model, kernel, dtype: str, sms: int) -> dict:
             for launch in plan["launches"]:
                 if launch["blocks"] == 0:  # not launched for this problem
                     continue
-                flags = ()
-                if launch["name"] in BOTTLENECK:
-                    layer = BOTTLENECK.index(launch["name"])
-                    transposed = launch["name"].startswith("dec")
-                    flags = (transposed, plan["conv_splits"][layer] > 1)  # as conv_kernel's
+                layer = launch.get("layer")
+                # conv_kernel's bool parameters: transposed, split-K
+                flags = (layer["transposed"], layer["splits"] > 1) if layer else ()
                 tail_cols = plan["tiles"]["tail"][1] if launch["name"].startswith("tail") else 0
                 fn = _function(resources, launch["kernel"], dtype, kernel, flags, tail_cols)
                 res = resources[fn]

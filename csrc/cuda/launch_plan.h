@@ -68,6 +68,9 @@ constexpr int64_t kMaxHeadSplits = 32;
 // Split-K of a bottleneck conv: at most kMaxConvSplits blocks share a tile's input
 // channels (the last to finish sums their fp32 partials, all loaded at once).
 constexpr int kMaxConvSplits = 4;
+// Input channels (the head: variates) per split come in multiples of the 16-bit K step,
+// 32 (a multiple of fp32's 16).
+constexpr int kSplitChannels = 32;
 
 constexpr int dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
@@ -193,17 +196,20 @@ inline int64_t head_blocks(const Problem& p, int64_t splits) {
   return conv_tiles(p, head_layer(p)) * splits;
 }
 
-// Input channels per split of a conv layer: a multiple of the 16-bit K step (32; a
-// multiple of fp32's 16), so every split but the last reads whole, aligned K steps.
-inline int conv_chunk(int64_t cin, int64_t splits) { return chunk_rows(cin, splits, 32); }
+// Input channels (the head: variates) per split of a conv layer split `splits` ways: a
+// multiple of kSplitChannels, so every split but the last reads whole, aligned K steps.
+inline int split_chunk(int64_t cin, int64_t splits) {
+  return chunk_rows(cin, splits, kSplitChannels);
+}
 
 // Splits of a conv layer's input channels for `sms` SMs: as many as it takes for the
 // tiles to give every SM a block (⌈sms / tiles⌉), at most kMaxConvSplits and one K step
-// (32 channels) each; 1 when the tiles alone fill the SMs (B = 16 at Traffic's D = 512).
+// (kSplitChannels) each; 1 when the tiles alone fill the SMs (B = 16 at Traffic's D = 512).
 inline int conv_splits_for(const Problem& p, const ConvLayer& l, int64_t sms) {
-  const int64_t wanted = std::min(
-      {static_cast<int64_t>(kMaxConvSplits), ceil_div(sms, conv_tiles(p, l)), ceil_div(l.cin, 32)});
-  return static_cast<int>(ceil_div(l.cin, conv_chunk(l.cin, std::max<int64_t>(1, wanted))));
+  const int64_t wanted =
+      std::min({static_cast<int64_t>(kMaxConvSplits), ceil_div(sms, conv_tiles(p, l)),
+                ceil_div(l.cin, kSplitChannels)});
+  return static_cast<int>(ceil_div(l.cin, split_chunk(l.cin, std::max<int64_t>(1, wanted))));
 }
 
 // Blocks of a tail launch with tiles of `cols` columns.
@@ -234,10 +240,6 @@ inline int tail_cols_for(const Problem& p, int64_t resident) {
   return best;
 }
 
-// Variates per head split: a multiple of the K step (operand_bk of 16-bit types, 32; a
-// multiple of fp32's 16), so every split but the last reads whole, aligned K steps.
-inline int head_chunk(int64_t N, int64_t splits) { return chunk_rows(N, splits, 32); }
-
 // head_splits: the most splits (each at least 32 variates, at most kMaxHeadSplits) whose
 // grid stays within the CTAs resident at once, kHeadBlocksPerSm per SM (one split when
 // the unsplit grid already fills them). conv_splits: conv_splits_for each bottleneck
@@ -246,9 +248,10 @@ inline Plan make_plan(const Problem& p, int sm_count) {
   const int64_t sms = std::max(sm_count, 1);
   const int64_t resident = kHeadBlocksPerSm * sms;
   const int64_t most = std::max<int64_t>(1, resident / head_blocks(p, 1));
-  const int64_t wanted = std::max<int64_t>(1, std::min({most, kMaxHeadSplits, p.n_vars / 32}));
+  const int64_t wanted =
+      std::max<int64_t>(1, std::min({most, kMaxHeadSplits, p.n_vars / kSplitChannels}));
   Plan plan;
-  plan.head_splits = static_cast<int>(ceil_div(p.n_vars, head_chunk(p.n_vars, wanted)));
+  plan.head_splits = static_cast<int>(ceil_div(p.n_vars, split_chunk(p.n_vars, wanted)));
   for (int i = 0; i < kBottleneckLayers; ++i) {
     plan.conv_splits[i] = conv_splits_for(p, bottleneck_layer(p, i), sms);
   }

@@ -691,12 +691,13 @@ __device__ bool reduce_splits(Acc& acc, const ConvArgs<T>& a, const ConvTile& t)
     const int64_t at = (static_cast<int64_t>(t.tile) * a.splits + split) * kVecs * kConvThreads;
     return reinterpret_cast<float4*>(a.partial) + at + threadIdx.x;
   };
+  // The CTA's own accumulators, vector v.
+  auto own = [&](int v) {
+    return make_float4(acc(4 * v), acc(4 * v + 1), acc(4 * v + 2), acc(4 * v + 3));
+  };
   float4* mine = slot(t.split);
   CUTE_UNROLL
-  for (int v = 0; v < kVecs; ++v) {
-    mine[v * kConvThreads] =
-        make_float4(acc(4 * v), acc(4 * v + 1), acc(4 * v + 2), acc(4 * v + 3));
-  }
+  for (int v = 0; v < kVecs; ++v) mine[v * kConvThreads] = own(v);
   __threadfence();  // the slot before the count, for the CTA that sums
   __shared__ int arrived;
   __syncthreads();
@@ -717,9 +718,7 @@ __device__ bool reduce_splits(Acc& acc, const ConvArgs<T>& a, const ConvTile& t)
     CUTE_UNROLL
     for (int s = 0; s < kMaxConvSplits; ++s) {
       if (s < a.splits) {
-        const float4 p =
-            s == t.split ? make_float4(acc(4 * v), acc(4 * v + 1), acc(4 * v + 2), acc(4 * v + 3))
-                         : parts[s][v];
+        const float4 p = s == t.split ? own(v) : parts[s][v];
         sum.x += p.x, sum.y += p.y, sum.z += p.z, sum.w += p.w;
       }
     }
@@ -1130,7 +1129,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
   //    h1 = relu(Σ partials + bias). Its first block zeroes the bottleneck's arrival counts.
   {
     ConvArgs<T> args = conv_args(x, N, D, D, kEnc0Weight, kEnc0Bias, h[0], C1, D / 2, ld[0],
-                                 partial, arrivals, head_splits, head_chunk(N, head_splits));
+                                 partial, arrivals, head_splits, split_chunk(N, head_splits));
     args.clear_arrivals = static_cast<int>(ws.arrival_count);
     const int smem = lp.head.smem_bytes;
     if ((err = allow_smem(head_kernel<T, kTaps>, smem)) != cudaSuccess) return err;
@@ -1158,7 +1157,7 @@ cudaError_t launch_typed(const Params& prm, cudaStream_t stream) {
           conv_args(h[i], static_cast<int>(l.cin), static_cast<int>(l.lin), ld[i], weights[i][0],
                     weights[i][1], h[i + 1], static_cast<int>(l.cout), static_cast<int>(l.lout),
                     ld[i + 1], prm.workspace + ws.conv_partial, arrivals + ws.conv_arrivals[i],
-                    splits, conv_chunk(l.cin, splits));
+                    splits, split_chunk(l.cin, splits));
       const int grid = blocks(*launches[i]);
       if (l.transposed && splits > 1) {
         conv_kernel<T, kTaps, true, true><<<grid, kConvThreads, smem_t, stream>>>(args);
